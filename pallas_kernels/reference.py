@@ -1,0 +1,80 @@
+"""Plain-JAX reference attention with the same signatures as the Pallas kernels.
+
+These are the ground truth the kernels are tested against and the path the model
+uses on CPU. They favour clarity over speed: GQA is expressed by grouping query
+heads ([kv_heads, group]) so K/V are never repeated, and every masked K/V row is
+zeroed as well as its score, so NaN in padding or foreign pages cannot leak.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+def flash_attention_reference(
+    q: jax.Array,  # [batch, seq, heads, head_dim]
+    k: jax.Array,  # [batch, seq, kv_heads, head_dim]
+    v: jax.Array,  # [batch, seq, kv_heads, head_dim]
+    *,
+    lengths: jax.Array | None = None,  # i32[batch]
+    causal: bool = True,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+
+    q_btkgh = q.reshape(batch, seq, kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_btkgh, k.astype(jnp.float32)) * scale
+
+    key_pos = jnp.arange(seq)
+    valid_qs = jnp.ones((seq, seq), dtype=bool)
+    if causal:
+        valid_qs = key_pos[None, :] <= key_pos[:, None]
+    valid_bs = jnp.ones((batch, seq), dtype=bool)
+    if lengths is not None:
+        valid_bs = key_pos[None, :] < lengths[:, None]
+    valid = valid_qs[None, :, :] & valid_bs[:, None, :]  # [batch, q, s]
+
+    scores = jnp.where(valid[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(valid[:, None, None], probs, 0.0)
+    v_safe = jnp.where(valid_bs[:, :, None, None], v.astype(jnp.float32), 0.0)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe)
+    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
+
+
+def paged_attention_reference(
+    q: jax.Array,  # [batch, heads, head_dim]
+    k_pages: jax.Array,  # [kv_heads, total_pages, page_size, head_dim]
+    v_pages: jax.Array,  # [kv_heads, total_pages, page_size, head_dim]
+    lengths: jax.Array,  # i32[batch], tokens in the cache including the new one
+    page_indices: jax.Array,  # i32[batch, pages_per_sequence]
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [batch, heads, head_dim], q.dtype
+    batch, heads, head_dim = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    pages_per_seq = page_indices.shape[1]
+    group = heads // kv_heads
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    max_len = pages_per_seq * page_size
+
+    def gather(pages):  # -> [batch, kv_heads, max_len, head_dim]
+        g = pages[:, page_indices]  # [kv_heads, batch, pages_per_seq, page_size, head_dim]
+        return jnp.swapaxes(g, 0, 1).reshape(batch, kv_heads, max_len, head_dim)
+
+    valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [batch, max_len]
+    k = jnp.where(valid[:, None, :, None], gather(k_pages).astype(jnp.float32), 0.0)
+    v = jnp.where(valid[:, None, :, None], gather(v_pages).astype(jnp.float32), 0.0)
+
+    q_bkgh = q.reshape(batch, kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k) * scale
+    scores = jnp.where(valid[:, None, None, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v)
+    return out.reshape(batch, heads, head_dim).astype(q.dtype)
