@@ -1,0 +1,69 @@
+"""Pure serving functions of the decoder: prefill and decode step.
+
+    prefill(params, tokens, lengths)            -> last logits, K/V of every layer
+    decode_step(params, cache, tokens, positions, page_table) -> logits, cache (updated)
+
+`params` is the nnx.State of a Decoder; `graphdef` is static and closed over by the
+caller's jit. The cache is an argument and a result so callers can donate it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from splitserve import pallas_kernels
+from splitserve.models.kv_cache import KVCache, slot_addresses, write_tokens
+
+
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,  # i32[batch, seq], padded past `lengths`
+    lengths: jax.Array,  # i32[batch]
+    attention_impl: str = "auto",
+):
+    """Returns (f32[batch, vocab] logits of each row's last token, k tuple, v tuple)."""
+    model = nnx.merge(graphdef, params)
+    batch, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    ks, vs = [], []
+
+    def attend(layer, q, k, v):
+        ks.append(k)
+        vs.append(v)
+        return pallas_kernels.flash_attention(q, k, v, lengths=lengths, causal=True, impl=attention_impl)
+
+    hidden = model.hidden_states(tokens, positions, attend)
+    last = hidden[jnp.arange(batch), jnp.maximum(lengths - 1, 0)]
+    return model.logits(last), tuple(ks), tuple(vs)
+
+
+def decode_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    tokens: jax.Array,  # i32[batch], the newest token of each row
+    positions: jax.Array,  # i32[batch], its position (= tokens already in the cache)
+    page_table: jax.Array,  # i32[batch, pages_per_seq]; padded rows point at the sink page
+    active: jax.Array,  # bool[batch], False for padded rows
+    attention_impl: str = "auto",
+):
+    """Writes each row's new K/V into its pages, attends over the cache, returns (logits, cache)."""
+    model = nnx.merge(graphdef, params)
+    page_size = cache.k[0].shape[2]
+    pages, slots = slot_addresses(page_table, positions, active, page_size)
+    lengths = jnp.where(active, positions + 1, 1)
+    new_k, new_v = list(cache.k), list(cache.v)
+
+    def attend(layer, q, k, v):  # q [b,1,n,h], k/v [b,1,kv,h]
+        new_k[layer] = write_tokens(new_k[layer], k[:, 0], pages, slots)
+        new_v[layer] = write_tokens(new_v[layer], v[:, 0], pages, slots)
+        out = pallas_kernels.paged_attention(
+            q[:, 0], new_k[layer], new_v[layer], lengths, page_table, impl=attention_impl
+        )
+        return out[:, None]
+
+    hidden = model.hidden_states(tokens[:, None], positions[:, None], attend)
+    return model.logits(hidden[:, 0]), KVCache(tuple(new_k), tuple(new_v))
