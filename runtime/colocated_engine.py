@@ -1,0 +1,148 @@
+"""The colocated engine: prefill and decode on one mesh, one page pool, no transfer.
+
+One step reads like the design diagram:
+    plan = scheduler.schedule()                 # admit waiting requests, pick running ones
+    prefill(plan.prefill) -> first tokens, K/V -> insert into their pages
+    decode(plan.decode)   -> one token each
+    emit: stop rules, detokenize, free pages of finished requests
+It is the baseline for every disaggregated comparison and the fast path for offline batch.
+Test it like any engine: add requests, call step() until done, compare with transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+from splitserve.models.loader import LoadedModel
+from splitserve.models.tokenizer import IncrementalDetokenizer
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.page_allocator import PageAllocator
+from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
+from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
+from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int = 1024
+    max_batch: int = 16
+    max_prefill_batch: int = 8
+    max_prefill_tokens: int = 4096
+    attention_impl: str = "auto"
+
+
+class ColocatedEngine:
+    def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        self.runner = ModelRunner(model, RunnerConfig(
+            page_size=config.page_size, num_pages=config.num_pages, max_batch=config.max_batch,
+            max_prefill_batch=config.max_prefill_batch, attention_impl=config.attention_impl,
+        ))
+        self.allocator = PageAllocator(config.num_pages)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
+            max_prefill_tokens=config.max_prefill_tokens, page_size=config.page_size,
+            max_model_len=model.config.max_model_len,
+        ), self.allocator)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params.with_seed())
+        self.scheduler.add(request)
+        if self.model.tokenizer is not None:
+            self._detok[request.request_id] = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._detok.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        events: list[TokenEvent] = []
+        if plan.prefill:
+            events += self._emit(plan.prefill, self._run_prefill(plan.prefill))
+        if plan.decode:
+            events += self._emit(plan.decode, self._run_decode(plan.decode))
+        return events
+
+    def _run_prefill(self, requests: list[Request]) -> list[int]:
+        first, ks, vs, lengths = self.runner.prefill(
+            [r.prompt_ids for r in requests], [r.params for r in requests], [0] * len(requests))
+        self.runner.insert(ks, vs, [r.pages for r in requests], lengths)
+        return first
+
+    def _run_decode(self, requests: list[Request]) -> list[int]:
+        return self.runner.decode(
+            tokens=[r.output_ids[-1] for r in requests],
+            positions=[r.num_tokens - 1 for r in requests],
+            page_lists=[r.pages for r in requests],
+            sampling=[r.params for r in requests],
+            steps=[len(r.output_ids) for r in requests],
+        )
+
+    def _emit(self, requests: list[Request], tokens: list[int]) -> list[TokenEvent]:
+        now = time.perf_counter()
+        events = []
+        for request, token in zip(requests, tokens):
+            request.output_ids.append(token)
+            request.first_token_s = request.first_token_s or now
+            reason = finish_reason_after_token(request, self.model.config.eos_token_ids)
+            delta = ""
+            detok = self._detok.get(request.request_id)
+            if detok is not None and not (reason is FinishReason.STOP and token in self.model.config.eos_token_ids):
+                delta = detok.add(token)
+                cut = find_stop_string(detok.text, request.params.stop, len(delta))
+                if cut is not None:
+                    delta = delta[: max(0, len(delta) - (len(detok.text) - cut))]
+                    detok.text = detok.text[:cut]
+                    reason = FinishReason.STOP
+            if reason is not None:
+                request.finish_s = now
+                self.scheduler.finish(request, reason)
+            events.append(TokenEvent(request.request_id, token, delta, reason))
+        return events
+
+    # -- convenience ----------------------------------------------------------------------
+    def text_of(self, request_id: str) -> str:
+        detok = self._detok.get(request_id)
+        return detok.text if detok else ""
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
+        """Runs every prompt to completion with continuous batching; results in input order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        requests = {}
+        for prompt, p in zip(prompts, params):
+            rid = self.add_request(prompt, p)
+            requests[rid] = self.scheduler.waiting[-1]
+        while self.has_unfinished():
+            self.step()
+        results = [self._completion(r) for r in requests.values()]
+        for rid in requests:
+            self._detok.pop(rid, None)
+        return results
+
+    def _completion(self, r: Request) -> Completion:
+        return Completion(
+            text=self.text_of(r.request_id), token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
+            finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
+            latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
+        )

@@ -1,0 +1,110 @@
+"""Owns the device side of one engine: params, KV cache, and the jitted step functions.
+
+The contract with the rest of the runtime is arrays in, arrays out:
+    prefill(prompts, sampling)            -> first tokens (host), K/V per layer (device)
+    insert(k, v, page_tables, lengths)    -> writes prompt K/V into pages
+    decode(tokens, positions, page_tables, sampling) -> next tokens (host)
+Inputs are padded to bucketed shapes; the cache is donated so updates happen in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitserve.models import serving
+from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, insert_prefill
+from splitserve.models.loader import LoadedModel
+from splitserve.models.sharding import named_sharding
+from splitserve.runtime.buckets import bucket
+from splitserve.runtime.sampling import SamplingArrays, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    page_size: int = 16
+    num_pages: int = 1024  # including the sink page
+    max_batch: int = 16
+    max_prefill_batch: int = 8
+    min_prefill_bucket: int = 16
+    attention_impl: str = "auto"
+
+
+def _prefill_and_sample(graphdef, impl, params, tokens, lengths, sampling):
+    logits, ks, vs = serving.prefill(graphdef, params, tokens, lengths, impl)
+    return sample(logits, sampling), ks, vs
+
+
+def _decode_and_sample(graphdef, impl, params, cache, tokens, positions, page_table, active, sampling):
+    logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl)
+    return sample(logits, sampling), cache
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, config: RunnerConfig):
+        self.model = model
+        self.config = config
+        cfg = model.config
+        self.max_model_len = cfg.max_model_len
+        self.max_pages_per_seq = -(-cfg.max_model_len // config.page_size)
+        self.cache_spec = KVCacheSpec(
+            num_layers=cfg.num_layers, num_kv_heads=model.layout.num_kv_heads, num_pages=config.num_pages,
+            page_size=config.page_size, head_dim=cfg.head_dim, dtype=jnp.dtype(model.dtype).name,
+        )
+        cache_axes = ("kv_heads", "pages", "page_slot", "head_dim")
+        self.cache = allocate_cache(self.cache_spec, named_sharding(cache_axes, self.cache_spec.page_shape, model.mesh))
+        impl = config.attention_impl
+        self._prefill = jax.jit(functools.partial(_prefill_and_sample, model.graphdef, impl))
+        self._insert = jax.jit(insert_prefill, donate_argnums=0)
+        self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl), donate_argnums=1)
+
+    # -- shapes ---------------------------------------------------------------------------
+    def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:
+        batch = bucket(len(lengths), minimum=1, maximum=max(self.config.max_prefill_batch, len(lengths)))
+        seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
+        return batch, seq
+
+    def page_table(self, page_lists: list[list[int]], batch: int) -> np.ndarray:
+        width = bucket(max(len(p) for p in page_lists), minimum=1, maximum=self.max_pages_per_seq)
+        table = np.full((batch, width), SINK_PAGE, np.int32)
+        for row, pages in enumerate(page_lists):
+            table[row, : len(pages)] = pages[:width]
+        return table
+
+    # -- steps ----------------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], sampling: list, steps: list[int]):
+        """Runs prompts; returns (first tokens as host ints, k, v, padded lengths, batch)."""
+        batch, seq = self.prefill_shape([len(p) for p in prompts])
+        tokens = np.zeros((batch, seq), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+            lengths[row] = len(prompt)
+        arrays = SamplingArrays.build(sampling, steps, batch)
+        first, ks, vs = self._prefill(self.model.params, tokens, lengths, arrays)
+        return np.asarray(first)[: len(prompts)].tolist(), ks, vs, lengths
+
+    def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
+        table = self.page_table(page_lists, batch=ks[0].shape[0])
+        lengths = np.where(np.arange(len(lengths)) < len(page_lists), lengths, 0).astype(np.int32)
+        self.cache = self._insert(self.cache, ks, vs, table, lengths)
+
+    def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
+               sampling: list, steps: list[int]) -> list[int]:
+        n = len(tokens)
+        batch = bucket(n, minimum=1, maximum=max(self.config.max_batch, n))
+        pad = batch - n
+        arrays = SamplingArrays.build(sampling, steps, batch)
+        next_tokens, self.cache = self._decode(
+            self.model.params, self.cache,
+            np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
+            self.page_table(page_lists, batch), np.array([True] * n + [False] * pad), arrays,
+        )
+        return np.asarray(next_tokens)[:n].tolist()

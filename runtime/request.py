@@ -1,0 +1,64 @@
+"""A request's state as it moves through a scheduler, and the results handed to users."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from splitserve.runtime.sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # cancelled
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose K/V are (or are about to be) in the cache, plus the newest one."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_id: int
+    text_delta: str
+    finish_reason: FinishReason | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    ttft_s: float
+    latency_s: float
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,112 @@
+"""Sampling parameters (host, validated) and on-device sampling.
+
+Per-request randomness comes from `fold_in(key(seed), step)`, where step is the index of
+the token being generated: the same seed gives the same tokens whatever else is in the
+batch and whether the token is sampled by prefill or by decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0 or not np.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        for s in self.stop:
+            if not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")
+
+    def with_seed(self) -> "SamplingParams":
+        """Fixes a random seed now, so every leg of a request samples with the same one."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-row sampling state for one device step (host numpy, padded to the batch bucket)."""
+
+    temperature: np.ndarray  # f32[batch]
+    top_k: np.ndarray  # i32[batch]
+    top_p: np.ndarray  # f32[batch]
+    seed: np.ndarray  # u32[batch]
+    step: np.ndarray  # i32[batch], index of the token being sampled
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], steps: list[int], batch: int) -> "SamplingArrays":
+        pad = batch - len(params)
+        return cls(
+            temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
+            top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
+            top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
+            seed=np.array([p.seed or 0 for p in params] + [0] * pad, np.uint32),
+            step=np.array(list(steps) + [0] * pad, np.int32),
+        )
+
+
+jax.tree_util.register_dataclass(
+    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed", "step"], meta_fields=[]
+)
+
+
+def _sample_filtered(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # descending
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    keep = (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < s.top_p[:, None]) | (rank == 0)  # the top token always stays
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+
+    def draw(seed, step, row):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.categorical(key, row)
+
+    choice = jax.vmap(draw)(s.seed, s.step, sorted_logits)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """f32[batch, vocab] -> i32[batch]. Temperature 0 rows are greedy (argmax)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(
+        jnp.any(s.temperature > 0),
+        lambda: _sample_filtered(logits, s).astype(jnp.int32),
+        lambda: greedy,  # skip the vocabulary sort when the whole batch is greedy
+    )
+    return jnp.where(s.temperature > 0, sampled, greedy)
