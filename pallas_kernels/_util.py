@@ -1,0 +1,37 @@
+"""Small shared helpers for the kernel wrappers (padding, rounding, interpret mode)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite "minus infinity" for masked scores: exp(MASK - m) underflows to 0 and
+# MASK - MASK stays finite, unlike -inf - -inf = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pads `x` along `axis` up to `size` (no copy when already that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def default_scale(head_dim: int, sm_scale: float | None) -> float:
+    return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
+
+
+def interpret_arg(interpret):
+    """Normalises `interpret` for pl.pallas_call: None/False -> compile, else as given."""
+    return False if interpret is None else interpret
