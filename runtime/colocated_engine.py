@@ -50,6 +50,7 @@ class ColocatedEngine:
             max_model_len=model.config.max_model_len,
         ), self.allocator)
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Request] = {}  # added and not yet released
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
@@ -62,13 +63,26 @@ class ColocatedEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params.with_seed())
         self.scheduler.add(request)
+        self._requests[request.request_id] = request
         if self.model.tokenizer is not None:
             self._detok[request.request_id] = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
         return request.request_id
 
     def abort(self, request_id: str) -> None:
+        """Stops a request wherever it is; its pages are free when this returns."""
         self.scheduler.abort(request_id)
+
+    def is_finished(self, request_id: str) -> bool:
+        return self._requests[request_id].finished
+
+    def release(self, request_id: str) -> Completion:
+        """Forgets a finished (or aborts an unfinished) request and returns its result."""
+        if not self._requests[request_id].finished:
+            self.abort(request_id)
+        request = self._requests.pop(request_id)
+        completion = self._completion(request)
         self._detok.pop(request_id, None)
+        return completion
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -121,28 +135,18 @@ class ColocatedEngine:
         return events
 
     # -- convenience ----------------------------------------------------------------------
-    def text_of(self, request_id: str) -> str:
-        detok = self._detok.get(request_id)
-        return detok.text if detok else ""
-
     def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
         """Runs every prompt to completion with continuous batching; results in input order."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        requests = {}
-        for prompt, p in zip(prompts, params):
-            rid = self.add_request(prompt, p)
-            requests[rid] = self.scheduler.waiting[-1]
+        request_ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
         while self.has_unfinished():
             self.step()
-        results = [self._completion(r) for r in requests.values()]
-        for rid in requests:
-            self._detok.pop(rid, None)
-        return results
+        return [self.release(rid) for rid in request_ids]
 
     def _completion(self, r: Request) -> Completion:
         return Completion(
-            text=self.text_of(r.request_id), token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
+            text=self._detok[r.request_id].text if r.request_id in self._detok else "", token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
         )

@@ -1,0 +1,53 @@
+"""`splitserve` command line. Parses flags and wires objects; logic lives in modules.
+
+JAX is imported only after flags are parsed, because the CPU device count
+(--xla_force_host_platform_device_count) must be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splitserve.runtime import cli_generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitserve",
+        description="Disaggregated prefill/decode LLM serving on JAX. "
+                    "Run `splitserve COMMAND --help` for a command's flags.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cli_generate.add_parser(sub)
+    convert = sub.add_parser("convert", help="convert an HF checkpoint directory into an Orbax checkpoint",
+                             description="Convert an HF checkpoint (or 'demo') into an Orbax checkpoint "
+                                         "that loads faster; serve it with --model OUT_DIR.")
+    convert.add_argument("model", help="HF model directory, or 'demo'")
+    convert.add_argument("out_dir", help="directory to write the Orbax checkpoint into (must not exist)")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                         help="dtype to store (default: the checkpoint's own)")
+    convert.set_defaults(run=_run_convert)
+    return parser
+
+
+def _run_convert(args) -> int:
+    from pathlib import Path
+
+    from splitserve.models.orbax_checkpoint import convert_to_orbax
+
+    out = Path(args.out_dir)
+    if out.exists():
+        raise SystemExit(f"splitserve convert: {out} already exists; choose a new directory")
+    convert_to_orbax(args.model, out, dtype=args.dtype)
+    print(f"wrote Orbax checkpoint to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`splitserve generate`: one completion, streamed to stdout, in-process (colocated)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from splitserve.runtime.platform_setup import configure_jax
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate one completion (in-process, colocated engine)",
+                       description="Generate one completion and stream it to stdout. The model runs "
+                                   "in this process on one mesh (colocated prefill and decode).")
+    p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids)")
+    p.add_argument("--prompt-ids", type=_token_ids, help="token ids instead of text, e.g. 1,2,3")
+    p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="serving dtype; auto = the checkpoint's own")
+    p.add_argument("--mesh", default="tp=1", help="in-process mesh, e.g. tp=2 (default tp=1)")
+    p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's choice)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--seed", type=int, help="sampling seed; the same seed gives the same tokens")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s}")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
+    from splitserve.models.sharding import MeshConfig
+
+    try:
+        mesh_config = MeshConfig.parse(args.mesh)
+    except ValueError as e:
+        raise SystemExit(f"splitserve generate: --mesh: {e}")
+    configure_jax(args.platform, cpu_devices=mesh_config.tp)
+
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.in_process import generate_stream, load_for_serving
+    from splitserve.runtime.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                                ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        raise SystemExit(f"splitserve generate: {e}")
+    model = load_for_serving(args.model, mesh_config, args.dtype)
+    prompt_ids = args.prompt_ids if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
+    engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=_pages_for(args, prompt_ids),
+                                                 max_batch=1, max_prefill_batch=1))
+    try:
+        stream = generate_stream(engine, prompt_ids, params)
+        completion = None
+        for delta, completion in stream:
+            if not args.json and delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except ValueError as e:
+        raise SystemExit(f"splitserve generate: {e}")
+    if args.json:
+        print(json.dumps(completion.to_json_dict()))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _pages_for(args, prompt_ids) -> int:
+    return 2 + -(-(len(prompt_ids) + args.max_tokens) // args.page_size)

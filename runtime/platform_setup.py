@@ -1,0 +1,15 @@
+"""Process-level JAX setup that must happen before `import jax`."""
+
+from __future__ import annotations
+
+import os
+import re
+
+
+def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
+    """Selects the JAX platform; on CPU, exposes `cpu_devices` host devices for meshes."""
+    if platform:
+        os.environ["JAX_PLATFORMS"] = platform
+    if (platform or os.environ.get("JAX_PLATFORMS", "")) == "cpu" and cpu_devices > 1:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
