@@ -1,22 +1,61 @@
 """Attention kernels: Pallas TPU and GPU versions and plain-JAX references.
 
-Public entry points (see shared/INTERFACES.md): `flash_attention` and `paged_attention`.
+Public entry points (see shared/INTERFACES.md): `flash_attention` (prefill) and
+`paged_attention` (decode). Each validates its inputs, then dispatches on `impl`:
+
+    "tpu"        Pallas Mosaic TPU kernels (flash_tpu.py, paged_tpu.py); on a CPU they
+                 run under `pltpu.force_tpu_interpret_mode(...)`
+    "gpu"        Pallas GPU kernels, Triton lowering (flash_gpu.py, paged_gpu.py)
+    "reference"  plain JAX (reference.py)
+    "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference"
+
+Block-size tunables are keyword arguments of the per-backend functions; the public
+functions use their defaults.
 """
 
+import jax
+
+from splitserve.pallas_kernels.flash_gpu import flash_attention_gpu
+from splitserve.pallas_kernels.flash_tpu import flash_attention_tpu
+from splitserve.pallas_kernels.paged_gpu import paged_attention_gpu
+from splitserve.pallas_kernels.paged_tpu import paged_attention_tpu
 from splitserve.pallas_kernels.reference import (
     flash_attention_reference,
     paged_attention_reference,
 )
+from splitserve.pallas_kernels.validation import check_flash_args, check_paged_args
+
+_BACKEND_IMPL = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps "auto" to the implementation for the default JAX backend."""
+    if impl == "auto":
+        return _BACKEND_IMPL.get(jax.default_backend(), "reference")
+    return impl
 
 
 def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="auto"):
-    """Causal prefill attention. Until the Pallas versions land, every impl is the reference."""
+    """Prefill attention. q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim]."""
+    check_flash_args(q, k, v, lengths, sm_scale, impl)
+    impl = resolve_impl(impl)
+    if impl == "tpu":
+        return flash_attention_tpu(q, k, v, lengths, causal=causal, sm_scale=sm_scale)
+    if impl == "gpu":
+        return flash_attention_gpu(q, k, v, lengths, causal=causal, sm_scale=sm_scale)
     return flash_attention_reference(q, k, v, lengths=lengths, causal=causal, sm_scale=sm_scale)
 
 
 def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, sm_scale=None, impl="auto"):
-    """Decode attention over a paged cache. Until the Pallas versions land, the reference."""
-    return paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, sm_scale=sm_scale)
+    """Decode attention. q [batch, heads, head_dim], pages [kv_heads, total_pages, page_size, head_dim]."""
+    check_paged_args(q, k_pages, v_pages, lengths, page_indices, sm_scale, impl)
+    impl = resolve_impl(impl)
+    args = (q, k_pages, v_pages, lengths, page_indices)
+    if impl == "tpu":
+        return paged_attention_tpu(*args, sm_scale=sm_scale)
+    if impl == "gpu":
+        return paged_attention_gpu(*args, sm_scale=sm_scale)
+    return paged_attention_reference(*args, sm_scale=sm_scale)
 
 
 __all__ = [
@@ -24,4 +63,9 @@ __all__ = [
     "paged_attention",
     "flash_attention_reference",
     "paged_attention_reference",
+    "flash_attention_tpu",
+    "paged_attention_tpu",
+    "flash_attention_gpu",
+    "paged_attention_gpu",
+    "resolve_impl",
 ]

@@ -41,9 +41,11 @@ _LANES = 128  # m and l live lane-wide, [block_q, 128], the layout Mosaic likes.
 
 def _last_k_block(length, qi, *, block_q, block_k, causal):
     """Index of the last K block that query block `qi` of a row of `length` needs."""
-    last = jnp.maximum(length - 1, 0) // block_k
+    # lax.div truncates; the operands are non-negative, so it is floor division
+    # without the sign fix-up that `//` lowers to.
+    last = lax.div(jnp.maximum(length - 1, 0), block_k)
     if causal:
-        last = jnp.minimum(last, (qi * block_q + block_q - 1) // block_k)
+        last = jnp.minimum(last, lax.div(qi * block_q + block_q - 1, block_k))
     return last
 
 
@@ -173,7 +175,7 @@ def flash_attention_tpu(
         last = _last_k_block(
             lengths_ref[b], qi, block_q=block_q, block_k=block_k, causal=causal
         )
-        return b, h // group, jnp.minimum(kj, last), 0
+        return b, lax.div(h, group), jnp.minimum(kj, last), 0
 
     kernel = functools.partial(
         _flash_kernel, causal=causal, sm_scale=scale, block_q=block_q, block_k=block_k
