@@ -64,3 +64,15 @@ def build_checkpoint(name: str, out_dir: Path, seed: int = 0):
                 p.copy_(0.05 * torch.randn_like(p) if p.dim() > 1 and "embed" not in pname else torch.randn_like(p))
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers.generate, greedy, with EOS disabled (like our ignore_eos=True).
+
+    min_new_tokens would instead suppress the EOS logit, which changes the argmax.
+    """
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()

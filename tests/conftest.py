@@ -1,0 +1,29 @@
+"""Test session setup: JAX on the CPU with 8 fake devices for mesh tests, shared checkpoints."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_checkpoints import build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(name) -> (directory, torch model); each built once per session."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            directory = tmp_path_factory.mktemp(name)
+            built[name] = (directory, build_checkpoint(name, directory))
+        return built[name]
+
+    return get

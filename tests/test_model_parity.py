@@ -1,0 +1,106 @@
+"""Our decoder against transformers (torch, CPU, float32) on checkpoints transformers saved."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_checkpoints import CONFIGS, hf_greedy
+from splitserve.models import serving
+from splitserve.models.kv_cache import KVCacheSpec, allocate_cache, insert_prefill
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+from splitserve.runtime.sampling import SamplingParams
+
+ALL = sorted(CONFIGS)
+PROMPT_LENGTHS = (5, 17, 63, 130, 300)  # none a multiple of the page size (16)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def random_prompt(rng, vocab, n):
+    return rng.integers(3, vocab, size=n).tolist()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prefill_logits_match_transformers(hf_checkpoint, name):
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(0)
+    lengths = [7, 33, 100]
+    tokens = np.zeros((3, 128), np.int32)
+    prompts = [random_prompt(rng, model.config.vocab_size, n) for n in lengths]
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    logits, ks, _ = jax.jit(lambda p, t, l: serving.prefill(model.graphdef, p, t, l))(
+        model.params, tokens, np.array(lengths, np.int32))
+    assert len(ks) == model.config.num_layers
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch_model(torch.tensor([p])).logits[0, -1].numpy()
+        assert rel_err(logits[row], ref) < 1e-4, (name, len(p))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_decode_logits_match_transformers_for_32_steps(hf_checkpoint, name):
+    """Prefill a prompt into shuffled pages, then 32 teacher-forced decode steps."""
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    cfg = model.config
+    rng = np.random.default_rng(1)
+    prompt_len, steps, page_size = 21, 32, 8
+    sequence = random_prompt(rng, cfg.vocab_size, prompt_len + steps)
+    with torch.no_grad():
+        ref_logits = torch_model(torch.tensor([sequence])).logits[0].numpy()
+
+    spec = KVCacheSpec(cfg.num_layers, model.layout.num_kv_heads, 32, page_size, cfg.head_dim)
+    cache = allocate_cache(spec)
+    pages = (rng.permutation(31) + 1)[: -(-(prompt_len + steps) // page_size)]  # shuffled, never the sink
+    table = np.zeros((2, 8), np.int32)  # row 1 is an inactive padded row
+    table[0, : len(pages)] = pages
+    logits, ks, vs = serving.prefill(model.graphdef, model.params,
+                                     np.array([sequence[:prompt_len]], np.int32), np.array([prompt_len], np.int32))
+    assert rel_err(logits[0], ref_logits[prompt_len - 1]) < 1e-4
+    cache = insert_prefill(cache, ks, vs, table[:1], np.array([prompt_len], np.int32))
+    step = jax.jit(lambda p, c, t, pos, tab, act: serving.decode_step(model.graphdef, p, c, t, pos, tab, act),
+                   donate_argnums=1)
+    for i in range(steps - 1):
+        pos = prompt_len + i
+        logits, cache = step(model.params, cache, np.array([sequence[pos], 0], np.int32),
+                             np.array([pos, 0], np.int32), table, np.array([True, False]))
+        assert rel_err(logits[0], ref_logits[pos]) < 1e-4, (name, i)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_greedy_tokens_match_transformers_generate(hf_checkpoint, name):
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(2)
+    prompts = [random_prompt(rng, model.config.vocab_size, n) for n in PROMPT_LENGTHS]
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=160, max_batch=8))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(torch_model, prompt, 24), (name, len(prompt))
+        assert out.finish_reason == "length"
+    assert engine.allocator.free_count == engine.allocator.capacity
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa3_hd40_ropescale", "qwen2_bias_mqa_tied", "mistral_gqa4_linear_rope"])
+def test_same_tokens_on_tp_1_2_4(hf_checkpoint, name):
+    """tp=4 replicates/pads heads for 3 and 1 KV heads; every mesh must give transformers' tokens."""
+    directory, torch_model = hf_checkpoint(name)
+    rng = np.random.default_rng(3)
+    prompts = [random_prompt(rng, CONFIGS[name]["vocab_size"], n) for n in (9, 70)]
+    expected = [hf_greedy(torch_model, p, 12) for p in prompts]
+    for tp in (1, 2, 4):
+        model = load_model(str(directory), make_mesh(MeshConfig(tp)))
+        # The weights really are sharded over the mesh.
+        assert len(model.params["layers"][0]["attn"]["q_proj"][...].sharding.device_set) == tp
+        engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=4))
+        outs = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+        assert [o.token_ids for o in outs] == expected, f"tp={tp}"
