@@ -67,7 +67,7 @@ def place(var: nnx.Variable, host: np.ndarray, mesh: Mesh, dtype) -> None:
     var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))
 
 
-def _heads(w: np.ndarray, source: tuple[int, ...], axis: int) -> np.ndarray:
+def select_heads(w: np.ndarray, source: tuple[int, ...], axis: int) -> np.ndarray:
     """Selects heads along `axis` by `source`; -1 gives a zero head."""
     picked = np.take(w, np.maximum(np.array(source), 0), axis=axis)
     pad = np.array(source) < 0
@@ -86,10 +86,10 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
         place(var, host, mesh, dtype)
 
     def proj_in(name, heads, source):  # HF [heads*hd, d] -> [d, heads', hd]
-        return _heads(reader.get(name).T.reshape(d, heads, hd), source, axis=1)
+        return select_heads(reader.get(name).T.reshape(d, heads, hd), source, axis=1)
 
     def bias_in(name, heads, source):  # HF [heads*hd] -> [heads', hd]
-        return _heads(reader.get(name).reshape(heads, hd), source, axis=0)
+        return select_heads(reader.get(name).reshape(heads, hd), source, axis=0)
 
     put(model.embed, reader.get("model.embed_tokens.weight"))
     for i, layer in enumerate(model.layers):
@@ -101,7 +101,7 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
         put(attn.k_proj, proj_in(p + "self_attn.k_proj.weight", cfg.num_kv_heads, layout.kv_source))
         put(attn.v_proj, proj_in(p + "self_attn.v_proj.weight", cfg.num_kv_heads, layout.kv_source))
         o = reader.get(p + "self_attn.o_proj.weight").T.reshape(cfg.num_heads, hd, d)
-        put(attn.o_proj, _heads(o, layout.q_source, axis=0))
+        put(attn.o_proj, select_heads(o, layout.q_source, axis=0))
         if cfg.qkv_bias:
             put(attn.q_bias, bias_in(p + "self_attn.q_proj.bias", cfg.num_heads, layout.q_source))
             put(attn.k_bias, bias_in(p + "self_attn.k_proj.bias", cfg.num_kv_heads, layout.kv_source))
