@@ -1,0 +1,62 @@
+"""`splitserve` command line, run as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cache):
+    env = dict(os.environ, SPLITSERVE_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+def test_generate_json_matches_in_process_engine(cache, hf_checkpoint):
+    directory, _ = hf_checkpoint("llama3_gqa3_hd40_ropescale")
+    result = run_cli("generate", "--model", str(directory), "--prompt-ids", "1,5,9,33,7",
+                     "--max-tokens", "6", "--ignore-eos", "--json", cache=cache)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "ttft_s", "latency_s"}
+    assert out["prompt_token_ids"] == [1, 5, 9, 33, 7] and out["finish_reason"] == "length"
+
+    from hf_checkpoints import hf_greedy
+
+    assert out["token_ids"] == hf_greedy(hf_checkpoint("llama3_gqa3_hd40_ropescale")[1], [1, 5, 9, 33, 7], 6)
+    assert 0 < out["ttft_s"] <= out["latency_s"]
+
+
+def test_generate_streams_demo_text(cache):
+    result = run_cli("generate", "Once upon a time", "--max-tokens", "8", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate"], "exactly one of PROMPT or --prompt-ids"),
+    (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
+    (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
+    result = run_cli(*args, cache=cache)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_help_lists_commands_and_flags(cache):
+    top = run_cli("--help", cache=cache)
+    assert top.returncode == 0 and "generate" in top.stdout and "convert" in top.stdout
+    gen = run_cli("generate", "--help", cache=cache)
+    for flag in ("--model", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop",
+                 "--ignore-eos", "--prompt-ids", "--json", "--dtype"):
+        assert flag in gen.stdout
