@@ -36,6 +36,28 @@ CONFIGS = {
         intermediate_size=160, num_hidden_layers=2, vocab_size=310, max_position_embeddings=1024,
         tie_word_embeddings=False,
     ),
+    "llama_bias_mqa_hd24": dict(
+        cls="LlamaConfig", hidden_size=72, num_attention_heads=3, num_key_value_heads=1, head_dim=24,
+        intermediate_size=100, num_hidden_layers=2, vocab_size=280, max_position_embeddings=512,
+        attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+    ),
+    "mistral_gqa3_hd40_tied": dict(
+        cls="MistralConfig", hidden_size=120, num_attention_heads=6, num_key_value_heads=3, head_dim=40,
+        intermediate_size=150, num_hidden_layers=2, vocab_size=270, max_position_embeddings=1024,
+        sliding_window=None, tie_word_embeddings=True,
+    ),
+    "qwen2_gqa3_hd40_llama3rope": dict(
+        cls="Qwen2Config", hidden_size=120, num_attention_heads=6, num_key_value_heads=3, head_dim=40,
+        intermediate_size=150, num_hidden_layers=2, vocab_size=290, max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    ),
+    "qwen3_mqa_tied_linear_rope": dict(
+        cls="Qwen3Config", hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        intermediate_size=128, num_hidden_layers=2, vocab_size=260, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 3.0},
+    ),
 }
 
 MODEL_CLASSES = {
