@@ -62,13 +62,15 @@ def place(var: nnx.Variable, host: np.ndarray, mesh: Mesh, dtype) -> None:
     if host.shape != tuple(expected):
         raise ValueError(f"tensor for {var.get_metadata()['logical_axes']} has shape {host.shape}, "
                          f"expected {tuple(expected)}")
-    host = np.asarray(host).astype(dtype)
+    host = np.asarray(host).astype(dtype, copy=False)  # a view when the dtype already matches
     sharding = named_sharding(var.get_metadata()["logical_axes"], host.shape, mesh)
     var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))
 
 
 def select_heads(w: np.ndarray, source: tuple[int, ...], axis: int) -> np.ndarray:
     """Selects heads along `axis` by `source`; -1 gives a zero head."""
+    if source == tuple(range(w.shape[axis])):
+        return w  # identity layout: no copy
     picked = np.take(w, np.maximum(np.array(source), 0), axis=axis)
     pad = np.array(source) < 0
     if pad.any():

@@ -35,16 +35,25 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed loads per format (after one warm-up)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the target mesh")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="multiply hidden size and layers' width by this (2 -> ~120M, 4 -> ~480M params)")
     parser.add_argument("--json-out", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
 
-def build_hf_checkpoint(out_dir: Path) -> int:
+def scaled_config(scale: int) -> dict:
+    return dict(BENCH_CONFIG, hidden_size=BENCH_CONFIG["hidden_size"] * scale,
+                  intermediate_size=BENCH_CONFIG["intermediate_size"] * scale,
+                  num_attention_heads=BENCH_CONFIG["num_attention_heads"] * scale,
+                  num_key_value_heads=BENCH_CONFIG["num_key_value_heads"] * scale)
+
+
+def build_hf_checkpoint(out_dir: Path, scale: int = 1) -> int:
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**BENCH_CONFIG)).float().eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**scaled_config(scale))).float().eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 
@@ -69,7 +78,7 @@ def run(args, workdir: Path) -> dict:
 
     hf_dir, orbax_dir = workdir / "hf", workdir / "orbax"
     start = time.perf_counter()
-    num_params = build_hf_checkpoint(hf_dir)
+    num_params = build_hf_checkpoint(hf_dir, args.scale)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
     convert_to_orbax(str(hf_dir), orbax_dir)
@@ -90,7 +99,7 @@ def run(args, workdir: Path) -> dict:
 
     return {
         "num_params": num_params,
-        "config": BENCH_CONFIG,
+        "config": scaled_config(args.scale),
         "tp": args.tp,
         "reps": args.reps,
         "platform": jax.devices()[0].platform,
