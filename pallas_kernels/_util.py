@@ -32,6 +32,11 @@ def default_scale(head_dim: int, sm_scale: float | None) -> float:
     return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
 
 
+def dot_precision(dtype):
+    """Full f32 products for f32 tiles (TPU and GPU defaults may use bf16/TF32 passes)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def interpret_arg(interpret):
     """Normalises `interpret` for pl.pallas_call: None/False -> compile, else as given."""
     return False if interpret is None else interpret

@@ -26,6 +26,7 @@ from jax.experimental.pallas import triton as pltr
 from splitserve.pallas_kernels._util import (
     MASK_VALUE,
     default_scale,
+    dot_precision,
     interpret_arg,
     next_power_of_2,
     pad_axis,
@@ -35,8 +36,7 @@ from splitserve.pallas_kernels._util import (
 
 def _dot(a, b, *, trans_b=False):
     """f32-accumulating tile matmul; f32 inputs use IEEE products, not TF32."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return pltr.dot(a, b, trans_b=trans_b, precision=precision).astype(jnp.float32)
+    return pltr.dot(a, b, trans_b=trans_b, precision=dot_precision(a.dtype)).astype(jnp.float32)
 
 
 def _flash_kernel(

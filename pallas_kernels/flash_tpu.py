@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from splitserve.pallas_kernels._util import (
     MASK_VALUE,
     default_scale,
+    dot_precision,
     interpret_arg,
     pad_axis,
     round_up,
@@ -79,7 +80,8 @@ def _flash_kernel(
         k = k_ref[...]
         v = v_ref[...]
         s = lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            q, k, (((1,), (1,)), ((), ())),
+            precision=dot_precision(q.dtype), preferred_element_type=jnp.float32,
         ) * sm_scale  # [block_q, block_k]
         if masked:
             k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -100,7 +102,10 @@ def _flash_kernel(
             p = jnp.where(valid, p, 0.0)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.dot(
+            p.astype(v.dtype), v,
+            precision=dot_precision(v.dtype), preferred_element_type=jnp.float32,
+        )
         acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
 
     run = jnp.logical_and(k_start < length, q_start < length)

@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as pltr
 from splitserve.pallas_kernels._util import (
     MASK_VALUE,
     default_scale,
+    dot_precision,
     interpret_arg,
     next_power_of_2,
     pad_axis,
@@ -41,8 +42,7 @@ _TARGET_PROGRAMS = 264  # about two waves on a 132-SM H100
 
 
 def _dot(a, b, *, trans_b=False):
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return pltr.dot(a, b, trans_b=trans_b, precision=precision).astype(jnp.float32)
+    return pltr.dot(a, b, trans_b=trans_b, precision=dot_precision(a.dtype)).astype(jnp.float32)
 
 
 def _decode_kernel(

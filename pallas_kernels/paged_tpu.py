@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from splitserve.pallas_kernels._util import (
     MASK_VALUE,
     default_scale,
+    dot_precision,
     interpret_arg,
     pad_axis,
     round_up,
@@ -105,7 +106,8 @@ def _paged_kernel(
         k = k_buf[slot].reshape(block_tokens, head_dim)
         v = v_buf[slot].reshape(block_tokens, head_dim)
         s = lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            q, k, (((1,), (1,)), ((), ())),
+            precision=dot_precision(q.dtype), preferred_element_type=jnp.float32,
         ) * sm_scale  # [group_pad, block_tokens]
         tok = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         valid = tok < length
@@ -119,7 +121,10 @@ def _paged_kernel(
         p = jnp.where(valid, jnp.exp(s - m_next[:, :1]), 0.0)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.dot(
+            p.astype(v.dtype), v,
+            precision=dot_precision(v.dtype), preferred_element_type=jnp.float32,
+        )
         acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
         return carry
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30
+# Ground truth: full f32 products even where a backend's default is bf16 or TF32 passes.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def flash_attention_reference(
@@ -29,7 +31,8 @@ def flash_attention_reference(
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
 
     q_btkgh = q.reshape(batch, seq, kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_btkgh, k.astype(jnp.float32)) * scale
+    k_f32 = k.astype(jnp.float32)
+    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_btkgh, k_f32, precision=_HIGHEST) * scale
 
     key_pos = jnp.arange(seq)
     valid_qs = jnp.ones((seq, seq), dtype=bool)
@@ -44,7 +47,7 @@ def flash_attention_reference(
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(valid[:, None, None], probs, 0.0)
     v_safe = jnp.where(valid_bs[:, :, None, None], v.astype(jnp.float32), 0.0)
-    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe, precision=_HIGHEST)
     return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
 
 
@@ -73,8 +76,8 @@ def paged_attention_reference(
     v = jnp.where(valid[:, None, :, None], gather(v_pages).astype(jnp.float32), 0.0)
 
     q_bkgh = q.reshape(batch, kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k) * scale
+    scores = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k, precision=_HIGHEST) * scale
     scores = jnp.where(valid[:, None, None, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgs,bksh->bkgh", probs, v)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v, precision=_HIGHEST)
     return out.reshape(batch, heads, head_dim).astype(q.dtype)
