@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from splitserve import pallas_kernels
+from jax.sharding import Mesh
+
+from splitserve.models.attention import decode_attention, prefill_attention
 from splitserve.models.kv_cache import KVCache, slot_addresses, write_tokens
 
 
@@ -23,6 +25,7 @@ def prefill(
     tokens: jax.Array,  # i32[batch, seq], padded past `lengths`
     lengths: jax.Array,  # i32[batch]
     attention_impl: str = "auto",
+    mesh: Mesh | None = None,
 ):
     """Returns (f32[batch, vocab] logits of each row's last token, k tuple, v tuple)."""
     model = nnx.merge(graphdef, params)
@@ -33,7 +36,7 @@ def prefill(
     def attend(layer, q, k, v):
         ks.append(k)
         vs.append(v)
-        return pallas_kernels.flash_attention(q, k, v, lengths=lengths, causal=True, impl=attention_impl)
+        return prefill_attention(q, k, v, lengths, impl=attention_impl, mesh=mesh)
 
     hidden = model.hidden_states(tokens, positions, attend)
     last = hidden[jnp.arange(batch), jnp.maximum(lengths - 1, 0)]
@@ -49,6 +52,7 @@ def decode_step(
     page_table: jax.Array,  # i32[batch, pages_per_seq]; padded rows point at the sink page
     active: jax.Array,  # bool[batch], False for padded rows
     attention_impl: str = "auto",
+    mesh: Mesh | None = None,
 ):
     """Writes each row's new K/V into its pages, attends over the cache, returns (logits, cache)."""
     model = nnx.merge(graphdef, params)
@@ -60,9 +64,8 @@ def decode_step(
     def attend(layer, q, k, v):  # q [b,1,n,h], k/v [b,1,kv,h]
         new_k[layer] = write_tokens(new_k[layer], k[:, 0], pages, slots)
         new_v[layer] = write_tokens(new_v[layer], v[:, 0], pages, slots)
-        out = pallas_kernels.paged_attention(
-            q[:, 0], new_k[layer], new_v[layer], lengths, page_table, impl=attention_impl
-        )
+        out = decode_attention(q[:, 0], new_k[layer], new_v[layer], lengths, page_table,
+                               impl=attention_impl, mesh=mesh)
         return out[:, None]
 
     hidden = model.hidden_states(tokens[:, None], positions[:, None], attend)

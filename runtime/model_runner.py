@@ -37,13 +37,13 @@ class RunnerConfig:
     attention_impl: str = "auto"
 
 
-def _prefill_and_sample(graphdef, impl, params, tokens, lengths, sampling):
-    logits, ks, vs = serving.prefill(graphdef, params, tokens, lengths, impl)
+def _prefill_and_sample(graphdef, impl, mesh, params, tokens, lengths, sampling):
+    logits, ks, vs = serving.prefill(graphdef, params, tokens, lengths, impl, mesh)
     return sample(logits, sampling), ks, vs
 
 
-def _decode_and_sample(graphdef, impl, params, cache, tokens, positions, page_table, active, sampling):
-    logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl)
+def _decode_and_sample(graphdef, impl, mesh, params, cache, tokens, positions, page_table, active, sampling):
+    logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl, mesh)
     return sample(logits, sampling), cache
 
 
@@ -61,9 +61,10 @@ class ModelRunner:
         cache_axes = ("kv_heads", "pages", "page_slot", "head_dim")
         self.cache = allocate_cache(self.cache_spec, named_sharding(cache_axes, self.cache_spec.page_shape, model.mesh))
         impl = config.attention_impl
-        self._prefill = jax.jit(functools.partial(_prefill_and_sample, model.graphdef, impl))
+        mesh = model.mesh
+        self._prefill = jax.jit(functools.partial(_prefill_and_sample, model.graphdef, impl, mesh))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
-        self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl), donate_argnums=1)
+        self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=1)
 
     # -- shapes ---------------------------------------------------------------------------
     def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:

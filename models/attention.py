@@ -1,0 +1,56 @@
+"""The model's attention: the kernels of pallas_kernels, run per tensor-parallel shard.
+
+A Pallas kernel is not partitioned by XLA, so under a `tp` mesh each device runs it on its
+own heads with `shard_map`. HeadLayout guarantees that the query heads of a shard attend
+only to that shard's KV heads (both are laid out contiguously by group), so no
+communication is needed inside attention.
+
+The model picks kernels that are proven on the platform: TPU kernels on TPU, the plain-JAX
+reference elsewhere (the GPU kernels are used by the model only once benchmarks show they
+beat XLA on real hardware; pass attention_impl="gpu" to opt in).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from splitserve import pallas_kernels
+
+MODEL_DEFAULT_IMPL = {"tpu": "tpu"}
+
+
+def model_attention_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return MODEL_DEFAULT_IMPL.get(jax.default_backend(), "reference")
+
+
+def _per_shard(fn, mesh: Mesh | None, in_specs, out_specs):
+    if mesh is None or mesh.size == 1:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def prefill_attention(q, k, v, lengths, *, impl: str, mesh: Mesh | None):
+    """q [b, s, heads, hd], k/v [b, s, kv_heads, hd], lengths i32[b] -> [b, s, heads, hd]."""
+    heads = P(None, None, "tp", None)
+    fn = functools.partial(_flash, impl=model_attention_impl(impl))
+    return _per_shard(fn, mesh, (heads, heads, heads, P(None)), heads)(q, k, v, lengths)
+
+
+def decode_attention(q, k_pages, v_pages, lengths, page_table, *, impl: str, mesh: Mesh | None):
+    """q [b, heads, hd], pages [kv_heads, pages, page_size, hd] -> [b, heads, hd]."""
+    fn = functools.partial(_paged, impl=model_attention_impl(impl))
+    specs = (P(None, "tp", None), P("tp", None, None, None), P("tp", None, None, None), P(None), P(None, None))
+    return _per_shard(fn, mesh, specs, P(None, "tp", None))(q, k_pages, v_pages, lengths, page_table)
+
+
+def _flash(q, k, v, lengths, *, impl):
+    return pallas_kernels.flash_attention(q, k, v, lengths=lengths, causal=True, impl=impl)
+
+
+def _paged(q, k_pages, v_pages, lengths, page_table, *, impl):
+    return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table, impl=impl)

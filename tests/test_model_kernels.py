@@ -1,0 +1,20 @@
+"""The model with the TPU Pallas kernels (TPU interpret mode) per shard of a tp=2 mesh."""
+
+import numpy as np
+from jax.experimental.pallas import tpu as pltpu
+
+from hf_checkpoints import hf_greedy
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+from splitserve.runtime.sampling import SamplingParams
+
+
+def test_tpu_kernels_in_the_model_on_tp2_give_transformers_tokens(hf_checkpoint):
+    directory, torch_model = hf_checkpoint("mistral_gqa4_linear_rope")  # 8 heads / 2 KV heads
+    model = load_model(str(directory), make_mesh(MeshConfig(2)))
+    prompts = [np.random.default_rng(7).integers(3, model.config.vocab_size, size=n).tolist() for n in (5, 20)]
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=16, max_batch=2, attention_impl="tpu"))
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(torch_model, p, 4) for p in prompts]
