@@ -83,9 +83,9 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(loaded.params))
-            checkpointer.wait_until_finished()
+        # Uncompressed: weights barely compress (~7%) and zstd made restores ~2x slower.
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(loaded.params)))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
         if (source / "tokenizer.json").exists():
             shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
