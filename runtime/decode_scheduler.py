@@ -1,0 +1,148 @@
+"""Decode-worker scheduler: reservations, leases, admission, frees. Plain Python, no JAX.
+
+A request's life on a decode worker:
+
+    reserve() ── pages held under a lease ──┬─ kv_arrived()  ─┐
+                                            └─ stream_opened() ┴─► ready ─► running ─► finished
+    lease expires before both arrive ─► pages freed, later KV or stream for it is refused
+
+Each step, schedule() admits ready requests (their KV gets inserted into their pages) up
+to max_batch and lists the running ones to decode. finish() and release() free pages at
+once, so a cancelled request's pages are back before the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from splitserve.runtime.page_allocator import PageAllocator, pages_needed
+from splitserve.runtime.request import FinishReason
+from splitserve.runtime.sampling import SamplingParams
+
+
+class UnknownRequest(KeyError):
+    """No reservation (never made, expired, released or finished)."""
+
+
+@dataclasses.dataclass
+class DecodeSlot:
+    request_id: str
+    pages: list[int]
+    reserved_tokens: int
+    lease_deadline: float
+    kv: Any = None  # host KV from the transfer (opaque here)
+    prompt_len: int = 0
+    params: SamplingParams | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    running: bool = False
+    finish_reason: FinishReason | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.kv is not None and self.params is not None and not self.running
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    admit: list[DecodeSlot]  # insert their KV, then decode them with the others
+    decode: list[DecodeSlot]  # every running slot, admitted ones included
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode
+
+
+class DecodeScheduler:
+    def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_batch = max_batch
+        self.clock = clock
+        self.slots: dict[str, DecodeSlot] = {}
+
+    # -- arrivals -------------------------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> DecodeSlot:
+        if request_id in self.slots:
+            raise ValueError(f"request {request_id!r} already has a reservation")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        pages = self.allocator.allocate(pages_needed(num_tokens, self.page_size))  # may raise OutOfPages
+        slot = DecodeSlot(request_id, pages, num_tokens, self.clock() + lease_s)
+        self.slots[request_id] = slot
+        return slot
+
+    def kv_arrived(self, request_id: str, kv: Any, prompt_len: int, first_token: int) -> None:
+        slot = self._slot(request_id)
+        if slot.kv is not None:
+            raise ValueError(f"request {request_id!r} already has its KV")
+        if prompt_len + 1 > slot.reserved_tokens:
+            raise ValueError(f"KV of {prompt_len} tokens does not fit the reservation of {slot.reserved_tokens}")
+        slot.kv, slot.prompt_len, slot.output_ids = kv, prompt_len, [first_token]
+
+    def stream_opened(self, request_id: str, params: SamplingParams) -> None:
+        slot = self._slot(request_id)
+        if slot.params is not None:
+            raise ValueError(f"request {request_id!r} is already streaming")
+        if params.max_tokens + slot.prompt_len > slot.reserved_tokens and slot.kv is not None:
+            raise ValueError(f"request {request_id!r}: max_tokens exceeds the reservation")
+        slot.params = params
+
+    def _slot(self, request_id: str) -> DecodeSlot:
+        slot = self.slots.get(request_id)
+        if slot is None:
+            raise UnknownRequest(f"request {request_id!r} has no reservation (expired or released?)")
+        return slot
+
+    # -- the step -------------------------------------------------------------------------
+    def expire_leases(self) -> list[str]:
+        """Frees reservations whose KV or stream did not come in time."""
+        now = self.clock()
+        expired = [s.request_id for s in self.slots.values() if not s.running and now > s.lease_deadline]
+        for request_id in expired:
+            self.release(request_id)
+        return expired
+
+    def schedule(self) -> DecodePlan:
+        running = [s for s in self.slots.values() if s.running]
+        admit = []
+        for slot in self.slots.values():
+            if len(running) + len(admit) >= self.max_batch:
+                break
+            if slot.ready:
+                admit.append(slot)
+        for slot in admit:
+            slot.running = True
+        return DecodePlan(admit=admit, decode=running + admit)
+
+    def next_lease_deadline(self) -> float | None:
+        waiting = [s.lease_deadline for s in self.slots.values() if not s.running]
+        return min(waiting) if waiting else None
+
+    # -- departures -----------------------------------------------------------------------
+    def finish(self, slot: DecodeSlot, reason: FinishReason) -> None:
+        slot.finish_reason = reason
+        self.release(slot.request_id)
+
+    def release(self, request_id: str) -> bool:
+        slot = self.slots.pop(request_id, None)
+        if slot is None:
+            return False
+        self.allocator.free(slot.pages)
+        slot.pages = []
+        slot.kv = None
+        return True
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.running for s in self.slots.values())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.slots) - self.num_running

@@ -1,0 +1,97 @@
+"""Decode-worker scheduler: reservations, leases, admission, frees. No model."""
+
+import pytest
+
+from splitserve.runtime.decode_scheduler import DecodeScheduler, UnknownRequest
+from splitserve.runtime.page_allocator import OutOfPages, PageAllocator
+from splitserve.runtime.request import FinishReason
+from splitserve.runtime.sampling import SamplingParams
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def make(pages=17, max_batch=4):
+    clock = FakeClock()
+    return DecodeScheduler(PageAllocator(pages), page_size=4, max_batch=max_batch, clock=clock), clock
+
+
+def test_admitted_only_when_kv_and_stream_are_both_there():
+    sched, _ = make()
+    sched.reserve("a", num_tokens=10, lease_s=5)
+    assert sched.allocator.free_count == 16 - 3
+    assert sched.schedule().empty
+    sched.kv_arrived("a", kv="KV", prompt_len=6, first_token=42)
+    assert sched.schedule().empty
+    sched.stream_opened("a", SamplingParams(max_tokens=4))
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.admit] == ["a"] and [s.request_id for s in plan.decode] == ["a"]
+    slot = plan.admit[0]
+    assert slot.output_ids == [42] and slot.num_tokens == 7
+    plan = sched.schedule()
+    assert plan.admit == [] and [s.request_id for s in plan.decode] == ["a"]
+
+
+def test_stream_may_come_before_kv():
+    sched, _ = make()
+    sched.reserve("a", 10, 5)
+    sched.stream_opened("a", SamplingParams(max_tokens=4))
+    sched.kv_arrived("a", "KV", 6, 1)
+    assert [s.request_id for s in sched.schedule().admit] == ["a"]
+
+
+def test_lease_expiry_frees_pages_and_refuses_late_kv():
+    sched, clock = make()
+    sched.reserve("late", 10, lease_s=2)
+    sched.reserve("ok", 10, lease_s=2)
+    sched.kv_arrived("ok", "KV", 6, 1)
+    sched.stream_opened("ok", SamplingParams(max_tokens=4))
+    sched.schedule()  # "ok" is running: its lease no longer matters
+    clock.now += 3
+    assert sched.expire_leases() == ["late"]
+    assert sched.allocator.free_count == 16 - 3
+    with pytest.raises(UnknownRequest):
+        sched.kv_arrived("late", "KV", 6, 1)
+    assert sched.expire_leases() == []
+
+
+def test_batch_limit_and_out_of_pages():
+    sched, _ = make(pages=9, max_batch=1)  # 8 usable pages of 4 tokens
+    sched.reserve("a", 16, 5)
+    sched.reserve("b", 16, 5)
+    with pytest.raises(OutOfPages):
+        sched.reserve("c", 1, 5)
+    for rid in ("a", "b"):
+        sched.kv_arrived(rid, "KV", 4, 1)
+        sched.stream_opened(rid, SamplingParams(max_tokens=4))
+    assert [s.request_id for s in sched.schedule().admit] == ["a"]
+    assert sched.schedule().admit == []  # b waits for a place in the batch
+    sched.finish(sched.slots["a"], FinishReason.LENGTH)
+    assert [s.request_id for s in sched.schedule().admit] == ["b"]
+
+
+def test_release_frees_at_once_and_is_idempotent():
+    sched, _ = make()
+    sched.reserve("a", 10, 5)
+    assert sched.release("a") is True
+    assert sched.release("a") is False
+    assert sched.allocator.free_count == sched.allocator.capacity
+
+
+def test_bad_calls_are_refused():
+    sched, _ = make()
+    sched.reserve("a", 8, 5)
+    with pytest.raises(ValueError, match="already has a reservation"):
+        sched.reserve("a", 8, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        sched.kv_arrived("a", "KV", prompt_len=8, first_token=1)
+    sched.kv_arrived("a", "KV", 4, 1)
+    with pytest.raises(ValueError, match="already has its KV"):
+        sched.kv_arrived("a", "KV", 4, 1)
+    with pytest.raises(UnknownRequest):
+        sched.stream_opened("nope", SamplingParams())
