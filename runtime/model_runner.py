@@ -109,3 +109,38 @@ class ModelRunner:
             self.page_table(page_lists, batch), np.array([True] * n + [False] * pad), arrays,
         )
         return np.asarray(next_tokens)[:n].tolist()
+
+    # -- KV handoff -----------------------------------------------------------------------
+    def kv_to_host(self, ks, vs, row: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One prefilled row's K/V as host arrays [length, model's kv_heads, head_dim] per layer."""
+        first_replica = _first_replicas(self.model.layout.kv_source)
+        k = [np.asarray(layer[row, :length])[:, first_replica] for layer in ks]
+        v = [np.asarray(layer[row, :length])[:, first_replica] for layer in vs]
+        return k, v
+
+    def insert_host_kv(self, kvs: list[tuple[list[np.ndarray], list[np.ndarray]]],
+                       page_lists: list[list[int]], lengths: list[int]) -> None:
+        """Writes transferred K/V ([tokens, model's kv_heads, head_dim] per layer) into pages."""
+        batch = bucket(len(kvs), minimum=1, maximum=max(self.config.max_prefill_batch, len(kvs)))
+        seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
+        kv_source = np.array(self.model.layout.kv_source)
+        shape = (batch, seq, len(kv_source), self.cache_spec.head_dim)
+
+        def stacked(which: int, layer: int):
+            out = np.zeros(shape, self.cache_spec.dtype)
+            for row, kv in enumerate(kvs):
+                host = kv[which][layer]
+                out[row, : host.shape[0]] = np.take(host, kv_source, axis=1)
+            return out
+
+        layers = range(self.cache_spec.num_layers)
+        ks = tuple(stacked(0, layer) for layer in layers)
+        vs = tuple(stacked(1, layer) for layer in layers)
+        padded_lengths = np.zeros((batch,), np.int32)
+        padded_lengths[: len(lengths)] = lengths
+        self.insert(ks, vs, page_lists, padded_lengths)
+
+
+def _first_replicas(kv_source: tuple[int, ...]) -> list[int]:
+    """Serving KV head index of the first replica of each of the model's KV heads."""
+    return [kv_source.index(h) for h in range(max(kv_source) + 1)]

@@ -1,0 +1,131 @@
+"""The decode worker's engine loop: one thread owns the device; gRPC threads talk to it.
+
+    gRPC threads                       engine thread (run_forever)
+    reserve / kv_arrived / stream  ──► DecodeScheduler (under a lock)
+                                       loop: expire leases → schedule → insert admitted KV
+                                             → one decode step for all running → emit
+    Stream handlers  ◄── per-request queue of (token, finish_reason)
+
+Backpressure: reservations are bounded by pages; the batch by max_batch. The loop sleeps on
+a condition variable when idle, and wakes for new work or the next lease deadline.
+A crash in the loop is logged and stops the process (STYLE 14): nothing limps on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+
+from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
+from splitserve.runtime.model_runner import ModelRunner
+from splitserve.runtime.page_allocator import PageAllocator
+from splitserve.runtime.request import FinishReason
+from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.stop_rules import finish_reason_after_token
+
+log = logging.getLogger(__name__)
+
+END = None  # queued after the last token of a stream
+
+
+class DecodeEngine:
+    def __init__(self, runner: ModelRunner, *, max_batch: int):
+        self.runner = runner
+        self.eos_token_ids = runner.model.config.eos_token_ids
+        self.scheduler = DecodeScheduler(PageAllocator(runner.config.num_pages),
+                                         page_size=runner.config.page_size, max_batch=max_batch)
+        self._lock = threading.Condition()
+        self._outputs: dict[str, queue.Queue] = {}
+        self._stopped = False
+        self.steps = 0
+
+    # -- called from gRPC threads ---------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> int:
+        with self._lock:
+            self.scheduler.reserve(request_id, num_tokens, lease_s)
+            self._lock.notify()
+            return self.scheduler.allocator.free_count
+
+    def kv_arrived(self, request_id: str, kv, prompt_len: int, first_token: int) -> None:
+        with self._lock:
+            self.scheduler.kv_arrived(request_id, kv, prompt_len, first_token)
+            self._lock.notify()
+
+    def open_stream(self, request_id: str, params: SamplingParams) -> queue.Queue:
+        with self._lock:
+            self.scheduler.stream_opened(request_id, params)
+            out = self._outputs[request_id] = queue.Queue()
+            self._lock.notify()
+            return out
+
+    def release(self, request_id: str) -> bool:
+        with self._lock:
+            self._outputs.pop(request_id, None)
+            return self.scheduler.release(request_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(free_pages=self.scheduler.allocator.free_count,
+                        total_pages=self.scheduler.allocator.capacity,
+                        running=self.scheduler.num_running, waiting=self.scheduler.num_waiting)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    # -- the engine thread ----------------------------------------------------------------
+    def run_forever(self) -> None:
+        try:
+            while self._step_or_wait():
+                pass
+        except Exception:  # noqa: BLE001 - a dead engine must take the worker down
+            log.exception("decode engine loop crashed; exiting")
+            os._exit(1)
+
+    def _step_or_wait(self) -> bool:
+        with self._lock:
+            if self._stopped:
+                return False
+            for request_id in self.scheduler.expire_leases():
+                log.warning("reservation %s expired before its KV or stream arrived", request_id)
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                deadline = self.scheduler.next_lease_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self.scheduler.clock()) + 0.01
+                self._lock.wait(timeout)
+                return True
+            admitted = [(s, s.kv) for s in plan.admit]
+            for slot in plan.admit:
+                slot.kv = None  # the host copy is no longer needed once inserted
+        if admitted:
+            self.runner.insert_host_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
+                                       [s.prompt_len for s, _ in admitted])
+        tokens = self.runner.decode(
+            tokens=[s.output_ids[-1] for s in plan.decode],
+            positions=[s.num_tokens - 1 for s in plan.decode],
+            page_lists=[s.pages for s in plan.decode],
+            sampling=[s.params for s in plan.decode],
+            steps=[len(s.output_ids) for s in plan.decode],
+        )
+        self.steps += 1
+        self._emit(plan.decode, tokens)
+        return True
+
+    def _emit(self, slots: list[DecodeSlot], tokens: list[int]) -> None:
+        with self._lock:
+            for slot, token in zip(slots, tokens):
+                if slot.request_id not in self.scheduler.slots:
+                    continue  # released while the step ran: its pages are already free
+                slot.output_ids.append(token)
+                reason = finish_reason_after_token(slot, self.eos_token_ids)
+                out = self._outputs.get(slot.request_id)
+                if out is not None:
+                    out.put((token, reason))
+                if reason is not None:
+                    self.scheduler.finish(slot, reason)
+                    if out is not None:
+                        out.put(END)
+                    self._outputs.pop(slot.request_id, None)

@@ -1,0 +1,104 @@
+"""The prefill worker's engine loop: batches queued prompts, returns first tokens at once.
+
+    gRPC threads: submit() ──► queue ──► engine thread: prefill a batch (bucketed)
+                                            │ first tokens ──► futures (the router's TTFT)
+                                            └ K/V (device) ──► sender pool: copy to host,
+                                                               stream to the decode worker
+The KV transfer runs on the sender pool, so it overlaps the next prefill batch and never
+delays a first token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import queue
+from typing import Callable
+
+from splitserve.runtime.model_runner import ModelRunner
+from splitserve.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PrefillJob:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    decode_address: str  # "" = nobody wants the KV
+    first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+# send_kv(job, first_token, k_layers, v_layers): host arrays [tokens, kv_heads, head_dim]
+SendKV = Callable[[PrefillJob, int, list, list], None]
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, send_kv: SendKV, *, max_prefill_batch: int,
+                 max_prefill_tokens: int = 8192, sender_threads: int = 4):
+        self.runner = runner
+        self.send_kv = send_kv
+        self.max_prefill_batch = max_prefill_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self._jobs: queue.Queue[PrefillJob | None] = queue.Queue()
+        self._senders = concurrent.futures.ThreadPoolExecutor(sender_threads, thread_name_prefix="kv-send")
+        self.in_flight = 0
+
+    def submit(self, job: PrefillJob) -> concurrent.futures.Future:
+        self.in_flight += 1
+        self._jobs.put(job)
+        return job.first_token
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def run_forever(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._prefill(batch)
+        except Exception:  # noqa: BLE001 - a dead engine must take the worker down
+            log.exception("prefill engine loop crashed; exiting")
+            os._exit(1)
+
+    def _next_batch(self) -> list[PrefillJob] | None:
+        first = self._jobs.get()
+        if first is None:
+            return None
+        batch, tokens = [first], len(first.prompt_ids)
+        while len(batch) < self.max_prefill_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)
+                break
+            if tokens + len(job.prompt_ids) > self.max_prefill_tokens:
+                self._jobs.put(job)  # next batch; order among batches is kept loosely
+                break
+            batch.append(job)
+            tokens += len(job.prompt_ids)
+        return batch
+
+    def _prefill(self, batch: list[PrefillJob]) -> None:
+        live = [job for job in batch if not job.first_token.cancelled()]
+        self.in_flight -= len(batch) - len(live)
+        if not live:
+            return
+        first, ks, vs, _ = self.runner.prefill([j.prompt_ids for j in live], [j.params for j in live], [0] * len(live))
+        for row, (job, token) in enumerate(zip(live, first)):
+            self.in_flight -= 1
+            if job.first_token.set_running_or_notify_cancel():
+                job.first_token.set_result(token)
+            if job.decode_address:
+                self._senders.submit(self._send, job, token, ks, vs, row)
+
+    def _send(self, job: PrefillJob, token: int, ks, vs, row: int) -> None:
+        try:
+            k, v = self.runner.kv_to_host(ks, vs, row, len(job.prompt_ids))
+            self.send_kv(job, token, k, v)
+        except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
+            log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)
