@@ -16,13 +16,13 @@ import itertools
 import time
 
 from splitserve.models.loader import LoadedModel
-from splitserve.models.tokenizer import IncrementalDetokenizer
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
-from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token
+from splitserve.runtime.stop_rules import finish_reason_after_token
+from splitserve.runtime.text_stream import TextStream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ColocatedEngine:
             max_prefill_tokens=config.max_prefill_tokens, page_size=config.page_size,
             max_model_len=model.config.max_model_len,
         ), self.allocator)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._text: dict[str, TextStream] = {}
         self._requests: dict[str, Request] = {}  # added and not yet released
         self._ids = itertools.count()
 
@@ -64,8 +64,7 @@ class ColocatedEngine:
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request
-        if self.model.tokenizer is not None:
-            self._detok[request.request_id] = IncrementalDetokenizer(self.model.tokenizer, request.prompt_ids)
+        self._text[request.request_id] = TextStream(self.model.tokenizer, request.prompt_ids, request.params.stop)
         return request.request_id
 
     def abort(self, request_id: str) -> None:
@@ -81,7 +80,7 @@ class ColocatedEngine:
             self.abort(request_id)
         request = self._requests.pop(request_id)
         completion = self._completion(request)
-        self._detok.pop(request_id, None)
+        self._text.pop(request_id, None)
         return completion
 
     def has_unfinished(self) -> bool:
@@ -119,15 +118,10 @@ class ColocatedEngine:
             request.output_ids.append(token)
             request.first_token_s = request.first_token_s or now
             reason = finish_reason_after_token(request, self.model.config.eos_token_ids)
-            delta = ""
-            detok = self._detok.get(request.request_id)
-            if detok is not None and not (reason is FinishReason.STOP and token in self.model.config.eos_token_ids):
-                delta = detok.add(token)
-                cut = find_stop_string(detok.text, request.params.stop, len(delta))
-                if cut is not None:
-                    delta = delta[: max(0, len(delta) - (len(detok.text) - cut))]
-                    detok.text = detok.text[:cut]
-                    reason = FinishReason.STOP
+            is_eos = reason is FinishReason.STOP and token in self.model.config.eos_token_ids
+            delta, stopped = self._text[request.request_id].add(token, is_eos=is_eos)
+            if stopped:
+                reason = FinishReason.STOP
             if reason is not None:
                 request.finish_s = now
                 self.scheduler.finish(request, reason)
@@ -146,7 +140,7 @@ class ColocatedEngine:
 
     def _completion(self, r: Request) -> Completion:
         return Completion(
-            text=self._detok[r.request_id].text if r.request_id in self._detok else "", token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
+            text=self._text[r.request_id].text, token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
         )

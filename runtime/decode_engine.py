@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 END = None  # queued after the last token of a stream
 
 
+class StreamError(Exception):
+    """Queued to a stream whose request can no longer be decoded (lease expired, bad KV)."""
+
+
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, *, max_batch: int):
         self.runner = runner
@@ -60,9 +64,12 @@ class DecodeEngine:
             self._lock.notify()
             return out
 
-    def release(self, request_id: str) -> bool:
+    def release(self, request_id: str, error: str | None = None) -> bool:
+        """Frees the request's pages now; a waiting stream ends (with `error` if given)."""
         with self._lock:
-            self._outputs.pop(request_id, None)
+            out = self._outputs.pop(request_id, None)
+            if out is not None:
+                out.put(StreamError(error) if error else END)
             return self.scheduler.release(request_id)
 
     def stats(self) -> dict:
@@ -91,6 +98,9 @@ class DecodeEngine:
                 return False
             for request_id in self.scheduler.expire_leases():
                 log.warning("reservation %s expired before its KV or stream arrived", request_id)
+                out = self._outputs.pop(request_id, None)
+                if out is not None:
+                    out.put(StreamError(f"request {request_id}: its KV did not arrive before the lease expired"))
             plan = self.scheduler.schedule()
             if plan.empty:
                 deadline = self.scheduler.next_lease_deadline()

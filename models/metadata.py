@@ -1,0 +1,43 @@
+"""A model's config and tokenizer without its weights (and without JAX): what a router needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from splitserve.models.config import ModelConfig, load_hf_config
+from splitserve.models.tokenizer import Tokenizer
+
+ORBAX_MARKER = "splitserve_orbax.json"  # written by models/orbax_checkpoint.py
+ORBAX_CONFIG = "model_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+
+
+def resolve_model_dir(path: str) -> Path:
+    if path == "demo":
+        from splitserve.models.demo import ensure_demo_model
+
+        return Path(ensure_demo_model())
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model path {path!r} is not a directory (nor 'demo')")
+    return model_dir
+
+
+def load_metadata(path: str) -> ModelMetadata:
+    model_dir = resolve_model_dir(path)
+    if (model_dir / ORBAX_MARKER).exists():
+        marker = json.loads((model_dir / ORBAX_MARKER).read_text())
+        config = ModelConfig.from_json_dict(json.loads((model_dir / ORBAX_CONFIG).read_text()))
+        name = marker.get("name") or model_dir.name
+    else:
+        config = load_hf_config(model_dir)
+        name = json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or model_dir.name
+    return ModelMetadata(name=name, config=config, tokenizer=Tokenizer.maybe_load(model_dir))

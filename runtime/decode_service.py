@@ -1,0 +1,101 @@
+"""gRPC Decode service: reservations, the KV transfer stream, token streams."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import numpy as np
+
+from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime.decode_engine import END, DecodeEngine, StreamError
+from splitserve.runtime.decode_scheduler import UnknownRequest
+from splitserve.runtime.kv_wire import KVAssembler, KVLayoutExpectation, KVTransferError
+from splitserve.runtime.page_allocator import OutOfPages
+from splitserve.runtime.proto_convert import sampling_from_internal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0
+
+
+class DecodeService(internal_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: DecodeEngine, *, mesh: str, platform: str, role: str = "decode"):
+        self.engine = engine
+        self.mesh, self.platform, self.role = mesh, platform, role
+        cfg = engine.runner.model.config
+        self.expected = KVLayoutExpectation(
+            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            dtypes_allowed=(np.dtype(engine.runner.cache_spec.dtype).name,), max_tokens=cfg.max_model_len,
+        )
+
+    def Reserve(self, request, context):
+        lease = request.lease_s if request.lease_s > 0 else DEFAULT_LEASE_S
+        try:
+            free = self.engine.reserve(request.request_id, request.num_tokens, lease)
+        except OutOfPages as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker is out of KV pages: {e}")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return internal_pb2.ReserveResponse(free_pages=free)
+
+    def TransferKV(self, request_iterator, context):
+        request_id = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise KVTransferError("the KV stream must start with a header")
+            header = first.header
+            request_id = header.request_id
+            assembler = KVAssembler.from_header(header, expected=self.expected)
+            for chunk in request_iterator:
+                kind = chunk.WhichOneof("kind")
+                if kind == "payload":
+                    assembler.add(chunk.payload)
+                elif kind == "trailer":
+                    k, v = assembler.finish(chunk.trailer)
+                    self.engine.kv_arrived(request_id, (k, v), header.num_tokens, header.first_token)
+                    return internal_pb2.TransferKVResponse(received_bytes=chunk.trailer.total_bytes)
+                else:
+                    raise KVTransferError(f"unexpected {kind!r} chunk after the header")
+            raise KVTransferError("the KV stream ended without a trailer")
+        except (KVTransferError, ValueError) as e:
+            self._drop(request_id, f"KV transfer rejected: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {e}")
+        except UnknownRequest as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except grpc.RpcError:  # the sender went away mid-transfer
+            self._drop(request_id, "KV transfer was cut off")
+            raise
+
+    def _drop(self, request_id: str | None, reason: str) -> None:
+        if request_id is not None:
+            log.warning("%s: %s", request_id, reason)
+            self.engine.release(request_id, error=reason)
+
+    def Stream(self, request, context):
+        try:
+            out = self.engine.open_stream(request.request_id, sampling_from_internal(request.sampling))
+        except UnknownRequest as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # Client gone or cancelled: free the pages now (a no-op once finished).
+        context.add_callback(lambda: self.engine.release(request.request_id))
+        while True:
+            item = out.get()
+            if item is END:
+                return
+            if isinstance(item, StreamError):
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+            token, reason = item
+            yield internal_pb2.DecodeTokens(token_ids=[token], finish_reason=reason.value if reason else "")
+            if reason is not None:
+                return
+
+    def Release(self, request, context):
+        return internal_pb2.ReleaseResponse(released=self.engine.release(request.request_id))
+
+    def Stats(self, request, context):
+        return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
+                                        **self.engine.stats())

@@ -1,0 +1,55 @@
+"""gRPC Prefill service: first token back at once, KV streamed to the decode worker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+
+from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.kv_wire import kv_chunks
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.proto_convert import sampling_from_internal
+
+KV_TRANSFER_TIMEOUT_S = 120.0
+
+
+class KVSender:
+    """Streams one request's KV to a decode worker's TransferKV."""
+
+    def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20):
+        self.channels = channels
+        self.chunk_bytes = chunk_bytes
+
+    def __call__(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
+        stub = internal_pb2_grpc.DecodeStub(self.channels.get(job.decode_address))
+        chunks = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+        stub.TransferKV(chunks, timeout=KV_TRANSFER_TIMEOUT_S)
+
+
+class PrefillService(internal_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: PrefillEngine, *, mesh: str, platform: str, role: str = "prefill"):
+        self.engine = engine
+        self.mesh, self.platform, self.role = mesh, platform, role
+
+    def Run(self, request, context):
+        vocab = self.engine.runner.model.config.vocab_size
+        if not request.prompt_ids or any(not 0 <= t < vocab for t in request.prompt_ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt must be 1+ token ids in [0, {vocab})")
+        try:
+            params = sampling_from_internal(request.sampling)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address)
+        future = self.engine.submit(job)
+        context.add_callback(future.cancel)  # the router gave up: skip the prefill if not started
+        try:
+            token = future.result()
+        except concurrent.futures.CancelledError:
+            context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+        return internal_pb2.PrefillResponse(first_token=token)
+
+    def Stats(self, request, context):
+        return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
+                                        running=self.engine.in_flight)

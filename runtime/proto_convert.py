@@ -1,0 +1,37 @@
+"""Conversions between protobuf messages and the runtime's typed objects."""
+
+from __future__ import annotations
+
+from splitserve.protos import internal_pb2, serving_pb2
+from splitserve.runtime.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16
+
+
+def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
+    """Resolves defaults of unset optional fields; raises ValueError naming a bad field."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k if msg.HasField("top_k") else 0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
+    assert p.seed is not None, "resolve the seed (SamplingParams.with_seed) before sending"
+    return internal_pb2.ResolvedSampling(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+    )
+
+
+def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
+        seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+    )

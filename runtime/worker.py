@@ -1,0 +1,122 @@
+"""A worker process: one mesh, one role (prefill, decode, or colocated = both).
+
+Start-up order: load the model onto this process's mesh → build the runner and engines →
+warm up (compile the common shapes) → health SERVING → print the ready line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+
+from splitserve.models.sharding import MeshConfig
+from splitserve.protos import internal_pb2_grpc
+from splitserve.runtime.decode_engine import DecodeEngine
+from splitserve.runtime.decode_service import DecodeService
+from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.prefill_service import KVSender, PrefillService
+from splitserve.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    model: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = 0
+    mesh: MeshConfig = MeshConfig()
+    dtype: str = "auto"
+    page_size: int = 16
+    num_pages: int = 1024
+    max_batch: int = 32
+    max_prefill_batch: int = 8
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        import jax
+
+        from splitserve.runtime.in_process import load_for_serving
+
+        self.config = config
+        model = load_for_serving(config.model, config.mesh, config.dtype)
+        platform = jax.default_backend()
+        mesh = f"tp={config.mesh.tp}"
+        has_decode = config.role in ("decode", "colocated")
+        self.runner = ModelRunner(model, RunnerConfig(
+            page_size=config.page_size, num_pages=config.num_pages if has_decode else 2,
+            max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
+            attention_impl=config.attention_impl,
+        ))
+        self.server = make_server()
+        self.health = add_health(self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.address = f"{config.host}:{self.port}"
+        self.channels = ChannelPool()
+        self.threads: list[threading.Thread] = []
+        self.decode_engine = self.prefill_engine = None
+        if has_decode:
+            self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
+            internal_pb2_grpc.add_DecodeServicer_to_server(
+                DecodeService(self.decode_engine, mesh=mesh, platform=platform, role=config.role), self.server)
+            self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
+        if config.role in ("prefill", "colocated"):
+            self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch)
+            internal_pb2_grpc.add_PrefillServicer_to_server(
+                PrefillService(self.prefill_engine, mesh=mesh, platform=platform, role=config.role), self.server)
+            self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
+        self._sender = KVSender(self.channels)
+
+    def _send_kv(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
+        if self.decode_engine is not None and job.decode_address == self.address:
+            # Colocated: same page pool, no network.
+            self.decode_engine.kv_arrived(job.request_id, (k_layers, v_layers), len(job.prompt_ids), first_token)
+        else:
+            self._sender(job, first_token, k_layers, v_layers)
+
+    def warm_up(self) -> None:
+        """Compiles the smallest prefill, insert and decode shapes before serving."""
+        greedy = SamplingParams(max_tokens=2)
+        first, ks, vs, lengths = self.runner.prefill([[1, 2, 3]], [greedy], [0])
+        if self.decode_engine is not None:
+            pages = [1]
+            self.runner.insert_host_kv([self.runner.kv_to_host(ks, vs, 0, 3)], [pages], [3])
+            self.runner.decode([first[0]], [3], [pages], [greedy], [1])
+
+    def start(self) -> None:
+        self.warm_up()
+        for thread in self.threads:
+            thread.start()
+        self.server.start()
+        set_serving(self.health)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        set_serving(self.health, False)
+        self.server.stop(grace_s).wait()
+        for engine in (self.decode_engine, self.prefill_engine):
+            if engine is not None:
+                engine.stop()
+        self.channels.close()
+
+
+def serve_forever(worker: Worker) -> None:
+    """Runs until SIGTERM or SIGINT, then stops cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    print(f"splitserve {worker.config.role} worker ready on {worker.address}", flush=True)
+    stop.wait()
+    worker.stop()
