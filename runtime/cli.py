@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.runtime import cli_generate
+from splitserve.runtime import cli_generate, cli_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_generate.add_parser(sub)
+    cli_serve.add_parsers(sub)
     convert = sub.add_parser("convert", help="convert an HF checkpoint directory into an Orbax checkpoint",
                              description="Convert an HF checkpoint (or 'demo') into an Orbax checkpoint "
                                          "that loads faster; serve it with --model OUT_DIR.")

@@ -7,9 +7,12 @@ import re
 
 
 def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
-    """Selects the JAX platform; on CPU, exposes `cpu_devices` host devices for meshes."""
+    """Selects the JAX platform; exposes `cpu_devices` host devices for CPU meshes.
+
+    The host device count only affects the CPU platform, so it is set whatever the platform.
+    """
     if platform:
         os.environ["JAX_PLATFORMS"] = platform
-    if (platform or os.environ.get("JAX_PLATFORMS", "")) == "cpu" and cpu_devices > 1:
+    if cpu_devices > 1:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()

@@ -1,0 +1,123 @@
+"""`splitserve launch | router | prefill-worker | decode-worker | colocated-worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.platform_setup import configure_jax
+
+
+def _mesh(text: str) -> MeshConfig:
+    try:
+        return MeshConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _addresses(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="serving dtype; auto = the checkpoint's own")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+
+
+def _add_worker_flags(p) -> None:
+    _add_model_flags(p)
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    p.add_argument("--mesh", type=_mesh, default=MeshConfig(), help="this worker's mesh, e.g. tp=2")
+    p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's choice)")
+    p.add_argument("--num-pages", type=int, default=1024, help="KV pages in the pool (default 1024)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most (default 32)")
+
+
+def add_parsers(sub) -> None:
+    for role in ("prefill", "decode", "colocated"):
+        p = sub.add_parser(f"{role}-worker", help=f"run one {role} worker (for multi-host setups)",
+                           description=f"Run one {role} worker process on this host's devices.")
+        _add_worker_flags(p)
+        p.set_defaults(run=run_worker, role=role)
+
+    r = sub.add_parser("router", help="run the router in front of running workers",
+                       description="Run the public Serving API in front of workers started elsewhere.")
+    _add_model_flags(r)
+    r.add_argument("--port", type=int, default=50051, help="public port (default 50051)")
+    r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
+    r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
+    r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
+    r.set_defaults(run=run_router)
+
+    lp = sub.add_parser("launch", help="start router + prefill + decode workers on this host",
+                        description="Start the whole stack on this host: a router and worker processes, "
+                                    "each on its own devices. Prints 'splitserve ready on HOST:PORT'.")
+    _add_model_flags(lp)
+    lp.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    lp.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
+    lp.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (default 1)")
+    lp.add_argument("--decode-workers", type=int, default=1,
+                    help="decode worker processes (default 1); in colocated mode, the worker count")
+    lp.add_argument("--prefill-mesh", type=_mesh, default=MeshConfig(), help="each prefill worker's mesh (tp=N)")
+    lp.add_argument("--decode-mesh", type=_mesh, default=MeshConfig(),
+                    help="each decode (or colocated) worker's mesh (tp=N)")
+    lp.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform of the workers")
+    lp.add_argument("--num-pages", type=int, default=1024, help="KV pages per decode worker (default 1024)")
+    lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    lp.set_defaults(run=run_launch)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(args) -> int:
+    _logging()
+    configure_jax(args.platform, cpu_devices=args.mesh.tp)
+    from splitserve.runtime.worker import Worker, WorkerConfig, serve_forever
+
+    config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
+                          dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+                          max_batch=args.max_batch)
+    serve_forever(Worker(config))
+    return 0
+
+
+def run_router(args) -> int:
+    _logging()
+    import signal
+    import threading
+
+    from splitserve.runtime.router_server import RouterServer
+
+    if not args.colocated and not (args.prefill and args.decode):
+        raise SystemExit("splitserve router: give --prefill and --decode addresses, or --colocated")
+    server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
+                          colocated=args.colocated, dtype=args.dtype, page_size=args.page_size)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"splitserve ready on {server.address}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def run_launch(args) -> int:
+    _logging()
+    from splitserve.runtime.launch import LaunchConfig, run_launch as launch
+
+    try:
+        config = LaunchConfig(model=args.model, host=args.host, port=args.port, mode=args.mode,
+                              prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                              prefill_mesh=args.prefill_mesh, decode_mesh=args.decode_mesh, platform=args.platform,
+                              dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+                              max_batch=args.max_batch)
+    except ValueError as e:
+        raise SystemExit(f"splitserve launch: {e}")
+    return launch(config)

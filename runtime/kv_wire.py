@@ -1,0 +1,322 @@
+"""Layout-free KV wire format: one request's KV cache as a stream of KVChunk messages.
+
+    header                     request id, first token, num_layers, num_kv_heads, head_dim,
+                               num_tokens, dtype (numpy name, e.g. "bfloat16")
+    payload × N                layer 0 K, layer 0 V, layer 1 K, ... each split into blocks of
+                               [token_count, kv_head_count, head_dim] bytes, token-major, native
+                               (little-endian) byte order, at most ~chunk_bytes each
+    trailer                    total payload bytes and zlib.crc32 over the payload bytes in order
+
+Heads are the model's own KV heads, not the replicas a tensor-parallel layout adds
+(models/head_layout.py): the sender keeps the first replica of each head
+(`select_original_heads`), the receiver re-creates its own replicas (`expand_to_serving_heads`),
+so any prefill mesh can feed any decode mesh.
+
+The receiver (`KVAssembler`) validates the header against the model it serves, writes each
+payload straight into preallocated arrays, and tracks which (token, head) cells of each
+(layer, K/V) were written. `finish` hands the arrays out only if every cell was written exactly
+once and the byte count and checksum match; any other outcome raises KVTransferError, so KV from
+a broken, partial or corrupted transfer is never returned.
+
+Pure numpy + protobuf: no JAX here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator, Sequence
+
+import ml_dtypes  # noqa: F401  (registers "bfloat16" and friends as numpy dtype names)
+import numpy as np
+
+from splitserve.protos import internal_pb2
+
+
+class KVTransferError(ValueError):
+    """A KV stream that cannot be accepted: bad header, bad payload, missing data, bad checksum."""
+
+
+# ---- sending ----------------------------------------------------------------------------------
+
+
+def kv_chunks(
+    request_id: str,
+    first_token: int,
+    k_layers: Sequence[np.ndarray],  # per layer [num_tokens, num_kv_heads, head_dim]
+    v_layers: Sequence[np.ndarray],  # same shape and dtype as k_layers
+    *,
+    chunk_bytes: int = 1 << 20,
+) -> Iterator[internal_pb2.KVChunk]:
+    """Yields header, payload chunks (per layer, K then V) and trailer, one chunk at a time.
+
+    Payloads cover whole token rows, `chunk_bytes // row_bytes` tokens each; a token row larger
+    than chunk_bytes is split by KV-head range instead (one token per chunk). Only the current
+    chunk's bytes are held, so memory stays bounded by about one chunk beyond the inputs.
+    Bad inputs raise ValueError here, before the first chunk is produced.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    shape, dtype = _check_layers(k_layers, v_layers)
+    return _chunks(request_id, first_token, list(k_layers), list(v_layers), shape, dtype, chunk_bytes)
+
+
+def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[internal_pb2.KVChunk]:
+    num_tokens, num_kv_heads, head_dim = shape
+    yield internal_pb2.KVChunk(header=internal_pb2.KVHeader(
+        request_id=request_id, num_layers=len(k_layers), num_kv_heads=num_kv_heads,
+        head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name, first_token=first_token))
+
+    total, crc = 0, 0
+    for layer in range(len(k_layers)):
+        for is_value, x_thd in ((False, k_layers[layer]), (True, v_layers[layer])):
+            for t0, tc, h0, hc in _blocks(shape, dtype.itemsize, chunk_bytes):
+                data = _block_bytes(x_thd, t0, tc, h0, hc)
+                total += len(data)
+                crc = zlib.crc32(data, crc)
+                yield internal_pb2.KVChunk(payload=internal_pb2.KVPayload(
+                    layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
+                    token_start=t0, token_count=tc, data=data))
+    yield internal_pb2.KVChunk(trailer=internal_pb2.KVTrailer(total_bytes=total, crc32=crc))
+
+
+def _check_layers(k_layers, v_layers) -> tuple[tuple[int, int, int], np.dtype]:
+    if len(k_layers) == 0 or len(k_layers) != len(v_layers):
+        raise ValueError(f"need the same number (>= 1) of K and V layers, got {len(k_layers)} and {len(v_layers)}")
+    first = k_layers[0]
+    for name, layers in (("K", k_layers), ("V", v_layers)):
+        for i, x in enumerate(layers):
+            if x.ndim != 3 or x.shape != first.shape or x.dtype != first.dtype:
+                raise ValueError(f"{name} layer {i}: {x.dtype}{list(x.shape)}, expected every layer to be "
+                                 f"{first.dtype}{list(first.shape)} [num_tokens, num_kv_heads, head_dim]")
+    if min(first.shape) < 1:
+        raise ValueError(f"KV arrays must be non-empty, got shape {first.shape}")
+    dtype = first.dtype
+    if not dtype.isnative or _dtype_from_name(dtype.name) != dtype:
+        raise ValueError(f"dtype {dtype!r} cannot be sent: it must round-trip through its name in native byte order")
+    return first.shape, dtype
+
+
+def _blocks(shape, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+    """(token_start, token_count, head_start, head_count) of each payload of one layer's K or V."""
+    num_tokens, num_kv_heads, head_dim = shape
+    head_bytes = head_dim * itemsize
+    row_bytes = num_kv_heads * head_bytes
+    if row_bytes <= chunk_bytes:
+        tokens = chunk_bytes // row_bytes
+        for t0 in range(0, num_tokens, tokens):
+            yield t0, min(tokens, num_tokens - t0), 0, num_kv_heads
+    else:
+        heads = max(1, chunk_bytes // head_bytes)
+        for t0 in range(num_tokens):
+            for h0 in range(0, num_kv_heads, heads):
+                yield t0, 1, h0, min(heads, num_kv_heads - h0)
+
+
+def _block_bytes(x_thd: np.ndarray, t0: int, tc: int, h0: int, hc: int) -> bytes:
+    """The [tc, hc, head_dim] block at (t0, h0) as C-order bytes (a copy of just this block)."""
+    return x_thd[t0 : t0 + tc, h0 : h0 + hc].tobytes()
+
+
+# ---- receiving --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayoutExpectation:
+    """What the receiving model accepts in a KV header."""
+
+    num_layers: int
+    num_kv_heads: int  # the model's, not replicated
+    head_dim: int
+    dtypes_allowed: tuple[str, ...]  # numpy dtype names
+    max_tokens: int
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.dtypes_allowed:
+            raise ValueError("dtypes_allowed must name at least one dtype")
+        for name in self.dtypes_allowed:
+            _dtype_from_name(name)  # raises on an unknown name
+
+
+class KVAssembler:
+    """Receives one request's KV payloads into preallocated arrays; see the module docstring.
+
+    Usage: `asm = KVAssembler.from_header(header, expected=...)`, `asm.add(payload)` for each
+    payload, then `k_layers, v_layers = asm.finish(trailer)`. Any error is a KVTransferError and
+    leaves the assembler failed: later calls raise too, and no KV is ever returned.
+    """
+
+    def __init__(self, header: internal_pb2.KVHeader, expected: KVLayoutExpectation, *,
+                 max_bytes: int | None = None):
+        _check_header(header, expected)
+        self.header = header
+        self.dtype = _dtype_from_name(header.dtype)
+        shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
+        self.expected_bytes = 2 * header.num_layers * int(np.prod(shape)) * self.dtype.itemsize
+        if max_bytes is not None and self.expected_bytes > max_bytes:
+            raise KVTransferError(f"request {header.request_id}: KV of {self.expected_bytes} bytes exceeds "
+                                  f"the limit of {max_bytes} bytes")
+        # [layer][K=0 / V=1] -> [num_tokens, num_kv_heads, head_dim]; written[...] -> [tokens, heads]
+        self._kv = [[np.empty(shape, self.dtype) for _ in range(2)] for _ in range(header.num_layers)]
+        self._written = np.zeros((header.num_layers, 2, header.num_tokens, header.num_kv_heads), bool)
+        self.received_bytes = 0
+        self._crc = 0
+        self._state = "open"  # "open" | "failed: <reason>" | "finished"
+
+    @classmethod
+    def from_header(cls, header: internal_pb2.KVHeader, *, expected: KVLayoutExpectation,
+                    max_bytes: int | None = None) -> KVAssembler:
+        return cls(header, expected, max_bytes=max_bytes)
+
+    def add(self, payload: internal_pb2.KVPayload) -> None:
+        """Validates one payload and writes it into place."""
+        self._check_open()
+        try:
+            self._add(payload)
+        except KVTransferError as e:
+            self._fail(str(e))
+            raise
+
+    def finish(self, trailer: internal_pb2.KVTrailer) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Checks completeness, byte count and checksum; returns (k_layers, v_layers)."""
+        self._check_open()
+        try:
+            self._check_complete(trailer)
+        except KVTransferError as e:
+            self._fail(str(e))
+            raise
+        kv, self._kv, self._state = self._kv, None, "finished"
+        return [layer[0] for layer in kv], [layer[1] for layer in kv]
+
+    def _add(self, payload: internal_pb2.KVPayload) -> None:
+        h = self.header
+        where = f"request {h.request_id}: payload for layer {payload.layer} {'V' if payload.is_value else 'K'}"
+        if payload.layer >= h.num_layers:
+            raise KVTransferError(f"{where}: layer out of range [0, {h.num_layers})")
+        t0, tc, h0, hc = payload.token_start, payload.token_count, payload.kv_head_start, payload.kv_head_count
+        if tc == 0 or hc == 0:
+            raise KVTransferError(f"{where}: empty range ({tc} tokens, {hc} KV heads)")
+        if t0 + tc > h.num_tokens:
+            raise KVTransferError(f"{where}: tokens [{t0}, {t0 + tc}) exceed num_tokens {h.num_tokens}")
+        if h0 + hc > h.num_kv_heads:
+            raise KVTransferError(f"{where}: KV heads [{h0}, {h0 + hc}) exceed num_kv_heads {h.num_kv_heads}")
+        size = tc * hc * h.head_dim * self.dtype.itemsize
+        if len(payload.data) != size:
+            raise KVTransferError(f"{where}: {len(payload.data)} data bytes, expected {size} for "
+                                  f"{tc} tokens x {hc} KV heads x {h.head_dim} x {self.dtype.name}")
+        written = self._written[payload.layer, int(payload.is_value), t0 : t0 + tc, h0 : h0 + hc]
+        if written.any():
+            t, k = np.argwhere(written)[0]
+            raise KVTransferError(f"{where}: token {t0 + t} KV head {h0 + k} was already received "
+                                  f"(duplicate or overlapping range tokens [{t0}, {t0 + tc}) heads [{h0}, {h0 + hc}))")
+        block = np.frombuffer(payload.data, self.dtype).reshape(tc, hc, h.head_dim)
+        self._kv[payload.layer][int(payload.is_value)][t0 : t0 + tc, h0 : h0 + hc] = block
+        written[...] = True
+        self.received_bytes += size
+        self._crc = zlib.crc32(payload.data, self._crc)
+
+    def _check_complete(self, trailer: internal_pb2.KVTrailer) -> None:
+        rid = self.header.request_id
+        if not self._written.all():
+            missing = int(self._written.size - self._written.sum())
+            layer, kv, t, k = np.argwhere(~self._written)[0]
+            raise KVTransferError(f"request {rid}: KV incomplete, {missing} (token, KV head) cells never arrived; "
+                                  f"first: layer {layer} {'KV'[kv]} token {t} KV head {k}")
+        if trailer.total_bytes != self.received_bytes:
+            raise KVTransferError(f"request {rid}: trailer says {trailer.total_bytes} payload bytes, "
+                                  f"received {self.received_bytes}")
+        if trailer.crc32 != self._crc:
+            raise KVTransferError(f"request {rid}: checksum mismatch: trailer crc32 {trailer.crc32:#010x}, "
+                                  f"received data has {self._crc:#010x}")
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise KVTransferError(f"request {self.header.request_id}: KV assembler is {self._state}")
+
+    def _fail(self, reason: str) -> None:
+        self._state, self._kv = f"failed: {reason}", None  # drop the partial KV at once
+
+
+def receive_kv(chunks: Iterator[internal_pb2.KVChunk], *, expected: KVLayoutExpectation,
+               max_bytes: int | None = None) -> tuple[internal_pb2.KVHeader, list[np.ndarray], list[np.ndarray]]:
+    """Consumes a whole KV stream: (header, k_layers, v_layers), or KVTransferError.
+
+    The stream must be header, payloads, trailer; one that ends early (no trailer) or has
+    anything after the trailer is rejected.
+    """
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise KVTransferError("the KV stream must start with a header")
+    assembler = KVAssembler.from_header(first.header, expected=expected, max_bytes=max_bytes)
+    result = None
+    for chunk in chunks:
+        kind = chunk.WhichOneof("kind")
+        if result is not None:
+            raise KVTransferError(f"request {first.header.request_id}: {kind!r} chunk after the trailer")
+        if kind == "payload":
+            assembler.add(chunk.payload)
+        elif kind == "trailer":
+            result = assembler.finish(chunk.trailer)
+        else:
+            raise KVTransferError(f"request {first.header.request_id}: unexpected {kind!r} chunk after the header")
+    if result is None:
+        raise KVTransferError(f"request {first.header.request_id}: the KV stream ended without a trailer")
+    return first.header, result[0], result[1]
+
+
+def _check_header(header: internal_pb2.KVHeader, expected: KVLayoutExpectation) -> None:
+    rid = header.request_id
+    if not rid:
+        raise KVTransferError("KV header has an empty request_id")
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        got, want = getattr(header, name), getattr(expected, name)
+        if got != want:
+            raise KVTransferError(f"request {rid}: KV header {name}={got}, this model has {want}")
+    if not 1 <= header.num_tokens <= expected.max_tokens:
+        raise KVTransferError(f"request {rid}: KV header num_tokens={header.num_tokens}, "
+                              f"must be in [1, {expected.max_tokens}]")
+    if header.dtype not in expected.dtypes_allowed:
+        raise KVTransferError(f"request {rid}: KV dtype {header.dtype!r} not accepted, "
+                              f"expected one of {list(expected.dtypes_allowed)}")
+    if header.first_token < 0:
+        raise KVTransferError(f"request {rid}: KV header first_token={header.first_token} is negative")
+
+
+def _dtype_from_name(name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except TypeError as e:
+        raise KVTransferError(f"unknown dtype name {name!r}") from e
+    if dtype.name != name or dtype.hasobject or dtype.itemsize == 0:
+        raise KVTransferError(f"dtype name {name!r} is not a canonical plain numpy dtype name")
+    return dtype
+
+
+# ---- head layouts -----------------------------------------------------------------------------
+
+
+def original_head_indices(kv_source: Sequence[int]) -> tuple[int, ...]:
+    """Serving KV head index of the first replica of each of the model's KV heads, in order."""
+    num_original = max(kv_source, default=-1) + 1
+    if sorted(set(kv_source)) != list(range(num_original)) or min(kv_source, default=0) < 0:
+        raise ValueError(f"kv_source {tuple(kv_source)} must map serving heads onto every head 0..n-1")
+    return tuple(list(kv_source).index(h) for h in range(num_original))
+
+
+def select_original_heads(x_sd: np.ndarray, kv_source: Sequence[int]) -> np.ndarray:
+    """[..., serving_kv_heads, head_dim] -> [..., original_kv_heads, head_dim] (first replicas), to send."""
+    if x_sd.ndim < 2 or x_sd.shape[-2] != len(kv_source):
+        raise ValueError(f"expected [..., {len(kv_source)} serving KV heads, head_dim], got shape {x_sd.shape}")
+    return np.take(x_sd, original_head_indices(kv_source), axis=-2)
+
+
+def expand_to_serving_heads(x_od: np.ndarray, kv_source: Sequence[int]) -> np.ndarray:
+    """[..., original_kv_heads, head_dim] -> [..., serving_kv_heads, head_dim] (replicated), on receipt."""
+    num_original = len(original_head_indices(kv_source))
+    if x_od.ndim < 2 or x_od.shape[-2] != num_original:
+        raise ValueError(f"expected [..., {num_original} original KV heads, head_dim], got shape {x_od.shape}")
+    return np.take(x_od, np.asarray(kv_source), axis=-2)

@@ -1,0 +1,167 @@
+"""`splitserve launch`: a router plus worker processes on this host.
+
+Each worker is its own process with its own device set: on CPU it gets
+--xla_force_host_platform_device_count=tp; on GPU a disjoint CUDA_VISIBLE_DEVICES range
+when there are enough GPUs (else they share, each with a fraction of the memory). The
+router runs in this process and prints the ready line once every worker has warmed up.
+Children are started with a parent-death signal and terminated on SIGINT/SIGTERM, so no
+worker outlives launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from splitserve.models.sharding import MeshConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    model: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    mode: str = "disaggregated"
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    prefill_mesh: MeshConfig = MeshConfig()
+    decode_mesh: MeshConfig = MeshConfig()
+    platform: str | None = None
+    dtype: str = "auto"
+    page_size: int = 16
+    num_pages: int = 1024
+    max_batch: int = 32
+
+    def __post_init__(self):
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.decode_workers < 1 or (self.mode == "disaggregated" and self.prefill_workers < 1):
+            raise ValueError("need at least one prefill and one decode worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    role: str
+    mesh: MeshConfig
+    port: int
+    devices: tuple[int, ...]  # accelerator ids for this worker (empty on CPU)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def plan_workers(config: LaunchConfig, num_accelerators: int) -> list[WorkerSpec]:
+    roles = ([("prefill", config.prefill_mesh)] * config.prefill_workers
+             + [("decode", config.decode_mesh)] * config.decode_workers)
+    if config.mode == "colocated":
+        roles = [("colocated", config.decode_mesh)] * config.decode_workers
+    specs, next_device = [], 0
+    for role, mesh in roles:
+        devices: tuple[int, ...] = ()
+        if num_accelerators:
+            if next_device + mesh.tp <= num_accelerators:
+                devices = tuple(range(next_device, next_device + mesh.tp))
+                next_device += mesh.tp
+            else:  # not enough for disjoint sets: share from device 0
+                devices = tuple(range(mesh.tp))
+        specs.append(WorkerSpec(role, mesh, free_port(config.host), devices))
+    return specs
+
+
+def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
+    role_command = {"prefill": "prefill-worker", "decode": "decode-worker", "colocated": "colocated-worker"}
+    cmd = [sys.executable, "-m", "splitserve.runtime.cli", role_command[spec.role],
+           "--model", config.model, "--host", config.host, "--port", str(spec.port),
+           "--mesh", f"tp={spec.mesh.tp}", "--dtype", config.dtype, "--page-size", str(config.page_size),
+           "--num-pages", str(config.num_pages), "--max-batch", str(config.max_batch)]
+    if config.platform:
+        cmd += ["--platform", config.platform]
+    return cmd
+
+
+def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_workers: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if spec.devices and config.platform in (None, "gpu"):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
+        if shared_gpus:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / num_workers:.2f}"
+    return env
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Launcher:
+    def __init__(self, config: LaunchConfig):
+        self.config = config
+        self.children: list[subprocess.Popen] = []
+
+    def start_workers(self) -> list[WorkerSpec]:
+        num_accelerators = _count_gpus() if self.config.platform in (None, "gpu") else 0
+        specs = plan_workers(self.config, num_accelerators)
+        needed = sum(s.mesh.tp for s in specs)
+        shared = bool(num_accelerators) and needed > num_accelerators
+        for spec in specs:
+            self.children.append(subprocess.Popen(
+                worker_command(self.config, spec), env=worker_env(self.config, spec, shared, len(specs)),
+                preexec_fn=_die_with_parent))
+        return specs
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _count_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def run_launch(config: LaunchConfig) -> int:
+    from splitserve.runtime.router_server import RouterServer
+
+    launcher = Launcher(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        specs = launcher.start_workers()
+        addresses = {role: [f"{config.host}:{s.port}" for s in specs if s.role == role]
+                     for role in ("prefill", "decode", "colocated")}
+        router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
+                              decode=addresses["decode"], colocated=addresses["colocated"],
+                              dtype=config.dtype, page_size=config.page_size)
+        router.start()
+        print(f"splitserve ready on {router.address}", flush=True)
+        while not stop.wait(0.5):
+            dead = [c for c in launcher.children if c.poll() is not None]
+            if dead:
+                log.error("worker process %s exited with %s", dead[0].args[3], dead[0].returncode)
+                return 1
+        router.stop()
+        return 0
+    finally:
+        launcher.stop()

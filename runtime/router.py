@@ -1,0 +1,218 @@
+"""The router: validates, tokenizes, picks workers, streams tokens, applies stop strings.
+
+One request, disaggregated:
+    1. Decode/Reserve   pages for prompt + max_tokens on the decode worker with most free pages
+    2. Prefill/Run      on the least-loaded prefill worker; returns the FIRST token (TTFT);
+                        the prefill worker streams the KV to the decode worker meanwhile
+    3. Decode/Stream    the remaining tokens, once the KV has arrived
+Colocated mode is the same protocol against workers that hold both roles (the KV stays
+in-process). If the client goes away, the decode stream is cancelled and the reservation
+released at once; a prefill worker that is unreachable is retried on another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import uuid
+from typing import Iterator
+
+import grpc
+
+from splitserve.models.metadata import ModelMetadata
+from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.proto_convert import sampling_to_internal
+from splitserve.runtime.request import FinishReason
+from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.stop_rules import finish_reason_after_token
+from splitserve.runtime.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+RESERVE_LEASE_S = 30.0
+RPC_TIMEOUT_S = 30.0
+
+
+class RouterError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    address: str
+    role: str  # "prefill" | "decode" | "colocated"
+    prefill: internal_pb2_grpc.PrefillStub | None
+    decode: internal_pb2_grpc.DecodeStub | None
+    in_flight: int = 0
+    free_pages: int = 0
+    mesh: str = ""
+    platform: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterEvent:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "" until the last event
+
+
+@dataclasses.dataclass
+class _Progress:  # what stop_rules needs of a request
+    params: SamplingParams
+    output_ids: list[int]
+
+
+class Router:
+    def __init__(self, metadata: ModelMetadata, *, prefill: list[str], decode: list[str], colocated: list[str],
+                 channels: ChannelPool | None = None):
+        if not colocated and (not prefill or not decode):
+            raise ValueError("a router needs prefill and decode workers, or colocated workers")
+        self.metadata = metadata
+        self.mode = "colocated" if colocated else "disaggregated"
+        self.channels = channels or ChannelPool()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+        def handle(address, role):
+            channel = self.channels.get(address)
+            return WorkerHandle(address, role,
+                                internal_pb2_grpc.PrefillStub(channel) if role != "decode" else None,
+                                internal_pb2_grpc.DecodeStub(channel) if role != "prefill" else None)
+
+        if colocated:
+            self.workers = [handle(a, "colocated") for a in colocated]
+            self.prefill_workers = self.decode_workers = self.workers
+        else:
+            self.prefill_workers = [handle(a, "prefill") for a in prefill]
+            self.decode_workers = [handle(a, "decode") for a in decode]
+            self.workers = self.prefill_workers + self.decode_workers
+
+    # -- workers --------------------------------------------------------------------------
+    def refresh_stats(self) -> None:
+        for worker in self.workers:
+            stub = worker.decode or worker.prefill
+            try:
+                stats = stub.Stats(internal_pb2.StatsRequest(), timeout=2.0)
+            except grpc.RpcError as e:
+                log.warning("worker %s did not answer Stats: %s", worker.address, e.code())
+                continue
+            with self._lock:
+                worker.free_pages, worker.mesh, worker.platform = stats.free_pages, stats.mesh, stats.platform
+
+    def _by_free_pages(self) -> list[WorkerHandle]:
+        with self._lock:
+            return sorted(self.decode_workers, key=lambda w: (-w.free_pages, w.in_flight))
+
+    def _by_load(self, exclude: set[str]) -> list[WorkerHandle]:
+        with self._lock:
+            return sorted((w for w in self.prefill_workers if w.address not in exclude), key=lambda w: w.in_flight)
+
+    # -- one request ----------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        cfg = self.metadata.config
+        if not prompt_ids:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                              f"the model's context of {cfg.max_model_len}")
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Iterator[RouterEvent]:
+        self.validate(prompt_ids, params)
+        params = params.with_seed()  # both legs must sample with the same seed
+        request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        sampling = sampling_to_internal(params)
+        text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop)
+        progress = _Progress(params, [])
+        decode = self._reserve(request_id, len(prompt_ids) + params.max_tokens) if params.max_tokens > 1 else None
+        stream = None
+        try:
+            first = self._prefill(request_id, prompt_ids, sampling, decode)
+            event = self._event(first, progress, text)
+            yield event
+            if event.finish_reason:
+                return
+            stream = decode.decode.Stream(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling))
+            for msg in stream:
+                for token in msg.token_ids:
+                    event = self._event(token, progress, text, msg.finish_reason)
+                    yield event
+                    if event.finish_reason:
+                        return
+            raise RouterError(grpc.StatusCode.INTERNAL, "decode stream ended without a finish reason")
+        except grpc.RpcError as e:
+            if isinstance(e, grpc.Call) and e.code() is not grpc.StatusCode.CANCELLED:
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"decode worker failed: {e.details()}") from e
+            raise
+        finally:
+            if stream is not None:
+                stream.cancel()
+            if decode is not None:
+                self._release(decode, request_id)
+
+    def _event(self, token: int, progress: _Progress, text: TextStream, worker_reason: str = "") -> RouterEvent:
+        progress.output_ids.append(token)
+        reason = finish_reason_after_token(progress, self.metadata.config.eos_token_ids)
+        is_eos = reason is FinishReason.STOP and token in self.metadata.config.eos_token_ids
+        delta, stopped = text.add(token, is_eos=is_eos)
+        if stopped:
+            reason = FinishReason.STOP
+        finish = reason.value if reason else worker_reason
+        return RouterEvent([token], delta, finish)
+
+    def _reserve(self, request_id: str, num_tokens: int) -> WorkerHandle:
+        last_error = None
+        for worker in self._by_free_pages():
+            try:
+                reply = worker.decode.Reserve(internal_pb2.ReserveRequest(
+                    request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S), timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError as e:
+                last_error = e
+                continue
+            with self._lock:
+                worker.free_pages = reply.free_pages
+                worker.in_flight += 1
+            return worker
+        if isinstance(last_error, grpc.Call) and last_error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no decode worker has room: {last_error.details()}")
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {last_error}")
+
+    def _release(self, worker: WorkerHandle, request_id: str) -> None:
+        with self._lock:
+            worker.in_flight -= 1
+        try:
+            reply = worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
+            del reply
+        except grpc.RpcError as e:
+            log.warning("release of %s on %s failed: %s", request_id, worker.address, e.code())
+
+    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None) -> int:
+        tried: set[str] = set()
+        request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
+                                              decode_address=decode.address if decode else "")
+        while candidates := self._by_load(tried):
+            worker = candidates[0]
+            if self.mode == "colocated" and decode is not None and decode.address not in tried:
+                worker = decode  # the KV stays in the process that holds the reservation
+            tried.add(worker.address)
+            with self._lock:
+                worker.in_flight += 1
+            try:
+                return worker.prefill.Run(request, timeout=RPC_TIMEOUT_S).first_token
+            except grpc.RpcError as e:
+                if e.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("prefill worker %s unavailable; retrying elsewhere", worker.address)
+            finally:
+                with self._lock:
+                    worker.in_flight -= 1
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, "no prefill worker is reachable")

@@ -1,0 +1,47 @@
+"""The router process: public Serving API + health + reflection in front of the workers."""
+
+from __future__ import annotations
+
+from grpc_reflection.v1alpha import reflection
+
+from splitserve.models.config import ModelConfig
+from splitserve.models.metadata import load_metadata
+from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.grpc_common import add_health, make_server, set_serving, wait_until_serving
+from splitserve.runtime.router import Router
+from splitserve.runtime.serving_service import ServingService
+
+
+def serving_dtype(dtype: str, config: ModelConfig) -> str:
+    return config.checkpoint_dtype if dtype == "auto" else dtype
+
+
+class RouterServer:
+    def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
+                 colocated: list[str], dtype: str = "auto", page_size: int = 16):
+        metadata = load_metadata(model)
+        self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated)
+        self.server = make_server()
+        serving_pb2_grpc.add_ServingServicer_to_server(
+            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size), self.server)
+        self.health = add_health(self.server)
+        service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
+                         "grpc.health.v1.Health", reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(service_names, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self, worker_timeout_s: float = 600.0) -> None:
+        self.server.start()
+        for worker in self.router.workers:
+            wait_until_serving(worker.address, worker_timeout_s)
+        self.router.refresh_stats()
+        set_serving(self.health)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        set_serving(self.health, False)
+        self.server.stop(grace_s).wait()
+        self.router.channels.close()
+
