@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 import uuid
 from typing import Iterator
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 RESERVE_LEASE_S = 30.0
 RPC_TIMEOUT_S = 30.0
+MAX_WAITING_FOR_PAGES = 512  # requests queued for decode pages; past it, RESOURCE_EXHAUSTED at once
+WAIT_FOR_PAGES_S = 120.0
 
 
 class RouterError(Exception):
@@ -76,6 +79,8 @@ class Router:
         self.mode = "colocated" if colocated else "disaggregated"
         self.channels = channels or ChannelPool()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified whenever a reservation is released
+        self._waiting_for_pages = 0
         self._ids = itertools.count()
 
         def handle(address, role):
@@ -170,6 +175,32 @@ class Router:
         return RouterEvent([token], delta, finish)
 
     def _reserve(self, request_id: str, num_tokens: int) -> WorkerHandle:
+        """Reserves on the decode worker with most free pages; queues (bounded) while all are full."""
+        deadline = time.monotonic() + WAIT_FOR_PAGES_S
+        waiting = False
+        try:
+            while True:
+                worker, full = self._try_reserve(request_id, num_tokens)
+                if worker is not None:
+                    return worker
+                with self._room:
+                    if not waiting:
+                        if self._waiting_for_pages >= MAX_WAITING_FOR_PAGES:
+                            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"{self._waiting_for_pages} requests already wait for KV pages")
+                        self._waiting_for_pages += 1
+                        waiting = True
+                    if time.monotonic() > deadline:
+                        raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                          f"no decode worker had room within {WAIT_FOR_PAGES_S:.0f}s: {full}")
+                    self._room.wait(0.05)
+        finally:
+            if waiting:
+                with self._room:
+                    self._waiting_for_pages -= 1
+
+    def _try_reserve(self, request_id: str, num_tokens: int) -> tuple[WorkerHandle | None, str]:
+        """(worker, "") on success; (None, why) when every decode worker is full."""
         last_error = None
         for worker in self._by_free_pages():
             try:
@@ -181,19 +212,22 @@ class Router:
             with self._lock:
                 worker.free_pages = reply.free_pages
                 worker.in_flight += 1
-            return worker
+            return worker, ""
         if isinstance(last_error, grpc.Call) and last_error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no decode worker has room: {last_error.details()}")
+            return None, last_error.details()
+        if isinstance(last_error, grpc.Call) and last_error.code() is grpc.StatusCode.INVALID_ARGUMENT:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, last_error.details())
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {last_error}")
 
     def _release(self, worker: WorkerHandle, request_id: str) -> None:
-        with self._lock:
-            worker.in_flight -= 1
         try:
-            reply = worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
-            del reply
+            worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
         except grpc.RpcError as e:
             log.warning("release of %s on %s failed: %s", request_id, worker.address, e.code())
+        with self._room:
+            worker.in_flight -= 1
+            worker.free_pages += 1  # a hint until the next reservation reports the real count
+            self._room.notify_all()
 
     def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None) -> int:
         tried: set[str] = set()

@@ -1,0 +1,85 @@
+"""Launches a real splitserve stack (router + worker processes) for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+
+from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2, serving_pb2_grpc
+
+
+class Stack:
+    def __init__(self, process: subprocess.Popen, address: str):
+        self.process = process
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.serving = serving_pb2_grpc.ServingStub(self.channel)
+
+    def generate(self, prompt_ids=None, text=None, **sampling):
+        request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(**sampling))
+        if text is not None:
+            request.text = text
+        else:
+            request.token_ids.ids.extend(prompt_ids)
+        tokens, out_text, reason = [], "", ""
+        for msg in self.serving.Generate(request, timeout=120):
+            tokens += msg.token_ids
+            out_text += msg.text
+            reason = msg.finish_reason or reason
+        return tokens, out_text, reason
+
+    def workers(self):
+        return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10).workers)
+
+    def decode_stats(self):
+        """WorkerStats of every decode (or colocated) worker, read from the workers themselves."""
+        stats = []
+        for w in self.workers():
+            if w.role in ("decode", "colocated"):
+                with grpc.insecure_channel(w.address) as ch:
+                    stats.append(internal_pb2_grpc.DecodeStub(ch).Stats(internal_pb2.StatsRequest(), timeout=10))
+        return stats
+
+
+def _drain(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+
+
+@contextlib.contextmanager
+def launched(model: str, *flags: str, timeout_s: float = 240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    cmd = [sys.executable, "-m", "splitserve.runtime.cli", "launch", "--model", model, "--port", "0",
+           "--platform", "cpu", *flags]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=_drain, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    address = None
+    try:
+        while address is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("stack did not start:\n" + "".join(lines[-40:]))
+            for line in list(lines):
+                if m := re.match(r"splitserve ready on (\S+)", line):
+                    address = m.group(1)
+            time.sleep(0.1)
+        stack = Stack(process, address)
+        yield stack
+        stack.channel.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise

@@ -1,0 +1,142 @@
+"""End to end through real processes on loopback: router + prefill + decode workers."""
+
+import concurrent.futures
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from hf_checkpoints import hf_greedy
+from stack import launched
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.protos import serving_pb2
+from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+from splitserve.runtime.sampling import SamplingParams
+
+PROMPT_LENGTHS = (5, 23, 70)
+
+
+def prompts_for(vocab, lengths=PROMPT_LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name, prefill_tp, decode_tp", [
+    ("llama3_gqa3_hd40_ropescale", 2, 4),   # decode tp 4 > 3 KV heads
+    ("qwen2_bias_mqa_tied", 4, 2),          # 1 KV head: replicated on both meshes
+    ("qwen3_qknorm_gqa3_hd40", 1, 2),
+])
+def test_disaggregated_greedy_equals_transformers_and_colocated(hf_checkpoint, name, prefill_tp, decode_tp):
+    directory, torch_model = hf_checkpoint(name)
+    prompts = prompts_for(torch_model.config.vocab_size)
+    expected = [hf_greedy(torch_model, p, 16) for p in prompts]
+    colocated = ColocatedEngine(load_model(str(directory), make_mesh(MeshConfig(1))), EngineConfig(num_pages=64))
+    assert [o.token_ids for o in colocated.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))] == expected
+    with launched(str(directory), "--prefill-mesh", f"tp={prefill_tp}", "--decode-mesh", f"tp={decode_tp}",
+                  "--num-pages", "64") as stack:
+        for prompt, want in zip(prompts, expected):
+            tokens, _, reason = stack.generate(prompt, max_tokens=16, ignore_eos=True)
+            assert tokens == want and reason == "length"
+        assert {(w.role, w.mesh) for w in stack.workers()} == {("prefill", f"tp={prefill_tp}"),
+                                                                ("decode", f"tp={decode_tp}")}
+
+
+@pytest.fixture(scope="module")
+def demo_stack(tmp_path_factory):
+    """2 prefill + 2 decode workers on the demo model."""
+    import os
+
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("stack-cache"))
+    with launched("demo", "--prefill-workers", "2", "--decode-workers", "2", "--num-pages", "256",
+                  "--max-batch", "32", "--page-size", "8") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def demo_engine(demo_stack):
+    return ColocatedEngine(load_model("demo", make_mesh(MeshConfig(1))),
+                           EngineConfig(page_size=8, num_pages=512, max_batch=64))
+
+
+def test_64_concurrent_streams_complete_and_pages_return(demo_stack, demo_engine):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 120, size=64)
+    max_tokens = rng.integers(1, 24, size=64)
+    prompts = [rng.integers(3, 2048, size=int(n)).tolist() for n in lengths]
+    expected = [o.token_ids for o in demo_engine.generate(
+        prompts, [SamplingParams(max_tokens=int(m), ignore_eos=True) for m in max_tokens])]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda i: demo_stack.generate(prompts[i], max_tokens=int(max_tokens[i]),
+                                                              ignore_eos=True), range(64)))
+    assert [tokens for tokens, _, _ in results] == expected
+    assert all(reason == "length" for _, _, reason in results)
+    stats = demo_stack.decode_stats()
+    assert len(stats) == 2
+    assert all(s.free_pages == s.total_pages and s.running == 0 and s.waiting == 0 for s in stats)
+
+
+def test_seeded_sampling_equals_colocated(demo_stack, demo_engine):
+    prompt = prompts_for(2048, (30,), seed=3)[0]
+    params = dict(max_tokens=20, temperature=0.9, top_p=0.95, top_k=40, seed=77, ignore_eos=True)
+    tokens, _, _ = demo_stack.generate(prompt, **params)
+    assert tokens == demo_engine.generate([prompt], SamplingParams(**params))[0].token_ids
+    assert demo_stack.generate(prompt, **params)[0] == tokens
+    assert demo_stack.generate(prompt, **dict(params, seed=78))[0] != tokens
+
+
+def test_text_prompt_and_stop_string(demo_stack, demo_engine):
+    tokens, text, reason = demo_stack.generate(text="The weather today is", max_tokens=24, ignore_eos=True)
+    assert reason == "length" and text == demo_engine.model.tokenizer.decode(tokens)
+    stop = text[6:10]
+    _, cut_text, cut_reason = demo_stack.generate(text="The weather today is", max_tokens=24, ignore_eos=True,
+                                                  stop=[stop])
+    assert cut_reason == "stop" and cut_text == text[: text.index(stop)]
+
+
+def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
+    request = serving_pb2.GenerateRequest(
+        token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
+        sampling=serving_pb2.SamplingParams(max_tokens=1000, ignore_eos=True))
+    stream = demo_stack.serving.Generate(request)
+    received = 0
+    for msg in stream:
+        received += len(msg.token_ids)
+        if received >= 5:
+            break
+    assert any(s.free_pages < s.total_pages for s in demo_stack.decode_stats())
+    stream.cancel()
+    deadline = time.monotonic() + 2.0
+    while any(s.free_pages != s.total_pages for s in demo_stack.decode_stats()):
+        assert time.monotonic() < deadline, "pages not freed within 2 s of the cancel"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_tokens", 0, "max_tokens"),
+    ("temperature", -1.0, "temperature"),
+    ("top_p", 0.0, "top_p"),
+    ("top_k", -2, "top_k"),
+])
+def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
+    with pytest.raises(grpc.RpcError) as err:
+        demo_stack.generate([1, 2, 3], **{field: value})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_bad_prompts_are_invalid_argument(demo_stack):
+    for prompt, message in (([], "empty"), ([1, 99999], "outside the vocabulary"),
+                            ([1] * 2040, "exceeds the model's context")):
+        with pytest.raises(grpc.RpcError) as err:
+            demo_stack.generate(prompt, max_tokens=16)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    assert demo_stack.generate([1, 2, 3], max_tokens=2)[2] == "length"  # still serving
+
+
+def test_colocated_mode_equals_disaggregated(demo_stack):
+    prompt = prompts_for(2048, (17,), seed=9)[0]
+    want = demo_stack.generate(prompt, max_tokens=12, ignore_eos=True)[0]
+    with launched("demo", "--mode", "colocated", "--num-pages", "64") as stack:
+        assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
+        assert [w.role for w in stack.workers()] == ["colocated"]
