@@ -10,7 +10,7 @@ import numpy as np
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import END, DecodeEngine, StreamError
 from splitserve.runtime.decode_scheduler import UnknownRequest
-from splitserve.runtime.kv_wire import KVAssembler, KVLayoutExpectation, KVTransferError
+from splitserve.runtime.kv_wire import KVLayoutExpectation, KVTransferError, receive_kv
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
 
@@ -40,33 +40,29 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         return internal_pb2.ReserveResponse(free_pages=free)
 
     def TransferKV(self, request_iterator, context):
-        request_id = None
-        try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("kind") != "header":
-                raise KVTransferError("the KV stream must start with a header")
-            header = first.header
-            request_id = header.request_id
-            assembler = KVAssembler.from_header(header, expected=self.expected)
+        header_seen: list[str] = []  # the request id, once the header has arrived
+
+        def chunks():
             for chunk in request_iterator:
-                kind = chunk.WhichOneof("kind")
-                if kind == "payload":
-                    assembler.add(chunk.payload)
-                elif kind == "trailer":
-                    k, v = assembler.finish(chunk.trailer)
-                    self.engine.kv_arrived(request_id, (k, v), header.num_tokens, header.first_token)
-                    return internal_pb2.TransferKVResponse(received_bytes=chunk.trailer.total_bytes)
-                else:
-                    raise KVTransferError(f"unexpected {kind!r} chunk after the header")
-            raise KVTransferError("the KV stream ended without a trailer")
-        except (KVTransferError, ValueError) as e:
-            self._drop(request_id, f"KV transfer rejected: {e}")
+                if not header_seen and chunk.WhichOneof("kind") == "header":
+                    header_seen.append(chunk.header.request_id)
+                yield chunk
+
+        try:
+            header, k, v = receive_kv(chunks(), expected=self.expected)
+            self.engine.kv_arrived(header.request_id, (k, v), header.num_tokens, header.first_token)
+        except KVTransferError as e:
+            self._drop(header_seen[0] if header_seen else None, f"KV transfer rejected: {e}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {e}")
         except UnknownRequest as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:  # the scheduler refused it (already has KV, does not fit)
+            self._drop(header.request_id, str(e))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except grpc.RpcError:  # the sender went away mid-transfer
-            self._drop(request_id, "KV transfer was cut off")
+            self._drop(header_seen[0] if header_seen else None, "KV transfer was cut off")
             raise
+        return internal_pb2.TransferKVResponse(received_bytes=sum(a.nbytes for a in k + v))
 
     def _drop(self, request_id: str | None, reason: str) -> None:
         if request_id is not None:

@@ -22,6 +22,7 @@ from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, i
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import bucket
+from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.sampling import SamplingArrays, sample
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,9 @@ class ModelRunner:
     # -- KV handoff -----------------------------------------------------------------------
     def kv_to_host(self, ks, vs, row: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One prefilled row's K/V as host arrays [length, model's kv_heads, head_dim] per layer."""
-        first_replica = _first_replicas(self.model.layout.kv_source)
-        k = [np.asarray(layer[row, :length])[:, first_replica] for layer in ks]
-        v = [np.asarray(layer[row, :length])[:, first_replica] for layer in vs]
+        kv_source = self.model.layout.kv_source
+        k = [select_original_heads(np.asarray(layer[row, :length]), kv_source) for layer in ks]
+        v = [select_original_heads(np.asarray(layer[row, :length]), kv_source) for layer in vs]
         return k, v
 
     def insert_host_kv(self, kvs: list[tuple[list[np.ndarray], list[np.ndarray]]],
@@ -123,14 +124,14 @@ class ModelRunner:
         """Writes transferred K/V ([tokens, model's kv_heads, head_dim] per layer) into pages."""
         batch = bucket(len(kvs), minimum=1, maximum=max(self.config.max_prefill_batch, len(kvs)))
         seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
-        kv_source = np.array(self.model.layout.kv_source)
+        kv_source = self.model.layout.kv_source
         shape = (batch, seq, len(kv_source), self.cache_spec.head_dim)
 
         def stacked(which: int, layer: int):
             out = np.zeros(shape, self.cache_spec.dtype)
             for row, kv in enumerate(kvs):
                 host = kv[which][layer]
-                out[row, : host.shape[0]] = np.take(host, kv_source, axis=1)
+                out[row, : host.shape[0]] = expand_to_serving_heads(host, kv_source)
             return out
 
         layers = range(self.cache_spec.num_layers)
@@ -140,7 +141,3 @@ class ModelRunner:
         padded_lengths[: len(lengths)] = lengths
         self.insert(ks, vs, page_lists, padded_lengths)
 
-
-def _first_replicas(kv_source: tuple[int, ...]) -> list[int]:
-    """Serving KV head index of the first replica of each of the model's KV heads."""
-    return [kv_source.index(h) for h in range(max(kv_source) + 1)]
