@@ -140,3 +140,47 @@ def test_colocated_mode_equals_disaggregated(demo_stack):
     with launched("demo", "--mode", "colocated", "--num-pages", "64") as stack:
         assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
         assert [w.role for w in stack.workers()] == ["colocated"]
+
+
+def _decode_stub(stack):
+    from splitserve.protos import internal_pb2_grpc
+
+    address = next(w.address for w in stack.workers() if w.role == "decode")
+    return internal_pb2_grpc.DecodeStub(grpc.insecure_channel(address))
+
+
+@pytest.mark.parametrize("damage", ["intact", "flip_a_byte", "drop_a_chunk", "no_trailer"])
+def test_broken_kv_transfer_is_never_decoded(demo_stack, damage):
+    from splitserve.protos import internal_pb2
+    from splitserve.runtime.kv_wire import kv_chunks
+
+    decode = _decode_stub(demo_stack)
+    free_before = decode.Stats(internal_pb2.StatsRequest()).free_pages
+    rid = f"broken-{damage}"
+    decode.Reserve(internal_pb2.ReserveRequest(request_id=rid, num_tokens=40, lease_s=30))
+    rng = np.random.default_rng(0)
+    layers = [rng.standard_normal((20, 4, 32)).astype(np.float32) for _ in range(4)]
+    chunks = list(kv_chunks(rid, 7, layers, [x + 1 for x in layers], chunk_bytes=4096))
+    if damage == "flip_a_byte":
+        data = bytearray(chunks[3].payload.data)
+        data[5] ^= 0xFF
+        chunks[3].payload.data = bytes(data)
+    elif damage == "drop_a_chunk":
+        del chunks[4]
+    elif damage == "no_trailer":
+        chunks = chunks[:-1]
+    sampling = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1, ignore_eos=True)
+    if damage == "intact":  # the control: the same transfer, undamaged, is decoded
+        decode.TransferKV(iter(chunks), timeout=30)
+        out = list(decode.Stream(internal_pb2.DecodeRequest(request_id=rid, sampling=sampling)))
+        assert len(out) == 3 and out[-1].finish_reason == "length"
+        assert decode.Stats(internal_pb2.StatsRequest()).free_pages == free_before
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        decode.TransferKV(iter(chunks), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # The reservation is gone with its pages; nothing can be decoded from that KV.
+    assert decode.Stats(internal_pb2.StatsRequest()).free_pages == free_before
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Stream(internal_pb2.DecodeRequest(request_id=rid, sampling=sampling)))
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
