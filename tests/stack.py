@@ -77,9 +77,38 @@ def launched(model: str, *flags: str, timeout_s: float = 240):
         yield stack
         stack.channel.close()
     finally:
+        workers = _children(process.pid)
+        assert address is None or workers, "a launched stack must have worker processes"
         process.terminate()
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
             raise
+        _assert_gone(workers)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _assert_gone(pids: list[int], timeout_s: float = 15.0) -> None:
+    """No worker process may outlive launch."""
+    deadline = time.monotonic() + timeout_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+        time.sleep(0.1)
+    assert not alive, f"worker processes {alive} outlived launch"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -184,3 +184,20 @@ def test_broken_kv_transfer_is_never_decoded(demo_stack, damage):
     with pytest.raises(grpc.RpcError) as err:
         list(decode.Stream(internal_pb2.DecodeRequest(request_id=rid, sampling=sampling)))
     assert err.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_public_services(demo_stack):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    db = ProtoReflectionDescriptorDatabase(demo_stack.channel)
+    services = set(db.get_services())
+    assert {"splitserve.v1.Serving", "grpc.health.v1.Health"} <= services
+    generate = db.FindFileContainingSymbol("splitserve.v1.Serving")
+    assert generate.package == "splitserve.v1"
+
+
+def test_health_is_serving(demo_stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(demo_stack.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
