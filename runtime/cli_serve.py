@@ -33,7 +33,8 @@ def _add_worker_flags(p) -> None:
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     p.add_argument("--mesh", type=_mesh, default=MeshConfig(), help="this worker's mesh, e.g. tp=2")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's choice)")
-    p.add_argument("--num-pages", type=int, default=1024, help="KV pages in the pool (default 1024)")
+    p.add_argument("--num-pages", type=int, help="KV pages in the pool (default: as many as --kv-cache-gib holds)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most (default 32)")
 
 
@@ -66,7 +67,8 @@ def add_parsers(sub) -> None:
     lp.add_argument("--decode-mesh", type=_mesh, default=MeshConfig(),
                     help="each decode (or colocated) worker's mesh (tp=N)")
     lp.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform of the workers")
-    lp.add_argument("--num-pages", type=int, default=1024, help="KV pages per decode worker (default 1024)")
+    lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
+    lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
     lp.set_defaults(run=run_launch)
 
@@ -82,7 +84,7 @@ def run_worker(args) -> int:
 
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                          max_batch=args.max_batch)
+                          kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch)
     serve_forever(Worker(config))
     return 0
 
@@ -117,7 +119,7 @@ def run_launch(args) -> int:
                               prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                               prefill_mesh=args.prefill_mesh, decode_mesh=args.decode_mesh, platform=args.platform,
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                              max_batch=args.max_batch)
+                              kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

@@ -38,7 +38,8 @@ class LaunchConfig:
     platform: str | None = None
     dtype: str = "auto"
     page_size: int = 16
-    num_pages: int = 1024
+    num_pages: int | None = None
+    kv_cache_gib: float = 1.0
     max_batch: int = 32
 
     def __post_init__(self):
@@ -85,7 +86,9 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", role_command[spec.role],
            "--model", config.model, "--host", config.host, "--port", str(spec.port),
            "--mesh", f"tp={spec.mesh.tp}", "--dtype", config.dtype, "--page-size", str(config.page_size),
-           "--num-pages", str(config.num_pages), "--max-batch", str(config.max_batch)]
+           "--kv-cache-gib", str(config.kv_cache_gib), "--max-batch", str(config.max_batch)]
+    if config.num_pages is not None:
+        cmd += ["--num-pages", str(config.num_pages)]
     if config.platform:
         cmd += ["--platform", config.platform]
     return cmd

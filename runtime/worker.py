@@ -34,7 +34,8 @@ class WorkerConfig:
     mesh: MeshConfig = MeshConfig()
     dtype: str = "auto"
     page_size: int = 16
-    num_pages: int = 1024
+    num_pages: int | None = None  # None: as many as kv_cache_gib allows
+    kv_cache_gib: float = 1.0  # KV cache memory per device
     max_batch: int = 32
     max_prefill_batch: int = 8
     attention_impl: str = "auto"
@@ -56,7 +57,7 @@ class Worker:
         mesh = f"tp={config.mesh.tp}"
         has_decode = config.role in ("decode", "colocated")
         self.runner = ModelRunner(model, RunnerConfig(
-            page_size=config.page_size, num_pages=config.num_pages if has_decode else 2,
+            page_size=config.page_size, num_pages=self._num_pages(model) if has_decode else 2,
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
             attention_impl=config.attention_impl,
         ))
@@ -78,6 +79,21 @@ class Worker:
                 PrefillService(self.prefill_engine, mesh=mesh, platform=platform, role=config.role), self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
         self._sender = KVSender(self.channels)
+
+    def _num_pages(self, model) -> int:
+        if self.config.num_pages is not None:
+            return self.config.num_pages
+        import jax.numpy as jnp
+
+        per_page = pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, self.config.page_size,
+                                          model.config.head_dim, jnp.dtype(model.dtype).itemsize, self.config.mesh.tp)
+        pages = int(self.config.kv_cache_gib * (1 << 30)) // per_page
+        if pages < 2:
+            raise ValueError(f"--kv-cache-gib {self.config.kv_cache_gib} holds {pages} pages of {per_page} bytes; "
+                             "need at least 2")
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB per device)", pages, self.config.page_size,
+                 pages * per_page / (1 << 30))
+        return pages
 
     def _send_kv(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
         if self.decode_engine is not None and job.decode_address == self.address:
@@ -109,6 +125,12 @@ class Worker:
             if engine is not None:
                 engine.stop()
         self.channels.close()
+
+
+def pages_bytes_per_device(num_layers: int, kv_heads: int, page_size: int, head_dim: int, itemsize: int,
+                           tp: int) -> int:
+    """Bytes one page (K and V, every layer) takes on each device: KV heads are sharded over tp."""
+    return 2 * num_layers * (kv_heads // tp) * page_size * head_dim * itemsize
 
 
 def serve_forever(worker: Worker) -> None:

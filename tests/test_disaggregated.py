@@ -137,9 +137,12 @@ def test_bad_prompts_are_invalid_argument(demo_stack):
 def test_colocated_mode_equals_disaggregated(demo_stack):
     prompt = prompts_for(2048, (17,), seed=9)[0]
     want = demo_stack.generate(prompt, max_tokens=12, ignore_eos=True)[0]
-    with launched("demo", "--mode", "colocated", "--num-pages", "64") as stack:
+    with launched("demo", "--mode", "colocated", "--kv-cache-gib", "0.05") as stack:
         assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
         assert [w.role for w in stack.workers()] == ["colocated"]
+        # Pool sized from the budget: a demo page (K+V, 4 layers, 4 KV heads, 16 tokens,
+        # head_dim 32, f32) is 64 KiB, so 0.05 GiB holds 819 pages, one of them the sink.
+        assert [s.total_pages for s in stack.decode_stats()] == [818]
 
 
 def _decode_stub(stack):
