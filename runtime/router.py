@@ -155,9 +155,13 @@ class Router:
                         return
             raise RouterError(grpc.StatusCode.INTERNAL, "decode stream ended without a finish reason")
         except grpc.RpcError as e:
-            if isinstance(e, grpc.Call) and e.code() is not grpc.StatusCode.CANCELLED:
-                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"decode worker failed: {e.details()}") from e
-            raise
+            if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
+                raise
+            # Codes that describe the request pass through; anything else is the worker's fault.
+            passed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      grpc.StatusCode.DEADLINE_EXCEEDED)
+            code = e.code() if e.code() in passed else grpc.StatusCode.UNAVAILABLE
+            raise RouterError(code, f"worker failed: {e.details()}") from e
         finally:
             if stream is not None:
                 stream.cancel()

@@ -204,3 +204,13 @@ def test_health_is_serving(demo_stack):
 
     reply = health_pb2_grpc.HealthStub(demo_stack.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_requests_ending_at_the_first_token_leave_no_pages_behind(demo_stack):
+    prompt = prompts_for(2048, (12,), seed=11)[0]
+    tokens, _, reason = demo_stack.generate(prompt, max_tokens=1)
+    assert len(tokens) == 1 and reason == "length"
+    first = tokens[0]
+    tokens, _, reason = demo_stack.generate(prompt, max_tokens=50, stop_token_ids=[first])
+    assert tokens == [first] and reason == "stop"
+    assert all(s.free_pages == s.total_pages for s in demo_stack.decode_stats())
