@@ -111,8 +111,8 @@ class DecodeEngine:
             for slot in plan.admit:
                 slot.kv = None  # the host copy is no longer needed once inserted
         if admitted:
-            self.runner.insert_host_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
-                                       [s.prompt_len for s, _ in admitted])
+            self.runner.insert_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
+                                  [s.prompt_len for s, _ in admitted])
         tokens = self.runner.decode(
             tokens=[s.output_ids[-1] for s in plan.decode],
             positions=[s.num_tokens - 1 for s in plan.decode],

@@ -119,9 +119,24 @@ class ModelRunner:
         v = [select_original_heads(np.asarray(layer[row, :length]), kv_source) for layer in vs]
         return k, v
 
-    def insert_host_kv(self, kvs: list[tuple[list[np.ndarray], list[np.ndarray]]],
-                       page_lists: list[list[int]], lengths: list[int]) -> None:
-        """Writes transferred K/V ([tokens, model's kv_heads, head_dim] per layer) into pages."""
+    def insert_kv(self, kvs: list, page_lists: list[list[int]], lengths: list[int]) -> None:
+        """Writes admitted requests' K/V into their pages.
+
+        Each entry is either a transferred (k_layers, v_layers) pair of host arrays
+        [tokens, model's kv_heads, head_dim], or a PrefilledKV still on this device.
+        """
+        on_device = [i for i, kv in enumerate(kvs) if hasattr(kv, "ks")]
+        for i in on_device:  # colocated: slice the prefill batch's row, no host copy
+            kv = kvs[i]
+            ks = tuple(layer[kv.row: kv.row + 1] for layer in kv.ks)
+            vs = tuple(layer[kv.row: kv.row + 1] for layer in kv.vs)
+            self.insert(ks, vs, [page_lists[i]], np.array([lengths[i]], np.int32))
+        host = [i for i in range(len(kvs)) if i not in on_device]
+        if host:
+            self._insert_host_kv([kvs[i] for i in host], [page_lists[i] for i in host], [lengths[i] for i in host])
+
+    def _insert_host_kv(self, kvs: list[tuple[list[np.ndarray], list[np.ndarray]]],
+                        page_lists: list[list[int]], lengths: list[int]) -> None:
         batch = bucket(len(kvs), minimum=1, maximum=max(self.config.max_prefill_batch, len(kvs)))
         seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
         kv_source = self.model.layout.kv_source

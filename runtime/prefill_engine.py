@@ -4,6 +4,7 @@
                                             │ first tokens ──► futures (the router's TTFT)
                                             └ K/V (device) ──► sender pool: copy to host,
                                                                stream to the decode worker
+                                                               (colocated: hand over on device)
 The KV transfer runs on the sender pool, so it overlaps the next prefill batch and never
 delays a first token.
 """
@@ -32,8 +33,18 @@ class PrefillJob:
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
-# send_kv(job, first_token, k_layers, v_layers): host arrays [tokens, kv_heads, head_dim]
-SendKV = Callable[[PrefillJob, int, list, list], None]
+@dataclasses.dataclass(frozen=True)
+class PrefilledKV:
+    """One row of a prefill batch's K/V, still on the device (serving head layout)."""
+
+    ks: tuple  # per layer [batch, padded_seq, serving_kv_heads, head_dim]
+    vs: tuple
+    row: int
+    length: int
+
+
+# send_kv(job, first_token, kv): delivers the KV to job.decode_address
+SendKV = Callable[[PrefillJob, int, PrefilledKV], None]
 
 
 class PrefillEngine:
@@ -98,7 +109,6 @@ class PrefillEngine:
 
     def _send(self, job: PrefillJob, token: int, ks, vs, row: int) -> None:
         try:
-            k, v = self.runner.kv_to_host(ks, vs, row, len(job.prompt_ids))
-            self.send_kv(job, token, k, v)
+            self.send_kv(job, token, PrefilledKV(ks, vs, row, len(job.prompt_ids)))
         except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
             log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)

@@ -17,7 +17,7 @@ from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
-from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefilledKV
 from splitserve.runtime.prefill_service import KVSender, PrefillService
 from splitserve.runtime.sampling import SamplingParams
 
@@ -95,11 +95,12 @@ class Worker:
                  pages * per_page / (1 << 30))
         return pages
 
-    def _send_kv(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
+    def _send_kv(self, job: PrefillJob, first_token: int, kv: PrefilledKV) -> None:
         if self.decode_engine is not None and job.decode_address == self.address:
-            # Colocated: same page pool, no network.
-            self.decode_engine.kv_arrived(job.request_id, (k_layers, v_layers), len(job.prompt_ids), first_token)
+            # Colocated: same mesh and page pool; the KV never leaves the device.
+            self.decode_engine.kv_arrived(job.request_id, kv, kv.length, first_token)
         else:
+            k_layers, v_layers = self.runner.kv_to_host(kv.ks, kv.vs, kv.row, kv.length)
             self._sender(job, first_token, k_layers, v_layers)
 
     def warm_up(self) -> None:
@@ -108,7 +109,7 @@ class Worker:
         first, ks, vs, lengths = self.runner.prefill([[1, 2, 3]], [greedy], [0])
         if self.decode_engine is not None:
             pages = [1]
-            self.runner.insert_host_kv([self.runner.kv_to_host(ks, vs, 0, 3)], [pages], [3])
+            self.runner.insert_kv([self.runner.kv_to_host(ks, vs, 0, 3)], [pages], [3])
             self.runner.decode([first[0]], [3], [pages], [greedy], [1])
 
     def start(self) -> None:
