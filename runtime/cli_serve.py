@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from splitserve.models.sharding import MeshConfig
-from splitserve.runtime.platform_setup import configure_jax
+from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 
 
 def _mesh(text: str) -> MeshConfig:
@@ -91,18 +91,13 @@ def run_worker(args) -> int:
 
 def run_router(args) -> int:
     _logging()
-    import signal
-    import threading
-
     from splitserve.runtime.router_server import RouterServer
 
     if not args.colocated and not (args.prefill and args.decode):
         raise SystemExit("splitserve router: give --prefill and --decode addresses, or --colocated")
     server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
                           colocated=args.colocated, dtype=args.dtype, page_size=args.page_size)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     server.start()
     print(f"splitserve ready on {server.address}", flush=True)
     stop.wait()

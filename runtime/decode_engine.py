@@ -21,7 +21,6 @@ import threading
 from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.request import FinishReason
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 

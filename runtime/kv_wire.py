@@ -27,7 +27,7 @@ import dataclasses
 import zlib
 from collections.abc import Iterator, Sequence
 
-import ml_dtypes  # noqa: F401  (registers "bfloat16" and friends as numpy dtype names)
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy dtype names
 import numpy as np
 
 from splitserve.protos import internal_pb2

@@ -18,9 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.platform_setup import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,7 @@ def run_launch(config: LaunchConfig) -> int:
     from splitserve.runtime.router_server import RouterServer
 
     launcher = Launcher(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         specs = launcher.start_workers()
         addresses = {role: [f"{config.host}:{s.port}" for s in specs if s.role == role]

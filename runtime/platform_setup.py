@@ -1,9 +1,11 @@
-"""Process-level JAX setup that must happen before `import jax`."""
+"""Process-level setup: JAX platform flags (before `import jax`) and shutdown signals."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 
 
 def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
@@ -16,3 +18,11 @@ def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
     if cpu_devices > 1:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so servers can stop cleanly instead of dying mid-RPC."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

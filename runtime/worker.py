@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 
 from splitserve.models.sharding import MeshConfig
@@ -19,6 +18,7 @@ from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server,
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefilledKV
 from splitserve.runtime.prefill_service import KVSender, PrefillService
+from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,7 @@ def pages_bytes_per_device(num_layers: int, kv_heads: int, page_size: int, head_
 
 def serve_forever(worker: Worker) -> None:
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     worker.start()
     print(f"splitserve {worker.config.role} worker ready on {worker.address}", flush=True)
     stop.wait()

@@ -1,7 +1,6 @@
 """Our decoder against transformers (torch, CPU, float32) on checkpoints transformers saved."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
