@@ -17,11 +17,14 @@ def _token_ids(text: str) -> list[int]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate one completion (in-process, colocated engine)",
-                       description="Generate one completion and stream it to stdout. The model runs "
-                                   "in this process on one mesh (colocated prefill and decode).")
+    p = sub.add_parser("generate", help="generate one completion (in-process, or from a running router)",
+                       description="Generate one completion and stream it to stdout. With --address it "
+                                   "comes from a running router; without, the model runs in this process "
+                                   "on one mesh (colocated prefill and decode).")
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids)")
     p.add_argument("--prompt-ids", type=_token_ids, help="token ids instead of text, e.g. 1,2,3")
+    p.add_argument("--address", help="HOST:PORT of a running router (default: run the model in-process)")
+    p.add_argument("--api-key", help="API key for the router (with --address)")
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="serving dtype; auto = the checkpoint's own")
@@ -43,6 +46,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
+    if args.address:
+        return _run_remote(args)
     from splitserve.models.sharding import MeshConfig
 
     try:
@@ -83,3 +88,28 @@ def run(args) -> int:
 
 def _pages_for(args, prompt_ids) -> int:
     return 2 + -(-(len(prompt_ids) + args.max_tokens) // args.page_size)
+
+
+def _run_remote(args) -> int:
+    import time
+
+    from splitserve.runtime.client import Client, SplitserveError
+    from splitserve.runtime.client_types import CompletionBuilder
+
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    builder = CompletionBuilder(time.perf_counter())
+    try:
+        with Client(args.address, api_key=args.api_key) as client:
+            for chunk in client.stream(args.prompt, token_ids=args.prompt_ids, **sampling):
+                builder.add(chunk, time.perf_counter())
+                if not args.json and chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+    except SplitserveError as e:
+        raise SystemExit(f"splitserve generate: {e}")
+    if args.json:
+        print(json.dumps(builder.build(time.perf_counter()).to_json_dict()))
+    else:
+        sys.stdout.write("\n")
+    return 0

@@ -73,7 +73,11 @@ class DecodeScheduler:
             raise ValueError(f"request {request_id!r} already has a reservation")
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-        pages = self.allocator.allocate(pages_needed(num_tokens, self.page_size))  # may raise OutOfPages
+        needed = pages_needed(num_tokens, self.page_size)
+        if needed > self.allocator.capacity:
+            raise ValueError(f"{num_tokens} tokens need {needed} KV pages; this decode worker's pool holds "
+                             f"{self.allocator.capacity} at most")
+        pages = self.allocator.allocate(needed)  # may raise OutOfPages
         slot = DecodeSlot(request_id, pages, num_tokens, self.clock() + lease_s)
         self.slots[request_id] = slot
         return slot

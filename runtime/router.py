@@ -204,24 +204,27 @@ class Router:
                     self._waiting_for_pages -= 1
 
     def _try_reserve(self, request_id: str, num_tokens: int) -> tuple[WorkerHandle | None, str]:
-        """(worker, "") on success; (None, why) when every decode worker is full."""
-        last_error = None
+        """(worker, "") on success; (None, why) when every worker that could fit it is full.
+
+        Raises when no worker can ever fit the request, or none is reachable.
+        """
+        errors: dict[grpc.StatusCode, grpc.RpcError] = {}
         for worker in self._by_free_pages():
             try:
                 reply = worker.decode.Reserve(internal_pb2.ReserveRequest(
                     request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S), timeout=RPC_TIMEOUT_S)
             except grpc.RpcError as e:
-                last_error = e
+                errors.setdefault(e.code(), e)
                 continue
             with self._lock:
                 worker.free_pages = reply.free_pages
                 worker.in_flight += 1
             return worker, ""
-        if isinstance(last_error, grpc.Call) and last_error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return None, last_error.details()
-        if isinstance(last_error, grpc.Call) and last_error.code() is grpc.StatusCode.INVALID_ARGUMENT:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, last_error.details())
-        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {last_error}")
+        if full := errors.get(grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return None, full.details()
+        if too_big := errors.get(grpc.StatusCode.INVALID_ARGUMENT):
+            raise RouterError(grpc.StatusCode.OUT_OF_RANGE, too_big.details())
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {errors}")
 
     def _release(self, worker: WorkerHandle, request_id: str) -> None:
         try:

@@ -95,3 +95,10 @@ def test_bad_calls_are_refused():
         sched.kv_arrived("a", "KV", 4, 1)
     with pytest.raises(UnknownRequest):
         sched.stream_opened("nope", SamplingParams())
+
+
+def test_a_request_larger_than_the_pool_is_refused_not_queued():
+    sched, _ = make(pages=5)  # 4 usable pages of 4 tokens
+    with pytest.raises(ValueError, match="holds 4 at most"):
+        sched.reserve("huge", num_tokens=17, lease_s=5)
+    assert sched.allocator.free_count == 4

@@ -1,0 +1,241 @@
+"""Python client SDK for a splitserve router: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    from splitserve.runtime.client import Client
+    with Client("127.0.0.1:50051") as client:
+        print(client.generate("The weather today is", max_tokens=16).text)
+
+Every failure raises `SplitserveError` (gRPC status code + the server's message). A call
+is retried only when that is safe: on UNAVAILABLE before the first token arrived.
+Closing a stream (leaving the loop, `close()`, or cancelling the task) cancels the
+request on the server, which frees its KV pages at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.client_types import (
+    Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, build_request, chunk_from_proto,
+)
+from splitserve.runtime.grpc_common import OPTIONS
+
+__all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError"]
+
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
+
+
+def _credentials(tls) -> grpc.ChannelCredentials | None:
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    return tls  # a grpc.ChannelCredentials the caller built (own CA, client certificate)
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class _Options:
+    def __init__(self, address: str, api_key: str | None, tls, timeout: float | None, max_retries: int):
+        if not address:
+            raise ValueError("address is required, e.g. '127.0.0.1:50051'")
+        self.address, self.timeout, self.max_retries = address, timeout, max_retries
+        self.credentials = _credentials(tls)
+        self.metadata = _metadata(api_key)
+
+    def request(self, prompt, token_ids, kw) -> serving_pb2.GenerateRequest:
+        return build_request(prompt, token_ids, request_id=kw.pop("request_id", "") or uuid.uuid4().hex[:16], **kw)
+
+
+def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
+                     ignore_eos=False, request_id=""):
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id)
+
+
+class Client:
+    """Blocking client.
+
+    Args:
+        address: the router, "host:port".
+        api_key: sent as "authorization: Bearer KEY" on every call.
+        tls: None/False for plaintext, True for TLS with the system roots, or a
+            grpc.ChannelCredentials (own CA, client certificate).
+        timeout: default deadline in seconds for each call (None: no deadline).
+        max_retries: retries on UNAVAILABLE before the first token.
+
+    Example:
+        >>> with Client("127.0.0.1:50051") as client:              # doctest: +SKIP
+        ...     for chunk in client.stream("Once upon", max_tokens=8):
+        ...         print(chunk.text, end="", flush=True)
+    """
+
+    def __init__(self, address: str, *, api_key: str | None = None, tls=None, timeout: float | None = None,
+                 max_retries: int = 2):
+        self._opts = _Options(address, api_key, tls, timeout, max_retries)
+        creds = self._opts.credentials
+        self._channel = (grpc.secure_channel(address, creds, options=OPTIONS) if creds
+                         else grpc.insecure_channel(address, options=OPTIONS))
+        self._stub = serving_pb2_grpc.ServingStub(self._channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+               timeout: float | None = None, **sampling) -> Iterator[Chunk]:
+        """Yields a Chunk per streamed message; closing the iterator cancels the request.
+
+        Example:
+            >>> for chunk in Client("127.0.0.1:50051").stream(token_ids=[1, 5, 9], max_tokens=4):  # doctest: +SKIP
+            ...     print(chunk.token_ids, chunk.finish_reason)
+        """
+        request = self._opts.request(prompt, list(token_ids) if token_ids is not None else None,
+                                     _sampling_kwargs(**sampling))
+        deadline = timeout if timeout is not None else self._opts.timeout
+        for attempt in range(self._opts.max_retries + 1):
+            call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
+            received = False
+            try:
+                for msg in call:
+                    received = True
+                    yield chunk_from_proto(msg)
+                return
+            except grpc.RpcError as e:
+                retry = (not received and e.code() is grpc.StatusCode.UNAVAILABLE
+                         and attempt < self._opts.max_retries)
+                if not retry:
+                    raise SplitserveError.from_rpc(e) from None
+                time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+            finally:
+                call.cancel()  # no-op when finished; cancels on the server when the caller stopped early
+
+    def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                 timeout: float | None = None, **sampling) -> Completion:
+        """One whole completion.
+
+        Example:
+            >>> out = Client("127.0.0.1:50051").generate("Hello", max_tokens=8, seed=1)  # doctest: +SKIP
+            >>> out.finish_reason, len(out.token_ids)                                   # doctest: +SKIP
+            ('length', 8)
+        """
+        builder = CompletionBuilder(time.perf_counter())
+        for chunk in self.stream(prompt, token_ids=token_ids, timeout=timeout, **sampling):
+            builder.add(chunk, time.perf_counter())
+        return builder.build(time.perf_counter())
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The served model and the workers behind the router.
+
+        Example:
+            >>> Client("127.0.0.1:50051").model_info().max_model_len                     # doctest: +SKIP
+            2048
+        """
+        try:
+            reply = self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout or self._opts.timeout,
+                                         metadata=self._opts.metadata)
+        except grpc.RpcError as e:
+            raise SplitserveError.from_rpc(e) from None
+        return ModelInfo.from_proto(reply)
+
+    def health(self, *, timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status of the router: "SERVING", "NOT_SERVING", ...
+
+        Example:
+            >>> Client("127.0.0.1:50051").health()                                      # doctest: +SKIP
+            'SERVING'
+        """
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._opts.metadata)
+        except grpc.RpcError as e:
+            raise SplitserveError.from_rpc(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class AsyncClient:
+    """asyncio client with the same methods as Client (each a coroutine; stream is an async iterator).
+
+    Example:
+        >>> async def main():                                                 # doctest: +SKIP
+        ...     async with AsyncClient("127.0.0.1:50051") as client:
+        ...         async for chunk in client.stream("Once upon", max_tokens=8):
+        ...             print(chunk.text, end="")
+    """
+
+    def __init__(self, address: str, *, api_key: str | None = None, tls=None, timeout: float | None = None,
+                 max_retries: int = 2):
+        self._opts = _Options(address, api_key, tls, timeout, max_retries)
+        creds = self._opts.credentials
+        self._channel = (grpc.aio.secure_channel(address, creds, options=OPTIONS) if creds
+                         else grpc.aio.insecure_channel(address, options=OPTIONS))
+        self._stub = serving_pb2_grpc.ServingStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stream(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                     timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
+        """Async iterator of Chunks; leaving the loop early cancels the request on the server."""
+        import asyncio
+
+        request = self._opts.request(prompt, list(token_ids) if token_ids is not None else None,
+                                     _sampling_kwargs(**sampling))
+        deadline = timeout if timeout is not None else self._opts.timeout
+        for attempt in range(self._opts.max_retries + 1):
+            call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
+            received = False
+            try:
+                async for msg in call:
+                    received = True
+                    yield chunk_from_proto(msg)
+                return
+            except grpc.RpcError as e:
+                retry = (not received and e.code() is grpc.StatusCode.UNAVAILABLE
+                         and attempt < self._opts.max_retries)
+                if not retry:
+                    raise SplitserveError.from_rpc(e) from None
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+            finally:
+                call.cancel()
+
+    async def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                       timeout: float | None = None, **sampling) -> Completion:
+        builder = CompletionBuilder(time.perf_counter())
+        async for chunk in self.stream(prompt, token_ids=token_ids, timeout=timeout, **sampling):
+            builder.add(chunk, time.perf_counter())
+        return builder.build(time.perf_counter())
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        try:
+            reply = await self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout or self._opts.timeout,
+                                               metadata=self._opts.metadata)
+        except grpc.RpcError as e:
+            raise SplitserveError.from_rpc(e) from None
+        return ModelInfo.from_proto(reply)
+
+    async def health(self, *, timeout: float | None = 5.0) -> str:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self._opts.metadata)
+        except grpc.RpcError as e:
+            raise SplitserveError.from_rpc(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -1,0 +1,110 @@
+"""Typed results and the one error type of the client SDK."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from splitserve.protos import serving_pb2
+from splitserve.runtime.request import Completion
+
+__all__ = ["Completion", "Chunk", "ModelInfo", "WorkerInfo", "SplitserveError", "build_request"]
+
+
+class SplitserveError(Exception):
+    """Any failed call: the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> "SplitserveError":
+        if isinstance(error, grpc.Call) or hasattr(error, "code"):
+            return cls(error.code(), error.details() or "")
+        return cls(grpc.StatusCode.UNKNOWN, str(error))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What one streamed message brought: new tokens and text; finish_reason on the last."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_token_ids: list[int]  # on the first chunk only
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    role: str
+    address: str
+    mesh: str
+    platform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    vocab_size: int
+    max_model_len: int
+    dtype: str
+    page_size: int
+    eos_token_ids: list[int]
+    workers: list[WorkerInfo]
+    mode: str
+
+    @classmethod
+    def from_proto(cls, msg: serving_pb2.ModelInfoResponse) -> "ModelInfo":
+        return cls(msg.name, msg.family, msg.vocab_size, msg.max_model_len, msg.dtype, msg.page_size,
+                   list(msg.eos_token_ids), [WorkerInfo(w.role, w.address, w.mesh, w.platform) for w in msg.workers],
+                   msg.mode)
+
+
+def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens: int, temperature: float,
+                  top_p: float, top_k: int, seed: int | None, stop, stop_token_ids, ignore_eos: bool,
+                  request_id: str) -> serving_pb2.GenerateRequest:
+    if (prompt is None) == (token_ids is None):
+        raise ValueError("give exactly one of prompt (text) or token_ids")
+    sampling = serving_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                          stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+    if seed is not None:
+        sampling.seed = seed
+    request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
+    if prompt is not None:
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(token_ids)
+    return request
+
+
+def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
+    return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids))
+
+
+class CompletionBuilder:
+    """Accumulates chunks into a Completion, timing the first token and the last."""
+
+    def __init__(self, start_s: float):
+        self.start_s = start_s
+        self.first_s: float | None = None
+        self.tokens: list[int] = []
+        self.text: list[str] = []
+        self.prompt_ids: list[int] = []
+        self.finish_reason = ""
+
+    def add(self, chunk: Chunk, now_s: float) -> None:
+        if self.first_s is None and chunk.token_ids:
+            self.first_s = now_s
+        self.tokens += chunk.token_ids
+        self.text.append(chunk.text)
+        self.prompt_ids = self.prompt_ids or chunk.prompt_token_ids
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    def build(self, end_s: float) -> Completion:
+        first = self.first_s if self.first_s is not None else end_s
+        return Completion(text="".join(self.text), token_ids=self.tokens, prompt_token_ids=self.prompt_ids,
+                          finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s)

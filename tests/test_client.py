@@ -1,0 +1,128 @@
+"""The client SDK and `generate --address` against a real launched stack."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from stack import launched
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.client import AsyncClient, Client, SplitserveError
+from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+from splitserve.runtime.sampling import SamplingParams
+
+PROMPT = "The weather today is"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("client-cache"))
+    with launched("demo", "--num-pages", "128", "--page-size", "8") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected(stack):
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
+    return engine.generate([model.tokenizer.encode(PROMPT)], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+
+
+def test_generate_returns_a_typed_completion(stack, expected):
+    with Client(stack.address) as client:
+        out = client.generate(PROMPT, max_tokens=12, ignore_eos=True)
+    assert out.token_ids == expected.token_ids and out.text == expected.text
+    assert out.prompt_token_ids == expected.prompt_token_ids and out.finish_reason == "length"
+    assert 0 < out.ttft_s <= out.latency_s
+
+
+def test_stream_chunks_add_up_to_generate(stack, expected):
+    with Client(stack.address) as client:
+        chunks = list(client.stream(PROMPT, max_tokens=12, ignore_eos=True))
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+    assert "".join(c.text for c in chunks) == expected.text
+    assert chunks[0].prompt_token_ids == expected.prompt_token_ids and chunks[-1].finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_closing_a_stream_cancels_it_on_the_server(stack):
+    with Client(stack.address) as client:
+        stream = client.stream(token_ids=list(range(3, 30)), max_tokens=500, ignore_eos=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+    deadline = time.monotonic() + 2.0
+    while any(s.free_pages != s.total_pages for s in stack.decode_stats()):
+        assert time.monotonic() < deadline, "pages not freed within 2 s of closing the stream"
+        time.sleep(0.02)
+
+
+def test_errors_carry_the_status_and_the_servers_message(stack):
+    with Client(stack.address) as client:
+        with pytest.raises(SplitserveError) as err:
+            client.generate(PROMPT, max_tokens=8, top_p=1.5)
+        assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.value.message
+        with pytest.raises(SplitserveError) as err:
+            client.generate(PROMPT, max_tokens=200, timeout=0.001)
+        assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(SplitserveError) as err:  # 129 pages of 8: more than the pool (127) ever holds
+            client.generate(token_ids=list(range(3, 30)), max_tokens=1000)
+        assert err.value.code is grpc.StatusCode.OUT_OF_RANGE and "holds 127 at most" in err.value.message
+        with pytest.raises(ValueError, match="exactly one"):
+            client.generate(PROMPT, token_ids=[1, 2])
+
+
+def test_unreachable_router_raises_unavailable_after_retries():
+    start = time.monotonic()
+    with Client("127.0.0.1:1", max_retries=2) as client:
+        with pytest.raises(SplitserveError) as err:
+            client.generate("hi", max_tokens=2, timeout=5)
+    assert err.value.code is grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start >= 0.2 + 0.5  # it did back off and retry
+
+
+def test_model_info_and_health(stack):
+    with Client(stack.address) as client:
+        info = client.model_info()
+        assert client.health() == "SERVING"
+    assert (info.family, info.vocab_size, info.max_model_len, info.page_size) == ("llama", 2048, 2048, 8)
+    assert info.eos_token_ids == [2] and info.mode == "disaggregated"
+    assert sorted(w.role for w in info.workers) == ["decode", "prefill"]
+
+
+def test_async_client(stack, expected):
+    async def main():
+        async with AsyncClient(stack.address) as client:
+            out = await client.generate(PROMPT, max_tokens=12, ignore_eos=True)
+            chunks = [c async for c in client.stream(PROMPT, max_tokens=12, ignore_eos=True)]
+            both = await asyncio.gather(*(client.generate(PROMPT, max_tokens=12, ignore_eos=True) for _ in range(4)))
+            with pytest.raises(SplitserveError) as err:
+                await client.generate(PROMPT, max_tokens=0)
+            return out, chunks, both, err.value.code, await client.health(), await client.model_info()
+
+    out, chunks, both, code, health, info = asyncio.run(main())
+    assert out.token_ids == expected.token_ids and out.text == expected.text
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+    assert all(o.token_ids == expected.token_ids for o in both)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and health == "SERVING" and info.vocab_size == 2048
+
+
+def test_cli_generate_against_the_router(stack, expected):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "generate", PROMPT, "--address",
+                             stack.address, "--max-tokens", "12", "--ignore-eos", "--json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
+    streamed = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "generate", PROMPT, "--address",
+                               stack.address, "--max-tokens", "12", "--ignore-eos"],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert streamed.stdout.strip() == expected.text.strip()
