@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
@@ -74,7 +75,8 @@ def add_parsers(sub) -> None:
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_worker(args) -> int:

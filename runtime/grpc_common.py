@@ -52,8 +52,11 @@ def set_serving(servicer: health.HealthServicer, serving: bool = True) -> None:
     servicer.set("", status)
 
 
-def wait_until_serving(address: str, timeout_s: float) -> None:
-    """Blocks until the server at `address` reports SERVING; raises TimeoutError."""
+def wait_until_serving(address: str, timeout_s: float, check_alive=None) -> None:
+    """Blocks until the server at `address` reports SERVING; raises TimeoutError.
+
+    `check_alive()`, if given, is called while waiting and may raise (a dead worker process).
+    """
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -66,5 +69,7 @@ def wait_until_serving(address: str, timeout_s: float) -> None:
                     return
             except grpc.RpcError:
                 pass
+            if check_alive is not None:
+                check_alive()
             time.sleep(0.1)
     raise TimeoutError(f"{address} did not report SERVING within {timeout_s:.0f}s")

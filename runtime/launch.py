@@ -10,6 +10,7 @@ worker outlives launch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -41,6 +42,7 @@ class LaunchConfig:
     num_pages: int | None = None
     kv_cache_gib: float = 1.0
     max_batch: int = 32
+    log_level: str = "INFO"  # of the worker processes
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -95,7 +97,7 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
 
 
 def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_workers: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, SPLITSERVE_LOG_LEVEL=config.log_level)
     if spec.devices and config.platform in (None, "gpu"):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         if shared_gpus:
@@ -105,6 +107,10 @@ def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_wo
 
 def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class WorkerDied(RuntimeError):
+    pass
 
 
 class Launcher:
@@ -122,6 +128,12 @@ class Launcher:
                 worker_command(self.config, spec), env=worker_env(self.config, spec, shared, len(specs)),
                 preexec_fn=_die_with_parent))
         return specs
+
+    def check_alive(self) -> None:
+        """Raises WorkerDied if a worker process has exited."""
+        for child in self.children:
+            if child.poll() is not None:
+                raise WorkerDied(f"worker process {' '.join(child.args[3:5])} exited with code {child.returncode}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for child in self.children:
@@ -143,11 +155,13 @@ def _count_gpus() -> int:
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
-def run_launch(config: LaunchConfig) -> int:
+@contextlib.contextmanager
+def running_stack(config: LaunchConfig):
+    """Starts workers and the router; yields (router_server, launcher); stops everything on exit."""
     from splitserve.runtime.router_server import RouterServer
 
     launcher = Launcher(config)
-    stop = stop_on_signals()
+    router = None
     try:
         specs = launcher.start_workers()
         addresses = {role: [f"{config.host}:{s.port}" for s in specs if s.role == role]
@@ -155,14 +169,22 @@ def run_launch(config: LaunchConfig) -> int:
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
                               dtype=config.dtype, page_size=config.page_size)
-        router.start()
+        router.start(check_alive=launcher.check_alive)
+        yield router, launcher
+    finally:
+        if router is not None:
+            router.stop()
+        launcher.stop()
+
+
+def run_launch(config: LaunchConfig) -> int:
+    stop = stop_on_signals()
+    with running_stack(config) as (router, launcher):
         print(f"splitserve ready on {router.address}", flush=True)
         while not stop.wait(0.5):
-            dead = [c for c in launcher.children if c.poll() is not None]
-            if dead:
-                log.error("worker process %s exited with %s", dead[0].args[3], dead[0].returncode)
+            try:
+                launcher.check_alive()
+            except WorkerDied as e:
+                log.error("%s", e)
                 return 1
-        router.stop()
-        return 0
-    finally:
-        launcher.stop()
+    return 0

@@ -29,12 +29,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefilledRow:
+    """One row of a prefill batch's K/V, still on the device (serving head layout)."""
+
+    ks: tuple  # per layer [batch, padded_seq, serving_kv_heads, head_dim]
+    vs: tuple
+    row: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class RunnerConfig:
     page_size: int = 16
     num_pages: int = 1024  # including the sink page
     max_batch: int = 16
     max_prefill_batch: int = 8
     min_prefill_bucket: int = 16
+    # Small requests share one decode shape: fewer compilations, all done at warm-up.
+    min_decode_batch: int = 8
+    min_page_table_width: int = 8
     attention_impl: str = "auto"
 
 
@@ -74,7 +87,8 @@ class ModelRunner:
         return batch, seq
 
     def page_table(self, page_lists: list[list[int]], batch: int) -> np.ndarray:
-        width = bucket(max(len(p) for p in page_lists), minimum=1, maximum=self.max_pages_per_seq)
+        width = bucket(max(len(p) for p in page_lists), minimum=min(self.config.min_page_table_width,
+                       self.max_pages_per_seq), maximum=self.max_pages_per_seq)
         table = np.full((batch, width), SINK_PAGE, np.int32)
         for row, pages in enumerate(page_lists):
             table[row, : len(pages)] = pages[:width]
@@ -101,7 +115,8 @@ class ModelRunner:
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
                sampling: list, steps: list[int]) -> list[int]:
         n = len(tokens)
-        batch = bucket(n, minimum=1, maximum=max(self.config.max_batch, n))
+        batch = bucket(n, minimum=min(self.config.min_decode_batch, self.config.max_batch),
+                       maximum=max(self.config.max_batch, n))
         pad = batch - n
         arrays = SamplingArrays.build(sampling, steps, batch)
         next_tokens, self.cache = self._decode(
@@ -110,6 +125,32 @@ class ModelRunner:
             self.page_table(page_lists, batch), np.array([True] * n + [False] * pad), arrays,
         )
         return np.asarray(next_tokens)[:n].tolist()
+
+    # -- warm-up --------------------------------------------------------------------------
+    def warm_up(self, *, decode: bool) -> int:
+        """Compiles every prefill-batch and decode-batch bucket at the smallest lengths.
+
+        Longer prompts and contexts compile on first use. Returns the number of shapes run.
+        """
+        from splitserve.runtime.buckets import all_buckets
+        from splitserve.runtime.sampling import SamplingParams
+
+        greedy = SamplingParams(max_tokens=2)
+        shapes = 0
+        for batch in all_buckets(minimum=1, maximum=self.config.max_prefill_batch):
+            first, ks, vs, lengths = self.prefill([[1, 2, 3]] * batch, [greedy] * batch, [0] * batch)
+            shapes += 1
+            if decode and batch == 1:
+                self.insert_kv([self.kv_to_host(ks, vs, 0, 3)], [[1]], [3])  # the transferred-KV path
+                shapes += 1
+            if decode:
+                self.insert_kv([PrefilledRow(ks, vs, row, 3) for row in range(batch)], [[1]] * batch, [3] * batch)
+        if decode:
+            low = min(self.config.min_decode_batch, self.config.max_batch)
+            for batch in all_buckets(minimum=low, maximum=self.config.max_batch):
+                self.decode([first[0]] * batch, [3] * batch, [[1]] * batch, [greedy] * batch, [1] * batch)
+                shapes += 1
+        return shapes
 
     # -- KV handoff -----------------------------------------------------------------------
     def kv_to_host(self, ks, vs, row: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -125,7 +166,7 @@ class ModelRunner:
         Each entry is either a transferred (k_layers, v_layers) pair of host arrays
         [tokens, model's kv_heads, head_dim], or a PrefilledKV still on this device.
         """
-        on_device = [i for i, kv in enumerate(kvs) if hasattr(kv, "ks")]
+        on_device = [i for i, kv in enumerate(kvs) if isinstance(kv, PrefilledRow)]
         for i in on_device:  # colocated: slice the prefill batch's row, no host copy
             kv = kvs[i]
             ks = tuple(layer[kv.row: kv.row + 1] for layer in kv.ks)

@@ -18,7 +18,7 @@ import os
 import queue
 from typing import Callable
 
-from splitserve.runtime.model_runner import ModelRunner
+from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
 from splitserve.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,8 @@ class PrefillJob:
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefilledKV:
-    """One row of a prefill batch's K/V, still on the device (serving head layout)."""
-
-    ks: tuple  # per layer [batch, padded_seq, serving_kv_heads, head_dim]
-    vs: tuple
-    row: int
-    length: int
-
-
 # send_kv(job, first_token, kv): delivers the KV to job.decode_address
-SendKV = Callable[[PrefillJob, int, PrefilledKV], None]
+SendKV = Callable[[PrefillJob, int, PrefilledRow], None]
 
 
 class PrefillEngine:
@@ -109,6 +99,6 @@ class PrefillEngine:
 
     def _send(self, job: PrefillJob, token: int, ks, vs, row: int) -> None:
         try:
-            self.send_kv(job, token, PrefilledKV(ks, vs, row, len(job.prompt_ids)))
+            self.send_kv(job, token, PrefilledRow(ks, vs, row, len(job.prompt_ids)))
         except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
             log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)

@@ -33,10 +33,11 @@ class RouterServer:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
 
-    def start(self, worker_timeout_s: float = 600.0) -> None:
+    def start(self, worker_timeout_s: float = 600.0, check_alive=None) -> None:
+        """Serves once every worker reports SERVING; `check_alive()` may raise to give up early."""
         self.server.start()
         for worker in self.router.workers:
-            wait_until_serving(worker.address, worker_timeout_s)
+            wait_until_serving(worker.address, worker_timeout_s, check_alive)
         self.router.refresh_stats()
         set_serving(self.health)
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 
 from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
-from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
-from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefilledKV
+from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
 from splitserve.runtime.platform_setup import stop_on_signals
-from splitserve.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
@@ -95,7 +95,7 @@ class Worker:
                  pages * per_page / (1 << 30))
         return pages
 
-    def _send_kv(self, job: PrefillJob, first_token: int, kv: PrefilledKV) -> None:
+    def _send_kv(self, job: PrefillJob, first_token: int, kv: PrefilledRow) -> None:
         if self.decode_engine is not None and job.decode_address == self.address:
             # Colocated: same mesh and page pool; the KV never leaves the device.
             self.decode_engine.kv_arrived(job.request_id, kv, kv.length, first_token)
@@ -104,13 +104,10 @@ class Worker:
             self._sender(job, first_token, k_layers, v_layers)
 
     def warm_up(self) -> None:
-        """Compiles the smallest prefill, insert and decode shapes before serving."""
-        greedy = SamplingParams(max_tokens=2)
-        first, ks, vs, lengths = self.runner.prefill([[1, 2, 3]], [greedy], [0])
-        if self.decode_engine is not None:
-            pages = [1]
-            self.runner.insert_kv([self.runner.kv_to_host(ks, vs, 0, 3)], [pages], [3])
-            self.runner.decode([first[0]], [3], [pages], [greedy], [1])
+        """Compiles the bucketed shapes before the worker reports SERVING."""
+        start = time.perf_counter()
+        shapes = self.runner.warm_up(decode=self.decode_engine is not None)
+        log.info("warm-up: %d shapes compiled in %.1fs", shapes, time.perf_counter() - start)
 
     def start(self) -> None:
         self.warm_up()
@@ -138,6 +135,6 @@ def serve_forever(worker: Worker) -> None:
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
     stop = stop_on_signals()
     worker.start()
-    print(f"splitserve {worker.config.role} worker ready on {worker.address}", flush=True)
+    log.warning("splitserve %s worker ready on %s", worker.config.role, worker.address)
     stop.wait()
     worker.stop()

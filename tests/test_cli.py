@@ -60,3 +60,13 @@ def test_help_lists_commands_and_flags(cache):
     for flag in ("--model", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop",
                  "--ignore-eos", "--prompt-ids", "--json", "--dtype"):
         assert flag in gen.stdout
+
+
+def test_demo_runs_the_stack_streams_and_stops(cache):
+    result = run_cli("demo", "--platform", "cpu", "--max-tokens", "8", cache=cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "TTFT s" in out and "mode disaggregated" in out and "stopped every worker" in out
+    rows = [line.split() for line in out.splitlines() if line[:2].strip().isdigit() and "length" in line]
+    assert len(rows) == 4 and all(int(r[2]) == 8 for r in rows)  # 4 requests, 8 tokens each
+    assert "prefill  phase ran on cpu mesh tp=1" in out and "decode   phase ran on cpu mesh tp=1" in out
