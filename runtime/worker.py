@@ -122,6 +122,8 @@ class Worker:
         for engine in (self.decode_engine, self.prefill_engine):
             if engine is not None:
                 engine.stop()
+        for thread in self.threads:  # let them leave their loops before the interpreter exits
+            thread.join(timeout=grace_s)
         self.channels.close()
 
 
