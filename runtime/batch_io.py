@@ -1,0 +1,331 @@
+"""Batch inference files: parse the input JSONL, append results crash-safely to the output JSONL.
+
+Plain Python, no JAX: tested without a model.
+
+Input, one request a line, in either of two formats:
+    {"id": "a", "prompt": "text" | "prompt_token_ids": [1, 2], "max_tokens": 16, "temperature": 0, ...}
+    {"custom_id": "a", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
+     "body": {"prompt": "..." | "messages": [...], "max_tokens": ..., ...}}      (OpenAI batch format)
+Every non-blank line becomes exactly one `BatchRequest` or `BadLine`, each with a unique id:
+a line without a usable id (bad JSON, no id, an id already used above) gets "line-N".
+
+Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
+{"id", "error"}. `ResultWriter` appends each line with one os.write on an O_APPEND fd,
+so a process killed at any moment leaves whole lines plus at most one torn tail, which
+`recover_output` cuts off on the next start before it reads the ids already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from splitserve.runtime.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 16
+OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids") + SAMPLING_FIELDS
+OPENAI_FIELDS = ("custom_id", "method", "url", "body")
+OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream") + SAMPLING_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRequest:
+    id: str | int
+    line: int  # 1-based line number in the input file
+    params: SamplingParams
+    prompt: str | None = None  # exactly one of prompt / prompt_token_ids
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+    id: str | int
+    line: int
+    error: str
+
+
+class _Invalid(ValueError):
+    """A line that cannot become a request; carries the line's id when it had a usable one."""
+
+    def __init__(self, message: str, request_id: str | int | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+# -- input --------------------------------------------------------------------------------
+def read_requests(path: str | Path) -> list[BatchRequest | BadLine]:
+    """Parses every non-blank line of a JSONL file; ids are unique across the result."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, text) for n, text in enumerate(f, start=1) if text.strip()]
+    parsed = [_parse_or_error(text, n) for n, text in lines]
+    return _assign_ids(parsed)
+
+
+def parse_line(text: str, line: int) -> BatchRequest:
+    """One input line -> BatchRequest; raises ValueError naming the problem."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Invalid(f"invalid JSON: {e}")
+    if not isinstance(obj, dict):
+        raise _Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    openai = "custom_id" in obj or "body" in obj
+    request_id = _request_id(obj, "custom_id" if openai else "id")
+    try:
+        if openai:
+            prompt, token_ids, fields = _openai_fields(obj)
+        else:
+            _reject_unknown(obj, NATIVE_FIELDS, "")
+            prompt, token_ids, fields = _prompt(obj, "prompt"), _token_ids(obj, "prompt_token_ids"), obj
+        if openai and prompt is None and token_ids is None:
+            raise ValueError(f"missing body.{'messages' if obj['url'].endswith('chat/completions') else 'prompt'}")
+        if prompt is None and token_ids is None:
+            raise ValueError("missing prompt (or prompt_token_ids)")
+        if prompt is not None and token_ids is not None:
+            raise ValueError("give only one of prompt and prompt_token_ids")
+        return BatchRequest(request_id, line, _sampling(fields), prompt, token_ids)
+    except ValueError as e:
+        raise _Invalid(str(e), request_id)
+
+
+def _parse_or_error(text: str, line: int) -> BatchRequest | BadLine:
+    try:
+        return parse_line(text, line)
+    except _Invalid as e:
+        return BadLine(e.request_id, line, str(e))  # id None: assigned by _assign_ids
+
+
+def _assign_ids(parsed: list[BatchRequest | BadLine]) -> list[BatchRequest | BadLine]:
+    """Duplicate ids and missing ids become errors with a synthetic "line-N" id, unique in the file."""
+    taken = {p.id for p in parsed if p.id is not None}
+    first_line: dict = {}
+    out = []
+    for p in parsed:
+        if p.id is not None and p.id in first_line:
+            p = BadLine(None, p.line, f"duplicate id {json.dumps(p.id)} (first used on line {first_line[p.id]})")
+        elif p.id is not None:
+            first_line[p.id] = p.line
+        if p.id is None:
+            synthetic = f"line-{p.line}"
+            while synthetic in taken:
+                synthetic += "'"
+            taken.add(synthetic)
+            p = dataclasses.replace(p, id=synthetic)
+        out.append(p)
+    return out
+
+
+def _request_id(obj: dict, key: str) -> str | int:
+    if key not in obj:
+        raise _Invalid(f"missing {key!r}")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise _Invalid(f"{key} must be a non-empty string or an integer, got {json.dumps(value)}")
+    return value
+
+
+def _reject_unknown(obj: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}")
+
+
+def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, dict]:
+    _reject_unknown(obj, OPENAI_FIELDS, "")
+    if obj.get("method", "POST") != "POST":
+        raise ValueError(f"method must be POST, got {json.dumps(obj['method'])}")
+    url = obj.get("url")
+    if url not in OPENAI_URLS:
+        raise ValueError(f"url must be one of {', '.join(OPENAI_URLS)}, got {json.dumps(url)}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise ValueError(f"body must be a JSON object, got {json.dumps(body)}")
+    _reject_unknown(body, OPENAI_BODY_FIELDS, "body.")
+    if body.get("n", 1) != 1:
+        raise ValueError(f"body.n must be 1 (one completion per line), got {json.dumps(body['n'])}")
+    if body.get("stream", False) is not False:
+        raise ValueError("body.stream must be false in a batch")
+    fields = dict(body)
+    if "max_completion_tokens" in fields:
+        fields.setdefault("max_tokens", fields["max_completion_tokens"])
+    if url == "/v1/chat/completions":
+        if "prompt" in body:
+            raise ValueError("/v1/chat/completions takes body.messages, not body.prompt")
+        return _chat_prompt(body.get("messages")), None, fields
+    if "prompt" not in body:
+        return None, None, fields
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return None, tuple(prompt), fields
+    if isinstance(prompt, list) and len(prompt) != 1:
+        raise ValueError(f"body.prompt must be one prompt (a string or token ids), got a list of {len(prompt)}")
+    return _prompt({"body.prompt": prompt[0] if isinstance(prompt, list) else prompt}, "body.prompt"), None, fields
+
+
+def _chat_prompt(messages) -> str:
+    """"role: content" lines, then "assistant:". No chat template is applied."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("body.messages must be a non-empty list of {role, content} objects")
+    lines = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"body.messages[{i}] must be an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"body.messages[{i}].content: only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"body.messages[{i}].content must be a string, got {json.dumps(content)}")
+        lines.append(f"{m['role']}: {content}")
+    return "\n".join(lines) + "\nassistant:"
+
+
+def _prompt(obj: dict, key: str) -> str | None:
+    if key not in obj:
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {json.dumps(value)}")
+    if not value:
+        raise ValueError(f"{key} is empty")
+    return value
+
+
+def _token_ids(obj: dict, key: str) -> tuple[int, ...] | None:
+    if key not in obj:
+        return None
+    value = obj[key]
+    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+        raise ValueError(f"{key} must be a list of integers, got {json.dumps(value)[:80]}")
+    if not value:
+        raise ValueError(f"{key} is empty")
+    return tuple(value)
+
+
+def _sampling(fields: dict) -> SamplingParams:
+    """The sampling fields of a line (types checked here, values by SamplingParams); null = absent."""
+    kw = {}
+    for key, check, kind in (("max_tokens", _is_int, "an integer"), ("top_k", _is_int, "an integer"),
+                             ("seed", _is_int, "an integer"), ("temperature", _is_number, "a number"),
+                             ("top_p", _is_number, "a number"), ("ignore_eos", _is_bool, "a boolean")):
+        value = fields.get(key)
+        if value is not None and not check(value):
+            raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")
+        if value is not None:
+            kw[key] = value
+    stop = fields.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {json.dumps(fields['stop'])}")
+        kw["stop"] = tuple(stop)
+    stop_ids = fields.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {json.dumps(stop_ids)[:80]}")
+        kw["stop_token_ids"] = tuple(stop_ids)
+    kw.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    return SamplingParams(**kw)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+# -- output -------------------------------------------------------------------------------
+def result_record(request_id, text: str, token_ids: list[int], finish_reason: str, prompt_tokens: int) -> dict:
+    return {"id": request_id, "text": text, "token_ids": list(token_ids), "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens}
+
+
+def error_record(request_id, error: str) -> dict:
+    return {"id": request_id, "error": error}
+
+
+def recover_output(path: str | Path) -> set:
+    """Cuts a torn last line off an existing output file; returns the ids it already holds.
+
+    A torn line is one without its newline, or a last line that is not a JSON object with an id
+    (a crash can leave both). Any earlier bad line means the file is not ours: raise.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends in a newline
+    keep = len(data) - len(tail)
+    records = []
+    for n, raw in enumerate(lines, start=1):
+        record = _output_record(raw)
+        if record is None and n == len(lines):
+            keep -= len(raw) + 1  # a bad last line: torn before a later crash wrote its newline
+        elif record is None:
+            raise ValueError(f"{path}: line {n} is not a result line ({raw[:60]!r}); "
+                             f"is this another file? (refusing to append to it)")
+        else:
+            records.append(record)
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    return {r["id"] for r in records}
+
+
+def _output_record(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "id" in record else None
+
+
+class ResultWriter:
+    """Appends whole JSON lines: one os.write per line on an O_APPEND fd; fsync in batches."""
+
+    def __init__(self, path: str | Path, fsync_every: int = 64, fsync_interval_s: float = 1.0):
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fsync_every, self._fsync_interval_s = fsync_every, fsync_interval_s
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write (huge line, full disk): finish it; recovery cuts a torn tail
+            written += os.write(self._fd, data[written:])
+        self._unsynced += 1
+        if self._unsynced >= self._fsync_every or time.monotonic() - self._last_sync >= self._fsync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._fd)
+        self._unsynced, self._last_sync = 0, time.monotonic()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
