@@ -1,0 +1,193 @@
+"""Offline batch inference: a JSONL file of requests through one engine or a running router.
+
+    requests = read_requests(input)       # every line -> BatchRequest | BadLine, unique ids
+    done     = recover_output(output)     # cut a torn tail; the ids a previous run finished
+    bad lines not yet done -> {"id", "error"} lines at once
+    backend.run(the rest, recorder)       # recorder appends one line per finished request
+
+Backends:
+- InProcessBackend: ONE ColocatedEngine with continuous batching. Up to `max_in_flight`
+  requests are added at a time (twice the engine's batch by default, so the scheduler
+  always has the next ones waiting when a slot or pages free up); each step() emits
+  tokens, and a request that finishes is released and written at once, so its line is
+  on disk while the rest keep running. A request the engine rejects (ValueError: empty,
+  token ids outside the vocabulary, longer than the context or the page pool) becomes
+  an error line.
+- RemoteBackend: `concurrency` threads each run Client.generate; the calling thread
+  writes lines as calls complete (one writer, no lock). INVALID_ARGUMENT/OUT_OF_RANGE
+  describe the request and become error lines; any other failure (router down, deadline)
+  stops the run with BatchAborted, so a re-run retries those requests instead of
+  recording a transient failure as the answer.
+
+Crash safety lives in batch_io: each line is one append, and the next run cuts a torn
+tail and skips the ids present, so after any crash no request is repeated and none lost.
+Test with a small model: run a file, kill -9 mid-way, re-run, compare with the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from splitserve.runtime.batch_io import (
+    BadLine, BatchRequest, ResultWriter, error_record, read_requests, recover_output, result_record,
+)
+from splitserve.runtime.request import Completion
+
+
+class BatchAborted(RuntimeError):
+    """A failure that is not about one request (e.g. the router went away): stop, resume later."""
+
+
+@dataclasses.dataclass
+class BatchStats:
+    done: int = 0  # results written by this run
+    errors: int = 0  # error lines written by this run
+    skipped: int = 0  # lines already in the output file
+    output_tokens: int = 0
+    wall_s: float = 0.0  # from the first line written to the last (model load excluded)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (f"batch: {self.done} done, {self.errors} errors, {self.skipped} skipped (already in the output), "
+                f"{self.output_tokens} output tokens in {self.wall_s:.2f} s: {self.requests_per_s:.2f} requests/s, "
+                f"{self.tokens_per_s:.1f} tokens/s")
+
+    def to_json_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), requests_per_s=self.requests_per_s, tokens_per_s=self.tokens_per_s)
+
+
+class Recorder:
+    """Writes each outcome as one output line and counts it (stats and progress bar)."""
+
+    def __init__(self, writer: ResultWriter, stats: BatchStats, bar: tqdm):
+        self._writer, self.stats, self._bar = writer, stats, bar
+        self._start = time.perf_counter()
+
+    def completed(self, request: BatchRequest, completion: Completion) -> None:
+        self._writer.write(result_record(request.id, completion.text, completion.token_ids, completion.finish_reason,
+                                         len(completion.prompt_token_ids)))
+        self.stats.done += 1
+        self.stats.output_tokens += len(completion.token_ids)
+        self._tick()
+
+    def error(self, request_id, line: int, message: str) -> None:
+        self._writer.write(error_record(request_id, f"line {line}: {message}"))
+        self.stats.errors += 1
+        self._tick()
+
+    def _tick(self) -> None:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{self.stats.output_tokens / elapsed:.1f} tok/s, {self.stats.errors} errors",
+                                  refresh=False)
+        self._bar.update(1)
+
+
+class Backend(Protocol):
+    def run(self, requests: list[BatchRequest], recorder: Recorder) -> None: ...
+
+
+def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend, *,
+              progress: bool = True) -> BatchStats:
+    """Runs every line of `input_path` not yet in `output_path`; appends one line per input line."""
+    items = read_requests(input_path)
+    done = recover_output(output_path)
+    todo = [item for item in items if item.id not in done]
+    stats = BatchStats(skipped=len(items) - len(todo))
+    with ResultWriter(output_path) as writer, tqdm(total=len(todo), unit="req", file=sys.stderr,
+                                                  disable=not progress, dynamic_ncols=True) as bar:
+        recorder = Recorder(writer, stats, bar)
+        start = time.perf_counter()
+        try:
+            for bad in (item for item in todo if isinstance(item, BadLine)):
+                recorder.error(bad.id, bad.line, bad.error)
+            backend.run([item for item in todo if isinstance(item, BatchRequest)], recorder)
+        finally:
+            stats.wall_s = time.perf_counter() - start
+    return stats
+
+
+class InProcessBackend:
+    def __init__(self, engine, max_in_flight: int | None = None):
+        """engine: a ColocatedEngine. max_in_flight: requests added at once (default 2x its batch)."""
+        self.engine = engine
+        self.max_in_flight = max_in_flight or 2 * engine.config.max_batch
+
+    def run(self, requests: list[BatchRequest], recorder: Recorder) -> None:
+        queue = collections.deque(requests)
+        in_flight: dict[str, BatchRequest] = {}  # engine request id -> request
+        while queue or in_flight:
+            self._fill(queue, in_flight, recorder)
+            if in_flight and not self.engine.has_unfinished():
+                raise RuntimeError(f"engine idle with {len(in_flight)} requests in flight")
+            for event in self.engine.step() if in_flight else ():
+                if event.finish_reason is not None:
+                    recorder.completed(in_flight.pop(event.request_id), self.engine.release(event.request_id))
+
+    def _fill(self, queue: collections.deque, in_flight: dict, recorder: Recorder) -> None:
+        while queue and len(in_flight) < self.max_in_flight:
+            request = queue.popleft()
+            try:
+                in_flight[self.engine.add_request(self._prompt_ids(request), request.params)] = request
+            except ValueError as e:
+                recorder.error(request.id, request.line, str(e))
+
+    def _prompt_ids(self, request: BatchRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        tokenizer = self.engine.model.tokenizer
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer: give prompt_token_ids instead of prompt")
+        return tokenizer.encode(request.prompt)
+
+
+class RemoteBackend:
+    def __init__(self, client, concurrency: int = 32):
+        """client: a splitserve.runtime.client.Client (thread-safe); concurrency: calls in flight."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.client, self.concurrency = client, concurrency
+
+    def run(self, requests: list[BatchRequest], recorder: Recorder) -> None:
+        import grpc
+
+        from splitserve.runtime.client import SplitserveError
+
+        request_errors = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch") as pool:
+            futures = {pool.submit(self._generate, r): r for r in requests}
+            try:
+                for future in as_completed(futures):
+                    request = futures[future]
+                    try:
+                        completion = future.result()
+                    except SplitserveError as e:
+                        if e.code not in request_errors:
+                            raise BatchAborted(f"request {request.id!r} (line {request.line}) failed: {e}") from e
+                        recorder.error(request.id, request.line, f"{e.code.name}: {e.message}")
+                    else:
+                        recorder.completed(request, completion)
+            finally:
+                for future in futures:
+                    future.cancel()  # no-op for finished ones; queued ones never start
+
+    def _generate(self, request: BatchRequest) -> Completion:
+        p = request.params
+        token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
+        return self.client.generate(request.prompt, token_ids=token_ids, max_tokens=p.max_tokens,
+                                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                                    stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)

@@ -1,0 +1,134 @@
+"""`splitserve batch` / `python scripts/batch_infer.py`: offline batch inference over a JSONL file.
+
+Flags map onto batch_runner's backends; the loop, the file handling and resume live there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Run every request of a JSONL file and append one result line per request to the output.
+
+Input lines, either format:
+  {"id": "a", "prompt": "text", "max_tokens": 32, "temperature": 0, "top_p": 1, "top_k": 0,
+   "seed": 1, "stop": ["\\n"], "stop_token_ids": [2], "ignore_eos": false}
+  {"id": 7, "prompt_token_ids": [1, 260, 386]}
+  {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+   "body": {"prompt": "text", "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": "."}}
+  {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+   "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}}
+Chat messages are joined as "role: content" lines followed by "assistant:"; NO chat template is
+applied. Absent fields take splitserve's defaults: max_tokens 16, greedy (temperature 0) --
+not OpenAI's temperature 1.
+
+Output lines: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}, or {"id", "error"}
+for a line that cannot run (the error names the problem and the input line). Every input line
+gives exactly one output line; a line without a usable id (bad JSON, no id, a duplicate id)
+gets the id "line-N". Lines are written as requests finish, so the order differs from the
+input: match on id. Blank input lines are ignored.
+
+Resume: re-run with the same --output after a crash or Ctrl-C; ids already in the file are
+skipped and a torn last line is cut off first, so nothing is repeated and nothing lost.
+"""
+
+IN_PROCESS_DEFAULTS = dict(max_batch=16, page_size=16, num_pages=1024, dtype="auto", mesh="tp=1", platform=None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="JSONL file of requests")
+    p.add_argument("--output", required=True, help="JSONL file to append results to (resumed if it exists)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="run in this process: HF directory, Orbax checkpoint, or 'demo'")
+    where.add_argument("--address", help="HOST:PORT of a running router")
+    p.add_argument("--api-key", help="API key for the router (with --address)")
+    p.add_argument("--concurrency", type=int, help="requests in flight to the router (with --address; default 32)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (in-process; default 16)")
+    p.add_argument("--page-size", type=int, help="KV cache page size in tokens (in-process; default 16)")
+    p.add_argument("--num-pages", type=int, help="KV cache pages (in-process; default 1024)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="serving dtype (in-process; default auto)")
+    p.add_argument("--mesh", help="mesh, e.g. tp=2 (in-process; default tp=1)")
+    p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (in-process; default JAX's choice)")
+    p.add_argument("--json-summary", help="also write the summary as JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("batch", help="offline batch inference over a JSONL file (in-process or via a router)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def build_parser(prog: str = "batch_infer.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    from splitserve.runtime.batch_runner import BatchAborted, run_batch
+
+    try:
+        backend, close = _remote_backend(args) if args.address else _in_process_backend(args)
+    except ValueError as e:
+        raise SystemExit(f"splitserve batch: {e}")
+    try:
+        stats = run_batch(args.input, args.output, backend, progress=not args.no_progress)
+    except BatchAborted as e:
+        raise SystemExit(f"splitserve batch: stopped: {e}\nre-run the same command to resume")
+    except (OSError, ValueError) as e:  # unreadable input, an output file that is not ours
+        raise SystemExit(f"splitserve batch: {e}")
+    finally:
+        close()
+    print(stats.summary_line())
+    if args.json_summary:
+        with open(args.json_summary, "w") as f:
+            json.dump(stats.to_json_dict(), f, indent=2)
+    return 0
+
+
+def _in_process_backend(args):
+    given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key") if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --address")
+    for key, default in IN_PROCESS_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    from splitserve.models.sharding import MeshConfig
+    from splitserve.runtime.platform_setup import configure_jax
+
+    mesh_config = MeshConfig.parse(args.mesh)
+    configure_jax(args.platform, cpu_devices=mesh_config.tp)
+
+    from splitserve.runtime.batch_runner import InProcessBackend
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.in_process import load_for_serving
+
+    model = load_for_serving(args.model, mesh_config, args.dtype)
+    engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=args.num_pages,
+                                                 max_batch=args.max_batch,
+                                                 max_prefill_batch=min(8, args.max_batch)))
+    return InProcessBackend(engine), lambda: None
+
+
+def _remote_backend(args):
+    given = [f"--{k.replace('_', '-')}" for k in IN_PROCESS_DEFAULTS if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --model (in-process)")
+    from splitserve.runtime.batch_runner import RemoteBackend
+    from splitserve.runtime.client import Client
+
+    client = Client(args.address, api_key=args.api_key)
+    return RemoteBackend(client, 32 if args.concurrency is None else args.concurrency), client.close
+
+
+if __name__ == "__main__":
+    sys.exit(main())
