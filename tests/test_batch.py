@@ -1,0 +1,265 @@
+"""Offline batch inference: file formats, continuous batching, kill -9 and resume, router mode."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stack import launched
+from splitserve.runtime.batch_io import BadLine, parse_line, read_requests, recover_output
+from splitserve.runtime.batch_runner import InProcessBackend, run_batch
+from splitserve.runtime.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_PROMPT = "system: Be brief.\nuser: Hi there\nassistant:"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("batch-cache"))
+    os.environ["SPLITSERVE_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(cache):
+    from splitserve.models.sharding import MeshConfig
+    from splitserve.runtime.in_process import load_for_serving
+
+    return load_for_serving("demo", MeshConfig(1))
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """reference(prompt text or ids, params) -> Completion from a plain ColocatedEngine.generate."""
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=512, max_batch=16))
+
+    def generate(prompts, params):
+        ids = [model.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return engine.generate(ids, params)
+
+    return generate
+
+
+def batch_engine(model, max_batch=4):
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+
+    return ColocatedEngine(model, EngineConfig(page_size=8, num_pages=256, max_batch=max_batch,
+                                               max_prefill_batch=min(4, max_batch)))
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def read_output(path: Path) -> dict:
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n"), "torn last line"
+    records = [json.loads(line) for line in raw.decode().splitlines()]  # every line parses
+    by_id = {}
+    for r in records:
+        assert r["id"] not in by_id, f"id {r['id']!r} written twice"
+        by_id[r["id"]] = r
+    return by_id
+
+
+# -- parsing ------------------------------------------------------------------------------
+def test_openai_lines_map_onto_requests():
+    completion = parse_line(json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/completions", "body": {
+        "model": "x", "prompt": "Hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
+        "stop": "."}}), 1)
+    assert completion.id == "c1" and completion.prompt == "Hello"
+    assert completion.params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=(".",))
+    tokens = parse_line(json.dumps({"custom_id": 5, "url": "/v1/completions", "body": {"prompt": [1, 2, 3]}}), 2)
+    assert tokens.prompt_token_ids == (1, 2, 3) and tokens.params.max_tokens == 16
+    chat = parse_line(json.dumps({"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}],
+        "max_completion_tokens": 4}}), 3)
+    assert chat.prompt == CHAT_PROMPT and chat.params.max_tokens == 4
+
+
+@pytest.mark.parametrize("line, error", [
+    ('{"id": "a", "prompt": "x", "max_token": 3}', "unknown field max_token"),
+    ('{"id": "a", "prompt": "x", "ignore_eos": 1}', "ignore_eos must be a boolean"),
+    ('{"id": true, "prompt": "x"}', "id must be a non-empty string or an integer"),
+    ('{"id": "a", "prompt_token_ids": [1, "2"]}', "prompt_token_ids must be a list of integers"),
+    ('{"id": "a", "prompt": "x", "prompt_token_ids": [1]}', "only one of prompt and prompt_token_ids"),
+    ('{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url must be one of"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 2}}', "body.n must be 1"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 2}}',
+     "unknown field body.logprobs"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_lines_name_the_problem(line, error):
+    with pytest.raises(ValueError, match=error):
+        parse_line(line, 1)
+
+
+def test_synthetic_ids_never_collide_with_real_ones(tmp_path):
+    items = read_requests(write_lines(tmp_path / "in.jsonl", [
+        {"id": "line-2", "prompt": "a"}, "not json", "", {"id": "line-2", "prompt": "b"}]))
+    assert [i.id for i in items] == ["line-2", "line-2'", "line-4"]  # the blank line 3 is not a request
+    assert isinstance(items[2], BadLine) and "duplicate id" in items[2].error
+
+
+def test_recover_output_cuts_only_a_torn_tail(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a", "error": "x"}\n{"id": 2, "text": "ok"}\n{"id": "c", "te')
+    assert recover_output(out) == {"a", 2}
+    assert out.read_bytes() == b'{"id": "a", "error": "x"}\n{"id": 2, "text": "ok"}\n'
+    out.write_bytes(b'{"id": "a", "error": "x"}\n{"id": "b", "te\n')  # newline written, JSON torn
+    assert recover_output(out) == {"a"} and out.read_bytes() == b'{"id": "a", "error": "x"}\n'
+    out.write_bytes(b'garbage\n{"id": "a", "error": "x"}\n')
+    with pytest.raises(ValueError, match="line 1 is not a result line"):
+        recover_output(out)
+
+
+# -- in-process ---------------------------------------------------------------------------
+def mixed_lines():
+    """(line, expected): expected is ("ok", prompt text or ids, params) or ("error", id, message part)."""
+    cases = []
+    for i in range(8):
+        p = SamplingParams(max_tokens=6 + i, ignore_eos=True)
+        cases.append(({"id": f"t{i}", "prompt": f"The weather on day {i} is", "max_tokens": p.max_tokens,
+                       "ignore_eos": True}, ("ok", f"The weather on day {i} is", p)))
+    for i in range(6):
+        ids = [1] + [(37 * i + 11 * k) % 2000 + 3 for k in range(5 + 7 * i)]
+        cases.append(({"id": 100 + i, "prompt_token_ids": ids, "max_tokens": 12, "temperature": 0},
+                      ("ok", ids, SamplingParams(max_tokens=12))))
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+    cases.append(({"id": "s", "prompt": "Once upon", "max_tokens": 10, "temperature": 0.8, "top_p": 0.9,
+                   "top_k": 50, "seed": 7}, ("ok", "Once upon", sampled)))
+    cases.append(({"custom_id": "oa1", "method": "POST", "url": "/v1/completions",
+                   "body": {"model": "demo", "prompt": "A story about", "max_tokens": 9}},
+                  ("ok", "A story about", SamplingParams(max_tokens=9))))
+    cases.append(({"custom_id": "oa2", "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Hi there"}]}},
+                  ("ok", CHAT_PROMPT, SamplingParams(max_tokens=16))))
+    cases.append(({"custom_id": "oa3", "url": "/v1/completions", "body": {"prompt": [1, 5, 9], "max_tokens": 5,
+                                                                          "ignore_eos": True}},
+                  ("ok", [1, 5, 9], SamplingParams(max_tokens=5, ignore_eos=True))))
+    cases.append(({"id": "stop", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"]},
+                  ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",)))))
+    cases += [
+        ('{"id": "broken", "prompt": ', ("error", "line-{n}", "invalid JSON")),
+        ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
+        ({"id": "mt", "prompt": "x", "max_tokens": "ten"}, ("error", "mt", "max_tokens must be an integer")),
+        ({"id": "temp", "prompt": "x", "temperature": [1]}, ("error", "temp", "temperature must be a number")),
+        ({"id": "empty", "prompt": ""}, ("error", "empty", "prompt is empty")),
+        ({"id": "noids", "prompt_token_ids": []}, ("error", "noids", "prompt_token_ids is empty")),
+        ({"id": "t0", "prompt": "again"}, ("error", "line-{n}", 'duplicate id "t0"')),
+        ({"id": "nop", "max_tokens": 3}, ("error", "nop", "missing prompt")),
+        ({"prompt": "no id"}, ("error", "line-{n}", "missing 'id'")),
+        ({"id": "vocab", "prompt_token_ids": [1, 5000]}, ("error", "vocab", "outside the vocabulary")),
+        ({"id": "ctx", "prompt": "x", "max_tokens": 4000}, ("error", "ctx", "exceeds the model's context")),
+        ({"id": "seed", "prompt": "x", "seed": -1}, ("error", "seed", "seed must be in")),
+    ]
+    return cases
+
+
+def check_against_reference(out: dict, cases, reference) -> None:
+    ok = [(line, exp) for line, exp in cases if exp[0] == "ok"]
+    expected = [reference([exp[1]], exp[2])[0] for _, exp in ok]
+    for (line, _), want in zip(ok, expected):
+        got = out[line.get("id", line.get("custom_id"))]
+        assert got["token_ids"] == want.token_ids and got["text"] == want.text, line
+        assert got["finish_reason"] == want.finish_reason and got["prompt_tokens"] == len(want.prompt_token_ids)
+
+
+def test_in_process_mixed_file(tmp_path, model, reference):
+    cases = mixed_lines()
+    src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
+    stats = run_batch(src, tmp_path / "out.jsonl", InProcessBackend(batch_engine(model)), progress=False)
+    out = read_output(tmp_path / "out.jsonl")
+    errors = [(n, exp) for n, (_, exp) in enumerate(cases, start=1) if exp[0] == "error"]
+    assert len(out) == len(cases) and stats.done + stats.errors == len(cases) and stats.errors == len(errors)
+    for n, (_, request_id, message) in errors:
+        record = out[request_id.format(n=n)]
+        assert message in record["error"] and record["error"].startswith(f"line {n}: "), record
+    check_against_reference(out, cases, reference)
+    assert out["stop"]["finish_reason"] == "stop" and "ady" not in out["stop"]["text"]
+    assert stats.output_tokens == sum(len(r.get("token_ids", [])) for r in out.values())
+
+
+def test_torn_tail_is_cut_and_redone(tmp_path, model, reference):
+    cases = mixed_lines()[:6]
+    src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
+    out = tmp_path / "out.jsonl"
+    run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False)
+    lines = out.read_bytes().splitlines(keepends=True)
+    torn_id = json.loads(lines[3])["id"]
+    out.write_bytes(b"".join(lines[:3]) + lines[3][:25])  # a crash mid-line: no newline
+    stats = run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False)
+    assert stats.skipped == 3 and stats.done == 3
+    records = read_output(out)
+    assert set(records) == {line["id"] for line, _ in cases} and torn_id in records
+    check_against_reference(records, cases, reference)
+
+
+# -- kill -9 and resume -------------------------------------------------------------------
+def test_sigkill_mid_file_then_resume(tmp_path, cache, reference):
+    prompts = [f"Request number {i} says" for i in range(60)]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    src = write_lines(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": p, "max_tokens": 48, "ignore_eos": True}
+                                              for i, p in enumerate(prompts)])
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, str(REPO / "scripts" / "batch_infer.py"), "--model", "demo", "--input", str(src),
+           "--output", str(out), "--max-batch", "2", "--platform", "cpu", "--no-progress"]
+    env = dict(os.environ, SPLITSERVE_CACHE=cache, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 6):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no results written within 60 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = out.read_bytes().count(b"\n")
+    assert first < len(prompts), "the run finished before it was killed; make it longer"
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    skipped = int(rerun.stdout.split(" skipped")[0].rsplit(", ", 1)[1].split()[0])
+    assert first <= skipped < len(prompts)  # lines cut as torn, if any, were redone
+    records = read_output(out)
+    assert set(records) == {f"r{i}" for i in range(len(prompts))}
+    expected = reference(prompts, params)
+    for i, want in enumerate(expected):
+        assert records[f"r{i}"]["token_ids"] == want.token_ids and records[f"r{i}"]["text"] == want.text
+
+
+def test_script_runs_as_a_module_with_the_same_flags():
+    help_text = subprocess.run([sys.executable, "-m", "splitserve.scripts.batch_infer", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "--concurrency" in help_text and "no chat template" in help_text.lower()
+
+
+# -- router -------------------------------------------------------------------------------
+def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
+    from splitserve.runtime.cli_batch import main
+
+    cases = [(line, exp) for line, exp in mixed_lines()
+             if exp[0] == "ok" and exp[2].temperature == 0 or exp[1] in ("tp", "vocab")]
+    src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
+    out = tmp_path / "out.jsonl"
+    with launched("demo", "--num-pages", "256", "--page-size", "8") as stack:
+        with pytest.raises(SystemExit, match="--mesh only apply with --model"):
+            main(["--address", stack.address, "--input", str(src), "--output", str(out), "--mesh", "tp=2"])
+        assert main(["--address", stack.address, "--input", str(src), "--output", str(out),
+                     "--concurrency", "4", "--no-progress"]) == 0
+    records = read_output(out)
+    assert len(records) == len(cases)
+    assert "top_p" in records["tp"]["error"] and "INVALID_ARGUMENT" in records["vocab"]["error"]
+    check_against_reference(records, cases, reference)
