@@ -78,7 +78,7 @@ def run(args) -> int:
 
     try:
         backend, close = _remote_backend(args) if args.address else _in_process_backend(args)
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # a bad flag value, a model that does not load
         raise SystemExit(f"splitserve batch: {e}")
     try:
         stats = run_batch(args.input, args.output, backend, progress=not args.no_progress)
@@ -98,7 +98,7 @@ def run(args) -> int:
 def _in_process_backend(args):
     given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key") if getattr(args, k) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} only apply with --address")
+        raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --address")
     for key, default in IN_PROCESS_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
@@ -122,7 +122,8 @@ def _in_process_backend(args):
 def _remote_backend(args):
     given = [f"--{k.replace('_', '-')}" for k in IN_PROCESS_DEFAULTS if getattr(args, k) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} only apply with --model (in-process)")
+        verb = "apply" if len(given) > 1 else "applies"
+        raise ValueError(f"{', '.join(given)} {verb} only with --model (in-process)")
     from splitserve.runtime.batch_runner import RemoteBackend
     from splitserve.runtime.client import Client
 

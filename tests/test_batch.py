@@ -255,7 +255,7 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
     out = tmp_path / "out.jsonl"
     with launched("demo", "--num-pages", "256", "--page-size", "8") as stack:
-        with pytest.raises(SystemExit, match="--mesh only apply with --model"):
+        with pytest.raises(SystemExit, match="--mesh applies only with --model"):
             main(["--address", stack.address, "--input", str(src), "--output", str(out), "--mesh", "tp=2"])
         assert main(["--address", stack.address, "--input", str(src), "--output", str(out),
                      "--concurrency", "4", "--no-progress"]) == 0

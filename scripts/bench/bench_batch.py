@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                    ratio=single_s / row["wall_s"])
     print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, "
           f"{args.max_tokens} output tokens each, greedy; outputs equal across modes")
-    print(f"| mode | wall s | requests/s | output tokens/s | vs one at a time |\n|---|---|---|---|---|")
+    print("| mode | wall s | requests/s | output tokens/s | vs one at a time |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['mode']} | {row['wall_s']:.2f} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} "
               f"| {row['ratio']:.2f}x |")
