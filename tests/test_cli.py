@@ -55,7 +55,11 @@ def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
 
 def test_help_lists_commands_and_flags(cache):
     top = run_cli("--help", cache=cache)
-    assert top.returncode == 0 and "generate" in top.stdout and "convert" in top.stdout
+    assert top.returncode == 0
+    for command in ("demo", "generate", "batch", "launch", "router", "prefill-worker", "decode-worker",
+                    "colocated-worker", "convert"):
+        assert command in top.stdout
+        assert run_cli(command, "--help", cache=cache).returncode == 0
     gen = run_cli("generate", "--help", cache=cache)
     for flag in ("--model", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop",
                  "--ignore-eos", "--prompt-ids", "--json", "--dtype"):
