@@ -30,6 +30,13 @@ __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "Splitse
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
 
+def _retry_delay(error: grpc.RpcError, received: bool, attempt: int, max_retries: int) -> float | None:
+    """Seconds to wait before retrying, or None: only UNAVAILABLE before the first token is safe."""
+    if received or error.code() is not grpc.StatusCode.UNAVAILABLE or attempt >= max_retries:
+        return None
+    return RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+
+
 def _credentials(tls) -> grpc.ChannelCredentials | None:
     if tls is None or tls is False:
         return None
@@ -114,11 +121,10 @@ class Client:
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as e:
-                retry = (not received and e.code() is grpc.StatusCode.UNAVAILABLE
-                         and attempt < self._opts.max_retries)
-                if not retry:
+                delay = _retry_delay(e, received, attempt, self._opts.max_retries)
+                if delay is None:
                     raise SplitserveError.from_rpc(e) from None
-                time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+                time.sleep(delay)
             finally:
                 call.cancel()  # no-op when finished; cancels on the server when the caller stopped early
 
@@ -209,11 +215,10 @@ class AsyncClient:
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as e:
-                retry = (not received and e.code() is grpc.StatusCode.UNAVAILABLE
-                         and attempt < self._opts.max_retries)
-                if not retry:
+                delay = _retry_delay(e, received, attempt, self._opts.max_retries)
+                if delay is None:
                     raise SplitserveError.from_rpc(e) from None
-                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+                await asyncio.sleep(delay)
             finally:
                 call.cancel()
 
