@@ -57,8 +57,13 @@ class _Options:
         self.credentials = _credentials(tls)
         self.metadata = _metadata(api_key)
 
-    def request(self, prompt, token_ids, kw) -> serving_pb2.GenerateRequest:
-        return build_request(prompt, token_ids, request_id=kw.pop("request_id", "") or uuid.uuid4().hex[:16], **kw)
+    def prepare(self, prompt, token_ids, timeout, sampling) -> tuple[serving_pb2.GenerateRequest, float | None]:
+        """The Generate request and its deadline, for the sync and async streams alike."""
+        kw = _sampling_kwargs(**sampling)
+        request_id = kw.pop("request_id", "") or uuid.uuid4().hex[:16]
+        ids = list(token_ids) if token_ids is not None else None
+        request = build_request(prompt, ids, request_id=request_id, **kw)
+        return request, timeout if timeout is not None else self.timeout
 
 
 def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
@@ -109,9 +114,7 @@ class Client:
             >>> for chunk in Client("127.0.0.1:50051").stream(token_ids=[1, 5, 9], max_tokens=4):  # doctest: +SKIP
             ...     print(chunk.token_ids, chunk.finish_reason)
         """
-        request = self._opts.request(prompt, list(token_ids) if token_ids is not None else None,
-                                     _sampling_kwargs(**sampling))
-        deadline = timeout if timeout is not None else self._opts.timeout
+        request, deadline = self._opts.prepare(prompt, token_ids, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
             call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
             received = False
@@ -203,9 +206,7 @@ class AsyncClient:
         """Async iterator of Chunks; leaving the loop early cancels the request on the server."""
         import asyncio
 
-        request = self._opts.request(prompt, list(token_ids) if token_ids is not None else None,
-                                     _sampling_kwargs(**sampling))
-        deadline = timeout if timeout is not None else self._opts.timeout
+        request, deadline = self._opts.prepare(prompt, token_ids, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
             call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
             received = False
