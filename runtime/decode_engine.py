@@ -69,6 +69,9 @@ class DecodeEngine:
             out = self._outputs.pop(request_id, None)
             if out is not None:
                 out.put(StreamError(error) if error else END)
+            slot = self.scheduler.slots.get(request_id)
+            if slot is not None and slot.kv is not None:  # arrived, never inserted: reuse its buffers
+                self.runner.recycle_host_kv(slot.kv)
             return self.scheduler.release(request_id)
 
     def stats(self) -> dict:

@@ -40,16 +40,13 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         return internal_pb2.ReserveResponse(free_pages=free)
 
     def TransferKV(self, request_iterator, context):
+        """`request_iterator` yields raw KVChunk frames (see add_decode_service)."""
         header_seen: list[str] = []  # the request id, once the header has arrived
-
-        def chunks():
-            for chunk in request_iterator:
-                if not header_seen and chunk.WhichOneof("kind") == "header":
-                    header_seen.append(chunk.header.request_id)
-                yield chunk
-
         try:
-            header, k, v = receive_kv(chunks(), expected=self.expected)
+            runner = self.engine.runner
+            header, k, v = receive_kv(request_iterator, expected=self.expected, allocate=runner.staging.take,
+                                      pad_tokens=runner.padded_prompt_len,
+                                      on_header=lambda h: header_seen.append(h.request_id))
             self.engine.kv_arrived(header.request_id, (k, v), header.num_tokens, header.first_token)
         except KVTransferError as e:
             self._drop(header_seen[0] if header_seen else None, f"KV transfer rejected: {e}")
@@ -95,3 +92,34 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
     def Stats(self, request, context):
         return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
                                         **self.engine.stats())
+
+
+def add_decode_service(server: grpc.Server, servicer: DecodeService) -> None:
+    """Registers the Decode service like the generated `add_DecodeServicer_to_server`, except that
+    TransferKV hands the handler raw frames (no deserializer): runtime/kv_codec.py parses them
+    without copying the KV through protobuf. Clients call it with `transfer_kv_callable`."""
+    pb = internal_pb2
+    handlers = {
+        "Reserve": grpc.unary_unary_rpc_method_handler(
+            servicer.Reserve, pb.ReserveRequest.FromString, pb.ReserveResponse.SerializeToString),
+        "TransferKV": grpc.stream_unary_rpc_method_handler(
+            servicer.TransferKV, None, pb.TransferKVResponse.SerializeToString),
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            servicer.Stream, pb.DecodeRequest.FromString, pb.DecodeTokens.SerializeToString),
+        "Release": grpc.unary_unary_rpc_method_handler(
+            servicer.Release, pb.ReleaseRequest.FromString, pb.ReleaseResponse.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, pb.StatsRequest.FromString, pb.WorkerStats.SerializeToString),
+    }
+    if set(handlers) != {m.name for m in _DECODE_SERVICE.methods}:
+        raise RuntimeError("add_decode_service is out of date with protos/internal.proto")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_DECODE_SERVICE.full_name, handlers),))
+
+
+def transfer_kv_callable(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
+    """Decode/TransferKV taking encoded KVChunk frames (bytes) as its request stream."""
+    return channel.stream_unary(f"/{_DECODE_SERVICE.full_name}/TransferKV", request_serializer=None,
+                                response_deserializer=internal_pb2.TransferKVResponse.FromString)
+
+
+_DECODE_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["Decode"]

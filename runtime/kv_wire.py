@@ -1,4 +1,4 @@
-"""Layout-free KV wire format: one request's KV cache as a stream of KVChunk messages.
+"""Layout-free KV wire format: one request's KV cache as a stream of KVChunk frames.
 
     header                     request id, first token, num_layers, num_kv_heads, head_dim,
                                num_tokens, dtype (numpy name, e.g. "bfloat16")
@@ -18,23 +18,30 @@ payload straight into preallocated arrays, and tracks which (token, head) cells 
 once and the byte count and checksum match; any other outcome raises KVTransferError, so KV from
 a broken, partial or corrupted transfer is never returned.
 
-Pure numpy + protobuf: no JAX here.
+Frames are encoded and decoded by runtime/kv_codec.py (protobuf-compatible bytes, no copies of
+the payload through protobuf). Pure numpy + protobuf: no JAX here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy dtype names
 import numpy as np
 
 from splitserve.protos import internal_pb2
+from splitserve.runtime.kv_codec import (
+    ChunkView,
+    KVTransferError,
+    decode_chunk,
+    encode_header,
+    encode_payload,
+    encode_trailer,
+)
 
-
-class KVTransferError(ValueError):
-    """A KV stream that cannot be accepted: bad header, bad payload, missing data, bad checksum."""
+__all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "kv_chunks", "receive_kv"]
 
 
 # ---- sending ----------------------------------------------------------------------------------
@@ -47,8 +54,8 @@ def kv_chunks(
     v_layers: Sequence[np.ndarray],  # same shape and dtype as k_layers
     *,
     chunk_bytes: int = 1 << 20,
-) -> Iterator[internal_pb2.KVChunk]:
-    """Yields header, payload chunks (per layer, K then V) and trailer, one chunk at a time.
+) -> Iterator[bytes]:
+    """Yields header, payload chunks (per layer, K then V) and trailer as encoded KVChunk frames.
 
     Payloads cover whole token rows, `chunk_bytes // row_bytes` tokens each; a token row larger
     than chunk_bytes is split by KV-head range instead (one token per chunk). Only the current
@@ -61,9 +68,9 @@ def kv_chunks(
     return _chunks(request_id, first_token, list(k_layers), list(v_layers), shape, dtype, chunk_bytes)
 
 
-def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[internal_pb2.KVChunk]:
+def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[bytes]:
     num_tokens, num_kv_heads, head_dim = shape
-    yield internal_pb2.KVChunk(header=internal_pb2.KVHeader(
+    yield encode_header(internal_pb2.KVHeader(
         request_id=request_id, num_layers=len(k_layers), num_kv_heads=num_kv_heads,
         head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name, first_token=first_token))
 
@@ -74,10 +81,9 @@ def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_byt
                 data = _block_bytes(x_thd, t0, tc, h0, hc)
                 total += len(data)
                 crc = zlib.crc32(data, crc)
-                yield internal_pb2.KVChunk(payload=internal_pb2.KVPayload(
-                    layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
-                    token_start=t0, token_count=tc, data=data))
-    yield internal_pb2.KVChunk(trailer=internal_pb2.KVTrailer(total_bytes=total, crc32=crc))
+                yield encode_payload(layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
+                                     token_start=t0, token_count=tc, data=data)
+    yield encode_trailer(internal_pb2.KVTrailer(total_bytes=total, crc32=crc))
 
 
 def _check_layers(k_layers, v_layers) -> tuple[tuple[int, int, int], np.dtype]:
@@ -113,12 +119,16 @@ def _blocks(shape, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int, 
                 yield t0, 1, h0, min(heads, num_kv_heads - h0)
 
 
-def _block_bytes(x_thd: np.ndarray, t0: int, tc: int, h0: int, hc: int) -> bytes:
-    """The [tc, hc, head_dim] block at (t0, h0) as C-order bytes (a copy of just this block)."""
-    return x_thd[t0 : t0 + tc, h0 : h0 + hc].tobytes()
+def _block_bytes(x_thd: np.ndarray, t0: int, tc: int, h0: int, hc: int) -> memoryview:
+    """The [tc, hc, head_dim] block at (t0, h0) as C-order bytes; a view when the block is contiguous
+    (whole token rows of a C-order array), else a copy of just this block."""
+    block = np.ascontiguousarray(x_thd[t0 : t0 + tc, h0 : h0 + hc])
+    return memoryview(block.view(np.uint8).reshape(-1))
 
 
 # ---- receiving --------------------------------------------------------------------------------
+
+Allocate = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> an array to fill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +157,16 @@ class KVAssembler:
     Usage: `asm = KVAssembler.from_header(header, expected=...)`, `asm.add(payload)` for each
     payload, then `k_layers, v_layers = asm.finish(trailer)`. Any error is a KVTransferError and
     leaves the assembler failed: later calls raise too, and no KV is ever returned.
+
+    `allocate(shape, dtype)` provides the receive buffers (default np.empty; the decode worker
+    passes a reusable pool, runtime/host_staging.py). With `pad_tokens(num_tokens)` the buffers
+    have that many token rows and the returned layers are views of their first num_tokens rows
+    (`layer.base` is the padded buffer), so the receiver can insert them without restacking.
     """
 
     def __init__(self, header: internal_pb2.KVHeader, expected: KVLayoutExpectation, *,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, allocate: Allocate = np.empty,
+                 pad_tokens: Callable[[int], int] | None = None):
         _check_header(header, expected)
         self.header = header
         self.dtype = _dtype_from_name(header.dtype)
@@ -159,8 +175,11 @@ class KVAssembler:
         if max_bytes is not None and self.expected_bytes > max_bytes:
             raise KVTransferError(f"request {header.request_id}: KV of {self.expected_bytes} bytes exceeds "
                                   f"the limit of {max_bytes} bytes")
+        padded = shape if pad_tokens is None else (pad_tokens(header.num_tokens), *shape[1:])
+        if padded[0] < shape[0]:
+            raise ValueError(f"pad_tokens({shape[0]}) = {padded[0]} is smaller than the token count")
         # [layer][K=0 / V=1] -> [num_tokens, num_kv_heads, head_dim]; written[...] -> [tokens, heads]
-        self._kv = [[np.empty(shape, self.dtype) for _ in range(2)] for _ in range(header.num_layers)]
+        self._kv = [[allocate(padded, self.dtype)[: shape[0]] for _ in range(2)] for _ in range(header.num_layers)]
         self._written = np.zeros((header.num_layers, 2, header.num_tokens, header.num_kv_heads), bool)
         self.received_bytes = 0
         self._crc = 0
@@ -168,8 +187,8 @@ class KVAssembler:
 
     @classmethod
     def from_header(cls, header: internal_pb2.KVHeader, *, expected: KVLayoutExpectation,
-                    max_bytes: int | None = None) -> KVAssembler:
-        return cls(header, expected, max_bytes=max_bytes)
+                    max_bytes: int | None = None, **buffers) -> KVAssembler:
+        return cls(header, expected, max_bytes=max_bytes, **buffers)
 
     def add(self, payload: internal_pb2.KVPayload) -> None:
         """Validates one payload and writes it into place."""
@@ -240,29 +259,34 @@ class KVAssembler:
         self._state, self._kv = f"failed: {reason}", None  # drop the partial KV at once
 
 
-def receive_kv(chunks: Iterator[internal_pb2.KVChunk], *, expected: KVLayoutExpectation,
-               max_bytes: int | None = None) -> tuple[internal_pb2.KVHeader, list[np.ndarray], list[np.ndarray]]:
-    """Consumes a whole KV stream: (header, k_layers, v_layers), or KVTransferError.
+def receive_kv(frames: Iterable[bytes], *, expected: KVLayoutExpectation, max_bytes: int | None = None,
+               on_header: Callable[[internal_pb2.KVHeader], None] | None = None, **buffers,
+               ) -> tuple[internal_pb2.KVHeader, list[np.ndarray], list[np.ndarray]]:
+    """Consumes a whole KV stream of encoded KVChunk frames: (header, k_layers, v_layers), or KVTransferError.
 
     The stream must be header, payloads, trailer; one that ends early (no trailer) or has
-    anything after the trailer is rejected.
+    anything after the trailer is rejected. `on_header` sees the header once it has arrived
+    (before it is validated), so the caller can clean up for that request if the rest fails.
     """
-    chunks = iter(chunks)
-    first = next(chunks, None)
-    if first is None or first.WhichOneof("kind") != "header":
+    frames = iter(frames)
+    first = next(frames, None)
+    first = None if first is None else decode_chunk(first)
+    if first is None or first.kind != "header":
         raise KVTransferError("the KV stream must start with a header")
-    assembler = KVAssembler.from_header(first.header, expected=expected, max_bytes=max_bytes)
+    if on_header is not None:
+        on_header(first.header)
+    assembler = KVAssembler.from_header(first.header, expected=expected, max_bytes=max_bytes, **buffers)
     result = None
-    for chunk in chunks:
-        kind = chunk.WhichOneof("kind")
+    for frame in frames:
+        chunk: ChunkView = decode_chunk(frame)
         if result is not None:
-            raise KVTransferError(f"request {first.header.request_id}: {kind!r} chunk after the trailer")
-        if kind == "payload":
+            raise KVTransferError(f"request {first.header.request_id}: {chunk.kind!r} chunk after the trailer")
+        if chunk.kind == "payload":
             assembler.add(chunk.payload)
-        elif kind == "trailer":
+        elif chunk.kind == "trailer":
             result = assembler.finish(chunk.trailer)
         else:
-            raise KVTransferError(f"request {first.header.request_id}: unexpected {kind!r} chunk after the header")
+            raise KVTransferError(f"request {first.header.request_id}: unexpected {chunk.kind!r} chunk after the header")
     if result is None:
         raise KVTransferError(f"request {first.header.request_id}: the KV stream ended without a trailer")
     return first.header, result[0], result[1]

@@ -22,6 +22,7 @@ from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, i
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import bucket
+from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.sampling import SamplingArrays, sample
 
@@ -74,6 +75,9 @@ class ModelRunner:
         )
         cache_axes = ("kv_heads", "pages", "page_slot", "head_dim")
         self.cache = allocate_cache(self.cache_spec, named_sharding(cache_axes, self.cache_spec.page_shape, model.mesh))
+        # Receive buffers for transferred KV: up to two longest prompts' worth kept for reuse.
+        bytes_per_token = self.cache_spec.bytes_per_page // config.page_size
+        self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
         impl = config.attention_impl
         mesh = model.mesh
         self._prefill = jax.jit(functools.partial(_prefill_and_sample, model.graphdef, impl, mesh))
@@ -83,8 +87,7 @@ class ModelRunner:
     # -- shapes ---------------------------------------------------------------------------
     def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:
         batch = bucket(len(lengths), minimum=1, maximum=max(self.config.max_prefill_batch, len(lengths)))
-        seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
-        return batch, seq
+        return batch, self.padded_prompt_len(max(lengths))
 
     def page_table(self, page_lists: list[list[int]], batch: int) -> np.ndarray:
         width = bucket(max(len(p) for p in page_lists), minimum=min(self.config.min_page_table_width,
@@ -178,22 +181,32 @@ class ModelRunner:
 
     def _insert_host_kv(self, kvs: list[tuple[list[np.ndarray], list[np.ndarray]]],
                         page_lists: list[list[int]], lengths: list[int]) -> None:
-        batch = bucket(len(kvs), minimum=1, maximum=max(self.config.max_prefill_batch, len(kvs)))
-        seq = bucket(max(lengths), minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
+        """Inserts transferred KV one request at a time, straight from its receive buffers when they
+        are already padded to the prompt bucket (see padded_prompt_len), then recycles them."""
         kv_source = self.model.layout.kv_source
-        shape = (batch, seq, len(kv_source), self.cache_spec.head_dim)
+        identity_heads = list(kv_source) == list(range(len(kv_source)))
+        for (k_layers, v_layers), pages, length in zip(kvs, page_lists, lengths):
+            seq = self.padded_prompt_len(length)
 
-        def stacked(which: int, layer: int):
-            out = np.zeros(shape, self.cache_spec.dtype)
-            for row, kv in enumerate(kvs):
-                host = kv[which][layer]
-                out[row, : host.shape[0]] = expand_to_serving_heads(host, kv_source)
-            return out
+            def padded(host):  # [length, model's kv_heads, head_dim] -> [1, seq, serving kv_heads, head_dim]
+                if identity_heads and host.base is not None and host.base.shape[0] == seq:
+                    return host.base[None]  # the receive buffer itself: no host copy
+                out = np.zeros((1, seq, len(kv_source), self.cache_spec.head_dim), self.cache_spec.dtype)
+                out[0, : host.shape[0]] = expand_to_serving_heads(host, kv_source)
+                return out
 
-        layers = range(self.cache_spec.num_layers)
-        ks = tuple(stacked(0, layer) for layer in layers)
-        vs = tuple(stacked(1, layer) for layer in layers)
-        padded_lengths = np.zeros((batch,), np.int32)
-        padded_lengths[: len(lengths)] = lengths
-        self.insert(ks, vs, page_lists, padded_lengths)
+            ks, vs = tuple(padded(x) for x in k_layers), tuple(padded(x) for x in v_layers)
+            self.insert(ks, vs, [pages], np.array([length], np.int32))
+            jax.block_until_ready(self.cache)  # the device has its copy: the buffers may be reused
+            self.recycle_host_kv((k_layers, v_layers))
 
+    def recycle_host_kv(self, kv) -> None:
+        """Returns the receive buffers of transferred KV (from kv_wire.receive_kv) to the pool."""
+        if isinstance(kv, PrefilledRow):
+            return  # on the device: nothing to recycle
+        k_layers, v_layers = kv
+        self.staging.give_back([x.base for x in k_layers + v_layers if x.base is not None])
+
+    def padded_prompt_len(self, length: int) -> int:
+        """Token rows a prompt's KV is padded to for insertion (the prefill length bucket)."""
+        return bucket(length, minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)

@@ -7,6 +7,7 @@ import concurrent.futures
 import grpc
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.kv_wire import kv_chunks
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
@@ -23,9 +24,9 @@ class KVSender:
         self.chunk_bytes = chunk_bytes
 
     def __call__(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
-        stub = internal_pb2_grpc.DecodeStub(self.channels.get(job.decode_address))
-        chunks = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
-        stub.TransferKV(chunks, timeout=KV_TRANSFER_TIMEOUT_S)
+        transfer = transfer_kv_callable(self.channels.get(job.decode_address))
+        frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+        transfer(frames, timeout=KV_TRANSFER_TIMEOUT_S)
 
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):

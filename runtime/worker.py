@@ -14,7 +14,7 @@ import time
 from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
-from splitserve.runtime.decode_service import DecodeService
+from splitserve.runtime.decode_service import DecodeService, add_decode_service
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
@@ -70,8 +70,8 @@ class Worker:
         self.decode_engine = self.prefill_engine = None
         if has_decode:
             self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
-            internal_pb2_grpc.add_DecodeServicer_to_server(
-                DecodeService(self.decode_engine, mesh=mesh, platform=platform, role=config.role), self.server)
+            add_decode_service(self.server, DecodeService(self.decode_engine, mesh=mesh, platform=platform,
+                                                          role=config.role))
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch)

@@ -163,7 +163,10 @@ def test_broken_kv_transfer_is_never_decoded(demo_stack, damage):
     decode.Reserve(internal_pb2.ReserveRequest(request_id=rid, num_tokens=40, lease_s=30))
     rng = np.random.default_rng(0)
     layers = [rng.standard_normal((20, 4, 32)).astype(np.float32) for _ in range(4)]
-    chunks = list(kv_chunks(rid, 7, layers, [x + 1 for x in layers], chunk_bytes=4096))
+    # Parsed back into protobuf messages and sent through the generated stub: the worker's raw-frame
+    # handler must accept what any protobuf client sends.
+    chunks = [internal_pb2.KVChunk.FromString(f) for f in kv_chunks(rid, 7, layers, [x + 1 for x in layers],
+                                                                       chunk_bytes=4096)]
     if damage == "flip_a_byte":
         data = bytearray(chunks[3].payload.data)
         data[5] ^= 0xFF

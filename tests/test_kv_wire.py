@@ -40,6 +40,15 @@ def expectation_for(k_layers, max_tokens=4096, dtypes=("float32", "bfloat16")):
     return KVLayoutExpectation(len(k_layers), num_kv_heads, head_dim, dtypes, max_tokens)
 
 
+def messages(frames):
+    """Encoded KVChunk frames parsed by protobuf itself: checks the codec's wire compatibility too."""
+    return [internal_pb2.KVChunk.FromString(f) for f in frames]
+
+
+def encoded(chunks):
+    return [c.SerializeToString() for c in chunks]
+
+
 def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
@@ -63,7 +72,8 @@ def test_round_trip(dtype, shape, chunk):
     row_bytes = num_kv_heads * head_bytes
     chunk_bytes = {"1MiB": 1 << 20, "1000B": 1000, "row": row_bytes, "row-1": row_bytes - 1,
                    "head-1": head_bytes - 1}[chunk]
-    chunks = list(kv_chunks("req-1", 42, k, v, chunk_bytes=chunk_bytes))
+    frames = list(kv_chunks("req-1", 42, k, v, chunk_bytes=chunk_bytes))
+    chunks = messages(frames)
 
     assert chunks[0].WhichOneof("kind") == "header" and chunks[-1].WhichOneof("kind") == "trailer"
     payloads = [c.payload for c in chunks[1:-1]]
@@ -75,7 +85,7 @@ def test_round_trip(dtype, shape, chunk):
         assert any(p.kv_head_count < num_kv_heads for p in payloads)
     assert [(p.layer, p.is_value) for p in payloads] == sorted((p.layer, p.is_value) for p in payloads)
 
-    header, k2, v2 = receive_kv(iter(chunks), expected=expectation_for(k))
+    header, k2, v2 = receive_kv(iter(frames), expected=expectation_for(k))
     assert (header.request_id, header.first_token, header.num_tokens) == ("req-1", 42, num_tokens)
     assert header.dtype == np.dtype(dtype).name
     assert len(k2) == len(v2) == num_layers
@@ -109,7 +119,7 @@ def test_bad_inputs_fail_at_call_time():
 @pytest.fixture
 def stream():
     k, v = random_kv(2, 13, 3, 8, np.float32, seed=7)
-    return k, v, list(kv_chunks("req-x", 5, k, v, chunk_bytes=200)), expectation_for(k)
+    return k, v, messages(kv_chunks("req-x", 5, k, v, chunk_bytes=200)), expectation_for(k)
 
 
 def test_corrupted_byte_fails_checksum(stream):
@@ -118,21 +128,21 @@ def test_corrupted_byte_fails_checksum(stream):
     data[len(data) // 2] ^= 0x10
     chunks[3].payload.data = bytes(data)
     with pytest.raises(KVTransferError, match="checksum mismatch"):
-        receive_kv(iter(chunks), expected=expected)
+        receive_kv(encoded(chunks), expected=expected)
 
 
 def test_dropped_chunk(stream):
     _, _, chunks, expected = stream
     del chunks[4]
     with pytest.raises(KVTransferError, match="incomplete.*never arrived"):
-        receive_kv(iter(chunks), expected=expected)
+        receive_kv(encoded(chunks), expected=expected)
 
 
 def test_duplicated_chunk(stream):
     _, _, chunks, expected = stream
     chunks.insert(5, chunks[2])
     with pytest.raises(KVTransferError, match="already received"):
-        receive_kv(iter(chunks), expected=expected)
+        receive_kv(encoded(chunks), expected=expected)
 
 
 def test_overlapping_range(stream):
@@ -150,15 +160,15 @@ def test_wrong_trailer_total(stream):
     _, _, chunks, expected = stream
     chunks[-1].trailer.total_bytes += 4
     with pytest.raises(KVTransferError, match="trailer says"):
-        receive_kv(iter(chunks), expected=expected)
+        receive_kv(encoded(chunks), expected=expected)
 
 
 def test_truncated_stream_returns_nothing(stream):
     _, _, chunks, expected = stream
     with pytest.raises(KVTransferError, match="without a trailer"):
-        receive_kv(iter(chunks[:-1]), expected=expected)
+        receive_kv(encoded(chunks[:-1]), expected=expected)
     with pytest.raises(KVTransferError, match="must start with a header"):
-        receive_kv(iter(chunks[1:]), expected=expected)
+        receive_kv(encoded(chunks[1:]), expected=expected)
     with pytest.raises(KVTransferError, match="must start with a header"):
         receive_kv(iter([]), expected=expected)
 
@@ -166,9 +176,9 @@ def test_truncated_stream_returns_nothing(stream):
 def test_chunks_after_trailer_or_second_header(stream):
     _, _, chunks, expected = stream
     with pytest.raises(KVTransferError, match="after the trailer"):
-        receive_kv(iter(chunks + [chunks[1]]), expected=expected)
+        receive_kv(encoded(chunks + [chunks[1]]), expected=expected)
     with pytest.raises(KVTransferError, match="unexpected 'header'"):
-        receive_kv(iter(chunks[:3] + [chunks[0]] + chunks[3:]), expected=expected)
+        receive_kv(encoded(chunks[:3] + [chunks[0]] + chunks[3:]), expected=expected)
 
 
 def test_failed_assembler_stays_failed(stream):
@@ -312,7 +322,7 @@ def test_chunks_are_produced_lazily(monkeypatch):
     assert produced == []
     next(gen)  # header
     assert produced == []
-    first = next(gen)
+    first = internal_pb2.KVChunk.FromString(next(gen))
     assert len(first.payload.data) == chunk_bytes and produced == [chunk_bytes]
 
     tracemalloc.start()
@@ -362,3 +372,32 @@ def test_head_helpers_validate():
         expand_to_serving_heads(np.zeros((2, 3, 4)), (0, 0, 1, 1))
     with pytest.raises(ValueError, match="every head"):
         select_original_heads(np.zeros((2, 3, 4)), (0, 2, 2))
+
+
+# ---- receive buffers ----------------------------------------------------------------------------
+
+
+def test_assembler_fills_padded_buffers_from_the_pool():
+    from splitserve.runtime.host_staging import StagingPool
+
+    k, v = random_kv(2, 13, 3, 8, np.float32, seed=3)
+    pool = StagingPool(max_free_bytes=1 << 20)
+    frames = list(kv_chunks("r", 1, k, v, chunk_bytes=100))
+    for attempt in range(2):
+        _, k2, v2 = receive_kv(frames, expected=expectation_for(k), allocate=pool.take, pad_tokens=lambda n: 16)
+        assert all(same_bits(a, b) for a, b in zip(k + v, k2 + v2))
+        assert all(x.base is not None and x.base.shape == (16, 3, 8) for x in k2 + v2)
+        pool.give_back([x.base for x in k2 + v2])
+    assert (pool.allocated, pool.reused) == (4, 4)  # the second transfer reused all four buffers
+    with pytest.raises(ValueError, match="smaller than the token count"):
+        receive_kv(frames, expected=expectation_for(k), pad_tokens=lambda n: n - 1)
+
+
+def test_staging_pool_is_bounded():
+    from splitserve.runtime.host_staging import StagingPool
+
+    pool = StagingPool(max_free_bytes=3 * 4096)
+    arrays = [pool.take((1024,), np.float32) for _ in range(5)]
+    pool.give_back(arrays)
+    assert pool.free_bytes == 3 * 4096  # two were dropped, not kept
+    assert pool.take((1024,), np.float32) is arrays[2] and pool.take((512,), np.float32).shape == (512,)
