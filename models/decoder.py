@@ -131,8 +131,11 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
+    def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens_bt, axis=0)
+
     def hidden_states(self, tokens_bt: jax.Array, positions_bt: jax.Array, attend: AttendFn) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens_bt, axis=0)
+        x = self.embed_tokens(tokens_bt)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions_bt, lambda q, k, v, i=i: attend(i, q, k, v))
         return self.final_norm(x)

@@ -27,20 +27,57 @@ def prefill(
     attention_impl: str = "auto",
     mesh: Mesh | None = None,
 ):
-    """Returns (f32[batch, vocab] logits of each row's last token, k tuple, v tuple)."""
-    model = nnx.merge(graphdef, params)
-    batch, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
-    ks, vs = [], []
+    """Returns (f32[batch, vocab] logits of each row's last token, k tuple, v tuple).
 
-    def attend(layer, q, k, v):
+    The composition of the three stages below; a runner that wants each layer's K/V as soon
+    as that layer is done jits the stages separately instead (runtime/model_runner.py).
+    """
+    layer_graphdef, layer_params = split_layers(graphdef, params)
+    x = prefill_embed(graphdef, params, tokens)
+    ks, vs = [], []
+    for one_layer in layer_params:
+        x, k, v = prefill_layer(layer_graphdef, attention_impl, mesh, one_layer, x, lengths)
         ks.append(k)
         vs.append(v)
+    return prefill_logits(graphdef, params, x, lengths), tuple(ks), tuple(vs)
+
+
+def split_layers(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, list[nnx.State]]:
+    """(the graphdef every decoder layer shares, each layer's params): one compiled layer serves all."""
+    model = nnx.merge(graphdef, params)
+    split = [nnx.split(layer) for layer in model.layers]
+    layer_graphdef = split[0][0]
+    if any(g != layer_graphdef for g, _ in split):
+        raise ValueError("decoder layers differ in structure; they cannot share one compiled layer")
+    return layer_graphdef, [state for _, state in split]
+
+
+def prefill_embed(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
+    """i32[batch, seq] -> [batch, seq, hidden]."""
+    return nnx.merge(graphdef, params).embed_tokens(tokens)
+
+
+def prefill_layer(layer_graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None, layer_params: nnx.State,
+                  x_btd: jax.Array, lengths: jax.Array):
+    """One decoder layer over the prompt: (x [batch, seq, hidden], k, v [batch, seq, kv_heads, head_dim])."""
+    layer = nnx.merge(layer_graphdef, layer_params)
+    batch, seq = x_btd.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    kv = []
+
+    def attend(q, k, v):
+        kv.extend((k, v))
         return prefill_attention(q, k, v, lengths, impl=attention_impl, mesh=mesh)
 
-    hidden = model.hidden_states(tokens, positions, attend)
-    last = hidden[jnp.arange(batch), jnp.maximum(lengths - 1, 0)]
-    return model.logits(last), tuple(ks), tuple(vs)
+    x_btd = layer(x_btd, positions, attend)
+    return x_btd, kv[0], kv[1]
+
+
+def prefill_logits(graphdef: nnx.GraphDef, params: nnx.State, x_btd: jax.Array, lengths: jax.Array) -> jax.Array:
+    """f32[batch, vocab] logits of each row's last prompt token."""
+    model = nnx.merge(graphdef, params)
+    last = x_btd[jnp.arange(x_btd.shape[0]), jnp.maximum(lengths - 1, 0)]
+    return model.logits(model.final_norm(last))
 
 
 def decode_step(

@@ -81,22 +81,20 @@ class ReserveResponse(_message.Message):
     def __init__(self, free_pages: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "dtype", "first_token")
+    __slots__ = ("request_id", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "dtype")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_layers: int
     num_kv_heads: int
     head_dim: int
     num_tokens: int
     dtype: str
-    first_token: int
-    def __init__(self, request_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., first_token: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVPayload(_message.Message):
     __slots__ = ("layer", "is_value", "kv_head_start", "kv_head_count", "token_start", "token_count", "data")
@@ -117,12 +115,14 @@ class KVPayload(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., is_value: _Optional[bool] = ..., kv_head_start: _Optional[int] = ..., kv_head_count: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class KVTrailer(_message.Message):
-    __slots__ = ("total_bytes", "crc32")
+    __slots__ = ("total_bytes", "crc32", "first_token")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     total_bytes: int
     crc32: int
-    def __init__(self, total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    first_token: int
+    def __init__(self, total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload", "trailer")

@@ -54,8 +54,9 @@ class PrefillServicer:
     """
 
     def Run(self, request, context):
-        """Prefills the prompt, samples the first token and returns it at once; then streams the
-        KV cache to `decode_address` (Decode/TransferKV) in the background.
+        """Prefills the prompt, samples the first token and returns it at once. The KV cache goes to
+        `decode_address` (Decode/TransferKV) in the background, layer by layer as each layer is
+        computed; the first token travels in the transfer's trailer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -27,6 +27,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         self.expected = KVLayoutExpectation(
             num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             dtypes_allowed=(np.dtype(engine.runner.cache_spec.dtype).name,), max_tokens=cfg.max_model_len,
+            vocab_size=cfg.vocab_size,
         )
 
     def Reserve(self, request, context):
@@ -44,22 +45,21 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         header_seen: list[str] = []  # the request id, once the header has arrived
         try:
             runner = self.engine.runner
-            header, k, v = receive_kv(request_iterator, expected=self.expected, allocate=runner.staging.take,
-                                      pad_tokens=runner.padded_prompt_len,
-                                      on_header=lambda h: header_seen.append(h.request_id))
-            self.engine.kv_arrived(header.request_id, (k, v), header.num_tokens, header.first_token)
+            kv = receive_kv(request_iterator, expected=self.expected, allocate=runner.staging.take,
+                            pad_tokens=runner.padded_prompt_len, on_header=lambda h: header_seen.append(h.request_id))
+            self.engine.kv_arrived(kv.request_id, (kv.k_layers, kv.v_layers), kv.num_tokens, kv.first_token)
         except KVTransferError as e:
             self._drop(header_seen[0] if header_seen else None, f"KV transfer rejected: {e}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {e}")
         except UnknownRequest as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:  # the scheduler refused it (already has KV, does not fit)
-            self._drop(header.request_id, str(e))
+            self._drop(kv.request_id, str(e))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except grpc.RpcError:  # the sender went away mid-transfer
             self._drop(header_seen[0] if header_seen else None, "KV transfer was cut off")
             raise
-        return internal_pb2.TransferKVResponse(received_bytes=sum(a.nbytes for a in k + v))
+        return internal_pb2.TransferKVResponse(received_bytes=sum(a.nbytes for a in kv.k_layers + kv.v_layers))
 
     def _drop(self, request_id: str | None, reason: str) -> None:
         if request_id is not None:

@@ -13,6 +13,7 @@ Thread-safe: gRPC threads take, the engine thread gives back.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 
 import numpy as np
@@ -26,6 +27,7 @@ class StagingPool:
         self._free: dict[tuple, list[np.ndarray]] = defaultdict(list)
         self._free_bytes = 0
         self._lock = threading.Lock()
+        self._ours: dict[int, weakref.ref] = {}  # id -> buffer, for every live buffer this pool made
         self.reused = self.allocated = 0  # counters, for tests and logs
 
     def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -38,12 +40,26 @@ class StagingPool:
                 self.reused += 1
                 return array
             self.allocated += 1
-        return np.empty(*key)
+            array = np.empty(*key)
+            self._ours[id(array)] = weakref.ref(array, lambda _, key=id(array): self._ours.pop(key, None))
+            return array
+
+    def owns(self, array) -> bool:
+        """True for a buffer this pool made (so it is writable and may be recycled)."""
+        with self._lock:
+            return self._is_ours(array)
+
+    def _is_ours(self, array) -> bool:
+        ref = self._ours.get(id(array))
+        return ref is not None and ref() is array
 
     def give_back(self, arrays) -> None:
-        """Returns buffers from `take`; the caller must not touch them afterwards."""
+        """Returns buffers from `take`; the caller must not touch them afterwards. Arrays this pool
+        did not make are ignored."""
         with self._lock:
             for array in arrays:
+                if not self._is_ours(array):
+                    continue
                 if self._free_bytes + array.nbytes > self.max_free_bytes:
                     continue  # over the bound: let it be freed
                 self._free[(array.shape, array.dtype)].append(array)

@@ -1,11 +1,12 @@
 """Layout-free KV wire format: one request's KV cache as a stream of KVChunk frames.
 
-    header                     request id, first token, num_layers, num_kv_heads, head_dim,
-                               num_tokens, dtype (numpy name, e.g. "bfloat16")
+    header                     request id, num_layers, num_kv_heads, head_dim, num_tokens,
+                               dtype (numpy name, e.g. "bfloat16")
     payload × N                layer 0 K, layer 0 V, layer 1 K, ... each split into blocks of
                                [token_count, kv_head_count, head_dim] bytes, token-major, native
                                (little-endian) byte order, at most ~chunk_bytes each
-    trailer                    total payload bytes and zlib.crc32 over the payload bytes in order
+    trailer                    total payload bytes, zlib.crc32 over the payload bytes in order,
+                               and the first token (sampled after the last layer, so it comes last)
 
 Heads are the model's own KV heads, not the replicas a tensor-parallel layout adds
 (models/head_layout.py): the sender keeps the first replica of each head
@@ -41,7 +42,7 @@ from splitserve.runtime.kv_codec import (
     encode_trailer,
 )
 
-__all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "kv_chunks", "receive_kv"]
+__all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "ReceivedKV", "kv_chunks", "receive_kv"]
 
 
 # ---- sending ----------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ __all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "kv_chunks",
 
 def kv_chunks(
     request_id: str,
-    first_token: int,
+    first_token: int | Callable[[], int],
     k_layers: Sequence[np.ndarray],  # per layer [num_tokens, num_kv_heads, head_dim]
     v_layers: Sequence[np.ndarray],  # same shape and dtype as k_layers
     *,
@@ -60,47 +61,55 @@ def kv_chunks(
     Payloads cover whole token rows, `chunk_bytes // row_bytes` tokens each; a token row larger
     than chunk_bytes is split by KV-head range instead (one token per chunk). Only the current
     chunk's bytes are held, so memory stays bounded by about one chunk beyond the inputs.
-    Bad inputs raise ValueError here, before the first chunk is produced.
+
+    The layers may be lazy sequences (`len` and indexing; see model_runner.HostKV): layer i is
+    read only when its turn comes, so the header and the first layers leave while the prefill
+    still computes later ones. `first_token` may be a callable, called only for the trailer,
+    since the first token is sampled after the last layer. Layer 0 fixes shape and dtype: bad
+    inputs there raise ValueError here; a later layer that differs raises when it is reached.
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    shape, dtype = _check_layers(k_layers, v_layers)
-    return _chunks(request_id, first_token, list(k_layers), list(v_layers), shape, dtype, chunk_bytes)
+    if len(k_layers) == 0 or len(k_layers) != len(v_layers):
+        raise ValueError(f"need the same number (>= 1) of K and V layers, got {len(k_layers)} and {len(v_layers)}")
+    shape, dtype = _layer_spec(k_layers[0])
+    _check_layer("V", 0, v_layers[0], shape, dtype)
+    return _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes)
 
 
 def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[bytes]:
     num_tokens, num_kv_heads, head_dim = shape
     yield encode_header(internal_pb2.KVHeader(
         request_id=request_id, num_layers=len(k_layers), num_kv_heads=num_kv_heads,
-        head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name, first_token=first_token))
+        head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name))
 
     total, crc = 0, 0
     for layer in range(len(k_layers)):
-        for is_value, x_thd in ((False, k_layers[layer]), (True, v_layers[layer])):
+        for is_value, layers in ((False, k_layers), (True, v_layers)):
+            x_thd = _check_layer("V" if is_value else "K", layer, layers[layer], shape, dtype)
             for t0, tc, h0, hc in _blocks(shape, dtype.itemsize, chunk_bytes):
                 data = _block_bytes(x_thd, t0, tc, h0, hc)
                 total += len(data)
                 crc = zlib.crc32(data, crc)
                 yield encode_payload(layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
                                      token_start=t0, token_count=tc, data=data)
-    yield encode_trailer(internal_pb2.KVTrailer(total_bytes=total, crc32=crc))
+    token = first_token() if callable(first_token) else first_token
+    yield encode_trailer(internal_pb2.KVTrailer(total_bytes=total, crc32=crc, first_token=token))
 
 
-def _check_layers(k_layers, v_layers) -> tuple[tuple[int, int, int], np.dtype]:
-    if len(k_layers) == 0 or len(k_layers) != len(v_layers):
-        raise ValueError(f"need the same number (>= 1) of K and V layers, got {len(k_layers)} and {len(v_layers)}")
-    first = k_layers[0]
-    for name, layers in (("K", k_layers), ("V", v_layers)):
-        for i, x in enumerate(layers):
-            if x.ndim != 3 or x.shape != first.shape or x.dtype != first.dtype:
-                raise ValueError(f"{name} layer {i}: {x.dtype}{list(x.shape)}, expected every layer to be "
-                                 f"{first.dtype}{list(first.shape)} [num_tokens, num_kv_heads, head_dim]")
-    if min(first.shape) < 1:
-        raise ValueError(f"KV arrays must be non-empty, got shape {first.shape}")
-    dtype = first.dtype
-    if not dtype.isnative or _dtype_from_name(dtype.name) != dtype:
-        raise ValueError(f"dtype {dtype!r} cannot be sent: it must round-trip through its name in native byte order")
-    return first.shape, dtype
+def _layer_spec(x: np.ndarray) -> tuple[tuple[int, int, int], np.dtype]:
+    if x.ndim != 3 or min(x.shape) < 1:
+        raise ValueError(f"K layer 0: shape {list(x.shape)}, expected non-empty [num_tokens, num_kv_heads, head_dim]")
+    if not x.dtype.isnative or _dtype_from_name(x.dtype.name) != x.dtype:
+        raise ValueError(f"dtype {x.dtype!r} cannot be sent: it must round-trip through its name in native byte order")
+    return x.shape, x.dtype
+
+
+def _check_layer(name: str, i: int, x: np.ndarray, shape, dtype) -> np.ndarray:
+    if x.shape != shape or x.dtype != dtype:
+        raise ValueError(f"{name} layer {i}: {x.dtype}{list(x.shape)}, expected every layer to be "
+                         f"{dtype}{list(shape)} [num_tokens, num_kv_heads, head_dim]")
+    return x
 
 
 def _blocks(shape, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int, int, int]]:
@@ -140,6 +149,7 @@ class KVLayoutExpectation:
     head_dim: int
     dtypes_allowed: tuple[str, ...]  # numpy dtype names
     max_tokens: int
+    vocab_size: int | None = None  # bounds the first token in the trailer
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_tokens"):
@@ -168,7 +178,7 @@ class KVAssembler:
                  max_bytes: int | None = None, allocate: Allocate = np.empty,
                  pad_tokens: Callable[[int], int] | None = None):
         _check_header(header, expected)
-        self.header = header
+        self.header, self.expected = header, expected
         self.dtype = _dtype_from_name(header.dtype)
         shape = (header.num_tokens, header.num_kv_heads, header.head_dim)
         self.expected_bytes = 2 * header.num_layers * int(np.prod(shape)) * self.dtype.itemsize
@@ -250,6 +260,10 @@ class KVAssembler:
         if trailer.crc32 != self._crc:
             raise KVTransferError(f"request {rid}: checksum mismatch: trailer crc32 {trailer.crc32:#010x}, "
                                   f"received data has {self._crc:#010x}")
+        vocab = self.expected.vocab_size
+        if trailer.first_token < 0 or (vocab is not None and trailer.first_token >= vocab):
+            raise KVTransferError(f"request {rid}: trailer first_token={trailer.first_token} is outside the "
+                                  f"vocabulary [0, {vocab if vocab is not None else 'vocab_size'})")
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -259,10 +273,20 @@ class KVAssembler:
         self._state, self._kv = f"failed: {reason}", None  # drop the partial KV at once
 
 
+@dataclasses.dataclass(frozen=True)
+class ReceivedKV:
+    """One request's verified KV: per layer [num_tokens, num_kv_heads, head_dim] host arrays."""
+
+    request_id: str
+    num_tokens: int
+    first_token: int
+    k_layers: list[np.ndarray]
+    v_layers: list[np.ndarray]
+
+
 def receive_kv(frames: Iterable[bytes], *, expected: KVLayoutExpectation, max_bytes: int | None = None,
-               on_header: Callable[[internal_pb2.KVHeader], None] | None = None, **buffers,
-               ) -> tuple[internal_pb2.KVHeader, list[np.ndarray], list[np.ndarray]]:
-    """Consumes a whole KV stream of encoded KVChunk frames: (header, k_layers, v_layers), or KVTransferError.
+               on_header: Callable[[internal_pb2.KVHeader], None] | None = None, **buffers) -> ReceivedKV:
+    """Consumes a whole KV stream of encoded KVChunk frames into a ReceivedKV, or raises KVTransferError.
 
     The stream must be header, payloads, trailer; one that ends early (no trailer) or has
     anything after the trailer is rejected. `on_header` sees the header once it has arrived
@@ -284,12 +308,14 @@ def receive_kv(frames: Iterable[bytes], *, expected: KVLayoutExpectation, max_by
         if chunk.kind == "payload":
             assembler.add(chunk.payload)
         elif chunk.kind == "trailer":
-            result = assembler.finish(chunk.trailer)
+            k_layers, v_layers = assembler.finish(chunk.trailer)
+            result = ReceivedKV(first.header.request_id, first.header.num_tokens, chunk.trailer.first_token,
+                                k_layers, v_layers)
         else:
             raise KVTransferError(f"request {first.header.request_id}: unexpected {chunk.kind!r} chunk after the header")
     if result is None:
         raise KVTransferError(f"request {first.header.request_id}: the KV stream ended without a trailer")
-    return first.header, result[0], result[1]
+    return result
 
 
 def _check_header(header: internal_pb2.KVHeader, expected: KVLayoutExpectation) -> None:
@@ -306,8 +332,6 @@ def _check_header(header: internal_pb2.KVHeader, expected: KVLayoutExpectation) 
     if header.dtype not in expected.dtypes_allowed:
         raise KVTransferError(f"request {rid}: KV dtype {header.dtype!r} not accepted, "
                               f"expected one of {list(expected.dtypes_allowed)}")
-    if header.first_token < 0:
-        raise KVTransferError(f"request {rid}: KV header first_token={header.first_token} is negative")
 
 
 def _dtype_from_name(name: str) -> np.dtype:

@@ -22,6 +22,7 @@ from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, i
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import bucket
+from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.sampling import SamplingArrays, sample
@@ -37,6 +38,13 @@ class PrefilledRow:
     vs: tuple
     row: int
     length: int
+    host: BatchHostKV | None = None  # shared by the batch's rows whose KV leaves this device
+
+    def host_layers(self, kv_source) -> tuple[RowLayers, RowLayers]:
+        """This row's K and V per layer, copied to the host lazily (see runtime/host_kv.py)."""
+        host = self.host or BatchHostKV(self.ks, self.vs)
+        return (RowLayers(host, 0, self.row, self.length, kv_source),
+                RowLayers(host, 1, self.row, self.length, kv_source))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +60,8 @@ class RunnerConfig:
     attention_impl: str = "auto"
 
 
-def _prefill_and_sample(graphdef, impl, mesh, params, tokens, lengths, sampling):
-    logits, ks, vs = serving.prefill(graphdef, params, tokens, lengths, impl, mesh)
-    return sample(logits, sampling), ks, vs
+def _logits_and_sample(graphdef, params, x, lengths, sampling):
+    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling)
 
 
 def _decode_and_sample(graphdef, impl, mesh, params, cache, tokens, positions, page_table, active, sampling):
@@ -80,7 +87,12 @@ class ModelRunner:
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
         impl = config.attention_impl
         mesh = model.mesh
-        self._prefill = jax.jit(functools.partial(_prefill_and_sample, model.graphdef, impl, mesh))
+        # Prefill runs as separate jits per stage, one compiled layer for every layer, so each
+        # layer's K/V is a separate device array, ready (and sendable) while later layers compute.
+        layer_graphdef, self._layer_params = serving.split_layers(model.graphdef, model.params)
+        self._embed = jax.jit(functools.partial(serving.prefill_embed, model.graphdef))
+        self._layer = jax.jit(functools.partial(serving.prefill_layer, layer_graphdef, impl, mesh))
+        self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=1)
 
@@ -99,7 +111,13 @@ class ModelRunner:
 
     # -- steps ----------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], sampling: list, steps: list[int]):
-        """Runs prompts; returns (first tokens as host ints, k, v, padded lengths, batch)."""
+        """Runs prompts; returns (first tokens as host ints, k, v, padded lengths)."""
+        first, ks, vs, lengths = self.prefill_async(prompts, sampling, steps)
+        return np.asarray(first)[: len(prompts)].tolist(), ks, vs, lengths
+
+    def prefill_async(self, prompts: list[list[int]], sampling: list, steps: list[int]):
+        """Dispatches the prefill without waiting: (first tokens, k, v) are device arrays, each layer's
+        K/V ready as soon as that layer is done; plus the padded lengths (host)."""
         batch, seq = self.prefill_shape([len(p) for p in prompts])
         tokens = np.zeros((batch, seq), np.int32)
         lengths = np.ones((batch,), np.int32)
@@ -107,8 +125,14 @@ class ModelRunner:
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
         arrays = SamplingArrays.build(sampling, steps, batch)
-        first, ks, vs = self._prefill(self.model.params, tokens, lengths, arrays)
-        return np.asarray(first)[: len(prompts)].tolist(), ks, vs, lengths
+        x = self._embed(self.model.params, tokens)
+        ks, vs = [], []
+        for layer_params in self._layer_params:
+            x, k, v = self._layer(layer_params, x, lengths)
+            ks.append(k)
+            vs.append(v)
+        first = self._first_tokens(self.model.params, x, lengths, arrays)
+        return first, tuple(ks), tuple(vs), lengths
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
         table = self.page_table(page_lists, batch=ks[0].shape[0])
@@ -158,10 +182,8 @@ class ModelRunner:
     # -- KV handoff -----------------------------------------------------------------------
     def kv_to_host(self, ks, vs, row: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """One prefilled row's K/V as host arrays [length, model's kv_heads, head_dim] per layer."""
-        kv_source = self.model.layout.kv_source
-        k = [select_original_heads(np.asarray(layer[row, :length]), kv_source) for layer in ks]
-        v = [select_original_heads(np.asarray(layer[row, :length]), kv_source) for layer in vs]
-        return k, v
+        k_layers, v_layers = PrefilledRow(ks, vs, row, length).host_layers(self.model.layout.kv_source)
+        return list(k_layers), list(v_layers)
 
     def insert_kv(self, kvs: list, page_lists: list[list[int]], lengths: list[int]) -> None:
         """Writes admitted requests' K/V into their pages.
@@ -189,7 +211,7 @@ class ModelRunner:
             seq = self.padded_prompt_len(length)
 
             def padded(host):  # [length, model's kv_heads, head_dim] -> [1, seq, serving kv_heads, head_dim]
-                if identity_heads and host.base is not None and host.base.shape[0] == seq:
+                if identity_heads and self.staging.owns(host.base) and host.base.shape[0] == seq:
                     return host.base[None]  # the receive buffer itself: no host copy
                 out = np.zeros((1, seq, len(kv_source), self.cache_spec.head_dim), self.cache_spec.dtype)
                 out[0, : host.shape[0]] = expand_to_serving_heads(host, kv_source)
@@ -205,7 +227,7 @@ class ModelRunner:
         if isinstance(kv, PrefilledRow):
             return  # on the device: nothing to recycle
         k_layers, v_layers = kv
-        self.staging.give_back([x.base for x in k_layers + v_layers if x.base is not None])
+        self.staging.give_back([x.base for x in list(k_layers) + list(v_layers) if x.base is not None])
 
     def padded_prompt_len(self, length: int) -> int:
         """Token rows a prompt's KV is padded to for insertion (the prefill length bucket)."""

@@ -1,12 +1,15 @@
 """The prefill worker's engine loop: batches queued prompts, returns first tokens at once.
 
-    gRPC threads: submit() ──► queue ──► engine thread: prefill a batch (bucketed)
-                                            │ first tokens ──► futures (the router's TTFT)
-                                            └ K/V (device) ──► sender pool: copy to host,
-                                                               stream to the decode worker
-                                                               (colocated: hand over on device)
-The KV transfer runs on the sender pool, so it overlaps the next prefill batch and never
-delays a first token.
+    gRPC threads: submit() ──► queue ──► engine thread: dispatch a batch's prefill (bucketed),
+                                            │ one device computation per layer, no waiting
+                                            ├ K/V per layer ──► sender pool, at once: each layer
+                                            │                   copied to host and streamed to the
+                                            │                   decode worker as soon as it is done
+                                            │                   (colocated: handed over on device)
+                                            └ first tokens ───► futures (the router's TTFT); the
+                                                                senders put it in the trailer
+The senders start before the prefill has finished, so the transfer of early layers overlaps
+the later layers, and the rest of it overlaps the next batch; it never delays a first token.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import os
 import queue
 from typing import Callable
 
+import numpy as np
+
+from splitserve.runtime.host_kv import BatchHostKV
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
 from splitserve.runtime.sampling import SamplingParams
 
@@ -33,8 +39,9 @@ class PrefillJob:
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
-# send_kv(job, first_token, kv): delivers the KV to job.decode_address
-SendKV = Callable[[PrefillJob, int, PrefilledRow], None]
+# send_kv(job, kv): delivers the KV to job.decode_address; called while the prefill may still
+# be computing, so it waits for job.first_token.result() only when it needs the token.
+SendKV = Callable[[PrefillJob, PrefilledRow], None]
 
 
 class PrefillEngine:
@@ -85,20 +92,30 @@ class PrefillEngine:
         return batch
 
     def _prefill(self, batch: list[PrefillJob]) -> None:
-        live = [job for job in batch if not job.first_token.cancelled()]
+        # From here on a job can no longer be cancelled: its first token will be set.
+        live = [job for job in batch if job.first_token.set_running_or_notify_cancel()]
         self.in_flight -= len(batch) - len(live)
         if not live:
             return
-        first, ks, vs, _ = self.runner.prefill([j.prompt_ids for j in live], [j.params for j in live], [0] * len(live))
-        for row, (job, token) in enumerate(zip(live, first)):
-            self.in_flight -= 1
-            if job.first_token.set_running_or_notify_cancel():
-                job.first_token.set_result(token)
+        first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
+                                                     [0] * len(live))
+        host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
+        for row, job in enumerate(live):
             if job.decode_address:
-                self._senders.submit(self._send, job, token, ks, vs, row)
-
-    def _send(self, job: PrefillJob, token: int, ks, vs, row: int) -> None:
+                self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
         try:
-            self.send_kv(job, token, PrefilledRow(ks, vs, row, len(job.prompt_ids)))
+            tokens = np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
+        except Exception as e:  # noqa: BLE001 - fail these requests (and their senders), not the worker
+            for job in live:
+                job.first_token.set_exception(e)
+            raise
+        finally:
+            self.in_flight -= len(live)
+        for job, token in zip(live, tokens):
+            job.first_token.set_result(token)
+
+    def _send(self, job: PrefillJob, kv: PrefilledRow) -> None:
+        try:
+            self.send_kv(job, kv)
         except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
             log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)

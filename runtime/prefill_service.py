@@ -23,7 +23,8 @@ class KVSender:
         self.channels = channels
         self.chunk_bytes = chunk_bytes
 
-    def __call__(self, job: PrefillJob, first_token: int, k_layers, v_layers) -> None:
+    def __call__(self, job: PrefillJob, first_token, k_layers, v_layers) -> None:
+        """first_token: an int or a callable giving it (called for the trailer); the layers may be lazy."""
         transfer = transfer_kv_callable(self.channels.get(job.decode_address))
         frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
         transfer(frames, timeout=KV_TRANSFER_TIMEOUT_S)

@@ -95,13 +95,13 @@ class Worker:
                  pages * per_page / (1 << 30))
         return pages
 
-    def _send_kv(self, job: PrefillJob, first_token: int, kv: PrefilledRow) -> None:
+    def _send_kv(self, job: PrefillJob, kv: PrefilledRow) -> None:
         if self.decode_engine is not None and job.decode_address == self.address:
             # Colocated: same mesh and page pool; the KV never leaves the device.
-            self.decode_engine.kv_arrived(job.request_id, kv, kv.length, first_token)
-        else:
-            k_layers, v_layers = self.runner.kv_to_host(kv.ks, kv.vs, kv.row, kv.length)
-            self._sender(job, first_token, k_layers, v_layers)
+            self.decode_engine.kv_arrived(job.request_id, kv, kv.length, job.first_token.result())
+        else:  # layer by layer, each as soon as the prefill has computed it
+            k_layers, v_layers = kv.host_layers(self.runner.model.layout.kv_source)
+            self._sender(job, job.first_token.result, k_layers, v_layers)
 
     def warm_up(self) -> None:
         """Compiles the bucketed shapes before the worker reports SERVING."""

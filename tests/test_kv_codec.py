@@ -53,10 +53,10 @@ def test_payload_data_is_a_view_of_the_frame():
 
 def test_header_and_trailer_and_unknown_fields():
     header = internal_pb2.KVHeader(request_id="r", num_layers=2, num_kv_heads=3, head_dim=4, num_tokens=5,
-                                   dtype="bfloat16", first_token=9)
+                                   dtype="bfloat16")
     chunk = decode_chunk(internal_pb2.KVChunk(header=header).SerializeToString())
     assert chunk.kind == "header" and chunk.header == header
-    trailer = internal_pb2.KVTrailer(total_bytes=2**40 + 3, crc32=0xDEADBEEF)
+    trailer = internal_pb2.KVTrailer(total_bytes=2**40 + 3, crc32=0xDEADBEEF, first_token=9)
     assert decode_chunk(internal_pb2.KVChunk(trailer=trailer).SerializeToString()).trailer == trailer
     # A field this version does not know (number 9, varint and bytes) is skipped, as protobuf does.
     frame = b"\x48\x05" + internal_pb2.KVChunk(trailer=trailer).SerializeToString() + b"\x4a\x02ab"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import ml_dtypes
@@ -85,9 +86,10 @@ def test_round_trip(dtype, shape, chunk):
         assert any(p.kv_head_count < num_kv_heads for p in payloads)
     assert [(p.layer, p.is_value) for p in payloads] == sorted((p.layer, p.is_value) for p in payloads)
 
-    header, k2, v2 = receive_kv(iter(frames), expected=expectation_for(k))
-    assert (header.request_id, header.first_token, header.num_tokens) == ("req-1", 42, num_tokens)
-    assert header.dtype == np.dtype(dtype).name
+    got = receive_kv(iter(frames), expected=expectation_for(k))
+    assert (got.request_id, got.first_token, got.num_tokens) == ("req-1", 42, num_tokens)
+    assert chunks[0].header.dtype == np.dtype(dtype).name
+    k2, v2 = got.k_layers, got.v_layers
     assert len(k2) == len(v2) == num_layers
     for a, b in zip(k + v, k2 + v2):
         assert same_bits(a, b)
@@ -97,14 +99,17 @@ def test_round_trip_non_contiguous_input():
     k, v = random_kv(2, 9, 6, 8, np.float32)
     k = [x[:, ::2] for x in k]  # every other head: a strided view
     v = [x[:, 1::2] for x in v]
-    _, k2, v2 = receive_kv(kv_chunks("r", 0, k, v, chunk_bytes=50), expected=expectation_for(k))
-    assert all(same_bits(np.ascontiguousarray(a), b) for a, b in zip(k + v, k2 + v2))
+    got = receive_kv(kv_chunks("r", 0, k, v, chunk_bytes=50), expected=expectation_for(k))
+    assert all(same_bits(np.ascontiguousarray(a), b) for a, b in zip(k + v, got.k_layers + got.v_layers))
 
 
-def test_bad_inputs_fail_at_call_time():
+def test_bad_inputs_fail_at_call_time_or_when_reached():
     k, v = random_kv(2, 5, 2, 4, np.float32)
+    with pytest.raises(ValueError, match="V layer 0"):
+        kv_chunks("r", 0, k, [v[0][:4], v[1]])
+    frames = kv_chunks("r", 0, k, [v[0], v[1][:4]])  # a later layer is checked when its turn comes
     with pytest.raises(ValueError, match="V layer 1"):
-        kv_chunks("r", 0, k, [v[0], v[1][:4]])
+        list(frames)
     with pytest.raises(ValueError, match="same number"):
         kv_chunks("r", 0, k, v[:1])
     with pytest.raises(ValueError, match="byte order"):
@@ -214,7 +219,6 @@ def test_finished_assembler_rejects_more(stream):
     ("dtype", "float16", "'float16' not accepted"),
     ("dtype", "nonsense", "'nonsense' not accepted"),
     ("request_id", "", "empty request_id"),
-    ("first_token", -1, "first_token=-1"),
 ])
 def test_bad_header(stream, field, value, match):
     _, _, chunks, expected = stream
@@ -223,6 +227,33 @@ def test_bad_header(stream, field, value, match):
     setattr(header, field, value)
     with pytest.raises(KVTransferError, match=match):
         KVAssembler.from_header(header, expected=expected)
+
+
+@pytest.mark.parametrize("token,ok", [(0, True), (99, True), (-1, False), (100, False)])
+def test_first_token_in_trailer_must_be_in_the_vocabulary(stream, token, ok):
+    k, _, chunks, _ = stream
+    expected = dataclasses.replace(expectation_for(k), vocab_size=100)
+    chunks[-1].trailer.first_token = token
+    if ok:
+        assert receive_kv(encoded(chunks), expected=expected).first_token == token
+    else:
+        with pytest.raises(KVTransferError, match=f"first_token={token} is outside the vocabulary"):
+            receive_kv(encoded(chunks), expected=expected)
+
+
+def test_lazy_layers_are_read_in_order_and_first_token_last():
+    k, v = random_kv(3, 4, 2, 8, np.float32)
+    reads = []
+
+    class Lazy(list):
+        def __getitem__(self, i):
+            reads.append(i)
+            return super().__getitem__(i)
+
+    frames = kv_chunks("r", lambda: reads.append("token") or 7, Lazy(k), v, chunk_bytes=1 << 20)
+    assert reads == [0]  # only layer 0 (shape and dtype for the header) before the first frame
+    got = receive_kv(frames, expected=expectation_for(k))
+    assert reads == [0, 0, 1, 2, "token"] and got.first_token == 7
 
 
 def test_header_over_max_bytes(stream):
@@ -294,7 +325,7 @@ def test_fuzzed_payloads_only_raise_kv_transfer_error(ps, total, crc):
     k, _ = random_kv(*FUZZ_SHAPE, np.float32)
     expected = expectation_for(k, max_tokens=8)
     header = internal_pb2.KVHeader(request_id="fuzz", num_layers=2, num_kv_heads=3, head_dim=4,
-                                   num_tokens=5, dtype="float32", first_token=1)
+                                   num_tokens=5, dtype="float32")
     asm = KVAssembler.from_header(header, expected=expected)
     for p in ps:
         try:
@@ -384,7 +415,8 @@ def test_assembler_fills_padded_buffers_from_the_pool():
     pool = StagingPool(max_free_bytes=1 << 20)
     frames = list(kv_chunks("r", 1, k, v, chunk_bytes=100))
     for attempt in range(2):
-        _, k2, v2 = receive_kv(frames, expected=expectation_for(k), allocate=pool.take, pad_tokens=lambda n: 16)
+        got = receive_kv(frames, expected=expectation_for(k), allocate=pool.take, pad_tokens=lambda n: 16)
+        k2, v2 = got.k_layers, got.v_layers
         assert all(same_bits(a, b) for a, b in zip(k + v, k2 + v2))
         assert all(x.base is not None and x.base.shape == (16, 3, 8) for x in k2 + v2)
         pool.give_back([x.base for x in k2 + v2])

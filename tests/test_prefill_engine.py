@@ -1,0 +1,78 @@
+"""The prefill engine hands each layer's KV to the sender before the first token exists."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from splitserve.models import serving
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    import os
+
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return ModelRunner(load_model("demo", make_mesh(MeshConfig(1))), RunnerConfig(num_pages=2, max_prefill_batch=4))
+
+
+def test_all_layers_are_sendable_before_the_first_token_is_known(runner):
+    """The sampler's result is held back until the sender has read every layer (or 20 s pass):
+    an engine that waited for the first token before starting its senders fails the asserts."""
+    gate = threading.Event()
+    real = runner.prefill_async
+
+    class GatedTokens:  # what the engine waits on for the first tokens
+        def __init__(self, first):
+            self.first = first
+
+        def __array__(self, dtype=None, copy=None):
+            seen["gate_opened_by_sender"] = gate.wait(20)
+            return np.asarray(self.first)
+
+    def gated_prefill(*args):
+        first, ks, vs, lengths = real(*args)
+        return GatedTokens(first), ks, vs, lengths
+
+    seen = {}
+
+    def send_kv(job, kv):
+        k_layers, v_layers = kv.host_layers(runner.model.layout.kv_source)
+        seen["token_known_before_kv"] = job.first_token.done()
+        seen["k"] = [np.array(x) for x in k_layers]
+        seen["v"] = [np.array(x) for x in v_layers]
+        gate.set()
+        seen["token_in_trailer"] = job.first_token.result(timeout=60)
+
+    runner.prefill_async = gated_prefill
+    engine = PrefillEngine(runner, send_kv, max_prefill_batch=4)
+    prompts = [[1, 5, 9, 200, 17, 33, 4], [1, 2, 3]]
+    jobs = [PrefillJob(f"r{i}", p, SamplingParams(max_tokens=4), "decode:1") for i, p in enumerate(prompts)]
+    futures = [engine.submit(job) for job in jobs]  # queued before the loop starts: one batch of two
+    thread = threading.Thread(target=engine.run_forever, daemon=True)
+    thread.start()
+    try:
+        tokens = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.stop()
+        runner.prefill_async = real
+        thread.join(30)
+
+    assert seen["gate_opened_by_sender"] and seen["token_known_before_kv"] is False
+    assert seen["token_in_trailer"] == tokens[-1]
+    # The streamed KV of the last row is exactly that of the one-jit prefill of the same prompt.
+    model = runner.model
+    logits, ks, vs = jax.jit(lambda p, t, l: serving.prefill(model.graphdef, p, t, l))(
+        model.params, np.array([prompts[-1]], np.int32), np.array([len(prompts[-1])], np.int32))
+    assert int(np.argmax(np.asarray(logits)[0])) == tokens[-1]
+    assert len(seen["k"]) == model.config.num_layers
+    for got, want in zip(seen["k"] + seen["v"], ks + vs):
+        np.testing.assert_allclose(got, np.asarray(want)[0, : len(prompts[-1])], rtol=1e-5, atol=1e-5)
