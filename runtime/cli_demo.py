@@ -44,6 +44,7 @@ def run(args) -> int:
         config = LaunchConfig(model=args.model, port=0, platform=args.platform,
                               prefill_mesh=MeshConfig.parse(args.prefill_mesh),
                               decode_mesh=MeshConfig.parse(args.decode_mesh), kv_cache_gib=0.25,
+                              warmup="minimal",  # the demo's prompts and answers are short
                               log_level="WARNING")
     except ValueError as e:
         raise SystemExit(f"splitserve demo: {e}")

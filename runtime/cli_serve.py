@@ -9,6 +9,8 @@ import os
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 
+WARMUPS = ("full", "minimal")
+
 
 def _mesh(text: str) -> MeshConfig:
     try:
@@ -27,6 +29,9 @@ def _add_model_flags(p) -> None:
                    help="serving dtype; auto = the checkpoint's own")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+    p.add_argument("--warmup", choices=WARMUPS, default="full",
+                   help="before serving, compile every bucketed shape (full, default) or only the smallest "
+                        "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
 
 
 def _add_worker_flags(p) -> None:
@@ -86,7 +91,7 @@ def run_worker(args) -> int:
 
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                          kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch)
+                          kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, warmup=args.warmup)
     serve_forever(Worker(config))
     return 0
 
@@ -116,7 +121,7 @@ def run_launch(args) -> int:
                               prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                               prefill_mesh=args.prefill_mesh, decode_mesh=args.decode_mesh, platform=args.platform,
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                              kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch)
+                              kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, warmup=args.warmup)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

@@ -42,6 +42,7 @@ class LaunchConfig:
     num_pages: int | None = None
     kv_cache_gib: float = 1.0
     max_batch: int = 32
+    warmup: str = "full"  # or "minimal"; see WorkerConfig
     log_level: str = "INFO"  # of the worker processes
 
     def __post_init__(self):
@@ -49,6 +50,8 @@ class LaunchConfig:
             raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
         if self.decode_workers < 1 or (self.mode == "disaggregated" and self.prefill_workers < 1):
             raise ValueError("need at least one prefill and one decode worker")
+        if self.warmup not in ("full", "minimal"):
+            raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,8 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", role_command[spec.role],
            "--model", config.model, "--host", config.host, "--port", str(spec.port),
            "--mesh", f"tp={spec.mesh.tp}", "--dtype", config.dtype, "--page-size", str(config.page_size),
-           "--kv-cache-gib", str(config.kv_cache_gib), "--max-batch", str(config.max_batch)]
+           "--kv-cache-gib", str(config.kv_cache_gib), "--max-batch", str(config.max_batch),
+           "--warmup", config.warmup]
     if config.num_pages is not None:
         cmd += ["--num-pages", str(config.num_pages)]
     if config.platform:

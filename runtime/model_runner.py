@@ -135,7 +135,10 @@ class ModelRunner:
         return first, tuple(ks), tuple(vs), lengths
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
-        table = self.page_table(page_lists, batch=ks[0].shape[0])
+        # Only the pages the prompt's KV fills: the table width then follows the prompt bucket,
+        # whatever max_tokens reserved, so one insert shape per bucket.
+        prompt_pages = -(-ks[0].shape[1] // self.config.page_size)
+        table = self.page_table([pages[:prompt_pages] for pages in page_lists], batch=ks[0].shape[0])
         lengths = np.where(np.arange(len(lengths)) < len(page_lists), lengths, 0).astype(np.int32)
         self.cache = self._insert(self.cache, ks, vs, table, lengths)
 
@@ -154,30 +157,11 @@ class ModelRunner:
         return np.asarray(next_tokens)[:n].tolist()
 
     # -- warm-up --------------------------------------------------------------------------
-    def warm_up(self, *, decode: bool) -> int:
-        """Compiles every prefill-batch and decode-batch bucket at the smallest lengths.
+    def warm_up(self, *, decode: bool, full: bool = True) -> int:
+        """Compiles every bucketed shape (runtime/warmup.py); returns the number of programs."""
+        from splitserve.runtime.warmup import compile_all
 
-        Longer prompts and contexts compile on first use. Returns the number of shapes run.
-        """
-        from splitserve.runtime.buckets import all_buckets
-        from splitserve.runtime.sampling import SamplingParams
-
-        greedy = SamplingParams(max_tokens=2)
-        shapes = 0
-        for batch in all_buckets(minimum=1, maximum=self.config.max_prefill_batch):
-            first, ks, vs, lengths = self.prefill([[1, 2, 3]] * batch, [greedy] * batch, [0] * batch)
-            shapes += 1
-            if decode and batch == 1:
-                self.insert_kv([self.kv_to_host(ks, vs, 0, 3)], [[1]], [3])  # the transferred-KV path
-                shapes += 1
-            if decode:
-                self.insert_kv([PrefilledRow(ks, vs, row, 3) for row in range(batch)], [[1]] * batch, [3] * batch)
-        if decode:
-            low = min(self.config.min_decode_batch, self.config.max_batch)
-            for batch in all_buckets(minimum=low, maximum=self.config.max_batch):
-                self.decode([first[0]] * batch, [3] * batch, [[1]] * batch, [greedy] * batch, [1] * batch)
-                shapes += 1
-        return shapes
+        return compile_all(self, decode=decode, full=full)
 
     # -- KV handoff -----------------------------------------------------------------------
     def kv_to_host(self, ks, vs, row: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -192,11 +176,14 @@ class ModelRunner:
         [tokens, model's kv_heads, head_dim], or a PrefilledKV still on this device.
         """
         on_device = [i for i, kv in enumerate(kvs) if isinstance(kv, PrefilledRow)]
-        for i in on_device:  # colocated: slice the prefill batch's row, no host copy
-            kv = kvs[i]
-            ks = tuple(layer[kv.row: kv.row + 1] for layer in kv.ks)
-            vs = tuple(layer[kv.row: kv.row + 1] for layer in kv.vs)
-            self.insert(ks, vs, [page_lists[i]], np.array([lengths[i]], np.int32))
+        for i in on_device:  # colocated: the whole prefill batch goes in with only this row valid,
+            kv = kvs[i]      # so there is no slicing program and the insert shape is the prefill's
+            batch = kv.ks[0].shape[0]
+            rows_pages = [[] for _ in range(batch)]
+            rows_pages[kv.row] = page_lists[i]
+            rows_lengths = np.zeros((batch,), np.int32)
+            rows_lengths[kv.row] = lengths[i]
+            self.insert(kv.ks, kv.vs, rows_pages, rows_lengths)
         host = [i for i in range(len(kvs)) if i not in on_device]
         if host:
             self._insert_host_kv([kvs[i] for i in host], [page_lists[i] for i in host], [lengths[i] for i in host])

@@ -15,9 +15,22 @@ def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
     """
     if platform:
         os.environ["JAX_PLATFORMS"] = platform
+    # Compiled programs persist across restarts (warm-up compiles every bucketed shape; a second
+    # start of the same model only loads them). $SPLITSERVE_COMPILE_CACHE=off disables it.
+    cache = os.environ.get("SPLITSERVE_COMPILE_CACHE") or str(_cache_root() / "jax-compile")
+    if cache != "off":
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     if cpu_devices > 1:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+
+
+def _cache_root():
+    from pathlib import Path
+
+    return Path(os.environ.get("SPLITSERVE_CACHE") or Path.home() / ".cache" / "splitserve")
 
 
 def stop_on_signals() -> threading.Event:

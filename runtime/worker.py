@@ -39,10 +39,13 @@ class WorkerConfig:
     max_batch: int = 32
     max_prefill_batch: int = 8
     attention_impl: str = "auto"
+    warmup: str = "full"  # compile every bucketed shape before serving; "minimal": smallest lengths only
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.warmup not in ("full", "minimal"):
+            raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
 
 
 class Worker:
@@ -106,8 +109,9 @@ class Worker:
     def warm_up(self) -> None:
         """Compiles the bucketed shapes before the worker reports SERVING."""
         start = time.perf_counter()
-        shapes = self.runner.warm_up(decode=self.decode_engine is not None)
-        log.info("warm-up: %d shapes compiled in %.1fs", shapes, time.perf_counter() - start)
+        shapes = self.runner.warm_up(decode=self.decode_engine is not None, full=self.config.warmup == "full")
+        log.info("warm-up (%s): %d programs compiled in %.1fs", self.config.warmup, shapes,
+                 time.perf_counter() - start)
 
     def start(self) -> None:
         self.warm_up()

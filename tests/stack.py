@@ -57,6 +57,8 @@ def _drain(stream, lines: list[str]) -> None:
 def launched(model: str, *flags: str, timeout_s: float = 240):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    if "--warmup" not in flags:  # full warm-up is tested on the runner (test_warmup.py); keep CI quick
+        flags = ("--warmup", "minimal", *flags)
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", "launch", "--model", model, "--port", "0",
            "--platform", "cpu", *flags]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,0 +1,82 @@
+"""Compiling every bucketed shape before a worker reports SERVING, without running them.
+
+Running a 8 x 2048-token prefill just to compile it costs seconds of compute on a CPU; an
+ahead-of-time `jit(...).lower(args).compile()` costs only the compilation, and a later call
+with the same shapes reuses the executable. Inputs are the real arguments where they are
+cheap (token arrays, the cache, params) and the compiled producer's output shapes where
+they are not (the hidden states and K/V between prefill stages), so the compiled programs
+are exactly the ones serving will ask for. tests/test_warmup.py checks that serving after
+`compile_all` triggers no compilation at all.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from splitserve.runtime.buckets import all_buckets
+from splitserve.runtime.sampling import SamplingArrays, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=2)
+
+
+def compile_all(runner, *, decode: bool, full: bool = True) -> int:
+    """Compiles prefill for every (batch, prompt) bucket, and with `decode` the KV inserts and the
+    decode step for every (batch, page-table width) bucket. `full=False`: smallest lengths only.
+    Returns the number of programs compiled."""
+    cfg = runner.config
+    seqs = all_buckets(minimum=cfg.min_prefill_bucket, maximum=runner.max_model_len)
+    count = 0
+    for batch in all_buckets(minimum=1, maximum=cfg.max_prefill_batch):
+        for seq in seqs if full else seqs[:1]:
+            count += _compile_prefill(runner, batch, seq, decode)
+    if decode:
+        widths = all_buckets(minimum=min(cfg.min_page_table_width, runner.max_pages_per_seq),
+                             maximum=runner.max_pages_per_seq)
+        for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
+            for width in widths if full else widths[:1]:
+                _compile(runner._decode, runner.model.params, runner.cache, np.zeros(batch, np.int32),
+                         np.zeros(batch, np.int32), np.zeros((batch, width), np.int32), np.ones(batch, bool),
+                         _sampling(batch))
+                count += 1
+    return count
+
+
+def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
+    params = runner.model.params
+    tokens, lengths = np.zeros((batch, seq), np.int32), np.ones((batch,), np.int32)
+    x = _compile(runner._embed, params, tokens)
+    count, seen = 1, []
+    while x not in seen:  # the first layer is fed by the embedding, the others by a layer
+        seen.append(x)
+        x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
+        count += 1
+    _compile(runner._first_tokens, params, x, lengths, _sampling(batch))
+    count += 1
+    if decode:
+        layers = runner.cache_spec.num_layers
+        table = runner.page_table([[1] * -(-seq // runner.config.page_size)] * batch, batch)
+        _compile(runner._insert, runner.cache, (k,) * layers, (v,) * layers, table, lengths)  # on-device KV
+        count += 1
+        if batch == 1:  # transferred KV arrives as host arrays, one request at a time
+            host = np.zeros(k.shape, k.dtype)
+            _compile(runner._insert, runner.cache, (host,) * layers, (host,) * layers, table, lengths)
+            count += 1
+    return count
+
+
+def _sampling(batch: int) -> SamplingArrays:
+    return SamplingArrays.build([GREEDY] * batch, [0] * batch, batch)
+
+
+def _compile(jitted, *args):
+    """Compiles `jitted` for these arguments; returns its outputs' shapes for the next stage."""
+    return jax.tree.map(_as_argument, jitted.lower(*args).compile().out_info)
+
+
+def _as_argument(info: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    # A single-device result is uncommitted at run time, and a spec naming its device would
+    # compile a different (committed) program; a mesh result keeps its sharding.
+    sharding = None if isinstance(info.sharding, SingleDeviceSharding) else info.sharding
+    return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)

@@ -1,0 +1,52 @@
+"""After a full warm-up, serving any prompt or context length compiles nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
+from splitserve.runtime.sampling import SamplingParams
+
+COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: COMPILES.append(name) if name.endswith("backend_compile_duration") else None)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def runner(request, tmp_path_factory):
+    import os
+
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    model = load_model("demo", make_mesh(MeshConfig(request.param)))
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, max_model_len=64))  # 3 buckets
+    return ModelRunner(model, RunnerConfig(page_size=16, num_pages=40, max_batch=8, max_prefill_batch=2))
+
+
+def test_serving_after_full_warm_up_compiles_nothing(runner):
+    programs = runner.warm_up(decode=True, full=True)
+    assert programs >= 2 * 3 * 4  # (batch 1, 2) x (prompt 16, 32, 64) x (embed, layer, logits, insert) + more
+    COMPILES.clear()
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(max_tokens=4)
+    next_page = 1
+    for _ in range(6):
+        batch = int(rng.integers(1, 3))
+        lengths = [int(n) for n in rng.integers(1, 61, size=batch)]
+        prompts = [list(rng.integers(3, 2000, size=n)) for n in lengths]
+        first, ks, vs, _ = runner.prefill(prompts, [greedy] * batch, [0] * batch)
+        pages = []
+        for n in lengths:
+            count = -(-(n + 4) // 16)
+            pages.append(list(range(next_page, next_page + count)))
+            next_page = 1 + (next_page + count) % 30
+        # one request arrives as host arrays (transferred), the others stay on this device
+        kvs = [runner.kv_to_host(ks, vs, 0, lengths[0])] + [PrefilledRow(ks, vs, r, lengths[r]) for r in range(1, batch)]
+        runner.insert_kv(kvs, pages, lengths)
+        runner.decode(first, lengths, pages, [greedy] * batch, [1] * batch)
+    assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"
