@@ -69,12 +69,15 @@ class RequestRecord:
         return [b - a for a, b in zip(self.chunk_s, self.chunk_s[1:])]
 
     def to_json(self) -> dict:
-        ms = lambda s: None if s is None else s * 1e3  # noqa: E731
+        """Times rounded to the microsecond."""
+        ms = lambda s: None if s is None else round(s * 1e3, 3)  # noqa: E731
+        us = lambda s: round(s, 6)  # noqa: E731
         return dict(index=self.index, kind=self.kind, success=self.success, error=self.error,
                     prompt_len=self.prompt_len, output_len=self.output_len, output_tokens=self.output_tokens,
-                    scheduled_s=self.scheduled_s, start_s=self.start_s, end_s=self.end_s,
+                    scheduled_s=us(self.scheduled_s), start_s=us(self.start_s), end_s=us(self.end_s),
                     ttft_ms=ms(self.ttft_s), tpot_ms=ms(self.tpot_s), e2el_ms=ms(self.e2el_s),
-                    itl_ms=[ms(g) for g in self.itl_s], chunk_s=self.chunk_s, chunk_tokens=self.chunk_tokens)
+                    itl_ms=[ms(g) for g in self.itl_s], chunk_s=[us(t) for t in self.chunk_s],
+                    chunk_tokens=self.chunk_tokens)
 
     @classmethod
     def from_json(cls, d: dict) -> "RequestRecord":

@@ -125,4 +125,15 @@ def document(runs: list[dict], *, config: dict, model_info, extra: dict | None =
 
 def write_json(path: str | Path, doc: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    Path(path).write_text(to_json_text(doc) + "\n")
+
+
+def to_json_text(obj, indent: int = 0) -> str:
+    """Indented JSON with every list of plain values on one line (per-token timestamps stay compact)."""
+    pad = " " * (indent + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}{json.dumps(k)}: {to_json_text(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + to_json_text(v, indent + 1) for v in obj) + "\n" + " " * indent + "]"
+    return json.dumps(obj)
