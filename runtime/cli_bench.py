@@ -99,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    from splitserve.runtime.client import SplitserveError
     from splitserve.runtime.serving_bench.session import run_session
 
     try:
         return run_session(args)
     except ValueError as e:  # a bad flag value, a workload that does not fit the model
         raise SystemExit(f"splitserve bench: {e}")
+    except SplitserveError as e:  # no router at --address
+        raise SystemExit(f"splitserve bench: cannot reach {args.address or 'the launched stack'}: {e}")
 
 
 if __name__ == "__main__":

@@ -238,6 +238,8 @@ def test_bad_flags_are_one_line_errors():
         cli_bench.main(["--address", "127.0.0.1:1", "--dataset", "sharegpt"])
     with pytest.raises(SystemExit, match="KEY one of"):
         cli_bench.main(["--address", "127.0.0.1:1", "--goodput", "itl:5"])
+    with pytest.raises(SystemExit, match="cannot reach 127.0.0.1:1: UNAVAILABLE"):
+        cli_bench.main(["--address", "127.0.0.1:1"])
 
 
 def test_bench_against_a_launched_stack(tmp_path_factory):
