@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--mixed-long-fraction", type=float, default=0.1, help="mixed: fraction of long prompts (0.1)")
     w.add_argument("--mixed-short-input-len", type=int, default=128, help="mixed: short prompt tokens (128)")
     w.add_argument("--mixed-short-output-len", type=int, default=128, help="mixed: short output tokens (128)")
-    w.add_argument("--mixed-long-input-len", type=int, help="mixed: long prompt tokens (default 7/8 of the context)")
+    w.add_argument("--mixed-long-input-len", type=int,
+                   help="mixed: long prompt tokens (default 7/8 of the context, lowered to fit the range ratio)")
     w.add_argument("--mixed-long-output-len", type=int, default=32, help="mixed: long output tokens (32)")
     a = p.add_argument_group("arrivals")
     a.add_argument("--request-rate", default="inf", help="req/s, 'inf', or a comma list to sweep (default inf)")
@@ -89,7 +90,8 @@ def add_parser(sub) -> None:
 
 
 def build_parser(prog: str = "benchmark_serving.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p
 

@@ -7,5 +7,7 @@
     interference.py  TPOT of short requests decoding while a long prompt is prefilled
     report.py        the printed tables and the JSON document
     plots.py         latency CDFs and latency-vs-rate PNGs (matplotlib, Agg)
+    sweep.py         one router: build the workload, warm up, one run per request rate
     compare.py       colocated vs disaggregated stacks on the same devices, one workload
+    session.py       one `splitserve bench` invocation: flags -> specs -> runs -> outputs
 """

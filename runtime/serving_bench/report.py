@@ -21,7 +21,8 @@ SECTIONS = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per 
 
 def analyze(run: RunResult, slos: dict[str, float], label: str = "") -> dict:
     """One run's JSON: its summary, the interference metric when it has long requests, its records."""
-    doc = dict(label=label, request_rate=_rate_json(run.request_rate), metrics=summarize(run.records, run.duration_s, slos))
+    doc = dict(label=label, request_rate=_rate_json(run.request_rate),
+               metrics=summarize(run.records, run.duration_s, slos))
     if any(r.kind == "long" for r in run.records):
         doc["interference"] = interference(run.records)
     doc["requests"] = [r.to_json() for r in run.records]
@@ -46,7 +47,8 @@ def result_block(doc: dict, *, max_concurrency: int | None, slos: dict[str, floa
         lines.append(_line("Maximum request concurrency:", max_concurrency, "d"))
     if doc["request_rate"] != "inf":
         lines.append(_line("Request rate configured (RPS):", doc["request_rate"]))
-    lines += [_line("Benchmark duration (s):", m["duration"]), _line("Total input tokens:", m["total_input_tokens"], "d"),
+    lines += [_line("Benchmark duration (s):", m["duration"]),
+              _line("Total input tokens:", m["total_input_tokens"], "d"),
               _line("Total generated tokens:", m["total_output_tokens"], "d"),
               _line("Request throughput (req/s):", m["request_throughput"])]
     if slos:

@@ -31,6 +31,8 @@ def sweep(address: str, spec: SweepSpec, slos: dict[str, float], *, label: str =
     info = fetch_model_info(address)
     model = dict(vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len)
     requests = build_workload(spec.workload, seed=spec.seed, **model)
+    if spec.workload.dataset == "sharegpt":
+        _check_tokenizer(spec.workload.tokenizer, info.name, echo)
     if spec.num_warmups:
         warm = build_workload(spec.workload, seed=spec.seed + 1, num_prompts=spec.num_warmups, **model)
         run = run_workload(address, warm, spec.arrivals(spec.rates[0]), seed=spec.seed + 1, timeout_s=spec.timeout_s,
@@ -45,3 +47,12 @@ def sweep(address: str, spec: SweepSpec, slos: dict[str, float], *, label: str =
         docs.append(analyze(run, slos, label))
         echo(result_block(docs[-1], max_concurrency=spec.max_concurrency, slos=slos))
     return docs, info
+
+
+def _check_tokenizer(tokenizer: str, served: str, echo) -> None:
+    from splitserve.models.metadata import load_metadata
+
+    name = load_metadata(tokenizer).name
+    if name != served:
+        echo(f"warning: output lengths are counted with the tokenizer of {name!r} (--tokenizer), but the router "
+             f"serves {served!r}")
