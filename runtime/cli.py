@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.runtime import cli_batch, cli_demo, cli_generate, cli_serve
+from splitserve.runtime import cli_batch, cli_bench, cli_demo, cli_generate, cli_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_batch.add_parser(sub)
+    cli_bench.add_parser(sub)
     cli_demo.add_parser(sub)
     cli_generate.add_parser(sub)
     cli_serve.add_parsers(sub)

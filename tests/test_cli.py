@@ -56,7 +56,7 @@ def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
 def test_help_lists_commands_and_flags(cache):
     top = run_cli("--help", cache=cache)
     assert top.returncode == 0
-    for command in ("demo", "generate", "batch", "launch", "router", "prefill-worker", "decode-worker",
+    for command in ("demo", "generate", "batch", "bench", "launch", "router", "prefill-worker", "decode-worker",
                     "colocated-worker", "convert"):
         assert command in top.stdout
         assert run_cli(command, "--help", cache=cache).returncode == 0
