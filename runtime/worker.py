@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
+
+import numpy as np
 
 from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
@@ -23,6 +26,11 @@ from splitserve.runtime.platform_setup import stop_on_signals
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
+# A request's KV smaller than this leaves after its first token rather than layer by layer
+# during the prefill: on a CPU host the early start costs the prefill more than it saves
+# (scripts/bench/RESULTS.md, TTFT), and a transfer this small takes about a millisecond.
+STREAM_DURING_PREFILL_MIN_BYTES = 8 << 20
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +90,8 @@ class Worker:
                 PrefillService(self.prefill_engine, mesh=mesh, platform=platform, role=config.role), self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
         self._sender = KVSender(self.channels)
+        cfg = model.config  # bytes of the model's own KV heads, as sent
+        self._kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
 
     def _num_pages(self, model) -> int:
         if self.config.num_pages is not None:
@@ -104,6 +114,8 @@ class Worker:
             self.decode_engine.kv_arrived(job.request_id, kv, kv.length, job.first_token.result())
         else:  # layer by layer, each as soon as the prefill has computed it
             k_layers, v_layers = kv.host_layers(self.runner.model.layout.kv_source)
+            if kv.length * self._kv_bytes_per_token < STREAM_DURING_PREFILL_MIN_BYTES:
+                job.first_token.result()  # small KV: sending it takes less than it would disturb the prefill
             self._sender(job, job.first_token.result, k_layers, v_layers)
 
     def warm_up(self) -> None:
@@ -140,6 +152,9 @@ def pages_bytes_per_device(num_layers: int, kv_heads: int, page_size: int, head_
 def serve_forever(worker: Worker) -> None:
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
     stop = stop_on_signals()
+    # Threads that wake together (a first token's reply and its KV sender) would otherwise wait
+    # up to Python's 5 ms GIL switch interval for each other: that showed up in TTFT.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     worker.start()
     log.warning("splitserve %s worker ready on %s", worker.config.role, worker.address)
     stop.wait()
