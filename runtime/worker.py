@@ -15,11 +15,12 @@ from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService
-from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.grpc_common import add_health, listen, make_server, set_serving
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
 from splitserve.runtime.platform_setup import stop_on_signals
+from splitserve.runtime.security import InternalSecurity
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
@@ -39,6 +40,7 @@ class WorkerConfig:
     max_batch: int = 32
     max_prefill_batch: int = 8
     attention_impl: str = "auto"
+    security: InternalSecurity = InternalSecurity()  # TLS of its port and of its KV channels; the token
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -61,11 +63,11 @@ class Worker:
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
             attention_impl=config.attention_impl,
         ))
-        self.server = make_server()
+        self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = listen(self.server, config.host, config.port, config.security.worker_credentials())
         self.address = f"{config.host}:{self.port}"
-        self.channels = ChannelPool()
+        self.channels = config.security.channels()
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
         if has_decode:
