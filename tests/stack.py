@@ -16,11 +16,18 @@ from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2, serv
 
 
 class Stack:
-    def __init__(self, process: subprocess.Popen, address: str):
+    """`lines`: everything launch and its workers printed so far; `credentials`/`metadata`: for a secured router."""
+
+    def __init__(self, process: subprocess.Popen, address: str, lines: list[str], credentials=None, metadata=()):
         self.process = process
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.lines = lines
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        self.metadata = tuple(metadata)
         self.serving = serving_pb2_grpc.ServingStub(self.channel)
+
+    def worker_pids(self) -> list[int]:
+        return _children(self.process.pid)
 
     def generate(self, prompt_ids=None, text=None, **sampling):
         request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(**sampling))
@@ -29,14 +36,14 @@ class Stack:
         else:
             request.token_ids.ids.extend(prompt_ids)
         tokens, out_text, reason = [], "", ""
-        for msg in self.serving.Generate(request, timeout=120):
+        for msg in self.serving.Generate(request, timeout=120, metadata=self.metadata):
             tokens += msg.token_ids
             out_text += msg.text
             reason = msg.finish_reason or reason
         return tokens, out_text, reason
 
     def workers(self):
-        return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10).workers)
+        return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10, metadata=self.metadata).workers)
 
     def decode_stats(self):
         """WorkerStats of every decode (or colocated) worker, read from the workers themselves."""
@@ -54,8 +61,10 @@ def _drain(stream, lines: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def launched(model: str, *flags: str, timeout_s: float = 240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def launched(model: str, *flags: str, timeout_s: float = 240, env: dict | None = None, credentials=None,
+             metadata=()):
+    """`env`: extra environment of launch; `credentials`, `metadata`: how Stack calls the router."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", "launch", "--model", model, "--port", "0",
            "--platform", "cpu", *flags]
@@ -73,7 +82,7 @@ def launched(model: str, *flags: str, timeout_s: float = 240):
                 if m := re.match(r"splitserve ready on (\S+)", line):
                     address = m.group(1)
             time.sleep(0.1)
-        stack = Stack(process, address)
+        stack = Stack(process, address, lines, credentials, metadata)
         yield stack
         stack.channel.close()
     finally:
