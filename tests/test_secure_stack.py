@@ -2,8 +2,11 @@
 internal token, DEBUG logs. Real processes on loopback; certificates made at test time."""
 
 import asyncio
+import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 
 import grpc
@@ -75,6 +78,22 @@ def test_the_sdk_streams_over_tls_with_the_api_key(stack, pki):
             return await client.generate("The weather today is", max_tokens=8, ignore_eos=True)
 
     assert asyncio.run(main()).token_ids == out.token_ids
+
+
+def test_cli_generate_takes_the_key_from_the_environment_and_a_ca_file(stack, pki):
+    def generate(*flags, key=None):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.pop("SPLITSERVE_API_KEY", None)
+        env.update({"SPLITSERVE_API_KEY": key} if key else {})
+        return subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "generate", "Hello", "--address",
+                               stack.address, "--max-tokens", "4", "--ignore-eos", "--json", *flags],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    ok = generate("--tls-ca", pki.ca, key=KEY)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout.strip().splitlines()[-1])["token_ids"]) == 4
+    no_key = generate("--tls-ca", pki.ca)
+    assert no_key.returncode != 0 and "UNAUTHENTICATED: missing API key" in no_key.stderr
 
 
 def test_a_missing_or_wrong_key_is_unauthenticated_and_health_stays_open(stack, pki):
