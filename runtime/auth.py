@@ -1,7 +1,10 @@
 """Shared-secret auth as gRPC interceptors: the public API key and the internal token.
 
     client ──authorization: Bearer KEY──► router (RequireSecret on every method but health/reflection)
-    router, prefill ──x-splitserve-internal-token──► workers (RequireSecret on Prefill and Decode)
+    router, prefill ──authorization: Bearer TOKEN──► workers (RequireSecret on Prefill and Decode)
+
+Both use the `authorization` header because gRPC redacts it in its own HTTP traces
+(GRPC_TRACE=http); a custom header would be printed there in full.
 
 The caller side attaches its secret on the channel (AttachMetadata), so no call site can
 forget it. Secrets are compared in constant time and never logged or echoed in an error.
@@ -22,7 +25,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 INTERNAL_TOKEN_ENV = "SPLITSERVE_INTERNAL_TOKEN"
-INTERNAL_TOKEN_HEADER = "x-splitserve-internal-token"
+AUTH_HEADER, BEARER = "authorization", "Bearer "
 # Open without a secret: they reveal no data (status; the public schema) and load balancers probe them.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
@@ -42,28 +45,24 @@ def read_secret(env_var: str, path: str | None, what: str) -> str | None:
 
 
 class RequireSecret(grpc.ServerInterceptor):
-    """Rejects calls without the right secret in metadata `header` with UNAUTHENTICATED.
+    """Rejects calls without `authorization: Bearer SECRET` with UNAUTHENTICATED; `open_prefixes` pass."""
 
-    `scheme` is the value's prefix ("Bearer " for `authorization`). Methods under `open_prefixes` pass.
-    """
-
-    def __init__(self, secret: str, *, header: str, scheme: str = "", what: str,
-                 open_prefixes: tuple[str, ...] = OPEN_SERVICES):
+    def __init__(self, secret: str, *, what: str, open_prefixes: tuple[str, ...] = OPEN_SERVICES):
         if not secret:
             raise ValueError(f"the {what} is empty")
-        self._expected = (scheme + secret).encode()
-        self._header, self._what, self._open = header, what, open_prefixes
+        self._expected = (BEARER + secret).encode()
+        self._what, self._open = what, open_prefixes
 
     def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if details.method.startswith(self._open):
             return continuation(details)
-        sent = [value for key, value in details.invocation_metadata or () if key == self._header]
+        sent = [value for key, value in details.invocation_metadata or () if key == AUTH_HEADER]
         if len(sent) == 1 and hmac.compare_digest(_as_bytes(sent[0]), self._expected):
             return continuation(details)
         handler = continuation(details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
             return None
-        problem = f"missing {self._what} (metadata {self._header!r})" if not sent else f"invalid {self._what}"
+        problem = f"invalid {self._what}" if sent else f"missing {self._what} ('{AUTH_HEADER}: {BEARER}...')"
         return _deny(handler, details.method, problem)
 
 
@@ -117,13 +116,13 @@ class _CallDetails(grpc.ClientCallDetails):
 
 def require_api_key(api_key: str) -> RequireSecret:
     """The router's check; the SDK sends `authorization: Bearer KEY`."""
-    return RequireSecret(api_key, header="authorization", scheme="Bearer ", what="API key")
+    return RequireSecret(api_key, what="API key")
 
 
 def require_internal_token(token: str) -> RequireSecret:
     """The workers' check: Prefill and Decode; health stays open for the router's readiness probe."""
-    return RequireSecret(token, header=INTERNAL_TOKEN_HEADER, what="internal token")
+    return RequireSecret(token, what="internal token")
 
 
 def attach_internal_token(token: str) -> AttachMetadata:
-    return AttachMetadata((INTERNAL_TOKEN_HEADER, token))
+    return AttachMetadata((AUTH_HEADER, BEARER + token))

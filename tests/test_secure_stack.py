@@ -133,7 +133,7 @@ def test_workers_need_a_client_certificate_and_the_internal_token(stack, pki, in
         with pytest.raises(grpc.RpcError) as err:  # the right certificate, no token
             _stats(worker, mutual)
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        stats = _stats(worker, mutual, metadata=[("x-splitserve-internal-token", internal_token)])
+        stats = _stats(worker, mutual, metadata=[("authorization", f"Bearer {internal_token}")])
         assert stats.role == worker.role
 
 
@@ -160,7 +160,7 @@ def test_messages_over_the_caps_are_resource_exhausted(stack, pki, internal_toke
     channel.close()
 
     mutual = grpc.ssl_channel_credentials(_read(pki.ca), _read(pki.key), _read(pki.cert))
-    token = [("x-splitserve-internal-token", internal_token)]
+    token = [("authorization", f"Bearer {internal_token}")]
     decode = next(w for w in stack.workers() if w.role == "decode")
     release = internal_pb2_grpc.DecodeStub(_channel(decode.address, mutual)).Release
     assert not release(internal_pb2.ReleaseRequest(request_id="x" * (12 * MiB)), timeout=60, metadata=token).released
