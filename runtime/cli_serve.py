@@ -14,7 +14,7 @@ from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
-from splitserve.runtime.tls import TLSConfig, check_listen_address
+from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address
 
 
 def _mesh(text: str) -> MeshConfig:
@@ -58,6 +58,7 @@ def _tls(args, command: str) -> TLSConfig:
     """The TLS settings, after checking that --host may be listened on with them."""
     try:
         tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        check_files(tls)
         check_listen_address(args.host, tls, args.allow_insecure)
     except ValueError as e:
         raise SystemExit(f"splitserve {command}: {e}")

@@ -54,6 +54,13 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from None
 
 
+def check_files(tls: TLSConfig) -> None:
+    """Raises ValueError now if a file is unreadable, rather than after a model has loaded."""
+    for path, what in ((tls.cert, "TLS certificate"), (tls.key, "TLS key"), (tls.ca, "TLS CA")):
+        if path:
+            _read(path, what)
+
+
 def server_credentials(tls: TLSConfig, *, require_client_cert: bool) -> grpc.ServerCredentials | None:
     """None without TLS. `require_client_cert` (workers, with --tls-ca): callers must present one the CA signed."""
     if not tls.enabled:

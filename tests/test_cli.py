@@ -46,6 +46,10 @@ def test_generate_streams_demo_text(cache):
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),
+    (["launch", "--tls-cert", "/nope.crt", "--tls-key", "/nope.key", "--tls-ca", "/nope-ca.crt"],
+     "cannot read the TLS certificate /nope.crt"),
+    (["decode-worker", "--tls-cert", "/nope.crt"], "--tls-cert and --tls-key go together"),
+    (["router", "--colocated", "a:1", "--api-key-file", "/nope.key"], "cannot read the API key file /nope.key"),
 ])
 def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
     result = run_cli(*args, cache=cache)
