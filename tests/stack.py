@@ -13,6 +13,7 @@ import time
 import grpc
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2, serving_pb2_grpc
+from splitserve.runtime.grpc_common import ChannelPool
 
 
 class Stack:
@@ -25,9 +26,30 @@ class Stack:
         self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.metadata = tuple(metadata)
         self.serving = serving_pb2_grpc.ServingStub(self.channel)
+        self._worker_channels: ChannelPool | None = None
 
     def worker_pids(self) -> list[int]:
         return _children(self.process.pid)
+
+    def worker_environ(self, pid: int) -> dict[str, str]:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().decode().split("\0")
+        return dict(item.split("=", 1) for item in items if "=" in item)
+
+    def internal_token(self) -> str:
+        """The token launch handed its workers, read from a worker's environment."""
+        return self.worker_environ(self.worker_pids()[0])["SPLITSERVE_INTERNAL_TOKEN"]
+
+    def worker_channel(self, address: str) -> grpc.Channel:
+        """A plaintext channel to a worker that sends the internal token, as the router does."""
+        if self._worker_channels is None:
+            self._worker_channels = ChannelPool(token=self.internal_token())
+        return self._worker_channels.get(address)
+
+    def close(self) -> None:
+        self.channel.close()
+        if self._worker_channels is not None:
+            self._worker_channels.close()
 
     def generate(self, prompt_ids=None, text=None, **sampling):
         request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(**sampling))
@@ -50,8 +72,8 @@ class Stack:
         stats = []
         for w in self.workers():
             if w.role in ("decode", "colocated"):
-                with grpc.insecure_channel(w.address) as ch:
-                    stats.append(internal_pb2_grpc.DecodeStub(ch).Stats(internal_pb2.StatsRequest(), timeout=10))
+                stub = internal_pb2_grpc.DecodeStub(self.worker_channel(w.address))
+                stats.append(stub.Stats(internal_pb2.StatsRequest(), timeout=10))
         return stats
 
 
@@ -84,7 +106,7 @@ def launched(model: str, *flags: str, timeout_s: float = 240, env: dict | None =
             time.sleep(0.1)
         stack = Stack(process, address, lines, credentials, metadata)
         yield stack
-        stack.channel.close()
+        stack.close()
     finally:
         workers = _children(process.pid)
         assert address is None or workers, "a launched stack must have worker processes"

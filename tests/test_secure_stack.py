@@ -46,13 +46,11 @@ def stack(pki, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def internal_token(stack):
-    """The token launch made, read from a worker's environment (where launch put it, not argv)."""
-    tokens = set()
-    for pid in stack.worker_pids():
-        environ = dict(item.split(b"=", 1) for item in _proc(pid, "environ").split(b"\0") if b"=" in item)
-        tokens.add(environ[b"SPLITSERVE_INTERNAL_TOKEN"].decode())
-        assert b"SPLITSERVE_API_KEY" not in environ  # workers never see the public key
-    assert len(tokens) == 1  # one token per run, shared by every worker
+    """The token launch made, read from the workers' environment (where launch put it, not argv)."""
+    environs = [stack.worker_environ(pid) for pid in stack.worker_pids()]
+    assert len(environs) == 2 and not any("SPLITSERVE_API_KEY" in env for env in environs)  # not the public key
+    tokens = {env["SPLITSERVE_INTERNAL_TOKEN"] for env in environs}
+    assert len(tokens) == 1  # one per run, shared by every worker
     token = tokens.pop()
     assert len(token) >= 32
     return token
