@@ -12,7 +12,7 @@ import dataclasses
 import grpc
 
 from splitserve.runtime.auth import require_internal_token
-from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.grpc_common import ChannelPool, listen
 from splitserve.runtime.tls import TLSConfig, internal_channel_credentials, server_credentials
 
 
@@ -27,6 +27,10 @@ class InternalSecurity:
 
     def worker_credentials(self) -> grpc.ServerCredentials | None:
         return server_credentials(self.tls, require_client_cert=True)
+
+    def listen(self, server: grpc.Server, host: str, port: int) -> int:
+        """Binds a worker's port: TLS as configured, client certificates required under --tls-ca."""
+        return listen(server, host, port, self.worker_credentials())
 
     def worker_interceptors(self) -> list[grpc.ServerInterceptor]:
         return [require_internal_token(self.token)] if self.token else []

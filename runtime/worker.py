@@ -15,7 +15,7 @@ from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService
-from splitserve.runtime.grpc_common import add_health, listen, make_server, set_serving
+from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
@@ -65,9 +65,9 @@ class Worker:
         ))
         self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)
-        self.port = listen(self.server, config.host, config.port, config.security.worker_credentials())
+        self.port = config.security.listen(self.server, config.host, config.port)
         self.address = f"{config.host}:{self.port}"
-        self.channels = config.security.channels()
+        self.channels: ChannelPool = config.security.channels()  # TLS and the token on every KV transfer
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
         if has_decode:
