@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from splitserve.runtime.cli_client import add_router_client_flags, client_options
+
 DESCRIPTION = """\
 Run every request of a JSONL file and append one result line per request to the output.
 
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="run in this process: HF directory, Orbax checkpoint, or 'demo'")
     where.add_argument("--address", help="HOST:PORT of a running router")
-    p.add_argument("--api-key", help="API key for the router (with --address)")
+    add_router_client_flags(p)
     p.add_argument("--concurrency", type=int, help="requests in flight to the router (with --address; default 32)")
     p.add_argument("--max-batch", type=int, help="requests decoded together (in-process; default 16)")
     p.add_argument("--page-size", type=int, help="KV cache page size in tokens (in-process; default 16)")
@@ -96,7 +98,8 @@ def run(args) -> int:
 
 
 def _in_process_backend(args):
-    given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key") if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key", "tls", "tls_ca")
+             if getattr(args, k) not in (None, False)]
     if given:
         raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --address")
     for key, default in IN_PROCESS_DEFAULTS.items():
@@ -127,7 +130,7 @@ def _remote_backend(args):
     from splitserve.runtime.batch_runner import RemoteBackend
     from splitserve.runtime.client import Client
 
-    client = Client(args.address, api_key=args.api_key)
+    client = Client(args.address, **client_options(args))
     return RemoteBackend(client, 32 if args.concurrency is None else args.concurrency), client.close
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from splitserve.runtime.cli_client import add_router_client_flags, client_options
 from splitserve.runtime.platform_setup import configure_jax
 
 
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids)")
     p.add_argument("--prompt-ids", type=_token_ids, help="token ids instead of text, e.g. 1,2,3")
     p.add_argument("--address", help="HOST:PORT of a running router (default: run the model in-process)")
-    p.add_argument("--api-key", help="API key for the router (with --address)")
+    add_router_client_flags(p)
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="serving dtype; auto = the checkpoint's own")
@@ -100,7 +101,7 @@ def _run_remote(args) -> int:
                     seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     builder = CompletionBuilder(time.perf_counter())
     try:
-        with Client(args.address, api_key=args.api_key) as client:
+        with Client(args.address, **client_options(args)) as client:
             for chunk in client.stream(args.prompt, token_ids=args.prompt_ids, **sampling):
                 builder.add(chunk, time.perf_counter())
                 if not args.json and chunk.text:

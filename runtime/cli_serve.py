@@ -1,4 +1,8 @@
-"""`splitserve launch | router | prefill-worker | decode-worker | colocated-worker`."""
+"""`splitserve launch | router | prefill-worker | decode-worker | colocated-worker`.
+
+Secrets come from a file flag or the environment, never a flag value: argv is visible to
+every user of the host (`ps`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import logging
 import os
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
+from splitserve.runtime.security import InternalSecurity
+from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address
 
 WARMUPS = ("full", "minimal")
 
@@ -23,15 +30,51 @@ def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
 
-def _add_model_flags(p) -> None:
+def _add_model_flags(p, host_help: str = "address to listen on") -> None:
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="serving dtype; auto = the checkpoint's own")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help=f"{host_help} (default 127.0.0.1; "
+                   "any non-loopback address needs --tls-cert/--tls-key or --allow-insecure)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--warmup", choices=WARMUPS, default="full",
                    help="before serving, compile every bucketed shape (full, default) or only the smallest "
                         "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
+
+
+def _add_security_flags(p, *, api_key: bool, internal_token: bool) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain served on this process's port "
+                   "(and, with --tls-ca, its client certificate towards workers)")
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-ca", metavar="PEM", help="internal CA: mutual TLS between router and workers; workers "
+                   "accept only client certificates it signed, callers verify workers with it")
+    g.add_argument("--allow-insecure", action="store_true",
+                   help="allow a --host other than loopback without TLS (logs a warning)")
+    if api_key:
+        g.add_argument("--api-key-file", metavar="PATH", help="file holding the API key clients must send as "
+                       f"'authorization: Bearer KEY' (default: ${API_KEY_ENV}; neither: no key needed)")
+    if internal_token:
+        g.add_argument("--internal-token-file", metavar="PATH", help="file holding the token the router and "
+                       f"workers share (default: ${INTERNAL_TOKEN_ENV}; neither: workers accept any caller)")
+
+
+def _tls(args, command: str) -> TLSConfig:
+    """The TLS settings, after checking that --host may be listened on with them."""
+    try:
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        check_files(tls)
+        check_listen_address(args.host, tls, args.allow_insecure)
+    except ValueError as e:
+        raise SystemExit(f"splitserve {command}: {e}")
+    return tls
+
+
+def _secret(env_var: str, path: str | None, what: str, command: str) -> str | None:
+    try:
+        return read_secret(env_var, path, what)
+    except ValueError as e:
+        raise SystemExit(f"splitserve {command}: {e}")
 
 
 def _add_worker_flags(p) -> None:
@@ -49,6 +92,7 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(f"{role}-worker", help=f"run one {role} worker (for multi-host setups)",
                            description=f"Run one {role} worker process on this host's devices.")
         _add_worker_flags(p)
+        _add_security_flags(p, api_key=False, internal_token=True)
         p.set_defaults(run=run_worker, role=role)
 
     r = sub.add_parser("router", help="run the router in front of running workers",
@@ -58,12 +102,13 @@ def add_parsers(sub) -> None:
     r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
+    _add_security_flags(r, api_key=True, internal_token=True)
     r.set_defaults(run=run_router)
 
     lp = sub.add_parser("launch", help="start router + prefill + decode workers on this host",
                         description="Start the whole stack on this host: a router and worker processes, "
                                     "each on its own devices. Prints 'splitserve ready on HOST:PORT'.")
-    _add_model_flags(lp)
+    _add_model_flags(lp, "address the router listens on; workers always listen on 127.0.0.1")
     lp.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     lp.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
     lp.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (default 1)")
@@ -76,6 +121,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
 
@@ -84,14 +130,22 @@ def _logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _internal_security(args, command: str) -> InternalSecurity:
+    token = _secret(INTERNAL_TOKEN_ENV, args.internal_token_file, "internal token", command)
+    return InternalSecurity(_tls(args, command), token)
+
+
 def run_worker(args) -> int:
     _logging()
+    command = f"{args.role}-worker"
+    security = _internal_security(args, command)
     configure_jax(args.platform, cpu_devices=args.mesh.tp)
     from splitserve.runtime.worker import Worker, WorkerConfig, serve_forever
 
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                          kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, warmup=args.warmup)
+                          kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
+                          warmup=args.warmup)
     serve_forever(Worker(config))
     return 0
 
@@ -102,8 +156,11 @@ def run_router(args) -> int:
 
     if not args.colocated and not (args.prefill and args.decode):
         raise SystemExit("splitserve router: give --prefill and --decode addresses, or --colocated")
+    security = _internal_security(args, "router")
+    api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "router")
     server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
-                          colocated=args.colocated, dtype=args.dtype, page_size=args.page_size)
+                          colocated=args.colocated, dtype=args.dtype, page_size=args.page_size,
+                          security=security, api_key=api_key)
     stop = stop_on_signals()
     server.start()
     print(f"splitserve ready on {server.address}", flush=True)
@@ -116,12 +173,16 @@ def run_launch(args) -> int:
     _logging()
     from splitserve.runtime.launch import LaunchConfig, run_launch as launch
 
+    tls = _tls(args, "launch")
+    api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "launch")
     try:
         config = LaunchConfig(model=args.model, host=args.host, port=args.port, mode=args.mode,
                               prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                               prefill_mesh=args.prefill_mesh, decode_mesh=args.decode_mesh, platform=args.platform,
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-                              kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, warmup=args.warmup)
+                              kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
+                              log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
+                              warmup=args.warmup)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

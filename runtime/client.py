@@ -12,8 +12,10 @@ request on the server, which frees its KV pages at once.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -23,7 +25,7 @@ from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.client_types import (
     Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, build_request, chunk_from_proto,
 )
-from splitserve.runtime.grpc_common import OPTIONS
+from splitserve.runtime.grpc_common import PUBLIC_OPTIONS
 
 __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError"]
 
@@ -42,7 +44,9 @@ def _credentials(tls) -> grpc.ChannelCredentials | None:
         return None
     if tls is True:
         return grpc.ssl_channel_credentials()
-    return tls  # a grpc.ChannelCredentials the caller built (own CA, client certificate)
+    if isinstance(tls, (str, os.PathLike)):  # a PEM file of the CA that signed the router's certificate
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    return tls  # a grpc.ChannelCredentials the caller built (client certificate, ...)
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -78,8 +82,8 @@ class Client:
     Args:
         address: the router, "host:port".
         api_key: sent as "authorization: Bearer KEY" on every call.
-        tls: None/False for plaintext, True for TLS with the system roots, or a
-            grpc.ChannelCredentials (own CA, client certificate).
+        tls: None/False for plaintext, True for TLS with the system roots, the path of a
+            PEM file of the CA that signed the router's certificate, or a grpc.ChannelCredentials.
         timeout: default deadline in seconds for each call (None: no deadline).
         max_retries: retries on UNAVAILABLE before the first token.
 
@@ -93,8 +97,8 @@ class Client:
                  max_retries: int = 2):
         self._opts = _Options(address, api_key, tls, timeout, max_retries)
         creds = self._opts.credentials
-        self._channel = (grpc.secure_channel(address, creds, options=OPTIONS) if creds
-                         else grpc.insecure_channel(address, options=OPTIONS))
+        self._channel = (grpc.secure_channel(address, creds, options=PUBLIC_OPTIONS) if creds
+                         else grpc.insecure_channel(address, options=PUBLIC_OPTIONS))
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -188,8 +192,8 @@ class AsyncClient:
                  max_retries: int = 2):
         self._opts = _Options(address, api_key, tls, timeout, max_retries)
         creds = self._opts.credentials
-        self._channel = (grpc.aio.secure_channel(address, creds, options=OPTIONS) if creds
-                         else grpc.aio.insecure_channel(address, options=OPTIONS))
+        self._channel = (grpc.aio.secure_channel(address, creds, options=PUBLIC_OPTIONS) if creds
+                         else grpc.aio.insecure_channel(address, options=PUBLIC_OPTIONS))
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     async def __aenter__(self) -> "AsyncClient":

@@ -1,36 +1,74 @@
-"""gRPC plumbing shared by every listener and client: message caps, channels, health."""
+"""gRPC plumbing shared by every listener and client: message caps, listening, channels, health."""
 
 from __future__ import annotations
 
 import threading
 from concurrent import futures
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 << 20  # explicit on both ends (a KV chunk is ~1 MiB)
-OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+from splitserve.runtime.auth import attach_internal_token
+
+# Explicit caps on both ends; past them gRPC answers RESOURCE_EXHAUSTED before any handler runs.
+# Public (router port, SDK): a Generate request is one prompt; 8 MiB holds a 1M-token prompt as
+# text or as token ids, and keeps what one unauthenticated message can cost the router small.
+PUBLIC_MAX_MESSAGE_BYTES = 8 << 20
+# Internal (workers, router and prefill channels): a KV chunk is ~1 MiB (KVSender; <= a few MiB),
+# a Prefill/Run carries one prompt (<= the public cap). 16 MiB leaves room for both.
+INTERNAL_MAX_MESSAGE_BYTES = 16 << 20
 
 
-def make_server(max_workers: int = 256) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=OPTIONS)
+def message_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+PUBLIC_OPTIONS = message_options(PUBLIC_MAX_MESSAGE_BYTES)
+INTERNAL_OPTIONS = message_options(INTERNAL_MAX_MESSAGE_BYTES)
+MAX_MESSAGE_BYTES, OPTIONS = INTERNAL_MAX_MESSAGE_BYTES, INTERNAL_OPTIONS  # the old names, for existing callers
+
+
+def make_server(options: Sequence[tuple[str, int]] = INTERNAL_OPTIONS, interceptors: Sequence = (),
+                max_workers: int = 256) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=list(options),
+                       interceptors=list(interceptors))
+
+
+def listen(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Binds host:port, with TLS when `credentials` are given; returns the port."""
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 class ChannelPool:
-    """One channel per address, created on first use, shared by threads."""
+    """One channel per address, created on first use, shared by threads.
 
-    def __init__(self):
+    Every channel carries the internal token (a channel interceptor, so no call site can
+    forget it) and uses TLS when `credentials` are given.
+    """
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        self._credentials = credentials
+        self._token = token
 
     def get(self, address: str) -> grpc.Channel:
         with self._lock:
             if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address, options=OPTIONS)
+                self._channels[address] = self._open(address)
             return self._channels[address]
+
+    def _open(self, address: str) -> grpc.Channel:
+        if self._credentials is not None:
+            channel = grpc.secure_channel(address, self._credentials, options=INTERNAL_OPTIONS)
+        else:
+            channel = grpc.insecure_channel(address, options=INTERNAL_OPTIONS)
+        return grpc.intercept_channel(channel, attach_internal_token(self._token)) if self._token else channel
 
     def close(self) -> None:
         with self._lock:
@@ -52,16 +90,18 @@ def set_serving(servicer: health.HealthServicer, serving: bool = True) -> None:
     servicer.set("", status)
 
 
-def wait_until_serving(address: str, timeout_s: float, check_alive=None) -> None:
+def wait_until_serving(address: str, timeout_s: float, check_alive=None, channels: ChannelPool | None = None) -> None:
     """Blocks until the server at `address` reports SERVING; raises TimeoutError.
 
     `check_alive()`, if given, is called while waiting and may raise (a dead worker process).
+    `channels`: the caller's pool, with its TLS settings (default: a plaintext one of its own).
     """
     import time
 
+    pool = channels if channels is not None else ChannelPool()
+    stub = health_pb2_grpc.HealthStub(pool.get(address))
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address, options=OPTIONS) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    try:
         while time.monotonic() < deadline:
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
@@ -72,4 +112,7 @@ def wait_until_serving(address: str, timeout_s: float, check_alive=None) -> None
             if check_alive is not None:
                 check_alive()
             time.sleep(0.1)
+    finally:
+        if channels is None:
+            pool.close()
     raise TimeoutError(f"{address} did not report SERVING within {timeout_s:.0f}s")

@@ -6,6 +6,11 @@ when there are enough GPUs (else they share, each with a fraction of the memory)
 router runs in this process and prints the ready line once every worker has warmed up.
 Children are started with a parent-death signal and terminated on SIGINT/SIGTERM, so no
 worker outlives launch.
+
+Only the router listens on --host; the workers listen on 127.0.0.1, since only this host's
+router and workers call them. Each run makes a fresh internal token, handed to the workers
+in their environment (argv is readable by anyone on the host); the workers reject calls
+without it. With TLS the workers get the same certificate and --tls-ca (mutual TLS).
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ import ctypes
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
 from splitserve.runtime.platform_setup import stop_on_signals
+from splitserve.runtime.security import InternalSecurity
+from splitserve.runtime.tls import TLSConfig
 
 log = logging.getLogger(__name__)
+WORKER_HOST = "127.0.0.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,8 @@ class LaunchConfig:
     max_batch: int = 32
     warmup: str = "full"  # or "minimal"; see WorkerConfig
     log_level: str = "INFO"  # of the worker processes
+    tls: TLSConfig = TLSConfig()
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # required by the router when set
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -52,6 +64,9 @@ class LaunchConfig:
             raise ValueError("need at least one prefill and one decode worker")
         if self.warmup not in ("full", "minimal"):
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
+        if self.tls.enabled and not self.tls.mutual:
+            raise ValueError(f"TLS needs --tls-ca too: the workers listen on {WORKER_HOST} and the router checks "
+                             "them against that CA (so the certificate must also name 127.0.0.1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +97,14 @@ def plan_workers(config: LaunchConfig, num_accelerators: int) -> list[WorkerSpec
                 next_device += mesh.tp
             else:  # not enough for disjoint sets: share from device 0
                 devices = tuple(range(mesh.tp))
-        specs.append(WorkerSpec(role, mesh, free_port(config.host), devices))
+        specs.append(WorkerSpec(role, mesh, free_port(WORKER_HOST), devices))
     return specs
 
 
 def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
     role_command = {"prefill": "prefill-worker", "decode": "decode-worker", "colocated": "colocated-worker"}
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", role_command[spec.role],
-           "--model", config.model, "--host", config.host, "--port", str(spec.port),
+           "--model", config.model, "--host", WORKER_HOST, "--port", str(spec.port),
            "--mesh", f"tp={spec.mesh.tp}", "--dtype", config.dtype, "--page-size", str(config.page_size),
            "--kv-cache-gib", str(config.kv_cache_gib), "--max-batch", str(config.max_batch),
            "--warmup", config.warmup]
@@ -97,11 +112,16 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
         cmd += ["--num-pages", str(config.num_pages)]
     if config.platform:
         cmd += ["--platform", config.platform]
+    if config.tls.enabled:  # paths only: the key itself stays in its file
+        cmd += ["--tls-cert", config.tls.cert, "--tls-key", config.tls.key, "--tls-ca", config.tls.ca]
     return cmd
 
 
-def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_workers: int) -> dict[str, str]:
+def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_workers: int,
+               internal_token: str) -> dict[str, str]:
     env = dict(os.environ, SPLITSERVE_LOG_LEVEL=config.log_level)
+    env.pop(API_KEY_ENV, None)  # workers never need the public key
+    env[INTERNAL_TOKEN_ENV] = internal_token
     if spec.devices and config.platform in (None, "gpu"):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         if shared_gpus:
@@ -121,6 +141,7 @@ class Launcher:
     def __init__(self, config: LaunchConfig):
         self.config = config
         self.children: list[subprocess.Popen] = []
+        self.security = InternalSecurity(config.tls, secrets.token_urlsafe(32))  # a fresh token per run
 
     def start_workers(self) -> list[WorkerSpec]:
         num_accelerators = _count_gpus() if self.config.platform in (None, "gpu") else 0
@@ -129,7 +150,8 @@ class Launcher:
         shared = bool(num_accelerators) and needed > num_accelerators
         for spec in specs:
             self.children.append(subprocess.Popen(
-                worker_command(self.config, spec), env=worker_env(self.config, spec, shared, len(specs)),
+                worker_command(self.config, spec),
+                env=worker_env(self.config, spec, shared, len(specs), self.security.token),
                 preexec_fn=_die_with_parent))
         return specs
 
@@ -168,11 +190,12 @@ def running_stack(config: LaunchConfig):
     router = None
     try:
         specs = launcher.start_workers()
-        addresses = {role: [f"{config.host}:{s.port}" for s in specs if s.role == role]
+        addresses = {role: [f"{WORKER_HOST}:{s.port}" for s in specs if s.role == role]
                      for role in ("prefill", "decode", "colocated")}
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
-                              dtype=config.dtype, page_size=config.page_size)
+                              dtype=config.dtype, page_size=config.page_size, security=launcher.security,
+                              api_key=config.api_key)
         router.start(check_alive=launcher.check_alive)
         yield router, launcher
     finally:

@@ -7,9 +7,14 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.models.config import ModelConfig
 from splitserve.models.metadata import load_metadata
 from splitserve.protos import serving_pb2, serving_pb2_grpc
-from splitserve.runtime.grpc_common import add_health, make_server, set_serving, wait_until_serving
+from splitserve.runtime.auth import require_api_key
+from splitserve.runtime.grpc_common import (
+    PUBLIC_OPTIONS, add_health, listen, make_server, set_serving, wait_until_serving,
+)
 from splitserve.runtime.router import Router
+from splitserve.runtime.security import InternalSecurity
 from splitserve.runtime.serving_service import ServingService
+from splitserve.runtime.tls import server_credentials
 
 
 def serving_dtype(dtype: str, config: ModelConfig) -> str:
@@ -17,27 +22,30 @@ def serving_dtype(dtype: str, config: ModelConfig) -> str:
 
 
 class RouterServer:
+    """`security`: TLS (its certificate also serves the public port) and the token for the workers;
+    `api_key`: required on every public method but health and reflection (None: no key)."""
+
     def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
-                 colocated: list[str], dtype: str = "auto", page_size: int = 16):
+                 colocated: list[str], dtype: str = "auto", page_size: int = 16,
+                 security: InternalSecurity = InternalSecurity(), api_key: str | None = None):
         metadata = load_metadata(model)
-        self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated)
-        self.server = make_server()
+        self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
+                             channels=security.channels())
+        self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
         serving_pb2_grpc.add_ServingServicer_to_server(
             ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size), self.server)
         self.health = add_health(self.server)
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+        self.port = listen(self.server, host, port, server_credentials(security.tls, require_client_cert=False))
         self.address = f"{host}:{self.port}"
 
     def start(self, worker_timeout_s: float = 600.0, check_alive=None) -> None:
         """Serves once every worker reports SERVING; `check_alive()` may raise to give up early."""
         self.server.start()
         for worker in self.router.workers:
-            wait_until_serving(worker.address, worker_timeout_s, check_alive)
+            wait_until_serving(worker.address, worker_timeout_s, check_alive, channels=self.router.channels)
         self.router.refresh_stats()
         set_serving(self.health)
 

@@ -23,6 +23,7 @@ from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerCon
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
 from splitserve.runtime.platform_setup import stop_on_signals
+from splitserve.runtime.security import InternalSecurity
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
@@ -48,6 +49,7 @@ class WorkerConfig:
     max_prefill_batch: int = 8
     attention_impl: str = "auto"
     warmup: str = "full"  # compile every bucketed shape before serving; "minimal": smallest lengths only
+    security: InternalSecurity = InternalSecurity()  # TLS of its port and of its KV channels; the token
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -72,11 +74,11 @@ class Worker:
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
             attention_impl=config.attention_impl,
         ))
-        self.server = make_server()
+        self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = config.security.listen(self.server, config.host, config.port)
         self.address = f"{config.host}:{self.port}"
-        self.channels = ChannelPool()
+        self.channels: ChannelPool = config.security.channels()  # TLS and the token on every KV transfer
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
         if has_decode:

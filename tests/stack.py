@@ -13,14 +13,43 @@ import time
 import grpc
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2, serving_pb2_grpc
+from splitserve.runtime.grpc_common import ChannelPool
 
 
 class Stack:
-    def __init__(self, process: subprocess.Popen, address: str):
+    """`lines`: everything launch and its workers printed so far; `credentials`/`metadata`: for a secured router."""
+
+    def __init__(self, process: subprocess.Popen, address: str, lines: list[str], credentials=None, metadata=()):
         self.process = process
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.lines = lines
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        self.metadata = tuple(metadata)
         self.serving = serving_pb2_grpc.ServingStub(self.channel)
+        self._worker_channels: ChannelPool | None = None
+
+    def worker_pids(self) -> list[int]:
+        return _children(self.process.pid)
+
+    def worker_environ(self, pid: int) -> dict[str, str]:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().decode().split("\0")
+        return dict(item.split("=", 1) for item in items if "=" in item)
+
+    def internal_token(self) -> str:
+        """The token launch handed its workers, read from a worker's environment."""
+        return self.worker_environ(self.worker_pids()[0])["SPLITSERVE_INTERNAL_TOKEN"]
+
+    def worker_channel(self, address: str) -> grpc.Channel:
+        """A plaintext channel to a worker that sends the internal token, as the router does."""
+        if self._worker_channels is None:
+            self._worker_channels = ChannelPool(token=self.internal_token())
+        return self._worker_channels.get(address)
+
+    def close(self) -> None:
+        self.channel.close()
+        if self._worker_channels is not None:
+            self._worker_channels.close()
 
     def generate(self, prompt_ids=None, text=None, **sampling):
         request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(**sampling))
@@ -29,22 +58,22 @@ class Stack:
         else:
             request.token_ids.ids.extend(prompt_ids)
         tokens, out_text, reason = [], "", ""
-        for msg in self.serving.Generate(request, timeout=120):
+        for msg in self.serving.Generate(request, timeout=120, metadata=self.metadata):
             tokens += msg.token_ids
             out_text += msg.text
             reason = msg.finish_reason or reason
         return tokens, out_text, reason
 
     def workers(self):
-        return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10).workers)
+        return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10, metadata=self.metadata).workers)
 
     def decode_stats(self):
         """WorkerStats of every decode (or colocated) worker, read from the workers themselves."""
         stats = []
         for w in self.workers():
             if w.role in ("decode", "colocated"):
-                with grpc.insecure_channel(w.address) as ch:
-                    stats.append(internal_pb2_grpc.DecodeStub(ch).Stats(internal_pb2.StatsRequest(), timeout=10))
+                stub = internal_pb2_grpc.DecodeStub(self.worker_channel(w.address))
+                stats.append(stub.Stats(internal_pb2.StatsRequest(), timeout=10))
         return stats
 
 
@@ -54,8 +83,10 @@ def _drain(stream, lines: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def launched(model: str, *flags: str, timeout_s: float = 240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def launched(model: str, *flags: str, timeout_s: float = 240, env: dict | None = None, credentials=None,
+             metadata=()):
+    """`env`: extra environment of launch; `credentials`, `metadata`: how Stack calls the router."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
     if "--warmup" not in flags:  # full warm-up is tested on the runner (test_warmup.py); keep CI quick
         flags = ("--warmup", "minimal", *flags)
@@ -75,9 +106,9 @@ def launched(model: str, *flags: str, timeout_s: float = 240):
                 if m := re.match(r"splitserve ready on (\S+)", line):
                     address = m.group(1)
             time.sleep(0.1)
-        stack = Stack(process, address)
+        stack = Stack(process, address, lines, credentials, metadata)
         yield stack
-        stack.channel.close()
+        stack.close()
     finally:
         workers = _children(process.pid)
         assert address is None or workers, "a launched stack must have worker processes"

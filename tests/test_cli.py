@@ -46,6 +46,10 @@ def test_generate_streams_demo_text(cache):
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),
+    (["launch", "--tls-cert", "/nope.crt", "--tls-key", "/nope.key", "--tls-ca", "/nope-ca.crt"],
+     "cannot read the TLS certificate /nope.crt"),
+    (["decode-worker", "--tls-cert", "/nope.crt"], "--tls-cert and --tls-key go together"),
+    (["router", "--colocated", "a:1", "--api-key-file", "/nope.key"], "cannot read the API key file /nope.key"),
 ])
 def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
     result = run_cli(*args, cache=cache)
@@ -74,3 +78,13 @@ def test_demo_runs_the_stack_streams_and_stops(cache):
     rows = [line.split() for line in out.splitlines() if line[:2].strip().isdigit() and "length" in line]
     assert len(rows) == 4 and all(int(r[2]) == 8 for r in rows)  # 4 requests, 8 tokens each
     assert "prefill  phase ran on cpu mesh tp=1" in out and "decode   phase ran on cpu mesh tp=1" in out
+
+
+def test_serving_commands_document_their_security_flags(cache):
+    common = ("--tls-cert", "--tls-key", "--tls-ca", "--allow-insecure")
+    for command, extra in {"launch": ("--api-key-file", "SPLITSERVE_API_KEY"),
+                           "router": ("--api-key-file", "--internal-token-file", "SPLITSERVE_INTERNAL_TOKEN"),
+                           "prefill-worker": ("--internal-token-file",), "decode-worker": ("--internal-token-file",),
+                           "colocated-worker": ("--internal-token-file",)}.items():
+        text = run_cli(command, "--help", cache=cache).stdout
+        assert all(flag in text for flag in common + extra), command

@@ -149,7 +149,7 @@ def _decode_stub(stack):
     from splitserve.protos import internal_pb2_grpc
 
     address = next(w.address for w in stack.workers() if w.role == "decode")
-    return internal_pb2_grpc.DecodeStub(grpc.insecure_channel(address))
+    return internal_pb2_grpc.DecodeStub(stack.worker_channel(address))  # with the internal token
 
 
 @pytest.mark.parametrize("damage", ["intact", "flip_a_byte", "drop_a_chunk", "no_trailer"])

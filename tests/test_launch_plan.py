@@ -1,7 +1,10 @@
-"""Launch planning and KV budget arithmetic (no processes)."""
+"""Launch planning, what workers are handed (token, TLS), and KV budget arithmetic (no processes)."""
+
+import pytest
 
 from splitserve.models.sharding import MeshConfig
-from splitserve.runtime.launch import LaunchConfig, plan_workers, worker_command
+from splitserve.runtime.launch import LaunchConfig, Launcher, plan_workers, worker_command, worker_env
+from splitserve.runtime.tls import TLSConfig
 from splitserve.runtime.worker import pages_bytes_per_device
 
 
@@ -24,3 +27,25 @@ def test_page_bytes_are_per_device():
     # 4 layers, 8 KV heads, 16 tokens, head_dim 32, f32: K and V.
     assert pages_bytes_per_device(4, 8, 16, 32, 4, tp=1) == 2 * 4 * 8 * 16 * 32 * 4
     assert pages_bytes_per_device(4, 8, 16, 32, 4, tp=4) == 2 * 4 * 2 * 16 * 32 * 4
+
+
+def test_workers_get_the_token_in_their_environment_and_tls_paths_in_argv(monkeypatch):
+    monkeypatch.setenv("SPLITSERVE_API_KEY", "public-key")
+    tls = TLSConfig("/pki/leaf.crt", "/pki/leaf.key", "/pki/ca.crt")
+    config = LaunchConfig(host="0.0.0.0", tls=tls, api_key="public-key")
+    spec = plan_workers(config, 0)[0]
+    launcher = Launcher(config)
+    token = launcher.security.token
+    assert len(token) >= 32 and Launcher(config).security.token != token  # fresh per run
+    cmd = worker_command(config, spec)
+    env = worker_env(config, spec, False, 2, token)
+    assert env["SPLITSERVE_INTERNAL_TOKEN"] == token and "SPLITSERVE_API_KEY" not in env
+    assert not any(token in arg or "public-key" in arg for arg in cmd)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # only the router listens on --host
+    assert cmd[cmd.index("--tls-ca") + 1] == "/pki/ca.crt" and cmd[cmd.index("--tls-key") + 1] == "/pki/leaf.key"
+    assert "public-key" not in repr(config) and token not in repr(launcher.security)
+
+
+def test_launch_with_tls_needs_the_internal_ca():
+    with pytest.raises(ValueError, match="needs --tls-ca"):
+        LaunchConfig(tls=TLSConfig("/pki/leaf.crt", "/pki/leaf.key"))
