@@ -151,6 +151,22 @@ def bare_grpc_transfer(total_bytes: int, chunk_bytes: int) -> float:
         sink.wait()
 
 
+def _reset_peak_rss(pid: int) -> int:
+    """Resets the process's peak RSS (Linux clear_refs) and returns its current RSS in bytes."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib(pid, "VmRSS") << 10
+
+
+def _peak_rss(pid: int) -> int:
+    return _status_kib(pid, "VmHWM") << 10
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def tcp_transfer(total_bytes: int) -> float:
     sink = subprocess.Popen([sys.executable, "-c", TCP_SINK, str(total_bytes)], stdout=subprocess.PIPE, text=True)
     port = int(sink.stdout.readline())
@@ -181,7 +197,9 @@ def main(argv=None) -> int:
             # Warm up with one full-context request: compiles nothing, but maps the decode worker's
             # reusable receive buffers, so the timed run measures the steady state of a serving worker.
             grpc_transfer(address, min(total, (CONTEXT - 1) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 4), args.chunk_kib << 10)
+            rss_before = _reset_peak_rss(worker.pid)
             grpc_s = grpc_transfer(address, total, args.chunk_kib << 10)
+            rss_growth = _peak_rss(worker.pid) - rss_before
         finally:
             worker.terminate()
             worker.wait(30)
@@ -195,8 +213,9 @@ def main(argv=None) -> int:
         print(f"{name:<34}{args.kv_mib:>8}{seconds:>10.3f}{gbps:>8.2f}{gbps / tcp_gbps:>8.2f}")
     print(f"handoff / TCP: {grpc_gbps / tcp_gbps:.2f}; handoff / bare gRPC: {grpc_gbps / bare_gbps:.2f}"
           f"   (chunk {args.chunk_kib} KiB)")
+    print(f"decode worker peak RSS growth during the handoff: {rss_growth / (1 << 20):.0f} MiB")
     if args.json:
-        print(json.dumps({"kv_bytes": total, "transfer_s": grpc_s, "gbytes_per_s": grpc_gbps,
+        print(json.dumps({"kv_bytes": total, "decode_worker_peak_rss_growth_bytes": rss_growth, "transfer_s": grpc_s, "gbytes_per_s": grpc_gbps,
                           "tcp_gbytes_per_s": tcp_gbps, "bare_grpc_gbytes_per_s": bare_gbps,
                           "chunk_bytes": args.chunk_kib << 10}))
     return 0
