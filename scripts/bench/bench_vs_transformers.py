@@ -149,10 +149,10 @@ def summarize(runs: list[Run], cfg: BenchConfig) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], cfg: BenchConfig, num_params: int, load: tuple[float, ...]) -> None:
+def print_table(rows: list[dict], cfg: BenchConfig, num_params: int, loads: dict[str, tuple[float, ...]]) -> None:
+    load = "; ".join(f"{when} " + " ".join(f"{x:.2f}" for x in avg) for when, avg in loads.items())
     print(f"{cfg.prompts} prompts x {cfg.prompt_len} random token ids -> {cfg.output_len} greedy tokens each; "
-          f"{num_params / 1e6:.1f}M-param Llama, float32; {os.cpu_count()} CPUs, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"{num_params / 1e6:.1f}M-param Llama, float32; {os.cpu_count()} CPUs, load average (1, 5, 15 min): {load}")
     print("| side | output tokens | seconds | output tokens/s | vs fastest transformers | "
           f"first {cfg.check} outputs equal to transformers' |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         runs += [run_stack(model_dir, prompts, warmup, cfg, mode) for mode in cfg.modes]
     load = os.getloadavg()
     rows = summarize(runs, cfg)
-    print_table(rows, cfg, num_params, load)
+    print_table(rows, cfg, num_params, {"at start": load_start, "at end": load})
     if args.json_out:
         import jax
         import torch
