@@ -22,12 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Llama shapes giving ~30M parameters (GQA 8/4 heads, untied embeddings).
-BENCH_CONFIG = dict(
-    hidden_size=512, intermediate_size=1536, num_hidden_layers=7, num_attention_heads=8,
-    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2,
-)
+from llama_checkpoint import LLAMA_30M as BENCH_CONFIG, build_hf_llama  # a sibling: scripts/bench/ is sys.path[0]
 
 
 def parse_args(argv=None):
@@ -49,13 +44,7 @@ def scaled_config(scale: int) -> dict:
 
 
 def build_hf_checkpoint(out_dir: Path, scale: int = 1) -> int:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**scaled_config(scale))).float().eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return build_hf_llama(out_dir, scaled_config(scale))
 
 
 def timed_load(path: Path, mesh) -> float:
