@@ -4,8 +4,8 @@
     sender threads (one per row)       └─ copy 0 ─ send 0 ─┘└─ copy 1 ─ send 1 ─ ...  ─ trailer
 
 The prefill dispatches each layer as its own device computation (model_runner), so layer i's
-K/V is ready while layer i+1 still runs. `BatchHostKV` starts every layer's device-to-host
-copy at once (queued behind its computation) and hands out host arrays per layer, each
+K/V is ready while layer i+1 still runs. `BatchHostKV`, on first use, starts every layer's
+device-to-host copy (queued behind its computation) and hands out host arrays per layer, each
 copied once and shared by all rows of the batch. `RowLayers` is the lazy per-layer sequence
 that kv_wire.kv_chunks reads: indexing layer i waits for layer i only.
 """
@@ -25,9 +25,7 @@ class BatchHostKV:
         self._device = (tuple(ks), tuple(vs))
         self._host: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
-        for layers in self._device:
-            for x in layers:
-                x.copy_to_host_async()
+        self._copies_started = False
 
     @property
     def num_layers(self) -> int:
@@ -37,6 +35,11 @@ class BatchHostKV:
         """K (which=0) or V (which=1) of one layer on the host; waits for that layer only."""
         key = (which, index)
         with self._lock:  # one copy per layer even when several rows' senders ask at once
+            if not self._copies_started:  # on first use only: KV that stays on the device is never copied
+                for layers in self._device:
+                    for x in layers:
+                        x.copy_to_host_async()
+                self._copies_started = True
             if key not in self._host:
                 self._host[key] = np.asarray(self._device[which][index])
             return self._host[key]
