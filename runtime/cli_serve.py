@@ -40,6 +40,10 @@ def _add_model_flags(p, host_help: str = "address to listen on") -> None:
     p.add_argument("--warmup", choices=WARMUPS, default="full",
                    help="before serving, compile every bucketed shape (full, default) or only the smallest "
                         "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-cert); "
+                        "0 = any free port; default: off. Under launch: the router's port, and every worker "
+                        "gets a free port of its own on 127.0.0.1 (all printed at start)")
 
 
 def _add_security_flags(p, *, api_key: bool, internal_token: bool) -> None:
@@ -145,7 +149,7 @@ def run_worker(args) -> int:
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
-                          warmup=args.warmup)
+                          warmup=args.warmup, metrics_port=args.metrics_port)
     serve_forever(Worker(config))
     return 0
 
@@ -160,10 +164,12 @@ def run_router(args) -> int:
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "router")
     server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
                           colocated=args.colocated, dtype=args.dtype, page_size=args.page_size,
-                          security=security, api_key=api_key)
+                          security=security, api_key=api_key, metrics_port=args.metrics_port)
     stop = stop_on_signals()
     server.start()
     print(f"splitserve ready on {server.address}", flush=True)
+    if server.metrics_endpoint is not None:
+        print(f"splitserve metrics: router {server.metrics_endpoint.url}", flush=True)
     stop.wait()
     server.stop()
     return 0
@@ -182,7 +188,7 @@ def run_launch(args) -> int:
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
-                              warmup=args.warmup)
+                              warmup=args.warmup, metrics_port=args.metrics_port)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

@@ -11,6 +11,7 @@ from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import END, DecodeEngine, StreamError
 from splitserve.runtime.decode_scheduler import UnknownRequest
 from splitserve.runtime.kv_wire import KVLayoutExpectation, KVTransferError, receive_kv
+from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
 
@@ -20,8 +21,10 @@ DEFAULT_LEASE_S = 30.0
 
 
 class DecodeService(internal_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, *, mesh: str, platform: str, role: str = "decode"):
+    def __init__(self, engine: DecodeEngine, *, mesh: str, platform: str, role: str = "decode",
+                 metrics: WorkerMetrics | None = None):
         self.engine = engine
+        self.metrics = metrics or WorkerMetrics()
         self.mesh, self.platform, self.role = mesh, platform, role
         cfg = engine.runner.model.config
         self.expected = KVLayoutExpectation(
@@ -42,6 +45,12 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
 
     def TransferKV(self, request_iterator, context):
         """`request_iterator` yields raw KVChunk frames (see add_decode_service)."""
+        with self.metrics.kv_transfer("received") as timer:  # an abort raises: counted as a failure
+            response = self._transfer_kv(request_iterator, context)
+            timer.bytes = response.received_bytes
+            return response
+
+    def _transfer_kv(self, request_iterator, context):
         header_seen: list[str] = []  # the request id, once the header has arrived
         try:
             runner = self.engine.runner

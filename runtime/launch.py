@@ -56,6 +56,7 @@ class LaunchConfig:
     log_level: str = "INFO"  # of the worker processes
     tls: TLSConfig = TLSConfig()
     api_key: str | None = dataclasses.field(default=None, repr=False)  # required by the router when set
+    metrics_port: int | None = None  # the router's Prometheus port (0: any); workers then get free ports
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -75,6 +76,7 @@ class WorkerSpec:
     mesh: MeshConfig
     port: int
     devices: tuple[int, ...]  # accelerator ids for this worker (empty on CPU)
+    metrics_port: int | None = None  # its Prometheus port on WORKER_HOST, when metrics are on
 
 
 def free_port(host: str) -> int:
@@ -97,7 +99,8 @@ def plan_workers(config: LaunchConfig, num_accelerators: int) -> list[WorkerSpec
                 next_device += mesh.tp
             else:  # not enough for disjoint sets: share from device 0
                 devices = tuple(range(mesh.tp))
-        specs.append(WorkerSpec(role, mesh, free_port(WORKER_HOST), devices))
+        metrics_port = None if config.metrics_port is None else free_port(WORKER_HOST)
+        specs.append(WorkerSpec(role, mesh, free_port(WORKER_HOST), devices, metrics_port))
     return specs
 
 
@@ -110,6 +113,8 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
            "--warmup", config.warmup]
     if config.num_pages is not None:
         cmd += ["--num-pages", str(config.num_pages)]
+    if spec.metrics_port is not None:
+        cmd += ["--metrics-port", str(spec.metrics_port)]
     if config.platform:
         cmd += ["--platform", config.platform]
     if config.tls.enabled:  # paths only: the key itself stays in its file
@@ -141,6 +146,7 @@ class Launcher:
     def __init__(self, config: LaunchConfig):
         self.config = config
         self.children: list[subprocess.Popen] = []
+        self.specs: list[WorkerSpec] = []
         self.security = InternalSecurity(config.tls, secrets.token_urlsafe(32))  # a fresh token per run
 
     def start_workers(self) -> list[WorkerSpec]:
@@ -153,6 +159,7 @@ class Launcher:
                 worker_command(self.config, spec),
                 env=worker_env(self.config, spec, shared, len(specs), self.security.token),
                 preexec_fn=_die_with_parent))
+        self.specs = specs
         return specs
 
     def check_alive(self) -> None:
@@ -195,7 +202,7 @@ def running_stack(config: LaunchConfig):
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
                               dtype=config.dtype, page_size=config.page_size, security=launcher.security,
-                              api_key=config.api_key)
+                              api_key=config.api_key, metrics_port=config.metrics_port)
         router.start(check_alive=launcher.check_alive)
         yield router, launcher
     finally:
@@ -208,6 +215,11 @@ def run_launch(config: LaunchConfig) -> int:
     stop = stop_on_signals()
     with running_stack(config) as (router, launcher):
         print(f"splitserve ready on {router.address}", flush=True)
+        if router.metrics_endpoint is not None:
+            scheme = router.metrics_endpoint.url.split(":", 1)[0]
+            workers = ", ".join(f"{s.role} {WORKER_HOST}:{s.port} {scheme}://{WORKER_HOST}:{s.metrics_port}/metrics"
+                                for s in launcher.specs)
+            print(f"splitserve metrics: router {router.metrics_endpoint.url}; {workers}", flush=True)
         while not stop.wait(0.5):
             try:
                 launcher.check_alive()

@@ -19,11 +19,13 @@ import dataclasses
 import logging
 import os
 import queue
+import time
 from typing import Callable
 
 import numpy as np
 
 from splitserve.runtime.host_kv import BatchHostKV
+from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
 from splitserve.runtime.sampling import SamplingParams
 
@@ -37,6 +39,7 @@ class PrefillJob:
     params: SamplingParams
     decode_address: str  # "" = nobody wants the KV
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 # send_kv(job, kv): delivers the KV to job.decode_address; called while the prefill may still
@@ -46,8 +49,9 @@ SendKV = Callable[[PrefillJob, PrefilledRow], None]
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, send_kv: SendKV, *, max_prefill_batch: int,
-                 max_prefill_tokens: int = 8192, sender_threads: int = 4):
+                 max_prefill_tokens: int = 8192, sender_threads: int = 4, metrics: WorkerMetrics | None = None):
         self.runner = runner
+        self.metrics = metrics or WorkerMetrics()
         self.send_kv = send_kv
         self.max_prefill_batch = max_prefill_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -97,6 +101,9 @@ class PrefillEngine:
         self.in_flight -= len(batch) - len(live)
         if not live:
             return
+        started = time.perf_counter()
+        for job in live:
+            self.metrics.prefill_queue_time.observe(started - job.submitted_at)
         first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
                                                      [0] * len(live))
         host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None

@@ -10,6 +10,7 @@ from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.kv_wire import kv_chunks
+from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.proto_convert import sampling_from_internal
 
@@ -19,15 +20,17 @@ KV_TRANSFER_TIMEOUT_S = 120.0
 class KVSender:
     """Streams one request's KV to a decode worker's TransferKV."""
 
-    def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20):
+    def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20, metrics: WorkerMetrics | None = None):
         self.channels = channels
         self.chunk_bytes = chunk_bytes
+        self.metrics = metrics or WorkerMetrics()
 
     def __call__(self, job: PrefillJob, first_token, k_layers, v_layers) -> None:
         """first_token: an int or a callable giving it (called for the trailer); the layers may be lazy."""
         transfer = transfer_kv_callable(self.channels.get(job.decode_address))
         frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
-        transfer(frames, timeout=KV_TRANSFER_TIMEOUT_S)
+        with self.metrics.kv_transfer("sent") as timer:
+            timer.bytes = transfer(frames, timeout=KV_TRANSFER_TIMEOUT_S).received_bytes
 
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -131,7 +131,9 @@ class Router:
                               f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                               f"the model's context of {cfg.max_model_len}")
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "") -> Iterator[RouterEvent]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
+                 on_prefill: Callable[[], None] | None = None) -> Iterator[RouterEvent]:
+        """`on_prefill()` is called when the request leaves the queue for a prefill worker."""
         self.validate(prompt_ids, params)
         params = params.with_seed()  # both legs must sample with the same seed
         request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
@@ -141,6 +143,8 @@ class Router:
         decode = self._reserve(request_id, len(prompt_ids) + params.max_tokens) if params.max_tokens > 1 else None
         stream = None
         try:
+            if on_prefill is not None:
+                on_prefill()
             first = self._prefill(request_id, prompt_ids, sampling, decode)
             event = self._event(first, progress, text)
             yield event

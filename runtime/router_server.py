@@ -11,6 +11,7 @@ from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.grpc_common import (
     PUBLIC_OPTIONS, add_health, listen, make_server, set_serving, wait_until_serving,
 )
+from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
 from splitserve.runtime.router import Router
 from splitserve.runtime.security import InternalSecurity
 from splitserve.runtime.serving_service import ServingService
@@ -23,23 +24,29 @@ def serving_dtype(dtype: str, config: ModelConfig) -> str:
 
 class RouterServer:
     """`security`: TLS (its certificate also serves the public port) and the token for the workers;
-    `api_key`: required on every public method but health and reflection (None: no key)."""
+    `api_key`: required on every public method but health and reflection (None: no key);
+    `metrics_port`: serve Prometheus metrics at http(s)://host:port/metrics (None: off; 0: any port)."""
 
     def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
                  colocated: list[str], dtype: str = "auto", page_size: int = 16,
-                 security: InternalSecurity = InternalSecurity(), api_key: str | None = None):
+                 security: InternalSecurity = InternalSecurity(), api_key: str | None = None,
+                 metrics_port: int | None = None):
         metadata = load_metadata(model)
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
+        self.metrics = RouterMetrics()
         serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size), self.server)
+            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
+                           metrics=self.metrics), self.server)
         self.health = add_health(self.server)
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, self.server)
         self.port = listen(self.server, host, port, server_credentials(security.tls, require_client_cert=False))
         self.address = f"{host}:{self.port}"
+        self.metrics_endpoint = (None if metrics_port is None
+                                 else MetricsEndpoint(self.metrics.registry, host, metrics_port, security.tls))
 
     def start(self, worker_timeout_s: float = 600.0, check_alive=None) -> None:
         """Serves once every worker reports SERVING; `check_alive()` may raise to give up early."""
@@ -53,4 +60,6 @@ class RouterServer:
         set_serving(self.health, False)
         self.server.stop(grace_s).wait()
         self.router.channels.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 

@@ -19,6 +19,7 @@ from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.metrics import MetricsEndpoint, WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
@@ -50,6 +51,7 @@ class WorkerConfig:
     attention_impl: str = "auto"
     warmup: str = "full"  # compile every bucketed shape before serving; "minimal": smallest lengths only
     security: InternalSecurity = InternalSecurity()  # TLS of its port and of its KV channels; the token
+    metrics_port: int | None = None  # Prometheus metrics at http(s)://host:port/metrics; None: off, 0: any port
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -81,17 +83,22 @@ class Worker:
         self.channels: ChannelPool = config.security.channels()  # TLS and the token on every KV transfer
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
+        self.metrics = WorkerMetrics()
         if has_decode:
             self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
+            self.metrics.watch_decode(self.decode_engine.stats)
             add_decode_service(self.server, DecodeService(self.decode_engine, mesh=mesh, platform=platform,
-                                                          role=config.role))
+                                                          role=config.role, metrics=self.metrics))
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
-            self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch)
+            self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
+                                                metrics=self.metrics)
+            self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, mesh=mesh, platform=platform, role=config.role), self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
-        self._sender = KVSender(self.channels)
+        self._sender = KVSender(self.channels, metrics=self.metrics)
+        self.metrics_endpoint = None
         cfg = model.config  # bytes of the model's own KV heads, as sent
         self._kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
 
@@ -132,6 +139,10 @@ class Worker:
         for thread in self.threads:
             thread.start()
         self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.host, self.config.metrics_port,
+                                                    self.config.security.tls)
+            log.info("metrics on %s", self.metrics_endpoint.url)
         set_serving(self.health)
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -143,6 +154,8 @@ class Worker:
         for thread in self.threads:  # let them leave their loops before the interpreter exits
             thread.join(timeout=grace_s)
         self.channels.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
 
 def pages_bytes_per_device(num_layers: int, kv_heads: int, page_size: int, head_dim: int, itemsize: int,
