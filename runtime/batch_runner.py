@@ -128,7 +128,17 @@ class InProcessBackend:
         self.max_in_flight = max_in_flight or 2 * engine.config.max_batch
 
     def run(self, requests: list[BatchRequest], recorder: Recorder) -> None:
-        queue = collections.deque(requests)
+        prompts = []
+        for request in requests:
+            try:
+                prompts.append((self._prompt_ids(request), request))
+            except ValueError as e:
+                recorder.error(request.id, request.line, str(e))
+        # The whole file is known: admit in prompt-length order. A prefill batch is padded to its
+        # longest prompt and a decode step's page table to its longest context, so neighbours of
+        # similar length waste least. Results are written as they finish, in any order anyway.
+        prompts.sort(key=lambda item: len(item[0]))
+        queue = collections.deque(prompts)
         in_flight: dict[str, BatchRequest] = {}  # engine request id -> request
         while queue or in_flight:
             self._fill(queue, in_flight, recorder)
@@ -140,9 +150,9 @@ class InProcessBackend:
 
     def _fill(self, queue: collections.deque, in_flight: dict, recorder: Recorder) -> None:
         while queue and len(in_flight) < self.max_in_flight:
-            request = queue.popleft()
+            prompt_ids, request = queue.popleft()
             try:
-                in_flight[self.engine.add_request(self._prompt_ids(request), request.params)] = request
+                in_flight[self.engine.add_request(prompt_ids, request.params)] = request
             except ValueError as e:
                 recorder.error(request.id, request.line, str(e))
 

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitserve.models import serving
+from splitserve.models.attention import model_attention_impl
 from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, insert_prefill
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
-from splitserve.runtime.buckets import bucket
+from splitserve.runtime.buckets import all_buckets, bucket
 from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
@@ -58,6 +59,10 @@ class RunnerConfig:
     min_decode_batch: int = 8
     min_page_table_width: int = 8
     attention_impl: str = "auto"
+    # Page-table widths at 1.5x steps as well as powers of two. The plain-JAX attention (CPU)
+    # reads every page of the table, so padding costs time there; the TPU/GPU kernels stop at
+    # each row's length. None: fine exactly when the model's attention is the reference.
+    fine_page_table_widths: bool | None = None
 
 
 def _logits_and_sample(graphdef, params, x, lengths, sampling):
@@ -86,6 +91,8 @@ class ModelRunner:
         bytes_per_token = self.cache_spec.bytes_per_page // config.page_size
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
         impl = config.attention_impl
+        self.fine_widths = (model_attention_impl(impl) == "reference" if config.fine_page_table_widths is None
+                            else config.fine_page_table_widths)
         mesh = model.mesh
         # Prefill runs as separate jits per stage, one compiled layer for every layer, so each
         # layer's K/V is a separate device array, ready (and sendable) while later layers compute.
@@ -101,9 +108,14 @@ class ModelRunner:
         batch = bucket(len(lengths), minimum=1, maximum=max(self.config.max_prefill_batch, len(lengths)))
         return batch, self.padded_prompt_len(max(lengths))
 
+    def page_table_widths(self) -> list[int]:
+        """Every page-table width a decode step or insert may use."""
+        return all_buckets(minimum=min(self.config.min_page_table_width, self.max_pages_per_seq),
+                           maximum=self.max_pages_per_seq, fine=self.fine_widths)
+
     def page_table(self, page_lists: list[list[int]], batch: int) -> np.ndarray:
         width = bucket(max(len(p) for p in page_lists), minimum=min(self.config.min_page_table_width,
-                       self.max_pages_per_seq), maximum=self.max_pages_per_seq)
+                       self.max_pages_per_seq), maximum=self.max_pages_per_seq, fine=self.fine_widths)
         table = np.full((batch, width), SINK_PAGE, np.int32)
         for row, pages in enumerate(page_lists):
             table[row, : len(pages)] = pages[:width]

@@ -32,8 +32,7 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
         for seq in seqs if full else seqs[:1]:
             count += _compile_prefill(runner, batch, seq, decode)
     if decode:
-        widths = all_buckets(minimum=min(cfg.min_page_table_width, runner.max_pages_per_seq),
-                             maximum=runner.max_pages_per_seq)
+        widths = runner.page_table_widths()
         for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
             for width in widths if full else widths[:1]:
                 _compile(runner._decode, runner.model.params, runner.cache, np.zeros(batch, np.int32),

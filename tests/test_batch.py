@@ -263,3 +263,18 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     assert len(records) == len(cases)
     assert "top_p" in records["tp"]["error"] and "INVALID_ARGUMENT" in records["vocab"]["error"]
     check_against_reference(records, cases, reference)
+
+
+def test_in_process_admits_in_prompt_length_order(tmp_path, model):
+    """Prompts of similar length share prefill batches and decode page tables: the engine sees
+    them shortest first, whatever the file's order; the results are the same either way."""
+    lengths = [90, 5, 60, 20, 120, 40, 75, 10]
+    src = write_lines(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt_token_ids": [1] + [7] * (n - 1), "max_tokens": 2}
+                                               for i, n in enumerate(lengths)])
+    engine = batch_engine(model)
+    admitted = []
+    add_request = engine.add_request
+    engine.add_request = lambda prompt_ids, params: (admitted.append(len(prompt_ids)), add_request(prompt_ids, params))[1]
+    run_batch(src, tmp_path / "out.jsonl", InProcessBackend(engine), progress=False)
+    assert admitted == sorted(lengths)
+    assert len(read_output(tmp_path / "out.jsonl")) == len(lengths)
