@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
 from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -56,6 +57,7 @@ class LaunchConfig:
     log_level: str = "INFO"  # of the worker processes
     tls: TLSConfig = TLSConfig()
     api_key: str | None = dataclasses.field(default=None, repr=False)  # required by the router when set
+    admission: AdmissionConfig = AdmissionConfig()  # the router's limit on concurrent requests
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -195,7 +197,7 @@ def running_stack(config: LaunchConfig):
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
                               dtype=config.dtype, page_size=config.page_size, security=launcher.security,
-                              api_key=config.api_key)
+                              api_key=config.api_key, admission=config.admission)
         router.start(check_alive=launcher.check_alive)
         yield router, launcher
     finally:

@@ -7,6 +7,7 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.models.config import ModelConfig
 from splitserve.models.metadata import load_metadata
 from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.grpc_common import (
     PUBLIC_OPTIONS, add_health, listen, make_server, set_serving, wait_until_serving,
@@ -23,17 +24,21 @@ def serving_dtype(dtype: str, config: ModelConfig) -> str:
 
 class RouterServer:
     """`security`: TLS (its certificate also serves the public port) and the token for the workers;
-    `api_key`: required on every public method but health and reflection (None: no key)."""
+    `api_key`: required on every public method but health and reflection (None: no key);
+    `admission`: how many Generate calls it holds at once."""
 
     def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
                  colocated: list[str], dtype: str = "auto", page_size: int = 16,
-                 security: InternalSecurity = InternalSecurity(), api_key: str | None = None):
+                 security: InternalSecurity = InternalSecurity(), api_key: str | None = None,
+                 admission: AdmissionConfig = AdmissionConfig()):
         metadata = load_metadata(model)
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
+        self.admission = AdmissionGate(admission)
         serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size), self.server)
+            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
+                           admission=self.admission), self.server)
         self.health = add_health(self.server)
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)

@@ -1,4 +1,8 @@
-"""The public gRPC Serving service (splitserve.v1), backed by a Router."""
+"""The public gRPC Serving service (splitserve.v1), backed by a Router.
+
+Generate admits the call first (runtime/admission.py: RESOURCE_EXHAUSTED at once past the
+limit), then hands the router the call's deadline and cancellation (runtime/deadlines.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import grpc
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
+from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePassed
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
 
@@ -14,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, dtype: str, page_size: int):
+    def __init__(self, router: Router, *, dtype: str, page_size: int, admission: AdmissionGate | None = None):
         self.router = router
+        self.admission = admission or AdmissionGate()
         self.dtype, self.page_size = dtype, page_size
 
     def _prompt_ids(self, request, context) -> list[int]:
@@ -30,6 +37,13 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
 
     def Generate(self, request, context):
+        try:
+            with self.admission.admit():
+                yield from self._generate(request, context)
+        except AdmissionRejected as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    def _generate(self, request, context):
         prompt_ids = self._prompt_ids(request, context)
         try:
             params = sampling_from_public(request.sampling)
@@ -37,13 +51,17 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
         try:
-            for event in self.router.generate(prompt_ids, params, request.request_id):
+            for event in self.router.generate(prompt_ids, params, request.request_id, CallScope.from_context(context)):
                 yield serving_pb2.GenerateResponse(
                     token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
                     prompt_token_ids=prompt_ids if first else [], request_id=request.request_id)
                 first = False
         except RouterError as e:
             context.abort(e.code, str(e))
+        except DeadlinePassed as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except CallCancelled:
+            return  # nobody is listening; the router has released what the request held
 
     def ModelInfo(self, request, context):
         cfg = self.router.metadata.config
