@@ -6,7 +6,7 @@ from grpc_reflection.v1alpha import reflection
 
 from splitserve.models.config import ModelConfig
 from splitserve.models.metadata import load_metadata
-from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.protos import serving_pb2
 from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.grpc_common import (
@@ -14,7 +14,7 @@ from splitserve.runtime.grpc_common import (
 )
 from splitserve.runtime.router import Router
 from splitserve.runtime.security import InternalSecurity
-from splitserve.runtime.serving_service import ServingService
+from splitserve.runtime.serving_service import ServingService, add_serving_service
 from splitserve.runtime.tls import server_credentials
 
 
@@ -36,9 +36,8 @@ class RouterServer:
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
         self.admission = AdmissionGate(admission)
-        serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
-                           admission=self.admission), self.server)
+        add_serving_service(self.server, ServingService(
+            self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size, admission=self.admission))
         self.health = add_health(self.server)
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)

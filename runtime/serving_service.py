@@ -2,13 +2,17 @@
 
 Generate admits the call first (runtime/admission.py: RESOURCE_EXHAUSTED at once past the
 limit), then hands the router the call's deadline and cancellation (runtime/deadlines.py).
+Requests are parsed in the handler (add_serving_service), so a malformed message is answered
+INVALID_ARGUMENT like any other bad input.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
@@ -72,3 +76,35 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             name=self.router.metadata.name, family=cfg.family, vocab_size=cfg.vocab_size,
             max_model_len=cfg.max_model_len, dtype=self.dtype, page_size=self.page_size,
             eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode)
+
+
+def add_serving_service(server: grpc.Server, servicer: ServingService) -> None:
+    """Registers Serving like the generated `add_ServingServicer_to_server`, except that each request
+    is parsed in the handler: gRPC's own deserializer answers a malformed message (bad wire format,
+    invalid UTF-8 in a string field) with INTERNAL, which would blame the server for a client's
+    mistake."""
+    pb = serving_pb2
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            _parsed(servicer.Generate, pb.GenerateRequest), None, pb.GenerateResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            _parsed(servicer.ModelInfo, pb.ModelInfoRequest), None, pb.ModelInfoResponse.SerializeToString),
+    }
+    if set(handlers) != {m.name for m in _SERVING_SERVICE.methods}:
+        raise RuntimeError("add_serving_service is out of date with protos/serving.proto")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVING_SERVICE.full_name, handlers),))
+
+
+def _parsed(method: Callable, message_type) -> Callable:
+    def handler(raw: bytes, context):
+        try:
+            request = message_type.FromString(raw)
+        except DecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the request is not a valid {message_type.DESCRIPTOR.full_name} message: {e}")
+        return method(request, context)
+
+    return handler
+
+
+_SERVING_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"]

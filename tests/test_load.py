@@ -340,3 +340,59 @@ def test_fuzzed_generate_requests_never_break_the_router(disaggregated):
     assert seen["OK"] > 0 and seen["INVALID_ARGUMENT"] > 0  # both sides of the validation were reached
     assert_idle(stack)
     assert stack.generate([1, 2, 3], max_tokens=4, ignore_eos=True)[2] == "length"
+
+
+RAW_CASES = 500
+
+
+@st.composite
+def raw_generate_messages(draw):
+    """Random bytes, or a valid GenerateRequest's bytes with a few bytes flipped, cut or inserted."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=300))
+    valid = draw(st.sampled_from([request_for([5, 6, 7], max_tokens=3).SerializeToString(),
+                                  serving_pb2.GenerateRequest(text="Hello there", request_id="r",
+                                                              sampling=serving_pb2.SamplingParams(
+                                                                  max_tokens=2, stop=["x"])).SerializeToString()]))
+    data = bytearray(valid)
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip" and i < len(data):
+            data[i] ^= draw(st.integers(1, 255))
+        elif op == "cut":
+            del data[i:]
+        else:
+            data[i:i] = draw(st.binary(min_size=1, max_size=4))
+    return bytes(data)
+
+
+def test_malformed_generate_messages_are_invalid_argument(disaggregated):
+    """Bytes that are not a valid GenerateRequest (a client in another language can send them,
+    e.g. invalid UTF-8 in `text`) are the client's mistake: INVALID_ARGUMENT, not gRPC's INTERNAL."""
+    stack = disaggregated
+    raw = stack.channel.unary_stream("/splitserve.v1.Serving/Generate", request_serializer=None,
+                                     response_deserializer=serving_pb2.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(b"\x0a\x03\xff\xfe\xfd", timeout=10))  # field 1 (text), 3 bytes of invalid UTF-8
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid splitserve.v1.GenerateRequest" in err.value.details()
+    seen = collections.Counter()
+    allowed = ALLOWED_FOR_BAD_INPUT | {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+    @settings(max_examples=RAW_CASES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(raw_generate_messages())
+    def case(data):
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            list(raw(data, timeout=10))
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+        seen[code.name] += 1
+        assert code in allowed, f"{code} {details!r} for {data!r}"
+
+    start = time.monotonic()
+    case()
+    print(f"\nfuzz Generate bytes: {sum(seen.values())} cases in {time.monotonic() - start:.1f}s: {dict(seen)}")
+    assert_idle(stack)
+    assert stack.generate([1, 2, 3], max_tokens=4, ignore_eos=True)[2] == "length"
