@@ -3,9 +3,9 @@ requests, all against launched stacks (router + worker processes) on the demo mo
 
 How a request is held in a stage on purpose:
 - waiting for decode pages: a first request holds nearly the whole (small) page pool;
-- in the prefill queue / during prefill: a first request with a ~1000-token prompt keeps the
-  prefill worker busy for a second or more on this CPU (compiling its length bucket the first
-  time, then the prefill itself), and a second request queues behind it.
+- in the prefill queue / during prefill: a first request with a 2000-token prompt keeps the
+  prefill worker busy for seconds on this CPU (compiling its length bucket the first time,
+  then the prefill itself), and a second request queues behind it.
 Each test checks that the hold really happened (worker stats) before it cancels, so a machine
 fast enough to slip past the hold fails loudly instead of passing without testing anything.
 """
@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from stack import launched
 from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2
 
-NUM_PAGES, PAGE_SIZE = 160, 8  # 159 usable pages = 1272 tokens per decode worker
-LONG_PROMPT = list(range(3, 1003))  # 1000 tokens: a prefill of a second or more here
+NUM_PAGES, PAGE_SIZE = 300, 8  # 299 usable pages = 2392 tokens per decode worker
+LONG_PROMPT = list(range(3, 2003))  # 2000 tokens (251 pages): a prefill of seconds on this CPU
 ALLOWED_FOR_BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                          grpc.StatusCode.FAILED_PRECONDITION}
 
@@ -139,16 +139,16 @@ def test_past_the_admission_limit_the_router_refuses_at_once(colocated):
 # -- cancellation and deadlines at every stage -------------------------------------------------
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_a_request_waiting_for_decode_pages_stops_waiting(stack, how):
-    """The pool is full; the waiting request is cancelled (or its deadline passes): it must never
-    reserve or prefill, even once the pool frees up."""
+    """The holder takes 255 of 299 pages; the waiting request needs 251, and is cancelled (or its
+    deadline passes): it must never reserve or prefill, even once the pool frees up."""
     assert_idle(stack)
-    holder = stack.serving.Generate(request_for(LONG_PROMPT, max_tokens=264, ignore_eos=True), timeout=120)
+    holder = stack.serving.Generate(request_for(LONG_PROMPT, max_tokens=40, ignore_eos=True), timeout=120)
     try:
         first_tokens(holder)
-        wait_until(lambda: free_pages(stack) < 3, 10, "the holder's pages reserved")
+        wait_until(lambda: free_pages(stack) < 251, 10, "the holder's pages reserved")
         before = prefill_stats(stack)
         timeout = 0.6 if how == "deadline" else 60
-        waiting = stack.serving.Generate(request_for([9, 10, 11], max_tokens=8), timeout=timeout)
+        waiting = stack.serving.Generate(request_for([9, 10, 11], max_tokens=2000), timeout=timeout)
         time.sleep(0.3)  # it reaches the router and waits for pages
         if how == "cancel":
             waiting.cancel()
@@ -277,7 +277,7 @@ FUZZ_CASES = 1500
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32),
                    st.sampled_from([0.0, -0.0, 1.0, 1e-45, -1.0, 3.4e38]))
 sampling_fields = st.fixed_dictionaries({}, optional={
-    "max_tokens": st.one_of(st.integers(0, 40), st.integers(2040, 2**32 - 1)),
+    "max_tokens": st.one_of(st.integers(0, 40), st.integers(2049, 2**32 - 1)),  # or past the context
     "temperature": floats, "top_p": floats,
     "top_k": st.integers(-2**31, 2**31 - 1) | st.integers(-2, 100),
     "seed": st.integers(0, 2**64 - 1) | st.integers(0, 2**32 + 1),
@@ -286,7 +286,7 @@ sampling_fields = st.fixed_dictionaries({}, optional={
     "ignore_eos": st.booleans(),
 })
 token_ids = st.one_of(st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(0, 2100), max_size=24),
-                      st.integers(2040, 3000).map(lambda n: [7] * n))
+                      st.integers(2049, 3000).map(lambda n: [7] * n))  # past the context: no 2048 prefill
 prompts = st.one_of(st.none(), st.builds(lambda t: ("text", t), st.text(max_size=40)),
                     st.builds(lambda ids: ("token_ids", ids), token_ids))
 
