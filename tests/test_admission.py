@@ -99,3 +99,15 @@ def test_cancel_reaches_the_call_in_flight_and_only_while_it_is():
     late = FakeCall()
     with scope.cancelling(late):  # a call started after the cancel is cancelled at once
         assert late.cancelled.is_set()
+
+
+@pytest.mark.parametrize("command", ["launch", "router"])
+def test_a_bad_limit_flag_exits_with_a_one_line_reason(command):
+    import subprocess
+    import sys
+
+    extra = ["--colocated", "127.0.0.1:1"] if command == "router" else []
+    result = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", command, "--max-concurrent-requests", "0",
+                             *extra], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"splitserve {command}: --max-concurrent-requests must be >= 1, got 0" in result.stderr
