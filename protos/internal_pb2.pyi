@@ -29,7 +29,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform")
+    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform", "prefilled", "dropped_cancelled", "dropped_expired")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,9 @@ class WorkerStats(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     MESH_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     role: str
     free_pages: int
     total_pages: int
@@ -44,7 +47,10 @@ class WorkerStats(_message.Message):
     waiting: int
     mesh: str
     platform: str
-    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
+    prefilled: int
+    dropped_cancelled: int
+    dropped_expired: int
+    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling", "decode_address")

@@ -11,6 +11,7 @@ import logging
 import os
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -44,6 +45,19 @@ def _add_model_flags(p, host_help: str = "address to listen on") -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-cert); "
                         "0 = any free port; default: off. Under launch: the router's port, and every worker "
                         "gets a free port of its own on 127.0.0.1 (all printed at start)")
+
+
+def _add_admission_flags(p) -> None:
+    p.add_argument("--max-concurrent-requests", type=int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+                   help="Generate calls the router holds at once, queued or streaming; past it a new call gets "
+                        f"RESOURCE_EXHAUSTED at once (default {DEFAULT_MAX_CONCURRENT_REQUESTS})")
+
+
+def _admission(args, command: str) -> AdmissionConfig:
+    try:
+        return AdmissionConfig(max_concurrent_requests=args.max_concurrent_requests)
+    except ValueError as e:
+        raise SystemExit(f"splitserve {command}: {e}")
 
 
 def _add_security_flags(p, *, api_key: bool, internal_token: bool) -> None:
@@ -106,6 +120,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
+    _add_admission_flags(r)
     _add_security_flags(r, api_key=True, internal_token=True)
     r.set_defaults(run=run_router)
 
@@ -125,6 +140,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    _add_admission_flags(lp)
     _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
@@ -160,11 +176,12 @@ def run_router(args) -> int:
 
     if not args.colocated and not (args.prefill and args.decode):
         raise SystemExit("splitserve router: give --prefill and --decode addresses, or --colocated")
+    admission = _admission(args, "router")
     security = _internal_security(args, "router")
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "router")
     server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
                           colocated=args.colocated, dtype=args.dtype, page_size=args.page_size,
-                          security=security, api_key=api_key, metrics_port=args.metrics_port)
+                          security=security, api_key=api_key, admission=admission, metrics_port=args.metrics_port)
     stop = stop_on_signals()
     server.start()
     print(f"splitserve ready on {server.address}", flush=True)
@@ -181,6 +198,7 @@ def run_launch(args) -> int:
 
     tls = _tls(args, "launch")
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "launch")
+    admission = _admission(args, "launch")
     try:
         config = LaunchConfig(model=args.model, host=args.host, port=args.port, mode=args.mode,
                               prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
@@ -188,7 +206,7 @@ def run_launch(args) -> int:
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
-                              warmup=args.warmup, metrics_port=args.metrics_port)
+                              warmup=args.warmup, admission=admission, metrics_port=args.metrics_port)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

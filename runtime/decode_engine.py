@@ -6,8 +6,13 @@
                                              → one decode step for all running → emit
     Stream handlers  ◄── per-request queue of (token, finish_reason)
 
-Backpressure: reservations are bounded by pages; the batch by max_batch. The loop sleeps on
-a condition variable when idle, and wakes for new work or the next lease deadline.
+Backpressure: every queue here is bounded. Reservations (running or waiting) hold at least one
+page each, so there are never more than the pool's pages; the batch is at most max_batch; a
+stream's output queue holds at most its max_tokens tokens and the end marker; a KV transfer
+gets receive buffers only for a request reserved and still waiting for its KV (checked on
+the header), so transfers cannot outnumber reservations. Past the pages, Reserve answers
+RESOURCE_EXHAUSTED and the router waits (bounded) or refuses. The loop sleeps on a condition
+variable when idle, and wakes for new work or the next lease deadline.
 A crash in the loop is logged and stops the process (STYLE 14): nothing limps on.
 """
 
@@ -50,6 +55,11 @@ class DecodeEngine:
             self.scheduler.reserve(request_id, num_tokens, lease_s)
             self._lock.notify()
             return self.scheduler.allocator.free_count
+
+    def check_awaits_kv(self, request_id: str) -> None:
+        """Raises UnknownRequest (or ValueError) unless a transfer for this request is expected."""
+        with self._lock:
+            self.scheduler.check_awaits_kv(request_id)
 
     def kv_arrived(self, request_id: str, kv, prompt_len: int, first_token: int) -> None:
         with self._lock:

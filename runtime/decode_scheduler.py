@@ -90,6 +90,11 @@ class DecodeScheduler:
             raise ValueError(f"KV of {prompt_len} tokens does not fit the reservation of {slot.reserved_tokens}")
         slot.kv, slot.prompt_len, slot.output_ids = kv, prompt_len, [first_token]
 
+    def check_awaits_kv(self, request_id: str) -> None:
+        """Raises unless the request is reserved and still without KV (checked when a transfer starts)."""
+        if self._slot(request_id).kv is not None:
+            raise ValueError(f"request {request_id!r} already has its KV")
+
     def stream_opened(self, request_id: str, params: SamplingParams) -> None:
         slot = self._slot(request_id)
         if slot.params is not None:

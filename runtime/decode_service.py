@@ -51,11 +51,18 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
             return response
 
     def _transfer_kv(self, request_iterator, context):
-        header_seen: list[str] = []  # the request id, once the header has arrived
+        header_seen: list[str] = []  # the request id, once the header has arrived for a reserved request
+
+        def on_header(header) -> None:
+            # Refused before any receive buffer is taken: a transfer for a request that was never
+            # reserved, or was released (its client cancelled), stops at its first frame.
+            self.engine.check_awaits_kv(header.request_id)
+            header_seen.append(header.request_id)
+
         try:
             runner = self.engine.runner
             kv = receive_kv(request_iterator, expected=self.expected, allocate=runner.staging.take,
-                            pad_tokens=runner.padded_prompt_len, on_header=lambda h: header_seen.append(h.request_id))
+                            pad_tokens=runner.padded_prompt_len, on_header=on_header)
             self.engine.kv_arrived(kv.request_id, (kv.k_layers, kv.v_layers), kv.num_tokens, kv.first_token)
         except KVTransferError as e:
             self._drop(header_seen[0] if header_seen else None, f"KV transfer rejected: {e}")
@@ -63,7 +70,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         except UnknownRequest as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:  # the scheduler refused it (already has KV, does not fit)
-            self._drop(kv.request_id, str(e))
+            self._drop(header_seen[0] if header_seen else None, str(e))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except grpc.RpcError:  # the sender went away mid-transfer
             self._drop(header_seen[0] if header_seen else None, "KV transfer was cut off")

@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 from splitserve.models.sharding import MeshConfig
+from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
 from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -57,6 +58,7 @@ class LaunchConfig:
     tls: TLSConfig = TLSConfig()
     api_key: str | None = dataclasses.field(default=None, repr=False)  # required by the router when set
     metrics_port: int | None = None  # the router's Prometheus port (0: any); workers then get free ports
+    admission: AdmissionConfig = AdmissionConfig()  # the router's limit on concurrent requests
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -202,7 +204,7 @@ def running_stack(config: LaunchConfig):
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
                               dtype=config.dtype, page_size=config.page_size, security=launcher.security,
-                              api_key=config.api_key, metrics_port=config.metrics_port)
+                              api_key=config.api_key, admission=config.admission, metrics_port=config.metrics_port)
         router.start(check_alive=launcher.check_alive)
         yield router, launcher
     finally:

@@ -160,18 +160,20 @@ class WorkerMetrics:
 
 @dataclasses.dataclass
 class KVTransferTimer:
-    """Context manager around one transfer; set `.bytes` before leaving. An exception counts a failure."""
+    """Context manager around one transfer; set `.bytes` before leaving. An exception, or `.failed`
+    set to True (a refusal handled in place), counts a failure instead."""
 
     metrics: WorkerMetrics
     direction: str  # "sent" | "received"
     bytes: int = 0
+    failed: bool = False
 
     def __enter__(self) -> KVTransferTimer:
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None or self.failed:
             self.metrics.kv_failures.labels(direction=self.direction).inc()
             return
         self.metrics.kv_seconds.labels(direction=self.direction).observe(time.perf_counter() - self._start)

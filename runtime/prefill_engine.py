@@ -10,26 +10,37 @@
                                                                 senders put it in the trailer
 The senders start before the prefill has finished, so the transfer of early layers overlaps
 the later layers, and the rest of it overlaps the next batch; it never delays a first token.
+
+Backpressure: the queue holds at most `max_queued` jobs; submit() past that raises
+PrefillQueueFull at once (the service answers RESOURCE_EXHAUSTED). A job whose caller
+cancelled, or whose deadline passed while it waited, is dropped when a batch is formed and
+never reaches the device; the counters (prefilled, dropped_*) show it in WorkerStats.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
 import os
-import queue
+import threading
 import time
 from typing import Callable
 
 import numpy as np
 
+from splitserve.runtime.deadlines import DeadlinePassed
 from splitserve.runtime.host_kv import BatchHostKV
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
 from splitserve.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# The router admits 1024 requests by default (runtime/admission.py) and spreads them over the
+# prefill workers; a single worker holding more than this is far behind, better told at once.
+DEFAULT_MAX_QUEUED = 1024
 
 
 @dataclasses.dataclass
@@ -39,7 +50,15 @@ class PrefillJob:
     params: SamplingParams
     decode_address: str  # "" = nobody wants the KV
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
-    submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
+    submitted_at: float = dataclasses.field(default_factory=time.perf_counter)  # for the queue-time metric
+    deadline: float | None = None  # time.monotonic() past which nobody waits for it; None: no limit
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class PrefillQueueFull(Exception):
+    """The engine's queue is at its bound; the message names it."""
 
 
 # send_kv(job, kv): delivers the KV to job.decode_address; called while the prefill may still
@@ -49,23 +68,46 @@ SendKV = Callable[[PrefillJob, PrefilledRow], None]
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, send_kv: SendKV, *, max_prefill_batch: int,
-                 max_prefill_tokens: int = 8192, sender_threads: int = 4, metrics: WorkerMetrics | None = None):
+                 max_prefill_tokens: int = 8192, sender_threads: int = 4, max_queued: int = DEFAULT_MAX_QUEUED,
+                 clock: Callable[[], float] = time.monotonic, metrics: WorkerMetrics | None = None):
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
         self.runner = runner
         self.metrics = metrics or WorkerMetrics()
         self.send_kv = send_kv
         self.max_prefill_batch = max_prefill_batch
         self.max_prefill_tokens = max_prefill_tokens
-        self._jobs: queue.Queue[PrefillJob | None] = queue.Queue()
+        self.max_queued = max_queued
+        self.clock = clock
+        self._lock = threading.Condition()
+        self._jobs: collections.deque[PrefillJob] = collections.deque()  # FIFO, at most max_queued
+        self._stopping = False
         self._senders = concurrent.futures.ThreadPoolExecutor(sender_threads, thread_name_prefix="kv-send")
-        self.in_flight = 0
+        self._running = 0  # jobs taken off the queue whose first token is not out yet
+        # Counters since start (WorkerStats): requests run on the device, and dropped before it.
+        self.prefilled = self.dropped_cancelled = self.dropped_expired = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs queued or being prefilled."""
+        with self._lock:
+            return len(self._jobs) + self._running
 
     def submit(self, job: PrefillJob) -> concurrent.futures.Future:
-        self.in_flight += 1
-        self._jobs.put(job)
+        """Queues the job; raises PrefillQueueFull at once when max_queued jobs already wait."""
+        with self._lock:
+            if len(self._jobs) >= self.max_queued:
+                raise PrefillQueueFull(f"prefill queue is full: {len(self._jobs)} requests wait "
+                                       f"(the limit is {self.max_queued})")
+            self._jobs.append(job)
+            self._lock.notify()
         return job.first_token
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        """The loop ends once the jobs already queued are done."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
 
     def run_forever(self) -> None:
         try:
@@ -76,31 +118,45 @@ class PrefillEngine:
             os._exit(1)
 
     def _next_batch(self) -> list[PrefillJob] | None:
-        first = self._jobs.get()
-        if first is None:
-            return None
-        batch, tokens = [first], len(first.prompt_ids)
-        while len(batch) < self.max_prefill_batch:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._jobs.put(None)
-                break
-            if tokens + len(job.prompt_ids) > self.max_prefill_tokens:
-                self._jobs.put(job)  # next batch; order among batches is kept loosely
-                break
-            batch.append(job)
-            tokens += len(job.prompt_ids)
-        return batch
+        """The next jobs to run, oldest first, within the batch and token limits; None once stopped.
 
-    def _prefill(self, batch: list[PrefillJob]) -> None:
-        # From here on a job can no longer be cancelled: its first token will be set.
-        live = [job for job in batch if job.first_token.set_running_or_notify_cancel()]
-        self.in_flight -= len(batch) - len(live)
-        if not live:
-            return
+        Each job taken is marked running (it can no longer be cancelled); cancelled and expired
+        jobs are dropped here, so they never take a place in a batch.
+        """
+        with self._lock:
+            batch, tokens = [], 0
+            while not batch:
+                while not self._jobs:
+                    if self._stopping:
+                        return None
+                    self._lock.wait()
+                now = self.clock()
+                while self._jobs and len(batch) < self.max_prefill_batch:
+                    job = self._jobs[0]
+                    if batch and tokens + len(job.prompt_ids) > self.max_prefill_tokens:
+                        break  # starts the next batch
+                    self._jobs.popleft()
+                    if self._take(job, now):
+                        batch.append(job)
+                        tokens += len(job.prompt_ids)
+            self._running += len(batch)
+            return batch
+
+    def _take(self, job: PrefillJob, now: float) -> bool:
+        """True if the job is to run (now marked running); else it is dropped and counted."""
+        if not job.first_token.set_running_or_notify_cancel():
+            self.dropped_cancelled += 1
+            return False
+        if job.expired(now):
+            self.dropped_expired += 1
+            job.first_token.set_exception(DeadlinePassed(
+                f"request {job.request_id}: its deadline passed while it waited for prefill; not run"))
+            return False
+        return True
+
+    def _prefill(self, live: list[PrefillJob]) -> None:
+        with self._lock:
+            self.prefilled += len(live)
         started = time.perf_counter()
         for job in live:
             self.metrics.prefill_queue_time.observe(started - job.submitted_at)
@@ -117,7 +173,8 @@ class PrefillEngine:
                 job.first_token.set_exception(e)
             raise
         finally:
-            self.in_flight -= len(live)
+            with self._lock:
+                self._running -= len(live)
         for job, token in zip(live, tokens):
             job.first_token.set_result(token)
 

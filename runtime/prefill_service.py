@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import time
 
 import grpc
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_service import transfer_kv_callable
+from splitserve.runtime.deadlines import NO_DEADLINE_S, DeadlinePassed
 from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.kv_wire import kv_chunks
 from splitserve.runtime.metrics import WorkerMetrics
-from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefillQueueFull
 from splitserve.runtime.proto_convert import sampling_from_internal
+
+log = logging.getLogger(__name__)
 
 KV_TRANSFER_TIMEOUT_S = 120.0
 
@@ -29,8 +34,18 @@ class KVSender:
         """first_token: an int or a callable giving it (called for the trailer); the layers may be lazy."""
         transfer = transfer_kv_callable(self.channels.get(job.decode_address))
         frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+        timeout = KV_TRANSFER_TIMEOUT_S
+        if job.deadline is not None:  # nobody waits for the KV past the request's deadline
+            timeout = max(0.0, min(timeout, job.deadline - time.monotonic()))
         with self.metrics.kv_transfer("sent") as timer:
-            timer.bytes = transfer(frames, timeout=KV_TRANSFER_TIMEOUT_S).received_bytes
+            try:
+                timer.bytes = transfer(frames, timeout=timeout).received_bytes
+            except grpc.RpcError as e:
+                if e.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise
+                # The reservation is gone: the client cancelled (or its deadline passed) after the prefill.
+                log.info("KV of %s not sent: %s", job.request_id, e.details())
+                timer.failed = True
 
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):
@@ -46,15 +61,30 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
             params = sampling_from_internal(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address)
-        future = self.engine.submit(job)
+        job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address,
+                         deadline=_deadline(context))
+        try:
+            future = self.engine.submit(job)
+        except PrefillQueueFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         context.add_callback(future.cancel)  # the router gave up: skip the prefill if not started
         try:
             token = future.result()
         except concurrent.futures.CancelledError:
             context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
+        except DeadlinePassed as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         return internal_pb2.PrefillResponse(first_token=token)
 
     def Stats(self, request, context):
+        engine = self.engine
         return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
-                                        running=self.engine.in_flight)
+                                        running=engine.in_flight, prefilled=engine.prefilled,
+                                        dropped_cancelled=engine.dropped_cancelled,
+                                        dropped_expired=engine.dropped_expired)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline on time.monotonic()'s clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE_S else time.monotonic() + remaining

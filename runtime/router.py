@@ -24,6 +24,7 @@ import grpc
 
 from splitserve.models.metadata import ModelMetadata
 from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
@@ -132,33 +133,40 @@ class Router:
                               f"the model's context of {cfg.max_model_len}")
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
-                 on_prefill: Callable[[], None] | None = None) -> Iterator[RouterEvent]:
-        """`on_prefill()` is called when the request leaves the queue for a prefill worker."""
+                 scope: CallScope | None = None, on_prefill: Callable[[], None] | None = None) -> Iterator[RouterEvent]:
+        """`scope`: the client call's deadline and cancellation (runtime/deadlines.py);
+        `on_prefill()` is called when the request leaves the queue for a prefill worker."""
+        scope = scope or CallScope()
         self.validate(prompt_ids, params)
         params = params.with_seed()  # both legs must sample with the same seed
         request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         sampling = sampling_to_internal(params)
         text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop)
         progress = _Progress(params, [])
-        decode = self._reserve(request_id, len(prompt_ids) + params.max_tokens) if params.max_tokens > 1 else None
+        num_tokens = len(prompt_ids) + params.max_tokens
+        decode = self._reserve(request_id, num_tokens, scope) if params.max_tokens > 1 else None
         stream = None
         try:
             if on_prefill is not None:
                 on_prefill()
-            first = self._prefill(request_id, prompt_ids, sampling, decode)
+            first = self._prefill(request_id, prompt_ids, sampling, decode, scope)
             event = self._event(first, progress, text)
             yield event
             if event.finish_reason:
                 return
-            stream = decode.decode.Stream(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling))
-            for msg in stream:
-                for token in msg.token_ids:
-                    event = self._event(token, progress, text, msg.finish_reason)
-                    yield event
-                    if event.finish_reason:
-                        return
+            stream = decode.decode.Stream(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling),
+                                          timeout=scope.timeout(None))
+            with scope.cancelling(stream):
+                for msg in stream:
+                    for token in msg.token_ids:
+                        event = self._event(token, progress, text, msg.finish_reason)
+                        yield event
+                        if event.finish_reason:
+                            return
             raise RouterError(grpc.StatusCode.INTERNAL, "decode stream ended without a finish reason")
         except grpc.RpcError as e:
+            if scope.cancelled and isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.CANCELLED:
+                raise CallCancelled("the client cancelled the request") from None
             if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
                 raise
             # Codes that describe the request pass through; anything else is the worker's fault.
@@ -182,13 +190,14 @@ class Router:
         finish = reason.value if reason else worker_reason
         return RouterEvent([token], delta, finish)
 
-    def _reserve(self, request_id: str, num_tokens: int) -> WorkerHandle:
+    def _reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> WorkerHandle:
         """Reserves on the decode worker with most free pages; queues (bounded) while all are full."""
         deadline = time.monotonic() + WAIT_FOR_PAGES_S
         waiting = False
         try:
             while True:
-                worker, full = self._try_reserve(request_id, num_tokens)
+                scope.check()  # cancelled or past its deadline: stop waiting now
+                worker, full = self._try_reserve(request_id, num_tokens, scope)
                 if worker is not None:
                     return worker
                 with self._room:
@@ -207,7 +216,7 @@ class Router:
                 with self._room:
                     self._waiting_for_pages -= 1
 
-    def _try_reserve(self, request_id: str, num_tokens: int) -> tuple[WorkerHandle | None, str]:
+    def _try_reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> tuple[WorkerHandle | None, str]:
         """(worker, "") on success; (None, why) when every worker that could fit it is full.
 
         Raises when no worker can ever fit the request, or none is reachable.
@@ -216,7 +225,8 @@ class Router:
         for worker in self._by_free_pages():
             try:
                 reply = worker.decode.Reserve(internal_pb2.ReserveRequest(
-                    request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S), timeout=RPC_TIMEOUT_S)
+                    request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S),
+                    timeout=scope.timeout(RPC_TIMEOUT_S))
             except grpc.RpcError as e:
                 errors.setdefault(e.code(), e)
                 continue
@@ -240,7 +250,8 @@ class Router:
             worker.free_pages += 1  # a hint until the next reservation reports the real count
             self._room.notify_all()
 
-    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None) -> int:
+    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None,
+                 scope: CallScope) -> int:
         tried: set[str] = set()
         request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                                               decode_address=decode.address if decode else "")
@@ -252,7 +263,8 @@ class Router:
             with self._lock:
                 worker.in_flight += 1
             try:
-                return worker.prefill.Run(request, timeout=RPC_TIMEOUT_S).first_token
+                call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))
+                return scope.result(call).first_token  # a client cancel cancels the Run
             except grpc.RpcError as e:
                 if e.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise

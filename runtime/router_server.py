@@ -6,7 +6,8 @@ from grpc_reflection.v1alpha import reflection
 
 from splitserve.models.config import ModelConfig
 from splitserve.models.metadata import load_metadata
-from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.protos import serving_pb2
+from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.grpc_common import (
     PUBLIC_OPTIONS, add_health, listen, make_server, set_serving, wait_until_serving,
@@ -14,7 +15,7 @@ from splitserve.runtime.grpc_common import (
 from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
 from splitserve.runtime.router import Router
 from splitserve.runtime.security import InternalSecurity
-from splitserve.runtime.serving_service import ServingService
+from splitserve.runtime.serving_service import ServingService, add_serving_service
 from splitserve.runtime.tls import server_credentials
 
 
@@ -25,20 +26,22 @@ def serving_dtype(dtype: str, config: ModelConfig) -> str:
 class RouterServer:
     """`security`: TLS (its certificate also serves the public port) and the token for the workers;
     `api_key`: required on every public method but health and reflection (None: no key);
+    `admission`: how many Generate calls it holds at once;
     `metrics_port`: serve Prometheus metrics at http(s)://host:port/metrics (None: off; 0: any port)."""
 
     def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
                  colocated: list[str], dtype: str = "auto", page_size: int = 16,
                  security: InternalSecurity = InternalSecurity(), api_key: str | None = None,
-                 metrics_port: int | None = None):
+                 admission: AdmissionConfig = AdmissionConfig(), metrics_port: int | None = None):
         metadata = load_metadata(model)
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
+        self.admission = AdmissionGate(admission)
         self.metrics = RouterMetrics()
-        serving_pb2_grpc.add_ServingServicer_to_server(
-            ServingService(self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
-                           metrics=self.metrics), self.server)
+        add_serving_service(self.server, ServingService(
+            self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size, admission=self.admission,
+            metrics=self.metrics))
         self.health = add_health(self.server)
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)

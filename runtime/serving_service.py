@@ -1,12 +1,22 @@
-"""The public gRPC Serving service (splitserve.v1), backed by a Router."""
+"""The public gRPC Serving service (splitserve.v1), backed by a Router.
+
+Generate admits the call first (runtime/admission.py: RESOURCE_EXHAUSTED at once past the
+limit), then hands the router the call's deadline and cancellation (runtime/deadlines.py).
+Requests are parsed in the handler (add_serving_service), so a malformed message is answered
+INVALID_ARGUMENT like any other bad input.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
+from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePassed
 from splitserve.runtime.metrics import RouterMetrics
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
@@ -15,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, dtype: str, page_size: int, metrics: RouterMetrics | None = None):
+    def __init__(self, router: Router, *, dtype: str, page_size: int, admission: AdmissionGate | None = None,
+                 metrics: RouterMetrics | None = None):
         self.router = router
+        self.admission = admission or AdmissionGate()
         self.dtype, self.page_size = dtype, page_size
         self.metrics = metrics or RouterMetrics()
 
@@ -36,7 +48,11 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         # The end of the call, however it ends (finished, aborted, cancelled), closes the timer once.
         context.add_callback(lambda: timer.close(error_code=_status_name(context)))
         try:
-            yield from self._generate(request, context, timer)
+            with self.admission.admit():
+                yield from self._generate(request, context, timer)
+        except AdmissionRejected as e:
+            timer.close(error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.name)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Exception:
             timer.close(error_code=_status_name(context) or "UNKNOWN")
             raise
@@ -49,7 +65,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
         try:
-            for event in self.router.generate(prompt_ids, params, request.request_id,
+            for event in self.router.generate(prompt_ids, params, request.request_id, CallScope.from_context(context),
                                               on_prefill=lambda: timer.prefill_sent(len(prompt_ids))):
                 timer.tokens(len(event.token_ids))
                 yield serving_pb2.GenerateResponse(
@@ -60,6 +76,10 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                     timer.close(finish_reason=event.finish_reason)
         except RouterError as e:
             context.abort(e.code, str(e))
+        except DeadlinePassed as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except CallCancelled:
+            return  # nobody is listening; the router has released what the request held
 
     def ModelInfo(self, request, context):
         cfg = self.router.metadata.config
@@ -78,3 +98,35 @@ def _status_name(context) -> str:
     if code is None or code == grpc.StatusCode.OK:
         return "" if context.is_active() else "CANCELLED"
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def add_serving_service(server: grpc.Server, servicer: ServingService) -> None:
+    """Registers Serving like the generated `add_ServingServicer_to_server`, except that each request
+    is parsed in the handler: gRPC's own deserializer answers a malformed message (bad wire format,
+    invalid UTF-8 in a string field) with INTERNAL, which would blame the server for a client's
+    mistake."""
+    pb = serving_pb2
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            _parsed(servicer.Generate, pb.GenerateRequest), None, pb.GenerateResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            _parsed(servicer.ModelInfo, pb.ModelInfoRequest), None, pb.ModelInfoResponse.SerializeToString),
+    }
+    if set(handlers) != {m.name for m in _SERVING_SERVICE.methods}:
+        raise RuntimeError("add_serving_service is out of date with protos/serving.proto")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVING_SERVICE.full_name, handlers),))
+
+
+def _parsed(method: Callable, message_type) -> Callable:
+    def handler(raw: bytes, context):
+        try:
+            request = message_type.FromString(raw)
+        except DecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the request is not a valid {message_type.DESCRIPTOR.full_name} message: {e}")
+        return method(request, context)
+
+    return handler
+
+
+_SERVING_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"]

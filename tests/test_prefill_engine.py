@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -76,3 +77,95 @@ def test_all_layers_are_sendable_before_the_first_token_is_known(runner):
     assert len(seen["k"]) == model.config.num_layers
     for got, want in zip(seen["k"] + seen["v"], ks + vs):
         np.testing.assert_allclose(got, np.asarray(want)[0, : len(prompts[-1])], rtol=1e-5, atol=1e-5)
+
+
+class SlowRunner:
+    """A fake runner whose first prefill blocks until `release` is set; records every prompt run.
+    First token of a prompt = its length, so results can be checked by hand."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.ran: list[list[int]] = []
+
+    def prefill_async(self, prompts, sampling, steps):
+        self.ran += prompts
+        self.started.set()
+        assert self.release.wait(30), "test never released the runner"
+        return np.array([len(p) for p in prompts]), [], [], None
+
+
+def _engine(runner, **kwargs):
+    engine = PrefillEngine(runner, lambda job, kv: None, max_prefill_batch=4, **kwargs)
+    thread = threading.Thread(target=engine.run_forever, daemon=True)
+    thread.start()
+    return engine, thread
+
+
+def _job(rid, n, deadline=None):
+    return PrefillJob(rid, list(range(1, n + 1)), SamplingParams(max_tokens=4), "", deadline=deadline)
+
+
+def test_a_job_whose_deadline_passes_in_the_queue_never_reaches_the_device():
+    from splitserve.runtime.deadlines import DeadlinePassed
+
+    runner = SlowRunner()
+    engine, thread = _engine(runner)
+    try:
+        busy = engine.submit(_job("busy", 3))
+        assert runner.started.wait(30)  # the engine is inside the (slow) prefill of "busy"
+        late = engine.submit(_job("late", 5, deadline=time.monotonic() + 0.05))
+        on_time = engine.submit(_job("on-time", 7, deadline=time.monotonic() + 60))
+        time.sleep(0.1)  # "late" expires while it waits
+        runner.release.set()
+        assert busy.result(30) == 3 and on_time.result(30) == 7
+        with pytest.raises(DeadlinePassed, match="deadline passed while it waited"):
+            late.result(30)
+    finally:
+        runner.release.set()
+        engine.stop()
+        thread.join(30)
+    assert [len(p) for p in runner.ran] == [3, 7]  # "late" was never run
+    assert (engine.prefilled, engine.dropped_expired, engine.dropped_cancelled) == (2, 1, 0)
+    assert engine.in_flight == 0
+
+
+def test_a_cancelled_queued_job_never_reaches_the_device():
+    runner = SlowRunner()
+    engine, thread = _engine(runner)
+    try:
+        busy = engine.submit(_job("busy", 3))
+        assert runner.started.wait(30)
+        gone = engine.submit(_job("gone", 5))
+        assert engine.in_flight == 2
+        assert gone.cancel()  # what PrefillService's callback does when the router gives up
+        runner.release.set()
+        assert busy.result(30) == 3
+    finally:
+        runner.release.set()
+        engine.stop()
+        thread.join(30)
+    assert [len(p) for p in runner.ran] == [3]
+    assert (engine.prefilled, engine.dropped_cancelled) == (1, 1)
+
+
+def test_a_full_queue_refuses_at_once_and_names_its_limit():
+    from splitserve.runtime.prefill_engine import PrefillQueueFull
+
+    runner = SlowRunner()
+    engine, thread = _engine(runner, max_queued=2)
+    try:
+        engine.submit(_job("busy", 1))
+        assert runner.started.wait(30)  # taken off the queue: the queue is empty again
+        queued = [engine.submit(_job(f"q{i}", 2)) for i in range(2)]
+        start = time.monotonic()
+        with pytest.raises(PrefillQueueFull, match="the limit is 2"):
+            engine.submit(_job("one-too-many", 2))
+        assert time.monotonic() - start < 0.5  # refused, not waited
+        runner.release.set()
+        assert [f.result(30) for f in queued] == [2, 2]
+        assert engine.submit(_job("room-again", 4)).result(30) == 4
+    finally:
+        runner.release.set()
+        engine.stop()
+        thread.join(30)
