@@ -12,8 +12,10 @@ import os
 
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
+from splitserve.runtime.supervisor import DEFAULT_MAX_RESTARTS
 from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address
 
 WARMUPS = ("full", "minimal")
@@ -77,6 +79,12 @@ def _secret(env_var: str, path: str | None, what: str, command: str) -> str | No
         raise SystemExit(f"splitserve {command}: {e}")
 
 
+def _add_drain_flag(p, what: str) -> None:
+    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                   help=f"on SIGTERM/SIGINT, stop admitting (health NOT_SERVING, new requests get UNAVAILABLE) "
+                        f"and wait up to S seconds for {what} before exiting (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
+
+
 def _add_worker_flags(p) -> None:
     _add_model_flags(p)
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
@@ -92,6 +100,7 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(f"{role}-worker", help=f"run one {role} worker (for multi-host setups)",
                            description=f"Run one {role} worker process on this host's devices.")
         _add_worker_flags(p)
+        _add_drain_flag(p, "the reservations, prefills and KV transfers it holds")
         _add_security_flags(p, api_key=False, internal_token=True)
         p.set_defaults(run=run_worker, role=role)
 
@@ -102,6 +111,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
+    _add_drain_flag(r, "the requests in flight")
     _add_security_flags(r, api_key=True, internal_token=True)
     r.set_defaults(run=run_router)
 
@@ -121,6 +131,10 @@ def add_parsers(sub) -> None:
     lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")
+    lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
+                    help="a worker that dies is restarted (same port and flags, backoff 1 s doubling to 30 s); "
+                         f"after N restarts in a row launch gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
     _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
@@ -145,7 +159,7 @@ def run_worker(args) -> int:
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
-                          warmup=args.warmup)
+                          warmup=args.warmup, drain_timeout_s=args.drain_timeout_s)
     serve_forever(Worker(config))
     return 0
 
@@ -165,6 +179,9 @@ def run_router(args) -> int:
     server.start()
     print(f"splitserve ready on {server.address}", flush=True)
     stop.wait()
+    if not server.drain(args.drain_timeout_s):
+        logging.getLogger(__name__).warning("drain timeout: %d requests still in flight are cut",
+                                            server.admission.in_flight)
     server.stop()
     return 0
 
@@ -182,7 +199,8 @@ def run_launch(args) -> int:
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
-                              warmup=args.warmup)
+                              warmup=args.warmup, drain_timeout_s=args.drain_timeout_s,
+                              max_restarts=args.max_restarts)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

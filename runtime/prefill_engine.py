@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import queue
+import threading
 from typing import Callable
 
 import numpy as np
@@ -54,6 +55,8 @@ class PrefillEngine:
         self._jobs: queue.Queue[PrefillJob | None] = queue.Queue()
         self._senders = concurrent.futures.ThreadPoolExecutor(sender_threads, thread_name_prefix="kv-send")
         self.in_flight = 0
+        self._sends_lock = threading.Lock()
+        self._sends_pending = 0  # KV transfers submitted and not yet finished
 
     def submit(self, job: PrefillJob) -> concurrent.futures.Future:
         self.in_flight += 1
@@ -62,6 +65,12 @@ class PrefillEngine:
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+    @property
+    def idle(self) -> bool:
+        """No prompt waits or runs, and every KV transfer has ended (a drain waits for this)."""
+        with self._sends_lock:
+            return self.in_flight == 0 and self._sends_pending == 0
 
     def run_forever(self) -> None:
         try:
@@ -102,6 +111,8 @@ class PrefillEngine:
         host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
         for row, job in enumerate(live):
             if job.decode_address:
+                with self._sends_lock:
+                    self._sends_pending += 1
                 self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
         try:
             tokens = np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
@@ -119,3 +130,6 @@ class PrefillEngine:
             self.send_kv(job, kv)
         except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
             log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)
+        finally:
+            with self._sends_lock:
+                self._sends_pending -= 1

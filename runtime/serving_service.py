@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.drain import Admission, NotAdmitted
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
 
@@ -14,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, dtype: str, page_size: int):
+    def __init__(self, router: Router, *, admission: Admission, dtype: str, page_size: int):
         self.router = router
+        self.admission = admission  # counts streams in flight, so a drain can wait for them
         self.dtype, self.page_size = dtype, page_size
 
     def _prompt_ids(self, request, context) -> list[int]:
@@ -30,6 +32,16 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
 
     def Generate(self, request, context):
+        try:
+            self.admission.enter()
+        except NotAdmitted as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        try:
+            yield from self._generate(request, context)
+        finally:
+            self.admission.leave()
+
+    def _generate(self, request, context):
         prompt_ids = self._prompt_ids(request, context)
         try:
             params = sampling_from_public(request.sampling)

@@ -1,0 +1,148 @@
+"""Faults injected into real stacks: workers SIGKILLed mid-request, a KV transfer cut, restarts.
+
+Each test that kills a worker has a stack of its own (module fixtures, killing tests last).
+The numbers each fault cost are printed (pytest -s) and recorded in scripts/bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stack import launched
+from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2
+from splitserve.runtime.decode_service import transfer_kv_callable
+from splitserve.runtime.grpc_common import ChannelPool, make_server
+from splitserve.runtime.kv_wire import kv_chunks
+from splitserve.runtime.sampling import SamplingParams
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclasses.dataclass
+class StreamResult:
+    tokens: int = 0
+    reason: str = ""
+    code: grpc.StatusCode | None = None
+    details: str = ""
+    ended_at: float | None = None
+
+
+class BackgroundStream:
+    """One Generate stream read on a thread of its own, so a test can fault a worker meanwhile."""
+
+    def __init__(self, stack, prompt: list[int], max_tokens: int):
+        self.result = StreamResult()
+        request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=prompt),
+                                              sampling=serving_pb2.SamplingParams(max_tokens=max_tokens,
+                                                                                  ignore_eos=True))
+        self._call = stack.serving.Generate(request, timeout=120)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for msg in self._call:
+                self.result.tokens += len(msg.token_ids)
+                self.result.reason = msg.finish_reason or self.result.reason
+        except grpc.RpcError as e:
+            self.result.code, self.result.details = e.code(), e.details()
+        self.result.ended_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def wait(self, timeout_s: float) -> StreamResult:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"a client stream hung for {timeout_s}s"
+        return self.result
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} within {timeout_s}s"
+        time.sleep(interval_s)
+
+
+def health_status(channel: grpc.Channel) -> int | None:
+    try:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+def decode_stats(stack, address: str):
+    return internal_pb2_grpc.DecodeStub(stack.worker_channel(address)).Stats(internal_pb2.StatsRequest(), timeout=5)
+
+
+def addresses(stack, role: str) -> list[str]:
+    return [w.address for w in stack.workers() if w.role == role]
+
+
+def prompt(seed: int, length: int = 12) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 2048, size=length).tolist()
+
+
+# -- decode workers ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_decoders():
+    with launched("demo", "--decode-workers", "2", "--num-pages", "256", "--page-size", "8") as stack:
+        yield stack
+
+
+def test_sigkill_of_a_decode_worker_ends_its_streams_and_launch_restarts_it(two_decoders):
+    stack = two_decoders
+    victim, survivor = addresses(stack, "decode")
+    victim_pid = stack.worker_pid(victim)
+    streams = [BackgroundStream(stack, prompt(i), max_tokens=600) for i in range(6)]
+    wait_for(lambda: all(s.result.tokens >= 3 for s in streams), 60, "every stream got its first tokens")
+    on_victim = decode_stats(stack, victim).running
+    assert on_victim and decode_stats(stack, survivor).running == len(streams) - on_victim
+
+    os.kill(victim_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    results = [s.wait(120) for s in streams]
+    lost = [r for r in results if r.code is not None]
+    # Every stream on the dead worker ends at once with UNAVAILABLE; the others finish normally.
+    assert len(lost) == on_victim
+    assert all(r.code is grpc.StatusCode.UNAVAILABLE and r.ended_at - killed_at < 5 for r in lost), lost
+    assert all(r.reason == "length" and r.tokens == 600 for r in results if r.code is None)
+    # New requests go to the survivor while the victim is down.
+    for i in range(4):
+        assert stack.generate(prompt(100 + i), max_tokens=8, ignore_eos=True)[2] == "length"
+
+    # launch restarts it on the same port; it answers NOT_SERVING while it warms up, then SERVING.
+    new_pid = wait_for(lambda: (pid := stack.worker_pid(victim)) != victim_pid and pid, 30, "a restarted worker")
+    channel = grpc.insecure_channel(victim)
+    seen = []
+    wait_for(lambda: seen.append(health_status(channel)) or seen[-1] == SERVING, 120, "the restarted worker serves",
+             interval_s=0.01)
+    channel.close()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, set(seen)
+    assert any("restarting it in" in line and victim.rsplit(":")[1] in line for line in stack.lines)
+
+    # The router takes it back: with both idle, two long streams (one after the other, so the
+    # second sees the first's pages gone) land on different workers.
+    time.sleep(1.0)  # > the router's probe interval
+    back = []
+    for i in range(2):
+        back.append(BackgroundStream(stack, prompt(200 + i), max_tokens=1500))
+        wait_for(lambda: back[-1].result.tokens >= 2, 30, "the new stream started")
+    assert decode_stats(stack, victim).running == 1 and decode_stats(stack, survivor).running == 1
+    for s in back:
+        s.cancel()
+    assert stack.worker_pid(victim) == new_pid
+    print(f"\nFAULT decode SIGKILL: {len(streams)} streams in flight, {on_victim} on the victim ended UNAVAILABLE "
+          f"in {max(r.ended_at - killed_at for r in lost):.2f}s, {len(streams) - len(lost)} completed")
