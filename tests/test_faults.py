@@ -146,3 +146,110 @@ def test_sigkill_of_a_decode_worker_ends_its_streams_and_launch_restarts_it(two_
     assert stack.worker_pid(victim) == new_pid
     print(f"\nFAULT decode SIGKILL: {len(streams)} streams in flight, {on_victim} on the victim ended UNAVAILABLE "
           f"in {max(r.ended_at - killed_at for r in lost):.2f}s, {len(streams) - len(lost)} completed")
+
+
+# -- prefill workers -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_prefillers():
+    with launched("demo", "--prefill-workers", "2", "--num-pages", "256", "--page-size", "8") as stack:
+        yield stack
+
+
+class DyingPrefill(internal_pb2_grpc.PrefillServicer):
+    """A prefill worker that dies in the middle of its KV transfer, as a SIGKILLed one would.
+
+    It opens the transfer to the reserved decode worker, sends the header and a few chunks, then
+    answers the router UNAVAILABLE and cuts the transfer: before that answer ("cut_first") or
+    `late_s` after it ("cut_late": the decode worker drops the reservation while the router
+    already retries elsewhere). A real SIGKILL cannot be timed into this window reliably.
+    """
+
+    def __init__(self, channels: ChannelPool, order: str, late_s: float = 0.5):
+        self.channels, self.order, self.late_s = channels, order, late_s
+        self.request_ids: list[str] = []
+
+    def Run(self, request, context):
+        self.request_ids.append(request.request_id)
+        layers = [np.ones((len(request.prompt_ids), 4, 32), np.float32)] * 4  # the demo model's KV layout
+        frames = kv_chunks(request.request_id, 7, layers, layers, chunk_bytes=1024)
+        three_sent, never = threading.Event(), threading.Event()
+
+        def partial():
+            for i, frame in enumerate(frames):
+                if i == 3:
+                    three_sent.set()
+                    never.wait()  # the rest never comes: the transfer stays open until cancelled
+                yield frame
+
+        transfer = transfer_kv_callable(self.channels.get(request.decode_address)).future(partial(), timeout=30)
+        three_sent.wait(10)
+        if self.order == "cut_first":
+            transfer.cancel()
+            time.sleep(0.3)  # the decode worker notices and drops the reservation
+        else:
+            threading.Timer(self.late_s, transfer.cancel).start()
+        context.abort(grpc.StatusCode.UNAVAILABLE, "simulated crash of a prefill worker")
+
+
+@pytest.mark.parametrize("order", ["cut_first", "cut_late"])
+def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_prefillers, order):
+    from splitserve.models.metadata import load_metadata
+    from splitserve.runtime.router import Router
+
+    stack = two_prefillers
+    decode = addresses(stack, "decode")[0]
+    real_prefill = addresses(stack, "prefill")[0]
+    p = prompt(7, length=30)
+    want = stack.generate(p, max_tokens=400, ignore_eos=True)[0]
+    channels = ChannelPool(token=stack.internal_token())
+    dying = DyingPrefill(channels, order)
+    server = make_server()
+    internal_pb2_grpc.add_PrefillServicer_to_server(dying, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:  # the dying worker comes first, so the router tries it first
+        router = Router(load_metadata("demo"), prefill=[f"127.0.0.1:{port}", real_prefill], decode=[decode],
+                        colocated=[], channels=channels)
+        events = list(router.generate(p, SamplingParams(max_tokens=400, ignore_eos=True)))
+    finally:
+        server.stop(0)
+        channels.close()
+    assert [t for e in events for t in e.token_ids] == want and events[-1].finish_reason == "length"
+    assert len(dying.request_ids) == 1  # tried once, then skipped
+    total = decode_stats(stack, decode).total_pages
+    wait_for(lambda: decode_stats(stack, decode).free_pages == total, 5, "every reserved page is free again")
+
+
+def test_sigkill_of_a_prefill_worker_is_retried_transparently(two_prefillers):
+    stack = two_prefillers
+    victim = addresses(stack, "prefill")[0]  # first in the router's list: it gets the first request
+    decode = addresses(stack, "decode")[0]
+    prompts = [prompt(300 + i, length=20) for i in range(8)]
+    want = [stack.generate(q, max_tokens=16, ignore_eos=True)[0] for q in prompts]
+    victim_pid = stack.worker_pid(victim)
+    os.kill(victim_pid, signal.SIGSTOP)  # requests sent to it now wait inside its prefill
+    try:
+        results: list = [None] * len(prompts)
+
+        def run(i):
+            results[i] = stack.generate(prompts[i], max_tokens=16, ignore_eos=True)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        time.sleep(2.0)  # everything sent to the other prefill worker has finished by now
+        stuck = sum(r is None for r in results)
+        assert stuck >= 1
+        assert decode_stats(stack, decode).free_pages < decode_stats(stack, decode).total_pages  # theirs
+    finally:
+        os.kill(victim_pid, signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert [r[0] for r in results] == want and all(r[2] == "length" for r in results)
+    total = decode_stats(stack, decode).total_pages
+    wait_for(lambda: decode_stats(stack, decode).free_pages == total, 5, "every reserved page is free again")
+    retried = sum("retrying elsewhere" in line and victim in line for line in stack.lines)
+    assert retried >= 1
+    print(f"\nFAULT prefill SIGKILL: {len(prompts)} requests, {stuck} unfinished at the kill, {retried} of them "
+          f"sent to the victim and retried; all {len(prompts)} completed with the expected tokens, 0 pages leaked")
