@@ -148,6 +148,34 @@ def test_sigkill_of_a_decode_worker_ends_its_streams_and_launch_restarts_it(two_
           f"in {max(r.ended_at - killed_at for r in lost):.2f}s, {len(streams) - len(lost)} completed")
 
 
+
+def test_sigterm_of_a_decode_worker_drains_it(two_decoders):
+    stack = two_decoders
+    stream = BackgroundStream(stack, prompt(400), max_tokens=300)
+    wait_for(lambda: stream.result.tokens >= 1, 30, "the stream started", interval_s=0.001)
+    target = next(a for a in addresses(stack, "decode")
+                  if (st := decode_stats(stack, a)).free_pages < st.total_pages)
+    target_pid = stack.worker_pid(target)
+    decode = internal_pb2_grpc.DecodeStub(stack.worker_channel(target))
+    # A reservation whose KV never comes keeps the drain going until it is released.
+    decode.Reserve(internal_pb2.ReserveRequest(request_id="held", num_tokens=16, lease_s=60), timeout=5)
+    os.kill(target_pid, signal.SIGTERM)
+    channel = grpc.insecure_channel(target)
+    wait_for(lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5, "NOT_SERVING")
+    channel.close()
+    with pytest.raises(grpc.RpcError) as err:
+        decode.Reserve(internal_pb2.ReserveRequest(request_id="late", num_tokens=16, lease_s=5), timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+    for i in range(3):  # meanwhile new requests go to the other worker
+        assert stack.generate(prompt(410 + i), max_tokens=8, ignore_eos=True)[2] == "length"
+    result = stream.wait(120)  # admitted before the drain: it runs to its end
+    assert result.code is None and result.reason == "length" and result.tokens == 300
+    assert os.path.exists(f"/proc/{target_pid}") and not _zombie(target_pid), "exited while a reservation was held"
+    assert decode.Release(internal_pb2.ReleaseRequest(request_id="held"), timeout=5).released
+    port = target.rsplit(":", 1)[1]
+    wait_for(lambda: any(f"--port {port} exited with code 0" in line for line in stack.lines), 15, "a clean exit")
+
+
 # -- prefill workers -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_prefillers():
@@ -253,3 +281,35 @@ def test_sigkill_of_a_prefill_worker_is_retried_transparently(two_prefillers):
     assert retried >= 1
     print(f"\nFAULT prefill SIGKILL: {len(prompts)} requests, {stuck} unfinished at the kill, {retried} of them "
           f"sent to the victim and retried; all {len(prompts)} completed with the expected tokens, 0 pages leaked")
+
+
+
+# -- launch: SIGTERM -------------------------------------------------------------------------
+def test_sigterm_of_launch_drains_in_flight_streams_then_exits_0():
+    with launched("demo", "--num-pages", "256", "--page-size", "8", "--drain-timeout-s", "60") as stack:
+        workers = stack.worker_pids()
+        # The demo model decodes 300 tokens in about a second on an idle machine: to keep the stream
+        # in flight while the router starts draining, the decode worker is paused at its first token.
+        decode_pid = stack.worker_pid(addresses(stack, "decode")[0])
+        streams = [BackgroundStream(stack, prompt(500), max_tokens=300)]
+        wait_for(lambda: streams[0].result.tokens >= 1, 30, "the stream started", interval_s=0.001)
+        os.kill(decode_pid, signal.SIGSTOP)
+        stack.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: health_status(stack.channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+                 "the router reports NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as err:
+            stack.generate(prompt(510), max_tokens=8)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+        assert all(s.result.ended_at is None for s in streams), [s.result for s in streams]
+        os.kill(decode_pid, signal.SIGCONT)
+        results = [s.wait(120) for s in streams]
+        assert all(r.code is None and r.reason == "length" and r.tokens == 300 for r in results), results
+        assert stack.process.wait(60) == 0
+        assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in workers)
+        print(f"\nFAULT launch SIGTERM: {len(streams)} streams in flight, {len(streams)} completed, "
+              "1 new request refused UNAVAILABLE (draining), exit code 0")
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
