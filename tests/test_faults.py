@@ -294,14 +294,10 @@ def test_sigterm_of_launch_drains_in_flight_streams_then_exits_0():
         streams = [BackgroundStream(stack, prompt(500), max_tokens=300)]
         wait_for(lambda: streams[0].result.tokens >= 1, 30, "the stream started", interval_s=0.001)
         os.kill(decode_pid, signal.SIGSTOP)
-        stack.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: health_status(stack.channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
-                 "the router reports NOT_SERVING")
-        with pytest.raises(grpc.RpcError) as err:
-            stack.generate(prompt(510), max_tokens=8)
-        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
-        assert all(s.result.ended_at is None for s in streams), [s.result for s in streams]
-        os.kill(decode_pid, signal.SIGCONT)
+        try:
+            _refused_while_draining(stack, streams)
+        finally:
+            os.kill(decode_pid, signal.SIGCONT)
         results = [s.wait(120) for s in streams]
         assert all(r.code is None and r.reason == "length" and r.tokens == 300 for r in results), results
         assert stack.process.wait(60) == 0
@@ -313,3 +309,14 @@ def test_sigterm_of_launch_drains_in_flight_streams_then_exits_0():
 def _zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _refused_while_draining(stack, streams) -> None:
+    """SIGTERM to launch: the router reports NOT_SERVING and refuses new work while `streams` go on."""
+    stack.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: health_status(stack.channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+             "the router reports NOT_SERVING")
+    with pytest.raises(grpc.RpcError) as err:
+        stack.generate(prompt(510), max_tokens=8)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+    assert all(s.result.ended_at is None for s in streams), [s.result for s in streams]
