@@ -174,6 +174,8 @@ def test_sigterm_of_a_decode_worker_drains_it(two_decoders):
     assert decode.Release(internal_pb2.ReleaseRequest(request_id="held"), timeout=5).released
     port = target.rsplit(":", 1)[1]
     wait_for(lambda: any(f"--port {port} exited with code 0" in line for line in stack.lines), 15, "a clean exit")
+    print(f"\nFAULT decode worker SIGTERM: 1 stream + 1 held reservation in flight, stream completed "
+          f"({result.tokens} tokens), 1 new reservation refused (draining), 3 new requests served elsewhere, exit 0")
 
 
 # -- prefill workers -----------------------------------------------------------------------
@@ -246,6 +248,8 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
     assert len(dying.request_ids) == 1  # tried once, then skipped
     total = decode_stats(stack, decode).total_pages
     wait_for(lambda: decode_stats(stack, decode).free_pages == total, 5, "every reserved page is free again")
+    print(f"\nFAULT prefill cut mid-transfer ({order}): 1 request, {len(events)} tokens as expected after "
+          f"{len(dying.request_ids)} failed attempt, {total} of {total} decode pages free after")
 
 
 def test_sigkill_of_a_prefill_worker_is_retried_transparently(two_prefillers):
