@@ -292,18 +292,19 @@ def test_sigkill_of_a_prefill_worker_is_retried_transparently(two_prefillers):
 def test_sigterm_of_launch_drains_in_flight_streams_then_exits_0():
     with launched("demo", "--num-pages", "256", "--page-size", "8", "--drain-timeout-s", "60") as stack:
         workers = stack.worker_pids()
-        # The demo model decodes 300 tokens in about a second on an idle machine: to keep the stream
-        # in flight while the router starts draining, the decode worker is paused at its first token.
+        # The demo model decodes 600 tokens in a second or two: to keep the stream in flight while the
+        # router starts draining, the decode worker is paused as soon as it has decoded a token (so
+        # the KV has arrived: a pause before that could outlast the reservation's lease on a busy host).
         decode_pid = stack.worker_pid(addresses(stack, "decode")[0])
-        streams = [BackgroundStream(stack, prompt(500), max_tokens=300)]
-        wait_for(lambda: streams[0].result.tokens >= 1, 30, "the stream started", interval_s=0.001)
+        streams = [BackgroundStream(stack, prompt(500), max_tokens=600)]
+        wait_for(lambda: streams[0].result.tokens >= 2, 60, "the stream started", interval_s=0.001)
         os.kill(decode_pid, signal.SIGSTOP)
         try:
             _refused_while_draining(stack, streams)
         finally:
             os.kill(decode_pid, signal.SIGCONT)
         results = [s.wait(120) for s in streams]
-        assert all(r.code is None and r.reason == "length" and r.tokens == 300 for r in results), results
+        assert all(r.code is None and r.reason == "length" and r.tokens == 600 for r in results), results
         assert stack.process.wait(60) == 0
         assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in workers)
         print(f"\nFAULT launch SIGTERM: {len(streams)} streams in flight, {len(streams)} completed, "
