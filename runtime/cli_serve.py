@@ -13,8 +13,10 @@ import os
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
+from splitserve.runtime.supervisor import DEFAULT_MAX_RESTARTS
 from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address
 
 WARMUPS = ("full", "minimal")
@@ -95,6 +97,12 @@ def _secret(env_var: str, path: str | None, what: str, command: str) -> str | No
         raise SystemExit(f"splitserve {command}: {e}")
 
 
+def _add_drain_flag(p, what: str) -> None:
+    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                   help=f"on SIGTERM/SIGINT, stop admitting (health NOT_SERVING, new requests get UNAVAILABLE) "
+                        f"and wait up to S seconds for {what} before exiting (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
+
+
 def _add_worker_flags(p) -> None:
     _add_model_flags(p)
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
@@ -110,6 +118,7 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(f"{role}-worker", help=f"run one {role} worker (for multi-host setups)",
                            description=f"Run one {role} worker process on this host's devices.")
         _add_worker_flags(p)
+        _add_drain_flag(p, "the reservations, prefills and KV transfers it holds")
         _add_security_flags(p, api_key=False, internal_token=True)
         p.set_defaults(run=run_worker, role=role)
 
@@ -121,6 +130,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
     _add_admission_flags(r)
+    _add_drain_flag(r, "the requests in flight")
     _add_security_flags(r, api_key=True, internal_token=True)
     r.set_defaults(run=run_router)
 
@@ -141,6 +151,10 @@ def add_parsers(sub) -> None:
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
     _add_admission_flags(lp)
+    _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")
+    lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
+                    help="a worker that dies is restarted (same port and flags, backoff 1 s doubling to 30 s); "
+                         f"after N restarts in a row launch gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
     _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
@@ -165,7 +179,7 @@ def run_worker(args) -> int:
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
-                          warmup=args.warmup, metrics_port=args.metrics_port)
+                          warmup=args.warmup, metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout_s)
     serve_forever(Worker(config))
     return 0
 
@@ -188,6 +202,9 @@ def run_router(args) -> int:
     if server.metrics_endpoint is not None:
         print(f"splitserve metrics: router {server.metrics_endpoint.url}", flush=True)
     stop.wait()
+    if not server.drain(args.drain_timeout_s):
+        logging.getLogger(__name__).warning("drain timeout: %d requests still in flight are cut",
+                                            server.admission.in_flight)
     server.stop()
     return 0
 
@@ -206,7 +223,8 @@ def run_launch(args) -> int:
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
-                              warmup=args.warmup, admission=admission, metrics_port=args.metrics_port)
+                              warmup=args.warmup, admission=admission, metrics_port=args.metrics_port,
+                              drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

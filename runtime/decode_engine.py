@@ -90,6 +90,12 @@ class DecodeEngine:
                         total_pages=self.scheduler.allocator.capacity,
                         running=self.scheduler.num_running, waiting=self.scheduler.num_waiting)
 
+    @property
+    def idle(self) -> bool:
+        """No reservation is held: nothing waits for KV, nothing decodes (a drain waits for this)."""
+        with self._lock:
+            return not self.scheduler.slots
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True

@@ -10,6 +10,7 @@ import numpy as np
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import END, DecodeEngine, StreamError
 from splitserve.runtime.decode_scheduler import UnknownRequest
+from splitserve.runtime.drain import Admission
 from splitserve.runtime.kv_wire import KVLayoutExpectation, KVTransferError, receive_kv
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
@@ -21,9 +22,10 @@ DEFAULT_LEASE_S = 30.0
 
 
 class DecodeService(internal_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, *, mesh: str, platform: str, role: str = "decode",
-                 metrics: WorkerMetrics | None = None):
+    def __init__(self, engine: DecodeEngine, admission: Admission, *, mesh: str, platform: str,
+                 role: str = "decode", metrics: WorkerMetrics | None = None):
         self.engine = engine
+        self.admission = admission  # new reservations only; the transfers and streams of held ones go on
         self.metrics = metrics or WorkerMetrics()
         self.mesh, self.platform, self.role = mesh, platform, role
         cfg = engine.runner.model.config
@@ -34,6 +36,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         )
 
     def Reserve(self, request, context):
+        self.admission.check_or_abort(context)
         lease = request.lease_s if request.lease_s > 0 else DEFAULT_LEASE_S
         try:
             free = self.engine.reserve(request.request_id, request.num_tokens, lease)

@@ -27,6 +27,13 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
 PUBLIC_OPTIONS = message_options(PUBLIC_MAX_MESSAGE_BYTES)
 INTERNAL_OPTIONS = message_options(INTERNAL_MAX_MESSAGE_BYTES)
 MAX_MESSAGE_BYTES, OPTIONS = INTERNAL_MAX_MESSAGE_BYTES, INTERNAL_OPTIONS  # the old names, for existing callers
+# gRPC's reconnect backoff grows to 120 s by default: a worker that restarted after 20 s would
+# then be unreachable for up to minutes more. Workers are on this host or this cluster's network,
+# where trying again each second costs nothing.
+MAX_RECONNECT_BACKOFF_MS = 1000
+INTERNAL_CHANNEL_OPTIONS = INTERNAL_OPTIONS + [("grpc.initial_reconnect_backoff_ms", 100),
+                                               ("grpc.min_reconnect_backoff_ms", 100),
+                                               ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
 def make_server(options: Sequence[tuple[str, int]] = INTERNAL_OPTIONS, interceptors: Sequence = (),
@@ -65,9 +72,9 @@ class ChannelPool:
 
     def _open(self, address: str) -> grpc.Channel:
         if self._credentials is not None:
-            channel = grpc.secure_channel(address, self._credentials, options=INTERNAL_OPTIONS)
+            channel = grpc.secure_channel(address, self._credentials, options=INTERNAL_CHANNEL_OPTIONS)
         else:
-            channel = grpc.insecure_channel(address, options=INTERNAL_OPTIONS)
+            channel = grpc.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
         return grpc.intercept_channel(channel, attach_internal_token(self._token)) if self._token else channel
 
     def close(self) -> None:

@@ -4,8 +4,12 @@ Each worker is its own process with its own device set: on CPU it gets
 --xla_force_host_platform_device_count=tp; on GPU a disjoint CUDA_VISIBLE_DEVICES range
 when there are enough GPUs (else they share, each with a fraction of the memory). The
 router runs in this process and prints the ready line once every worker has warmed up.
-Children are started with a parent-death signal and terminated on SIGINT/SIGTERM, so no
-worker outlives launch.
+A worker that dies later is restarted with the same port and flags (runtime/supervisor.py);
+one that dies during start-up stops launch.
+
+SIGINT/SIGTERM drain: the router refuses new requests and waits for those in flight (up to
+--drain-timeout-s), then each worker gets SIGTERM and drains the same way, then launch exits
+0. No worker outlives launch (a parent-death signal covers a launch that is killed).
 
 Only the router listens on --host; the workers listen on 127.0.0.1, since only this host's
 router and workers call them. Each run makes a fresh internal token, handed to the workers
@@ -16,12 +20,10 @@ without it. With TLS the workers get the same certificate and --tls-ca (mutual T
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -29,8 +31,10 @@ import sys
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
 from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.security import InternalSecurity
+from splitserve.runtime.supervisor import DEFAULT_MAX_RESTARTS, Supervisor, WorkerDied
 from splitserve.runtime.tls import TLSConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class LaunchConfig:
     api_key: str | None = dataclasses.field(default=None, repr=False)  # required by the router when set
     metrics_port: int | None = None  # the router's Prometheus port (0: any); workers then get free ports
     admission: AdmissionConfig = AdmissionConfig()  # the router's limit on concurrent requests
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM: for the router, then for each worker
+    max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -67,6 +73,10 @@ class LaunchConfig:
             raise ValueError("need at least one prefill and one decode worker")
         if self.warmup not in ("full", "minimal"):
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.tls.enabled and not self.tls.mutual:
             raise ValueError(f"TLS needs --tls-ca too: the workers listen on {WORKER_HOST} and the router checks "
                              "them against that CA (so the certificate must also name 127.0.0.1)")
@@ -112,7 +122,7 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
            "--model", config.model, "--host", WORKER_HOST, "--port", str(spec.port),
            "--mesh", f"tp={spec.mesh.tp}", "--dtype", config.dtype, "--page-size", str(config.page_size),
            "--kv-cache-gib", str(config.kv_cache_gib), "--max-batch", str(config.max_batch),
-           "--warmup", config.warmup]
+           "--warmup", config.warmup, "--drain-timeout-s", str(config.drain_timeout_s)]
     if config.num_pages is not None:
         cmd += ["--num-pages", str(config.num_pages)]
     if spec.metrics_port is not None:
@@ -136,18 +146,10 @@ def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_wo
     return env
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class WorkerDied(RuntimeError):
-    pass
-
-
 class Launcher:
     def __init__(self, config: LaunchConfig):
         self.config = config
-        self.children: list[subprocess.Popen] = []
+        self.supervisor = Supervisor(config.max_restarts)
         self.specs: list[WorkerSpec] = []
         self.security = InternalSecurity(config.tls, secrets.token_urlsafe(32))  # a fresh token per run
 
@@ -157,29 +159,22 @@ class Launcher:
         needed = sum(s.mesh.tp for s in specs)
         shared = bool(num_accelerators) and needed > num_accelerators
         for spec in specs:
-            self.children.append(subprocess.Popen(
-                worker_command(self.config, spec),
-                env=worker_env(self.config, spec, shared, len(specs), self.security.token),
-                preexec_fn=_die_with_parent))
+            self.supervisor.start(f"{spec.role}-worker --port {spec.port}", worker_command(self.config, spec),
+                                  worker_env(self.config, spec, shared, len(specs), self.security.token))
         self.specs = specs
         return specs
 
     def check_alive(self) -> None:
-        """Raises WorkerDied if a worker process has exited."""
-        for child in self.children:
-            if child.poll() is not None:
-                raise WorkerDied(f"worker process {' '.join(child.args[3:5])} exited with code {child.returncode}")
+        """Raises WorkerDied if a worker process has exited (during start-up)."""
+        self.supervisor.check_alive()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            try:
-                child.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+    def supervise(self) -> None:
+        """Restarts workers that died; raises WorkerDied once one has died too often."""
+        self.supervisor.supervise()
+
+    def stop(self) -> None:
+        """Each worker drains (up to drain_timeout_s) and exits; a few seconds more, then SIGKILL."""
+        self.supervisor.stop(self.config.drain_timeout_s + 10.0)
 
 
 def _count_gpus() -> int:
@@ -224,8 +219,13 @@ def run_launch(config: LaunchConfig) -> int:
             print(f"splitserve metrics: router {router.metrics_endpoint.url}; {workers}", flush=True)
         while not stop.wait(0.5):
             try:
-                launcher.check_alive()
+                launcher.supervise()
             except WorkerDied as e:
                 log.error("%s", e)
                 return 1
+        log.warning("draining: the router takes no new requests; waiting up to %.0fs for those in flight",
+                    config.drain_timeout_s)
+        if not router.drain(config.drain_timeout_s):
+            log.warning("drain timeout: %d requests still in flight are cut", router.lifecycle.in_flight)
+        # running_stack's exit stops the router, then SIGTERMs the workers, which drain in turn.
     return 0

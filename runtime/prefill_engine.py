@@ -86,6 +86,8 @@ class PrefillEngine:
         self._running = 0  # jobs taken off the queue whose first token is not out yet
         # Counters since start (WorkerStats): requests run on the device, and dropped before it.
         self.prefilled = self.dropped_cancelled = self.dropped_expired = 0
+        self._sends_lock = threading.Lock()
+        self._sends_pending = 0  # KV transfers submitted and not yet finished
 
     @property
     def in_flight(self) -> int:
@@ -102,6 +104,13 @@ class PrefillEngine:
             self._jobs.append(job)
             self._lock.notify()
         return job.first_token
+
+    @property
+    def idle(self) -> bool:
+        """No prompt waits or runs, and every KV transfer has ended (a drain waits for this)."""
+        with self._sends_lock:
+            sends = self._sends_pending
+        return self.in_flight == 0 and sends == 0
 
     def stop(self) -> None:
         """The loop ends once the jobs already queued are done."""
@@ -165,6 +174,8 @@ class PrefillEngine:
         host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
         for row, job in enumerate(live):
             if job.decode_address:
+                with self._sends_lock:
+                    self._sends_pending += 1
                 self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
         try:
             tokens = np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
@@ -183,3 +194,6 @@ class PrefillEngine:
             self.send_kv(job, kv)
         except Exception:  # noqa: BLE001 - one failed transfer must not stop the others
             log.exception("KV transfer of %s to %s failed", job.request_id, job.decode_address)
+        finally:
+            with self._sends_lock:
+                self._sends_pending -= 1

@@ -11,6 +11,7 @@ import grpc
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.deadlines import NO_DEADLINE_S, DeadlinePassed
+from splitserve.runtime.drain import Admission
 from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.kv_wire import kv_chunks
 from splitserve.runtime.metrics import WorkerMetrics
@@ -49,11 +50,14 @@ class KVSender:
 
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, *, mesh: str, platform: str, role: str = "prefill"):
+    def __init__(self, engine: PrefillEngine, admission: Admission, *, mesh: str, platform: str,
+                 role: str = "prefill"):
         self.engine = engine
+        self.admission = admission
         self.mesh, self.platform, self.role = mesh, platform, role
 
     def Run(self, request, context):
+        self.admission.check_or_abort(context)
         vocab = self.engine.runner.model.config.vocab_size
         if not request.prompt_ids or any(not 0 <= t < vocab for t in request.prompt_ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt must be 1+ token ids in [0, {vocab})")

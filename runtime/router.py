@@ -7,7 +7,9 @@ One request, disaggregated:
     3. Decode/Stream    the remaining tokens, once the KV has arrived
 Colocated mode is the same protocol against workers that hold both roles (the KV stays
 in-process). If the client goes away, the decode stream is cancelled and the reservation
-released at once; a prefill worker that is unreachable is retried on another one.
+released at once. A worker that answers UNAVAILABLE (dead, draining) is marked down and
+skipped until it reports SERVING again (runtime/worker_health.py); a prefill that fails so
+is retried on another prefill worker, with a fresh reservation (see _reserve_and_prefill).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from splitserve.runtime.request import FinishReason
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 from splitserve.runtime.text_stream import TextStream
+from splitserve.runtime.worker_health import WorkerHealth
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ RESERVE_LEASE_S = 30.0
 RPC_TIMEOUT_S = 30.0
 MAX_WAITING_FOR_PAGES = 512  # requests queued for decode pages; past it, RESOURCE_EXHAUSTED at once
 WAIT_FOR_PAGES_S = 120.0
+
+
+class _PrefillUnavailable(Exception):
+    """The chosen prefill worker answered UNAVAILABLE: retry elsewhere."""
 
 
 class RouterError(Exception):
@@ -97,26 +104,35 @@ class Router:
             self.prefill_workers = [handle(a, "prefill") for a in prefill]
             self.decode_workers = [handle(a, "decode") for a in decode]
             self.workers = self.prefill_workers + self.decode_workers
+        self.health = WorkerHealth([w.address for w in self.workers], self.channels, on_up=self._refresh_address)
 
     # -- workers --------------------------------------------------------------------------
     def refresh_stats(self) -> None:
         for worker in self.workers:
-            stub = worker.decode or worker.prefill
             try:
-                stats = stub.Stats(internal_pb2.StatsRequest(), timeout=2.0)
+                self._refresh(worker)
             except grpc.RpcError as e:
                 log.warning("worker %s did not answer Stats: %s", worker.address, e.code())
-                continue
-            with self._lock:
-                worker.free_pages, worker.mesh, worker.platform = stats.free_pages, stats.mesh, stats.platform
+
+    def _refresh(self, worker: WorkerHandle) -> None:
+        stats = (worker.decode or worker.prefill).Stats(internal_pb2.StatsRequest(), timeout=2.0)
+        with self._lock:
+            worker.free_pages, worker.mesh, worker.platform = stats.free_pages, stats.mesh, stats.platform
+
+    def _refresh_address(self, address: str) -> None:  # a restarted worker: its page count starts afresh
+        for worker in self.workers:
+            if worker.address == address:
+                self._refresh(worker)
 
     def _by_free_pages(self) -> list[WorkerHandle]:
         with self._lock:
-            return sorted(self.decode_workers, key=lambda w: (-w.free_pages, w.in_flight))
+            up = [w for w in self.decode_workers if self.health.is_up(w.address)]
+            return sorted(up, key=lambda w: (-w.free_pages, w.in_flight))
 
     def _by_load(self, exclude: set[str]) -> list[WorkerHandle]:
         with self._lock:
-            return sorted((w for w in self.prefill_workers if w.address not in exclude), key=lambda w: w.in_flight)
+            return sorted((w for w in self.prefill_workers if w.address not in exclude and self.health.is_up(w.address)),
+                          key=lambda w: w.in_flight)
 
     # -- one request ----------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -143,13 +159,10 @@ class Router:
         sampling = sampling_to_internal(params)
         text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop)
         progress = _Progress(params, [])
-        num_tokens = len(prompt_ids) + params.max_tokens
-        decode = self._reserve(request_id, num_tokens, scope) if params.max_tokens > 1 else None
-        stream = None
+        decode = stream = None
         try:
-            if on_prefill is not None:
-                on_prefill()
-            first = self._prefill(request_id, prompt_ids, sampling, decode, scope)
+            decode, request_id, first = self._reserve_and_prefill(request_id, prompt_ids, sampling, params.max_tokens,
+                                                                  scope, on_prefill)
             event = self._event(first, progress, text)
             yield event
             if event.finish_reason:
@@ -169,6 +182,8 @@ class Router:
                 raise CallCancelled("the client cancelled the request") from None
             if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
                 raise
+            if e.code() is grpc.StatusCode.UNAVAILABLE and decode is not None:  # the decode stream broke
+                self.health.mark_down(decode.address, f"decode stream: {e.details()}")
             # Codes that describe the request pass through; anything else is the worker's fault.
             passed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -229,6 +244,8 @@ class Router:
                     timeout=scope.timeout(RPC_TIMEOUT_S))
             except grpc.RpcError as e:
                 errors.setdefault(e.code(), e)
+                if e.code() is grpc.StatusCode.UNAVAILABLE:
+                    self.health.mark_down(worker.address, f"Reserve: {e.details()}")
                 continue
             with self._lock:
                 worker.free_pages = reply.free_pages
@@ -238,6 +255,8 @@ class Router:
             return None, full.details()
         if too_big := errors.get(grpc.StatusCode.INVALID_ARGUMENT):
             raise RouterError(grpc.StatusCode.OUT_OF_RANGE, too_big.details())
+        if not errors:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker is up: {self.health.down()}")
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {errors}")
 
     def _release(self, worker: WorkerHandle, request_id: str) -> None:
@@ -250,26 +269,59 @@ class Router:
             worker.free_pages += 1  # a hint until the next reservation reports the real count
             self._room.notify_all()
 
+    def _reserve_and_prefill(self, request_id: str, prompt_ids: list[int], sampling, max_tokens: int,
+                             scope: CallScope, on_prefill: Callable[[], None] | None
+                             ) -> tuple[WorkerHandle | None, str, int]:
+        """Reserves decode pages, then prefills; returns (decode worker or None, the id used, first token).
+
+        A prefill worker that answers UNAVAILABLE (died, draining) is retried on another one, and
+        each attempt reserves afresh under its own id. Why not reuse the reservation: the dead
+        worker may have begun the KV transfer, and a decode worker drops a reservation whose
+        transfer was cut (DecodeService._drop), at a moment of its own - possibly after the retry
+        has begun. With one id per attempt that late drop can only hit the failed attempt's
+        reservation, which the router releases itself anyway.
+        """
+        tried: set[str] = set()  # prefill workers that failed this request
+        for attempt in itertools.count():
+            attempt_id = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
+            decode = self._reserve(attempt_id, len(prompt_ids) + max_tokens, scope) if max_tokens > 1 else None
+            try:
+                if on_prefill is not None and attempt == 0:
+                    on_prefill()
+                return decode, attempt_id, self._prefill(attempt_id, prompt_ids, sampling, decode, tried, scope)
+            except BaseException as e:
+                if decode is not None:
+                    self._release(decode, attempt_id)
+                if not isinstance(e, _PrefillUnavailable):
+                    raise
+        raise AssertionError("unreachable: _prefill raises once every prefill worker was tried")
+
     def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None,
-                 scope: CallScope) -> int:
-        tried: set[str] = set()
+                 tried: set[str], scope: CallScope) -> int:
+        """Runs the prefill on the least-loaded prefill worker not in `tried` (colocated: on the
+        worker that holds the reservation); on UNAVAILABLE marks it down, adds it to `tried` and
+        raises _PrefillUnavailable."""
+        candidates = self._by_load(tried)
+        if self.mode == "colocated" and decode is not None:
+            candidates = [decode] if decode.address not in tried else []  # the KV stays where it is reserved
+        if not candidates:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                              f"no prefill worker is reachable (failed: {sorted(tried)}; down: {self.health.down()})")
+        worker = candidates[0]
         request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                                               decode_address=decode.address if decode else "")
-        while candidates := self._by_load(tried):
-            worker = candidates[0]
-            if self.mode == "colocated" and decode is not None and decode.address not in tried:
-                worker = decode  # the KV stays in the process that holds the reservation
+        with self._lock:
+            worker.in_flight += 1
+        try:
+            call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))
+            return scope.result(call).first_token  # a client cancel cancels the Run
+        except grpc.RpcError as e:
+            if e.code() is not grpc.StatusCode.UNAVAILABLE:
+                raise
             tried.add(worker.address)
+            self.health.mark_down(worker.address, f"Prefill/Run: {e.details()}")
+            log.warning("prefill of %s on %s failed (%s); retrying elsewhere", request_id, worker.address, e.details())
+            raise _PrefillUnavailable() from e
+        finally:
             with self._lock:
-                worker.in_flight += 1
-            try:
-                call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))
-                return scope.result(call).first_token  # a client cancel cancels the Run
-            except grpc.RpcError as e:
-                if e.code() is not grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.warning("prefill worker %s unavailable; retrying elsewhere", worker.address)
-            finally:
-                with self._lock:
-                    worker.in_flight -= 1
-        raise RouterError(grpc.StatusCode.UNAVAILABLE, "no prefill worker is reachable")
+                worker.in_flight -= 1

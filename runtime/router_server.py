@@ -9,8 +9,9 @@ from splitserve.models.metadata import load_metadata
 from splitserve.protos import serving_pb2
 from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
 from splitserve.runtime.grpc_common import (
-    PUBLIC_OPTIONS, add_health, listen, make_server, set_serving, wait_until_serving,
+    PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving,
 )
 from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
 from splitserve.runtime.router import Router
@@ -37,12 +38,13 @@ class RouterServer:
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
+        self.health = add_health(self.server)
+        self.lifecycle = Admission(self.health, "router")
         self.admission = AdmissionGate(admission)
         self.metrics = RouterMetrics()
         add_serving_service(self.server, ServingService(
-            self.router, dtype=serving_dtype(dtype, metadata.config), page_size=page_size, admission=self.admission,
-            metrics=self.metrics))
-        self.health = add_health(self.server)
+            self.router, lifecycle=self.lifecycle, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
+            admission=self.admission, metrics=self.metrics))
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, self.server)
@@ -57,11 +59,19 @@ class RouterServer:
         for worker in self.router.workers:
             wait_until_serving(worker.address, worker_timeout_s, check_alive, channels=self.router.channels)
         self.router.refresh_stats()
-        set_serving(self.health)
+        self.router.health.start()
+        self.lifecycle.open()
+
+    def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
+        """Refuses new Generate calls (UNAVAILABLE, "draining"); waits for those in flight.
+
+        False if some were still running after `timeout_s` (stop() then cuts them)."""
+        return self.lifecycle.drain(timeout_s)
 
     def stop(self, grace_s: float = 5.0) -> None:
-        set_serving(self.health, False)
+        self.lifecycle.start_draining()
         self.server.stop(grace_s).wait()
+        self.router.health.stop()
         self.router.channels.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
 from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePassed
+from splitserve.runtime.drain import Admission, NotAdmitted
 from splitserve.runtime.metrics import RouterMetrics
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
@@ -25,9 +26,12 @@ log = logging.getLogger(__name__)
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, dtype: str, page_size: int, admission: AdmissionGate | None = None,
-                 metrics: RouterMetrics | None = None):
+    def __init__(self, router: Router, *, lifecycle: Admission, dtype: str, page_size: int,
+                 admission: AdmissionGate | None = None, metrics: RouterMetrics | None = None):
+        """`lifecycle`: starting/serving/draining, counts streams in flight so a drain can wait for
+        them; `admission`: the limit on concurrent calls (RESOURCE_EXHAUSTED past it)."""
         self.router = router
+        self.lifecycle = lifecycle
         self.admission = admission or AdmissionGate()
         self.dtype, self.page_size = dtype, page_size
         self.metrics = metrics or RouterMetrics()
@@ -48,6 +52,11 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         # The end of the call, however it ends (finished, aborted, cancelled), closes the timer once.
         context.add_callback(lambda: timer.close(error_code=_status_name(context)))
         try:
+            self.lifecycle.enter()
+        except NotAdmitted as e:
+            timer.close(error_code=grpc.StatusCode.UNAVAILABLE.name)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        try:
             with self.admission.admit():
                 yield from self._generate(request, context, timer)
         except AdmissionRejected as e:
@@ -56,6 +65,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         except Exception:
             timer.close(error_code=_status_name(context) or "UNKNOWN")
             raise
+        finally:
+            self.lifecycle.leave()
 
     def _generate(self, request, context, timer):
         prompt_ids = self._prompt_ids(request, context)

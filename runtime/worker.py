@@ -1,7 +1,13 @@
 """A worker process: one mesh, one role (prefill, decode, or colocated = both).
 
 Start-up order: load the model onto this process's mesh → build the runner and engines →
-warm up (compile the common shapes) → health SERVING → print the ready line.
+listen (health NOT_SERVING, new work refused as "starting") → warm up (compile the common
+shapes) → health SERVING → print the ready line.
+
+On SIGTERM/SIGINT it drains (runtime/drain.py): health NOT_SERVING, new reservations and
+prefills refused with UNAVAILABLE, held reservations decoded to their end and queued prefills
+and KV transfers finished, for at most `drain_timeout_s`; then the server stops and the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service
-from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
+from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server
 from splitserve.runtime.metrics import MetricsEndpoint, WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
@@ -52,12 +59,15 @@ class WorkerConfig:
     warmup: str = "full"  # compile every bucketed shape before serving; "minimal": smallest lengths only
     security: InternalSecurity = InternalSecurity()  # TLS of its port and of its KV channels; the token
     metrics_port: int | None = None  # Prometheus metrics at http(s)://host:port/metrics; None: off, 0: any port
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM, how long held work may take to finish
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.warmup not in ("full", "minimal"):
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 
 
 class Worker:
@@ -80,6 +90,7 @@ class Worker:
         self.health = add_health(self.server)
         self.port = config.security.listen(self.server, config.host, config.port)
         self.address = f"{config.host}:{self.port}"
+        self.admission = Admission(self.health, f"{config.role} worker {self.address}")
         self.channels: ChannelPool = config.security.channels()  # TLS and the token on every KV transfer
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
@@ -87,15 +98,16 @@ class Worker:
         if has_decode:
             self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
             self.metrics.watch_decode(self.decode_engine.stats)
-            add_decode_service(self.server, DecodeService(self.decode_engine, mesh=mesh, platform=platform,
-                                                          role=config.role, metrics=self.metrics))
+            add_decode_service(self.server, DecodeService(self.decode_engine, self.admission, mesh=mesh,
+                                                          platform=platform, role=config.role, metrics=self.metrics))
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
                                                 metrics=self.metrics)
             self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
             internal_pb2_grpc.add_PrefillServicer_to_server(
-                PrefillService(self.prefill_engine, mesh=mesh, platform=platform, role=config.role), self.server)
+                PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role),
+                self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
         self._sender = KVSender(self.channels, metrics=self.metrics)
         self.metrics_endpoint = None
@@ -135,18 +147,29 @@ class Worker:
                  time.perf_counter() - start)
 
     def start(self) -> None:
+        self.server.start()  # health answers NOT_SERVING during the warm-up, rather than nothing
         self.warm_up()
         for thread in self.threads:
             thread.start()
-        self.server.start()
         if self.config.metrics_port is not None:
             self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.host, self.config.metrics_port,
                                                     self.config.security.tls)
             log.info("metrics on %s", self.metrics_endpoint.url)
-        set_serving(self.health)
+        self.admission.open()
+
+    def idle(self) -> bool:
+        return all(engine is None or engine.idle for engine in (self.decode_engine, self.prefill_engine))
+
+    def drain(self) -> bool:
+        """Refuses new work; waits up to drain_timeout_s for held work. False if some was left."""
+        log.warning("%s worker %s draining (up to %.0fs)", self.config.role, self.address, self.config.drain_timeout_s)
+        done = self.admission.drain(self.config.drain_timeout_s, idle=self.idle)
+        if not done:
+            log.warning("drain timeout: %s", self.decode_engine.stats() if self.decode_engine else "prefills left")
+        return done
 
     def stop(self, grace_s: float = 5.0) -> None:
-        set_serving(self.health, False)
+        self.admission.start_draining()
         self.server.stop(grace_s).wait()
         for engine in (self.decode_engine, self.prefill_engine):
             if engine is not None:
@@ -173,4 +196,5 @@ def serve_forever(worker: Worker) -> None:
     worker.start()
     log.warning("splitserve %s worker ready on %s", worker.config.role, worker.address)
     stop.wait()
+    worker.drain()
     worker.stop()

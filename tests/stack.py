@@ -31,6 +31,19 @@ class Stack:
     def worker_pids(self) -> list[int]:
         return _children(self.process.pid)
 
+    def worker_pid(self, address: str) -> int | None:
+        """The pid of the worker process listening on `address` (127.0.0.1:PORT), if one runs."""
+        port = address.rsplit(":", 1)[1]
+        for pid in self.worker_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().decode().split("\0")
+            except OSError:
+                continue
+            if "--port" in argv and argv[argv.index("--port") + 1] == port:
+                return pid
+        return None
+
     def worker_environ(self, pid: int) -> dict[str, str]:
         with open(f"/proc/{pid}/environ", "rb") as f:
             items = f.read().decode().split("\0")
@@ -98,6 +111,7 @@ def launched(model: str, *flags: str, timeout_s: float = 240, env: dict | None =
     reader.start()
     deadline = time.monotonic() + timeout_s
     address = None
+    started: list[int] = []  # the first workers (they may be killed and restarted since)
     try:
         while address is None:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -107,10 +121,11 @@ def launched(model: str, *flags: str, timeout_s: float = 240, env: dict | None =
                     address = m.group(1)
             time.sleep(0.1)
         stack = Stack(process, address, lines, credentials, metadata)
+        started = _children(process.pid)
         yield stack
         stack.close()
     finally:
-        workers = _children(process.pid)
+        workers = sorted(set(_children(process.pid)) | set(started))
         assert address is None or workers, "a launched stack must have worker processes"
         process.terminate()
         try:

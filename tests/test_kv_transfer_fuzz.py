@@ -22,6 +22,7 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
+from splitserve.runtime.drain import Admission
 from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
 from splitserve.runtime.grpc_common import make_server
 from splitserve.runtime.kv_codec import encode_header
@@ -45,7 +46,9 @@ def decode(tmp_path_factory):
     thread = threading.Thread(target=engine.run_forever, daemon=True)
     thread.start()
     server = make_server()
-    add_decode_service(server, DecodeService(engine, mesh="tp=1", platform="cpu"))
+    admission = Admission(None, "fuzzed decode worker")
+    admission.open()
+    add_decode_service(server, DecodeService(engine, admission, mesh="tp=1", platform="cpu"))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

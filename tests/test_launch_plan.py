@@ -49,3 +49,13 @@ def test_workers_get_the_token_in_their_environment_and_tls_paths_in_argv(monkey
 def test_launch_with_tls_needs_the_internal_ca():
     with pytest.raises(ValueError, match="needs --tls-ca"):
         LaunchConfig(tls=TLSConfig("/pki/leaf.crt", "/pki/leaf.key"))
+
+
+def test_workers_get_the_drain_timeout_and_bad_values_are_refused():
+    config = LaunchConfig(platform="cpu", drain_timeout_s=7.5)
+    cmd = worker_command(config, plan_workers(config, 0)[0])
+    assert cmd[cmd.index("--drain-timeout-s") + 1] == "7.5"
+    with pytest.raises(ValueError, match="drain_timeout_s"):
+        LaunchConfig(drain_timeout_s=-1)
+    with pytest.raises(ValueError, match="max_restarts"):
+        LaunchConfig(max_restarts=-1)

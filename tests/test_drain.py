@@ -1,0 +1,173 @@
+"""Admission (drain), the router's worker health and launch's supervisor, without a model.
+
+Real gRPC servers on loopback and real child processes; only the clock of the supervisor is
+a fake one, so its backoff can be stepped through without waiting.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.runtime.drain import Admission, NotAdmitted, State
+from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.supervisor import RESTART_BACKOFF_S, Supervisor, WorkerDied
+from splitserve.runtime.worker_health import WorkerHealth
+
+
+@pytest.fixture
+def health_server():
+    server = make_server(max_workers=4)
+    servicer = add_health(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield server, servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def health_of(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+# -- Admission -------------------------------------------------------------------------------
+def test_admission_follows_starting_serving_draining_and_health_with_it(health_server):
+    _, servicer, address = health_server
+    admission = Admission(servicer, "test server")
+    with pytest.raises(NotAdmitted, match="test server is starting"):
+        admission.enter()
+    assert health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    admission.open()
+    assert health_of(address) == health_pb2.HealthCheckResponse.SERVING
+    admission.enter()
+    admission.start_draining()
+    assert health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(NotAdmitted, match="test server is draining"):
+        admission.enter()
+    admission.leave()
+    assert admission.state is State.DRAINING and admission.in_flight == 0
+
+
+def test_drain_waits_for_work_in_flight_and_for_idle():
+    admission = Admission(None, "x")
+    admission.open()
+    admission.enter()
+    busy = threading.Event()
+    busy.set()
+    threading.Timer(0.3, admission.leave).start()
+    threading.Timer(0.6, busy.clear).start()
+    start = time.monotonic()
+    assert admission.drain(10.0, idle=lambda: not busy.is_set())
+    assert 0.55 < time.monotonic() - start < 5.0
+
+
+def test_drain_gives_up_after_its_timeout():
+    admission = Admission(None, "x")
+    admission.open()
+    admission.enter()  # never leaves
+    start = time.monotonic()
+    assert not admission.drain(0.3)
+    assert 0.3 <= time.monotonic() - start < 2.0
+
+
+# -- WorkerHealth ----------------------------------------------------------------------------
+def test_worker_health_takes_a_worker_back_only_once_it_serves(health_server):
+    server, servicer, address = health_server
+    taken_back = []
+    channels = ChannelPool()
+    health = WorkerHealth([address], channels, on_up=taken_back.append)
+    try:
+        assert health.is_up(address)
+        health.mark_down(address, "Reserve: connection reset")
+        assert not health.is_up(address) and "connection reset" in health.down()[address]
+        set_serving(servicer, False)
+        assert not health.probe(address) and not health.is_up(address)
+        assert health.down()[address] == "reports NOT_SERVING"
+        set_serving(servicer, True)
+        assert health.probe(address) and health.is_up(address)
+        assert taken_back == [address]
+        assert health.probe(address) and taken_back == [address]  # already up: on_up is not called again
+        server.stop(0)
+        assert not health.probe(address) and not health.is_up(address)
+    finally:
+        channels.close()
+
+
+def test_worker_health_prober_runs_in_the_background(health_server):
+    _, servicer, address = health_server
+    channels = ChannelPool()
+    health = WorkerHealth([address], channels, interval_s=0.05)
+    health.start()
+    try:
+        set_serving(servicer, False)
+        deadline = time.monotonic() + 5
+        while health.is_up(address):
+            assert time.monotonic() < deadline, "the prober did not notice NOT_SERVING"
+            time.sleep(0.02)
+        set_serving(servicer, True)
+        while not health.is_up(address):
+            assert time.monotonic() < deadline, "the prober did not take the worker back"
+            time.sleep(0.02)
+    finally:
+        health.stop()
+        channels.close()
+
+
+# -- Supervisor ------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _wait_exit(worker) -> None:
+    worker.process.wait(10)
+
+
+def test_supervisor_restarts_a_dead_worker_after_a_backoff_and_gives_up_past_the_limit():
+    clock = FakeClock()
+    supervisor = Supervisor(max_restarts=2, clock=clock)
+    exits = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    worker = supervisor.start("flaky", exits, env={})
+    try:
+        for restart in range(2):
+            first_pid = worker.process.pid
+            _wait_exit(worker)
+            supervisor.supervise()  # found dead: a restart is scheduled, not done yet
+            assert worker.process.pid == first_pid and worker.restart_at == clock.now + RESTART_BACKOFF_S[restart]
+            clock.now += RESTART_BACKOFF_S[restart] - 0.1
+            supervisor.supervise()
+            assert worker.process.pid == first_pid
+            clock.now += 0.2
+            supervisor.supervise()
+            assert worker.process.pid != first_pid and worker.restarts == restart + 1
+        _wait_exit(worker)
+        with pytest.raises(WorkerDied, match="flaky exited with code 3 after 2 restarts"):
+            supervisor.supervise()
+    finally:
+        supervisor.stop(5)
+
+
+def test_supervisor_clears_the_count_of_a_worker_that_stays_up_and_stop_ends_every_process():
+    from splitserve.runtime.supervisor import RESTART_COUNT_RESET_S
+
+    clock = FakeClock()
+    supervisor = Supervisor(max_restarts=1, clock=clock)
+    worker = supervisor.start("steady", [sys.executable, "-c", "import time; time.sleep(60)"], env={})
+    worker.restarts = 1
+    clock.now += RESTART_COUNT_RESET_S + 1
+    supervisor.supervise()
+    assert worker.restarts == 0
+    supervisor.check_alive()
+    pid = worker.process.pid
+    supervisor.stop(5)
+    assert worker.process.returncode is not None
+    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
