@@ -22,8 +22,8 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
-from splitserve.runtime.drain import Admission
 from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
+from splitserve.runtime.drain import Admission
 from splitserve.runtime.grpc_common import make_server
 from splitserve.runtime.kv_codec import encode_header
 from splitserve.runtime.kv_wire import kv_chunks
