@@ -37,6 +37,9 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
 
     def Reserve(self, request, context):
         self.admission.check_or_abort(context)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # the caller has given up: reserve nothing
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the reservation's deadline passed before it was made")
         lease = request.lease_s if request.lease_s > 0 else DEFAULT_LEASE_S
         try:
             free = self.engine.reserve(request.request_id, request.num_tokens, lease)

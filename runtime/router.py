@@ -243,6 +243,11 @@ class Router:
                     request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S),
                     timeout=scope.timeout(RPC_TIMEOUT_S))
             except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    # The worker may have reserved just before the deadline cut the reply: undo it
+                    # rather than leave the pages held until the lease expires.
+                    self._release_unconfirmed(worker, request_id)
+                    scope.check()  # the client's deadline or cancel: say so, not "no room"
                 errors.setdefault(e.code(), e)
                 if e.code() is grpc.StatusCode.UNAVAILABLE:
                     self.health.mark_down(worker.address, f"Reserve: {e.details()}")
@@ -258,6 +263,13 @@ class Router:
         if not errors:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker is up: {self.health.down()}")
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {errors}")
+
+    def _release_unconfirmed(self, worker: WorkerHandle, request_id: str) -> None:
+        """Releases a reservation whose Reserve call ended without an answer (a no-op if none was made)."""
+        try:
+            worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
+        except grpc.RpcError as e:
+            log.warning("release of unconfirmed %s on %s failed: %s", request_id, worker.address, e.code())
 
     def _release(self, worker: WorkerHandle, request_id: str) -> None:
         try:

@@ -90,9 +90,13 @@ def wait_until(condition, timeout_s: float, what: str):
 
 def assert_idle(stack, timeout_s=10.0):
     """Every page back, nothing running or waiting anywhere."""
-    wait_until(lambda: all(s.free_pages == s.total_pages and s.running == 0 and s.waiting == 0
-                           for s in stack.decode_stats()) and prefill_stats(stack)["running"] == 0,
-               timeout_s, "the stack back to idle with every page free")
+    try:
+        wait_until(lambda: all(s.free_pages == s.total_pages and s.running == 0 and s.waiting == 0
+                               for s in stack.decode_stats()) and prefill_stats(stack)["running"] == 0,
+                   timeout_s, "the stack back to idle with every page free")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; decode: {[str(s).replace(chr(10), ' ') for s in stack.decode_stats()]}; "
+                             f"prefill: {dict(prefill_stats(stack))}; log: {[l for l in stack.lines if ('WARN' in l or 'ERROR' in l) and 'KV transfer of' not in l][-25:]}") from None
 
 
 def first_tokens(call, n=1):
