@@ -80,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
     c.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     c.add_argument("--num-pages", type=int, help="KV pages per worker (default: from --kv-cache-gib)")
+    c.add_argument("--warmup", choices=["full", "minimal"], default="full",
+                   help="what the workers compile before serving (as `launch --warmup`; minimal: faster start, "
+                        "use --num-warmups to compile the workload's shapes before measuring)")
 
 
 def add_parser(sub) -> None:

@@ -2,8 +2,10 @@
 
 Each worker is its own process with its own device set: on CPU it gets
 --xla_force_host_platform_device_count=tp; on GPU a disjoint CUDA_VISIBLE_DEVICES range
-when there are enough GPUs (else they share, each with a fraction of the memory). The
-router runs in this process and prints the ready line once every worker has warmed up.
+when there are enough GPUs (else they share, each with a fraction of the memory); on TPU
+(--platform tpu) chips of its own through libtpu's environment (tpu_chip_env), since a TPU
+chip serves one process at a time. The router runs in this process and prints the ready
+line once every worker has warmed up.
 A worker that dies later is restarted with the same port and flags (runtime/supervisor.py);
 one that dies during start-up stops launch.
 
@@ -97,11 +99,16 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def plan_workers(config: LaunchConfig, num_accelerators: int) -> list[WorkerSpec]:
+def plan_workers(config: LaunchConfig, num_accelerators: int, devices_per_chip: int = 1) -> list[WorkerSpec]:
+    """Device ids per worker: GPU ids, or on TPU chip ids (a tp=N mesh takes N / devices_per_chip chips)."""
     roles = ([("prefill", config.prefill_mesh)] * config.prefill_workers
              + [("decode", config.decode_mesh)] * config.decode_workers)
     if config.mode == "colocated":
         roles = [("colocated", config.decode_mesh)] * config.decode_workers
+    if config.platform == "tpu":
+        return [WorkerSpec(role, mesh, free_port(WORKER_HOST), chips)
+                for (role, mesh), chips in zip(roles, plan_tpu_chips([m for _, m in roles], num_accelerators,
+                                                                      devices_per_chip))]
     specs, next_device = [], 0
     for role, mesh in roles:
         devices: tuple[int, ...] = ()
@@ -114,6 +121,51 @@ def plan_workers(config: LaunchConfig, num_accelerators: int) -> list[WorkerSpec
         metrics_port = None if config.metrics_port is None else free_port(WORKER_HOST)
         specs.append(WorkerSpec(role, mesh, free_port(WORKER_HOST), devices, metrics_port))
     return specs
+
+
+# TPU_CHIPS_PER_PROCESS_BOUNDS for a process that owns N chips of a host: the box its chips form.
+# The values JAX's own multi-process test launcher uses on 4- and 8-chip hosts
+# (jax/_src/test_multiprocess.py); other counts have no known box, so they are refused.
+TPU_CHIP_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1", 8: "2,4,1"}
+
+
+def plan_tpu_chips(meshes: list[MeshConfig], num_chips: int, devices_per_chip: int = 1) -> list[tuple[int, ...]]:
+    """Disjoint chip ids per worker. A chip serves one process, so unlike GPUs they are never shared.
+
+    Each worker's chips start at a multiple of its chip count (2 chips: 0-1 or 2-3; 4 chips: 0-3
+    or 4-7), so that they form one of the boxes of TPU_CHIP_BOUNDS.
+    """
+    plans, used = [], set()
+    for mesh in meshes:
+        if mesh.tp % devices_per_chip:
+            raise ValueError(f"tp={mesh.tp} is not a whole number of TPU chips ({devices_per_chip} devices each)")
+        count = mesh.tp // devices_per_chip
+        if count not in TPU_CHIP_BOUNDS:
+            raise ValueError(f"a TPU worker takes 1, 2, 4 or 8 chips, not {count} (tp={mesh.tp})")
+        start = next((s for s in range(0, num_chips - count + 1, count) if used.isdisjoint(range(s, s + count))), None)
+        if start is None:
+            needed = sum(m.tp for m in meshes) // devices_per_chip
+            raise ValueError(f"the workers need {needed} TPU chips of their own (tp {[m.tp for m in meshes]}) "
+                             f"but this host has {num_chips}")
+        used.update(range(start, start + count))
+        plans.append(tuple(range(start, start + count)))
+    return plans
+
+
+def tpu_chip_env(chips: tuple[int, ...], libtpu_port: int) -> dict[str, str]:
+    """libtpu settings that make `chips` of this host a one-process TPU slice of their own.
+
+    As vLLM's TPU backend does for one engine per chip group: the chips and their box, one
+    process in the slice, and a libtpu port of its own (two runtimes on the default 8476 clash).
+    ALLOW_MULTIPLE_LIBTPU_LOAD lets a second process load libtpu beside the first.
+    """
+    return {"TPU_VISIBLE_CHIPS": ",".join(map(str, chips)),
+            "TPU_CHIPS_PER_PROCESS_BOUNDS": TPU_CHIP_BOUNDS[len(chips)],
+            "TPU_PROCESS_BOUNDS": "1,1,1",
+            "TPU_PROCESS_PORT": str(libtpu_port),
+            "TPU_PROCESS_ADDRESSES": f"localhost:{libtpu_port}",
+            "CLOUD_TPU_TASK_ID": "0",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
@@ -143,6 +195,8 @@ def worker_env(config: LaunchConfig, spec: WorkerSpec, shared_gpus: bool, num_wo
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         if shared_gpus:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / num_workers:.2f}"
+    if spec.devices and config.platform == "tpu":
+        env.update(tpu_chip_env(spec.devices, free_port(WORKER_HOST)))
     return env
 
 
@@ -154,10 +208,14 @@ class Launcher:
         self.security = InternalSecurity(config.tls, secrets.token_urlsafe(32))  # a fresh token per run
 
     def start_workers(self) -> list[WorkerSpec]:
-        num_accelerators = _count_gpus() if self.config.platform in (None, "gpu") else 0
-        specs = plan_workers(self.config, num_accelerators)
+        num_accelerators, devices_per_chip = 0, 1
+        if self.config.platform in (None, "gpu"):
+            num_accelerators = _count_gpus()
+        elif self.config.platform == "tpu":
+            num_accelerators, devices_per_chip = count_tpu_chips()
+        specs = plan_workers(self.config, num_accelerators, devices_per_chip)
         needed = sum(s.mesh.tp for s in specs)
-        shared = bool(num_accelerators) and needed > num_accelerators
+        shared = self.config.platform != "tpu" and bool(num_accelerators) and needed > num_accelerators
         for spec in specs:
             self.supervisor.start(f"{spec.role}-worker --port {spec.port}", worker_command(self.config, spec),
                                   worker_env(self.config, spec, shared, len(specs), self.security.token))
@@ -183,6 +241,21 @@ def _count_gpus() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def count_tpu_chips() -> tuple[int, int]:
+    """(TPU chips on this host's PCI bus, JAX devices per chip), without starting a TPU runtime.
+
+    Uses JAX's own PCI scan (jax._src.hardware_utils: private, hence the guard). TPU v2 and v3
+    chips hold two TensorCores that JAX shows as two devices; later chips show one.
+    """
+    try:
+        from jax._src import hardware_utils
+    except ImportError:
+        return 0, 1
+    chips, version = hardware_utils.num_available_tpu_chips_and_device_id()
+    two_cores = version is not None and version.name in ("v2", "v3")
+    return chips, 2 if two_cores else 1
 
 
 @contextlib.contextmanager

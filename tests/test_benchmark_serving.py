@@ -230,8 +230,10 @@ def test_compare_puts_both_stacks_on_the_same_devices():
     with pytest.raises(ValueError, match="do not split"):
         CompareSpec(colocated_mesh=MeshConfig(2), prefill_mesh=MeshConfig(2)).stacks()
     args = build_parser().parse_args(["launch", *launch_flags(disaggregated)])
-    assert (args.mode, args.platform, args.port, args.prefill_workers, args.max_batch) == \
-        ("disaggregated", "cpu", 0, 1, 32)
+    assert (args.mode, args.platform, args.port, args.prefill_workers, args.max_batch, args.warmup) == \
+        ("disaggregated", "cpu", 0, 1, 32, "full")
+    (_, quick), _ = CompareSpec(warmup="minimal").stacks()  # `bench --compare --warmup minimal`
+    assert build_parser().parse_args(["launch", *launch_flags(quick)]).warmup == "minimal"
 
 
 def test_bad_flags_are_one_line_errors():

@@ -3,7 +3,8 @@
 import pytest
 
 from splitserve.models.sharding import MeshConfig
-from splitserve.runtime.launch import LaunchConfig, Launcher, plan_workers, worker_command, worker_env
+from splitserve.runtime.launch import (LaunchConfig, Launcher, count_tpu_chips, plan_workers, worker_command,
+                                      worker_env)
 from splitserve.runtime.tls import TLSConfig
 from splitserve.runtime.worker import pages_bytes_per_device
 
@@ -21,6 +22,33 @@ def test_cpu_workers_get_no_accelerators_and_colocated_mode_has_one_role():
     assert [(s.role, s.devices, s.mesh.tp) for s in specs] == [("colocated", (), 2)] * 2
     cmd = worker_command(LaunchConfig(platform="cpu", num_pages=64), specs[0])
     assert cmd[3:4] == ["colocated-worker"] and "--num-pages" in cmd and "tp=2" in cmd
+
+
+def test_tpu_workers_get_disjoint_aligned_chips_and_their_own_libtpu_port():
+    # A v5e-8 style host: prefill on 2 chips, decode on 4. The decode box starts at chip 4, not 2,
+    # so its chips form a 2x2 box; nothing is shared and no CUDA variable is set.
+    config = LaunchConfig(platform="tpu", prefill_mesh=MeshConfig(2), decode_mesh=MeshConfig(4))
+    specs = plan_workers(config, num_accelerators=8)
+    assert [(s.role, s.devices) for s in specs] == [("prefill", (0, 1)), ("decode", (4, 5, 6, 7))]
+    envs = [worker_env(config, s, False, 2, "token") for s in specs]
+    assert [e["TPU_VISIBLE_CHIPS"] for e in envs] == ["0,1", "4,5,6,7"]
+    assert [e["TPU_CHIPS_PER_PROCESS_BOUNDS"] for e in envs] == ["1,2,1", "2,2,1"]
+    assert all(e["TPU_PROCESS_BOUNDS"] == "1,1,1" and "CUDA_VISIBLE_DEVICES" not in e for e in envs)
+    ports = [e["TPU_PROCESS_PORT"] for e in envs]
+    assert ports[0] != ports[1] and envs[1]["TPU_PROCESS_ADDRESSES"] == f"localhost:{ports[1]}"
+
+
+def test_tpu_chips_are_never_shared_and_v3_chips_hold_two_devices():
+    four_by_two = LaunchConfig(platform="tpu", prefill_mesh=MeshConfig(4), decode_mesh=MeshConfig(4))
+    with pytest.raises(ValueError, match="need 8 TPU chips of their own .* has 4"):
+        plan_workers(four_by_two, num_accelerators=4)
+    # TPU v3: two devices per chip, so tp=4 is 2 chips and both workers fit on a v3-8 (4 chips).
+    specs = plan_workers(four_by_two, num_accelerators=4, devices_per_chip=2)
+    assert [s.devices for s in specs] == [(0, 1), (2, 3)]
+    with pytest.raises(ValueError, match="1, 2, 4 or 8 chips, not 3"):
+        plan_workers(LaunchConfig(platform="tpu", decode_mesh=MeshConfig(3)), num_accelerators=8)
+    # No TPU on this machine: the count comes back empty rather than starting a TPU runtime.
+    assert count_tpu_chips()[0] == 0
 
 
 def test_page_bytes_are_per_device():

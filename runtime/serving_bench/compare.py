@@ -42,6 +42,7 @@ class CompareSpec:
     max_batch: int = 32
     kv_cache_gib: float = 1.0
     num_pages: int | None = None
+    warmup: str = "full"  # what each worker compiles before serving (LaunchConfig.warmup)
 
     @property
     def devices(self) -> int:
@@ -53,7 +54,8 @@ class CompareSpec:
             raise ValueError(f"{self.devices} devices do not split into colocated workers of "
                              f"tp={self.colocated_mesh.tp}")
         common = dict(model=self.model, port=0, platform=self.platform, dtype=self.dtype, page_size=self.page_size,
-                      max_batch=self.max_batch, kv_cache_gib=self.kv_cache_gib, num_pages=self.num_pages)
+                      max_batch=self.max_batch, kv_cache_gib=self.kv_cache_gib, num_pages=self.num_pages,
+                      warmup=self.warmup)
         colocated = LaunchConfig(mode="colocated", decode_workers=self.devices // self.colocated_mesh.tp,
                                  decode_mesh=self.colocated_mesh, **common)
         disaggregated = LaunchConfig(mode="disaggregated", prefill_workers=self.prefill_workers,
@@ -68,7 +70,7 @@ def launch_flags(config: LaunchConfig) -> list[str]:
              "--prefill-workers", str(config.prefill_workers), "--decode-workers", str(config.decode_workers),
              "--prefill-mesh", f"tp={config.prefill_mesh.tp}", "--decode-mesh", f"tp={config.decode_mesh.tp}",
              "--dtype", config.dtype, "--page-size", str(config.page_size), "--max-batch", str(config.max_batch),
-             "--kv-cache-gib", str(config.kv_cache_gib)]
+             "--kv-cache-gib", str(config.kv_cache_gib), "--warmup", config.warmup]
     if config.num_pages is not None:
         flags += ["--num-pages", str(config.num_pages)]
     if config.platform:

@@ -32,7 +32,8 @@ def compare_spec(args) -> CompareSpec:
                        prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                        prefill_mesh=MeshConfig.parse(args.prefill_mesh), decode_mesh=MeshConfig.parse(args.decode_mesh),
                        colocated_mesh=MeshConfig.parse(args.colocated_mesh), page_size=args.page_size,
-                       max_batch=args.max_batch, kv_cache_gib=args.kv_cache_gib, num_pages=args.num_pages)
+                       max_batch=args.max_batch, kv_cache_gib=args.kv_cache_gib, num_pages=args.num_pages,
+                       warmup=args.warmup)
 
 
 def run_session(args) -> int:

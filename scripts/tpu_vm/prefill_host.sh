@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Two TPU VMs: the prefill worker, on every chip of this VM (TP = the chips' device count).
+# It listens on HOST:PORT for the router.
+#   TP=8 HOST=0.0.0.0 PORT=50061 INTERNAL_TOKEN_FILE=token TLS_CERT=... scripts/tpu_vm/prefill_host.sh [flags]
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+# shellcheck disable=SC2086
+exec $SPLITSERVE prefill-worker --model "$MODEL" --platform "$PLATFORM" --mesh "tp=${TP:-8}" \
+  --host "${HOST:-0.0.0.0}" --port "${PORT:-50061}" "${TLS_FLAGS[@]}" "${TOKEN_FLAGS[@]}" "$@"
