@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.protos import serving_pb2
 from splitserve.runtime.metrics import RouterMetrics, WorkerMetrics
-from tests.stack import launched
+from stack import launched
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
