@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitserve/protos/internal.proto\x12\x16splitserve.internal.v1\"\x93\x01\n\x10ResolvedSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xcd\x01\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x13\n\x0btotal_pages\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x11\n\tprefilled\x18\x08 \x01(\x04\x12\x19\n\x11\x64ropped_cancelled\x18\t \x01(\x04\x12\x17\n\x0f\x64ropped_expired\x18\n \x01(\x04\"\x8c\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12:\n\x08sampling\x18\x03 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\"&\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x02\"%\n\x0fReserveResponse\x12\x12\n\nfree_pages\x18\x01 \x01(\r\"\x90\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\tJ\x04\x08\x07\x10\x08R\x0b\x66irst_token\"\x92\x01\n\tKVPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x15\n\rkv_head_count\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"D\n\tKVTrailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\"\xb1\x01\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .splitserve.internal.v1.KVHeaderH\x00\x12\x34\n\x07payload\x18\x02 \x01(\x0b\x32!.splitserve.internal.v1.KVPayloadH\x00\x12\x34\n\x07trailer\x18\x03 \x01(\x0b\x32!.splitserve.internal.v1.KVTrailerH\x00\x42\x06\n\x04kind\",\n\x12TransferKVResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"_\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x08sampling\x18\x02 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\"8\n\x0c\x44\x65\x63odeTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\x07Prefill\x12V\n\x03Run\x12&.splitserve.internal.v1.PrefillRequest\x1a\'.splitserve.internal.v1.PrefillResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStats2\xca\x03\n\x06\x44\x65\x63ode\x12Z\n\x07Reserve\x12&.splitserve.internal.v1.ReserveRequest\x1a\'.splitserve.internal.v1.ReserveResponse\x12[\n\nTransferKV\x12\x1f.splitserve.internal.v1.KVChunk\x1a*.splitserve.internal.v1.TransferKVResponse(\x01\x12W\n\x06Stream\x12%.splitserve.internal.v1.DecodeRequest\x1a$.splitserve.internal.v1.DecodeTokens0\x01\x12Z\n\x07Release\x12&.splitserve.internal.v1.ReleaseRequest\x1a\'.splitserve.internal.v1.ReleaseResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitserve/protos/internal.proto\x12\x16splitserve.internal.v1\"\x93\x01\n\x10ResolvedSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xcd\x01\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x13\n\x0btotal_pages\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x11\n\tprefilled\x18\x08 \x01(\x04\x12\x19\n\x11\x64ropped_cancelled\x18\t \x01(\x04\x12\x17\n\x0f\x64ropped_expired\x18\n \x01(\x04\"\xb8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12:\n\x08sampling\x18\x03 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x17\n\x0fkv_data_address\x18\x05 \x01(\t\x12\x11\n\tkv_ticket\x18\x06 \x01(\x0c\"&\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x02\"Q\n\x0fReserveResponse\x12\x12\n\nfree_pages\x18\x01 \x01(\r\x12\x17\n\x0fkv_data_address\x18\x02 \x01(\t\x12\x11\n\tkv_ticket\x18\x03 \x01(\x0c\"\x90\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\tJ\x04\x08\x07\x10\x08R\x0b\x66irst_token\"\x92\x01\n\tKVPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x15\n\rkv_head_count\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"D\n\tKVTrailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\"\xb1\x01\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .splitserve.internal.v1.KVHeaderH\x00\x12\x34\n\x07payload\x18\x02 \x01(\x0b\x32!.splitserve.internal.v1.KVPayloadH\x00\x12\x34\n\x07trailer\x18\x03 \x01(\x0b\x32!.splitserve.internal.v1.KVTrailerH\x00\x42\x06\n\x04kind\",\n\x12TransferKVResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"_\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x08sampling\x18\x02 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\"8\n\x0c\x44\x65\x63odeTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\x07Prefill\x12V\n\x03Run\x12&.splitserve.internal.v1.PrefillRequest\x1a\'.splitserve.internal.v1.PrefillResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStats2\xca\x03\n\x06\x44\x65\x63ode\x12Z\n\x07Reserve\x12&.splitserve.internal.v1.ReserveRequest\x1a\'.splitserve.internal.v1.ReserveResponse\x12[\n\nTransferKV\x12\x1f.splitserve.internal.v1.KVChunk\x1a*.splitserve.internal.v1.TransferKVResponse(\x01\x12W\n\x06Stream\x12%.splitserve.internal.v1.DecodeRequest\x1a$.splitserve.internal.v1.DecodeTokens0\x01\x12Z\n\x07Release\x12&.splitserve.internal.v1.ReleaseRequest\x1a\'.splitserve.internal.v1.ReleaseResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATS']._serialized_start=227
   _globals['_WORKERSTATS']._serialized_end=432
   _globals['_PREFILLREQUEST']._serialized_start=435
-  _globals['_PREFILLREQUEST']._serialized_end=575
-  _globals['_PREFILLRESPONSE']._serialized_start=577
-  _globals['_PREFILLRESPONSE']._serialized_end=615
-  _globals['_RESERVEREQUEST']._serialized_start=617
-  _globals['_RESERVEREQUEST']._serialized_end=690
-  _globals['_RESERVERESPONSE']._serialized_start=692
-  _globals['_RESERVERESPONSE']._serialized_end=729
-  _globals['_KVHEADER']._serialized_start=732
-  _globals['_KVHEADER']._serialized_end=876
-  _globals['_KVPAYLOAD']._serialized_start=879
-  _globals['_KVPAYLOAD']._serialized_end=1025
-  _globals['_KVTRAILER']._serialized_start=1027
-  _globals['_KVTRAILER']._serialized_end=1095
-  _globals['_KVCHUNK']._serialized_start=1098
-  _globals['_KVCHUNK']._serialized_end=1275
-  _globals['_TRANSFERKVRESPONSE']._serialized_start=1277
-  _globals['_TRANSFERKVRESPONSE']._serialized_end=1321
-  _globals['_DECODEREQUEST']._serialized_start=1323
-  _globals['_DECODEREQUEST']._serialized_end=1418
-  _globals['_DECODETOKENS']._serialized_start=1420
-  _globals['_DECODETOKENS']._serialized_end=1476
-  _globals['_RELEASEREQUEST']._serialized_start=1478
-  _globals['_RELEASEREQUEST']._serialized_end=1514
-  _globals['_RELEASERESPONSE']._serialized_start=1516
-  _globals['_RELEASERESPONSE']._serialized_end=1551
-  _globals['_PREFILL']._serialized_start=1554
-  _globals['_PREFILL']._serialized_end=1735
-  _globals['_DECODE']._serialized_start=1738
-  _globals['_DECODE']._serialized_end=2196
+  _globals['_PREFILLREQUEST']._serialized_end=619
+  _globals['_PREFILLRESPONSE']._serialized_start=621
+  _globals['_PREFILLRESPONSE']._serialized_end=659
+  _globals['_RESERVEREQUEST']._serialized_start=661
+  _globals['_RESERVEREQUEST']._serialized_end=734
+  _globals['_RESERVERESPONSE']._serialized_start=736
+  _globals['_RESERVERESPONSE']._serialized_end=817
+  _globals['_KVHEADER']._serialized_start=820
+  _globals['_KVHEADER']._serialized_end=964
+  _globals['_KVPAYLOAD']._serialized_start=967
+  _globals['_KVPAYLOAD']._serialized_end=1113
+  _globals['_KVTRAILER']._serialized_start=1115
+  _globals['_KVTRAILER']._serialized_end=1183
+  _globals['_KVCHUNK']._serialized_start=1186
+  _globals['_KVCHUNK']._serialized_end=1363
+  _globals['_TRANSFERKVRESPONSE']._serialized_start=1365
+  _globals['_TRANSFERKVRESPONSE']._serialized_end=1409
+  _globals['_DECODEREQUEST']._serialized_start=1411
+  _globals['_DECODEREQUEST']._serialized_end=1506
+  _globals['_DECODETOKENS']._serialized_start=1508
+  _globals['_DECODETOKENS']._serialized_end=1564
+  _globals['_RELEASEREQUEST']._serialized_start=1566
+  _globals['_RELEASEREQUEST']._serialized_end=1602
+  _globals['_RELEASERESPONSE']._serialized_start=1604
+  _globals['_RELEASERESPONSE']._serialized_end=1639
+  _globals['_PREFILL']._serialized_start=1642
+  _globals['_PREFILL']._serialized_end=1823
+  _globals['_DECODE']._serialized_start=1826
+  _globals['_DECODE']._serialized_end=2284
 # @@protoc_insertion_point(module_scope)

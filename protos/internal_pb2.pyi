@@ -53,16 +53,20 @@ class WorkerStats(_message.Message):
     def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_address")
+    __slots__ = ("request_id", "prompt_ids", "sampling", "decode_address", "kv_data_address", "kv_ticket")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_TICKET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: ResolvedSampling
     decode_address: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ResolvedSampling, _Mapping]] = ..., decode_address: _Optional[str] = ...) -> None: ...
+    kv_data_address: str
+    kv_ticket: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ResolvedSampling, _Mapping]] = ..., decode_address: _Optional[str] = ..., kv_data_address: _Optional[str] = ..., kv_ticket: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token",)
@@ -81,10 +85,14 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("free_pages",)
+    __slots__ = ("free_pages", "kv_data_address", "kv_ticket")
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_TICKET_FIELD_NUMBER: _ClassVar[int]
     free_pages: int
-    def __init__(self, free_pages: _Optional[int] = ...) -> None: ...
+    kv_data_address: str
+    kv_ticket: bytes
+    def __init__(self, free_pages: _Optional[int] = ..., kv_data_address: _Optional[str] = ..., kv_ticket: _Optional[bytes] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("request_id", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "dtype")

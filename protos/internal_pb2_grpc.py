@@ -201,6 +201,7 @@ class DecodeServicer:
 
     def TransferKV(self, request_iterator, context):
         """The KV of one request: a header, payload chunks, a trailer with length and checksum.
+        (The same frames also travel over the worker's raw data socket: see ReserveResponse.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,13 +74,22 @@ def encode_trailer(trailer: internal_pb2.KVTrailer) -> bytes:
 def encode_payload(*, layer: int, is_value: bool, kv_head_start: int, kv_head_count: int, token_start: int,
                    token_count: int, data: memoryview | bytes) -> bytes:
     """One KVChunk{payload} frame; `data` (any contiguous byte buffer) is copied once, into the frame."""
+    return b"".join(encode_payload_parts(layer=layer, is_value=is_value, kv_head_start=kv_head_start,
+                                         kv_head_count=kv_head_count, token_start=token_start,
+                                         token_count=token_count, data=data))
+
+
+def encode_payload_parts(*, layer: int, is_value: bool, kv_head_start: int, kv_head_count: int, token_start: int,
+                         token_count: int, data: memoryview | bytes) -> tuple[bytes, memoryview | bytes]:
+    """The same frame as (everything before the data, the data itself), copying nothing: a socket
+    sends both with one scatter write (runtime/kv_socket.py)."""
     data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
     values = (layer, int(is_value), kv_head_start, kv_head_count, token_start, token_count)
     fields = b"".join(_tag(number, _VARINT) + _varint(value)
                       for number, value in zip(_PAYLOAD_INTS, values) if value)  # proto3 omits zeros
     data_prefix = _tag(_PAYLOAD_DATA, _LEN) + _varint(len(data)) if len(data) else b""
     inner_len = len(fields) + len(data_prefix) + len(data)
-    return b"".join((_tag(2, _LEN), _varint(inner_len), fields, data_prefix, data))
+    return b"".join((_tag(2, _LEN), _varint(inner_len), fields, data_prefix)), data
 
 
 def _tag(number: int, wire_type: int) -> bytes:

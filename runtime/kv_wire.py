@@ -38,11 +38,14 @@ from splitserve.runtime.kv_codec import (
     KVTransferError,
     decode_chunk,
     encode_header,
-    encode_payload,
+    encode_payload_parts,
     encode_trailer,
 )
 
-__all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "ReceivedKV", "kv_chunks", "receive_kv"]
+__all__ = ["KVTransferError", "KVAssembler", "KVLayoutExpectation", "ReceivedKV", "kv_chunks", "kv_frame_parts",
+           "receive_kv"]
+
+FrameParts = tuple  # one encoded KVChunk frame as consecutive byte buffers (bytes or memoryview)
 
 
 # ---- sending ----------------------------------------------------------------------------------
@@ -68,20 +71,36 @@ def kv_chunks(
     since the first token is sampled after the last layer. Layer 0 fixes shape and dtype: bad
     inputs there raise ValueError here; a later layer that differs raises when it is reached.
     """
+    # kv_frame_parts runs its checks now (the generator expression evaluates it at once).
+    return (b"".join(parts) for parts in kv_frame_parts(request_id, first_token, k_layers, v_layers,
+                                                         chunk_bytes=chunk_bytes))
+
+
+def kv_frame_parts(
+    request_id: str,
+    first_token: int | Callable[[], int],
+    k_layers: Sequence[np.ndarray],
+    v_layers: Sequence[np.ndarray],
+    *,
+    chunk_bytes: int = 1 << 20,
+) -> Iterator[FrameParts]:
+    """The frames of `kv_chunks`, each as a tuple of buffers whose concatenation is the frame: a
+    payload's KV block is a view of the layer (no copy) when it is contiguous there. A part is
+    valid until the next frame is asked for. Same arguments and checks as `kv_chunks`."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if len(k_layers) == 0 or len(k_layers) != len(v_layers):
         raise ValueError(f"need the same number (>= 1) of K and V layers, got {len(k_layers)} and {len(v_layers)}")
     shape, dtype = _layer_spec(k_layers[0])
     _check_layer("V", 0, v_layers[0], shape, dtype)
-    return _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes)
+    return _frames(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes)
 
 
-def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[bytes]:
+def _frames(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_bytes) -> Iterator[FrameParts]:
     num_tokens, num_kv_heads, head_dim = shape
-    yield encode_header(internal_pb2.KVHeader(
+    yield (encode_header(internal_pb2.KVHeader(
         request_id=request_id, num_layers=len(k_layers), num_kv_heads=num_kv_heads,
-        head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name))
+        head_dim=head_dim, num_tokens=num_tokens, dtype=dtype.name)),)
 
     total, crc = 0, 0
     for layer in range(len(k_layers)):
@@ -91,10 +110,10 @@ def _chunks(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_byt
                 data = _block_bytes(x_thd, t0, tc, h0, hc)
                 total += len(data)
                 crc = zlib.crc32(data, crc)
-                yield encode_payload(layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
-                                     token_start=t0, token_count=tc, data=data)
+                yield encode_payload_parts(layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
+                                           token_start=t0, token_count=tc, data=data)
     token = first_token() if callable(first_token) else first_token
-    yield encode_trailer(internal_pb2.KVTrailer(total_bytes=total, crc32=crc, first_token=token))
+    yield (encode_trailer(internal_pb2.KVTrailer(total_bytes=total, crc32=crc, first_token=token)),)
 
 
 def _layer_spec(x: np.ndarray) -> tuple[tuple[int, int, int], np.dtype]:
