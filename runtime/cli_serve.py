@@ -113,11 +113,25 @@ def _add_worker_flags(p) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most (default 32)")
 
 
+KV_TRANSPORT_HELP = ("how decode workers take the KV: 'socket' (default) over a raw TCP data socket (TLS with "
+                     "--tls-cert), which each reservation names with a one-time ticket; 'grpc' through "
+                     "Decode/TransferKV only (slower; no extra port)")
+
+
+def _add_kv_transport_flag(p) -> None:
+    p.add_argument("--kv-transport", choices=["socket", "grpc"], default="socket", help=KV_TRANSPORT_HELP)
+
+
 def add_parsers(sub) -> None:
     for role in ("prefill", "decode", "colocated"):
         p = sub.add_parser(f"{role}-worker", help=f"run one {role} worker (for multi-host setups)",
                            description=f"Run one {role} worker process on this host's devices.")
         _add_worker_flags(p)
+        if role == "decode":
+            _add_kv_transport_flag(p)
+            p.add_argument("--kv-data-port", type=int, default=0, metavar="PORT",
+                           help="port of the KV data socket on --host (default 0: any free port; each "
+                                "reservation tells senders where it is)")
         _add_drain_flag(p, "the reservations, prefills and KV transfers it holds")
         _add_security_flags(p, api_key=False, internal_token=True)
         p.set_defaults(run=run_worker, role=role)
@@ -150,6 +164,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    _add_kv_transport_flag(lp)
     _add_admission_flags(lp)
     _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")
     lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
@@ -176,10 +191,12 @@ def run_worker(args) -> int:
     configure_jax(args.platform, cpu_devices=args.mesh.tp)
     from splitserve.runtime.worker import Worker, WorkerConfig, serve_forever
 
+    kv = dict(kv_transport=args.kv_transport, kv_data_port=args.kv_data_port) if args.role == "decode" else {}
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
-                          warmup=args.warmup, metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout_s)
+                          warmup=args.warmup, metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout_s,
+                          **kv)
     serve_forever(Worker(config))
     return 0
 
@@ -224,7 +241,8 @@ def run_launch(args) -> int:
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
                               warmup=args.warmup, admission=admission, metrics_port=args.metrics_port,
-                              drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts)
+                              drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts,
+                              kv_transport=args.kv_transport)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

@@ -1,17 +1,17 @@
-"""gRPC Decode service: reservations, the KV transfer stream, token streams."""
+"""gRPC Decode service: reservations (with KV data tickets), the KV transfer stream, token streams."""
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import grpc
-import numpy as np
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import END, DecodeEngine, StreamError
 from splitserve.runtime.decode_scheduler import UnknownRequest
 from splitserve.runtime.drain import Admission
-from splitserve.runtime.kv_wire import KVLayoutExpectation, KVTransferError, receive_kv
+from splitserve.runtime.kv_receive import KVReceiver, KVRefused
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
@@ -21,19 +21,26 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 30.0
 
 
+class KVDataSocket(Protocol):
+    """What Reserve needs of the KV data listener (runtime/kv_listener.py)."""
+
+    address: str
+
+    def issue_ticket(self, request_id: str, lease_s: float) -> bytes: ...
+
+
 class DecodeService(internal_pb2_grpc.DecodeServicer):
+    """`kv_data`: the worker's KV data socket; None (--kv-transport grpc): KV comes through TransferKV only."""
+
     def __init__(self, engine: DecodeEngine, admission: Admission, *, mesh: str, platform: str,
-                 role: str = "decode", metrics: WorkerMetrics | None = None):
+                 role: str = "decode", metrics: WorkerMetrics | None = None, receiver: KVReceiver | None = None,
+                 kv_data: KVDataSocket | None = None):
         self.engine = engine
         self.admission = admission  # new reservations only; the transfers and streams of held ones go on
         self.metrics = metrics or WorkerMetrics()
         self.mesh, self.platform, self.role = mesh, platform, role
-        cfg = engine.runner.model.config
-        self.expected = KVLayoutExpectation(
-            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            dtypes_allowed=(np.dtype(engine.runner.cache_spec.dtype).name,), max_tokens=cfg.max_model_len,
-            vocab_size=cfg.vocab_size,
-        )
+        self.receiver = receiver or KVReceiver(engine)
+        self.kv_data = kv_data
 
     def Reserve(self, request, context):
         self.admission.check_or_abort(context)
@@ -47,46 +54,20 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker is out of KV pages: {e}")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return internal_pb2.ReserveResponse(free_pages=free)
+        if self.kv_data is None:
+            return internal_pb2.ReserveResponse(free_pages=free)
+        # A ticket per reservation, valid for its lease: the only key to the data socket.
+        return internal_pb2.ReserveResponse(free_pages=free, kv_data_address=self.kv_data.address,
+                                            kv_ticket=self.kv_data.issue_ticket(request.request_id, lease))
 
     def TransferKV(self, request_iterator, context):
         """`request_iterator` yields raw KVChunk frames (see add_decode_service)."""
         with self.metrics.kv_transfer("received") as timer:  # an abort raises: counted as a failure
-            response = self._transfer_kv(request_iterator, context)
-            timer.bytes = response.received_bytes
-            return response
-
-    def _transfer_kv(self, request_iterator, context):
-        header_seen: list[str] = []  # the request id, once the header has arrived for a reserved request
-
-        def on_header(header) -> None:
-            # Refused before any receive buffer is taken: a transfer for a request that was never
-            # reserved, or was released (its client cancelled), stops at its first frame.
-            self.engine.check_awaits_kv(header.request_id)
-            header_seen.append(header.request_id)
-
-        try:
-            runner = self.engine.runner
-            kv = receive_kv(request_iterator, expected=self.expected, allocate=runner.staging.take,
-                            pad_tokens=runner.padded_prompt_len, on_header=on_header)
-            self.engine.kv_arrived(kv.request_id, (kv.k_layers, kv.v_layers), kv.num_tokens, kv.first_token)
-        except KVTransferError as e:
-            self._drop(header_seen[0] if header_seen else None, f"KV transfer rejected: {e}")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {e}")
-        except UnknownRequest as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ValueError as e:  # the scheduler refused it (already has KV, does not fit)
-            self._drop(header_seen[0] if header_seen else None, str(e))
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except grpc.RpcError:  # the sender went away mid-transfer
-            self._drop(header_seen[0] if header_seen else None, "KV transfer was cut off")
-            raise
-        return internal_pb2.TransferKVResponse(received_bytes=sum(a.nbytes for a in kv.k_layers + kv.v_layers))
-
-    def _drop(self, request_id: str | None, reason: str) -> None:
-        if request_id is not None:
-            log.warning("%s: %s", request_id, reason)
-            self.engine.release(request_id, error=reason)
+            try:
+                timer.bytes = self.receiver.receive(request_iterator)
+            except KVRefused as e:
+                context.abort(e.code, e.message)
+            return internal_pb2.TransferKVResponse(received_bytes=timer.bytes)
 
     def Stream(self, request, context):
         try:

@@ -67,6 +67,7 @@ class LaunchConfig:
     admission: AdmissionConfig = AdmissionConfig()  # the router's limit on concurrent requests
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM: for the router, then for each worker
     max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
+    kv_transport: str = "socket"  # of the decode workers: see WorkerConfig.kv_transport
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -79,6 +80,8 @@ class LaunchConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.kv_transport not in ("socket", "grpc"):
+            raise ValueError(f"kv_transport must be socket or grpc, got {self.kv_transport!r}")
         if self.tls.enabled and not self.tls.mutual:
             raise ValueError(f"TLS needs --tls-ca too: the workers listen on {WORKER_HOST} and the router checks "
                              "them against that CA (so the certificate must also name 127.0.0.1)")
@@ -177,6 +180,8 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
            "--warmup", config.warmup, "--drain-timeout-s", str(config.drain_timeout_s)]
     if config.num_pages is not None:
         cmd += ["--num-pages", str(config.num_pages)]
+    if spec.role == "decode":  # its KV data socket takes any free port (each reservation names it)
+        cmd += ["--kv-transport", config.kv_transport]
     if spec.metrics_port is not None:
         cmd += ["--metrics-port", str(spec.metrics_port)]
     if config.platform:

@@ -134,6 +134,10 @@ class WorkerMetrics:
                                     ["direction"], buckets=TRANSFER_BUCKETS, registry=r)
         self.kv_failures = Counter(_name("kv_transfer_failures_total"), "KV transfers that failed, by direction.",
                                    ["direction"], registry=r)
+        self.kv_transports = Counter(_name("kv_transfers_total"),
+                                     "KV transfers ended (succeeded or failed), by direction and transport "
+                                     "(socket: the KV data socket; grpc: Decode/TransferKV).",
+                                     ["direction", "transport"], registry=r)
 
     def watch_decode(self, stats: Callable[[], dict]) -> None:
         """`stats()`: DecodeEngine.stats (free_pages, total_pages, running, waiting)."""
@@ -154,8 +158,8 @@ class WorkerMetrics:
         self.registry.register(_CallbackGauges(lambda: {
             "prefill_requests_queued": ("Prompts submitted and not yet prefilled.", queued())}))
 
-    def kv_transfer(self, direction: str) -> KVTransferTimer:
-        return KVTransferTimer(self, direction)
+    def kv_transfer(self, direction: str, transport: str = "grpc") -> KVTransferTimer:
+        return KVTransferTimer(self, direction, transport)
 
 
 @dataclasses.dataclass
@@ -165,6 +169,7 @@ class KVTransferTimer:
 
     metrics: WorkerMetrics
     direction: str  # "sent" | "received"
+    transport: str = "grpc"  # "grpc" | "socket"
     bytes: int = 0
     failed: bool = False
 
@@ -173,6 +178,7 @@ class KVTransferTimer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.metrics.kv_transports.labels(direction=self.direction, transport=self.transport).inc()
         if exc_type is not None or self.failed:
             self.metrics.kv_failures.labels(direction=self.direction).inc()
             return

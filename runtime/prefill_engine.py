@@ -52,6 +52,8 @@ class PrefillJob:
     first_token: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)  # for the queue-time metric
     deadline: float | None = None  # time.monotonic() past which nobody waits for it; None: no limit
+    kv_data_address: str = ""  # the decode worker's KV data socket; "": send through TransferKV
+    kv_ticket: bytes = dataclasses.field(default=b"", repr=False)  # admits this request's KV there, once
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import ssl
 import time
 
 import grpc
@@ -13,7 +14,8 @@ from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.deadlines import NO_DEADLINE_S, DeadlinePassed
 from splitserve.runtime.drain import Admission
 from splitserve.runtime.grpc_common import ChannelPool
-from splitserve.runtime.kv_wire import kv_chunks
+from splitserve.runtime.kv_socket import KVSocketRefused, send_kv
+from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefillQueueFull
 from splitserve.runtime.proto_convert import sampling_from_internal
@@ -24,28 +26,38 @@ KV_TRANSFER_TIMEOUT_S = 120.0
 
 
 class KVSender:
-    """Streams one request's KV to a decode worker's TransferKV."""
+    """Sends one request's KV to its decode worker: over the worker's KV data socket when the job
+    carries its address and ticket (runtime/kv_socket.py), else through Decode/TransferKV."""
 
-    def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20, metrics: WorkerMetrics | None = None):
+    def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20, metrics: WorkerMetrics | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self.channels = channels
         self.chunk_bytes = chunk_bytes
         self.metrics = metrics or WorkerMetrics()
+        self.ssl_context = ssl_context  # TLS of the data socket connections (InternalSecurity.kv_data_client_context)
 
     def __call__(self, job: PrefillJob, first_token, k_layers, v_layers) -> None:
         """first_token: an int or a callable giving it (called for the trailer); the layers may be lazy."""
-        transfer = transfer_kv_callable(self.channels.get(job.decode_address))
-        frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
         timeout = KV_TRANSFER_TIMEOUT_S
         if job.deadline is not None:  # nobody waits for the KV past the request's deadline
             timeout = max(0.0, min(timeout, job.deadline - time.monotonic()))
-        with self.metrics.kv_transfer("sent") as timer:
+        with self.metrics.kv_transfer("sent", "socket" if job.kv_data_address else "grpc") as timer:
             try:
-                timer.bytes = transfer(frames, timeout=timeout).received_bytes
-            except grpc.RpcError as e:
-                if e.code() is not grpc.StatusCode.NOT_FOUND:
+                if job.kv_data_address:
+                    frames = kv_frame_parts(job.request_id, first_token, k_layers, v_layers,
+                                            chunk_bytes=self.chunk_bytes)
+                    timer.bytes = send_kv(job.kv_data_address, job.request_id, job.kv_ticket, frames,
+                                          timeout_s=timeout, ssl_context=self.ssl_context)
+                else:
+                    transfer = transfer_kv_callable(self.channels.get(job.decode_address))
+                    frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+                    timer.bytes = transfer(frames, timeout=timeout).received_bytes
+            except (grpc.RpcError, KVSocketRefused) as e:
+                code, details = (e.code, e.message) if isinstance(e, KVSocketRefused) else (e.code(), e.details())
+                if code is not grpc.StatusCode.NOT_FOUND:
                     raise
                 # The reservation is gone: the client cancelled (or its deadline passed) after the prefill.
-                log.info("KV of %s not sent: %s", job.request_id, e.details())
+                log.info("KV of %s not sent: %s", job.request_id, details)
                 timer.failed = True
 
 
@@ -66,7 +78,8 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address,
-                         deadline=_deadline(context))
+                         deadline=_deadline(context), kv_data_address=request.kv_data_address,
+                         kv_ticket=request.kv_ticket)
         try:
             future = self.engine.submit(job)
         except PrefillQueueFull as e:

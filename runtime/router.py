@@ -1,9 +1,11 @@
 """The router: validates, tokenizes, picks workers, streams tokens, applies stop strings.
 
 One request, disaggregated:
-    1. Decode/Reserve   pages for prompt + max_tokens on the decode worker with most free pages
-    2. Prefill/Run      on the least-loaded prefill worker; returns the FIRST token (TTFT);
-                        the prefill worker streams the KV to the decode worker meanwhile
+    1. Decode/Reserve   pages for prompt + max_tokens on the decode worker with most free pages;
+                        the reply may name the worker's KV data socket and a one-time ticket
+    2. Prefill/Run      on the least-loaded prefill worker, with that address and ticket; returns
+                        the FIRST token (TTFT); the prefill worker streams the KV to the decode
+                        worker meanwhile (over the data socket, else through TransferKV)
     3. Decode/Stream    the remaining tokens, once the KV has arrived
 Colocated mode is the same protocol against workers that hold both roles (the KV stays
 in-process). If the client goes away, the decode stream is cancelled and the reservation
@@ -28,6 +30,7 @@ from splitserve.models.metadata import ModelMetadata
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.kv_socket import resolve_data_address
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
 from splitserve.runtime.sampling import SamplingParams
@@ -63,6 +66,16 @@ class WorkerHandle:
     free_pages: int = 0
     mesh: str = ""
     platform: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reservation:
+    """One attempt's pages on a decode worker, and where its KV goes: the worker's KV data socket
+    and the one-time ticket for it, or (both empty) its gRPC TransferKV."""
+
+    worker: WorkerHandle
+    kv_data_address: str = ""
+    kv_ticket: bytes = dataclasses.field(default=b"", repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,16 +218,16 @@ class Router:
         finish = reason.value if reason else worker_reason
         return RouterEvent([token], delta, finish)
 
-    def _reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> WorkerHandle:
+    def _reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> _Reservation:
         """Reserves on the decode worker with most free pages; queues (bounded) while all are full."""
         deadline = time.monotonic() + WAIT_FOR_PAGES_S
         waiting = False
         try:
             while True:
                 scope.check()  # cancelled or past its deadline: stop waiting now
-                worker, full = self._try_reserve(request_id, num_tokens, scope)
-                if worker is not None:
-                    return worker
+                reservation, full = self._try_reserve(request_id, num_tokens, scope)
+                if reservation is not None:
+                    return reservation
                 with self._room:
                     if not waiting:
                         if self._waiting_for_pages >= MAX_WAITING_FOR_PAGES:
@@ -231,8 +244,8 @@ class Router:
                 with self._room:
                     self._waiting_for_pages -= 1
 
-    def _try_reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> tuple[WorkerHandle | None, str]:
-        """(worker, "") on success; (None, why) when every worker that could fit it is full.
+    def _try_reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> tuple[_Reservation | None, str]:
+        """(reservation, "") on success; (None, why) when every worker that could fit it is full.
 
         Raises when no worker can ever fit the request, or none is reachable.
         """
@@ -255,7 +268,8 @@ class Router:
             with self._lock:
                 worker.free_pages = reply.free_pages
                 worker.in_flight += 1
-            return worker, ""
+            data_address = resolve_data_address(reply.kv_data_address, worker.address) if reply.kv_data_address else ""
+            return _Reservation(worker, data_address, reply.kv_ticket), ""
         if full := errors.get(grpc.StatusCode.RESOURCE_EXHAUSTED):
             return None, full.details()
         if too_big := errors.get(grpc.StatusCode.INVALID_ARGUMENT):
@@ -296,11 +310,13 @@ class Router:
         tried: set[str] = set()  # prefill workers that failed this request
         for attempt in itertools.count():
             attempt_id = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
-            decode = self._reserve(attempt_id, len(prompt_ids) + max_tokens, scope) if max_tokens > 1 else None
+            # Each attempt's reservation comes with its own ticket: a retry never reuses one.
+            reservation = self._reserve(attempt_id, len(prompt_ids) + max_tokens, scope) if max_tokens > 1 else None
+            decode = reservation.worker if reservation is not None else None
             try:
                 if on_prefill is not None and attempt == 0:
                     on_prefill()
-                return decode, attempt_id, self._prefill(attempt_id, prompt_ids, sampling, decode, tried, scope)
+                return decode, attempt_id, self._prefill(attempt_id, prompt_ids, sampling, reservation, tried, scope)
             except BaseException as e:
                 if decode is not None:
                     self._release(decode, attempt_id)
@@ -308,12 +324,13 @@ class Router:
                     raise
         raise AssertionError("unreachable: _prefill raises once every prefill worker was tried")
 
-    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, decode: WorkerHandle | None,
+    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, reservation: _Reservation | None,
                  tried: set[str], scope: CallScope) -> int:
         """Runs the prefill on the least-loaded prefill worker not in `tried` (colocated: on the
         worker that holds the reservation); on UNAVAILABLE marks it down, adds it to `tried` and
         raises _PrefillUnavailable."""
         candidates = self._by_load(tried)
+        decode = reservation.worker if reservation is not None else None
         if self.mode == "colocated" and decode is not None:
             candidates = [decode] if decode.address not in tried else []  # the KV stays where it is reserved
         if not candidates:
@@ -322,6 +339,8 @@ class Router:
         worker = candidates[0]
         request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                                               decode_address=decode.address if decode else "")
+        if reservation is not None and reservation.kv_data_address:
+            request.kv_data_address, request.kv_ticket = reservation.kv_data_address, reservation.kv_ticket
         with self._lock:
             worker.in_flight += 1
         try:

@@ -8,12 +8,19 @@ Secrets are dataclass fields with repr=False, so a logged config never shows the
 from __future__ import annotations
 
 import dataclasses
+import ssl
 
 import grpc
 
 from splitserve.runtime.auth import require_internal_token
 from splitserve.runtime.grpc_common import ChannelPool, listen
-from splitserve.runtime.tls import TLSConfig, internal_channel_credentials, server_credentials
+from splitserve.runtime.tls import (
+    TLSConfig,
+    client_ssl_context,
+    internal_channel_credentials,
+    server_credentials,
+    server_ssl_context,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,3 +41,12 @@ class InternalSecurity:
 
     def worker_interceptors(self) -> list[grpc.ServerInterceptor]:
         return [require_internal_token(self.token)] if self.token else []
+
+    def kv_data_server_context(self) -> ssl.SSLContext | None:
+        """TLS of a decode worker's KV data socket: as its gRPC port (client certificates under --tls-ca).
+        The one-time ticket from Reserve stands in for the token there (runtime/kv_tickets.py)."""
+        return server_ssl_context(self.tls, require_client_cert=True)
+
+    def kv_data_client_context(self) -> ssl.SSLContext | None:
+        """TLS of a sender's connections to KV data sockets: as its KV channels."""
+        return client_ssl_context(self.tls)

@@ -8,6 +8,8 @@ workers) whose client certificate it signed, and callers verify workers against 
     router public port   TLS (cert, key)                 clients verify with their own roots
     worker port          TLS (cert, key) [+ client CA]   callers verify with --tls-ca
     router → worker      TLS [+ client certificate]      prefill → decode (TransferKV) the same
+    KV data socket       the worker port's settings, through Python's ssl (server_ssl_context /
+                         client_ssl_context): same certificate, same CA, same checks
 
 A process with TLS talks TLS to its workers; without --tls-ca it verifies them against the
 system roots and presents no client certificate.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -80,6 +83,35 @@ def internal_channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials | No
     return grpc.ssl_channel_credentials(root_certificates=_read(tls.ca, "TLS CA"),
                                         private_key=_read(tls.key, "TLS key"),
                                         certificate_chain=_read(tls.cert, "TLS certificate"))
+
+
+def server_ssl_context(tls: TLSConfig, *, require_client_cert: bool) -> ssl.SSLContext | None:
+    """The `server_credentials` of a raw socket (the KV data listener): None without TLS."""
+    if not tls.enabled:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    if require_client_cert and tls.mutual:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=tls.ca)
+    # No TLS 1.3 session tickets: a connection carries one transfer, and a ticket arriving after
+    # the handshake would look to the sender like the worker's early answer (kv_socket.py).
+    context.num_tickets = 0
+    return context
+
+
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The `internal_channel_credentials` of a raw socket: the worker's certificate is checked against
+    --tls-ca (else the system roots) and its name against the host dialled; with --tls-ca this
+    process's certificate is presented as its client certificate. None without TLS."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=tls.ca) if tls.mutual else ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.mutual:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context
 
 
 def is_loopback(host: str) -> bool:

@@ -6,8 +6,13 @@ shapes) → health SERVING → print the ready line.
 
 On SIGTERM/SIGINT it drains (runtime/drain.py): health NOT_SERVING, new reservations and
 prefills refused with UNAVAILABLE, held reservations decoded to their end and queued prefills
-and KV transfers finished, for at most `drain_timeout_s`; then the server stops and the
-process exits 0.
+and KV transfers finished, for at most `drain_timeout_s`; then the KV data listener and the
+server stop and the process exits 0.
+
+A decode worker with `kv_transport="socket"` (the default) also listens on a KV data socket
+(runtime/kv_listener.py, port `kv_data_port`, any free one by default) and hands its address
+and a one-time ticket out with each reservation; senders then move the KV there instead of
+through gRPC TransferKV, which stays open either way.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server
+from splitserve.runtime.kv_listener import KVListener, KVListenerConfig
+from splitserve.runtime.kv_receive import KVReceiver
 from splitserve.runtime.metrics import MetricsEndpoint, WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
@@ -35,6 +42,7 @@ from splitserve.runtime.security import InternalSecurity
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "colocated")
+KV_TRANSPORTS = ("socket", "grpc")
 # A request's KV smaller than this leaves after its first token rather than layer by layer
 # during the prefill: on a CPU host the early start costs the prefill more than it saves
 # (scripts/bench/RESULTS.md, TTFT), and a transfer this small takes about a millisecond.
@@ -60,10 +68,16 @@ class WorkerConfig:
     security: InternalSecurity = InternalSecurity()  # TLS of its port and of its KV channels; the token
     metrics_port: int | None = None  # Prometheus metrics at http(s)://host:port/metrics; None: off, 0: any port
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM, how long held work may take to finish
+    # How a decode worker takes KV: "socket" opens the KV data listener (gRPC TransferKV stays
+    # open too); "grpc" takes it through TransferKV only. Colocated workers keep KV in-process.
+    kv_transport: str = "socket"
+    kv_data_port: int = 0  # the KV data listener's port on `host`; 0: any free port
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         if self.warmup not in ("full", "minimal"):
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
         if self.drain_timeout_s < 0:
@@ -95,11 +109,18 @@ class Worker:
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
         self.metrics = WorkerMetrics()
+        self.kv_listener: KVListener | None = None
         if has_decode:
             self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
             self.metrics.watch_decode(self.decode_engine.stats)
+            receiver = KVReceiver(self.decode_engine)
+            if config.role == "decode" and config.kv_transport == "socket":
+                self.kv_listener = KVListener(receiver, KVListenerConfig(host=config.host, port=config.kv_data_port),
+                                              ssl_context=config.security.kv_data_server_context(),
+                                              admission=self.admission, metrics=self.metrics)
             add_decode_service(self.server, DecodeService(self.decode_engine, self.admission, mesh=mesh,
-                                                          platform=platform, role=config.role, metrics=self.metrics))
+                                                          platform=platform, role=config.role, metrics=self.metrics,
+                                                          receiver=receiver, kv_data=self.kv_listener))
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
@@ -109,7 +130,8 @@ class Worker:
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role),
                 self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
-        self._sender = KVSender(self.channels, metrics=self.metrics)
+        self._sender = KVSender(self.channels, metrics=self.metrics,
+                                ssl_context=config.security.kv_data_client_context())
         self.metrics_endpoint = None
         cfg = model.config  # bytes of the model's own KV heads, as sent
         self._kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
@@ -151,6 +173,9 @@ class Worker:
         self.warm_up()
         for thread in self.threads:
             thread.start()
+        if self.kv_listener is not None:
+            self.kv_listener.start()
+            log.info("KV data socket on %s", self.kv_listener.address)
         if self.config.metrics_port is not None:
             self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.host, self.config.metrics_port,
                                                     self.config.security.tls)
@@ -170,6 +195,8 @@ class Worker:
 
     def stop(self, grace_s: float = 5.0) -> None:
         self.admission.start_draining()
+        if self.kv_listener is not None:  # after the drain: no held reservation waits for its KV any more
+            self.kv_listener.close(grace_s)
         self.server.stop(grace_s).wait()
         for engine in (self.decode_engine, self.prefill_engine):
             if engine is not None:
