@@ -5,7 +5,7 @@
     payload × N                layer 0 K, layer 0 V, layer 1 K, ... each split into blocks of
                                [token_count, kv_head_count, head_dim] bytes, token-major, native
                                (little-endian) byte order, at most ~chunk_bytes each
-    trailer                    total payload bytes, zlib.crc32 over the payload bytes in order,
+    trailer                    total payload bytes, zlib's crc32 over the payload bytes in order,
                                and the first token (sampled after the last layer, so it comes last)
 
 Heads are the model's own KV heads, not the replicas a tensor-parallel layout adds
@@ -26,7 +26,6 @@ the payload through protobuf). Pure numpy + protobuf: no JAX here.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy dtype names
@@ -36,6 +35,7 @@ from splitserve.protos import internal_pb2
 from splitserve.runtime.kv_codec import (
     ChunkView,
     KVTransferError,
+    crc32,
     decode_chunk,
     encode_header,
     encode_payload_parts,
@@ -109,7 +109,7 @@ def _frames(request_id, first_token, k_layers, v_layers, shape, dtype, chunk_byt
             for t0, tc, h0, hc in _blocks(shape, dtype.itemsize, chunk_bytes):
                 data = _block_bytes(x_thd, t0, tc, h0, hc)
                 total += len(data)
-                crc = zlib.crc32(data, crc)
+                crc = crc32(data, crc)
                 yield encode_payload_parts(layer=layer, is_value=is_value, kv_head_start=h0, kv_head_count=hc,
                                            token_start=t0, token_count=tc, data=data)
     token = first_token() if callable(first_token) else first_token
@@ -264,7 +264,7 @@ class KVAssembler:
         self._kv[payload.layer][int(payload.is_value)][t0 : t0 + tc, h0 : h0 + hc] = block
         written[...] = True
         self.received_bytes += size
-        self._crc = zlib.crc32(payload.data, self._crc)
+        self._crc = crc32(payload.data, self._crc)
 
     def _check_complete(self, trailer: internal_pb2.KVTrailer) -> None:
         rid = self.header.request_id

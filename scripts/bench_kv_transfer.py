@@ -1,15 +1,20 @@
-"""KV handoff speed: the real gRPC path against a raw TCP socket, in one run.
+"""KV handoff speed: the serving paths against a raw TCP socket and a bare gRPC stream, in one run.
 
-    python scripts/bench_kv_transfer.py --kv-mib 256 [--chunk-kib 1024] [--json]
+    python scripts/bench_kv_transfer.py --kv-mib 512 [--chunk-kib 1024] [--json]
 
-Starts a real decode worker process (`splitserve decode-worker`, the serving code) and
-sends it KV through `KVSender` (the code the prefill worker uses): header, ~1 MiB chunks,
-checksummed trailer; the worker assembles, verifies and accepts it into a reservation.
-The KV is split into requests of at most the model's context. Then the same number of
-bytes goes through a plain TCP socket to a child process (1 MiB writes): the ceiling of a
-host-staged handoff. Also the same bytes through a bare gRPC stream to a server that only
-counts them: the ceiling of any gRPC handoff in Python. Prints all three and the ratios; with --json the last line is
-{"kv_bytes", "transfer_s", "gbytes_per_s", "tcp_gbytes_per_s"}.
+Starts a real decode worker process (`splitserve decode-worker`, the serving code, with its
+KV data socket) and sends it KV through `KVSender` (the code the prefill worker uses): header,
+~1 MiB chunks, checksummed trailer; the worker assembles, verifies and accepts it into a
+reservation. The KV is split into requests of at most the model's context. Each request is
+reserved with Decode/Reserve and sent twice over, once per transport:
+- socket: over the worker's KV data socket, with the address and ticket from Reserve (the default);
+- gRPC: through Decode/TransferKV (what senders do when Reserve names no data socket).
+Then the same number of bytes goes through a plain TCP socket to a child process (1 MiB
+writes): the ceiling of a host-staged handoff; and through a bare gRPC stream to a server that
+only counts them: the ceiling of any gRPC handoff in Python. Prints all four with their ratios
+to TCP, and the decode worker's peak RSS growth during the socket handoff. With --json the last
+line is {"kv_bytes", "transfer_s", "gbytes_per_s", "tcp_gbytes_per_s", ...} where transfer_s and
+gbytes_per_s are the socket path's (the serving default) and grpc_* the TransferKV path's.
 
 The model is a tiny synthetic Llama whose KV is large per token (many layers and KV
 heads), written with safetensors into a temp dir, so no download is needed.
@@ -72,8 +77,9 @@ def start_decode_worker(model_dir: Path, kv_mib: int) -> tuple[subprocess.Popen,
     return worker, f"127.0.0.1:{port}"
 
 
-def grpc_transfer(address: str, total_bytes: int, chunk_bytes: int) -> float:
-    """Sends `total_bytes` of KV as requests of up to CONTEXT tokens; returns seconds."""
+def handoff(address: str, total_bytes: int, chunk_bytes: int, transport: str) -> float:
+    """Sends `total_bytes` of KV as requests of up to CONTEXT tokens over `transport` ("socket" or
+    "grpc"); returns seconds."""
     from splitserve.protos import internal_pb2, internal_pb2_grpc
     from splitserve.runtime.grpc_common import ChannelPool
     from splitserve.runtime.prefill_engine import PrefillJob
@@ -91,9 +97,13 @@ def grpc_transfer(address: str, total_bytes: int, chunk_bytes: int) -> float:
         tokens = min(tokens_left, CONTEXT - 1)
         k = [rng.standard_normal((tokens, KV_HEADS, HEAD_DIM), dtype=np.float32) for _ in range(LAYERS)]
         v = [x * 0.5 for x in k]
-        rid = f"bench-{n}"
-        decode.Reserve(internal_pb2.ReserveRequest(request_id=rid, num_tokens=tokens + 1, lease_s=60))
+        rid = f"bench-{transport}-{n}"
+        reply = decode.Reserve(internal_pb2.ReserveRequest(request_id=rid, num_tokens=tokens + 1, lease_s=60))
         job = PrefillJob(rid, [0] * tokens, SamplingParams(), address)
+        if transport == "socket":
+            if not reply.kv_data_address:
+                raise SystemExit("the decode worker named no KV data socket (started with --kv-transport grpc?)")
+            job.kv_data_address, job.kv_ticket = reply.kv_data_address, reply.kv_ticket
         start = time.perf_counter()
         sender(job, 5, k, v)  # returns once the worker verified and accepted the KV
         elapsed += time.perf_counter() - start
@@ -185,39 +195,50 @@ def tcp_transfer(total_bytes: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kv-mib", type=int, default=256, help="MiB of KV to move (default 256)")
+    parser.add_argument("--kv-mib", type=int, default=512, help="MiB of KV to move (default 512)")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="KV chunk size (default 1024 KiB)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args(argv)
     total = args.kv_mib << 20
+    chunk = args.chunk_kib << 10
     with tempfile.TemporaryDirectory() as tmp:
         write_model(Path(tmp))
         worker, address = start_decode_worker(Path(tmp), args.kv_mib)
         try:
-            # Warm up with one full-context request: compiles nothing, but maps the decode worker's
-            # reusable receive buffers, so the timed run measures the steady state of a serving worker.
-            grpc_transfer(address, min(total, (CONTEXT - 1) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 4), args.chunk_kib << 10)
+            # Warm up with one full-context request per transport: compiles nothing, but maps the decode
+            # worker's reusable receive buffers, so the timed runs measure the steady state of a serving worker.
+            warm = min(total, (CONTEXT - 1) * 2 * LAYERS * KV_HEADS * HEAD_DIM * 4)
+            for transport in ("socket", "grpc"):
+                handoff(address, warm, chunk, transport)
             rss_before = _reset_peak_rss(worker.pid)
-            grpc_s = grpc_transfer(address, total, args.chunk_kib << 10)
+            socket_s = handoff(address, total, chunk, "socket")
             rss_growth = _peak_rss(worker.pid) - rss_before
+            grpc_s = handoff(address, total, chunk, "grpc")
         finally:
             worker.terminate()
             worker.wait(30)
     tcp_s = tcp_transfer(total)
-    bare_s = bare_grpc_transfer(total, args.chunk_kib << 10)
-    grpc_gbps, tcp_gbps, bare_gbps = total / grpc_s / 1e9, total / tcp_s / 1e9, total / bare_s / 1e9
-    print(f"{'path':<34}{'MiB':>8}{'seconds':>10}{'GB/s':>8}{'/ TCP':>8}")
-    for name, seconds, gbps in (("gRPC KV handoff (serving code)", grpc_s, grpc_gbps),
-                                ("bare gRPC bytes stream (ceiling)", bare_s, bare_gbps),
-                                ("raw TCP socket", tcp_s, tcp_gbps)):
-        print(f"{name:<34}{args.kv_mib:>8}{seconds:>10.3f}{gbps:>8.2f}{gbps / tcp_gbps:>8.2f}")
-    print(f"handoff / TCP: {grpc_gbps / tcp_gbps:.2f}; handoff / bare gRPC: {grpc_gbps / bare_gbps:.2f}"
+    bare_s = bare_grpc_transfer(total, chunk)
+    gbps = {name: total / seconds / 1e9 for name, seconds in
+            (("socket", socket_s), ("grpc", grpc_s), ("bare", bare_s), ("tcp", tcp_s))}
+    print(f"{'path':<38}{'MiB':>8}{'seconds':>10}{'GB/s':>8}{'/ TCP':>8}")
+    for name, key, seconds in (("KV handoff, data socket (serving)", "socket", socket_s),
+                               ("KV handoff, gRPC TransferKV (serving)", "grpc", grpc_s),
+                               ("bare gRPC bytes stream (ceiling)", "bare", bare_s),
+                               ("raw TCP socket (ceiling)", "tcp", tcp_s)):
+        print(f"{name:<38}{args.kv_mib:>8}{seconds:>10.3f}{gbps[key]:>8.2f}{gbps[key] / gbps['tcp']:>8.2f}")
+    print(f"socket handoff / TCP: {gbps['socket'] / gbps['tcp']:.2f}; gRPC handoff / TCP: "
+          f"{gbps['grpc'] / gbps['tcp']:.2f}; socket / gRPC handoff: {gbps['socket'] / gbps['grpc']:.2f}"
           f"   (chunk {args.chunk_kib} KiB)")
-    print(f"decode worker peak RSS growth during the handoff: {rss_growth / (1 << 20):.0f} MiB")
+    budget = 2 * chunk + (64 << 20)  # 2 x chunk x chunks in flight (one per connection) + 64 MiB
+    print(f"decode worker peak RSS growth during the socket handoff: {rss_growth / (1 << 20):.0f} MiB "
+          f"(budget {budget / (1 << 20):.0f} MiB)")
     if args.json:
-        print(json.dumps({"kv_bytes": total, "decode_worker_peak_rss_growth_bytes": rss_growth, "transfer_s": grpc_s, "gbytes_per_s": grpc_gbps,
-                          "tcp_gbytes_per_s": tcp_gbps, "bare_grpc_gbytes_per_s": bare_gbps,
-                          "chunk_bytes": args.chunk_kib << 10}))
+        print(json.dumps({"kv_bytes": total, "transfer_s": socket_s, "gbytes_per_s": gbps["socket"],
+                          "tcp_gbytes_per_s": gbps["tcp"], "grpc_transfer_s": grpc_s, "grpc_gbytes_per_s": gbps["grpc"],
+                          "bare_grpc_gbytes_per_s": gbps["bare"], "socket_over_tcp": gbps["socket"] / gbps["tcp"],
+                          "grpc_over_tcp": gbps["grpc"] / gbps["tcp"], "decode_worker_peak_rss_growth_bytes": rss_growth,
+                          "chunk_bytes": chunk}))
     return 0
 
 
