@@ -4,7 +4,8 @@ A real DecodeService on the demo model, in this process, behind a real gRPC serv
 loopback (a launched stack would spend its time in process start-up, not in the handler).
 runtime/kv_codec.py has its own unit-level fuzz (tests/test_kv_codec.py); this one goes
 through the server: whatever arrives, the answer is a client error, the worker keeps serving,
-and no page stays taken.
+and no page stays taken. The damaged streams come from tests/kv_fuzz.py, which
+tests/test_kv_socket.py sends over the KV data socket too.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
@@ -25,13 +24,12 @@ from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
 from splitserve.runtime.drain import Admission
 from splitserve.runtime.grpc_common import make_server
-from splitserve.runtime.kv_codec import encode_header
 from splitserve.runtime.kv_wire import kv_chunks
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.sampling import SamplingParams
+from kv_fuzz import RESERVED_TOKENS, valid_frames, with_id, transfers
 
 FUZZ_CASES = 2500
-RESERVED_TOKENS = 40
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
 
 
@@ -59,88 +57,6 @@ def decode(tmp_path_factory):
     thread.join(30)
 
 
-def _layers(rng, num_tokens, dtype=np.float32):
-    cfg = (4, 4, 32)  # demo: layers, KV heads, head_dim
-    return [rng.standard_normal((num_tokens, cfg[1], cfg[2])).astype(dtype) for _ in range(cfg[0])]
-
-
-def _valid_frames(rid, num_tokens, seed, chunk_bytes):
-    rng = np.random.default_rng(seed)
-    k, v = _layers(rng, num_tokens), _layers(rng, num_tokens)
-    return list(kv_chunks(rid, int(rng.integers(0, 2048)), k, v, chunk_bytes=chunk_bytes))
-
-
-HEADER_FIELDS = {
-    "num_layers": st.sampled_from([0, 1, 3, 4, 5, 2**32 - 1]),
-    "num_kv_heads": st.sampled_from([0, 1, 4, 8, 2**32 - 1]),
-    "head_dim": st.sampled_from([0, 16, 32, 64, 2**32 - 1]),
-    "num_tokens": st.sampled_from([0, 1, 5, 39, 40, 2048, 2049, 2**32 - 1]),
-    "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int8", "object", "V0", "", "float32 ", "<f4",
-                              "complex64", "bool", "S4"]),
-    "request_id": st.sampled_from(["$rid", "", "not-reserved", "$rid\x00"]),
-}
-
-
-@st.composite
-def transfers(draw):
-    """(frames, what was done): a valid stream for the reserved id ("$rid"), then damaged."""
-    num_tokens = draw(st.integers(1, 24))
-    frames = _valid_frames("$rid", num_tokens, draw(st.integers(0, 2**16)), draw(st.sampled_from([97, 512, 4096])))
-    kind = draw(st.sampled_from(["intact", "flip", "truncate_frame", "drop", "duplicate", "swap", "cut",
-                                 "append", "random_frame", "header", "random_stream", "empty"]))
-    i = draw(st.integers(0, len(frames) - 1))
-    if kind == "flip":
-        frame = bytearray(frames[i])
-        j = draw(st.integers(0, len(frame) - 1))
-        frame[j] ^= draw(st.integers(1, 255))
-        frames[i] = bytes(frame)
-    elif kind == "truncate_frame":
-        frames[i] = frames[i][: draw(st.integers(0, len(frames[i]) - 1))]
-    elif kind == "drop":
-        del frames[i]
-    elif kind == "duplicate":
-        frames.insert(i, frames[i])
-    elif kind == "swap":
-        j = draw(st.integers(0, len(frames) - 1))
-        frames[i], frames[j] = frames[j], frames[i]
-    elif kind == "cut":
-        frames = frames[:i]
-    elif kind == "append":
-        frames.append(draw(st.sampled_from([frames[-1], frames[1], b"", b"\x00"])))
-    elif kind == "random_frame":
-        frames[i] = draw(st.binary(max_size=200))
-    elif kind == "header":
-        fields = draw(st.fixed_dictionaries({}, optional=HEADER_FIELDS))
-        header = internal_pb2.KVHeader(num_layers=4, num_kv_heads=4, head_dim=32, num_tokens=num_tokens,
-                                       dtype="float32", request_id="$rid")
-        for name, value in fields.items():
-            setattr(header, name, value)
-        frames[0] = encode_header(header)
-    elif kind == "random_stream":
-        frames = draw(st.lists(st.binary(max_size=300), max_size=8))
-    elif kind == "empty":
-        frames = []
-    return frames, kind
-
-
-def _with_id(frames, rid):
-    """Puts the reserved request id where the strategy wrote "$rid" (inside valid protobuf strings:
-    header frames are re-encoded, so the length prefixes stay right)."""
-    out = []
-    for frame in frames:
-        try:
-            chunk = internal_pb2.KVChunk.FromString(frame)
-        except Exception:  # noqa: BLE001 - not protobuf at all: sent as it is
-            out.append(frame)
-            continue
-        if chunk.WhichOneof("kind") == "header" and "$rid" in chunk.header.request_id:
-            chunk.header.request_id = chunk.header.request_id.replace("$rid", rid)
-            out.append(chunk.SerializeToString())
-        else:
-            out.append(frame)
-    return out
-
-
 def test_fuzzed_kv_streams_get_client_errors_and_leave_no_pages(decode):
     engine, stub, transfer = decode
     total = engine.stats()["free_pages"]
@@ -150,12 +66,12 @@ def test_fuzzed_kv_streams_get_client_errors_and_leave_no_pages(decode):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(transfers())
     def case(transfer_case):
-        frames, kind = transfer_case
+        frames, kind, _ = transfer_case
         rid = f"fuzz-{next(counter)}"
         stub.Reserve(internal_pb2.ReserveRequest(request_id=rid, num_tokens=RESERVED_TOKENS, lease_s=30), timeout=10)
         code, details = grpc.StatusCode.OK, ""
         try:
-            transfer(iter(_with_id(frames, rid)), timeout=10)
+            transfer(iter(with_id(frames, rid)), timeout=10)
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
         finally:
@@ -200,7 +116,7 @@ def test_a_sender_that_goes_away_mid_transfer_frees_the_reservation(decode):
     stub.Reserve(internal_pb2.ReserveRequest(request_id="cut", num_tokens=RESERVED_TOKENS, lease_s=30), timeout=10)
     assert engine.stats()["free_pages"] < total
     gate = threading.Event()
-    frames = _valid_frames("cut", 20, 0, 512)
+    frames = valid_frames("cut", 20, 0, 512)
     call = transfer.future(_blocked_stream(frames[:3], gate), timeout=30)
     time.sleep(0.3)  # header and two payloads are in
     call.cancel()
@@ -216,7 +132,7 @@ def test_a_transfer_for_a_request_without_a_reservation_is_refused_at_its_header
     without waiting for (or taking receive buffers for) the rest of the stream."""
     engine, stub, transfer = decode
     gate = threading.Event()
-    frames = _valid_frames("released", 20, 0, 512)
+    frames = valid_frames("released", 20, 0, 512)
     stub.Reserve(internal_pb2.ReserveRequest(request_id="released", num_tokens=RESERVED_TOKENS, lease_s=30),
                  timeout=10)
     stub.Release(internal_pb2.ReleaseRequest(request_id="released"), timeout=10)
