@@ -70,7 +70,8 @@ def start_decode_worker(model_dir: Path, kv_mib: int) -> tuple[subprocess.Popen,
     port = free_port("127.0.0.1")
     gib = max(0.25, 2 * CONTEXT * LAYERS * KV_HEADS * HEAD_DIM * 4 * 2 / (1 << 30))  # two full requests
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", "decode-worker", "--model", str(model_dir), "--port",
-           str(port), "--platform", "cpu", "--kv-cache-gib", f"{gib:.3f}", "--max-batch", "8"]
+           str(port), "--platform", "cpu", "--kv-cache-gib", f"{gib:.3f}", "--max-batch", "8",
+           "--warmup", "minimal"]  # nothing is decoded here: compiling every shape would only delay the start
     env = dict(os.environ, SPLITSERVE_LOG_LEVEL="WARNING")
     worker = subprocess.Popen(cmd, env=env)
     wait_until_serving(f"127.0.0.1:{port}", 300)

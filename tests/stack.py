@@ -80,6 +80,25 @@ class Stack:
     def workers(self):
         return list(self.serving.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=10, metadata=self.metadata).workers)
 
+    def kv_transfers(self) -> dict[tuple[str, str, str], float]:
+        """KV transfers ended, summed over the workers of each role: {(role, direction, transport): count}.
+        Needs a stack launched with --metrics-port."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        line = next(line for line in self.lines if line.startswith("splitserve metrics:"))
+        counts: dict[tuple[str, str, str], float] = {}
+        for role, url in re.findall(r"(prefill|decode|colocated) \S+ (http\S+/metrics)", line):
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "splitserve_kv_transfers_total":
+                        key = (role, sample.labels["direction"], sample.labels["transport"])
+                        counts[key] = counts.get(key, 0.0) + sample.value
+        return counts
+
     def decode_stats(self):
         """WorkerStats of every decode (or colocated) worker, read from the workers themselves."""
         stats = []

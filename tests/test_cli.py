@@ -88,3 +88,6 @@ def test_serving_commands_document_their_security_flags(cache):
                            "colocated-worker": ("--internal-token-file",)}.items():
         text = run_cli(command, "--help", cache=cache).stdout
         assert all(flag in text for flag in common + extra), command
+    for command, flags in {"launch": ("--kv-transport",), "decode-worker": ("--kv-transport", "--kv-data-port")}.items():
+        text = run_cli(command, "--help", cache=cache).stdout
+        assert all(flag in text for flag in flags) and "one-time ticket" in text, command

@@ -50,7 +50,7 @@ def demo_stack(tmp_path_factory):
 
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("stack-cache"))
     with launched("demo", "--prefill-workers", "2", "--decode-workers", "2", "--num-pages", "256",
-                  "--max-batch", "32", "--page-size", "8") as stack:
+                  "--max-batch", "32", "--page-size", "8", "--metrics-port", "0") as stack:
         yield stack
 
 
@@ -75,6 +75,31 @@ def test_64_concurrent_streams_complete_and_pages_return(demo_stack, demo_engine
     stats = demo_stack.decode_stats()
     assert len(stats) == 2
     assert all(s.free_pages == s.total_pages and s.running == 0 and s.waiting == 0 for s in stats)
+
+
+def test_the_kv_went_over_the_data_sockets(demo_stack):
+    """The default transport: every KV the prefill workers sent above went over a decode worker's
+    data socket (the streams' tokens equal the colocated engine's, so it arrived intact)."""
+    counts = demo_stack.kv_transfers()
+    assert counts.get(("prefill", "sent", "socket"), 0) >= 60  # 64 requests, a few with max_tokens=1 (no KV)
+    assert counts.get(("prefill", "sent", "grpc"), 0) == 0
+    assert counts[("decode", "received", "socket")] == counts[("prefill", "sent", "socket")]
+
+
+def test_kv_transport_grpc_gives_the_same_tokens(demo_stack):
+    """--kv-transport grpc: no data socket, Reserve names none, the KV goes through TransferKV."""
+    prompts = prompts_for(2048, (9, 40), seed=13)
+    want = [demo_stack.generate(p, max_tokens=12, ignore_eos=True)[0] for p in prompts]
+    with launched("demo", "--kv-transport", "grpc", "--num-pages", "64", "--page-size", "8",
+                  "--metrics-port", "0") as stack:
+        assert [stack.generate(p, max_tokens=12, ignore_eos=True)[0] for p in prompts] == want
+        counts = stack.kv_transfers()
+        assert counts[("prefill", "sent", "grpc")] == counts[("decode", "received", "grpc")] == 2
+        assert counts.get(("prefill", "sent", "socket"), 0) == counts.get(("decode", "received", "socket"), 0) == 0
+        from splitserve.protos import internal_pb2
+
+        reply = _decode_stub(stack).Reserve(internal_pb2.ReserveRequest(request_id="r", num_tokens=8, lease_s=5))
+        assert not reply.kv_data_address and not reply.kv_ticket
 
 
 def test_seeded_sampling_equals_colocated(demo_stack, demo_engine):

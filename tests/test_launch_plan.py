@@ -87,3 +87,15 @@ def test_workers_get_the_drain_timeout_and_bad_values_are_refused():
         LaunchConfig(drain_timeout_s=-1)
     with pytest.raises(ValueError, match="max_restarts"):
         LaunchConfig(max_restarts=-1)
+
+
+def test_decode_workers_get_the_kv_transport():
+    config = LaunchConfig(platform="cpu", kv_transport="grpc")
+    prefill, decode = plan_workers(config, 0)
+    assert "--kv-transport" not in worker_command(config, prefill)  # a decode worker's flag only
+    cmd = worker_command(config, decode)
+    assert cmd[cmd.index("--kv-transport") + 1] == "grpc" and "--kv-data-port" not in cmd  # any free port
+    default = worker_command(LaunchConfig(platform="cpu"), decode)
+    assert default[default.index("--kv-transport") + 1] == "socket"
+    with pytest.raises(ValueError, match="kv_transport"):
+        LaunchConfig(kv_transport="udp")

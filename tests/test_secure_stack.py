@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import time
@@ -165,6 +166,35 @@ def test_messages_over_the_caps_are_resource_exhausted(stack, pki, internal_toke
     with pytest.raises(grpc.RpcError) as err:
         release(internal_pb2.ReleaseRequest(request_id="x" * (17 * MiB)), timeout=60, metadata=token)
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_kv_data_socket_takes_only_mutual_tls(stack, pki, internal_token):
+    """The decode worker's data socket under --tls-ca (the default transport, so the requests above sent
+    their KV there): a sender with the client certificate gets in; without it, or without TLS, it does not."""
+    import numpy as np
+
+    from splitserve.runtime.kv_socket import send_kv
+    from splitserve.runtime.kv_wire import kv_frame_parts
+    from splitserve.runtime.tls import TLSConfig, client_ssl_context
+
+    mutual = grpc.ssl_channel_credentials(_read(pki.ca), _read(pki.key), _read(pki.cert))
+    decode = next(w for w in stack.workers() if w.role == "decode")
+    stub = internal_pb2_grpc.DecodeStub(_channel(decode.address, mutual))
+    token = [("authorization", f"Bearer {internal_token}")]
+    reply = stub.Reserve(internal_pb2.ReserveRequest(request_id="tls-kv", num_tokens=16, lease_s=30), timeout=10,
+                         metadata=token)
+    assert reply.kv_data_address.startswith("127.0.0.1:") and reply.kv_data_address != decode.address
+    layers = [np.full((8, 4, 32), i, np.float32) for i in range(4)]  # the demo model's layout
+
+    def send(context):
+        return send_kv(reply.kv_data_address, "tls-kv", reply.kv_ticket, kv_frame_parts("tls-kv", 5, layers, layers),
+                       timeout_s=10, ssl_context=context)
+
+    for refused in (None, ssl.create_default_context(cafile=pki.ca)):  # plaintext; TLS without a client certificate
+        with pytest.raises(OSError):
+            send(refused)
+    assert send(client_ssl_context(TLSConfig(pki.cert, pki.key, pki.ca))) == 2 * sum(x.nbytes for x in layers)
+    assert stub.Release(internal_pb2.ReleaseRequest(request_id="tls-kv"), timeout=10, metadata=token).released
 
 
 def test_no_secret_reaches_any_log(stack, pki, internal_token):

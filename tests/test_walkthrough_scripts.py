@@ -19,7 +19,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 def _parsed(script: str, *flags: str, **env: str):
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("MODEL", "PLATFORM", "PORT", "HOST", "TLS_CERT", "ALLOW_INSECURE", "INTERNAL_TOKEN_FILE")}
+             if k not in ("MODEL", "PLATFORM", "PORT", "HOST", "TLS_CERT", "ALLOW_INSECURE", "INTERNAL_TOKEN_FILE",
+                          "KV_DATA_PORT")}
     out = subprocess.run(["bash", str(SCRIPTS / script), *flags], env={**clean, "SPLITSERVE": "echo", **env},
                          capture_output=True, text=True, check=True).stdout
     return build_parser().parse_args(shlex.split(out))
@@ -40,6 +41,9 @@ def test_two_vm_workers_listen_off_loopback_with_tls_and_the_token_and_the_route
         assert (args.command, args.host, args.mesh.tp, args.platform) == (command, "0.0.0.0", 8, "tpu")
         assert (args.tls_ca, args.internal_token_file, args.allow_insecure) == ("/pki/ca.crt", "/pki/token", False)
     assert _parsed("tpu_vm/decode_host.sh", ALLOW_INSECURE="1").allow_insecure
+    decode = _parsed("tpu_vm/decode_host.sh", **secure)  # the KV data socket on a port a firewall can name
+    assert (decode.kv_transport, decode.kv_data_port) == ("socket", 50063)
+    assert _parsed("tpu_vm/decode_host.sh", KV_DATA_PORT="7000", **secure).kv_data_port == 7000
     args = _parsed("tpu_vm/router_host.sh", PREFILL_ADDR="10.0.0.2:50061,10.0.0.4:50061", DECODE_ADDR="10.0.0.3:50062")
     assert (args.command, args.prefill, args.decode) == ("router", ["10.0.0.2:50061", "10.0.0.4:50061"],
                                                           ["10.0.0.3:50062"])
