@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 
@@ -21,6 +23,7 @@ from stack import launched
 from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2
 from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.grpc_common import ChannelPool, make_server
+from splitserve.runtime.kv_socket import encode_hello
 from splitserve.runtime.kv_wire import kv_chunks
 from splitserve.runtime.sampling import SamplingParams
 
@@ -192,16 +195,30 @@ class DyingPrefill(internal_pb2_grpc.PrefillServicer):
     answers the router UNAVAILABLE and cuts the transfer: before that answer ("cut_first") or
     `late_s` after it ("cut_late": the decode worker drops the reservation while the router
     already retries elsewhere). A real SIGKILL cannot be timed into this window reliably.
+    `transport`: "socket" sends over the KV data socket with the ticket the router passed on;
+    "grpc" through TransferKV, which stays open to senders that do not use the socket.
     """
 
-    def __init__(self, channels: ChannelPool, order: str, late_s: float = 0.5):
-        self.channels, self.order, self.late_s = channels, order, late_s
+    def __init__(self, channels: ChannelPool, order: str, transport: str, late_s: float = 0.5):
+        self.channels, self.order, self.transport, self.late_s = channels, order, transport, late_s
         self.request_ids: list[str] = []
+        self.transports: list[str] = []
 
     def Run(self, request, context):
         self.request_ids.append(request.request_id)
         layers = [np.ones((len(request.prompt_ids), 4, 32), np.float32)] * 4  # the demo model's KV layout
         frames = kv_chunks(request.request_id, 7, layers, layers, chunk_bytes=1024)
+        assert request.kv_data_address and len(request.kv_ticket) == 16  # the router passed them on
+        cut = self._socket(request, frames) if self.transport == "socket" else self._grpc(request, frames)
+        if self.order == "cut_first":
+            cut()
+            time.sleep(0.3)  # the decode worker notices and drops the reservation
+        else:
+            threading.Timer(self.late_s, cut).start()
+        context.abort(grpc.StatusCode.UNAVAILABLE, "simulated crash of a prefill worker")
+
+    def _grpc(self, request, frames):
+        self.transports.append("grpc")
         three_sent, never = threading.Event(), threading.Event()
 
         def partial():
@@ -213,16 +230,22 @@ class DyingPrefill(internal_pb2_grpc.PrefillServicer):
 
         transfer = transfer_kv_callable(self.channels.get(request.decode_address)).future(partial(), timeout=30)
         three_sent.wait(10)
-        if self.order == "cut_first":
-            transfer.cancel()
-            time.sleep(0.3)  # the decode worker notices and drops the reservation
-        else:
-            threading.Timer(self.late_s, transfer.cancel).start()
-        context.abort(grpc.StatusCode.UNAVAILABLE, "simulated crash of a prefill worker")
+        return transfer.cancel
+
+    def _socket(self, request, frames):
+        """The hello, the header and two payloads, as a process would before its SIGKILL closed the socket."""
+        self.transports.append("socket")
+        host, port = request.kv_data_address.rsplit(":", 1)
+        conn = socket.create_connection((host, int(port)), timeout=10)
+        sent = [next(frames) for _ in range(3)]
+        conn.sendall(encode_hello(request.request_id, request.kv_ticket)
+                     + b"".join(struct.pack("!I", len(f)) + f for f in sent))
+        return conn.close
 
 
+@pytest.mark.parametrize("transport", ["socket", "grpc"])
 @pytest.mark.parametrize("order", ["cut_first", "cut_late"])
-def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_prefillers, order):
+def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_prefillers, order, transport):
     from splitserve.models.metadata import load_metadata
     from splitserve.runtime.router import Router
 
@@ -232,7 +255,7 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
     p = prompt(7, length=30)
     want = stack.generate(p, max_tokens=400, ignore_eos=True)[0]
     channels = ChannelPool(token=stack.internal_token())
-    dying = DyingPrefill(channels, order)
+    dying = DyingPrefill(channels, order, transport)
     server = make_server()
     internal_pb2_grpc.add_PrefillServicer_to_server(dying, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -245,10 +268,10 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
         server.stop(0)
         channels.close()
     assert [t for e in events for t in e.token_ids] == want and events[-1].finish_reason == "length"
-    assert len(dying.request_ids) == 1  # tried once, then skipped
+    assert len(dying.request_ids) == 1 and dying.transports == [transport]  # tried once, then skipped
     total = decode_stats(stack, decode).total_pages
     wait_for(lambda: decode_stats(stack, decode).free_pages == total, 5, "every reserved page is free again")
-    print(f"\nFAULT prefill cut mid-transfer ({order}): 1 request, {len(events)} tokens as expected after "
+    print(f"\nFAULT prefill cut mid-transfer ({order}, {transport}): 1 request, {len(events)} tokens as expected after "
           f"{len(dying.request_ids)} failed attempt, {total} of {total} decode pages free after")
 
 

@@ -473,3 +473,14 @@ def test_the_listener_config_is_validated():
     with pytest.raises(ValueError, match="limits"):
         KVListenerConfig(max_connections=0)
 
+
+
+def test_a_wildcard_data_address_is_dialled_at_the_workers_own_host():
+    from splitserve.runtime.kv_socket import resolve_data_address, split_address
+
+    assert resolve_data_address("0.0.0.0:7001", "10.0.0.3:50062") == "10.0.0.3:7001"
+    assert resolve_data_address("[::]:7001", "[fd00::3]:50062") == "[fd00::3]:7001"
+    assert resolve_data_address("10.0.0.9:7001", "10.0.0.3:50062") == "10.0.0.9:7001"
+    assert split_address("[::1]:80") == ("::1", 80)
+    with pytest.raises(ValueError, match="host:port"):
+        split_address("nohost")
