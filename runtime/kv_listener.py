@@ -70,10 +70,13 @@ class KVListener:
         self.tickets = tickets or TicketBook()
         self.metrics = metrics or WorkerMetrics()
         self._ssl, self._admission = ssl_context, admission
-        self._socket = socket.create_server((config.host, config.port), backlog=config.max_connections)
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self._socket = socket.create_server((config.host.strip("[]"), config.port), family=family,
+                                            backlog=config.max_connections)
         self._socket.settimeout(ACCEPT_POLL_S)
         self.port = self._socket.getsockname()[1]
-        self.address = f"[{config.host}]:{self.port}" if ":" in config.host else f"{config.host}:{self.port}"
+        host = config.host.strip("[]")
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._lock = threading.Lock()
         self._handlers: set[threading.Thread] = set()
