@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.2  # how soon the accept loop notices close()
 DISCARD_LIMIT_BYTES = 64 << 20  # after a refusal: what is read and dropped so the sender sees the answer
 DISCARD_TIMEOUT_S = 5.0
+IDLE_FRAME_BUFFERS = 4  # kept for the next connections (each at most max_frame_bytes; usually ~1 MiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ class KVListener:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._lock = threading.Lock()
         self._handlers: set[threading.Thread] = set()
-        self._buffers: list[bytearray] = []  # idle frame buffers, at most max_connections
+        self._buffers: list[bytearray] = []  # idle frame buffers, at most IDLE_FRAME_BUFFERS
         self._closing = threading.Event()
         self._acceptor = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
 
@@ -125,19 +126,21 @@ class KVListener:
             thread.start()
 
     def _serve(self, conn: socket.socket, peer) -> None:
-        buffer = self._take_buffer()
+        reader = None
         try:
             conn.settimeout(self.config.hello_timeout_s)
             if self._ssl is not None:
                 conn = self._ssl.wrap_socket(conn, server_side=True)
-            self._connection(_Reader(conn, buffer, self.config.max_frame_bytes), peer)
+            reader = _Reader(conn, self._take_buffer(), self.config.max_frame_bytes)
+            self._connection(reader, peer)
         except OSError as e:  # the TLS handshake failed, or the peer went away
             log.warning("KV data connection from %s failed: %s", peer, e)
         except Exception:  # noqa: BLE001 - a bug: the receiver has dropped the reservation; say so loudly
             log.exception("KV data connection from %s: unexpected error", peer)
         finally:
             conn.close()
-            self._give_back(buffer)
+            if reader is not None:
+                self._give_back(reader.buffer)  # grown to this connection's largest frame
             self._slots.release()
             with self._lock:
                 self._handlers.discard(threading.current_thread())
@@ -179,7 +182,7 @@ class KVListener:
 
     def _give_back(self, buffer: bytearray) -> None:
         with self._lock:
-            if len(self._buffers) < self.config.max_connections:
+            if len(self._buffers) < IDLE_FRAME_BUFFERS:
                 self._buffers.append(buffer)
 
 

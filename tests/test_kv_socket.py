@@ -484,3 +484,17 @@ def test_a_wildcard_data_address_is_dialled_at_the_workers_own_host():
     assert split_address("[::1]:80") == ("::1", 80)
     with pytest.raises(ValueError, match="host:port"):
         split_address("nohost")
+
+
+def test_frame_buffers_are_reused_across_connections(decode):
+    """A fresh buffer per connection would pay first-touch page faults on every request."""
+    k, v = _kv(9, 33)
+    for rid in ("buffers-1", "buffers-2"):
+        address, ticket = decode.reserve(rid)
+        send_kv(address, rid, ticket, kv_frame_parts(rid, 1, k, v, chunk_bytes=1 << 20), timeout_s=10)
+        assert decode.release(rid)
+        deadline = time.monotonic() + 5  # the handler gives its buffer back after answering
+        while not any(len(b) >= k[0].nbytes for b in decode.listener._buffers):
+            assert time.monotonic() < deadline, "the connection's grown frame buffer was not kept"
+            time.sleep(0.01)
+    assert len(decode.listener._buffers) <= 4
