@@ -6,7 +6,10 @@ Public entry points (see shared/INTERFACES.md): `flash_attention` (prefill) and
     "tpu"        Pallas Mosaic TPU kernels (flash_tpu.py, paged_tpu.py); on a CPU they
                  run under `pltpu.force_tpu_interpret_mode(...)`
     "gpu"        Pallas GPU kernels, Triton lowering (flash_gpu.py, paged_gpu.py)
-    "reference"  plain JAX (reference.py)
+    "xla"        plain JAX written for XLA's CPU backend: paged attention walks the page
+                 table block by block and stops at the longest row (paged_xla.py); prefill
+                 attention is the reference, which XLA already runs as a few large products
+    "reference"  plain JAX (reference.py), the ground truth
     "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference"
 
 Block-size tunables are keyword arguments of the per-backend functions; the public
@@ -19,6 +22,7 @@ from splitserve.pallas_kernels.flash_gpu import flash_attention_gpu
 from splitserve.pallas_kernels.flash_tpu import flash_attention_tpu
 from splitserve.pallas_kernels.paged_gpu import paged_attention_gpu
 from splitserve.pallas_kernels.paged_tpu import paged_attention_tpu
+from splitserve.pallas_kernels.paged_xla import paged_attention_xla
 from splitserve.pallas_kernels.reference import (
     flash_attention_reference,
     paged_attention_reference,
@@ -55,6 +59,8 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, sm_scale=None
         return paged_attention_tpu(*args, sm_scale=sm_scale)
     if impl == "gpu":
         return paged_attention_gpu(*args, sm_scale=sm_scale)
+    if impl == "xla":
+        return paged_attention_xla(*args, sm_scale=sm_scale)
     return paged_attention_reference(*args, sm_scale=sm_scale)
 
 
@@ -67,5 +73,6 @@ __all__ = [
     "paged_attention_tpu",
     "flash_attention_gpu",
     "paged_attention_gpu",
+    "paged_attention_xla",
     "resolve_impl",
 ]

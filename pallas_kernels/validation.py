@@ -12,7 +12,7 @@ import numbers
 
 import jax.numpy as jnp
 
-IMPLS = ("auto", "tpu", "gpu", "reference")
+IMPLS = ("auto", "tpu", "gpu", "xla", "reference")
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

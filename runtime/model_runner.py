@@ -59,9 +59,10 @@ class RunnerConfig:
     min_decode_batch: int = 8
     min_page_table_width: int = 8
     attention_impl: str = "auto"
-    # Page-table widths at 1.5x steps as well as powers of two. The plain-JAX attention (CPU)
-    # reads every page of the table, so padding costs time there; the TPU/GPU kernels stop at
-    # each row's length. None: fine exactly when the model's attention is the reference.
+    # Page-table widths at 1.5x steps as well as powers of two. The plain-JAX reference attention
+    # reads every page of the table, so padding costs time there; the kernels and the CPU's "xla"
+    # attention stop at each row's (or the longest row's) length. None: fine exactly when the
+    # model's attention is the reference.
     fine_page_table_widths: bool | None = None
 
 

@@ -1,4 +1,5 @@
-"""Paged decode attention kernels (TPU and GPU Pallas) against the float64 numpy reference.
+"""Paged decode attention kernels (TPU and GPU Pallas, and the CPU's plain-JAX "xla" version)
+against the float64 numpy reference.
 
 Every cache slot that no sequence reads is NaN (foreign pages, spare pages, slots
 past a length inside a sequence's last page), and page tables are shuffled, so a
@@ -6,6 +7,7 @@ wrong page, a missing mask on scores or V, or a read before a DMA lands shows up
 as NaN or a wrong number.
 """
 
+import functools
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -23,6 +25,7 @@ from splitserve.pallas_kernels import (  # noqa: E402
     paged_attention_gpu,
     paged_attention_reference,
     paged_attention_tpu,
+    paged_attention_xla,
 )
 
 
@@ -108,6 +111,44 @@ def test_paged_gpu_sweep(case, num_splits):
     )
 
 
+@pytest.mark.parametrize("pages_per_block", [1, 3, None])
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+def test_paged_xla_sweep(case, pages_per_block):
+    """The CPU version, jitted as the model runs it: blocks of 1 page, of 3 (a partial last block),
+    and of the case's own ppcb; garbage page ids past the lengths in the 3-page runs."""
+    batch, heads, kv_heads, head_dim, page_size, pps, lengths, dtype, ppcb = case
+    kernel = jax.jit(functools.partial(paged_attention_xla, pages_per_block=pages_per_block or ppcb))
+    _check(
+        kernel, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        page_size=page_size, pages_per_seq=pps, lengths=lengths, dtype=dtype,
+        garbage_ids=pages_per_block == 3,
+    )
+
+
+def test_paged_xla_ignores_a_padded_table():
+    """A table padded far past every length with NaN pages (as a width bucket pads it) gives the
+    same output as the tight table, bit for bit."""
+    rng = np.random.default_rng(7)
+    inputs, _ = paged_inputs(rng, batch=3, heads=8, kv_heads=2, head_dim=64, page_size=8,
+                             pages_per_seq=3, lengths=[20, 7, 24], dtype=jnp.float32, spare_pages=40)
+    q, k, v, lengths, table = inputs
+    unused = np.setdiff1d(np.arange(k.shape[1]), np.asarray(table)).astype(np.int32)  # all NaN
+    assert np.isnan(np.asarray(k)[:, unused]).all()
+    padded = np.concatenate([np.asarray(table), np.broadcast_to(unused[:13], (3, 13))], axis=1)
+    tight = paged_attention_xla(q, k, v, lengths, table)
+    wide = paged_attention_xla(q, k, v, lengths, jnp.asarray(padded))
+    np.testing.assert_array_equal(np.asarray(wide), np.asarray(tight))
+    assert np.isfinite(np.asarray(wide)).all()
+
+
+def test_paged_xla_rejects_a_bad_block_size():
+    rng = np.random.default_rng(8)
+    inputs, _ = paged_inputs(rng, batch=1, heads=2, kv_heads=1, head_dim=8, page_size=8,
+                             pages_per_seq=2, lengths=[9], dtype=jnp.float32)
+    with pytest.raises(ValueError, match="pages_per_block must be >= 1, got 0"):
+        paged_attention_xla(*inputs, pages_per_block=0)
+
+
 def test_paged_custom_scale():
     rng = np.random.default_rng(5)
     inputs, (q64, k64, v64) = paged_inputs(
@@ -117,6 +158,7 @@ def test_paged_custom_scale():
     ref = paged_numpy(q64, k64, v64, inputs[3], inputs[4], sm_scale=0.2)
     for kernel in (paged_attention_tpu, paged_attention_gpu):
         assert rel_err(kernel(*inputs, sm_scale=0.2, interpret=True), ref) < TOL["float32"]
+    assert rel_err(paged_attention_xla(*inputs, sm_scale=0.2), ref) < TOL["float32"]
 
 
 def test_public_paged_dispatch():
@@ -130,6 +172,7 @@ def test_public_paged_dispatch():
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         tpu = paged_attention(*inputs, impl="tpu")
     assert rel_err(tpu, np.asarray(ref, np.float64)) < TOL["float32"]
+    assert rel_err(paged_attention(*inputs, impl="xla"), np.asarray(ref, np.float64)) < TOL["float32"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -45,7 +45,7 @@ FLASH_ERRORS = [
     (dict(lengths=jnp.array([8, 8], jnp.int64 if jax.config.x64_enabled else jnp.uint32)),
      "lengths dtype must be int32"),
     (dict(lengths=jnp.array([8, 8, 8], jnp.int32)), "lengths must have shape (2,), got (3,)"),
-    (dict(impl="triton"), "impl must be one of ('auto', 'tpu', 'gpu', 'reference'), got 'triton'"),
+    (dict(impl="triton"), "impl must be one of ('auto', 'tpu', 'gpu', 'xla', 'reference'), got 'triton'"),
 ]
 
 

@@ -43,15 +43,15 @@ def test_all_layers_are_sendable_before_the_first_token_is_known(runner):
         first, ks, vs, lengths = real(*args)
         return GatedTokens(first), ks, vs, lengths
 
-    seen = {}
+    seen = {"token_known_before_kv": [], "k": {}, "v": {}, "token_in_trailer": {}}
 
-    def send_kv(job, kv):
+    def send_kv(job, kv):  # runs on the engine's sender threads: rows may come in any order
         k_layers, v_layers = kv.host_layers(runner.model.layout.kv_source)
-        seen["token_known_before_kv"] = job.first_token.done()
-        seen["k"] = [np.array(x) for x in k_layers]
-        seen["v"] = [np.array(x) for x in v_layers]
+        seen["token_known_before_kv"].append(job.first_token.done())
+        seen["k"][job.request_id] = [np.array(x) for x in k_layers]
+        seen["v"][job.request_id] = [np.array(x) for x in v_layers]
         gate.set()
-        seen["token_in_trailer"] = job.first_token.result(timeout=60)
+        seen["token_in_trailer"][job.request_id] = job.first_token.result(timeout=60)
 
     runner.prefill_async = gated_prefill
     engine = PrefillEngine(runner, send_kv, max_prefill_batch=4)
@@ -67,16 +67,18 @@ def test_all_layers_are_sendable_before_the_first_token_is_known(runner):
         runner.prefill_async = real
         thread.join(30)
 
-    assert seen["gate_opened_by_sender"] and seen["token_known_before_kv"] is False
-    assert seen["token_in_trailer"] == tokens[-1]
-    # The streamed KV of the last row is exactly that of the one-jit prefill of the same prompt.
+    assert seen["gate_opened_by_sender"] and seen["token_known_before_kv"] == [False, False]
+    # Each streamed row's KV is exactly that of the one-jit prefill of its own prompt.
     model = runner.model
-    logits, ks, vs = jax.jit(lambda p, t, l: serving.prefill(model.graphdef, p, t, l))(
-        model.params, np.array([prompts[-1]], np.int32), np.array([len(prompts[-1])], np.int32))
-    assert int(np.argmax(np.asarray(logits)[0])) == tokens[-1]
-    assert len(seen["k"]) == model.config.num_layers
-    for got, want in zip(seen["k"] + seen["v"], ks + vs):
-        np.testing.assert_allclose(got, np.asarray(want)[0, : len(prompts[-1])], rtol=1e-5, atol=1e-5)
+    one_prefill = jax.jit(lambda p, t, l: serving.prefill(model.graphdef, p, t, l))
+    for job, token in zip(jobs, tokens):
+        prompt = job.prompt_ids
+        logits, ks, vs = one_prefill(model.params, np.array([prompt], np.int32), np.array([len(prompt)], np.int32))
+        assert int(np.argmax(np.asarray(logits)[0])) == token == seen["token_in_trailer"][job.request_id]
+        got_k, got_v = seen["k"][job.request_id], seen["v"][job.request_id]
+        assert len(got_k) == len(got_v) == model.config.num_layers
+        for got, want in zip(got_k + got_v, ks + vs):
+            np.testing.assert_allclose(got, np.asarray(want)[0, : len(prompt)], rtol=1e-5, atol=1e-5)
 
 
 class SlowRunner:

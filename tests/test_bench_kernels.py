@@ -1,0 +1,67 @@
+"""scripts/bench_kernels.py on the CPU, tiny shapes: every implementation runs and agrees with the
+reference, the work counted matches the formulas, a failing peer is reported. No timing asserts."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+
+import bench_kernels  # noqa: E402
+
+TINY = ["--platform", "cpu", "--decode-batch", "3", "--contexts", "40", "100", "--prefill-seq", "48",
+        "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--page-size", "8", "--reps", "2",
+        "--copy-mib", "8", "--matmul-n", "128"]
+
+
+def test_cpu_run_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(TINY + ["--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    decode = [r for r in rows if r["kernel"] == "decode"]
+    prefill = [r for r in rows if r["kernel"] == "prefill"]
+    assert {r["impl"] for r in decode} == {"splitserve xla", "reference (XLA)"}
+    assert len(decode) == 4 and len(prefill) == 2
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["ms"] > 0 and r["achieved"] > 0 and r["of_ceiling"] > 0
+        assert r["rel_err"] < 1e-5, r  # float32 against the float32 reference
+    for shape in {r["shape"] for r in rows}:
+        a, b = (r for r in rows if r["shape"] == shape)
+        assert a["vs_best_peer"] * b["vs_best_peer"] == pytest.approx(1.0)  # two peers: reciprocal ratios
+    assert result["ceilings"]["copy_tbytes_per_s"] > 0 and result["ceilings"]["matmul_tflops"] > 0
+    table = capsys.readouterr().out
+    assert "| decode | b=3 ctx=100 h=4/2 d=16 page=8 | splitserve xla |" in table
+
+
+def test_work_formulas():
+    cfg = bench_kernels.parse_args(TINY)[0]
+    # 3 rows x 100 tokens x 2 KV heads x 16 x (K and V) x 4 bytes, plus q and output: 2 x 3 x 4 x 16 x 4.
+    assert bench_kernels.decode_bytes(cfg, 100) == 3 * 100 * 2 * 16 * 2 * 4 + 2 * 3 * 4 * 16 * 4
+    # Causal: QK^T and PV over half of the 48 x 48 scores, 2 FLOPs per multiply-add: 2 x 1 x 4 x 48^2 x 16.
+    assert bench_kernels.prefill_flops(cfg) == 2 * 1 * 4 * 48**2 * 16
+
+
+def test_failing_peer_is_reported_not_fatal():
+    cfg = bench_kernels.parse_args(TINY)[0]
+    inputs = bench_kernels.decode_inputs(cfg, 40, seed=0)
+
+    def broken(*args):
+        raise RuntimeError("not supported on this device")
+
+    good = bench_kernels.decode_impls("cpu")["reference (XLA)"]
+    ref = good(*inputs)
+    rows = bench_kernels.run_shape("decode", "s", {"broken": broken, "good": good}, inputs, ref,
+                                   bench_kernels.decode_bytes(cfg, 40), 1.0, reps=1)
+    assert rows[0].error == "RuntimeError: not supported on this device" and rows[0].ms is None
+    assert rows[1].error is None and rows[1].rel_err == 0.0 and rows[1].vs_best_peer is None
+
+
+def test_bad_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_kernels.parse_args(TINY + ["--kv-heads", "3"])
+    assert e.value.code == 2
+    assert "heads (4) must be a multiple of kv_heads (3)" in capsys.readouterr().err
