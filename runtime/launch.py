@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -96,7 +97,33 @@ class WorkerSpec:
     metrics_port: int | None = None  # its Prometheus port on WORKER_HOST, when metrics are on
 
 
-def free_port(host: str) -> int:
+# Worker ports are picked here and bound by the worker seconds later (once JAX has loaded). A port
+# from the kernel's ephemeral range could meanwhile go to any bind(("", 0)): the router's own
+# port 0, a decode worker's KV data socket, a client. So picks come from below that range, which
+# port-0 binds never use; the ones already handed out are remembered so none is given twice.
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+LOWEST_PICKED_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def free_port(host: str, tries: int = 200) -> int:
+    """A port on `host` that is free now and outside the ephemeral range where possible."""
+    try:
+        with open(EPHEMERAL_RANGE_FILE) as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: fall back to the kernel's pick
+        ephemeral_low = LOWEST_PICKED_PORT
+    for _ in range(tries if ephemeral_low > LOWEST_PICKED_PORT else 0):
+        port = random.randrange(LOWEST_PICKED_PORT, ephemeral_low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

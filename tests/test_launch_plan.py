@@ -99,3 +99,23 @@ def test_decode_workers_get_the_kv_transport():
     assert default[default.index("--kv-transport") + 1] == "socket"
     with pytest.raises(ValueError, match="kv_transport"):
         LaunchConfig(kv_transport="udp")
+
+
+def test_worker_ports_are_picked_outside_the_ephemeral_range_and_never_twice():
+    """A worker binds its port seconds after launch picks it; a pick from the ephemeral range could
+    be taken meanwhile by any port-0 bind (the router's own, a KV data socket): seen in CI."""
+    import socket
+
+    from splitserve.runtime.launch import EPHEMERAL_RANGE_FILE, free_port
+
+    with open(EPHEMERAL_RANGE_FILE) as f:
+        ephemeral_low = int(f.read().split()[0])
+    with socket.socket() as taken:  # a port-0 bind made while picks are outstanding
+        taken.bind(("127.0.0.1", 0))
+        ports = [free_port("127.0.0.1") for _ in range(50)]
+        assert taken.getsockname()[1] not in ports
+    assert len(set(ports)) == len(ports)
+    assert all(p < ephemeral_low for p in ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # each was free when handed out
