@@ -3,7 +3,7 @@
 The reference (reference.py) gathers every page of the table at once and then attends: simple,
 but on a CPU it writes a [batch, kv_heads, pages x page_size, head_dim] temporary for K and V,
 fresh memory every step, and reads the whole table even where every row is short. This version
-walks the table in blocks of `pages_per_block` pages with an online softmax (flash-decoding's
+walks the table in blocks of `pages_per_block` pages (by default sized to the batch, below) with an online softmax (flash-decoding's
 running max and sum), so each block's K/V stays in cache, and it stops after the block that holds
 the longest row's last token: a page table padded to a bucket costs nothing.
 
@@ -19,6 +19,17 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -1e30
+# Default block size: as many pages as make each block's K (and V) gather about this big, in
+# float32, for the whole batch. Measured on a 2-core x86 CPU (scripts/bench/RESULTS.md, "CPU paged
+# attention"): blocks of 1-4 MiB were within ~10% of the best of 2..32 pages at every batch 1-64
+# and context 144-2048 tried; 2 pages at batch 1 ran 3x slower (64 short loop steps), and 8 MiB
+# blocks at batch 64 2x slower (out of cache).
+TARGET_BLOCK_BYTES = 2 << 20
+
+
+def default_pages_per_block(batch: int, kv_heads: int, page_size: int, head_dim: int, table_width: int) -> int:
+    page_bytes = batch * kv_heads * page_size * head_dim * 4  # one page of every row, float32
+    return max(1, min(table_width, TARGET_BLOCK_BYTES // page_bytes))
 
 
 def paged_attention_xla(
@@ -29,12 +40,14 @@ def paged_attention_xla(
     page_indices: jax.Array,  # i32[batch, pages_per_sequence]
     *,
     sm_scale: float | None = None,
-    pages_per_block: int = 2,
+    pages_per_block: int | None = None,  # None: default_pages_per_block (static shapes only)
 ) -> jax.Array:  # [batch, heads, head_dim], q.dtype
-    if pages_per_block < 1:
-        raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block}")
     batch, heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(batch, kv_heads, page_size, head_dim, page_indices.shape[1])
+    if pages_per_block < 1:
+        raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block}")
     group = heads // kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     pages_per_block = min(pages_per_block, page_indices.shape[1])
@@ -68,6 +81,12 @@ def paged_attention_xla(
         jnp.zeros((kv_heads, batch, group), jnp.float32),
         jnp.zeros((kv_heads, batch, group, head_dim), jnp.float32),
     )
-    _, total, acc = jax.lax.fori_loop(0, blocks_needed, attend_block, init)
+    if num_blocks == 1:
+        # One block holds the whole table: no loop. Inside the model's decode step a one-block
+        # loop cost 50 ms where this costs 1.6 (demo, batch 1, context 512; cause not found,
+        # the time is that of copying the whole cache).
+        _, total, acc = attend_block(0, init)
+    else:
+        _, total, acc = jax.lax.fori_loop(0, blocks_needed, attend_block, init)
     out = acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]  # length 0: zeros, as the reference
     return out.transpose(1, 0, 2, 3).reshape(batch, heads, head_dim).astype(q.dtype)

@@ -111,13 +111,15 @@ def test_paged_gpu_sweep(case, num_splits):
     )
 
 
-@pytest.mark.parametrize("pages_per_block", [1, 3, None])
+@pytest.mark.parametrize("pages_per_block", [1, 3, "case", "default"])
 @pytest.mark.parametrize("case", SWEEP, ids=str)
 def test_paged_xla_sweep(case, pages_per_block):
     """The CPU version, jitted as the model runs it: blocks of 1 page, of 3 (a partial last block),
-    and of the case's own ppcb; garbage page ids past the lengths in the 3-page runs."""
+    of the case's own ppcb, and of the size picked from the shapes; garbage page ids past the
+    lengths in the 3-page runs."""
     batch, heads, kv_heads, head_dim, page_size, pps, lengths, dtype, ppcb = case
-    kernel = jax.jit(functools.partial(paged_attention_xla, pages_per_block=pages_per_block or ppcb))
+    sizes = {"case": ppcb, "default": None}
+    kernel = jax.jit(functools.partial(paged_attention_xla, pages_per_block=sizes.get(pages_per_block, pages_per_block)))
     _check(
         kernel, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         page_size=page_size, pages_per_seq=pps, lengths=lengths, dtype=dtype,
@@ -135,10 +137,20 @@ def test_paged_xla_ignores_a_padded_table():
     unused = np.setdiff1d(np.arange(k.shape[1]), np.asarray(table)).astype(np.int32)  # all NaN
     assert np.isnan(np.asarray(k)[:, unused]).all()
     padded = np.concatenate([np.asarray(table), np.broadcast_to(unused[:13], (3, 13))], axis=1)
-    tight = paged_attention_xla(q, k, v, lengths, table)
-    wide = paged_attention_xla(q, k, v, lengths, jnp.asarray(padded))
+    tight = paged_attention_xla(q, k, v, lengths, table, pages_per_block=2)
+    wide = paged_attention_xla(q, k, v, lengths, jnp.asarray(padded), pages_per_block=2)
     np.testing.assert_array_equal(np.asarray(wide), np.asarray(tight))
     assert np.isfinite(np.asarray(wide)).all()
+
+
+def test_paged_xla_default_block_size_follows_the_batch():
+    """About 2 MiB of K per block: a lone row takes the whole table in one step, a batch of 64
+    short blocks; never more than the table, never less than one page."""
+    from splitserve.pallas_kernels.paged_xla import default_pages_per_block
+
+    assert default_pages_per_block(batch=1, kv_heads=4, page_size=16, head_dim=32, table_width=128) == 128
+    assert default_pages_per_block(batch=64, kv_heads=4, page_size=16, head_dim=64, table_width=16) == 2
+    assert default_pages_per_block(batch=32, kv_heads=8, page_size=64, head_dim=128, table_width=64) == 1
 
 
 def test_paged_xla_rejects_a_bad_block_size():
