@@ -21,7 +21,7 @@ import jax.numpy as jnp
 _NEG = -1e30
 # Default block size: as many pages as make each block's K (and V) gather about this big, in
 # float32, for the whole batch. Measured on a 2-core x86 CPU (scripts/bench/RESULTS.md, "CPU paged
-# attention"): blocks of 1-4 MiB were within ~10% of the best of 2..32 pages at every batch 1-64
+# attention"): this rule came within ~20% of the best of 2..32 pages at every batch 1-64
 # and context 144-2048 tried; 2 pages at batch 1 ran 3x slower (64 short loop steps), and 8 MiB
 # blocks at batch 64 2x slower (out of cache).
 TARGET_BLOCK_BYTES = 2 << 20
