@@ -87,7 +87,9 @@ def health_status(channel: grpc.Channel) -> int | None:
 
 
 def decode_stats(stack, address: str):
-    return internal_pb2_grpc.DecodeStub(stack.worker_channel(address)).Stats(internal_pb2.StatsRequest(), timeout=5)
+    # Generous: on 2 loaded cores a fresh connection to a busy worker has taken over 5 s (CI).
+    return internal_pb2_grpc.DecodeStub(stack.worker_channel(address)).Stats(internal_pb2.StatsRequest(), timeout=30,
+                                                                             wait_for_ready=True)
 
 
 def addresses(stack, role: str) -> list[str]:
