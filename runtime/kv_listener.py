@@ -252,6 +252,8 @@ class _Reader:
     def _read_into(self, view: memoryview) -> memoryview:
         got = 0
         while got < len(view):
+            if got:  # each read gets only what is left of the lease: a trickling sender cannot outlast it
+                self._check_deadline()
             n = self.sock.recv_into(view[got:])
             if n == 0:
                 raise ConnectionResetError(f"the sender closed the connection {len(view) - got} bytes into a read")

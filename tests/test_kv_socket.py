@@ -371,6 +371,35 @@ def test_a_sender_that_stalls_mid_frame_is_cut_at_the_end_of_its_lease(decode):
     decode.assert_serves("after-stall")
 
 
+def test_a_sender_that_trickles_one_frame_is_cut_at_the_end_of_its_lease(decode):
+    """A byte every 0.3 s never lets a single read time out; the lease still ends the transfer."""
+    address, ticket = decode.reserve("trickle", lease_s=1.0)
+    frames = valid_frames("trickle", 20, 0, 512)
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        start = time.monotonic()
+        sock.sendall(encode_hello("trickle", ticket) + _framed(frames[:3], end=False)
+                     + struct.pack("!I", len(frames[3])))
+        answer = None
+        for byte in frames[3][:20]:  # 6 s of trickle if nobody cuts it
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # cut off: the answer is waiting
+                break
+            sock.settimeout(0.3)
+            try:
+                answer = _read_answer(sock, timeout_s=0.3)
+            except OSError:
+                answer = None
+            if answer is not None:
+                break
+        waited = time.monotonic() - start
+    assert answer is not None and answer[0] is Code.DEADLINE_EXCEEDED, answer
+    assert waited < 3.0
+    decode.wait_all_free("after the trickling sender")
+    decode.assert_serves("after-trickle")
+
+
 def test_garbage_and_silent_connections_are_closed_and_cost_nothing(decode):
     host, port = decode.listener.address.rsplit(":", 1)
     answer = _exchange(decode.listener.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
