@@ -1,8 +1,11 @@
 """Causal prefill attention for GPU (Pallas, Triton lowering).
 
-Grid: (q_blocks, batch, heads). One program owns a [block_q, head_dim] query tile
-and walks K/V of its KV head (h // group, so GQA needs no repeated K/V) in
-`block_k` steps with an online softmax in f32:
+Grid: (heads, batch, q_blocks), the q blocks in reverse: under a causal mask the last q
+block has the most work, so the longest programs start first and the short ones fill the
+tail of the last wave. One program owns a [block_q, head_dim] query tile and walks K/V of
+its KV head (h // group, so GQA needs no repeated K/V) in `block_k` steps with an online
+softmax in f32, in base 2 (scores are pre-multiplied by log2(e): exp2 lowers to the fast
+hardware instruction, where exp lowers to libdevice's accurate and slower expf):
 
     hi = min(length, end of the q tile)        # causal + ragged upper bound
     for blocks wholly below the diagonal and the length: no masks   (fast loop)
@@ -34,6 +37,14 @@ from splitserve.pallas_kernels._util import (
 )
 
 
+_LOG2E = math.log2(math.e)
+
+
+def _q_block(program: int, num_programs: int):
+    """The q block a program owns: the last (largest causal) block first."""
+    return num_programs - 1 - program
+
+
 def _dot(a, b, *, trans_b=False):
     """f32-accumulating tile matmul; f32 inputs use IEEE products, not TF32."""
     return pltr.dot(a, b, trans_b=trans_b, precision=dot_precision(a.dtype)).astype(jnp.float32)
@@ -51,7 +62,7 @@ def _flash_kernel(
     block_q: int,
     block_k: int,
 ):
-    qi = pl.program_id(0)
+    qi = _q_block(pl.program_id(2), pl.num_programs(2))
     length = lengths_ref[0]
     q_start = qi * block_q
     q = q_ref[...]
@@ -63,7 +74,7 @@ def _flash_kernel(
         k_start = j * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, trans_b=True) * sm_scale
+        s = _dot(q, k, trans_b=True) * (sm_scale * _LOG2E)  # base-2 scores
         if masked:
             k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
             valid = k_pos < length
@@ -73,8 +84,8 @@ def _flash_kernel(
             v_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)
             v = jnp.where(v_pos < length, v, jnp.zeros_like(v))
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[:, None])
+        alpha = jnp.exp2(m - m_next)
+        p = jnp.exp2(s - m_next[:, None])
         if masked:
             p = jnp.where(valid, p, 0.0)
         l_next = alpha * l + jnp.sum(p, axis=1)
@@ -134,6 +145,7 @@ def flash_attention_gpu(
     block_q = min(block_q, max(16, next_power_of_2(seq)))
     block_k = min(block_k, max(16, next_power_of_2(seq)))
     seq_pad = round_up(seq, math.lcm(block_q, block_k))
+    num_q_blocks = seq_pad // block_q
     dim_pad = max(16, next_power_of_2(head_dim))
 
     def prep(x):  # [batch, seq_pad, n, dim_pad], zero padded
@@ -144,14 +156,14 @@ def flash_attention_gpu(
     )
     out = pl.pallas_call(
         kernel,
-        grid=(seq_pad // block_q, batch, heads),
+        grid=(heads, batch, num_q_blocks),
         in_specs=[
-            pl.BlockSpec((1,), lambda qi, b, h: (b,)),
-            pl.BlockSpec((None, block_q, None, dim_pad), lambda qi, b, h: (b, qi, h, 0)),
-            pl.BlockSpec((None, seq_pad, None, dim_pad), lambda qi, b, h: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, seq_pad, None, dim_pad), lambda qi, b, h: (b, 0, h // group, 0)),
+            pl.BlockSpec((1,), lambda h, b, i: (b,)),
+            pl.BlockSpec((None, block_q, None, dim_pad), lambda h, b, i: (b, _q_block(i, num_q_blocks), h, 0)),
+            pl.BlockSpec((None, seq_pad, None, dim_pad), lambda h, b, i: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, seq_pad, None, dim_pad), lambda h, b, i: (b, 0, h // group, 0)),
         ],
-        out_specs=pl.BlockSpec((None, block_q, None, dim_pad), lambda qi, b, h: (b, qi, h, 0)),
+        out_specs=pl.BlockSpec((None, block_q, None, dim_pad), lambda h, b, i: (b, _q_block(i, num_q_blocks), h, 0)),
         out_shape=jax.ShapeDtypeStruct((batch, seq_pad, heads, dim_pad), q.dtype),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret_arg(interpret),

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -1e30
+# Full f32 products: on a GPU XLA's default f32 dot is TF32 (rel err 4e-4 seen on an H200).
+_HIGHEST = jax.lax.Precision.HIGHEST
 # Default block size: as many pages as make each block's K (and V) gather about this big, in
 # float32, for the whole batch. Measured on a 2-core x86 CPU (scripts/bench/RESULTS.md, "CPU paged
 # attention"): this rule came within ~20% of the best of 2..32 pages at every batch 1-64
@@ -67,13 +69,13 @@ def paged_attention_xla(
         k = k_pages[:, pages].reshape(kv_heads, batch, block_tokens, head_dim).astype(jnp.float32)
         v = v_pages[:, pages].reshape(kv_heads, batch, block_tokens, head_dim).astype(jnp.float32)
         valid = (i * block_tokens + jnp.arange(block_tokens))[None, :] < lengths[:, None]  # [batch, block]
-        scores = jnp.einsum("kbgd,kbtd->kbgt", q_kbgd, k)
+        scores = jnp.einsum("kbgd,kbtd->kbgt", q_kbgd, k, precision=_HIGHEST)
         scores = jnp.where(valid[None, :, None, :], scores, _NEG)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
         rescale = jnp.exp(running_max - new_max)
         probs = jnp.where(valid[None, :, None, :], jnp.exp(scores - new_max[..., None]), 0.0)
         v = jnp.where(valid[None, :, :, None], v, 0.0)
-        acc = acc * rescale[..., None] + jnp.einsum("kbgt,kbtd->kbgd", probs, v)
+        acc = acc * rescale[..., None] + jnp.einsum("kbgt,kbtd->kbgd", probs, v, precision=_HIGHEST)
         return new_max, running_sum * rescale + probs.sum(axis=-1), acc
 
     init = (

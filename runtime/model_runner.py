@@ -157,17 +157,20 @@ class ModelRunner:
 
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
                sampling: list, steps: list[int]) -> list[int]:
+        next_tokens, self.cache = self._decode(self.model.params, self.cache,
+                                               *self.decode_inputs(tokens, positions, page_lists, sampling, steps))
+        return np.asarray(next_tokens)[: len(tokens)].tolist()
+
+    def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
+                      sampling: list, steps: list[int]) -> tuple:
+        """The decode program's inputs after the params and the cache, padded to the batch bucket."""
         n = len(tokens)
         batch = bucket(n, minimum=min(self.config.min_decode_batch, self.config.max_batch),
                        maximum=max(self.config.max_batch, n))
         pad = batch - n
-        arrays = SamplingArrays.build(sampling, steps, batch)
-        next_tokens, self.cache = self._decode(
-            self.model.params, self.cache,
-            np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
-            self.page_table(page_lists, batch), np.array([True] * n + [False] * pad), arrays,
-        )
-        return np.asarray(next_tokens)[:n].tolist()
+        return (np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
+                self.page_table(page_lists, batch), np.array([True] * n + [False] * pad),
+                SamplingArrays.build(sampling, steps, batch))
 
     # -- warm-up --------------------------------------------------------------------------
     def warm_up(self, *, decode: bool, full: bool = True) -> int:

@@ -14,7 +14,7 @@ def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
     The host device count only affects the CPU platform, so it is set whatever the platform.
     """
     if platform:
-        os.environ["JAX_PLATFORMS"] = platform
+        os.environ["JAX_PLATFORMS"] = jax_platforms(platform)
     # Compiled programs persist across restarts (warm-up compiles every bucketed shape; a second
     # start of the same model only loads them). $SPLITSERVE_COMPILE_CACHE=off disables it.
     cache = os.environ.get("SPLITSERVE_COMPILE_CACHE") or str(_cache_root() / "jax-compile")
@@ -25,6 +25,16 @@ def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
     if cpu_devices > 1:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+
+
+def jax_platforms(platform: str) -> str:
+    """The JAX_PLATFORMS value for a --platform name.
+
+    "gpu" means NVIDIA here: JAX_PLATFORMS=gpu makes JAX try ROCm too, and that fails on a CUDA
+    machine whose JAX has no ROCm plugin ("Unable to initialize backend 'rocm'", seen on an H200
+    with JAX 0.11.2).
+    """
+    return {"gpu": "cuda"}.get(platform, platform)
 
 
 def _cache_root():

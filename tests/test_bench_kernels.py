@@ -65,3 +65,17 @@ def test_bad_config_is_a_usage_error(capsys):
         bench_kernels.parse_args(TINY + ["--kv-heads", "3"])
     assert e.value.code == 2
     assert "heads (4) must be a multiple of kv_heads (3)" in capsys.readouterr().err
+
+
+def test_our_variants_are_compared_with_the_peers_only():
+    """--tune rows ("splitserve gpu <settings>") are ours: none of our rows counts as another's peer."""
+    cfg = bench_kernels.parse_args(TINY)[0]
+    inputs = bench_kernels.decode_inputs(cfg, 40, seed=0)
+    good = bench_kernels.decode_impls("cpu")["reference (XLA)"]
+    impls = {"splitserve xla": good, f"{bench_kernels.VARIANT_PREFIX}ppcb=2": good, "peer": good}
+    rows = bench_kernels.run_shape("decode", "s", impls, inputs, good(*inputs),
+                                   bench_kernels.decode_bytes(cfg, 40), 1.0, reps=1)
+    ours, variant, peer = rows
+    assert ours.vs_best_peer == pytest.approx(peer.ms / ours.ms)
+    assert variant.vs_best_peer == pytest.approx(peer.ms / variant.ms)
+    assert peer.vs_best_peer == pytest.approx(min(ours.ms, variant.ms) / peer.ms)

@@ -7,8 +7,9 @@ references (pallas_kernels/reference.py) against them.
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_PLATFORMS"] = os.environ.get("SPLITSERVE_TEST_PLATFORM", "cpu")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,6 +20,12 @@ from splitserve.pallas_kernels import (  # noqa: E402
 )
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+
+# The GPU kernels compile for a real GPU when the tests run on one
+# (SPLITSERVE_TEST_PLATFORM=cuda pytest tests/test_kernels_paged.py tests/test_kernels_flash.py -k gpu),
+# and run in Pallas's interpret mode everywhere else.
+ON_GPU = jax.default_backend() == "gpu"
+GPU_INTERPRET = None if ON_GPU else True
 
 
 # ---------------------------------------------------------------- numpy references

@@ -3,19 +3,22 @@
 Inputs are random normal with NaN in q, k and v at every position past a row's
 length; only rows below the length are compared (the rest are unspecified).
 TPU kernels run in TPU interpret mode (simulated VMEM/DMA) on small cases and in
-the fast `interpret=True` mode for the wider sweep; GPU kernels in `interpret=True`.
+the fast `interpret=True` mode for the wider sweep; GPU kernels in `interpret=True`, or compiled when the tests
+run on a GPU (SPLITSERVE_TEST_PLATFORM=cuda).
 """
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_PLATFORMS"] = os.environ.get("SPLITSERVE_TEST_PLATFORM", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
-from test_kernels_common import TOL, flash_numpy, prefill_inputs, prefill_valid, rel_err  # noqa: E402
+from test_kernels_common import (  # noqa: E402
+    GPU_INTERPRET, ON_GPU, TOL, flash_numpy, prefill_inputs, prefill_valid, rel_err,
+)
 
 from splitserve.pallas_kernels import (  # noqa: E402
     flash_attention,
@@ -88,7 +91,17 @@ def test_flash_gpu_sweep(case):
     _check(
         flash_attention_gpu, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
         head_dim=head_dim, lengths=lengths, dtype=dtype, causal=causal,
-        block_q=max(bq, 16), block_k=max(bk, 16), interpret=True,
+        block_q=max(bq, 16), block_k=max(bk, 16), interpret=GPU_INTERPRET,
+    )
+
+
+# Prompt shapes, compiled on a real GPU only: 32/8 heads of 128, ragged lengths, default blocks.
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (SPLITSERVE_TEST_PLATFORM=cuda)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flash_gpu_prompt_shapes(dtype):
+    _check(
+        flash_attention_gpu, batch=2, seq=1000, heads=32, kv_heads=8, head_dim=128,
+        lengths=[1000, 357], dtype=dtype,
     )
 
 
@@ -100,7 +113,8 @@ def test_flash_without_lengths_and_custom_scale():
     )
     ref = flash_numpy(q64, k64, v64, [24, 24], sm_scale=0.3)
     for kernel, kw in ((flash_attention_tpu, dict(block_q=8, block_k=8)), (flash_attention_gpu, {})):
-        out = kernel(q, k, v, sm_scale=0.3, interpret=True, **kw)
+        interpret = GPU_INTERPRET if kernel is flash_attention_gpu else True
+        out = kernel(q, k, v, sm_scale=0.3, interpret=interpret, **kw)
         assert rel_err(out, ref) < TOL["float32"]
 
 

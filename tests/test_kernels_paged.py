@@ -10,7 +10,7 @@ as NaN or a wrong number.
 import functools
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_PLATFORMS"] = os.environ.get("SPLITSERVE_TEST_PLATFORM", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
-from test_kernels_common import TOL, paged_inputs, paged_numpy, rel_err  # noqa: E402
+from test_kernels_common import GPU_INTERPRET, ON_GPU, TOL, paged_inputs, paged_numpy, rel_err  # noqa: E402
 
 from splitserve.pallas_kernels import (  # noqa: E402
     paged_attention,
@@ -107,7 +107,21 @@ def test_paged_gpu_sweep(case, num_splits):
         paged_attention_gpu, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         page_size=page_size, pages_per_seq=pps, lengths=lengths, dtype=dtype,
         garbage_ids=num_splits == 3, pages_per_compute_block=ppcb, num_splits=num_splits,
-        interpret=True,
+        interpret=GPU_INTERPRET,
+    )
+
+
+# Serving shapes, compiled on a real GPU only (interpret mode would take minutes): batch 64,
+# 32/8 heads of 128, pages of 16, ragged lengths up to 2k, NaN in every unread slot.
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (SPLITSERVE_TEST_PLATFORM=cuda)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_paged_gpu_serving_shapes(dtype, num_splits):
+    lengths = np.random.default_rng(11).integers(1, 2049, 64)
+    lengths[:3] = [1, 16, 2048]
+    _check(
+        paged_attention_gpu, batch=64, heads=32, kv_heads=8, head_dim=128, page_size=16,
+        pages_per_seq=128, lengths=lengths, dtype=dtype, num_splits=num_splits, garbage_ids=True,
     )
 
 
@@ -169,7 +183,8 @@ def test_paged_custom_scale():
     )
     ref = paged_numpy(q64, k64, v64, inputs[3], inputs[4], sm_scale=0.2)
     for kernel in (paged_attention_tpu, paged_attention_gpu):
-        assert rel_err(kernel(*inputs, sm_scale=0.2, interpret=True), ref) < TOL["float32"]
+        interpret = GPU_INTERPRET if kernel is paged_attention_gpu else True
+        assert rel_err(kernel(*inputs, sm_scale=0.2, interpret=interpret), ref) < TOL["float32"]
     assert rel_err(paged_attention_xla(*inputs, sm_scale=0.2), ref) < TOL["float32"]
 
 

@@ -1,6 +1,9 @@
-"""The model with the TPU Pallas kernels (TPU interpret mode) per shard of a tp=2 mesh."""
+"""The model with the Pallas kernels: the TPU kernels (TPU interpret mode) per shard of a tp=2
+mesh, and the GPU kernels compiled on a real GPU (SPLITSERVE_TEST_PLATFORM=cuda)."""
 
+import jax
 import numpy as np
+import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from hf_checkpoints import hf_greedy
@@ -18,3 +21,16 @@ def test_tpu_kernels_in_the_model_on_tp2_give_transformers_tokens(hf_checkpoint)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
     assert [o.token_ids for o in outs] == [hf_greedy(torch_model, p, 4) for p in prompts]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (SPLITSERVE_TEST_PLATFORM=cuda)")
+def test_gpu_kernels_in_the_model_give_transformers_tokens(hf_checkpoint):
+    directory, torch_model = hf_checkpoint("mistral_gqa4_linear_rope")
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    prompts = [np.random.default_rng(8).integers(3, model.config.vocab_size, size=n).tolist() for n in (5, 20, 37)]
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=32, max_batch=4, attention_impl="gpu"))
+    # Full f32 products in the rest of the model too: XLA's GPU default is TF32, which is not what
+    # this test is about and can flip a greedy choice of a random model.
+    with jax.default_matmul_precision("highest"):
+        outs = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(torch_model, p, 6) for p in prompts]

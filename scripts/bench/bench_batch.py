@@ -99,7 +99,9 @@ class OneAtATimeMode:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", args.platform)
+    from splitserve.runtime.platform_setup import jax_platforms
+
+    os.environ.setdefault("JAX_PLATFORMS", jax_platforms(args.platform))
     import jax
 
     from splitserve.models.sharding import MeshConfig

@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class RooflineConfig:
     platform: str = "cpu"
     dtype: str = "auto"
     page_size: int = 16
+    attention_impls: tuple[str, ...] = ("auto",)  # the model's attention, e.g. ("reference", "gpu") on a GPU
 
     def __post_init__(self):
         if min(*self.batches, *self.contexts, self.steps, self.copy_mib, self.copy_reps, self.page_size) < 1:
@@ -77,11 +79,17 @@ class StepBytes:
 @dataclasses.dataclass(frozen=True)
 class DecodeFigure:
     model: str
+    attention_impl: str
     batch: int
     context: int
     step_s: float  # median
     step_s_min: float
     bytes: StepBytes
+    device_step_s: float | None = None  # the decode program alone, its inputs already on the device
+
+    @property
+    def device_gbytes_per_s(self) -> float | None:
+        return self.bytes.total / self.device_step_s / 1e9 if self.device_step_s else None
 
     @property
     def gbytes_per_s(self) -> float:
@@ -112,17 +120,30 @@ def step_bytes(runner, batch: int, context: int) -> StepBytes:
 
 
 # -- decode timing --------------------------------------------------------------------------
-def make_runner(model, max_batch: int, max_context: int, page_size: int):
+def make_runner(model, max_batch: int, max_context: int, page_size: int, attention_impl: str = "auto"):
     from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 
     pages_per_seq = -(-max_context // page_size)
     # min_decode_batch=1: a batch of 1 runs as 1 row, not padded to the serving minimum of 8.
-    return ModelRunner(model, RunnerConfig(page_size=page_size, num_pages=max_batch * pages_per_seq + 1,
-                                           max_batch=max_batch, max_prefill_batch=1, min_decode_batch=1))
+    runner = ModelRunner(model, RunnerConfig(page_size=page_size, num_pages=max_batch * pages_per_seq + 1,
+                                             max_batch=max_batch, max_prefill_batch=1, min_decode_batch=1,
+                                             attention_impl=attention_impl))
+    fill_cache_randomly(runner)
+    return runner
+
+
+def fill_cache_randomly(runner, seed: int = 0) -> None:
+    """Random K/V in every page: timing on a zero cache can flatter the step (and hides nothing)."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(runner.cache)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [jax.device_put(jax.random.normal(key, x.shape, x.dtype), x.sharding) for key, x in zip(keys, leaves)]
+    runner.cache = jax.tree.unflatten(treedef, leaves)
 
 
 def measure_decode(runner, name: str, batch: int, context: int, steps: int, warmup_steps: int) -> DecodeFigure:
-    """Times `runner.decode` for `batch` sequences of `context` tokens each (own pages, zero KV)."""
+    """Times `runner.decode` for `batch` sequences of `context` tokens each (own pages, random KV)."""
     from splitserve.runtime.sampling import SamplingParams
 
     page_size = runner.config.page_size
@@ -139,7 +160,28 @@ def measure_decode(runner, name: str, batch: int, context: int, steps: int, warm
         runner.decode(tokens, positions, page_lists, sampling, sample_steps)  # returns host ints: synced
         if i >= warmup_steps:
             times.append(time.perf_counter() - start)
-    return DecodeFigure(name, batch, context, statistics.median(times), min(times), step_bytes(runner, batch, context))
+    device_s = device_step_seconds(runner, runner.decode_inputs(tokens, positions, page_lists, sampling, sample_steps))
+    return DecodeFigure(name, runner.config.attention_impl, batch, context, statistics.median(times), min(times),
+                        step_bytes(runner, batch, context), device_s)
+
+
+def device_step_seconds(runner, inputs: tuple, reps: int = 5, calls: int = 10) -> float:
+    """The decode program alone: inputs put on the device once, `calls` steps dispatched back to
+    back (each takes the cache the previous one returned) and one wait at the end; the mean per
+    step, median over `reps`. Its gap to the full step is host work: building the inputs,
+    dispatch, copying the sampled tokens back."""
+    import jax
+
+    inputs = jax.device_put(inputs)
+    params = runner.model.params
+    times = []
+    for _ in range(reps + 1):  # the first rep is a warm-up
+        start = time.perf_counter()
+        for _ in range(calls):
+            next_tokens, runner.cache = runner._decode(params, runner.cache, *inputs)  # noqa: SLF001 - the compiled step
+        jax.block_until_ready(next_tokens)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times[1:])
 
 
 # -- copy bandwidth -------------------------------------------------------------------------
@@ -205,6 +247,11 @@ def load(name: str, dtype: str, workdir: Path):
 
         path = str(workdir / name)
         build_hf_llama(Path(path))
+    elif name == "llama1b":
+        from llama_checkpoint import LLAMA_1B, build_random_llama
+
+        path = str(workdir / name)
+        build_random_llama(Path(path), LLAMA_1B)
     return load_model(path, make_mesh(MeshConfig(tp=1)), dtype=dtype)
 
 
@@ -213,24 +260,32 @@ def run(cfg: RooflineConfig, workdir: Path) -> tuple[dict[str, float], list[Deco
     figures = []
     for name in cfg.models:
         model = load(name, cfg.dtype, workdir)
-        runner = make_runner(model, max(cfg.batches), max(cfg.contexts), cfg.page_size)
-        for context in cfg.contexts:
-            for batch in cfg.batches:
-                figures.append(measure_decode(runner, name, batch, context, cfg.steps, cfg.warmup_steps))
-                print(f"  {name} batch {batch} context {context}: {figures[-1].step_s * 1e3:.2f} ms",
-                      file=sys.stderr, flush=True)
-        del runner, model  # free the KV cache before the next model's
+        for impl in cfg.attention_impls:
+            try:
+                runner = make_runner(model, max(cfg.batches), max(cfg.contexts), cfg.page_size, impl)
+                for context in cfg.contexts:
+                    for batch in cfg.batches:
+                        figures.append(measure_decode(runner, name, batch, context, cfg.steps, cfg.warmup_steps))
+                        print(f"  {name} ({impl} attention) batch {batch} context {context}: "
+                              f"{figures[-1].step_s * 1e3:.2f} ms", file=sys.stderr, flush=True)
+            except Exception:  # noqa: BLE001 - one attention that fails must not lose the others' figures
+                traceback.print_exc()
+                print(f"  {name} ({impl} attention) FAILED (traceback above)", file=sys.stderr, flush=True)
+            runner = None  # free the KV cache before the next one
+        del model
     return bandwidth, figures
 
 
 def print_table(bandwidth: dict[str, float], figures: list[DecodeFigure], ref: float, load_avg) -> None:
     print("copy bandwidth (read + write): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items())
           + f"; reference {ref:.1f} GB/s; L3 {l3_size()}; load average " + " ".join(f"{x:.2f}" for x in load_avg))
-    print("| model | batch | context | step ms (median) | weights MB | KV MB | achieved GB/s | of reference |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| model | attention | batch | context | step ms (median) | device ms | weights MB | KV MB | achieved GB/s "
+          "| of reference | device GB/s | of reference |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in figures:
-        print(f"| {f.model} | {f.batch} | {f.context} | {f.step_s * 1e3:.2f} | {f.bytes.weights / 1e6:.1f} "
-              f"| {f.bytes.kv / 1e6:.1f} | {f.gbytes_per_s:.2f} | {100 * f.gbytes_per_s / ref:.0f}% |")
+        print(f"| {f.model} | {f.attention_impl} | {f.batch} | {f.context} | {f.step_s * 1e3:.2f} "
+              f"| {f.device_step_s * 1e3:.2f} | {f.bytes.weights / 1e6:.1f} "
+              f"| {f.bytes.kv / 1e6:.1f} | {f.gbytes_per_s:.2f} | {100 * f.gbytes_per_s / ref:.0f}% "
+              f"| {f.device_gbytes_per_s:.2f} | {100 * f.device_gbytes_per_s / ref:.0f}% |")
 
 
 def l3_size() -> str | None:
@@ -242,7 +297,8 @@ def l3_size() -> str | None:
 def parse_args(argv=None) -> tuple[RooflineConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = RooflineConfig()
-    parser.add_argument("--models", nargs="+", default=list(d.models), help="demo, llama30m, or a checkpoint dir")
+    parser.add_argument("--models", nargs="+", default=list(d.models),
+                        help="demo, llama30m, llama1b (TinyLlama-1.1B shapes, random), or a checkpoint dir")
     parser.add_argument("--batches", type=int, nargs="+", default=list(d.batches))
     parser.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts))
     parser.add_argument("--steps", type=int, default=d.steps, help="timed decode steps per shape (median)")
@@ -251,11 +307,14 @@ def parse_args(argv=None) -> tuple[RooflineConfig, argparse.Namespace]:
     parser.add_argument("--copy-reps", type=int, default=d.copy_reps)
     parser.add_argument("--platform", default=d.platform, help="cpu, gpu or tpu")
     parser.add_argument("--dtype", default=d.dtype, help="auto, float32 or bfloat16")
+    parser.add_argument("--attention-impls", nargs="+", default=list(d.attention_impls),
+                        help="the model's attention: auto, reference, xla, gpu, tpu (each timed in turn)")
     parser.add_argument("--json-out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     cfg = RooflineConfig(models=tuple(args.models), batches=tuple(args.batches), contexts=tuple(args.contexts),
                          steps=args.steps, warmup_steps=args.warmup_steps, copy_mib=args.copy_mib,
-                         copy_reps=args.copy_reps, platform=args.platform, dtype=args.dtype)
+                         copy_reps=args.copy_reps, platform=args.platform, dtype=args.dtype,
+                         attention_impls=tuple(args.attention_impls))
     return cfg, args
 
 
@@ -273,7 +332,8 @@ def main(argv=None) -> int:
     ref = max(bandwidth.values())  # the most this run showed the memory can do
     print_table(bandwidth, figures, ref, load_avg)
     if args.json_out:
-        rows = [dict(dataclasses.asdict(f), gbytes_per_s=f.gbytes_per_s, of_reference=f.gbytes_per_s / ref)
+        rows = [dict(dataclasses.asdict(f), gbytes_per_s=f.gbytes_per_s, of_reference=f.gbytes_per_s / ref,
+                     device_gbytes_per_s=f.device_gbytes_per_s, device_of_reference=f.device_gbytes_per_s / ref)
                 for f in figures]
         result = dict(config=dataclasses.asdict(cfg), copy_gbytes_per_s=bandwidth, reference_gbytes_per_s=ref,
                       rows=rows, date=time.strftime("%Y-%m-%d"),
