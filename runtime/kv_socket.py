@@ -37,6 +37,9 @@ END_OF_FRAMES = 0xFFFFFFFF
 _LENGTH = struct.Struct("!I")
 _ANSWER = struct.Struct("!BQI")  # code, bytes accepted, message length
 MAX_MESSAGE_BYTES = 4096
+# A request id in the hello: the worker refuses a longer one before it reads it (the hello comes
+# before the ticket, so anyone can send one); a longer id goes through TransferKV instead.
+MAX_REQUEST_ID_BYTES = 1024
 _SMALL_PART_BYTES = 64 << 10
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -60,10 +63,16 @@ class KVSocketRefused(Exception):
         self.code, self.message = code, message
 
 
+def fits_hello(request_id: str) -> bool:
+    """Whether the data socket takes this request id (else send its KV through TransferKV)."""
+    return len(request_id.encode()) <= MAX_REQUEST_ID_BYTES
+
+
 def encode_hello(request_id: str, ticket: bytes) -> bytes:
     rid = request_id.encode()
-    if len(rid) > 0xFFFF or len(ticket) > 0xFF:
-        raise ValueError("request id or ticket too long for the KV data socket")
+    if not fits_hello(request_id) or len(ticket) > 0xFF:
+        raise ValueError(f"request id ({len(rid)} bytes; at most {MAX_REQUEST_ID_BYTES}) or ticket "
+                         f"({len(ticket)} bytes; at most 255) too long for the KV data socket")
     return MAGIC + bytes([VERSION]) + struct.pack("!H", len(rid)) + rid + bytes([len(ticket)]) + ticket
 
 

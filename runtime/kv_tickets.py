@@ -24,6 +24,10 @@ class TicketRefused(Exception):
     """The ticket admits nothing: unknown, already used, for another request, or expired."""
 
 
+class TicketExpired(TicketRefused):
+    """The ticket matched, but its reservation's lease had ended (the sender was too late)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     ticket: bytes = dataclasses.field(repr=False)
@@ -64,7 +68,7 @@ class TicketBook:
                                     "or issued for another request)")
             del self._entries[request_id]  # one use, whatever happens next
         if self.clock() > entry.expires_at:
-            raise TicketRefused(f"the ticket for request {request_id!r} expired with its reservation's lease")
+            raise TicketExpired(f"the ticket for request {request_id!r} expired with its reservation's lease")
         return entry.expires_at
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.deadlines import NO_DEADLINE_S, DeadlinePassed
 from splitserve.runtime.drain import Admission
 from splitserve.runtime.grpc_common import ChannelPool
-from splitserve.runtime.kv_socket import KVSocketRefused, send_kv
+from splitserve.runtime.kv_socket import KVSocketRefused, fits_hello, send_kv
 from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefillQueueFull
@@ -27,7 +27,9 @@ KV_TRANSFER_TIMEOUT_S = 120.0
 
 class KVSender:
     """Sends one request's KV to its decode worker: over the worker's KV data socket when the job
-    carries its address and ticket (runtime/kv_socket.py), else through Decode/TransferKV."""
+    carries its address and ticket (runtime/kv_socket.py), else through Decode/TransferKV. A data
+    port that refuses the connection (nothing sent yet) falls back to TransferKV, as does a
+    request id too long for the socket's hello."""
 
     def __init__(self, channels: ChannelPool, chunk_bytes: int = 1 << 20, metrics: WorkerMetrics | None = None,
                  ssl_context: ssl.SSLContext | None = None):
@@ -41,17 +43,20 @@ class KVSender:
         timeout = KV_TRANSFER_TIMEOUT_S
         if job.deadline is not None:  # nobody waits for the KV past the request's deadline
             timeout = max(0.0, min(timeout, job.deadline - time.monotonic()))
-        with self.metrics.kv_transfer("sent", "socket" if job.kv_data_address else "grpc") as timer:
+        deadline = time.monotonic() + timeout
+        by_socket = bool(job.kv_data_address) and fits_hello(job.request_id)
+        with self.metrics.kv_transfer("sent", "socket" if by_socket else "grpc") as timer:
             try:
-                if job.kv_data_address:
-                    frames = kv_frame_parts(job.request_id, first_token, k_layers, v_layers,
-                                            chunk_bytes=self.chunk_bytes)
-                    timer.bytes = send_kv(job.kv_data_address, job.request_id, job.kv_ticket, frames,
-                                          timeout_s=timeout, ssl_context=self.ssl_context)
-                else:
-                    transfer = transfer_kv_callable(self.channels.get(job.decode_address))
-                    frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
-                    timer.bytes = transfer(frames, timeout=timeout).received_bytes
+                if by_socket:
+                    try:
+                        timer.bytes = self._by_socket(job, first_token, k_layers, v_layers, timeout)
+                        return
+                    except ConnectionRefusedError as e:  # before the hello: no frame consumed, no ticket used
+                        log.warning("KV data socket %s refused the connection (%s); sending the KV of %s "
+                                    "through TransferKV", job.kv_data_address, e, job.request_id)
+                        timer.transport = "grpc"
+                timer.bytes = self._by_grpc(job, first_token, k_layers, v_layers,
+                                            max(0.0, deadline - time.monotonic()))
             except (grpc.RpcError, KVSocketRefused) as e:
                 code, details = (e.code, e.message) if isinstance(e, KVSocketRefused) else (e.code(), e.details())
                 if code is not grpc.StatusCode.NOT_FOUND:
@@ -59,6 +64,16 @@ class KVSender:
                 # The reservation is gone: the client cancelled (or its deadline passed) after the prefill.
                 log.info("KV of %s not sent: %s", job.request_id, details)
                 timer.failed = True
+
+    def _by_socket(self, job: PrefillJob, first_token, k_layers, v_layers, timeout: float) -> int:
+        frames = kv_frame_parts(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+        return send_kv(job.kv_data_address, job.request_id, job.kv_ticket, frames, timeout_s=timeout,
+                       ssl_context=self.ssl_context)
+
+    def _by_grpc(self, job: PrefillJob, first_token, k_layers, v_layers, timeout: float) -> int:
+        transfer = transfer_kv_callable(self.channels.get(job.decode_address))
+        frames = kv_chunks(job.request_id, first_token, k_layers, v_layers, chunk_bytes=self.chunk_bytes)
+        return transfer(frames, timeout=timeout).received_bytes
 
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):

@@ -10,6 +10,9 @@ draining worker still takes the KV of reservations it holds; TLS with client cer
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import secrets
 import signal
@@ -35,12 +38,16 @@ from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
 from splitserve.runtime.drain import Admission
-from splitserve.runtime.grpc_common import make_server
+from splitserve.runtime.grpc_common import ChannelPool, make_server
 from splitserve.runtime.kv_listener import KVListener, KVListenerConfig
 from splitserve.runtime.kv_receive import KVReceiver
-from splitserve.runtime.kv_socket import END_OF_FRAMES, KVSocketRefused, encode_hello, send_kv
+from splitserve.runtime.kv_socket import (END_OF_FRAMES, MAGIC, MAX_REQUEST_ID_BYTES, VERSION, KVSocketRefused,
+                                          encode_hello, send_kv)
 from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts, receive_kv
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.prefill_engine import PrefillJob
+from splitserve.runtime.prefill_service import KVSender
+from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.tls import TLSConfig, client_ssl_context, server_ssl_context
 
 FUZZ_CASES = 1500
@@ -53,9 +60,10 @@ Code = grpc.StatusCode
 class Decode:
     """The decode worker under test: engine, Reserve over gRPC, the listener."""
 
-    def __init__(self, engine, stub, transfer, listener, admission):
+    def __init__(self, engine, stub, transfer, listener, admission, address):
         self.engine, self.stub, self.transfer, self.listener, self.admission = (engine, stub, transfer, listener,
                                                                                  admission)
+        self.address = address  # the gRPC port's
         self.total = engine.stats()["total_pages"]
 
     def reserve(self, rid: str, lease_s: float = 30, tokens: int = RESERVED_TOKENS) -> tuple[str, bytes]:
@@ -80,12 +88,18 @@ class Decode:
             assert time.monotonic() < deadline, f"pages not freed: {what}"
             time.sleep(0.01)
 
-    def assert_serves(self, rid: str) -> None:
-        """A valid transfer still goes through, and its pages come back."""
+    def assert_serves(self, rid: str, listener: KVListener | None = None, ssl_context=None) -> None:
+        """A valid transfer still goes through (on `listener`, else the worker's own), and its pages
+        come back."""
         address, ticket = self.reserve(rid)
+        if listener is not None:  # its own ticket: the listener shares the worker's ticket book
+            address, ticket = listener.address, listener.issue_ticket(rid, 30)
         k, v = _kv(7, 12)
-        assert send_kv(address, rid, ticket, kv_frame_parts(rid, 3, k, v), timeout_s=10) == 2 * _nbytes(k)
-        assert self.release(rid)
+        try:
+            sent = send_kv(address, rid, ticket, kv_frame_parts(rid, 3, k, v), timeout_s=10, ssl_context=ssl_context)
+            assert sent == 2 * _nbytes(k)
+        finally:
+            assert self.release(rid)
         self.wait_all_free(f"after {rid}")
 
 
@@ -108,7 +122,8 @@ def decode(tmp_path_factory):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield Decode(engine, internal_pb2_grpc.DecodeStub(channel), transfer_kv_callable(channel), listener, admission)
+    yield Decode(engine, internal_pb2_grpc.DecodeStub(channel), transfer_kv_callable(channel), listener, admission,
+                 f"127.0.0.1:{port}")
     channel.close()
     server.stop(0).wait()
     listener.close(1.0)
@@ -161,6 +176,39 @@ def _refused(call) -> KVSocketRefused:
     with pytest.raises(KVSocketRefused) as err:
         call()
     return err.value
+
+
+def _raw_hello(rid: bytes, ticket: bytes) -> bytes:
+    """A hello as a peer may write it, without encode_hello's limits."""
+    return MAGIC + bytes([VERSION]) + struct.pack("!H", len(rid)) + rid + bytes([len(ticket)]) + ticket
+
+
+@contextlib.contextmanager
+def _own_listener(decode, ssl_context=None, *, prepare=lambda listener: None, **config):
+    """A listener of its own (its own slots, accept loop and buffers) on the worker's ticket book;
+    `prepare` gets it before its accept loop starts."""
+    listener = KVListener(KVReceiver(decode.engine), KVListenerConfig(hello_timeout_s=HELLO_TIMEOUT_S, **config),
+                          tickets=decode.listener.tickets, ssl_context=ssl_context)
+    prepare(listener)
+    listener.start()
+    try:
+        yield listener
+    finally:
+        listener.close(1.0)
+
+
+def _trickle(sock, data: bytes, gap_s: float = 0.3):
+    """Sends `data` a byte every gap_s until the worker ends the connection; returns its answer
+    (None if it closed without one), or "open" if all of `data` went and it is still open."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+            return _read_answer(sock, timeout_s=gap_s)
+        except TimeoutError:
+            continue  # nothing yet: the next byte
+        except OSError:  # reset or (TLS) cut without close_notify: ended all the same
+            return None
+    return "open"
 
 
 # -- the same KV as TransferKV -----------------------------------------------------------------
@@ -229,9 +277,25 @@ def test_an_expired_ticket_is_refused(decode):
     time.sleep(0.6)
     k, v = _kv(4, 10)
     err = _refused(lambda: send_kv(address, "expiring", ticket, kv_frame_parts("expiring", 1, k, v), timeout_s=10))
-    assert err.code is Code.UNAUTHENTICATED and "expired" in err.message
+    # As TransferKV answers for a reservation whose lease ended: the sender logs it, no traceback.
+    assert err.code is Code.NOT_FOUND and "expired" in err.message
     decode.wait_all_free("the lease expired")
     decode.assert_serves("after-expiry")
+
+
+def test_a_refused_request_id_is_logged_clipped_and_an_overlong_one_is_not_read(decode, caplog):
+    caplog.set_level(logging.INFO, logger="splitserve.runtime.kv_listener")
+    long_id = "x" * MAX_REQUEST_ID_BYTES
+    answer = _exchange(decode.listener.address, _raw_hello(long_id.encode(), secrets.token_bytes(16)))
+    assert answer is not None and answer[0] is Code.UNAUTHENTICATED
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals and all(long_id not in m and len(m) < 300 for m in refusals), refusals
+    assert f"({MAX_REQUEST_ID_BYTES} chars)" in refusals[-1]
+    answer = _exchange(decode.listener.address, _raw_hello(b"y" * 60000, secrets.token_bytes(16)))
+    assert answer is not None and answer[0] is Code.INVALID_ARGUMENT and "over the limit" in answer[2], answer
+    with pytest.raises(ValueError, match="too long"):
+        encode_hello("z" * (MAX_REQUEST_ID_BYTES + 1), secrets.token_bytes(16))
+    decode.assert_serves("after-long-ids")
 
 
 def test_every_retry_reservation_gets_its_own_ticket(decode):
@@ -296,8 +360,11 @@ def test_fuzzed_socket_streams_never_give_bad_kv_and_leave_no_pages(decode):
                 answer = None
             elif damage == "no_end":
                 answer = _exchange(address, hello + _framed(intact, end=False))
-            elif damage == "oversized_frame":
-                answer = _exchange(address, hello + struct.pack("!I", (16 << 20) + 1) + b"x" * 64)
+            elif damage == "oversized_frame":  # from one past the limit to one short of the end marker
+                size = (16 << 20) + 1 + int(where * (END_OF_FRAMES - 2 - (16 << 20)))
+                answer = _exchange(address, hello + struct.pack("!I", size) + b"x" * 64)
+                assert answer is not None and answer[0] is Code.INVALID_ARGUMENT, answer
+                assert "exceeds the limit" in answer[2], answer
             else:
                 answer = _exchange(address, secrets.token_bytes(8 + int(where * 64)))
             code = answer[0] if answer else None
@@ -319,6 +386,16 @@ def test_fuzzed_socket_streams_never_give_bad_kv_and_leave_no_pages(decode):
           f"{dict(sorted(seen.items(), key=str))}")
     assert decode.engine.stats() == dict(free_pages=decode.total, total_pages=decode.total, running=0, waiting=0)
     decode.assert_serves("after-fuzz")
+
+
+@pytest.mark.parametrize("size", [(16 << 20) + 1, 0xFFFFFFFE])  # one past the limit; the largest before the end marker
+def test_a_frame_over_the_limit_is_refused_unread(decode, size):
+    address, ticket = decode.reserve(f"oversized-{size}")
+    answer = _exchange(address, encode_hello(f"oversized-{size}", ticket) + struct.pack("!I", size) + b"x" * 64)
+    assert answer is not None and answer[0] is Code.INVALID_ARGUMENT, answer
+    assert f"a frame of {size} bytes exceeds the limit" in answer[2], answer
+    assert not decode.held(f"oversized-{size}")  # admitted, then refused: dropped
+    decode.wait_all_free("after an oversized frame")
 
 
 # -- senders that die, stall or talk nonsense ------------------------------------------------
@@ -380,21 +457,9 @@ def test_a_sender_that_trickles_one_frame_is_cut_at_the_end_of_its_lease(decode)
         start = time.monotonic()
         sock.sendall(encode_hello("trickle", ticket) + _framed(frames[:3], end=False)
                      + struct.pack("!I", len(frames[3])))
-        answer = None
-        for byte in frames[3][:20]:  # 6 s of trickle if nobody cuts it
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:  # cut off: the answer is waiting
-                break
-            sock.settimeout(0.3)
-            try:
-                answer = _read_answer(sock, timeout_s=0.3)
-            except OSError:
-                answer = None
-            if answer is not None:
-                break
+        answer = _trickle(sock, frames[3][:20])  # 6 s of trickle if nobody cuts it
         waited = time.monotonic() - start
-    assert answer is not None and answer[0] is Code.DEADLINE_EXCEEDED, answer
+    assert answer not in (None, "open") and answer[0] is Code.DEADLINE_EXCEEDED, answer
     assert waited < 3.0
     decode.wait_all_free("after the trickling sender")
     decode.assert_serves("after-trickle")
@@ -410,6 +475,73 @@ def test_garbage_and_silent_connections_are_closed_and_cost_nothing(decode):
         assert HELLO_TIMEOUT_S * 0.8 < time.monotonic() - start < HELLO_TIMEOUT_S + 3
     decode.wait_all_free("after garbage")
     decode.assert_serves("after-garbage")
+
+
+@pytest.mark.parametrize("how", ["plain", "tls_hello", "tls_handshake"])
+def test_a_trickled_hello_is_cut_at_the_hello_timeout_and_frees_its_slot(decode, tmp_path, how):
+    """A byte every 0.3 s never lets one read time out; the hello's deadline (from the accept, over
+    the TLS handshake and the hello) still closes it, and its slot (the only one) serves again."""
+    tls = None
+    if how != "plain":
+        pki = make_pki(tmp_path / "pki", "kv")
+        tls = TLSConfig(pki.cert, pki.key, pki.ca)
+    server_tls = server_ssl_context(tls, require_client_cert=True) if tls else None
+    with _own_listener(decode, server_tls, max_connections=1) as listener:
+        host, port = listener.address.rsplit(":", 1)
+        hello = encode_hello("trickled-hello", secrets.token_bytes(16))  # 38 bytes: 11 s of trickle
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            start = time.monotonic()
+            if how == "plain":
+                answer = _trickle(raw, hello)
+            elif how == "tls_hello":  # half the timeout spent before the handshake: it counts too
+                time.sleep(HELLO_TIMEOUT_S / 2)
+                with client_ssl_context(tls).wrap_socket(raw, server_hostname=host) as sock:
+                    answer = _trickle(sock, hello)
+            else:
+                answer = _trickle(raw, _client_hello(client_ssl_context(tls), host))
+            waited = time.monotonic() - start
+        assert answer is None, answer  # closed, without an answer
+        assert HELLO_TIMEOUT_S * 0.8 < waited < 3 * HELLO_TIMEOUT_S, waited
+        decode.assert_serves(f"after-trickled-hello-{how}", listener, client_ssl_context(tls) if tls else None)
+
+
+def _client_hello(context: ssl.SSLContext, host: str) -> bytes:
+    """The bytes a TLS client opens with (its ClientHello), to send by hand."""
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=host)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+class _FailingAccept:
+    """A listening socket whose accept() fails with `error` the first `times` calls."""
+
+    def __init__(self, sock: socket.socket, error: int, times: int):
+        self.sock, self.error, self.left = sock, error, times
+
+    def accept(self):
+        if self.left:
+            self.left -= 1
+            raise OSError(self.error, os.strerror(self.error))
+        return self.sock.accept()
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ECONNABORTED])
+def test_a_failing_accept_backs_off_and_the_listener_keeps_serving(decode, monkeypatch, error):
+    exits, flaky = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the old way out; must not be taken
+
+    def fail_first_accepts(listener):
+        flaky.append(_FailingAccept(listener._socket, error, times=2))
+        listener._socket = flaky[0]
+
+    with _own_listener(decode, prepare=fail_first_accepts, max_connections=1) as listener:
+        decode.assert_serves(f"after-accept-{errno.errorcode[error]}", listener)
+        assert flaky[0].left == 0 and not exits
 
 
 # -- draining and closing ------------------------------------------------------------------------
@@ -483,7 +615,7 @@ def test_tls_with_client_certificates(decode, tmp_path):
             finally:
                 decode.release(rid)
 
-        assert send("tls-ok", client_ssl_context(tls)) == 2 * _nbytes(k)
+        decode.assert_serves("tls-ok", listener, client_ssl_context(tls))
         no_client_cert = ssl.create_default_context(cafile=pki.ca)
         with pytest.raises(OSError):  # the handshake or the first read fails: no certificate, no entry
             send("tls-no-cert", no_client_cert)
@@ -518,12 +650,35 @@ def test_a_wildcard_data_address_is_dialled_at_the_workers_own_host():
 def test_frame_buffers_are_reused_across_connections(decode):
     """A fresh buffer per connection would pay first-touch page faults on every request."""
     k, v = _kv(9, 33)
-    for rid in ("buffers-1", "buffers-2"):
-        address, ticket = decode.reserve(rid)
-        send_kv(address, rid, ticket, kv_frame_parts(rid, 1, k, v, chunk_bytes=1 << 20), timeout_s=10)
-        assert decode.release(rid)
-        deadline = time.monotonic() + 5  # the handler gives its buffer back after answering
-        while not any(len(b) >= k[0].nbytes for b in decode.listener._buffers):
-            assert time.monotonic() < deadline, "the connection's grown frame buffer was not kept"
-            time.sleep(0.01)
-    assert len(decode.listener._buffers) <= 4
+    grown = []  # each connection's buffer once given back (held: an id stays unique while it lives)
+    with _own_listener(decode) as listener:
+        for rid in ("buffers-1", "buffers-2", "buffers-3"):
+            decode.reserve(rid)
+            ticket = listener.issue_ticket(rid, 30)
+            frames = kv_frame_parts(rid, 1, k, v, chunk_bytes=1 << 20)
+            assert send_kv(listener.address, rid, ticket, frames, timeout_s=10) == 2 * _nbytes(k)
+            assert decode.release(rid)
+            deadline = time.monotonic() + 5  # the handler gives its buffer back after answering, then ends
+            while listener._handlers:
+                assert time.monotonic() < deadline, "the connection's handler did not end"
+                time.sleep(0.01)
+            assert len(listener._buffers) == 1 and len(listener._buffers[0]) >= k[0].nbytes, listener._buffers
+            grown.append(listener._buffers[0])
+    assert len({id(b) for b in grown}) == 1  # the very buffer the first connection grew, every time
+    decode.wait_all_free("after the buffer reuse test")
+
+
+def test_a_data_port_that_refuses_connections_falls_back_to_transfer_kv(decode):
+    _, ticket = decode.reserve("fallback")
+    with socket.socket() as closed:  # bound, never listening: a connection to it is refused
+        closed.bind(("127.0.0.1", 0))
+        job = PrefillJob("fallback", [1, 2, 3], SamplingParams(), decode.address,
+                         kv_data_address=f"127.0.0.1:{closed.getsockname()[1]}", kv_ticket=ticket)
+        k, v = _kv(10, 12)
+        KVSender(ChannelPool())(job, 4, k, v)
+    with decode.engine._lock:  # the KV came through TransferKV, whole
+        slot = decode.engine.scheduler.slots["fallback"]
+        assert slot.output_ids == [4] and [a.tobytes() for a in slot.kv[0] + slot.kv[1]] == [
+            x.tobytes() for x in k + v]
+    assert decode.release("fallback")
+    decode.wait_all_free("after the fallback")
