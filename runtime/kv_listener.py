@@ -216,8 +216,8 @@ class KVListener:
         """The answer to a refused ticket. Expired: NOT_FOUND, as TransferKV answers for a reservation
         whose lease ended (the sender logs that at INFO); the ticket matched, so its holder learns
         nothing new. Any other (unknown, used, another request's): UNAUTHENTICATED, as the book
-        gives those one refusal so that a stranger cannot probe for live request ids. A ticket
-        that expired and was then purged (TicketBook.issue drops expired ones) looks unknown."""
+        gives those one refusal so that a stranger cannot probe for live request ids. An expired
+        ticket is kept for EXPIRED_KEPT_S (kv_tickets.py); after that it looks unknown."""
         if isinstance(error, TicketExpired):
             log.info("KV data connection from %s for request %s refused: its ticket expired",
                      peer, _clipped(request_id))

@@ -18,6 +18,10 @@ import time
 from typing import Callable
 
 TICKET_BYTES = 16
+# An expired ticket stays this long, so that a sender arriving late hears "expired" (NOT_FOUND, as
+# TransferKV answers) rather than "no valid ticket"; the book still holds at most the tickets
+# issued within one lease plus this.
+EXPIRED_KEPT_S = 60.0
 
 
 class TicketRefused(Exception):
@@ -50,9 +54,8 @@ class TicketBook:
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             now = self.clock()
-            # Bounded: every entry leaves once used or expired, so the book holds at most the
-            # reservations made within one lease.
-            for rid in [r for r, e in self._entries.items() if e.expires_at < now]:
+            # Bounded: every entry leaves once used, or EXPIRED_KEPT_S after it expired.
+            for rid in [r for r, e in self._entries.items() if e.expires_at + EXPIRED_KEPT_S < now]:
                 del self._entries[rid]
             self._entries[request_id] = _Entry(ticket, now + lease_s)
         return ticket
