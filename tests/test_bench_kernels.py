@@ -79,3 +79,15 @@ def test_our_variants_are_compared_with_the_peers_only():
     assert ours.vs_best_peer == pytest.approx(peer.ms / ours.ms)
     assert variant.vs_best_peer == pytest.approx(peer.ms / variant.ms)
     assert peer.vs_best_peer == pytest.approx(min(ours.ms, variant.ms) / peer.ms)
+
+
+def test_a_peer_with_wrong_output_is_shown_but_not_compared_with():
+    cfg = bench_kernels.parse_args(TINY)[0]
+    inputs = bench_kernels.decode_inputs(cfg, 40, seed=0)
+    good = bench_kernels.decode_impls("cpu")["reference (XLA)"]
+    rows = bench_kernels.run_shape("decode", "s", {"splitserve xla": good, "wrong": lambda *a: 2 * good(*a),
+                                                   "peer": good}, inputs, good(*inputs),
+                                   bench_kernels.decode_bytes(cfg, 40), 1.0, reps=1)
+    ours, wrong, peer = rows
+    assert wrong.rel_err == pytest.approx(1.0) and wrong.ms > 0
+    assert ours.vs_best_peer == pytest.approx(peer.ms / ours.ms)  # not min(wrong, peer)

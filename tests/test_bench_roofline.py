@@ -25,3 +25,12 @@ def test_decode_figure_on_demo_model():
     per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 688 + 2 * 256
     assert fig.bytes.weights == (4 * per_layer + 256 + 256 * 2048) * 4
     assert fig.bytes.total == fig.bytes.weights + fig.bytes.kv
+
+
+def test_a_failing_attention_is_reported_and_the_others_still_measured(tmp_path, capsys):
+    cfg = bench_roofline.RooflineConfig(models=("demo",), batches=(2,), contexts=(32,), steps=1, warmup_steps=0,
+                                        copy_mib=8, copy_reps=1, attention_impls=("xla", "bogus"))
+    bandwidth, figures, failed = bench_roofline.run(cfg, tmp_path)
+    assert [f.attention_impl for f in figures] == ["xla"] and figures[0].device_step_s > 0
+    assert failed == ["demo (bogus attention)"]
+    assert "impl must be one of" in capsys.readouterr().err  # the traceback says why

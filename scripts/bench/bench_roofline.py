@@ -165,7 +165,7 @@ def measure_decode(runner, name: str, batch: int, context: int, steps: int, warm
                         step_bytes(runner, batch, context), device_s)
 
 
-def device_step_seconds(runner, inputs: tuple, reps: int = 5, calls: int = 10) -> float:
+def device_step_seconds(runner, inputs: tuple, reps: int = 3, calls: int = 5) -> float:
     """The decode program alone: inputs put on the device once, `calls` steps dispatched back to
     back (each takes the cache the previous one returned) and one wait at the end; the mean per
     step, median over `reps`. Its gap to the full step is host work: building the inputs,
@@ -255,9 +255,10 @@ def load(name: str, dtype: str, workdir: Path):
     return load_model(path, make_mesh(MeshConfig(tp=1)), dtype=dtype)
 
 
-def run(cfg: RooflineConfig, workdir: Path) -> tuple[dict[str, float], list[DecodeFigure]]:
+def run(cfg: RooflineConfig, workdir: Path) -> tuple[dict[str, float], list[DecodeFigure], list[str]]:
+    """Returns the copy bandwidths, the figures, and the (model, attention) pairs that failed."""
     bandwidth = measure_bandwidth(cfg)  # before any cache is allocated: the copy arrays come and go
-    figures = []
+    figures, failed = [], []
     for name in cfg.models:
         model = load(name, cfg.dtype, workdir)
         for impl in cfg.attention_impls:
@@ -271,9 +272,10 @@ def run(cfg: RooflineConfig, workdir: Path) -> tuple[dict[str, float], list[Deco
             except Exception:  # noqa: BLE001 - one attention that fails must not lose the others' figures
                 traceback.print_exc()
                 print(f"  {name} ({impl} attention) FAILED (traceback above)", file=sys.stderr, flush=True)
+                failed.append(f"{name} ({impl} attention)")
             runner = None  # free the KV cache before the next one
         del model
-    return bandwidth, figures
+    return bandwidth, figures, failed
 
 
 def print_table(bandwidth: dict[str, float], figures: list[DecodeFigure], ref: float, load_avg) -> None:
@@ -326,7 +328,7 @@ def main(argv=None) -> int:
     import jax
 
     with tempfile.TemporaryDirectory(prefix="bench_roofline-") as tmp:
-        bandwidth, figures = run(cfg, Path(tmp))
+        bandwidth, figures, failed = run(cfg, Path(tmp))
     load_avg = os.getloadavg()
     platform_name = jax.default_backend()
     ref = max(bandwidth.values())  # the most this run showed the memory can do
@@ -336,11 +338,13 @@ def main(argv=None) -> int:
                      device_gbytes_per_s=f.device_gbytes_per_s, device_of_reference=f.device_gbytes_per_s / ref)
                 for f in figures]
         result = dict(config=dataclasses.asdict(cfg), copy_gbytes_per_s=bandwidth, reference_gbytes_per_s=ref,
-                      rows=rows, date=time.strftime("%Y-%m-%d"),
+                      rows=rows, failed=failed, date=time.strftime("%Y-%m-%d"),
                       machine=dict(platform=platform.platform(), cpus=os.cpu_count(), load_avg=load_avg, l3=l3_size(),
                                    jax=jax.__version__, backend=platform_name, device=str(jax.devices()[0])))
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if failed:
+        print("FAILED: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
