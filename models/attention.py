@@ -6,8 +6,8 @@ only to that shard's KV heads (both are laid out contiguously by group), so no
 communication is needed inside attention.
 
 The model picks kernels that are proven on the platform: TPU kernels on TPU; the GPU
-kernels on a GPU (on an H200, decode of a 1.1B Llama at batch 64 took 5.5 ms a step with them
-and 10.1 ms with the reference at context 2048; prefill attention alone was 21x faster, see
+kernels on a GPU (on an H200, decode of a 1.1B Llama at batch 64 took 5.0 ms a step with them
+and 9.2 ms with the reference at context 2048; prefill attention alone was 21x faster, see
 scripts/bench/RESULTS.md); on a CPU the plain-JAX "xla" paged attention (it stops at the
 longest row instead of reading the whole padded page table; tested against the reference
 like the kernels); the plain-JAX reference elsewhere.

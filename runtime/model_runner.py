@@ -157,9 +157,14 @@ class ModelRunner:
 
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
                sampling: list, steps: list[int]) -> list[int]:
-        next_tokens, self.cache = self._decode(self.model.params, self.cache,
-                                               *self.decode_inputs(tokens, positions, page_lists, sampling, steps))
+        next_tokens = self.decode_step(self.decode_inputs(tokens, positions, page_lists, sampling, steps))
         return np.asarray(next_tokens)[: len(tokens)].tolist()
+
+    def decode_step(self, inputs: tuple) -> jax.Array:
+        """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens as a device
+        array without waiting for them (the cache is updated in place)."""
+        next_tokens, self.cache = self._decode(self.model.params, self.cache, *inputs)
+        return next_tokens
 
     def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
                       sampling: list, steps: list[int]) -> tuple:

@@ -141,7 +141,7 @@ DECODE_GPU_VARIANTS = [  # (pages_per_compute_block, num_splits, num_warps, num_
     (8, None, 4, 2), (8, None, 8, 3), (4, 2, 4, 3), (16, None, 8, 2), (2, None, 4, 3), (8, 4, 4, 2),
 ]
 FLASH_GPU_VARIANTS = [  # (block_q, block_k, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+    (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2),
 ]
 VARIANT_PREFIX = "splitserve gpu "
 # Above this relative error against the f32 reference an output is wrong, not imprecise (bf16 lands
@@ -167,7 +167,12 @@ def decode_impls(platform: str, tune: bool = False) -> dict[str, Callable]:
 def _jax_gpu_paged(q, k_pages, v_pages, lengths, page_indices):
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    return paged_attention(q, k_pages, v_pages, page_indices, lengths)
+    # It applies no softmax scale: q comes pre-scaled, as for every peer without a scale argument.
+    return paged_attention(_prescaled(q), k_pages, v_pages, page_indices, lengths)
+
+
+def _prescaled(q):
+    return q * (q.shape[-1] ** -0.5)
 
 
 def prefill_impls(platform: str, tune: bool = False) -> dict[str, Callable]:
@@ -195,7 +200,8 @@ def _jax_mosaic_gpu_attention(q, k, v, lengths=None):
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
-    half = [x.astype("float16") for x in (q, k, v)]  # it computes in float16 only (bfloat16 is refused)
+    # float16 only (bfloat16 is refused); no softmax scale of its own, so q comes pre-scaled.
+    half = [x.astype("float16") for x in (_prescaled(q), k, v)]
     return attention_mgpu.attention(*half, config)
 
 
@@ -264,11 +270,15 @@ def run_shape(kernel: str, shape: str, impls: dict[str, Callable], inputs, refer
         rows.append(row)
     for row in rows:  # our rows are compared with the peers only, not with each other
         ours = row.impl.startswith("splitserve")
-        others = [r.ms for r in rows if r is not row and r.ms is not None and r.rel_err < WRONG_REL_ERR
+        others = [r.ms for r in rows if r is not row and r.ms is not None and _right(r)
                   and not (ours and r.impl.startswith("splitserve"))]
         if row.ms is not None and others:
             row.vs_best_peer = min(others) / row.ms
     return rows
+
+
+def _right(row: Row) -> bool:
+    return row.rel_err is not None and row.rel_err < WRONG_REL_ERR  # NaN is not right either
 
 
 def run(cfg: BenchConfig) -> tuple[dict, list[Row]]:
@@ -307,7 +317,7 @@ def print_table(cfg: BenchConfig, ceilings: dict, rows: list[Row], device: str) 
             print(f"| {r.kernel} | {r.shape} | {r.impl} | failed: {r.error} | | | | |")
             continue
         peer = f"{r.vs_best_peer:.2f}x" if r.vs_best_peer is not None else "-"
-        if r.rel_err >= WRONG_REL_ERR:
+        if not _right(r):
             peer = "wrong output"
         print(f"| {r.kernel} | {r.shape} | {r.impl} | {r.ms:.3f} | {r.achieved:.4g} | {r.of_ceiling:.0%} | "
               f"{peer} | {r.rel_err:.1e} |")
@@ -334,7 +344,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
     args = p.parse_args(argv)
     platform = args.platform
     if platform != "auto":
-        os.environ.setdefault("JAX_PLATFORMS", {"gpu": "cuda"}.get(platform, platform))
+        from splitserve.runtime.platform_setup import jax_platforms
+
+        os.environ.setdefault("JAX_PLATFORMS", jax_platforms(platform))
     import jax
 
     backend = jax.default_backend()

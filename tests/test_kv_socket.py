@@ -46,6 +46,7 @@ from splitserve.runtime.kv_socket import (END_OF_FRAMES, MAGIC, MAX_REQUEST_ID_B
 from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts, receive_kv
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillJob
+from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_service import KVSender
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.tls import TLSConfig, client_ssl_context, server_ssl_context
@@ -493,8 +494,8 @@ def test_a_trickled_hello_is_cut_at_the_hello_timeout_and_frees_its_slot(decode,
             start = time.monotonic()
             if how == "plain":
                 answer = _trickle(raw, hello)
-            elif how == "tls_hello":  # half the timeout spent before the handshake: it counts too
-                time.sleep(HELLO_TIMEOUT_S / 2)
+            elif how == "tls_hello":  # time spent before the handshake counts too (0.3: leaves a slow
+                time.sleep(HELLO_TIMEOUT_S * 0.3)  # loaded machine room for the client's own handshake)
                 with client_ssl_context(tls).wrap_socket(raw, server_hostname=host) as sock:
                     answer = _trickle(sock, hello)
             else:
@@ -675,7 +676,16 @@ def test_a_data_port_that_refuses_connections_falls_back_to_transfer_kv(decode):
         job = PrefillJob("fallback", [1, 2, 3], SamplingParams(), decode.address,
                          kv_data_address=f"127.0.0.1:{closed.getsockname()[1]}", kv_ticket=ticket)
         k, v = _kv(10, 12)
-        KVSender(ChannelPool())(job, 4, k, v)
+        metrics, channels = WorkerMetrics(), ChannelPool()
+        try:
+            KVSender(channels, metrics=metrics)(job, 4, k, v)
+        finally:
+            channels.close()
+    get = metrics.registry.get_sample_value  # counted once, as a gRPC transfer that succeeded
+    assert get("splitserve_kv_transfers_total", {"direction": "sent", "transport": "grpc"}) == 1
+    assert get("splitserve_kv_transfers_total", {"direction": "sent", "transport": "socket"}) is None
+    assert get("splitserve_kv_transfer_failures_total", {"direction": "sent"}) in (None, 0)
+    assert get("splitserve_kv_transfer_bytes_total", {"direction": "sent"}) == 2 * _nbytes(k)
     with decode.engine._lock:  # the KV came through TransferKV, whole
         slot = decode.engine.scheduler.slots["fallback"]
         assert slot.output_ids == [4] and [a.tobytes() for a in slot.kv[0] + slot.kv[1]] == [

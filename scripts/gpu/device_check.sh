@@ -30,12 +30,14 @@ $PY -c "import jax, flax, google.protobuf as pb; print('jax', jax.__version__, '
 'protobuf', pb.__version__, jax.devices())" >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+worst=0  # the exit status: the first failing step's
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in $OUT/NAME.log
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   echo "== $name: rc=$rc in $((SECONDS - start)) s"
+  if [ "$worst" -eq 0 ]; then worst=$rc; fi
 }
 
 [ -n "${SKIP_TESTS:-}" ] || step tests "${TESTS_S:-150}" env SPLITSERVE_TEST_PLATFORM=cuda $PY -m pytest -q -p no:cacheprovider \
@@ -51,3 +53,4 @@ step roofline "${ROOFLINE_S:-150}" $PY scripts/bench/bench_roofline.py --platfor
 [ -n "${SKIP_TESTS:-}" ] || tail -n 15 "$OUT/tests.log"
 [ -n "${SKIP_KERNELS:-}" ] || grep -E "^\||TB/s|Error" "$OUT/kernels.log" | cut -c1-220
 grep -E "^\||copy|Error" "$OUT/roofline.log" | cut -c1-220
+exit "$worst"
