@@ -24,6 +24,7 @@ import queue
 import threading
 
 from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
+from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.sampling import SamplingParams
@@ -39,8 +40,10 @@ class StreamError(Exception):
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, *, max_batch: int):
+    def __init__(self, runner: ModelRunner, *, max_batch: int, turns: DeviceTurns | None = None):
+        """`turns`: shared with a prefill engine on the same device (runtime/device_turns.py)."""
         self.runner = runner
+        self._device_turn = turns.turn if turns is not None else no_turns
         self.eos_token_ids = runner.model.config.eos_token_ids
         self.scheduler = DecodeScheduler(PageAllocator(runner.config.num_pages),
                                          page_size=runner.config.page_size, max_batch=max_batch)
@@ -128,16 +131,17 @@ class DecodeEngine:
             admitted = [(s, s.kv) for s in plan.admit]
             for slot in plan.admit:
                 slot.kv = None  # the host copy is no longer needed once inserted
-        if admitted:
-            self.runner.insert_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
-                                  [s.prompt_len for s, _ in admitted])
-        tokens = self.runner.decode(
-            tokens=[s.output_ids[-1] for s in plan.decode],
-            positions=[s.num_tokens - 1 for s in plan.decode],
-            page_lists=[s.pages for s in plan.decode],
-            sampling=[s.params for s in plan.decode],
-            steps=[len(s.output_ids) for s in plan.decode],
-        )
+        with self._device_turn():
+            if admitted:
+                self.runner.insert_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
+                                      [s.prompt_len for s, _ in admitted])
+            tokens = self.runner.decode(
+                tokens=[s.output_ids[-1] for s in plan.decode],
+                positions=[s.num_tokens - 1 for s in plan.decode],
+                page_lists=[s.pages for s in plan.decode],
+                sampling=[s.params for s in plan.decode],
+                steps=[len(s.output_ids) for s in plan.decode],
+            )
         self.steps += 1
         self._emit(plan.decode, tokens)
         return True

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from splitserve.runtime.deadlines import DeadlinePassed
+from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.host_kv import BatchHostKV
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
@@ -71,10 +72,14 @@ SendKV = Callable[[PrefillJob, PrefilledRow], None]
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, send_kv: SendKV, *, max_prefill_batch: int,
                  max_prefill_tokens: int = 8192, sender_threads: int = 4, max_queued: int = DEFAULT_MAX_QUEUED,
-                 clock: Callable[[], float] = time.monotonic, metrics: WorkerMetrics | None = None):
+                 clock: Callable[[], float] = time.monotonic, metrics: WorkerMetrics | None = None,
+                 turns: DeviceTurns | None = None):
+        """`turns`: shared with a decode engine on the same device (runtime/device_turns.py); a batch
+        holds its turn until its first tokens are out."""
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {max_queued}")
         self.runner = runner
+        self._device_turn = turns.turn if turns is not None else no_turns
         self.metrics = metrics or WorkerMetrics()
         self.send_kv = send_kv
         self.max_prefill_batch = max_prefill_batch
@@ -171,16 +176,9 @@ class PrefillEngine:
         started = time.perf_counter()
         for job in live:
             self.metrics.prefill_queue_time.observe(started - job.submitted_at)
-        first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
-                                                     [0] * len(live))
-        host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
-        for row, job in enumerate(live):
-            if job.decode_address:
-                with self._sends_lock:
-                    self._sends_pending += 1
-                self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
         try:
-            tokens = np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
+            with self._device_turn():
+                tokens = self._run_on_device(live)
         except Exception as e:  # noqa: BLE001 - fail these requests (and their senders), not the worker
             for job in live:
                 job.first_token.set_exception(e)
@@ -190,6 +188,18 @@ class PrefillEngine:
                 self._running -= len(live)
         for job, token in zip(live, tokens):
             job.first_token.set_result(token)
+
+    def _run_on_device(self, live: list[PrefillJob]) -> list[int]:
+        """Dispatches the batch, hands each row's KV to a sender at once, and waits for the first tokens."""
+        first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
+                                                     [0] * len(live))
+        host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
+        for row, job in enumerate(live):
+            if job.decode_address:
+                with self._sends_lock:
+                    self._sends_pending += 1
+                self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
+        return np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
 
     def _send(self, job: PrefillJob, kv: PrefilledRow) -> None:
         try:

@@ -29,6 +29,7 @@ from splitserve.models.sharding import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service
+from splitserve.runtime.device_turns import DeviceTurns
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server
 from splitserve.runtime.kv_listener import KVListener, KVListenerConfig
@@ -110,8 +111,10 @@ class Worker:
         self.decode_engine = self.prefill_engine = None
         self.metrics = WorkerMetrics()
         self.kv_listener: KVListener | None = None
+        # Colocated on a CPU, the two engines take turns on the cores (runtime/device_turns.py).
+        turns = DeviceTurns() if config.role == "colocated" and platform == "cpu" else None
         if has_decode:
-            self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch)
+            self.decode_engine = DecodeEngine(self.runner, max_batch=config.max_batch, turns=turns)
             self.metrics.watch_decode(self.decode_engine.stats)
             receiver = KVReceiver(self.decode_engine)
             if config.role == "decode" and config.kv_transport == "socket":
@@ -124,7 +127,7 @@ class Worker:
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
-                                                metrics=self.metrics)
+                                                metrics=self.metrics, turns=turns)
             self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role),

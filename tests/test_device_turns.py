@@ -1,0 +1,151 @@
+"""Engines sharing one device take turns, first come first served (runtime/device_turns.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from splitserve.models.loader import load_model
+from splitserve.models.sharding import MeshConfig, make_mesh
+from splitserve.runtime.decode_engine import END, DecodeEngine
+from splitserve.runtime.device_turns import DeviceTurns
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
+from splitserve.runtime.sampling import SamplingParams
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_turns_are_granted_in_the_order_they_were_asked_for():
+    turns, order = DeviceTurns(), []
+    holder_may_leave = threading.Event()
+
+    def holder():
+        with turns.turn():
+            order.append("holder")
+            holder_may_leave.wait(10)
+
+    def waiter(name):
+        with turns.turn():
+            order.append(name)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    _wait_until(lambda: order == ["holder"])
+    for i, name in enumerate(["second", "third", "fourth"]):  # each asks only once the one before waits
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        _wait_until(lambda: turns.waiting == i + 1)
+    holder_may_leave.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["holder", "second", "third", "fourth"]
+    assert turns.waiting == 0
+
+
+def test_a_turn_that_raises_is_given_back():
+    turns = DeviceTurns()
+    with pytest.raises(RuntimeError, match="boom"):
+        with turns.turn():
+            raise RuntimeError("boom")
+    done = threading.Event()
+
+    def next_turn():
+        with turns.turn():
+            done.set()
+
+    threading.Thread(target=next_turn, daemon=True).start()
+    assert done.wait(10), "the turn of the failed holder was never given back"
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    import os
+
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return ModelRunner(load_model("demo", make_mesh(MeshConfig(1))), RunnerConfig(num_pages=64, max_batch=8,
+                                                                                  max_prefill_batch=2))
+
+
+def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
+    """Prompts arrive one by one while earlier requests decode, as in a colocated worker: every
+    prefill (dispatch to first tokens on the host) falls between decode steps, never inside one,
+    and every request still gets the tokens of a prefill and decode run alone."""
+    busy: list[tuple[str, float, float]] = []  # (engine, start, end) of device work
+    real_prefill, real_decode = runner.prefill_async, runner.decode
+
+    class TimedTokens:  # the prefill's device work ends when its first tokens reach the host
+        def __init__(self, first, start):
+            self.first, self.start = first, start
+
+        def __array__(self, dtype=None, copy=None):
+            tokens = np.asarray(self.first)
+            busy.append(("prefill", self.start, time.perf_counter()))
+            return tokens
+
+    def timed_prefill(*args):
+        start = time.perf_counter()
+        first, ks, vs, lengths = real_prefill(*args)
+        return TimedTokens(first, start), ks, vs, lengths
+
+    def timed_decode(*args, **kwargs):
+        start = time.perf_counter()
+        tokens = real_decode(*args, **kwargs)
+        busy.append(("decode", start, time.perf_counter()))
+        return tokens
+
+    turns = DeviceTurns()
+    decode = DecodeEngine(runner, max_batch=8, turns=turns)
+
+    def send_kv(job, kv):  # the colocated worker's hand-over: the KV stays on the device
+        decode.kv_arrived(job.request_id, kv, kv.length, job.first_token.result())
+
+    prefill = PrefillEngine(runner, send_kv, max_prefill_batch=2, turns=turns)
+    runner.prefill_async, runner.decode = timed_prefill, timed_decode
+    threads = [threading.Thread(target=e.run_forever, daemon=True) for e in (decode, prefill)]
+    for t in threads:
+        t.start()
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    try:
+        streams = []
+        for i, prompt in enumerate(prompts):
+            rid = f"r{i}"
+            decode.reserve(rid, len(prompt) + params.max_tokens, lease_s=60)
+            first = prefill.submit(PrefillJob(rid, prompt, params, decode_address="self")).result(timeout=60)
+            streams.append((first, decode.open_stream(rid, params)))
+            if i == 0:  # the rest arrive while it decodes
+                _wait_until(lambda: decode.steps >= 3, timeout_s=60)
+        outputs = []
+        for first, out in streams:
+            tokens = [first]
+            while (item := out.get(timeout=60)) is not END:
+                tokens.append(item[0])
+            outputs.append(tokens)
+    finally:
+        runner.prefill_async, runner.decode = real_prefill, real_decode
+        decode.stop()
+        prefill.stop()
+        for t in threads:
+            t.join(30)
+
+    prefills = [(s, e) for kind, s, e in busy if kind == "prefill"]
+    decodes = [(s, e) for kind, s, e in busy if kind == "decode"]
+    assert len(prefills) >= 5 and len(decodes) >= params.max_tokens  # each prompt came alone (one joined late)
+    first_prefill_end = min(e for _, e in prefills)
+    assert any(s > first_prefill_end for s, _ in decodes) and any(s < max(e for _, e in prefills) for s, _ in decodes)
+    overlaps = [(p, d) for p in prefills for d in decodes if min(p[1], d[1]) > max(p[0], d[0])]
+    assert not overlaps, f"prefill and decode ran at once: {overlaps[:3]}"
+
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig  # the same prompts, one engine
+
+    alone = ColocatedEngine(runner.model, EngineConfig(num_pages=64, max_batch=8)).generate(prompts, params)
+    assert outputs == [c.token_ids for c in alone]
