@@ -64,6 +64,11 @@ class RunnerConfig:
     # attention stop at each row's (or the longest row's) length. None: fine exactly when the
     # model's attention is the reference.
     fine_page_table_widths: bool | None = None
+    # Prompt lengths at 1.5x steps as well as powers of two (96 is a bucket, not 128). None: fine
+    # exactly when prefill attention is plain JAX (the CPU): there prefill is compute-bound and its
+    # time follows the padded tokens (8 prompts of 96 tokens on a 2-core CPU: 234 ms at 96, 325 at
+    # 128); the Pallas kernels keep power-of-two tiles.
+    fine_prompt_buckets: bool | None = None
 
 
 def _logits_and_sample(graphdef, params, x, lengths, sampling):
@@ -94,6 +99,8 @@ class ModelRunner:
         impl = config.attention_impl
         self.fine_widths = (model_attention_impl(impl) == "reference" if config.fine_page_table_widths is None
                             else config.fine_page_table_widths)
+        self.fine_prompts = (model_attention_impl(impl) in ("xla", "reference") if config.fine_prompt_buckets is None
+                             else config.fine_prompt_buckets)
         mesh = model.mesh
         # Prefill runs as separate jits per stage, one compiled layer for every layer, so each
         # layer's K/V is a separate device array, ready (and sendable) while later layers compute.
@@ -108,6 +115,10 @@ class ModelRunner:
     def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:
         batch = bucket(len(lengths), minimum=1, maximum=max(self.config.max_prefill_batch, len(lengths)))
         return batch, self.padded_prompt_len(max(lengths))
+
+    def prompt_buckets(self) -> list[int]:
+        """Every padded prompt length a prefill or insert may use."""
+        return all_buckets(minimum=self.config.min_prefill_bucket, maximum=self.max_model_len, fine=self.fine_prompts)
 
     def page_table_widths(self) -> list[int]:
         """Every page-table width a decode step or insert may use."""
@@ -239,4 +250,5 @@ class ModelRunner:
 
     def padded_prompt_len(self, length: int) -> int:
         """Token rows a prompt's KV is padded to for insertion (the prefill length bucket)."""
-        return bucket(length, minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
+        return bucket(length, minimum=self.config.min_prefill_bucket, maximum=self.max_model_len,
+                      fine=self.fine_prompts)

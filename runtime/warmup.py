@@ -26,7 +26,7 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
     decode step for every (batch, page-table width) bucket. `full=False`: smallest lengths only.
     Returns the number of programs compiled."""
     cfg = runner.config
-    seqs = all_buckets(minimum=cfg.min_prefill_bucket, maximum=runner.max_model_len)
+    seqs = runner.prompt_buckets()
     count = 0
     for batch in all_buckets(minimum=1, maximum=cfg.max_prefill_batch):
         for seq in seqs if full else seqs[:1]:
