@@ -24,7 +24,7 @@ def runner(request, tmp_path_factory):
 
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     model = load_model("demo", make_mesh(MeshConfig(request.param)))
-    model = dataclasses.replace(model, config=dataclasses.replace(model.config, max_model_len=64))  # 3 buckets
+    model = dataclasses.replace(model, config=dataclasses.replace(model.config, max_model_len=64))  # few buckets
     return ModelRunner(model, RunnerConfig(page_size=16, num_pages=40, max_batch=8, max_prefill_batch=2))
 
 
@@ -50,3 +50,12 @@ def test_serving_after_full_warm_up_compiles_nothing(runner):
         runner.insert_kv(kvs, pages, lengths)
         runner.decode(first, lengths, pages, [greedy] * batch, [1] * batch)
     assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"
+
+
+def test_cpu_prompt_buckets_are_fine_and_the_kernels_keep_powers_of_two(runner):
+    """On a CPU prefill time follows the padded tokens, so prompts pad to 1.5x steps as well; the
+    Pallas kernels' tiles stay powers of two."""
+    assert runner.prompt_buckets() == [16, 24, 32, 48, 64]
+    assert [runner.padded_prompt_len(n) for n in (1, 17, 25, 40, 49)] == [16, 24, 32, 48, 64]
+    kernels = ModelRunner(runner.model, dataclasses.replace(runner.config, num_pages=2, attention_impl="tpu"))
+    assert kernels.prompt_buckets() == [16, 32, 64] and kernels.padded_prompt_len(40) == 64
