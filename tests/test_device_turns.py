@@ -66,6 +66,29 @@ def test_a_turn_that_raises_is_given_back():
     assert done.wait(10), "the turn of the failed holder was never given back"
 
 
+def test_a_failed_prefill_fails_its_requests_and_gives_its_turn_back(runner):
+    turns = DeviceTurns()
+    engine = PrefillEngine(runner, lambda job, kv: None, max_prefill_batch=2, turns=turns)
+    real = runner.prefill_async
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    runner.prefill_async = broken
+    job = PrefillJob("r", [3, 4, 5], SamplingParams(max_tokens=2), decode_address="")
+    engine.submit(job)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):  # run_forever would now exit the process
+            engine._prefill(engine._next_batch())
+    finally:
+        runner.prefill_async = real
+    with pytest.raises(RuntimeError, match="device lost"):
+        job.first_token.result(timeout=1)
+    assert engine.in_flight == 0
+    with turns.turn():  # free at once
+        assert turns.waiting == 0
+
+
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     import os
@@ -77,10 +100,11 @@ def runner(tmp_path_factory):
 
 def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
     """Prompts arrive one by one while earlier requests decode, as in a colocated worker: every
-    prefill (dispatch to first tokens on the host) falls between decode steps, never inside one,
-    and every request still gets the tokens of a prefill and decode run alone."""
+    prefill (dispatch to first tokens on the host) falls between the decode engine's device work
+    (KV inserts and steps), never inside it, and every request still gets the tokens of the
+    engine run alone."""
     busy: list[tuple[str, float, float]] = []  # (engine, start, end) of device work
-    real_prefill, real_decode = runner.prefill_async, runner.decode
+    real_prefill, real_decode, real_insert = runner.prefill_async, runner.decode, runner.insert_kv
 
     class TimedTokens:  # the prefill's device work ends when its first tokens reach the host
         def __init__(self, first, start):
@@ -96,11 +120,14 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
         first, ks, vs, lengths = real_prefill(*args)
         return TimedTokens(first, start), ks, vs, lengths
 
-    def timed_decode(*args, **kwargs):
-        start = time.perf_counter()
-        tokens = real_decode(*args, **kwargs)
-        busy.append(("decode", start, time.perf_counter()))
-        return tokens
+    def timed(method):  # the decode engine's device work: inserting arrived KV, and its steps
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            busy.append(("decode", start, time.perf_counter()))
+            return result
+
+        return run
 
     turns = DeviceTurns()
     decode = DecodeEngine(runner, max_batch=8, turns=turns)
@@ -109,7 +136,7 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
         decode.kv_arrived(job.request_id, kv, kv.length, job.first_token.result())
 
     prefill = PrefillEngine(runner, send_kv, max_prefill_batch=2, turns=turns)
-    runner.prefill_async, runner.decode = timed_prefill, timed_decode
+    runner.prefill_async, runner.decode, runner.insert_kv = timed_prefill, timed(real_decode), timed(real_insert)
     threads = [threading.Thread(target=e.run_forever, daemon=True) for e in (decode, prefill)]
     for t in threads:
         t.start()
@@ -131,7 +158,7 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
                 tokens.append(item[0])
             outputs.append(tokens)
     finally:
-        runner.prefill_async, runner.decode = real_prefill, real_decode
+        runner.prefill_async, runner.decode, runner.insert_kv = real_prefill, real_decode, real_insert
         decode.stop()
         prefill.stop()
         for t in threads:
@@ -140,8 +167,8 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
     prefills = [(s, e) for kind, s, e in busy if kind == "prefill"]
     decodes = [(s, e) for kind, s, e in busy if kind == "decode"]
     assert len(prefills) >= 5 and len(decodes) >= params.max_tokens  # each prompt came alone (one joined late)
-    first_prefill_end = min(e for _, e in prefills)
-    assert any(s > first_prefill_end for s, _ in decodes) and any(s < max(e for _, e in prefills) for s, _ in decodes)
+    later = sorted(prefills)[1:]  # each arrived while earlier requests decoded: decode work on both sides
+    assert all(any(e <= start for _, e in decodes) and any(s >= end for s, _ in decodes) for start, end in later)
     overlaps = [(p, d) for p in prefills for d in decodes if min(p[1], d[1]) > max(p[0], d[0])]
     assert not overlaps, f"prefill and decode ran at once: {overlaps[:3]}"
 

@@ -55,7 +55,8 @@ def test_serving_after_full_warm_up_compiles_nothing(runner):
 def test_cpu_prompt_buckets_are_fine_and_the_kernels_keep_powers_of_two(runner):
     """On a CPU prefill time follows the padded tokens, so prompts pad to 1.5x steps as well; the
     Pallas kernels' tiles stay powers of two."""
-    assert runner.prompt_buckets() == [16, 24, 32, 48, 64]
-    assert [runner.padded_prompt_len(n) for n in (1, 17, 25, 40, 49)] == [16, 24, 32, 48, 64]
+    cpu = ModelRunner(runner.model, dataclasses.replace(runner.config, num_pages=2, attention_impl="xla"))
+    assert cpu.prompt_buckets() == [16, 24, 32, 48, 64]
+    assert [cpu.padded_prompt_len(n) for n in (1, 17, 25, 40, 49)] == [16, 24, 32, 48, 64]
     kernels = ModelRunner(runner.model, dataclasses.replace(runner.config, num_pages=2, attention_impl="tpu"))
     assert kernels.prompt_buckets() == [16, 32, 64] and kernels.padded_prompt_len(40) == 64
