@@ -179,7 +179,7 @@ class PrefillEngine:
         try:
             with self._device_turn():
                 tokens = self._run_on_device(live)
-        except Exception as e:  # noqa: BLE001 - fail these requests (and their senders), not the worker
+        except Exception as e:  # noqa: BLE001 - their callers and senders hear why; then the loop exits the worker
             for job in live:
                 job.first_token.set_exception(e)
             raise
