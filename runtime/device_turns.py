@@ -2,12 +2,12 @@
 
 A colocated worker runs a prefill engine thread and a decode engine thread on the same runner.
 On a CPU two XLA programs running at once split the same cores (one thread pool): both run at
-about half speed, and the decode worker then steps many more times on small batches while the
+about half speed, and the decode engine then steps many more times on small batches while the
 prompts crawl in. Measured on a 2-core CPU, 64 requests (scripts/bench/RESULTS.md, "Colocated
 worker takes turns"): prefills took 5.4 s overlapped with decode against 2.7 s alone, and the
-decode engine made 115 steps where 55 suffice. Taking turns puts each program on the whole machine, and
-first come first served alternates the two engines when both are busy (a prefill batch, a
-decode step, ...), as the colocated engine's own step does, so neither starves the other.
+decode engine made 115 steps where 55 suffice. Taking turns puts each program on the whole
+machine, and first come first served alternates the two engines when both are busy (a prefill
+batch, a decode step, ...), as the colocated engine's own step does, so neither starves.
 
 A GPU or TPU already runs programs one after another on its stream, so the worker takes turns
 only on a CPU (runtime/worker.py).

@@ -66,8 +66,8 @@ class RunnerConfig:
     fine_page_table_widths: bool | None = None
     # Prompt lengths at 1.5x steps as well as powers of two (96 is a bucket, not 128). None: fine
     # exactly when attention is plain JAX ("xla" or "reference", as on a CPU): there prefill is
-    # compute-bound and its time follows the padded tokens (8 prompts of 96 tokens on a 2-core CPU: 234 ms at 96, 325 at
-    # 128); the Pallas kernels keep power-of-two tiles.
+    # compute-bound and its time follows the padded tokens (8 prompts of 96 tokens on a 2-core
+    # CPU: 234 ms at 96, 325 at 128); the Pallas kernels keep power-of-two tiles.
     fine_prompt_buckets: bool | None = None
 
 
