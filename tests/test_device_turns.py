@@ -176,3 +176,21 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
 
     alone = ColocatedEngine(runner.model, EngineConfig(num_pages=64, max_batch=8)).generate(prompts, params)
     assert outputs == [c.token_ids for c in alone]
+
+
+def test_only_a_colocated_worker_on_a_cpu_shares_turns_between_its_engines(runner):  # runner: the demo model cached
+    from splitserve.runtime.device_turns import no_turns
+    from splitserve.runtime.worker import Worker, WorkerConfig
+
+    workers = {role: Worker(WorkerConfig(role=role, model="demo", num_pages=8, warmup="minimal", kv_transport="grpc"))
+               for role in ("colocated", "decode", "prefill")}
+    try:
+        colocated = workers["colocated"]
+        turns = colocated.decode_engine._device_turn.__self__
+        assert isinstance(turns, DeviceTurns) and colocated.prefill_engine._device_turn.__self__ is turns
+        assert workers["decode"].decode_engine._device_turn is no_turns  # alone on their devices
+        assert workers["prefill"].prefill_engine._device_turn is no_turns
+    finally:
+        for worker in workers.values():  # never started: only the port and channels to let go
+            worker.server.stop(0)
+            worker.channels.close()
