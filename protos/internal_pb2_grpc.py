@@ -175,6 +175,11 @@ class DecodeStub:
                 request_serializer=splitserve_dot_protos_dot_internal__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_internal__pb2.DecodeTokens.FromString,
                 _registered_method=True)
+        self.StreamBatched = channel.stream_stream(
+                '/splitserve.internal.v1.Decode/StreamBatched',
+                request_serializer=splitserve_dot_protos_dot_internal__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_internal__pb2.TokenBatch.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/splitserve.internal.v1.Decode/Release',
                 request_serializer=splitserve_dot_protos_dot_internal__pb2.ReleaseRequest.SerializeToString,
@@ -214,6 +219,16 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamBatched(self, request_iterator, context):
+        """Many requests on one call, as the router uses it: each DecodeRequest sent starts one (like
+        Stream), and each TokenBatch carries the new tokens of every request started on this call,
+        one message per decode step instead of one per request and token. Ending the call releases
+        the requests still on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Drops a reservation or a running request and frees its pages.
         """
@@ -244,6 +259,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=splitserve_dot_protos_dot_internal__pb2.DecodeRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_internal__pb2.DecodeTokens.SerializeToString,
+            ),
+            'StreamBatched': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatched,
+                    request_deserializer=splitserve_dot_protos_dot_internal__pb2.DecodeRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_internal__pb2.TokenBatch.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -339,6 +359,33 @@ class Decode:
             '/splitserve.internal.v1.Decode/Stream',
             splitserve_dot_protos_dot_internal__pb2.DecodeRequest.SerializeToString,
             splitserve_dot_protos_dot_internal__pb2.DecodeTokens.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatched(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.internal.v1.Decode/StreamBatched',
+            splitserve_dot_protos_dot_internal__pb2.DecodeRequest.SerializeToString,
+            splitserve_dot_protos_dot_internal__pb2.TokenBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,11 +4,12 @@
         Decode/Reserve     timeout = min(RPC cap, D - now)
         Prefill/Run        timeout = min(RPC cap, D - now); the prefill worker reads its own
                            context deadline and drops the job if it passes in the queue
-        Decode/Stream      timeout = D - now (none without a client deadline)
+        decoded tokens     waited for until D (no limit without a client deadline); they come on
+                           the worker's shared Decode/StreamBatched call, which has no deadline
 
 When the client cancels or disconnects (or D passes), gRPC runs the handler's callbacks:
-`CallScope.cancel` then cancels whichever internal call is in flight, so a router thread
-blocked on a worker returns at once and releases the request's decode pages, and a thread
+`CallScope.cancel` then cancels whichever internal call is in flight (or wakes the thread
+waiting for the request's decoded tokens), so a router thread blocked on a worker returns at once and releases the request's decode pages, and a thread
 waiting for pages stops waiting (`check` raises within one poll).
 """
 

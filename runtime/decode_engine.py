@@ -4,7 +4,9 @@
     reserve / kv_arrived / stream  ──► DecodeScheduler (under a lock)
                                        loop: expire leases → schedule → insert admitted KV
                                              → one decode step for all running → emit
-    Stream handlers  ◄── per-request queue of (token, finish_reason)
+    Stream handlers  ◄── per request, an output of (token, finish_reason) items: a queue of
+                         its own (Stream), or its share of a batched call's next message
+                         (StreamBatched: runtime/token_batches.py), flushed once per step
 
 Backpressure: every queue here is bounded. Reservations (running or waiting) hold at least one
 page each, so there are never more than the pool's pages; the batch is at most max_batch; a
@@ -22,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+from typing import Protocol
 
 from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
@@ -39,6 +42,22 @@ class StreamError(Exception):
     """Queued to a stream whose request can no longer be decoded (lease expired, bad KV)."""
 
 
+class StreamOutput(Protocol):
+    """Where a request's items go: (token, finish reason or None), then END or a StreamError."""
+
+    def put(self, item) -> None: ...
+
+    def flush(self) -> None:
+        """Called after a step's (or a release's) items: a batching output sends them now."""
+
+
+class QueueOutput(queue.Queue):
+    """One request's own queue (Decode/Stream): each item is taken as it comes."""
+
+    def flush(self) -> None:
+        pass
+
+
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, *, max_batch: int, turns: DeviceTurns | None = None):
         """`turns`: shared with a prefill engine on the same device (runtime/device_turns.py)."""
@@ -48,7 +67,7 @@ class DecodeEngine:
         self.scheduler = DecodeScheduler(PageAllocator(runner.config.num_pages),
                                          page_size=runner.config.page_size, max_batch=max_batch)
         self._lock = threading.Condition()
-        self._outputs: dict[str, queue.Queue] = {}
+        self._outputs: dict[str, StreamOutput] = {}
         self._stopped = False
         self.steps = 0
 
@@ -69,10 +88,12 @@ class DecodeEngine:
             self.scheduler.kv_arrived(request_id, kv, prompt_len, first_token)
             self._lock.notify()
 
-    def open_stream(self, request_id: str, params: SamplingParams) -> queue.Queue:
+    def open_stream(self, request_id: str, params: SamplingParams, out: StreamOutput | None = None) -> StreamOutput:
+        """Starts decoding the request once its KV is in; its tokens go to `out` (default: a
+        QueueOutput of its own), which is returned."""
         with self._lock:
             self.scheduler.stream_opened(request_id, params)
-            out = self._outputs[request_id] = queue.Queue()
+            out = self._outputs[request_id] = QueueOutput() if out is None else out
             self._lock.notify()
             return out
 
@@ -82,6 +103,7 @@ class DecodeEngine:
             out = self._outputs.pop(request_id, None)
             if out is not None:
                 out.put(StreamError(error) if error else END)
+                out.flush()
             slot = self.scheduler.slots.get(request_id)
             if slot is not None and slot.kv is not None:  # arrived, never inserted: reuse its buffers
                 self.runner.recycle_host_kv(slot.kv)
@@ -122,6 +144,7 @@ class DecodeEngine:
                 out = self._outputs.pop(request_id, None)
                 if out is not None:
                     out.put(StreamError(f"request {request_id}: its KV did not arrive before the lease expired"))
+                    out.flush()
             plan = self.scheduler.schedule()
             if plan.empty:
                 deadline = self.scheduler.next_lease_deadline()
@@ -148,6 +171,7 @@ class DecodeEngine:
 
     def _emit(self, slots: list[DecodeSlot], tokens: list[int]) -> None:
         with self._lock:
+            touched: dict[int, StreamOutput] = {}
             for slot, token in zip(slots, tokens):
                 if slot.request_id not in self.scheduler.slots:
                     continue  # released while the step ran: its pages are already free
@@ -156,8 +180,11 @@ class DecodeEngine:
                 out = self._outputs.get(slot.request_id)
                 if out is not None:
                     out.put((token, reason))
+                    touched[id(out)] = out
                 if reason is not None:
                     self.scheduler.finish(slot, reason)
                     if out is not None:
                         out.put(END)
                     self._outputs.pop(slot.request_id, None)
+            for out in touched.values():
+                out.flush()

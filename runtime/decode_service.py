@@ -1,8 +1,10 @@
-"""gRPC Decode service: reservations (with KV data tickets), the KV transfer stream, token streams."""
+"""gRPC Decode service: reservations (with KV data tickets), the KV transfer stream, token streams
+(one call per request, or many requests per call: runtime/token_batches.py)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Protocol
 
 import grpc
@@ -15,6 +17,7 @@ from splitserve.runtime.kv_receive import KVReceiver, KVRefused
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
+from splitserve.runtime.token_batches import BatchedCall
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         self.mesh, self.platform, self.role = mesh, platform, role
         self.receiver = receiver or KVReceiver(engine)
         self.kv_data = kv_data
+        self._batched_lock = threading.Lock()
+        self._batched_calls: set[BatchedCall] = set()  # StreamBatched calls in progress
 
     def Reserve(self, request, context):
         self.admission.check_or_abort(context)
@@ -89,6 +94,52 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
             if reason is not None:
                 return
 
+    def StreamBatched(self, request_iterator, context):
+        """Each DecodeRequest read starts a request; yields one TokenBatch per decode step. When the
+        call ends (the router closed or cancelled it, or went away) its open requests are released."""
+        call = BatchedCall()
+
+        def ended():
+            with self._batched_lock:
+                self._batched_calls.discard(call)
+            call.close()
+            for request_id in call.open_requests():
+                self.engine.release(request_id)
+
+        if not context.add_callback(ended):
+            return
+        with self._batched_lock:
+            self._batched_calls.add(call)
+
+        def start_requests():
+            try:
+                for request in request_iterator:
+                    self._start_batched(call, request)
+            except Exception as e:  # noqa: BLE001 - the call broke; ended() releases what it held
+                log.debug("StreamBatched request stream ended: %s", e)
+            finally:
+                call.half_close()
+
+        threading.Thread(target=start_requests, name="stream-batched", daemon=True).start()
+        yield from call.messages()
+
+    def close_batched_calls(self) -> None:
+        """Ends every StreamBatched call (the worker is stopping): without this, a router's call,
+        which has no deadline, would hold the server's stop for its whole grace period."""
+        with self._batched_lock:
+            calls = list(self._batched_calls)
+        for call in calls:
+            call.close()
+
+    def _start_batched(self, call: BatchedCall, request) -> None:
+        try:
+            sampling = sampling_from_internal(request.sampling)
+            self.engine.open_stream(request.request_id, sampling, call.output(request.request_id))
+        except UnknownRequest as e:
+            call.fail(request.request_id, grpc.StatusCode.NOT_FOUND.name, str(e))
+        except ValueError as e:
+            call.fail(request.request_id, grpc.StatusCode.INVALID_ARGUMENT.name, str(e))
+
     def Release(self, request, context):
         return internal_pb2.ReleaseResponse(released=self.engine.release(request.request_id))
 
@@ -109,6 +160,8 @@ def add_decode_service(server: grpc.Server, servicer: DecodeService) -> None:
             servicer.TransferKV, None, pb.TransferKVResponse.SerializeToString),
         "Stream": grpc.unary_stream_rpc_method_handler(
             servicer.Stream, pb.DecodeRequest.FromString, pb.DecodeTokens.SerializeToString),
+        "StreamBatched": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamBatched, pb.DecodeRequest.FromString, pb.TokenBatch.SerializeToString),
         "Release": grpc.unary_unary_rpc_method_handler(
             servicer.Release, pb.ReleaseRequest.FromString, pb.ReleaseResponse.SerializeToString),
         "Stats": grpc.unary_unary_rpc_method_handler(

@@ -6,10 +6,12 @@ One request, disaggregated:
     2. Prefill/Run      on the least-loaded prefill worker, with that address and ticket; returns
                         the FIRST token (TTFT); the prefill worker streams the KV to the decode
                         worker meanwhile (over the data socket, else through TransferKV)
-    3. Decode/Stream    the remaining tokens, once the KV has arrived
+    3. Decode/StreamBatched  the remaining tokens, once the KV has arrived: one call per decode
+                        worker carries every request's tokens, a message per decode step
+                        (runtime/token_feed.py)
 Colocated mode is the same protocol against workers that hold both roles (the KV stays
-in-process). If the client goes away, the decode stream is cancelled and the reservation
-released at once. A worker that answers UNAVAILABLE (dead, draining) is marked down and
+in-process). If the client goes away, the request leaves the shared token stream and its
+reservation is released at once. A worker that answers UNAVAILABLE (dead, draining) is marked down and
 skipped until it reports SERVING again (runtime/worker_health.py); a prefill that fails so
 is retried on another prefill worker, with a fresh reservation (see _reserve_and_prefill).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -36,6 +39,7 @@ from splitserve.runtime.request import FinishReason
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 from splitserve.runtime.text_stream import TextStream
+from splitserve.runtime.token_feed import FeedCancelled, FeedError, TokenFeed
 from splitserve.runtime.worker_health import WorkerHealth
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class WorkerHandle:
     role: str  # "prefill" | "decode" | "colocated"
     prefill: internal_pb2_grpc.PrefillStub | None
     decode: internal_pb2_grpc.DecodeStub | None
+    feed: TokenFeed | None = None  # the decode tokens of every request there (decode and colocated roles)
     in_flight: int = 0
     free_pages: int = 0
     mesh: str = ""
@@ -106,9 +111,10 @@ class Router:
 
         def handle(address, role):
             channel = self.channels.get(address)
-            return WorkerHandle(address, role,
-                                internal_pb2_grpc.PrefillStub(channel) if role != "decode" else None,
-                                internal_pb2_grpc.DecodeStub(channel) if role != "prefill" else None)
+            decode = internal_pb2_grpc.DecodeStub(channel) if role != "prefill" else None
+            feed = TokenFeed(decode, on_broken=lambda why: self.health.mark_down(address, why)) if decode else None
+            return WorkerHandle(address, role, internal_pb2_grpc.PrefillStub(channel) if role != "decode" else None,
+                                decode, feed)
 
         if colocated:
             self.workers = [handle(a, "colocated") for a in colocated]
@@ -118,6 +124,12 @@ class Router:
             self.decode_workers = [handle(a, "decode") for a in decode]
             self.workers = self.prefill_workers + self.decode_workers
         self.health = WorkerHealth([w.address for w in self.workers], self.channels, on_up=self._refresh_address)
+
+    def close(self) -> None:
+        """Ends the token streams to the decode workers (what is still on them is released there)."""
+        for worker in self.workers:
+            if worker.feed is not None:
+                worker.feed.close()
 
     # -- workers --------------------------------------------------------------------------
     def refresh_stats(self) -> None:
@@ -172,7 +184,7 @@ class Router:
         sampling = sampling_to_internal(params)
         text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop)
         progress = _Progress(params, [])
-        decode = stream = None
+        decode = None
         try:
             decode, request_id, first = self._reserve_and_prefill(request_id, prompt_ids, sampling, params.max_tokens,
                                                                   scope, on_prefill)
@@ -180,33 +192,43 @@ class Router:
             yield event
             if event.finish_reason:
                 return
-            stream = decode.decode.Stream(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling),
-                                          timeout=scope.timeout(None))
-            with scope.cancelling(stream):
-                for msg in stream:
-                    for token in msg.token_ids:
-                        event = self._event(token, progress, text, msg.finish_reason)
-                        yield event
-                        if event.finish_reason:
-                            return
-            raise RouterError(grpc.StatusCode.INTERNAL, "decode stream ended without a finish reason")
+            yield from self._decoded(decode, request_id, sampling, progress, text, scope)
+        except FeedError as e:  # the worker stopped this request, or its token stream broke
+            raise RouterError(_passed_through(e.code), f"worker failed: {e}") from e
         except grpc.RpcError as e:
             if scope.cancelled and isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.CANCELLED:
                 raise CallCancelled("the client cancelled the request") from None
             if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
                 raise
-            if e.code() is grpc.StatusCode.UNAVAILABLE and decode is not None:  # the decode stream broke
-                self.health.mark_down(decode.address, f"decode stream: {e.details()}")
-            # Codes that describe the request pass through; anything else is the worker's fault.
-            passed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      grpc.StatusCode.DEADLINE_EXCEEDED)
-            code = e.code() if e.code() in passed else grpc.StatusCode.UNAVAILABLE
-            raise RouterError(code, f"worker failed: {e.details()}") from e
+            raise RouterError(_passed_through(e.code()), f"worker failed: {e.details()}") from e
         finally:
-            if stream is not None:
-                stream.cancel()
             if decode is not None:
                 self._release(decode, request_id)
+
+    def _decoded(self, decode: WorkerHandle, request_id: str, sampling, progress: _Progress, text: TextStream,
+                 scope: CallScope) -> Iterator[RouterEvent]:
+        """The tokens after the first, from the decode worker's shared token stream."""
+        stream = decode.feed.start(request_id, sampling)
+        try:
+            with scope.cancelling(stream):
+                while True:
+                    try:
+                        entry = stream.next(timeout=scope.timeout(None))
+                    except queue.Empty:
+                        scope.check()  # the deadline passed: DeadlinePassed
+                        continue
+                    except FeedCancelled:
+                        raise CallCancelled("the client cancelled the request") from None
+                    last = len(entry.token_ids) - 1
+                    for i, token in enumerate(entry.token_ids):
+                        event = self._event(token, progress, text, entry.finish_reason if i == last else "")
+                        yield event
+                        if event.finish_reason:
+                            return
+                    if entry.finish_reason:
+                        raise RouterError(grpc.StatusCode.INTERNAL, "decode worker finished a request without tokens")
+        finally:
+            stream.close()
 
     def _event(self, token: int, progress: _Progress, text: TextStream, worker_reason: str = "") -> RouterEvent:
         progress.output_ids.append(token)
@@ -356,3 +378,9 @@ class Router:
         finally:
             with self._lock:
                 worker.in_flight -= 1
+
+
+def _passed_through(code: grpc.StatusCode) -> grpc.StatusCode:
+    """Codes that describe the request pass through to the client; anything else is the worker's fault."""
+    passed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return code if code in passed else grpc.StatusCode.UNAVAILABLE

@@ -72,6 +72,7 @@ class RouterServer:
         self.lifecycle.start_draining()
         self.server.stop(grace_s).wait()
         self.router.health.stop()
+        self.router.close()
         self.router.channels.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()

@@ -109,6 +109,7 @@ class Worker:
         self.channels: ChannelPool = config.security.channels()  # TLS and the token on every KV transfer
         self.threads: list[threading.Thread] = []
         self.decode_engine = self.prefill_engine = None
+        self.decode_service: DecodeService | None = None
         self.metrics = WorkerMetrics()
         self.kv_listener: KVListener | None = None
         # Colocated on a CPU, the two engines take turns on the cores (runtime/device_turns.py).
@@ -121,9 +122,10 @@ class Worker:
                 self.kv_listener = KVListener(receiver, KVListenerConfig(host=config.host, port=config.kv_data_port),
                                               ssl_context=config.security.kv_data_server_context(),
                                               admission=self.admission, metrics=self.metrics)
-            add_decode_service(self.server, DecodeService(self.decode_engine, self.admission, mesh=mesh,
-                                                          platform=platform, role=config.role, metrics=self.metrics,
-                                                          receiver=receiver, kv_data=self.kv_listener))
+            self.decode_service = DecodeService(self.decode_engine, self.admission, mesh=mesh, platform=platform,
+                                                role=config.role, metrics=self.metrics, receiver=receiver,
+                                                kv_data=self.kv_listener)
+            add_decode_service(self.server, self.decode_service)
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
@@ -200,6 +202,8 @@ class Worker:
         self.admission.start_draining()
         if self.kv_listener is not None:  # after the drain: no held reservation waits for its KV any more
             self.kv_listener.close(grace_s)
+        if self.decode_service is not None:
+            self.decode_service.close_batched_calls()
         self.server.stop(grace_s).wait()
         for engine in (self.decode_engine, self.prefill_engine):
             if engine is not None:

@@ -242,3 +242,83 @@ def test_requests_ending_at_the_first_token_leave_no_pages_behind(demo_stack):
     tokens, _, reason = demo_stack.generate(prompt, max_tokens=50, stop_token_ids=[first])
     assert tokens == [first] and reason == "stop"
     assert all(s.free_pages == s.total_pages for s in demo_stack.decode_stats())
+
+
+def _reserve_and_prefill(stack, decode, request_id: str, prompt: list[int], sampling) -> int:
+    """Does what the router does before decoding: reserve pages, prefill (the KV goes to the decode
+    worker); returns the first token."""
+    from splitserve.protos import internal_pb2, internal_pb2_grpc
+
+    decode_address = next(w.address for w in stack.workers() if w.role == "decode")
+    prefill_address = next(w.address for w in stack.workers() if w.role == "prefill")
+    reply = decode.Reserve(internal_pb2.ReserveRequest(
+        request_id=request_id, num_tokens=len(prompt) + sampling.max_tokens, lease_s=30))
+    prefill = internal_pb2_grpc.PrefillStub(stack.worker_channel(prefill_address))
+    return prefill.Run(internal_pb2.PrefillRequest(
+        request_id=request_id, prompt_ids=prompt, sampling=sampling, decode_address=decode_address,
+        kv_data_address=reply.kv_data_address, kv_ticket=reply.kv_ticket), timeout=60).first_token
+
+
+def test_stream_batched_carries_every_request_of_a_step_in_one_message(demo_stack, demo_engine):
+    """Decode/StreamBatched, as the router uses it: six requests started on one call get the colocated
+    engine's tokens, several requests share a message, and each request's last entry ends it."""
+    from splitserve.protos import internal_pb2
+
+    decode = _decode_stub(demo_stack)
+    free_before = decode.Stats(internal_pb2.StatsRequest()).free_pages
+    prompts = prompts_for(2048, lengths=(5, 9, 17, 23, 40, 70), seed=7)
+    want = [o.token_ids for o in demo_engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
+    sampling = internal_pb2.ResolvedSampling(max_tokens=12, top_p=1.0, seed=1, ignore_eos=True)
+    ids = [f"batched-{i}" for i in range(len(prompts))]
+    got = {rid: [_reserve_and_prefill(demo_stack, decode, rid, p, sampling)] for rid, p in zip(ids, prompts)}
+    finish = {}
+    messages = list(decode.StreamBatched(iter([internal_pb2.DecodeRequest(request_id=rid, sampling=sampling)
+                                               for rid in ids]), timeout=60))
+    for message in messages:
+        for entry in message.requests:
+            assert entry.request_id not in finish, "tokens after a request's last entry"
+            assert not entry.error_code, entry.error
+            got[entry.request_id] += list(entry.token_ids)
+            if entry.finish_reason:
+                finish[entry.request_id] = entry.finish_reason
+    assert [got[rid] for rid in ids] == want
+    assert finish == {rid: "length" for rid in ids}  # every request ended, so the half-closed call ended
+    assert max(len(m.requests) for m in messages) > 1
+    assert len(messages) < sum(len(t) - 1 for t in want)  # fewer messages than decoded tokens
+    assert decode.Stats(internal_pb2.StatsRequest()).free_pages == free_before
+
+
+def test_stream_batched_reports_bad_requests_per_request_and_releases_on_cancel(demo_stack):
+    """On one call: an unreserved id ends with NOT_FOUND and bad sampling with INVALID_ARGUMENT, as
+    entries (the call goes on); cancelling the call frees the pages of the request still on it."""
+    import queue as queue_module
+
+    from splitserve.protos import internal_pb2
+
+    decode = _decode_stub(demo_stack)
+    free_before = decode.Stats(internal_pb2.StatsRequest()).free_pages
+    sampling = internal_pb2.ResolvedSampling(max_tokens=400, top_p=1.0, seed=1, ignore_eos=True)
+    _reserve_and_prefill(demo_stack, decode, "batched-long", prompts_for(2048, lengths=(30,))[0], sampling)
+    outgoing = queue_module.SimpleQueue()
+    call = decode.StreamBatched(iter(outgoing.get, None))
+    outgoing.put(internal_pb2.DecodeRequest(request_id="never-reserved", sampling=sampling))
+    outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long",
+                                            sampling=internal_pb2.ResolvedSampling(max_tokens=400, top_p=1.5)))
+    errors = {}
+    for message in call:
+        errors.update({e.request_id: e.error_code for e in message.requests if e.error_code})
+        if len(errors) == 2:
+            break
+    assert errors == {"never-reserved": "NOT_FOUND", "batched-long": "INVALID_ARGUMENT"}
+    # The bad start left the reservation alone: started properly, it decodes on the same call.
+    outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long", sampling=sampling))
+    tokens = 0
+    for message in call:
+        tokens += sum(len(e.token_ids) for e in message.requests if e.request_id == "batched-long")
+        if tokens >= 3:
+            break
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while decode.Stats(internal_pb2.StatsRequest()).free_pages != free_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert decode.Stats(internal_pb2.StatsRequest()).free_pages == free_before
