@@ -9,8 +9,9 @@
 
 When the client cancels or disconnects (or D passes), gRPC runs the handler's callbacks:
 `CallScope.cancel` then cancels whichever internal call is in flight (or wakes the thread
-waiting for the request's decoded tokens), so a router thread blocked on a worker returns at once and releases the request's decode pages, and a thread
-waiting for pages stops waiting (`check` raises within one poll).
+waiting for the request's decoded tokens), so a router thread blocked on a worker returns at
+once and releases the request's decode pages, and a thread waiting for pages stops waiting
+(`check` raises within one poll).
 """
 
 from __future__ import annotations

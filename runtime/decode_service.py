@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Protocol
 
 import grpc
@@ -17,7 +18,7 @@ from splitserve.runtime.kv_receive import KVReceiver, KVRefused
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
-from splitserve.runtime.token_batches import BatchedCall
+from splitserve.runtime.token_batches import BatchedCall, CallClosed
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         self.kv_data = kv_data
         self._batched_lock = threading.Lock()
         self._batched_calls: set[BatchedCall] = set()  # StreamBatched calls in progress
+        self._refusing_batched_calls = False  # the worker is stopping
 
     def Reserve(self, request, context):
         self.admission.check_or_abort(context)
@@ -95,21 +97,27 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
                 return
 
     def StreamBatched(self, request_iterator, context):
-        """Each DecodeRequest read starts a request; yields one TokenBatch per decode step. When the
-        call ends (the router closed or cancelled it, or went away) its open requests are released."""
+        """Each DecodeRequest read starts a request; yields one TokenBatch per decode step. The call
+        ends when the router cancels it or goes away (its open requests are then released), or once
+        the router has half-closed it and none of its requests is open."""
         call = BatchedCall()
+        with self._batched_lock:
+            refused = self._refusing_batched_calls
+            if not refused:
+                self._batched_calls.add(call)
+        if refused:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is stopping")
 
         def ended():
             with self._batched_lock:
                 self._batched_calls.discard(call)
-            call.close()
+            call.close()  # first: a request that starts after this is refused, not left running
             for request_id in call.open_requests():
                 self.engine.release(request_id)
 
         if not context.add_callback(ended):
+            ended()
             return
-        with self._batched_lock:
-            self._batched_calls.add(call)
 
         def start_requests():
             try:
@@ -123,9 +131,16 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         threading.Thread(target=start_requests, name="stream-batched", daemon=True).start()
         yield from call.messages()
 
-    def close_batched_calls(self) -> None:
-        """Ends every StreamBatched call (the worker is stopping): without this, a router's call,
-        which has no deadline, would hold the server's stop for its whole grace period."""
+    def stop_batched_calls(self, grace_s: float) -> None:
+        """The worker is stopping: refuses new StreamBatched calls, lets the requests decoding on
+        the open ones finish for up to `grace_s`, then ends the calls (what is left on them is
+        released). Without this a router's call, which has no deadline and outlives its requests,
+        would hold the server's stop for its whole grace period."""
+        with self._batched_lock:
+            self._refusing_batched_calls = True
+        deadline = time.monotonic() + grace_s
+        while not self.engine.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
         with self._batched_lock:
             calls = list(self._batched_calls)
         for call in calls:
@@ -135,10 +150,15 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         try:
             sampling = sampling_from_internal(request.sampling)
             self.engine.open_stream(request.request_id, sampling, call.output(request.request_id))
+        except CallClosed:
+            return  # nobody is listening; the reservation's lease (or the router's Release) frees it
         except UnknownRequest as e:
             call.fail(request.request_id, grpc.StatusCode.NOT_FOUND.name, str(e))
         except ValueError as e:
             call.fail(request.request_id, grpc.StatusCode.INVALID_ARGUMENT.name, str(e))
+        except Exception as e:  # noqa: BLE001 - one bad start must not stop the call's other requests
+            log.exception("starting %s on a batched call failed", request.request_id)
+            call.fail(request.request_id, grpc.StatusCode.INTERNAL.name, f"decode worker failed to start it: {e}")
 
     def Release(self, request, context):
         return internal_pb2.ReleaseResponse(released=self.engine.release(request.request_id))

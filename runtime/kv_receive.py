@@ -12,7 +12,8 @@ refusal into a `KVRefused` carrying the gRPC status code that TransferKV answers
     the transport failed (sender gone, read timeout)     the error is re-raised, reservation dropped
 
 "Dropped" releases the reservation with an error, so its pages are free at once and a waiting
-token stream ends (Decode/Stream, or the request's entry on Decode/StreamBatched); KV from a failed transfer is never decoded.
+token stream ends (Decode/Stream, or the request's entry on Decode/StreamBatched); KV from a
+failed transfer is never decoded.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ from splitserve.protos import internal_pb2
 from splitserve.runtime.decode_engine import END, StreamError
 
 _CLOSED = object()  # ends the handler's loop
+# At most this many entries in one message when a call that fell behind sends what waited: far
+# below gRPC's message size limit (an entry is a request id, a token, a few bytes more).
+MAX_MERGED_ENTRIES = 4096
+
+
+class CallClosed(Exception):
+    """The call has ended: no request can start on it."""
 
 
 class BatchedCall:
@@ -35,11 +42,21 @@ class BatchedCall:
         self._outbox: list[internal_pb2.TokenBatch | object] = []
         self._open: set[str] = set()  # started here and not ended
         self._half_closed = False  # the caller sends no more requests: close once none is open
+        self._closed = False
 
     def output(self, request_id: str) -> "RequestOutput":
+        """Registers a request starting on this call; raises CallClosed once the call has ended (its
+        open requests were then already collected for release, so a later one would be missed)."""
         with self._lock:
+            if self._closed:
+                raise CallClosed(f"the call ended before request {request_id} could start")
             self._open.add(request_id)
         return RequestOutput(self, request_id)
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
 
     def fail(self, request_id: str, code: str, message: str) -> None:
         """Ends a request that could not start (sent at once)."""
@@ -86,6 +103,7 @@ class BatchedCall:
                 self._close_locked()
 
     def _close_locked(self) -> None:
+        self._closed = True
         self._flush_locked()
         if _CLOSED not in self._outbox:
             self._outbox.append(_CLOSED)
@@ -106,12 +124,7 @@ class BatchedCall:
                 batches, self._outbox = self._outbox, []
             closed = any(b is _CLOSED for b in batches)
             batches = [b for b in batches if b is not _CLOSED]
-            if len(batches) > 1:  # behind: one message instead of several
-                merged = internal_pb2.TokenBatch()
-                for batch in batches:
-                    merged.requests.extend(batch.requests)
-                batches = [merged]
-            yield from batches
+            yield from _merged(batches)
             if closed:
                 return
 
@@ -127,6 +140,18 @@ class BatchedCall:
         self._outbox.append(internal_pb2.TokenBatch(requests=list(self._pending.values())))
         self._pending = {}
         self._lock.notify()
+
+
+def _merged(batches: list[internal_pb2.TokenBatch]) -> Iterator[internal_pb2.TokenBatch]:
+    """Batches that waited together, as few messages as MAX_MERGED_ENTRIES allows (order kept)."""
+    merged = internal_pb2.TokenBatch()
+    for batch in batches:
+        if merged.requests and len(merged.requests) + len(batch.requests) > MAX_MERGED_ENTRIES:
+            yield merged
+            merged = internal_pb2.TokenBatch()
+        merged.requests.extend(batch.requests)
+    if merged.requests:
+        yield merged
 
 
 class RequestOutput:

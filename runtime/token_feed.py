@@ -74,8 +74,8 @@ class FeedStream:
 
 
 class TokenFeed:
-    """The StreamBatched call to one decode worker. `on_broken(why)`: called when the call fails
-    with UNAVAILABLE (the router marks the worker down)."""
+    """The StreamBatched call to one decode worker. `on_broken(why)`: called when the call ends other
+    than by close() (the router marks the worker down until its health check answers again)."""
 
     def __init__(self, stub: internal_pb2_grpc.DecodeStub, on_broken: Callable[[str], None]):
         self._stub = stub
@@ -100,6 +100,7 @@ class TokenFeed:
             call, self._call = self._call, None
             if self._outgoing is not None:
                 self._outgoing.put(None)
+            self._outgoing = None  # closed: its end is not the worker's fault
         if call is not None:
             call.cancel()
 
@@ -115,6 +116,7 @@ class TokenFeed:
         threading.Thread(target=self._read, args=(call,), name="token-feed", daemon=True).start()
 
     def _read(self, call) -> None:
+        why = "the decode worker ended the token stream"
         try:
             for batch in call:
                 for entry in batch.requests:
@@ -122,22 +124,31 @@ class TokenFeed:
                         stream = self._streams.get(entry.request_id)
                     if stream is not None:
                         stream._put(entry)
-            error = FeedError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended the token stream")
         except grpc.RpcError as e:
-            error = FeedError(e.code(), f"decode token stream: {e.details()}")
+            why = f"decode token stream failed: {e.code().name} {e.details()}"
+        except Exception as e:  # noqa: BLE001 - whatever ends the reader, no request may wait on it forever
+            log.exception("token feed reader failed")
+            why = f"decode token stream failed: {e!r}"
+        finally:
+            self._broken(call, why)
+
+    def _broken(self, call, why: str) -> None:
+        """The call ended: every request still on it fails UNAVAILABLE (a status about the call, not the
+        request), and the next start opens a new call."""
         with self._lock:
+            closing = self._call is None and self._outgoing is None
             if self._call is call:
                 self._call = None
                 self._outgoing.put(None)
             broken = [s for s in self._streams.values() if s.call is call]
             for stream in broken:
                 del self._streams[stream.request_id]
-        if error.code is grpc.StatusCode.UNAVAILABLE:
-            self._on_broken(str(error))
+        if not closing:
+            self._on_broken(why)
         for stream in broken:
-            stream._put(error)
+            stream._put(FeedError(grpc.StatusCode.UNAVAILABLE, why))
         if broken:
-            log.warning("%s; %d requests on it failed", error, len(broken))
+            log.warning("%s; %d requests on it failed", why, len(broken))
 
     def _forget(self, stream: FeedStream) -> None:
         with self._lock:

@@ -203,7 +203,7 @@ class Worker:
         if self.kv_listener is not None:  # after the drain: no held reservation waits for its KV any more
             self.kv_listener.close(grace_s)
         if self.decode_service is not None:
-            self.decode_service.close_batched_calls()
+            self.decode_service.stop_batched_calls(grace_s)
         self.server.stop(grace_s).wait()
         for engine in (self.decode_engine, self.prefill_engine):
             if engine is not None:

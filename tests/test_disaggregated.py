@@ -290,7 +290,8 @@ def test_stream_batched_carries_every_request_of_a_step_in_one_message(demo_stac
 
 def test_stream_batched_reports_bad_requests_per_request_and_releases_on_cancel(demo_stack):
     """On one call: an unreserved id ends with NOT_FOUND and bad sampling with INVALID_ARGUMENT, as
-    entries (the call goes on); cancelling the call frees the pages of the request still on it."""
+    entries (the call goes on); cancelling the call frees the pages of the requests still on it,
+    one decoding and one whose KV never came (only the cancel can free that one: its lease is 120 s)."""
     import queue as queue_module
 
     from splitserve.protos import internal_pb2
@@ -299,25 +300,31 @@ def test_stream_batched_reports_bad_requests_per_request_and_releases_on_cancel(
     free_before = decode.Stats(internal_pb2.StatsRequest()).free_pages
     sampling = internal_pb2.ResolvedSampling(max_tokens=400, top_p=1.0, seed=1, ignore_eos=True)
     _reserve_and_prefill(demo_stack, decode, "batched-long", prompts_for(2048, lengths=(30,))[0], sampling)
+    decode.Reserve(internal_pb2.ReserveRequest(request_id="batched-no-kv", num_tokens=100, lease_s=120))
     outgoing = queue_module.SimpleQueue()
-    call = decode.StreamBatched(iter(outgoing.get, None))
-    outgoing.put(internal_pb2.DecodeRequest(request_id="never-reserved", sampling=sampling))
-    outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long",
-                                            sampling=internal_pb2.ResolvedSampling(max_tokens=400, top_p=1.5)))
-    errors = {}
-    for message in call:
-        errors.update({e.request_id: e.error_code for e in message.requests if e.error_code})
-        if len(errors) == 2:
-            break
-    assert errors == {"never-reserved": "NOT_FOUND", "batched-long": "INVALID_ARGUMENT"}
-    # The bad start left the reservation alone: started properly, it decodes on the same call.
-    outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long", sampling=sampling))
-    tokens = 0
-    for message in call:
-        tokens += sum(len(e.token_ids) for e in message.requests if e.request_id == "batched-long")
-        if tokens >= 3:
-            break
-    call.cancel()
+    call = decode.StreamBatched(iter(outgoing.get, None), timeout=60)
+    try:
+        outgoing.put(internal_pb2.DecodeRequest(request_id="never-reserved", sampling=sampling))
+        outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long",
+                                                sampling=internal_pb2.ResolvedSampling(max_tokens=400, top_p=1.5)))
+        errors = {}
+        for message in call:
+            errors.update({e.request_id: e.error_code for e in message.requests if e.error_code})
+            if len(errors) == 2:
+                break
+        assert errors == {"never-reserved": "NOT_FOUND", "batched-long": "INVALID_ARGUMENT"}
+        # The bad start left the reservation alone: started properly, it decodes on the same call.
+        outgoing.put(internal_pb2.DecodeRequest(request_id="batched-long", sampling=sampling))
+        outgoing.put(internal_pb2.DecodeRequest(request_id="batched-no-kv", sampling=sampling))
+        tokens = 0
+        for message in call:
+            tokens += sum(len(e.token_ids) for e in message.requests if e.request_id == "batched-long")
+            if tokens >= 3:
+                break
+        assert decode.Stats(internal_pb2.StatsRequest()).free_pages < free_before
+        call.cancel()
+    finally:
+        outgoing.put(None)
     deadline = time.monotonic() + 10
     while decode.Stats(internal_pb2.StatsRequest()).free_pages != free_before and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -90,3 +90,21 @@ def test_half_close_waits_for_open_requests_and_close_ends_at_once():
     cut.close()  # the call ended (cancelled, or the worker stops): what was pending is sent, then the end
     assert drain(cut) == [[("still-open", [3], "", "")]]
     assert cut.open_requests() == ["still-open"]  # the service releases these
+
+
+def test_merging_stops_at_the_entry_limit_and_a_closed_call_starts_nothing(monkeypatch):
+    import pytest
+
+    from splitserve.runtime import token_batches
+
+    monkeypatch.setattr(token_batches, "MAX_MERGED_ENTRIES", 3)
+    call = BatchedCall()
+    outs = [call.output(f"r{i}") for i in range(2)]
+    for step in range(3):  # three flushes of two entries wait: 2 + 2 > 3, so three messages
+        for out in outs:
+            out.put((step, None))
+        outs[0].flush()
+    call.close()
+    assert [len(entries(m)) for m in call.messages()] == [2, 2, 2]
+    with pytest.raises(token_batches.CallClosed):
+        call.output("late")  # a request read after the call ended is refused, not left running
