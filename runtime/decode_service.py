@@ -18,7 +18,7 @@ from splitserve.runtime.kv_receive import KVReceiver, KVRefused
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.page_allocator import OutOfPages
 from splitserve.runtime.proto_convert import sampling_from_internal
-from splitserve.runtime.token_batches import BatchedCall, CallClosed
+from splitserve.runtime.token_batches import AlreadyStarted, BatchedCall, CallClosed
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
             self.engine.open_stream(request.request_id, sampling, call.output(request.request_id))
         except CallClosed:
             return  # nobody is listening; the reservation's lease (or the router's Release) frees it
+        except AlreadyStarted as e:
+            log.warning("StreamBatched: %s; the second start is ignored", e)
         except UnknownRequest as e:
             call.fail(request.request_id, grpc.StatusCode.NOT_FOUND.name, str(e))
         except ValueError as e:

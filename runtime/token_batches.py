@@ -29,6 +29,10 @@ class CallClosed(Exception):
     """The call has ended: no request can start on it."""
 
 
+class AlreadyStarted(Exception):
+    """The request is already open on this call (a caller's mistake): the running one goes on."""
+
+
 class BatchedCall:
     """The requests started on one StreamBatched call, and their tokens not yet sent.
 
@@ -46,10 +50,13 @@ class BatchedCall:
 
     def output(self, request_id: str) -> "RequestOutput":
         """Registers a request starting on this call; raises CallClosed once the call has ended (its
-        open requests were then already collected for release, so a later one would be missed)."""
+        open requests were then already collected for release, so a later one would be missed),
+        AlreadyStarted if it is open here already."""
         with self._lock:
             if self._closed:
                 raise CallClosed(f"the call ended before request {request_id} could start")
+            if request_id in self._open:
+                raise AlreadyStarted(f"request {request_id} is already started on this call")
             self._open.add(request_id)
         return RequestOutput(self, request_id)
 

@@ -108,3 +108,18 @@ def test_merging_stops_at_the_entry_limit_and_a_closed_call_starts_nothing(monke
     assert [len(entries(m)) for m in call.messages()] == [2, 2, 2]
     with pytest.raises(token_batches.CallClosed):
         call.output("late")  # a request read after the call ended is refused, not left running
+
+
+def test_a_second_start_of_an_open_request_leaves_it_running():
+    import pytest
+
+    from splitserve.runtime import token_batches
+
+    call = BatchedCall()
+    out = call.output("r")
+    with pytest.raises(token_batches.AlreadyStarted):
+        call.output("r")
+    out.put((4, FinishReason.LENGTH))
+    out.flush()
+    call.half_close()
+    assert drain(call) == [[("r", [4], "length", "")]]
