@@ -7,7 +7,7 @@ the router decodes there (runtime/token_batches.py is the worker's end).
 One message per decode step carries every request's new tokens, instead of one message per
 request and token: per message, Python gRPC costs a thread handoff and a C-core round trip on
 each end. A call that breaks (the worker died, restarted or drained away) fails every request
-on it with its status; the next start opens a new call.
+on it with UNAVAILABLE and marks the worker down; the next start opens a new call.
 """
 
 from __future__ import annotations
