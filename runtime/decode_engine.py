@@ -171,7 +171,7 @@ class DecodeEngine:
 
     def _emit(self, slots: list[DecodeSlot], tokens: list[int]) -> None:
         with self._lock:
-            touched: dict[int, StreamOutput] = {}
+            flushes = set()  # one per batched call (its outputs share one flush), one per own queue
             for slot, token in zip(slots, tokens):
                 if slot.request_id not in self.scheduler.slots:
                     continue  # released while the step ran: its pages are already free
@@ -180,11 +180,11 @@ class DecodeEngine:
                 out = self._outputs.get(slot.request_id)
                 if out is not None:
                     out.put((token, reason))
-                    touched[id(out)] = out
+                    flushes.add(out.flush)
                 if reason is not None:
                     self.scheduler.finish(slot, reason)
                     if out is not None:
                         out.put(END)
                     self._outputs.pop(slot.request_id, None)
-            for out in touched.values():
-                out.flush()
+            for flush in flushes:
+                flush()

@@ -167,9 +167,9 @@ class RequestOutput:
     def __init__(self, call: BatchedCall, request_id: str):
         self.call = call
         self.request_id = request_id
+        # The call's own bound method: equal for every request of the call, so the engine, which
+        # collects the flushes of a step in a set, flushes each call once, not once per request.
+        self.flush = call.flush
 
     def put(self, item) -> None:
         self.call.add(self.request_id, item)
-
-    def flush(self) -> None:
-        self.call.flush()

@@ -34,6 +34,7 @@ def test_one_message_per_flush_with_every_request_of_the_step():
     outs[2].flush()
     call.half_close()  # nothing open any more: the call ends after what is queued
     assert [entries(m) for m in messages] == [[("r1", [99], "stop", ""), ("r2", [99], "stop", "")]]
+    assert len({out.flush for out in outs}) == 1  # the engine's per-step set holds one flush per call
 
 
 def test_a_call_that_fell_behind_sends_what_waits_as_one_message():
