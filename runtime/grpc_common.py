@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent import futures
 from typing import Sequence
@@ -36,10 +37,46 @@ INTERNAL_CHANNEL_OPTIONS = INTERNAL_OPTIONS + [("grpc.initial_reconnect_backoff_
                                                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 pings on open calls. A token feed (Decode/StreamBatched) is one long call per decode
+    worker: if the peer stops answering without closing its TCP connection (a frozen process, a
+    host gone, a network partition), nothing else would end the call until TCP gives up, which on
+    Linux takes 15 minutes or more. A ping unanswered for `timeout_ms` closes the connection and
+    fails its calls: the router's requests on it get UNAVAILABLE, and the worker's end is cancelled,
+    which releases what those requests held."""
+
+    time_ms: int = 5_000  # a ping after this long, on every connection with calls open
+    timeout_ms: int = 5_000  # no answer within this: the connection is dead
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        # max_pings_without_data=0: keep pinging on a call with nothing to send (an idle feed), else
+        # gRPC stops after 2 pings and a dead peer goes unnoticed until the next request.
+        # ping_timeout_ms: gRPC 1.85 waits this long (default 1 minute) for any ping's answer,
+        # keepalive_timeout_ms notwithstanding.
+        return [("grpc.keepalive_time_ms", self.time_ms), ("grpc.keepalive_timeout_ms", self.timeout_ms),
+                ("grpc.http2.ping_timeout_ms", self.timeout_ms), ("grpc.http2.max_pings_without_data", 0)]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """The server pings its clients too (a router gone away frees its requests on the worker), and
+        accepts the clients' pings: by default a server takes a ping more often than every 5 minutes
+        on a quiet connection as abuse, and after 2 closes the connection (GOAWAY too_many_pings),
+        which would break every idle token feed."""
+        return self.channel_options() + [("grpc.http2.min_ping_interval_without_data_ms", self.time_ms // 2)]
+
+
+KEEPALIVE = Keepalive()  # internal: workers, and the router's and prefill workers' channels to them
+# The public port pings its clients less often and waits longer (gRPC's own default timeout): its
+# clients may be far away, behind proxies; what it finds is a client gone, whose request it then ends.
+PUBLIC_KEEPALIVE = Keepalive(time_ms=30_000, timeout_ms=20_000)
+
+
 def make_server(options: Sequence[tuple[str, int]] = INTERNAL_OPTIONS, interceptors: Sequence = (),
-                max_workers: int = 256) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=list(options),
-                       interceptors=list(interceptors))
+                max_workers: int = 256, keepalive: Keepalive | None = None) -> grpc.Server:
+    """`keepalive`: the server's pings and ping policy (default: KEEPALIVE, the internal one)."""
+    keepalive = keepalive or KEEPALIVE
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                       options=list(options) + keepalive.server_options(), interceptors=list(interceptors))
 
 
 def listen(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
@@ -71,10 +108,11 @@ class ChannelPool:
             return self._channels[address]
 
     def _open(self, address: str) -> grpc.Channel:
+        options = INTERNAL_CHANNEL_OPTIONS + KEEPALIVE.channel_options()
         if self._credentials is not None:
-            channel = grpc.secure_channel(address, self._credentials, options=INTERNAL_CHANNEL_OPTIONS)
+            channel = grpc.secure_channel(address, self._credentials, options=options)
         else:
-            channel = grpc.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+            channel = grpc.insecure_channel(address, options=options)
         return grpc.intercept_channel(channel, attach_internal_token(self._token)) if self._token else channel
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
 from splitserve.runtime.grpc_common import (
-    PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving,
+    PUBLIC_KEEPALIVE, PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving,
 )
 from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
 from splitserve.runtime.router import Router
@@ -37,7 +37,8 @@ class RouterServer:
         metadata = load_metadata(model)
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
-        self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [])
+        self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [],
+                                  keepalive=PUBLIC_KEEPALIVE)
         self.health = add_health(self.server)
         self.lifecycle = Admission(self.health, "router")
         self.admission = AdmissionGate(admission)

@@ -1,16 +1,20 @@
 """TokenFeed, the router's end of Decode/StreamBatched, against a scripted worker on a real gRPC
 server: entries reach their own request, a broken call fails every request on it and the next
-start opens a new call, and a cancel wakes a waiting request."""
+start opens a new call, a cancel wakes a waiting request, and keepalive pings end a call whose
+peer went silent (and do not end an idle one)."""
 
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
 import pytest
 
 from splitserve.protos import internal_pb2, internal_pb2_grpc
+from splitserve.runtime import grpc_common
 from splitserve.runtime.token_feed import FeedCancelled, FeedError, TokenFeed
+from tcp_relay import TcpRelay
 
 
 class ScriptedDecode(internal_pb2_grpc.DecodeServicer):
@@ -75,3 +79,69 @@ def test_cancel_wakes_a_waiting_request_and_close_is_not_a_worker_fault(feed_and
     feed.close()
     with pytest.raises(queue.Empty):
         broken.get(timeout=0.5)  # the router closing its own call marks no worker down
+
+
+# -- keepalive: a peer that goes silent without closing its connection ------------------------------
+class HeldDecode(internal_pb2_grpc.DecodeServicer):
+    """Answers each started request with one token and keeps the call open; `ended` is set when the
+    call ends on the worker's side."""
+
+    def __init__(self):
+        self.calls = 0
+        self.ended = threading.Event()
+
+    def StreamBatched(self, request_iterator, context):
+        self.calls += 1
+        context.add_callback(self.ended.set)
+        for request in request_iterator:
+            yield internal_pb2.TokenBatch(requests=[internal_pb2.RequestTokens(
+                request_id=request.request_id, token_ids=[len(request.request_id)])])
+
+
+@pytest.fixture
+def feed_through_relay(monkeypatch):
+    """A TokenFeed whose call passes through a TcpRelay, with the production server and channel
+    set-up (grpc_common) and pings every 0.25 s."""
+    monkeypatch.setattr(grpc_common, "KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
+    server = grpc_common.make_server(max_workers=8)
+    worker = HeldDecode()
+    internal_pb2_grpc.add_DecodeServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    relay = TcpRelay(f"127.0.0.1:{port}")
+    channels = grpc_common.ChannelPool()
+    broken = queue.SimpleQueue()
+    feed = TokenFeed(internal_pb2_grpc.DecodeStub(channels.get(relay.address)), on_broken=broken.put)
+    yield feed, worker, relay, broken
+    feed.close()
+    channels.close()
+    relay.close()
+    server.stop(0)
+
+
+def test_a_silent_worker_fails_the_feed_within_the_keepalive(feed_through_relay):
+    feed, worker, relay, broken = feed_through_relay
+    sampling = internal_pb2.ResolvedSampling(max_tokens=4)
+    stream = feed.start("a", sampling)
+    assert list(stream.next(timeout=10).token_ids) == [1]
+    relay.go_silent()
+    started = time.monotonic()
+    with pytest.raises(FeedError) as err:
+        stream.next(timeout=20)  # without pings, nothing would end this wait
+    assert err.value.code is grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 10
+    broken.get(timeout=5)  # the worker is marked down
+    assert worker.ended.wait(10)  # and the worker's pings end its side: what the call held is released
+
+
+def test_an_idle_feed_outlives_many_keepalive_pings(feed_through_relay):
+    feed, worker, _, broken = feed_through_relay
+    sampling = internal_pb2.ResolvedSampling(max_tokens=4)
+    assert list(feed.start("a", sampling).next(timeout=10).token_ids) == [1]
+    time.sleep(4)  # 8 or more pings each way on a call with nothing to send (a server with gRPC's
+    # default policy closes the connection after the third, GOAWAY too_many_pings)
+    with pytest.raises(queue.Empty):
+        broken.get(timeout=0.05)  # the worker accepted the router's pings (no GOAWAY too_many_pings)
+    assert list(feed.start("bb", sampling).next(timeout=10).token_ids) == [2]
+    assert worker.calls == 1 and not worker.ended.is_set()
+
