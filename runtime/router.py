@@ -234,7 +234,7 @@ class Router:
         progress.output_ids.append(token)
         reason = finish_reason_after_token(progress, self.metadata.config.eos_token_ids)
         is_eos = reason is FinishReason.STOP and token in self.metadata.config.eos_token_ids
-        delta, stopped = text.add(token, is_eos=is_eos)
+        delta, stopped = text.add(token, is_eos=is_eos, last=reason is not None or bool(worker_reason))
         if stopped:
             reason = FinishReason.STOP
         finish = reason.value if reason else worker_reason

@@ -2,6 +2,10 @@
 
 Used wherever tokens turn into text (the colocated engine, the router), so both cut
 text at a stop string the same way: the stop string itself is not part of the text.
+
+Streamed text never shows a piece of a stop string: text that could be the start of one
+(" onc" while "e f" is a stop string and the text ends in "e") is held back until the next
+token settles it, or the request ends. So the deltas always add up to the final text.
 """
 
 from __future__ import annotations
@@ -14,22 +18,39 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: tuple[str, ...]):
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop = stop
+        self._sent = 0  # characters of the text handed out so far
 
     @property
     def text(self) -> str:
         return self._detok.text if self._detok is not None else ""
 
-    def add(self, token: int, *, is_eos: bool = False) -> tuple[str, bool]:
+    def add(self, token: int, *, is_eos: bool = False, last: bool = False) -> tuple[str, bool]:
         """Adds a token; returns (new text, whether a stop string ended the text).
 
-        An EOS token adds no text (it is a special token).
+        `last`: the request ends with this token (length, EOS, a stop token), so nothing is held
+        back. An EOS token adds no text (it is a special token).
         """
-        if self._detok is None or is_eos:
+        if self._detok is None:
             return "", False
-        delta = self._detok.add(token)
-        cut = find_stop_string(self._detok.text, self._stop, len(delta))
-        if cut is None:
-            return delta, False
-        delta = delta[: max(0, len(delta) - (len(self._detok.text) - cut))]
-        self._detok.text = self._detok.text[:cut]
-        return delta, True
+        stopped = False
+        if not is_eos:
+            delta = self._detok.add(token)
+            cut = find_stop_string(self._detok.text, self._stop, len(delta))
+            if cut is not None:
+                self._detok.text = self._detok.text[:cut]
+                stopped = True
+        text = self._detok.text
+        end = len(text) if stopped or last else len(text) - _stop_prefix_length(text, self._stop)
+        delta, self._sent = text[self._sent:end], max(self._sent, end)
+        return delta, stopped
+
+
+def _stop_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string (not all of it)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

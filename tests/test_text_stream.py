@@ -1,0 +1,72 @@
+"""TextStream: the streamed text deltas add up to the text the tokenizer (HF `tokenizers`) decodes,
+cut before the earliest stop string, even when a stop string spans tokens; and no delta ever
+shows a piece of a stop string that the next token completes."""
+
+import numpy as np
+import pytest
+
+from splitserve.models.demo import train_tokenizer
+from splitserve.models.tokenizer import Tokenizer
+from splitserve.runtime.text_stream import TextStream
+
+CORPUS_PATH = __import__("pathlib").Path(__file__).parent.parent / "models" / "demo_corpus.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(train_tokenizer(CORPUS_PATH.read_text(), vocab_size=512))
+
+
+def stream(tokenizer, prompt, tokens, stop, eos_at_end=False):
+    """(deltas, index of the token a stop string ended at or None), feeding tokens as a server does."""
+    text = TextStream(tokenizer, prompt, tuple(stop))
+    deltas = []
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        delta, stopped = text.add(token, is_eos=eos_at_end and last, last=last)
+        deltas.append(delta)
+        if stopped:
+            return deltas, i
+    return deltas, None
+
+
+def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(tokenizer):
+    rng = np.random.default_rng(0)
+    corpus_ids = tokenizer.encode(CORPUS_PATH.read_text(), add_special_tokens=False)
+    spanning = 0
+    for case in range(300):
+        start = int(rng.integers(0, len(corpus_ids) - 60))
+        prompt, tokens = corpus_ids[start:start + 4], corpus_ids[start + 4:start + 4 + int(rng.integers(1, 40))]
+        full = tokenizer.decode(tokens)
+        stops = []
+        for _ in range(int(rng.integers(0, 3))):  # substrings of the text, and strings not in it
+            i, n = int(rng.integers(0, max(1, len(full) - 1))), int(rng.integers(1, 6))
+            stops.append(full[i:i + n] if rng.random() < 0.8 and full[i:i + n] else "\x00never")
+        deltas, stopped_at = stream(tokenizer, prompt, tokens, stops)
+        # As a server checks after each token: the first token that completes a stop string stops
+        # the request, and the text ends before the earliest stop string complete by then.
+        found = {s: full.find(s) for s in stops if s in full}
+        ends = [len(tokenizer.decode(tokens[:i + 1])) for i in range(len(tokens))]
+        stop_token = next((i for i, end in enumerate(ends) if any(at + len(s) <= end for s, at in found.items())), None)
+        cut = min(at for s, at in found.items() if at + len(s) <= ends[stop_token]) if found else len(full)
+        want = full[:cut]
+        assert "".join(deltas) == want, (case, stops)
+        assert stopped_at == stop_token
+        if found:
+            spanning += stop_token > 0 and ends[stop_token - 1] > cut  # the stop string began a token earlier
+        sent = ""
+        for delta in deltas:  # no delta ever runs past the cut
+            sent += delta
+            assert want.startswith(sent)
+    assert spanning > 10  # the case of the bug: stop strings that began in an earlier token
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_the_request_ends(tokenizer):
+    tokens = tokenizer.encode("the cat sat on the mat", add_special_tokens=False)
+    # " mat" ends in "t", the start of the stop string "tx": held back until the last token
+    deltas, stopped_at = stream(tokenizer, [], tokens, ["tx"])
+    assert stopped_at is None and "".join(deltas) == "the cat sat on the mat"
+    assert not "".join(deltas[:-1]).endswith("t")
+    eos = 2
+    deltas, _ = stream(tokenizer, [], tokens + [eos], ["tx"], eos_at_end=True)
+    assert "".join(deltas) == "the cat sat on the mat" and deltas[-1] == "t"
