@@ -207,26 +207,35 @@ class Router:
 
     def _decoded(self, decode: WorkerHandle, request_id: str, sampling, progress: _Progress, text: TextStream,
                  scope: CallScope) -> Iterator[RouterEvent]:
-        """The tokens after the first, from the decode worker's shared token stream."""
+        """The tokens after the first, from the decode worker's shared token stream: one event per
+        decode step, or one for all the steps whose tokens waited while the client's stream was
+        busy (as vLLM merges the outputs a slow reader has not taken yet)."""
         stream = decode.feed.start(request_id, sampling)
         try:
             with scope.cancelling(stream):
                 while True:
                     try:
-                        entry = stream.next(timeout=scope.timeout(None))
+                        entries = stream.next_ready(timeout=scope.timeout(None))
                     except queue.Empty:
                         scope.check()  # the deadline passed: DeadlinePassed
                         continue
                     except FeedCancelled:
                         raise CallCancelled("the client cancelled the request") from None
-                    last = len(entry.token_ids) - 1
-                    for i, token in enumerate(entry.token_ids):
-                        event = self._event(token, progress, text, entry.finish_reason if i == last else "")
-                        yield event
-                        if event.finish_reason:
-                            return
-                    if entry.finish_reason:
-                        raise RouterError(grpc.StatusCode.INTERNAL, "decode worker finished a request without tokens")
+                    events = []
+                    for entry in entries:
+                        last = len(entry.token_ids) - 1
+                        for i, token in enumerate(entry.token_ids):
+                            events.append(self._event(token, progress, text, entry.finish_reason if i == last else ""))
+                            if events[-1].finish_reason:
+                                yield _joined(events)
+                                return
+                        if entry.finish_reason:
+                            if events:
+                                yield _joined(events)
+                            raise RouterError(grpc.StatusCode.INTERNAL,
+                                              "decode worker finished a request without tokens")
+                    if events:
+                        yield _joined(events)
         finally:
             stream.close()
 
@@ -378,6 +387,14 @@ class Router:
         finally:
             with self._lock:
                 worker.in_flight -= 1
+
+
+def _joined(events: list[RouterEvent]) -> RouterEvent:
+    """Consecutive events as one: their tokens and text in order, the last one's finish reason."""
+    if len(events) == 1:
+        return events[0]
+    return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
+                       events[-1].finish_reason)
 
 
 def _passed_through(code: grpc.StatusCode) -> grpc.StatusCode:

@@ -47,11 +47,12 @@ class FeedStream:
         self.request_id = request_id
         self.call = call  # the call it was started on: a break of that call ends it
         self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._held = None  # an end found behind entries by next_ready(), for the call after
 
     def next(self, timeout: float | None) -> internal_pb2.RequestTokens:
         """The next entry; raises queue.Empty after `timeout` s, FeedError if the request stopped
         without finishing, FeedCancelled after cancel()."""
-        item = self._items.get(timeout=timeout)
+        item, self._held = (self._held, None) if self._held is not None else (self._items.get(timeout=timeout), None)
         if item is _CANCELLED:
             raise FeedCancelled(f"request {self.request_id} was cancelled")
         if isinstance(item, FeedError):
@@ -60,6 +61,22 @@ class FeedStream:
             code = getattr(grpc.StatusCode, item.error_code, grpc.StatusCode.UNKNOWN)
             raise FeedError(code, item.error)
         return item
+
+    def next_ready(self, timeout: float | None) -> list[internal_pb2.RequestTokens]:
+        """The next entry and every entry already queued behind it, so that a reader that fell
+        behind catches up in one go; raises as next() does. An end queued behind entries (an
+        error, a cancel) is raised by the call after, once those entries are passed on."""
+        entries = [self.next(timeout)]
+        while self._held is None:
+            try:
+                item = self._items.get_nowait()
+            except queue.Empty:
+                break
+            if item is _CANCELLED or isinstance(item, FeedError) or item.error_code:
+                self._held = item
+            else:
+                entries.append(item)
+        return entries
 
     def cancel(self) -> None:
         """Wakes a thread blocked in next() (thread-safe; CallScope.cancelling calls it)."""

@@ -329,3 +329,41 @@ def test_stream_batched_reports_bad_requests_per_request_and_releases_on_cancel(
     while decode.Stats(internal_pb2.StatsRequest()).free_pages != free_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert decode.Stats(internal_pb2.StatsRequest()).free_pages == free_before
+
+
+def test_a_router_reader_behind_gets_the_waiting_tokens_in_one_event(demo_stack, demo_engine):
+    """Router.generate in this process, against the stack's workers: while its reader is slow to take
+    the next event, the tokens of the decode steps meanwhile wait and come as one event. The tokens,
+    the text and a stop string's cut are those of the colocated engine, one token at a time."""
+    from splitserve.models.metadata import load_metadata
+    from splitserve.runtime.grpc_common import ChannelPool
+    from splitserve.runtime.router import Router
+
+    workers = demo_stack.workers()
+    channels = ChannelPool(token=demo_stack.internal_token())
+    router = Router(load_metadata("demo"), prefill=[w.address for w in workers if w.role == "prefill"],
+                    decode=[w.address for w in workers if w.role == "decode"], colocated=[], channels=channels)
+    prompt = prompts_for(2048, (21,), seed=11)[0]
+    want = demo_engine.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0].token_ids
+    want_text = demo_engine.model.tokenizer.decode(want)
+
+    def read_slowly(params: SamplingParams):
+        events = router.generate(prompt, params)
+        head = [next(events), next(events)]
+        time.sleep(1.0)  # the remaining decode steps (~5 ms each) run meanwhile
+        return head, list(events)
+
+    try:
+        head, rest = read_slowly(SamplingParams(max_tokens=40, ignore_eos=True))
+        events = head + rest
+        assert [t for e in events for t in e.token_ids] == want
+        assert "".join(e.text for e in events) == want_text
+        assert [e.finish_reason for e in events] == [""] * (len(events) - 1) + ["length"]
+        assert len(rest) < len(want) - 2 and max(len(e.token_ids) for e in rest) > 1  # merged
+        stop = want_text[len(want_text) // 2:][:3]  # a stop string inside the merged tokens
+        head, rest = read_slowly(SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))
+        assert "".join(e.text for e in head + rest) == want_text[: want_text.index(stop)]
+        assert rest[-1].finish_reason == "stop"
+    finally:
+        router.close()
+        channels.close()

@@ -145,3 +145,35 @@ def test_an_idle_feed_outlives_many_keepalive_pings(feed_through_relay):
     assert list(feed.start("bb", sampling).next(timeout=10).token_ids) == [2]
     assert worker.calls == 1 and not worker.ended.is_set()
 
+
+class RepeatingDecode(internal_pb2_grpc.DecodeServicer):
+    """Answers each started request with `max_tokens` messages of one token each, 1, 2, 3, ..., sent
+    at once, then a message that fails the request NOT_FOUND."""
+
+    def StreamBatched(self, request_iterator, context):
+        for request in request_iterator:
+            for token in range(1, request.sampling.max_tokens + 1):
+                yield internal_pb2.TokenBatch(requests=[internal_pb2.RequestTokens(
+                    request_id=request.request_id, token_ids=[token])])
+            yield internal_pb2.TokenBatch(requests=[internal_pb2.RequestTokens(
+                request_id=request.request_id, error_code="NOT_FOUND", error="gone")])
+
+
+def test_a_reader_behind_takes_every_waiting_entry_at_once_and_then_the_error():
+    server = grpc_common.make_server(max_workers=4)
+    internal_pb2_grpc.add_DecodeServicer_to_server(RepeatingDecode(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channels = grpc_common.ChannelPool()
+    feed = TokenFeed(internal_pb2_grpc.DecodeStub(channels.get(f"127.0.0.1:{port}")), on_broken=lambda why: None)
+    try:
+        stream = feed.start("r", internal_pb2.ResolvedSampling(max_tokens=5))
+        time.sleep(0.5)  # the five entries, and the error, arrive while nobody reads
+        assert [t for e in stream.next_ready(timeout=10) for t in e.token_ids] == [1, 2, 3, 4, 5]
+        with pytest.raises(FeedError) as err:  # the error comes after the entries before it
+            stream.next_ready(timeout=10)
+        assert err.value.code is grpc.StatusCode.NOT_FOUND and "gone" in str(err.value)
+    finally:
+        feed.close()
+        channels.close()
+        server.stop(0)
