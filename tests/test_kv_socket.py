@@ -31,20 +31,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certs import make_pki
+from decode_worker import decode_worker
 from kv_fuzz import RESERVED_TOKENS, layers, valid_frames, with_id, transfers
-from splitserve.models.loader import load_model
-from splitserve.models.sharding import MeshConfig, make_mesh
-from splitserve.protos import internal_pb2, internal_pb2_grpc
-from splitserve.runtime.decode_engine import DecodeEngine
-from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
-from splitserve.runtime.drain import Admission
-from splitserve.runtime.grpc_common import ChannelPool, make_server
+from splitserve.protos import internal_pb2
+from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.kv_listener import KVListener, KVListenerConfig
 from splitserve.runtime.kv_receive import KVReceiver
 from splitserve.runtime.kv_socket import (END_OF_FRAMES, MAGIC, MAX_REQUEST_ID_BYTES, VERSION, KVSocketRefused,
                                           encode_hello, send_kv)
 from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts, receive_kv
-from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillJob
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_service import KVSender
@@ -106,30 +101,9 @@ class Decode:
 
 @pytest.fixture(scope="module")
 def decode(tmp_path_factory):
-    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    runner = ModelRunner(load_model("demo", make_mesh(MeshConfig(1))),
-                         RunnerConfig(page_size=8, num_pages=64, max_batch=8))
-    engine = DecodeEngine(runner, max_batch=8)
-    thread = threading.Thread(target=engine.run_forever, daemon=True)
-    thread.start()
-    admission = Admission(None, "socket-tested decode worker")
-    admission.open()
-    receiver = KVReceiver(engine)
-    listener = KVListener(receiver, KVListenerConfig(hello_timeout_s=HELLO_TIMEOUT_S), admission=admission)
-    listener.start()
-    server = make_server()
-    add_decode_service(server, DecodeService(engine, admission, mesh="tp=1", platform="cpu", receiver=receiver,
-                                             kv_data=listener))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield Decode(engine, internal_pb2_grpc.DecodeStub(channel), transfer_kv_callable(channel), listener, admission,
-                 f"127.0.0.1:{port}")
-    channel.close()
-    server.stop(0).wait()
-    listener.close(1.0)
-    engine.stop()
-    thread.join(30)
+    with decode_worker(tmp_path_factory.mktemp("cache"), "socket-tested decode worker",
+                       KVListenerConfig(hello_timeout_s=HELLO_TIMEOUT_S)) as worker:
+        yield Decode(worker.engine, worker.stub, worker.transfer, worker.listener, worker.admission, worker.address)
 
 
 def _kv(seed: int, num_tokens: int):

@@ -17,16 +17,10 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from splitserve.models.loader import load_model
-from splitserve.models.sharding import MeshConfig, make_mesh
-from splitserve.protos import internal_pb2, internal_pb2_grpc
-from splitserve.runtime.decode_engine import DecodeEngine
-from splitserve.runtime.decode_service import DecodeService, add_decode_service, transfer_kv_callable
-from splitserve.runtime.drain import Admission
-from splitserve.runtime.grpc_common import make_server
+from splitserve.protos import internal_pb2
 from splitserve.runtime.kv_wire import kv_chunks
-from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.sampling import SamplingParams
+from decode_worker import decode_worker
 from kv_fuzz import RESERVED_TOKENS, valid_frames, with_id, transfers
 
 FUZZ_CASES = 2500
@@ -35,26 +29,8 @@ CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
 
 @pytest.fixture(scope="module")
 def decode(tmp_path_factory):
-    import os
-
-    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    runner = ModelRunner(load_model("demo", make_mesh(MeshConfig(1))),
-                         RunnerConfig(page_size=8, num_pages=64, max_batch=8))
-    engine = DecodeEngine(runner, max_batch=8)
-    thread = threading.Thread(target=engine.run_forever, daemon=True)
-    thread.start()
-    server = make_server()
-    admission = Admission(None, "fuzzed decode worker")
-    admission.open()
-    add_decode_service(server, DecodeService(engine, admission, mesh="tp=1", platform="cpu"))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield engine, internal_pb2_grpc.DecodeStub(channel), transfer_kv_callable(channel)
-    channel.close()
-    server.stop(0).wait()
-    engine.stop()
-    thread.join(30)
+    with decode_worker(tmp_path_factory.mktemp("cache"), "fuzzed decode worker") as worker:
+        yield worker.engine, worker.stub, worker.transfer
 
 
 def test_fuzzed_kv_streams_get_client_errors_and_leave_no_pages(decode):

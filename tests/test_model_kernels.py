@@ -7,6 +7,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from hf_checkpoints import hf_greedy
+from test_kernels_common import ON_GPU
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
@@ -23,7 +24,7 @@ def test_tpu_kernels_in_the_model_on_tp2_give_transformers_tokens(hf_checkpoint)
     assert [o.token_ids for o in outs] == [hf_greedy(torch_model, p, 4) for p in prompts]
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (SPLITSERVE_TEST_PLATFORM=cuda)")
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (SPLITSERVE_TEST_PLATFORM=cuda)")
 def test_gpu_kernels_in_the_model_give_transformers_tokens(hf_checkpoint):
     directory, torch_model = hf_checkpoint("mistral_gqa4_linear_rope")
     model = load_model(str(directory), make_mesh(MeshConfig(1)))
