@@ -367,3 +367,40 @@ def test_a_router_reader_behind_gets_the_waiting_tokens_in_one_event(demo_stack,
     finally:
         router.close()
         channels.close()
+
+
+def test_the_router_ends_the_request_of_a_client_gone_silent(demo_stack, monkeypatch):
+    """A client whose connection goes silent (no FIN: a laptop closed, a network cut): the router's
+    keepalive pings go unanswered, the call ends, and the decode pages of its request are freed long
+    before the request would have finished (without the pings: ~20 s here, at its end). The router
+    runs in this process, with pings every 0.25 s."""
+    from splitserve.protos import serving_pb2_grpc
+    from splitserve.runtime import grpc_common, router_server
+    from splitserve.runtime.security import InternalSecurity
+    from tcp_relay import TcpRelay
+
+    monkeypatch.setattr(router_server, "PUBLIC_KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
+    workers = demo_stack.workers()
+    server = router_server.RouterServer(
+        "demo", host="127.0.0.1", port=0, prefill=[w.address for w in workers if w.role == "prefill"],
+        decode=[w.address for w in workers if w.role == "decode"], colocated=[],
+        security=InternalSecurity(token=demo_stack.internal_token()))
+    server.start(worker_timeout_s=30)
+    relay = TcpRelay(server.address)
+    channel = grpc.insecure_channel(relay.address)
+    try:
+        request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
+                                              sampling=serving_pb2.SamplingParams(max_tokens=2000, ignore_eos=True))
+        stream = serving_pb2_grpc.ServingStub(channel).Generate(request, timeout=120)
+        next(stream)
+        next(stream)  # decoding: 1998 tokens to go, several seconds of work
+        assert any(s.free_pages < s.total_pages for s in demo_stack.decode_stats())
+        relay.go_silent()
+        started = time.monotonic()
+        while any(s.free_pages < s.total_pages for s in demo_stack.decode_stats()):
+            assert time.monotonic() - started < 3.0, "the request's pages were not freed"
+            time.sleep(0.05)
+    finally:
+        channel.close()
+        relay.close()
+        server.stop(0)
