@@ -52,7 +52,10 @@ class FeedStream:
     def next(self, timeout: float | None) -> internal_pb2.RequestTokens:
         """The next entry; raises queue.Empty after `timeout` s, FeedError if the request stopped
         without finishing, FeedCancelled after cancel()."""
-        item, self._held = (self._held, None) if self._held is not None else (self._items.get(timeout=timeout), None)
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = self._items.get(timeout=timeout)
         if item is _CANCELLED:
             raise FeedCancelled(f"request {self.request_id} was cancelled")
         if isinstance(item, FeedError):
