@@ -25,7 +25,7 @@ from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.client_types import (
     Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, build_request, chunk_from_proto,
 )
-from splitserve.runtime.grpc_common import PUBLIC_OPTIONS
+from splitserve.runtime.grpc_common import public_channel_options
 
 __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError"]
 
@@ -97,8 +97,9 @@ class Client:
                  max_retries: int = 2):
         self._opts = _Options(address, api_key, tls, timeout, max_retries)
         creds = self._opts.credentials
-        self._channel = (grpc.secure_channel(address, creds, options=PUBLIC_OPTIONS) if creds
-                         else grpc.insecure_channel(address, options=PUBLIC_OPTIONS))
+        options = public_channel_options()
+        self._channel = (grpc.secure_channel(address, creds, options=options) if creds
+                         else grpc.insecure_channel(address, options=options))
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -192,8 +193,9 @@ class AsyncClient:
                  max_retries: int = 2):
         self._opts = _Options(address, api_key, tls, timeout, max_retries)
         creds = self._opts.credentials
-        self._channel = (grpc.aio.secure_channel(address, creds, options=PUBLIC_OPTIONS) if creds
-                         else grpc.aio.insecure_channel(address, options=PUBLIC_OPTIONS))
+        options = public_channel_options()
+        self._channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
+                         else grpc.aio.insecure_channel(address, options=options))
         self._stub = serving_pb2_grpc.ServingStub(self._channel)
 
     async def __aenter__(self) -> "AsyncClient":

@@ -71,6 +71,12 @@ KEEPALIVE = Keepalive()  # internal: workers, and the router's and prefill worke
 PUBLIC_KEEPALIVE = Keepalive(time_ms=30_000, timeout_ms=20_000)
 
 
+def public_channel_options() -> list[tuple[str, int]]:
+    """The SDK's channel to a router: the public message caps, and PUBLIC_KEEPALIVE's pings, so a
+    stream from a router that went silent ends UNAVAILABLE instead of waiting forever."""
+    return PUBLIC_OPTIONS + PUBLIC_KEEPALIVE.channel_options()
+
+
 def make_server(options: Sequence[tuple[str, int]] = INTERNAL_OPTIONS, interceptors: Sequence = (),
                 max_workers: int = 256, keepalive: Keepalive | None = None) -> grpc.Server:
     """`keepalive`: the server's pings and ping policy (default: KEEPALIVE, the internal one)."""

@@ -10,9 +10,8 @@ from splitserve.protos import serving_pb2
 from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
-from splitserve.runtime.grpc_common import (
-    PUBLIC_KEEPALIVE, PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving,
-)
+from splitserve.runtime import grpc_common
+from splitserve.runtime.grpc_common import PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving
 from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
 from splitserve.runtime.router import Router
 from splitserve.runtime.security import InternalSecurity
@@ -38,7 +37,7 @@ class RouterServer:
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [],
-                                  keepalive=PUBLIC_KEEPALIVE)
+                                  keepalive=grpc_common.PUBLIC_KEEPALIVE)
         self.health = add_health(self.server)
         self.lifecycle = Admission(self.health, "router")
         self.admission = AdmissionGate(admission)

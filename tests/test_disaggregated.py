@@ -1,6 +1,7 @@
 """End to end through real processes on loopback: router + prefill + decode workers."""
 
 import concurrent.futures
+import threading
 import time
 
 import grpc
@@ -369,17 +370,16 @@ def test_a_router_reader_behind_gets_the_waiting_tokens_in_one_event(demo_stack,
         channels.close()
 
 
-def test_the_router_ends_the_request_of_a_client_gone_silent(demo_stack, monkeypatch):
-    """A client whose connection goes silent (no FIN: a laptop closed, a network cut): the router's
-    keepalive pings go unanswered, the call ends, and the decode pages of its request are freed long
-    before the request would have finished (without the pings: ~20 s here, at its end). The router
-    runs in this process, with pings every 0.25 s."""
-    from splitserve.protos import serving_pb2_grpc
+
+@pytest.fixture
+def router_behind_relay(demo_stack, monkeypatch):
+    """A router in this process, in front of the stack's workers, reached through a TcpRelay that can
+    go silent; the public keepalive (router and SDK) pings every 0.25 s."""
     from splitserve.runtime import grpc_common, router_server
     from splitserve.runtime.security import InternalSecurity
     from tcp_relay import TcpRelay
 
-    monkeypatch.setattr(router_server, "PUBLIC_KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
+    monkeypatch.setattr(grpc_common, "PUBLIC_KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
     workers = demo_stack.workers()
     server = router_server.RouterServer(
         "demo", host="127.0.0.1", port=0, prefill=[w.address for w in workers if w.role == "prefill"],
@@ -387,20 +387,61 @@ def test_the_router_ends_the_request_of_a_client_gone_silent(demo_stack, monkeyp
         security=InternalSecurity(token=demo_stack.internal_token()))
     server.start(worker_timeout_s=30)
     relay = TcpRelay(server.address)
-    channel = grpc.insecure_channel(relay.address)
+    yield relay
+    relay.close()
+    server.stop(0)
+
+
+LONG_DECODE = dict(max_tokens=2000, ignore_eos=True)  # several seconds of decode on the demo model
+
+
+def _pages_held(stack) -> bool:
+    return any(s.free_pages < s.total_pages for s in stack.decode_stats())
+
+
+def test_the_router_ends_the_request_of_a_client_gone_silent(demo_stack, router_behind_relay):
+    """A client whose connection goes silent (no FIN: a laptop closed, a network cut): the router's
+    keepalive pings go unanswered, the call ends, and the decode pages of its request are freed long
+    before the request would have finished (without the pings: ~20 s here, at its end)."""
+    from splitserve.protos import serving_pb2_grpc
+
+    channel = grpc.insecure_channel(router_behind_relay.address)
     try:
         request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
-                                              sampling=serving_pb2.SamplingParams(max_tokens=2000, ignore_eos=True))
+                                              sampling=serving_pb2.SamplingParams(**LONG_DECODE))
         stream = serving_pb2_grpc.ServingStub(channel).Generate(request, timeout=120)
         next(stream)
-        next(stream)  # decoding: 1998 tokens to go, several seconds of work
-        assert any(s.free_pages < s.total_pages for s in demo_stack.decode_stats())
-        relay.go_silent()
+        next(stream)  # decoding
+        assert _pages_held(demo_stack)
+        router_behind_relay.go_silent()
         started = time.monotonic()
-        while any(s.free_pages < s.total_pages for s in demo_stack.decode_stats()):
+        while _pages_held(demo_stack):
             assert time.monotonic() - started < 3.0, "the request's pages were not freed"
             time.sleep(0.05)
     finally:
         channel.close()
-        relay.close()
-        server.stop(0)
+
+
+def test_the_sdk_stream_ends_unavailable_when_the_router_goes_silent(demo_stack, router_behind_relay):
+    """The SDK's pings find a router that went silent: the stream, which has no deadline, raises
+    UNAVAILABLE instead of waiting forever."""
+    from splitserve.runtime.client import Client, SplitserveError
+
+    outcome = []
+
+    def read():
+        try:
+            for _ in chunks:
+                pass
+            outcome.append("ended")
+        except SplitserveError as e:
+            outcome.append(e.code)
+
+    with Client(router_behind_relay.address, timeout=None) as client:
+        chunks = client.stream(token_ids=list(range(3, 40)), **LONG_DECODE)
+        next(chunks)
+        router_behind_relay.go_silent()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(10)
+        assert outcome == [grpc.StatusCode.UNAVAILABLE]
