@@ -102,8 +102,9 @@ class RequestTimer:
             self.m.ttft.observe(now - self.arrived)
             self.m.waiting.dec()
             self.m.running.inc()
-        else:
-            self.m.itl.observe(now - self.last_token)
+        else:  # a message of several tokens (merged by the router): its gap, spread over them
+            for _ in range(count):
+                self.m.itl.observe((now - self.last_token) / count)
         self.last_token = now
         self.m.generation_tokens.inc(count)
 

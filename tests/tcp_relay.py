@@ -3,6 +3,7 @@ every connection open while passing nothing on, as a frozen peer or a lost netwo
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -23,18 +24,24 @@ class TcpRelay:
         self._silent.set()
 
     def close(self) -> None:
-        self._listener.close()
         with self._lock:
-            for sock in self._sockets:
-                sock.close()
+            sockets = [self._listener, *self._sockets]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv()
+            sock.close()
 
     def _accept(self) -> None:
         while True:
             try:
                 client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
                 server = socket.create_connection(self._upstream)
             except OSError:
-                return
+                client.close()  # the upstream refused this one; the next may do better
+                continue
             with self._lock:
                 self._sockets += [client, server]
             for source, sink in ((client, server), (server, client)):

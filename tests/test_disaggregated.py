@@ -379,7 +379,7 @@ def router_behind_relay(demo_stack, monkeypatch):
     from splitserve.runtime.security import InternalSecurity
     from tcp_relay import TcpRelay
 
-    monkeypatch.setattr(grpc_common, "PUBLIC_KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
+    monkeypatch.setattr(grpc_common, "PUBLIC_KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=2500))
     workers = demo_stack.workers()
     server = router_server.RouterServer(
         "demo", host="127.0.0.1", port=0, prefill=[w.address for w in workers if w.role == "prefill"],
@@ -416,7 +416,7 @@ def test_the_router_ends_the_request_of_a_client_gone_silent(demo_stack, router_
         router_behind_relay.go_silent()
         started = time.monotonic()
         while _pages_held(demo_stack):
-            assert time.monotonic() - started < 3.0, "the request's pages were not freed"
+            assert time.monotonic() - started < 8.0, "the request's pages were not freed"
             time.sleep(0.05)
     finally:
         channel.close()
@@ -443,5 +443,5 @@ def test_the_sdk_stream_ends_unavailable_when_the_router_goes_silent(demo_stack,
         router_behind_relay.go_silent()
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        reader.join(10)
+        reader.join(20)
         assert outcome == [grpc.StatusCode.UNAVAILABLE]

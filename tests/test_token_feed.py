@@ -102,7 +102,7 @@ class HeldDecode(internal_pb2_grpc.DecodeServicer):
 def feed_through_relay(monkeypatch):
     """A TokenFeed whose call passes through a TcpRelay, with the production server and channel
     set-up (grpc_common) and pings every 0.25 s."""
-    monkeypatch.setattr(grpc_common, "KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=1000))
+    monkeypatch.setattr(grpc_common, "KEEPALIVE", grpc_common.Keepalive(time_ms=250, timeout_ms=2500))
     server = grpc_common.make_server(max_workers=8)
     worker = HeldDecode()
     internal_pb2_grpc.add_DecodeServicer_to_server(worker, server)
@@ -168,7 +168,9 @@ def test_a_reader_behind_takes_every_waiting_entry_at_once_and_then_the_error():
     feed = TokenFeed(internal_pb2_grpc.DecodeStub(channels.get(f"127.0.0.1:{port}")), on_broken=lambda why: None)
     try:
         stream = feed.start("r", internal_pb2.ResolvedSampling(max_tokens=5))
-        time.sleep(0.5)  # the five entries, and the error, arrive while nobody reads
+        deadline = time.monotonic() + 10
+        while stream._items.qsize() < 6 and time.monotonic() < deadline:  # five entries and the error
+            time.sleep(0.01)  # arrive while nobody reads
         assert [t for e in stream.next_ready(timeout=10) for t in e.token_ids] == [1, 2, 3, 4, 5]
         with pytest.raises(FeedError) as err:  # the error comes after the entries before it
             stream.next_ready(timeout=10)
