@@ -1,7 +1,8 @@
 """The router: validates, tokenizes, picks workers, streams tokens, applies stop strings.
 
 One request, disaggregated:
-    1. Decode/Reserve   pages for prompt + max_tokens on the decode worker with most free pages;
+    1. Decode/Reserve   pages for prompt + max_tokens on the decode worker with most free pages
+                        (runtime/page_reservations.py);
                         the reply may name the worker's KV data socket and a one-time ticket
     2. Prefill/Run      on the least-loaded prefill worker, with that address and ticket; returns
                         the FIRST token (TTFT); the prefill worker streams the KV to the decode
@@ -23,7 +24,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import uuid
 from typing import Callable, Iterator
 
@@ -33,9 +33,10 @@ from splitserve.models.metadata import ModelMetadata
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import ChannelPool
-from splitserve.runtime.kv_socket import resolve_data_address
+from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
+from splitserve.runtime.router_errors import RouterError, passed_through
 from splitserve.runtime.sampling import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 from splitserve.runtime.text_stream import TextStream
@@ -44,20 +45,9 @@ from splitserve.runtime.worker_health import WorkerHealth
 
 log = logging.getLogger(__name__)
 
-RESERVE_LEASE_S = 30.0
-RPC_TIMEOUT_S = 30.0
-MAX_WAITING_FOR_PAGES = 512  # requests queued for decode pages; past it, RESOURCE_EXHAUSTED at once
-WAIT_FOR_PAGES_S = 120.0
-
 
 class _PrefillUnavailable(Exception):
     """The chosen prefill worker answered UNAVAILABLE: retry elsewhere."""
-
-
-class RouterError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -71,16 +61,6 @@ class WorkerHandle:
     free_pages: int = 0
     mesh: str = ""
     platform: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reservation:
-    """One attempt's pages on a decode worker, and where its KV goes: the worker's KV data socket
-    and the one-time ticket for it, or (both empty) its gRPC TransferKV."""
-
-    worker: WorkerHandle
-    kv_data_address: str = ""
-    kv_ticket: bytes = dataclasses.field(default=b"", repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +85,6 @@ class Router:
         self.mode = "colocated" if colocated else "disaggregated"
         self.channels = channels or ChannelPool()
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # notified whenever a reservation is released
-        self._waiting_for_pages = 0
         self._ids = itertools.count()
 
         def handle(address, role):
@@ -124,6 +102,7 @@ class Router:
             self.decode_workers = [handle(a, "decode") for a in decode]
             self.workers = self.prefill_workers + self.decode_workers
         self.health = WorkerHealth([w.address for w in self.workers], self.channels, on_up=self._refresh_address)
+        self.pages = PageReservations(self.decode_workers, self.health, self._lock)
 
     def close(self) -> None:
         """Ends the token streams to the decode workers (what is still on them is released there)."""
@@ -148,11 +127,6 @@ class Router:
         for worker in self.workers:
             if worker.address == address:
                 self._refresh(worker)
-
-    def _by_free_pages(self) -> list[WorkerHandle]:
-        with self._lock:
-            up = [w for w in self.decode_workers if self.health.is_up(w.address)]
-            return sorted(up, key=lambda w: (-w.free_pages, w.in_flight))
 
     def _by_load(self, exclude: set[str]) -> list[WorkerHandle]:
         with self._lock:
@@ -194,16 +168,16 @@ class Router:
                 return
             yield from self._decoded(decode, request_id, sampling, progress, text, scope)
         except FeedError as e:  # the worker stopped this request, or its token stream broke
-            raise RouterError(_passed_through(e.code), f"worker failed: {e}") from e
+            raise RouterError(passed_through(e.code), f"worker failed: {e}") from e
         except grpc.RpcError as e:
             if scope.cancelled and isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.CANCELLED:
                 raise CallCancelled("the client cancelled the request") from None
             if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
                 raise
-            raise RouterError(_passed_through(e.code()), f"worker failed: {e.details()}") from e
+            raise RouterError(passed_through(e.code()), f"worker failed: {e.details()}") from e
         finally:
             if decode is not None:
-                self._release(decode, request_id)
+                self.pages.release(decode, request_id)
 
     def _decoded(self, decode: WorkerHandle, request_id: str, sampling, progress: _Progress, text: TextStream,
                  scope: CallScope) -> Iterator[RouterEvent]:
@@ -249,83 +223,6 @@ class Router:
         finish = reason.value if reason else worker_reason
         return RouterEvent([token], delta, finish)
 
-    def _reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> _Reservation:
-        """Reserves on the decode worker with most free pages; queues (bounded) while all are full."""
-        deadline = time.monotonic() + WAIT_FOR_PAGES_S
-        waiting = False
-        try:
-            while True:
-                scope.check()  # cancelled or past its deadline: stop waiting now
-                reservation, full = self._try_reserve(request_id, num_tokens, scope)
-                if reservation is not None:
-                    return reservation
-                with self._room:
-                    if not waiting:
-                        if self._waiting_for_pages >= MAX_WAITING_FOR_PAGES:
-                            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"{self._waiting_for_pages} requests already wait for KV pages")
-                        self._waiting_for_pages += 1
-                        waiting = True
-                    if time.monotonic() > deadline:
-                        raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                          f"no decode worker had room within {WAIT_FOR_PAGES_S:.0f}s: {full}")
-                    self._room.wait(0.05)
-        finally:
-            if waiting:
-                with self._room:
-                    self._waiting_for_pages -= 1
-
-    def _try_reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> tuple[_Reservation | None, str]:
-        """(reservation, "") on success; (None, why) when every worker that could fit it is full.
-
-        Raises when no worker can ever fit the request, or none is reachable.
-        """
-        errors: dict[grpc.StatusCode, grpc.RpcError] = {}
-        for worker in self._by_free_pages():
-            try:
-                reply = worker.decode.Reserve(internal_pb2.ReserveRequest(
-                    request_id=request_id, num_tokens=num_tokens, lease_s=RESERVE_LEASE_S),
-                    timeout=scope.timeout(RPC_TIMEOUT_S))
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                    # The worker may have reserved just before the deadline cut the reply: undo it
-                    # rather than leave the pages held until the lease expires.
-                    self._release_unconfirmed(worker, request_id)
-                    scope.check()  # the client's deadline or cancel: say so, not "no room"
-                errors.setdefault(e.code(), e)
-                if e.code() is grpc.StatusCode.UNAVAILABLE:
-                    self.health.mark_down(worker.address, f"Reserve: {e.details()}")
-                continue
-            with self._lock:
-                worker.free_pages = reply.free_pages
-                worker.in_flight += 1
-            data_address = resolve_data_address(reply.kv_data_address, worker.address) if reply.kv_data_address else ""
-            return _Reservation(worker, data_address, reply.kv_ticket), ""
-        if full := errors.get(grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return None, full.details()
-        if too_big := errors.get(grpc.StatusCode.INVALID_ARGUMENT):
-            raise RouterError(grpc.StatusCode.OUT_OF_RANGE, too_big.details())
-        if not errors:
-            raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker is up: {self.health.down()}")
-        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no decode worker could reserve pages: {errors}")
-
-    def _release_unconfirmed(self, worker: WorkerHandle, request_id: str) -> None:
-        """Releases a reservation whose Reserve call ended without an answer (a no-op if none was made)."""
-        try:
-            worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
-        except grpc.RpcError as e:
-            log.warning("release of unconfirmed %s on %s failed: %s", request_id, worker.address, e.code())
-
-    def _release(self, worker: WorkerHandle, request_id: str) -> None:
-        try:
-            worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
-        except grpc.RpcError as e:
-            log.warning("release of %s on %s failed: %s", request_id, worker.address, e.code())
-        with self._room:
-            worker.in_flight -= 1
-            worker.free_pages += 1  # a hint until the next reservation reports the real count
-            self._room.notify_all()
-
     def _reserve_and_prefill(self, request_id: str, prompt_ids: list[int], sampling, max_tokens: int,
                              scope: CallScope, on_prefill: Callable[[], None] | None
                              ) -> tuple[WorkerHandle | None, str, int]:
@@ -342,7 +239,7 @@ class Router:
         for attempt in itertools.count():
             attempt_id = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
             # Each attempt's reservation comes with its own ticket: a retry never reuses one.
-            reservation = self._reserve(attempt_id, len(prompt_ids) + max_tokens, scope) if max_tokens > 1 else None
+            reservation = self.pages.reserve(attempt_id, len(prompt_ids) + max_tokens, scope) if max_tokens > 1 else None
             decode = reservation.worker if reservation is not None else None
             try:
                 if on_prefill is not None and attempt == 0:
@@ -350,12 +247,12 @@ class Router:
                 return decode, attempt_id, self._prefill(attempt_id, prompt_ids, sampling, reservation, tried, scope)
             except BaseException as e:
                 if decode is not None:
-                    self._release(decode, attempt_id)
+                    self.pages.release(decode, attempt_id)
                 if not isinstance(e, _PrefillUnavailable):
                     raise
         raise AssertionError("unreachable: _prefill raises once every prefill worker was tried")
 
-    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, reservation: _Reservation | None,
+    def _prefill(self, request_id: str, prompt_ids: list[int], sampling, reservation: Reservation | None,
                  tried: set[str], scope: CallScope) -> int:
         """Runs the prefill on the least-loaded prefill worker not in `tried` (colocated: on the
         worker that holds the reservation); on UNAVAILABLE marks it down, adds it to `tried` and
@@ -396,8 +293,3 @@ def _joined(events: list[RouterEvent]) -> RouterEvent:
     return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
                        events[-1].finish_reason)
 
-
-def _passed_through(code: grpc.StatusCode) -> grpc.StatusCode:
-    """Codes that describe the request pass through to the client; anything else is the worker's fault."""
-    passed = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return code if code in passed else grpc.StatusCode.UNAVAILABLE
