@@ -6,9 +6,10 @@ Public entry points (see shared/INTERFACES.md): `flash_attention` (prefill) and
     "tpu"        Pallas Mosaic TPU kernels (flash_tpu.py, paged_tpu.py); on a CPU they
                  run under `pltpu.force_tpu_interpret_mode(...)`
     "gpu"        Pallas GPU kernels, Triton lowering (flash_gpu.py, paged_gpu.py)
-    "xla"        plain JAX written for XLA's CPU backend: paged attention walks the page
-                 table block by block and stops at the longest row (paged_xla.py); prefill
-                 attention is the reference, which XLA already runs as a few large products
+    "xla"        plain JAX written for XLA's CPU backend: paged attention walks a flat list
+                 of the page chunks that hold tokens, so a long row costs only itself
+                 (paged_xla.py); prefill attention is the reference, which XLA already
+                 runs as a few large products
     "reference"  plain JAX (reference.py), the ground truth
     "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference"
 

@@ -1,7 +1,8 @@
 """Attention kernel speed against the device's ceilings and the peers, measured in one run.
 
     python scripts/bench_kernels.py [--platform auto|cpu|gpu|tpu] [--dtype bfloat16]
-                                    [--contexts 2048 4096 8192] [--json-out results.json]
+                                    [--contexts 2048 4096 8192] [--skewed-contexts 1024]
+                                    [--json-out results.json]
 
 Two ceilings are measured first, in the same process:
   copy bandwidth   a jitted `x + 1` over a large device array (bytes read + written)
@@ -10,8 +11,11 @@ Then, per shape, each implementation runs on the same random inputs (never zeros
 page table): its output is compared with the plain-JAX reference computed in float32, and its
 median time over `--reps` runs after warm-up is reported as
   decode (paged_attention)   achieved bandwidth = KV bytes read / time (K and V of every row's
-                             `context` tokens, plus q and the output), and its fraction of the
-                             copy bandwidth
+                             tokens, plus q and the output), and its fraction of the copy
+                             bandwidth. Every row holds `context` tokens; in a "skewed" shape
+                             (--skewed-contexts, CPU default 1024) one row in 16 holds `context`
+                             tokens and the rest an eighth of it, as when a long prompt decodes
+                             among short chats
   prefill (flash_attention)  achieved rate = causal FLOPs / time (2 x batch x heads x seq^2 x
                              head_dim: QK^T and PV over the lower triangle), and its fraction of
                              the matmul rate
@@ -43,11 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = {  # per platform: (decode contexts, prefill seq, heads, kv_heads, head_dim, dtype)
-    "gpu": ((2048, 4096, 8192), 4096, 32, 8, 128, "bfloat16"),
-    "tpu": ((2048, 4096, 8192), 4096, 32, 8, 128, "bfloat16"),
-    "cpu": ((256, 1024), 512, 8, 4, 64, "float32"),
+DEFAULTS = {  # per platform: (decode contexts, skewed contexts, prefill seq, heads, kv_heads, head_dim, dtype)
+    "gpu": ((2048, 4096, 8192), (), 4096, 32, 8, 128, "bfloat16"),
+    "tpu": ((2048, 4096, 8192), (), 4096, 32, 8, 128, "bfloat16"),
+    "cpu": ((256, 1024), (1024,), 512, 8, 4, 64, "float32"),
 }
+SKEW_EVERY = 16  # a skewed shape: rows 0, 16, 32, ... hold the full context, the rest 1/SKEW_SHORT of it
+SKEW_SHORT = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +72,13 @@ class BenchConfig:
     copy_mib: int
     matmul_n: int
     tune: bool = False  # also time DECODE_GPU_VARIANTS / FLASH_GPU_VARIANTS (GPU only)
+    skewed_contexts: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if min(self.decode_batch, self.prefill_batch, self.prefill_seq, self.page_size, self.reps, *self.contexts) < 1:
+        if min(self.decode_batch, self.prefill_batch, self.prefill_seq, self.page_size, self.reps, *self.contexts,
+               *self.skewed_contexts) < 1:
             raise ValueError("batch sizes, lengths, page size and reps must be >= 1")
 
 
@@ -212,7 +220,14 @@ def _dot_product_attention(q, k, v, lengths=None, *, implementation):
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def decode_inputs(cfg: BenchConfig, context: int, seed: int):
+def decode_lengths(cfg: BenchConfig, context: int, skewed: bool = False) -> np.ndarray:
+    lengths = np.full((cfg.decode_batch,), context, np.int32)
+    if skewed:
+        lengths[np.arange(cfg.decode_batch) % SKEW_EVERY != 0] = max(1, context // SKEW_SHORT)
+    return lengths
+
+
+def decode_inputs(cfg: BenchConfig, context: int, seed: int, skewed: bool = False):
     import jax.numpy as jnp
 
     rng = np.random.default_rng(seed)
@@ -222,8 +237,7 @@ def decode_inputs(cfg: BenchConfig, context: int, seed: int):
     q = jnp.asarray(rng.standard_normal((cfg.decode_batch, cfg.heads, cfg.head_dim)), cfg.dtype)
     k, v = (jnp.asarray(rng.standard_normal(kv_shape), cfg.dtype) for _ in range(2))
     table = rng.permutation(total)[: cfg.decode_batch * pages_per_seq].reshape(cfg.decode_batch, pages_per_seq)
-    lengths = np.full((cfg.decode_batch,), context, np.int32)
-    return q, k, v, jnp.asarray(lengths), jnp.asarray(table.astype(np.int32))
+    return q, k, v, jnp.asarray(decode_lengths(cfg, context, skewed)), jnp.asarray(table.astype(np.int32))
 
 
 def prefill_inputs(cfg: BenchConfig, seed: int):
@@ -236,9 +250,9 @@ def prefill_inputs(cfg: BenchConfig, seed: int):
     return q, k, v, jnp.full((b,), s, jnp.int32)
 
 
-def decode_bytes(cfg: BenchConfig, context: int) -> int:
+def decode_bytes(cfg: BenchConfig, context: int, skewed: bool = False) -> int:
     itemsize = np.dtype(cfg.dtype).itemsize
-    kv = cfg.decode_batch * context * cfg.kv_heads * cfg.head_dim * 2 * itemsize
+    kv = int(decode_lengths(cfg, context, skewed).sum()) * cfg.kv_heads * cfg.head_dim * 2 * itemsize
     return kv + 2 * cfg.decode_batch * cfg.heads * cfg.head_dim * itemsize  # + q and the output
 
 
@@ -292,11 +306,13 @@ def run(cfg: BenchConfig) -> tuple[dict, list[Row]]:
     rows: list[Row] = []
     ref_paged = jax.jit(lambda q, k, v, l, t: paged_attention_reference(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), l, t))
-    for i, context in enumerate(cfg.contexts):
-        inputs = decode_inputs(cfg, context, seed=i)
-        shape = f"b={cfg.decode_batch} ctx={context} h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim} page={cfg.page_size}"
+    shapes = [(c, False) for c in cfg.contexts] + [(c, True) for c in cfg.skewed_contexts]
+    for i, (context, skewed) in enumerate(shapes):
+        inputs = decode_inputs(cfg, context, seed=i, skewed=skewed)
+        ctx = f"1/{SKEW_EVERY} at {context}, rest {max(1, context // SKEW_SHORT)}" if skewed else str(context)
+        shape = f"b={cfg.decode_batch} ctx={ctx} h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim} page={cfg.page_size}"
         rows += run_shape("decode", shape, decode_impls(cfg.platform, cfg.tune), inputs, ref_paged(*inputs),
-                          decode_bytes(cfg, context), ceilings["copy_tbytes_per_s"], cfg.reps)
+                          decode_bytes(cfg, context, skewed), ceilings["copy_tbytes_per_s"], cfg.reps)
     inputs = prefill_inputs(cfg, seed=100)
     q, k, v, lengths = inputs
     reference_out = jax.jit(lambda q, k, v, l: flash_attention_reference(
@@ -330,6 +346,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--decode-batch", type=int, default=64)
     p.add_argument("--contexts", type=int, nargs="+", help="decode contexts (default: 2048 4096 8192; CPU 256 1024)")
+    p.add_argument("--skewed-contexts", type=int, nargs="*",
+                   help=f"skewed decode shapes: one row in {SKEW_EVERY} at this context, the rest at 1/{SKEW_SHORT} "
+                        "(default: none; CPU 1024)")
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--prefill-seq", type=int, help="prefill tokens (default 4096; CPU 512)")
     p.add_argument("--heads", type=int)
@@ -353,7 +372,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
     platform = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
     if platform not in DEFAULTS:
         p.error(f"unsupported JAX backend {backend!r}")
-    contexts, seq, heads, kv_heads, head_dim, dtype = DEFAULTS[platform]
+    contexts, skewed, seq, heads, kv_heads, head_dim, dtype = DEFAULTS[platform]
     small = platform == "cpu"
     try:
         return BenchConfig(
@@ -362,7 +381,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
             prefill_seq=args.prefill_seq or seq, heads=args.heads or heads, kv_heads=args.kv_heads or kv_heads,
             head_dim=args.head_dim or head_dim, page_size=args.page_size, reps=args.reps,
             copy_mib=args.copy_mib or (512 if small else 2048), matmul_n=args.matmul_n or (2048 if small else 8192),
-            tune=args.tune,
+            tune=args.tune, skewed_contexts=tuple(skewed if args.skewed_contexts is None else args.skewed_contexts),
         ), args.json_out
     except ValueError as e:
         p.error(str(e))

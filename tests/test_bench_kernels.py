@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import bench_kernels  # noqa: E402
 
 TINY = ["--platform", "cpu", "--decode-batch", "3", "--contexts", "40", "100", "--prefill-seq", "48",
-        "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--page-size", "8", "--reps", "2",
+        "--skewed-contexts", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--page-size", "8", "--reps", "2",
         "--copy-mib", "8", "--matmul-n", "128"]
 
 
@@ -24,7 +24,7 @@ def test_cpu_run_writes_every_figure(tmp_path, capsys):
     decode = [r for r in rows if r["kernel"] == "decode"]
     prefill = [r for r in rows if r["kernel"] == "prefill"]
     assert {r["impl"] for r in decode} == {"splitserve xla", "reference (XLA)"}
-    assert len(decode) == 4 and len(prefill) == 2
+    assert len(decode) == 6 and len(prefill) == 2
     for r in rows:
         assert r["error"] is None, r
         assert r["ms"] > 0 and r["achieved"] > 0 and r["of_ceiling"] > 0
@@ -35,6 +35,7 @@ def test_cpu_run_writes_every_figure(tmp_path, capsys):
     assert result["ceilings"]["copy_tbytes_per_s"] > 0 and result["ceilings"]["matmul_tflops"] > 0
     table = capsys.readouterr().out
     assert "| decode | b=3 ctx=100 h=4/2 d=16 page=8 | splitserve xla |" in table
+    assert "| decode | b=3 ctx=1/16 at 64, rest 8 h=4/2 d=16 page=8 | splitserve xla |" in table
 
 
 def test_work_formulas():
@@ -43,6 +44,9 @@ def test_work_formulas():
     assert bench_kernels.decode_bytes(cfg, 100) == 3 * 100 * 2 * 16 * 2 * 4 + 2 * 3 * 4 * 16 * 4
     # Causal: QK^T and PV over half of the 48 x 48 scores, 2 FLOPs per multiply-add: 2 x 1 x 4 x 48^2 x 16.
     assert bench_kernels.prefill_flops(cfg) == 2 * 1 * 4 * 48**2 * 16
+    # Skewed: row 0 of 3 holds 64 tokens, rows 1 and 2 hold 64 / 8.
+    assert list(bench_kernels.decode_lengths(cfg, 64, skewed=True)) == [64, 8, 8]
+    assert bench_kernels.decode_bytes(cfg, 64, skewed=True) == (64 + 8 + 8) * 2 * 16 * 2 * 4 + 2 * 3 * 4 * 16 * 4
 
 
 def test_failing_peer_is_reported_not_fatal():

@@ -125,19 +125,34 @@ def test_paged_gpu_serving_shapes(dtype, num_splits):
     )
 
 
-@pytest.mark.parametrize("pages_per_block", [1, 3, "case", "default"])
+@pytest.mark.parametrize("chunking", [(1, 1), (3, 2), (2, "case"), "default"], ids=str)
 @pytest.mark.parametrize("case", SWEEP, ids=str)
-def test_paged_xla_sweep(case, pages_per_block):
-    """The CPU version, jitted as the model runs it: blocks of 1 page, of 3 (a partial last block),
-    of the case's own ppcb, and of the size picked from the shapes; garbage page ids past the
-    lengths in the 3-page runs."""
+def test_paged_xla_sweep(case, chunking):
+    """The CPU version, jitted as the model runs it, with (pages per chunk, chunks per block) of
+    (1, 1), (3, 2) (partial chunks and blocks that hold several rows, garbage page ids past the
+    lengths), (2, the case's ppcb), and its defaults."""
     batch, heads, kv_heads, head_dim, page_size, pps, lengths, dtype, ppcb = case
-    sizes = {"case": ppcb, "default": None}
-    kernel = jax.jit(functools.partial(paged_attention_xla, pages_per_block=sizes.get(pages_per_block, pages_per_block)))
+    kwargs = {} if chunking == "default" else {
+        "pages_per_chunk": chunking[0], "chunks_per_block": ppcb if chunking[1] == "case" else chunking[1]}
     _check(
-        kernel, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        page_size=page_size, pages_per_seq=pps, lengths=lengths, dtype=dtype,
-        garbage_ids=pages_per_block == 3,
+        jax.jit(functools.partial(paged_attention_xla, **kwargs)), batch=batch, heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, page_size=page_size, pages_per_seq=pps, lengths=lengths, dtype=dtype,
+        garbage_ids=chunking == (3, 2),
+    )
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 5, None])
+@pytest.mark.parametrize("pages_per_chunk", [1, 2, 4])
+def test_paged_xla_one_long_row_among_short_ones(pages_per_chunk, chunks_per_block):
+    """The serving case the flat work list is for: short rows around one long one (here in the
+    middle, so blocks hold the end of one row and the start of the next), rows of one token, a
+    row that ends exactly on a chunk, garbage page ids past every length."""
+    lengths = [3, 17, 1, 200, 9, 16, 1, 40]
+    _check(
+        jax.jit(functools.partial(paged_attention_xla, pages_per_chunk=pages_per_chunk,
+                                  chunks_per_block=chunks_per_block)),
+        batch=8, heads=8, kv_heads=2, head_dim=32, page_size=8, pages_per_seq=25, lengths=lengths,
+        dtype="float32", garbage_ids=True, seed=3,
     )
 
 
@@ -151,28 +166,28 @@ def test_paged_xla_ignores_a_padded_table():
     unused = np.setdiff1d(np.arange(k.shape[1]), np.asarray(table)).astype(np.int32)  # all NaN
     assert np.isnan(np.asarray(k)[:, unused]).all()
     padded = np.concatenate([np.asarray(table), np.broadcast_to(unused[:13], (3, 13))], axis=1)
-    tight = paged_attention_xla(q, k, v, lengths, table, pages_per_block=2)
-    wide = paged_attention_xla(q, k, v, lengths, jnp.asarray(padded), pages_per_block=2)
+    tight = paged_attention_xla(q, k, v, lengths, table, chunks_per_block=2)
+    wide = paged_attention_xla(q, k, v, lengths, jnp.asarray(padded), chunks_per_block=2)
     np.testing.assert_array_equal(np.asarray(wide), np.asarray(tight))
     assert np.isfinite(np.asarray(wide)).all()
 
 
-def test_paged_xla_default_block_size_follows_the_batch():
-    """About 2 MiB of K per block: a lone row takes the whole table in one step, a batch of 64
-    short blocks; never more than the table, never less than one page."""
-    from splitserve.pallas_kernels.paged_xla import default_pages_per_block
+def test_paged_xla_default_block_is_about_2_mib_of_k():
+    from splitserve.pallas_kernels.paged_xla import default_chunks_per_block
 
-    assert default_pages_per_block(batch=1, kv_heads=4, page_size=16, head_dim=32, table_width=128) == 128
-    assert default_pages_per_block(batch=64, kv_heads=4, page_size=16, head_dim=64, table_width=16) == 2
-    assert default_pages_per_block(batch=32, kv_heads=8, page_size=64, head_dim=128, table_width=64) == 1
+    assert default_chunks_per_block(kv_heads=4, page_size=16, head_dim=64, pages_per_chunk=2) == 64  # 32 KiB chunks
+    assert default_chunks_per_block(kv_heads=4, page_size=16, head_dim=32, pages_per_chunk=2) == 128
+    assert default_chunks_per_block(kv_heads=8, page_size=64, head_dim=128, pages_per_chunk=8) == 1  # never 0
 
 
-def test_paged_xla_rejects_a_bad_block_size():
+@pytest.mark.parametrize("bad", [{"pages_per_chunk": 0}, {"chunks_per_block": 0}], ids=str)
+def test_paged_xla_rejects_a_bad_chunking(bad):
     rng = np.random.default_rng(8)
     inputs, _ = paged_inputs(rng, batch=1, heads=2, kv_heads=1, head_dim=8, page_size=8,
                              pages_per_seq=2, lengths=[9], dtype=jnp.float32)
-    with pytest.raises(ValueError, match="pages_per_block must be >= 1, got 0"):
-        paged_attention_xla(*inputs, pages_per_block=0)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+        paged_attention_xla(*inputs, **bad)
 
 
 def test_paged_custom_scale():
