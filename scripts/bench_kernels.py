@@ -4,7 +4,7 @@
                                     [--contexts 2048 4096 8192] [--skewed-contexts 1024]
                                     [--json-out results.json]
 
-Two ceilings are measured first, in the same process:
+Two ceilings are measured first, in the same process (device_ceilings.py):
   copy bandwidth   a jitted `x + 1` over a large device array (bytes read + written)
   matmul rate      a large square matrix product in the benchmark dtype
 Then, per shape, each implementation runs on the same random inputs (never zeros; a shuffled
@@ -39,13 +39,13 @@ import functools
 import json
 import os
 import platform as host_platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from device_ceilings import copy_gbytes_per_s, matmul_tflops, median_ms
 
 DEFAULTS = {  # per platform: (decode contexts, skewed contexts, prefill seq, heads, kv_heads, head_dim, dtype)
     "gpu": ((2048, 4096, 8192), (), 4096, 32, 8, 128, "bfloat16"),
@@ -93,54 +93,6 @@ class Row:
     vs_best_peer: float | None = None  # best other implementation's time / this one's (>1: faster)
     rel_err: float | None = None
     error: str | None = None
-
-
-# -- timing -----------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], object], reps: int, calls_per_rep: int = 10) -> float:
-    """Median over `reps` of the mean time of `calls_per_rep` back-to-back calls.
-
-    The calls of one rep are dispatched without waiting (device work is asynchronous) and the
-    clock stops when the last one finishes, so the host's per-call dispatch cost overlaps the
-    device work instead of adding to a sub-millisecond kernel's time.
-    """
-    import jax
-
-    jax.block_until_ready(fn())  # compile and warm up
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(calls_per_rep - 1):
-            fn()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) / calls_per_rep)
-    return statistics.median(times) * 1e3
-
-
-def copy_gbytes_per_s(mib: int, reps: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    # The input is donated and the result fed back, so the output reuses the input's buffer: a
-    # fresh output each time pays first-touch page faults on a CPU (9 GB/s instead of ~40 here).
-    add_one = jax.jit(lambda a: a + 1, donate_argnums=0)
-    state = {"x": jax.block_until_ready(add_one(jnp.ones((mib * 2**20 // 4,), jnp.float32)))}
-
-    def step():
-        state["x"] = add_one(state["x"])
-        return state["x"]
-
-    return 2 * state["x"].nbytes / (median_ms(step, reps) / 1e3) / 1e9
-
-
-def matmul_tflops(n: int, dtype: str, reps: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(rng.standard_normal((n, n)), dtype) for _ in range(2))
-    product = jax.jit(lambda x, y: x @ y)
-    return 2 * n**3 / (median_ms(lambda: product(a, b), reps) / 1e3) / 1e12
 
 
 # -- implementations --------------------------------------------------------------------------
