@@ -65,7 +65,8 @@ class DecodeEngine:
         self._device_turn = turns.turn if turns is not None else no_turns
         self.eos_token_ids = runner.model.config.eos_token_ids
         self.scheduler = DecodeScheduler(PageAllocator(runner.config.num_pages),
-                                         page_size=runner.config.page_size, max_batch=max_batch)
+                                         page_size=runner.config.page_size, max_batch=max_batch,
+                                         max_tokens_per_seq=runner.max_model_len)
         self._lock = threading.Condition()
         self._outputs: dict[str, StreamOutput] = {}
         self._stopped = False

@@ -60,10 +60,12 @@ class DecodePlan:
 
 class DecodeScheduler:
     def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_tokens_per_seq: int | None = None, clock: Callable[[], float] = time.monotonic):
+        """`max_tokens_per_seq`: the model's context (max_model_len); None: only the pool bounds a request."""
         self.allocator = allocator
         self.page_size = page_size
         self.max_batch = max_batch
+        self.max_tokens_per_seq = max_tokens_per_seq
         self.clock = clock
         self.slots: dict[str, DecodeSlot] = {}
 
@@ -73,6 +75,8 @@ class DecodeScheduler:
             raise ValueError(f"request {request_id!r} already has a reservation")
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if self.max_tokens_per_seq is not None and num_tokens > self.max_tokens_per_seq:
+            raise ValueError(f"{num_tokens} tokens exceed the model's context of {self.max_tokens_per_seq}")
         needed = pages_needed(num_tokens, self.page_size)
         if needed > self.allocator.capacity:
             raise ValueError(f"{num_tokens} tokens need {needed} KV pages; this decode worker's pool holds "
@@ -111,9 +115,11 @@ class DecodeScheduler:
 
     # -- the step -------------------------------------------------------------------------
     def expire_leases(self) -> list[str]:
-        """Frees reservations whose KV or stream did not come in time."""
+        """Frees reservations whose KV or stream did not come in time. A ready request waiting for
+        a place in the batch has both: its lease no longer applies."""
         now = self.clock()
-        expired = [s.request_id for s in self.slots.values() if not s.running and now > s.lease_deadline]
+        expired = [s.request_id for s in self.slots.values()
+                   if not s.running and not s.ready and now > s.lease_deadline]
         for request_id in expired:
             self.release(request_id)
         return expired

@@ -102,3 +102,29 @@ def test_a_request_larger_than_the_pool_is_refused_not_queued():
     with pytest.raises(ValueError, match="holds 4 at most"):
         sched.reserve("huge", num_tokens=17, lease_s=5)
     assert sched.allocator.free_count == 4
+
+
+def test_a_ready_request_waiting_for_the_batch_outlives_its_lease():
+    """The lease covers waiting for the KV and the stream: once both are in, a request queued
+    behind a full batch keeps its pages however long the running ones take."""
+    sched, clock = make(max_batch=1)
+    for rid in ("a", "b"):
+        sched.reserve(rid, 10, lease_s=5)
+        sched.kv_arrived(rid, "KV", 6, 1)
+        sched.stream_opened(rid, SamplingParams(max_tokens=4))
+    assert [s.request_id for s in sched.schedule().admit] == ["a"]
+    sched.reserve("never-sent", 10, lease_s=5)
+    clock.now += 10
+    assert sched.expire_leases() == ["never-sent"]
+    sched.finish(sched.slots["a"], FinishReason.LENGTH)
+    assert [s.request_id for s in sched.schedule().admit] == ["b"]
+
+
+def test_a_reservation_beyond_the_models_context_is_refused():
+    """A pool larger than one sequence's page table must not admit a request the decode step
+    cannot address (it would fail the step for the whole batch)."""
+    sched = DecodeScheduler(PageAllocator(65), page_size=4, max_batch=4, max_tokens_per_seq=32, clock=FakeClock())
+    sched.reserve("fits", num_tokens=32, lease_s=5)
+    with pytest.raises(ValueError, match="exceed the model's context of 32"):
+        sched.reserve("long", num_tokens=33, lease_s=5)
+    assert "long" not in sched.slots and sched.allocator.free_count == 64 - 8
