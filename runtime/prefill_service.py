@@ -88,6 +88,9 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         vocab = self.engine.runner.model.config.vocab_size
         if not request.prompt_ids or any(not 0 <= t < vocab for t in request.prompt_ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt must be 1+ token ids in [0, {vocab})")
+        if len(request.prompt_ids) > (context_len := self.engine.runner.max_model_len):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"prompt of {len(request.prompt_ids)} tokens exceeds the model's context of {context_len}")
         try:
             params = sampling_from_internal(request.sampling)
         except ValueError as e:

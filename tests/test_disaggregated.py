@@ -160,6 +160,19 @@ def test_bad_prompts_are_invalid_argument(demo_stack):
     assert demo_stack.generate([1, 2, 3], max_tokens=2)[2] == "length"  # still serving
 
 
+def test_an_overlong_request_id_is_invalid_argument(demo_stack):
+    """The id travels with every token between the workers and the router: a client may not
+    make it megabytes long. 256 bytes pass and are echoed back."""
+    ok = serving_pb2.GenerateRequest(request_id="é" * 128, sampling=serving_pb2.SamplingParams(max_tokens=2))
+    ok.token_ids.ids.extend([1, 2, 3])
+    assert all(m.request_id == "é" * 128 for m in demo_stack.serving.Generate(ok, timeout=60))
+    bad = serving_pb2.GenerateRequest(request_id="x" * 257, sampling=serving_pb2.SamplingParams(max_tokens=2))
+    bad.token_ids.ids.extend([1, 2, 3])
+    with pytest.raises(grpc.RpcError) as err:
+        list(demo_stack.serving.Generate(bad, timeout=60))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "request_id is 257 bytes" in err.value.details()
+
+
 def test_colocated_mode_equals_disaggregated(demo_stack):
     prompt = prompts_for(2048, (17,), seed=9)[0]
     want = demo_stack.generate(prompt, max_tokens=12, ignore_eos=True)[0]
@@ -176,6 +189,30 @@ def _decode_stub(stack):
 
     address = next(w.address for w in stack.workers() if w.role == "decode")
     return internal_pb2_grpc.DecodeStub(stack.worker_channel(address))  # with the internal token
+
+
+def test_internal_calls_beyond_the_context_are_refused_and_workers_live_on(demo_stack):
+    """The router never sends these, but a worker must not trust it: a prompt or reservation
+    longer than the model's context gets INVALID_ARGUMENT, and both workers keep serving
+    (unchecked, each failed its engine's next device step and took the worker down)."""
+    from splitserve.protos import internal_pb2, internal_pb2_grpc
+
+    context_len = demo_stack.serving.ModelInfo(serving_pb2.ModelInfoRequest()).max_model_len
+    decode = _decode_stub(demo_stack)
+    with pytest.raises(grpc.RpcError) as err:
+        decode.Reserve(internal_pb2.ReserveRequest(request_id="too-long", num_tokens=context_len + 8, lease_s=30))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
+    prefill_address = next(w.address for w in demo_stack.workers() if w.role == "prefill")
+    prefill = internal_pb2_grpc.PrefillStub(demo_stack.worker_channel(prefill_address))
+    sampling = internal_pb2.ResolvedSampling(max_tokens=1, top_p=1.0, seed=1)
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Run(internal_pb2.PrefillRequest(request_id="too-long", prompt_ids=[5] * (context_len + 1),
+                                                sampling=sampling), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
+    tokens, _, reason = demo_stack.generate([5, 6, 7], max_tokens=3, ignore_eos=True)
+    assert len(tokens) == 3 and reason == "length"
+    assert prefill.Stats(internal_pb2.StatsRequest(), timeout=10).prefilled >= 0  # still answering
+    assert decode.Stats(internal_pb2.StatsRequest(), timeout=10).running == 0
 
 
 @pytest.mark.parametrize("damage", ["intact", "flip_a_byte", "drop_a_chunk", "no_trailer"])
