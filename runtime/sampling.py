@@ -16,6 +16,9 @@ import numpy as np
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+# Each generated token is checked against every stop id, on the decode step's thread: a request
+# must not be able to slow every other request's steps with millions of them.
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(self.stop_token_ids)}")
         for s in self.stop:
             if not s or len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")

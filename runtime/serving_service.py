@@ -23,6 +23,9 @@ from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
 
 log = logging.getLogger(__name__)
+# A client's optional request id. The router adds a 13-character suffix, and the id travels with
+# each of the request's tokens between workers and router.
+MAX_CLIENT_REQUEST_ID_BYTES = 256
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
@@ -69,6 +72,9 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             self.lifecycle.leave()
 
     def _generate(self, request, context, timer):
+        if len(request.request_id.encode()) > MAX_CLIENT_REQUEST_ID_BYTES:  # it travels with every token of the request
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is {len(request.request_id.encode())} "
+                          f"bytes of UTF-8; at most {MAX_CLIENT_REQUEST_ID_BYTES} are allowed")
         prompt_ids = self._prompt_ids(request, context)
         try:
             params = sampling_from_public(request.sampling)

@@ -79,6 +79,7 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(seed=-1), "seed"),
     (dict(stop=("",)), "stop"),
     (dict(stop=tuple("abcdefghijklmnopq")), "stop strings"),
+    (dict(stop_token_ids=range(1025)), "at most 1024 stop_token_ids"),
 ])
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
