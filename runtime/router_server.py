@@ -23,6 +23,9 @@ def serving_dtype(dtype: str, config: ModelConfig) -> str:
     return config.checkpoint_dtype if dtype == "auto" else dtype
 
 
+SPARE_HANDLER_THREADS = 64  # beyond the admitted streams: health checks, ModelInfo, calls being refused
+
+
 class RouterServer:
     """`security`: TLS (its certificate also serves the public port) and the token for the workers;
     `api_key`: required on every public method but health and reflection (None: no key);
@@ -36,8 +39,12 @@ class RouterServer:
         metadata = load_metadata(model)
         self.router = Router(metadata, prefill=prefill, decode=decode, colocated=colocated,
                              channels=security.channels())
+        # A Generate stream holds a handler thread for its whole life. With fewer threads than the
+        # admission limit, calls past them would queue unseen by the gate (not refused at once), and
+        # health checks and ModelInfo behind them. Threads start only as calls need them.
+        self.handler_threads = admission.max_concurrent_requests + SPARE_HANDLER_THREADS
         self.server = make_server(PUBLIC_OPTIONS, interceptors=[require_api_key(api_key)] if api_key else [],
-                                  keepalive=grpc_common.PUBLIC_KEEPALIVE)
+                                  max_workers=self.handler_threads, keepalive=grpc_common.PUBLIC_KEEPALIVE)
         self.health = add_health(self.server)
         self.lifecycle = Admission(self.health, "router")
         self.admission = AdmissionGate(admission)

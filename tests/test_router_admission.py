@@ -1,0 +1,64 @@
+"""The router's public server at its admission limit: a real RouterServer on loopback whose
+router holds every Generate call open (no workers needed), so the limit is reached for sure."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.protos import serving_pb2, serving_pb2_grpc
+from splitserve.runtime.admission import AdmissionConfig
+from splitserve.runtime.router_server import RouterServer
+
+LIMIT = 300  # above the 256 handler threads the router server once had, whatever the limit
+
+
+@pytest.fixture
+def held_router():
+    server = RouterServer("demo", host="127.0.0.1", port=0, prefill=[], decode=[], colocated=["127.0.0.1:1"],
+                          admission=AdmissionConfig(max_concurrent_requests=LIMIT))
+    release = threading.Event()
+
+    def generate(*args, **kwargs):  # the router's generate, held open until the test ends
+        release.wait(60)
+        return
+        yield
+
+    server.router.generate = generate
+    server.server.start()  # not start(): no worker to wait for
+    server.lifecycle.open()
+    try:
+        yield server
+    finally:
+        release.set()
+        server.server.stop(5).wait()
+        server.router.channels.close()
+
+
+def test_calls_past_the_limit_are_refused_at_once_and_health_still_answers(held_router):
+    channels = [grpc.insecure_channel(held_router.address) for _ in range(4)]
+    request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(max_tokens=4))
+    request.token_ids.ids.extend([1, 2, 3])
+    try:
+        stubs = [serving_pb2_grpc.ServingStub(c) for c in channels]
+        held = [stubs[i % 4].Generate(request, timeout=60) for i in range(LIMIT)]
+        deadline = time.monotonic() + 30
+        while held_router.admission.admitted < LIMIT:
+            assert time.monotonic() < deadline, f"only {held_router.admission.admitted} of {LIMIT} calls admitted"
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stubs[0].Generate(request, timeout=10))
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and f"limit of {LIMIT}" in err.value.details()
+        health = health_pb2_grpc.HealthStub(channels[1]).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - started < 5
+        for call in held:
+            call.cancel()
+    finally:
+        for channel in channels:
+            channel.close()
