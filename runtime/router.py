@@ -172,8 +172,10 @@ class Router:
         except grpc.RpcError as e:
             if scope.cancelled and isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.CANCELLED:
                 raise CallCancelled("the client cancelled the request") from None
-            if not isinstance(e, grpc.Call) or e.code() is grpc.StatusCode.CANCELLED:
+            if not isinstance(e, grpc.Call):
                 raise
+            if e.code() is grpc.StatusCode.CANCELLED:  # not by this client: the worker ended the call (stopping)
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"a worker cancelled the call: {e.details()}") from e
             raise RouterError(passed_through(e.code()), f"worker failed: {e.details()}") from e
         finally:
             if decode is not None:

@@ -350,3 +350,31 @@ def _refused_while_draining(stack, streams) -> None:
         stack.generate(prompt(510), max_tokens=8)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
     assert all(s.result.ended_at is None for s in streams), [s.result for s in streams]
+
+
+class CancellingPrefill(internal_pb2_grpc.PrefillServicer):
+    """A prefill worker that ends every Run with CANCELLED, as a server stopping mid-call does."""
+
+    def Run(self, request, context):
+        context.abort(grpc.StatusCode.CANCELLED, "the worker is stopping")
+
+
+def test_a_call_the_worker_cancelled_reaches_the_client_as_unavailable():
+    """Not UNKNOWN: the client did not cancel, and UNAVAILABLE tells it to retry."""
+    from splitserve.models.metadata import load_metadata
+    from splitserve.runtime.router import Router, RouterError
+
+    server = make_server()
+    internal_pb2_grpc.add_PrefillServicer_to_server(CancellingPrefill(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channels = ChannelPool()
+    try:  # max_tokens=1: no decode reservation, so the decode address is never dialled
+        router = Router(load_metadata("demo"), prefill=[f"127.0.0.1:{port}"], decode=["127.0.0.1:1"], colocated=[],
+                        channels=channels)
+        with pytest.raises(RouterError) as err:
+            list(router.generate([1, 2, 3], SamplingParams(max_tokens=1)))
+    finally:
+        server.stop(0)
+        channels.close()
+    assert err.value.code is grpc.StatusCode.UNAVAILABLE and "the worker is stopping" in str(err.value)
