@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling import INT32_MAX, SamplingParams, check_text
 
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
@@ -88,6 +88,10 @@ def parse_line(text: str, line: int) -> BatchRequest:
             raise ValueError("missing prompt (or prompt_token_ids)")
         if prompt is not None and token_ids is not None:
             raise ValueError("give only one of prompt and prompt_token_ids")
+        if prompt is not None:
+            check_text(prompt, "the prompt")
+        if token_ids is not None and (bad := [t for t in token_ids if not 0 <= t <= INT32_MAX]):
+            raise ValueError(f"prompt token ids must be in [0, {INT32_MAX}], got {bad[0]}")
         return BatchRequest(request_id, line, _sampling(fields), prompt, token_ids)
     except ValueError as e:
         raise _Invalid(str(e), request_id)
@@ -126,6 +130,11 @@ def _request_id(obj: dict, key: str) -> str | int:
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise _Invalid(f"{key} must be a non-empty string or an integer, got {json.dumps(value)}")
+    if isinstance(value, str):
+        try:
+            check_text(value, key)
+        except ValueError as e:  # no id the output could carry: the error line gets a "line-N" id
+            raise _Invalid(str(e)) from None
     return value
 
 
@@ -260,8 +269,9 @@ def error_record(request_id, error: str) -> dict:
 def recover_output(path: str | Path) -> set:
     """Cuts a torn last line off an existing output file; returns the ids it already holds.
 
-    A torn line is one without its newline, or a last line that is not a JSON object with an id
-    (a crash can leave both). Any earlier bad line means the file is not ours: raise.
+    A torn line is one without its newline, or a last line that is not a whole result (a crash
+    can leave both); either must begin as ResultWriter's lines do. Any other bad line means the
+    file is not ours (an input file, notes): raise, changing nothing.
     """
     path = Path(path)
     if not path.exists():
@@ -269,11 +279,14 @@ def recover_output(path: str | Path) -> set:
     data = path.read_bytes()
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends in a newline
+    if tail and not _torn_result(tail):
+        raise ValueError(f"{path}: its last line is not a result line ({tail[:60]!r}); "
+                         f"is this another file? (refusing to append to it)")
     keep = len(data) - len(tail)
     records = []
     for n, raw in enumerate(lines, start=1):
         record = _output_record(raw)
-        if record is None and n == len(lines):
+        if record is None and n == len(lines) and not tail and _torn_result(raw):
             keep -= len(raw) + 1  # a bad last line: torn before a later crash wrote its newline
         elif record is None:
             raise ValueError(f"{path}: line {n} is not a result line ({raw[:60]!r}); "
@@ -292,7 +305,16 @@ def _output_record(raw: bytes) -> dict | None:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) and "id" in record else None
+    is_result = isinstance(record, dict) and "id" in record and ("text" in record or "error" in record)
+    return record if is_result else None
+
+
+def _torn_result(raw: bytes) -> bool:
+    """Whether a broken line may be the start of one of ResultWriter's (each begins with its id)."""
+    return raw.startswith(_RESULT_START) or _RESULT_START.startswith(raw)
+
+
+_RESULT_START = b'{"id": '  # json.dumps of result_record / error_record
 
 
 class ResultWriter:

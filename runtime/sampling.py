@@ -19,6 +19,15 @@ MAX_STOP_STRING_CHARS = 256
 # Each generated token is checked against every stop id, on the decode step's thread: a request
 # must not be able to slow every other request's steps with millions of them.
 MAX_STOP_TOKEN_IDS = 1024
+INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
+
+
+def check_text(text: str, what: str) -> None:
+    """Raises ValueError unless the text can be encoded (a lone surrogate, e.g. from JSON's "\\ud83d", cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
+            raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
         if not self.temperature >= 0 or not np.isfinite(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -49,6 +60,10 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(self.stop_token_ids)}")
+        if bad := [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]:
+            raise ValueError(f"stop_token_ids must be in [0, {INT32_MAX}], got {bad[0]}")
+        for s in self.stop:
+            check_text(s, "a stop string")
         for s in self.stop:
             if not s or len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")

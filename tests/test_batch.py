@@ -99,6 +99,18 @@ def test_openai_lines_map_onto_requests():
      "unknown field body.logprobs"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
     ('[1, 2]', "expected a JSON object"),
+    # Lone surrogates are valid JSON escapes but not text: no tokenizer or protobuf takes them.
+    ('{"id": "a", "prompt": "hi \\ud83d"}', "the prompt is not valid Unicode text"),
+    ('{"id": "a\\ud83d", "prompt": "x"}', "id is not valid Unicode text"),
+    ('{"id": "a", "prompt": "x", "stop": "\\udc00"}', "a stop string is not valid Unicode text"),
+    ('{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", '
+     '"content": "\\ud83d"}]}}', "the prompt is not valid Unicode text"),
+    # Past 32 bits: the protos and the device arrays cannot carry them.
+    ('{"id": "a", "prompt_token_ids": [1, 2147483648]}', "token ids must be in \\[0, 2147483647\\]"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": [-1, 2]}}', "token ids must be in"),
+    ('{"id": "a", "prompt": "x", "top_k": 2147483648}', "at most 2147483647"),
+    ('{"id": "a", "prompt": "x", "max_tokens": 4294967296}', "at most 2147483647"),
+    ('{"id": "a", "prompt": "x", "stop_token_ids": [2147483648]}', "stop_token_ids must be in"),
 ])
 def test_bad_lines_name_the_problem(line, error):
     with pytest.raises(ValueError, match=error):
@@ -122,6 +134,19 @@ def test_recover_output_cuts_only_a_torn_tail(tmp_path):
     out.write_bytes(b'garbage\n{"id": "a", "error": "x"}\n')
     with pytest.raises(ValueError, match="line 1 is not a result line"):
         recover_output(out)
+
+
+@pytest.mark.parametrize("content", [
+    b"my important notes\n",  # one line: once cut as a "torn" last line, emptying the file
+    b"my important notes",
+    b'{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}',  # an input file given as --output
+])
+def test_recover_output_refuses_a_file_that_is_not_ours_and_leaves_it_alone(tmp_path, content):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(ValueError, match="is this another file"):
+        recover_output(out)
+    assert out.read_bytes() == content
 
 
 # -- in-process ---------------------------------------------------------------------------
