@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from splitserve.runtime.cli_args import positive_int
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
 
 DESCRIPTION = """\
@@ -47,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--address", help="HOST:PORT of a running router")
     add_router_client_flags(p)
     p.add_argument("--concurrency", type=int, help="requests in flight to the router (with --address; default 32)")
-    p.add_argument("--max-batch", type=int, help="requests decoded together (in-process; default 16)")
-    p.add_argument("--page-size", type=int, help="KV cache page size in tokens (in-process; default 16)")
-    p.add_argument("--num-pages", type=int, help="KV cache pages (in-process; default 1024)")
+    p.add_argument("--max-batch", type=positive_int, help="requests decoded together (in-process; default 16)")
+    p.add_argument("--page-size", type=positive_int, help="KV cache page size in tokens (in-process; default 16)")
+    p.add_argument("--num-pages", type=positive_int, help="KV cache pages (in-process; default 1024)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="serving dtype (in-process; default auto)")
     p.add_argument("--mesh", help="mesh, e.g. tp=2 (in-process; default tp=1)")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (in-process; default JAX's choice)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splitserve.runtime.cli_args import positive_int
+
 DESCRIPTION = """\
 Benchmark a running router (--address) or compare a colocated and a disaggregated stack on
 the same devices (--compare), with the metrics of `vllm bench serve`: TTFT, TPOT =
@@ -76,10 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--prefill-mesh", default="tp=1", help="disaggregated: each prefill worker's mesh (tp=1)")
     c.add_argument("--decode-mesh", default="tp=1", help="disaggregated: each decode worker's mesh (tp=1)")
     c.add_argument("--colocated-mesh", default="tp=1", help="colocated: each worker's mesh (tp=1)")
-    c.add_argument("--page-size", type=int, default=16, help="KV page size in tokens (default 16)")
-    c.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    c.add_argument("--page-size", type=positive_int, default=16, help="KV page size in tokens (default 16)")
+    c.add_argument("--max-batch", type=positive_int, default=32, help="decode batch per worker (default 32)")
     c.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
-    c.add_argument("--num-pages", type=int, help="KV pages per worker (default: from --kv-cache-gib)")
+    c.add_argument("--num-pages", type=positive_int, help="KV pages per worker (default: from --kv-cache-gib)")
     c.add_argument("--warmup", choices=["full", "minimal"], default="full",
                    help="what the workers compile before serving (as `launch --warmup`; minimal: faster start, "
                         "use --num-warmups to compile the workload's shapes before measuring)")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from splitserve.runtime.cli_args import positive_int
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
 from splitserve.runtime.platform_setup import configure_jax
 
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="sampling seed; the same seed gives the same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
-    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+    p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s}")
     p.set_defaults(run=run)
@@ -67,7 +68,12 @@ def run(args) -> int:
                                 ignore_eos=args.ignore_eos)
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
-    model = load_for_serving(args.model, mesh_config, args.dtype)
+    try:
+        model = load_for_serving(args.model, mesh_config, args.dtype)
+    except (OSError, ValueError) as e:  # no such model, a checkpoint it cannot read
+        raise SystemExit(f"splitserve generate: {e}")
+    if args.prompt_ids is None and model.tokenizer is None:
+        raise SystemExit(f"splitserve generate: {args.model} has no tokenizer (tokenizer.json): give --prompt-ids")
     prompt_ids = args.prompt_ids if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
     engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=_pages_for(args, prompt_ids),
                                                  max_batch=1, max_prefill_batch=1))

@@ -13,6 +13,7 @@ import os
 from splitserve.models.sharding import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
+from splitserve.runtime.cli_args import positive_int
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -39,7 +40,7 @@ def _add_model_flags(p, host_help: str = "address to listen on") -> None:
                    help="serving dtype; auto = the checkpoint's own")
     p.add_argument("--host", default="127.0.0.1", help=f"{host_help} (default 127.0.0.1; "
                    "any non-loopback address needs --tls-cert/--tls-key or --allow-insecure)")
-    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens (default 16)")
+    p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--warmup", choices=WARMUPS, default="full",
                    help="before serving, compile every bucketed shape (full, default) or only the smallest "
                         "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
@@ -108,9 +109,9 @@ def _add_worker_flags(p) -> None:
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     p.add_argument("--mesh", type=_mesh, default=MeshConfig(), help="this worker's mesh, e.g. tp=2")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's choice)")
-    p.add_argument("--num-pages", type=int, help="KV pages in the pool (default: as many as --kv-cache-gib holds)")
+    p.add_argument("--num-pages", type=positive_int, help="KV pages in the pool (default: as many as --kv-cache-gib holds)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most (default 32)")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="requests decoded together at most (default 32)")
 
 
 KV_TRANSPORT_HELP = ("how decode workers take the KV: 'socket' (default) over a raw TCP data socket (TLS with "
@@ -161,9 +162,9 @@ def add_parsers(sub) -> None:
     lp.add_argument("--decode-mesh", type=_mesh, default=MeshConfig(),
                     help="each decode (or colocated) worker's mesh (tp=N)")
     lp.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform of the workers")
-    lp.add_argument("--num-pages", type=int, help="KV pages per decode worker (default: from --kv-cache-gib)")
+    lp.add_argument("--num-pages", type=positive_int, help="KV pages per decode worker (default: from --kv-cache-gib)")
     lp.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
-    lp.add_argument("--max-batch", type=int, default=32, help="decode batch per worker (default 32)")
+    lp.add_argument("--max-batch", type=positive_int, default=32, help="decode batch per worker (default 32)")
     _add_kv_transport_flag(lp)
     _add_admission_flags(lp)
     _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")

@@ -50,11 +50,22 @@ def test_generate_streams_demo_text(cache):
      "cannot read the TLS certificate /nope.crt"),
     (["decode-worker", "--tls-cert", "/nope.crt"], "--tls-cert and --tls-key go together"),
     (["router", "--colocated", "a:1", "--api-key-file", "/nope.key"], "cannot read the API key file /nope.key"),
+    (["generate", "hi", "--page-size", "0"], "--page-size: must be >= 1, got 0"),
+    (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--max-batch", "0"], "--max-batch: must be >= 1"),
+    (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
+    (["generate", "hi", "--model", "/nope/model"], "/nope/model"),
 ])
 def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
     result = run_cli(*args, cache=cache)
     assert result.returncode != 0
-    assert message in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_text_on_a_model_without_a_tokenizer_asks_for_token_ids(cache, hf_checkpoint):
+    directory, _ = hf_checkpoint("qwen2_bias_mqa_tied")  # saved by transformers, no tokenizer.json
+    result = run_cli("generate", "hi", "--model", str(directory), "--max-tokens", "2", cache=cache)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "has no tokenizer (tokenizer.json): give --prompt-ids" in result.stderr
 
 
 def test_help_lists_commands_and_flags(cache):
