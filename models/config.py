@@ -114,7 +114,8 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
     """Builds a ModelConfig from the dicts of config.json (and generation_config.json)."""
     archs = hf.get("architectures") or []
     family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if family is None:
+    if family is None and not archs:  # model_type alone only when no architecture is named: a
+        # LlamaForSequenceClassification is model_type "llama" too, but has no language-model head
         family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(
             hf.get("model_type", "")
         )
@@ -147,8 +148,10 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf(hf),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=attention_bias or family == "qwen2",
-        o_bias=attention_bias and family in ("llama", "mistral"),
+        # As transformers builds them: Qwen2 always has q/k/v biases and never an o_proj one,
+        # Mistral has none, Llama and Qwen3 have all four when attention_bias is set.
+        qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),
+        o_bias=attention_bias and family in ("llama", "qwen3"),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=family == "qwen3",
         checkpoint_dtype=str(dtype).replace("torch.", ""),

@@ -53,10 +53,15 @@ CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
     ),
-    "qwen3_mqa_tied_linear_rope": dict(
+    "qwen3_bias_mqa_tied_linear_rope": dict(  # Qwen3's attention_bias covers o_proj too (Qwen2's does not)
         cls="Qwen3Config", hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
         intermediate_size=128, num_hidden_layers=2, vocab_size=260, max_position_embeddings=1024,
-        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 3.0},
+        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 3.0}, attention_bias=True,
+    ),
+    "mistral_attention_bias_ignored": dict(  # transformers' Mistral has no biases, whatever the flag says
+        cls="MistralConfig", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, num_hidden_layers=1, vocab_size=200, max_position_embeddings=512,
+        sliding_window=None, attention_bias=True,
     ),
 }
 
