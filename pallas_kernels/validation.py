@@ -108,6 +108,9 @@ def check_paged_args(q, k_pages, v_pages, lengths, page_indices, sm_scale, impl)
             f"{tuple(v_pages.shape)} must be equal"
         )
     _check_heads(heads, k_pages.shape[0], head_dim)
+    if k_pages.shape[1] < 1 or k_pages.shape[2] < 1:
+        raise ValueError(f"k_pages/v_pages {layout} need total_pages >= 1 and page_size >= 1, "
+                         f"got {tuple(k_pages.shape)}")
     pi_shape, _ = _shape_dtype("page_indices", page_indices)
     _check_rank("page_indices", pi_shape, 2, "[batch, pages_per_sequence]")
     _check_int32("page_indices", page_indices, (batch, pi_shape[1]))

@@ -71,6 +71,9 @@ PAGED_ERRORS = [
     (dict(table=jnp.zeros((3, 3), jnp.int32)), "page_indices must have shape (2, 3), got (3, 3)"),
     (dict(table=jnp.zeros((2,), jnp.int32)), "page_indices must have rank 2 [batch, pages_per_sequence]"),
     (dict(impl="cuda"), "impl must be one of"),
+    (dict(pages=(2, 6, 0, 64)), "need total_pages >= 1 and page_size >= 1, got (2, 6, 0, 64)"),
+    (dict(pages=(2, 6, 0, 64), impl="xla"), "page_size >= 1"),  # was a ZeroDivisionError there
+    (dict(pages=(2, 0, 8, 64)), "total_pages >= 1"),
 ]
 
 
