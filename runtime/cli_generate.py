@@ -113,7 +113,7 @@ def _run_remote(args) -> int:
                 if not args.json and chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
-    except SplitserveError as e:
+    except (SplitserveError, ValueError) as e:  # ValueError: a value the request cannot carry
         raise SystemExit(f"splitserve generate: {e}")
     if args.json:
         print(json.dumps(builder.build(time.perf_counter()).to_json_dict()))

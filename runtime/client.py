@@ -57,6 +57,8 @@ class _Options:
     def __init__(self, address: str, api_key: str | None, tls, timeout: float | None, max_retries: int):
         if not address:
             raise ValueError("address is required, e.g. '127.0.0.1:50051'")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.address, self.timeout, self.max_retries = address, timeout, max_retries
         self.credentials = _credentials(tls)
         self.metadata = _metadata(api_key)

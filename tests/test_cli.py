@@ -54,6 +54,7 @@ def test_generate_streams_demo_text(cache):
     (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
     (["generate", "hi", "--model", "/nope/model"], "/nope/model"),
+    (["generate", "hi", "--address", "127.0.0.1:1", "--seed", "-1"], "seed must be in [0, "),
 ])
 def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
     result = run_cli(*args, cache=cache)

@@ -126,3 +126,36 @@ def test_cli_generate_against_the_router(stack, expected):
                                stack.address, "--max-tokens", "12", "--ignore-eos"],
                               capture_output=True, text=True, env=env, timeout=120)
     assert streamed.stdout.strip() == expected.text.strip()
+
+
+def _request(**overrides):
+    from splitserve.runtime.client_types import build_request
+
+    kw = dict(max_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
+              ignore_eos=False, request_id="r")
+    kw.update(overrides)
+    return build_request(kw.pop("prompt", "hi"), kw.pop("token_ids", None), **kw)
+
+
+def test_a_single_stop_string_is_one_stop_not_its_letters():
+    assert list(_request(stop="END").sampling.stop) == ["END"]
+    assert list(_request(stop=None).sampling.stop) == []
+    assert list(_request(stop=["a b", "c"]).sampling.stop) == ["a b", "c"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seed=-1), "seed must be in [0, 18446744073709551615], got -1"),
+    (dict(max_tokens=-1), "max_tokens must be in [1, 2147483647], got -1"),
+    (dict(top_k=2**31), "top_k must be in [0, 2147483647]"),
+    (dict(prompt=None, token_ids=[1, 2**31]), "token_ids must be in [0, 2147483647], got 2147483648"),
+    (dict(stop_token_ids=[-5]), "stop_token_ids must be in [0, 2147483647], got -5"),
+])
+def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError) as err:  # not protobuf's "Value out of range", which names no field
+        _request(**overrides)
+    assert message in str(err.value)
+
+
+def test_a_negative_max_retries_is_refused():
+    with pytest.raises(ValueError, match="max_retries must be >= 0, got -1"):  # it used to return an empty completion
+        Client("127.0.0.1:1", max_retries=-1)
