@@ -21,6 +21,9 @@ class SplitserveError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # pickled as (code, message): process pools and copy.copy rebuild it
+        return type(self), (self.code, self.message)
+
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> "SplitserveError":
         if isinstance(error, grpc.Call) or hasattr(error, "code"):

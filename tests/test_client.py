@@ -159,3 +159,12 @@ def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
 def test_a_negative_max_retries_is_refused():
     with pytest.raises(ValueError, match="max_retries must be >= 0, got -1"):  # it used to return an empty completion
         Client("127.0.0.1:1", max_retries=-1)
+
+
+def test_errors_survive_pickling_as_process_pools_need():
+    import copy
+    import pickle
+
+    error = SplitserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the router is at its limit")
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert (clone.code, clone.message, str(clone)) == (error.code, error.message, str(error))
