@@ -75,14 +75,16 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         raise ValueError("give exactly one of prompt (text) or token_ids")
     stop = [stop] if isinstance(stop, str) else list(stop or ())  # one string is one stop string, not its letters
     stop_token_ids = list(stop_token_ids or ())
-    # What the protos cannot carry is refused here, by name (protobuf would say only "Value out of range").
-    for name, value, low, high in (("max_tokens", max_tokens, 1, INT32_MAX), ("top_k", top_k, 0, INT32_MAX),
-                                   ("seed", 0 if seed is None else seed, 0, 2**64 - 1)):
+    # What the protos' integer fields cannot carry is refused here, by name (protobuf would say only
+    # "Value out of range"); values they carry go to the router, which answers INVALID_ARGUMENT.
+    int32 = (-INT32_MAX - 1, INT32_MAX)
+    for name, value, (low, high) in (("max_tokens", max_tokens, (0, 2**32 - 1)), ("top_k", top_k, int32),
+                                     ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     for name, ids in (("token_ids", token_ids or ()), ("stop_token_ids", stop_token_ids)):
-        if bad := [t for t in ids if not 0 <= t <= INT32_MAX]:
-            raise ValueError(f"{name} must be in [0, {INT32_MAX}], got {bad[0]}")
+        if bad := [t for t in ids if not int32[0] <= t <= int32[1]]:
+            raise ValueError(f"{name} must be 32-bit integers, got {bad[0]}")
     sampling = serving_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                           stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
     if seed is not None:

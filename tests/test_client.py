@@ -145,15 +145,17 @@ def test_a_single_stop_string_is_one_stop_not_its_letters():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(seed=-1), "seed must be in [0, 18446744073709551615], got -1"),
-    (dict(max_tokens=-1), "max_tokens must be in [1, 2147483647], got -1"),
-    (dict(top_k=2**31), "top_k must be in [0, 2147483647]"),
-    (dict(prompt=None, token_ids=[1, 2**31]), "token_ids must be in [0, 2147483647], got 2147483648"),
-    (dict(stop_token_ids=[-5]), "stop_token_ids must be in [0, 2147483647], got -5"),
+    (dict(max_tokens=-1), "max_tokens must be in [0, 4294967295], got -1"),
+    (dict(top_k=2**31), "top_k must be in [-2147483648, 2147483647]"),
+    (dict(prompt=None, token_ids=[1, 2**31]), "token_ids must be 32-bit integers, got 2147483648"),
+    (dict(stop_token_ids=[-2**31 - 1]), "stop_token_ids must be 32-bit integers, got -2147483649"),
 ])
 def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError) as err:  # not protobuf's "Value out of range", which names no field
         _request(**overrides)
     assert message in str(err.value)
+    # What the protos carry is the router's to judge (INVALID_ARGUMENT there, test_async_client).
+    assert _request(max_tokens=0, top_k=-1, stop_token_ids=[-5]).sampling.max_tokens == 0
 
 
 def test_a_negative_max_retries_is_refused():
