@@ -63,10 +63,9 @@ class SamplingParams:
         if bad := [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]:
             raise ValueError(f"stop_token_ids must be in [0, {INT32_MAX}], got {bad[0]}")
         for s in self.stop:
-            check_text(s, "a stop string")
-        for s in self.stop:
             if not s or len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")
+            check_text(s, "a stop string")
 
     def with_seed(self) -> "SamplingParams":
         """Fixes a random seed now, so every leg of a request samples with the same one."""
