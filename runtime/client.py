@@ -5,7 +5,8 @@
         print(client.generate("The weather today is", max_tokens=16).text)
 
 Every failure raises `SplitserveError` (gRPC status code + the server's message). A call
-is retried only when that is safe: on UNAVAILABLE before the first token arrived.
+is retried only when that is safe: on UNAVAILABLE before the first token arrived, and only
+while its deadline leaves time (the timeout bounds the call, retries included).
 Closing a stream (leaving the loop, `close()`, or cancelling the task) cancels the
 request on the server, which frees its KV pages at once.
 """
@@ -32,11 +33,21 @@ __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "Splitse
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
 
-def _retry_delay(error: grpc.RpcError, received: bool, attempt: int, max_retries: int) -> float | None:
-    """Seconds to wait before retrying, or None: only UNAVAILABLE before the first token is safe."""
+def _retry_delay(error: grpc.RpcError, received: bool, attempt: int, max_retries: int,
+                 end: float | None) -> float | None:
+    """Seconds to wait before retrying, or None: only UNAVAILABLE before the first token is safe,
+    and only if the call's deadline (`end`, time.monotonic()) is not reached by then."""
     if received or error.code() is not grpc.StatusCode.UNAVAILABLE or attempt >= max_retries:
         return None
-    return RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+    delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+    if end is not None and time.monotonic() + delay >= end:
+        return None
+    return delay
+
+
+def _time_left(end: float | None) -> float | None:
+    """The timeout for the next attempt: what is left of the whole call's deadline."""
+    return None if end is None else max(end - time.monotonic(), 0.0)
 
 
 def _credentials(tls) -> grpc.ChannelCredentials | None:
@@ -64,12 +75,14 @@ class _Options:
         self.metadata = _metadata(api_key)
 
     def prepare(self, prompt, token_ids, timeout, sampling) -> tuple[serving_pb2.GenerateRequest, float | None]:
-        """The Generate request and its deadline, for the sync and async streams alike."""
+        """The Generate request and its deadline (a time.monotonic() instant, or None), for the
+        sync and async streams alike."""
         kw = _sampling_kwargs(**sampling)
         request_id = kw.pop("request_id", "") or uuid.uuid4().hex[:16]
         ids = list(token_ids) if token_ids is not None else None
         request = build_request(prompt, ids, request_id=request_id, **kw)
-        return request, timeout if timeout is not None else self.timeout
+        timeout = timeout if timeout is not None else self.timeout
+        return request, None if timeout is None else time.monotonic() + timeout
 
 
 def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
@@ -86,7 +99,7 @@ class Client:
         api_key: sent as "authorization: Bearer KEY" on every call.
         tls: None/False for plaintext, True for TLS with the system roots, the path of a
             PEM file of the CA that signed the router's certificate, or a grpc.ChannelCredentials.
-        timeout: default deadline in seconds for each call (None: no deadline).
+        timeout: default deadline in seconds for each call, its retries included (None: no deadline).
         max_retries: retries on UNAVAILABLE before the first token.
 
     Example:
@@ -121,9 +134,9 @@ class Client:
             >>> for chunk in Client("127.0.0.1:50051").stream(token_ids=[1, 5, 9], max_tokens=4):  # doctest: +SKIP
             ...     print(chunk.token_ids, chunk.finish_reason)
         """
-        request, deadline = self._opts.prepare(prompt, token_ids, timeout, sampling)
+        request, end = self._opts.prepare(prompt, token_ids, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
+            call = self._stub.Generate(request, timeout=_time_left(end), metadata=self._opts.metadata)
             received = False
             try:
                 for msg in call:
@@ -131,7 +144,7 @@ class Client:
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as e:
-                delay = _retry_delay(e, received, attempt, self._opts.max_retries)
+                delay = _retry_delay(e, received, attempt, self._opts.max_retries, end)
                 if delay is None:
                     raise SplitserveError.from_rpc(e) from None
                 time.sleep(delay)
@@ -214,9 +227,9 @@ class AsyncClient:
         """Async iterator of Chunks; leaving the loop early cancels the request on the server."""
         import asyncio
 
-        request, deadline = self._opts.prepare(prompt, token_ids, timeout, sampling)
+        request, end = self._opts.prepare(prompt, token_ids, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
-            call = self._stub.Generate(request, timeout=deadline, metadata=self._opts.metadata)
+            call = self._stub.Generate(request, timeout=_time_left(end), metadata=self._opts.metadata)
             received = False
             try:
                 async for msg in call:
@@ -224,7 +237,7 @@ class AsyncClient:
                     yield chunk_from_proto(msg)
                 return
             except grpc.RpcError as e:
-                delay = _retry_delay(e, received, attempt, self._opts.max_retries)
+                delay = _retry_delay(e, received, attempt, self._opts.max_retries, end)
                 if delay is None:
                     raise SplitserveError.from_rpc(e) from None
                 await asyncio.sleep(delay)
