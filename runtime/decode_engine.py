@@ -79,10 +79,10 @@ class DecodeEngine:
             self._lock.notify()
             return self.scheduler.allocator.free_count
 
-    def check_awaits_kv(self, request_id: str) -> None:
-        """Raises UnknownRequest (or ValueError) unless a transfer for this request is expected."""
+    def claim_kv(self, request_id: str) -> None:
+        """A transfer for the request begins; raises UnknownRequest (or ValueError) unless one is expected."""
         with self._lock:
-            self.scheduler.check_awaits_kv(request_id)
+            self.scheduler.claim_kv(request_id)
 
     def kv_arrived(self, request_id: str, kv, prompt_len: int, first_token: int) -> None:
         with self._lock:

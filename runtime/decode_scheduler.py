@@ -32,7 +32,8 @@ class DecodeSlot:
     pages: list[int]
     reserved_tokens: int
     lease_deadline: float
-    kv: Any = None  # host KV from the transfer (opaque here)
+    kv: Any = None  # host KV from the transfer (opaque here); None again once inserted
+    kv_claimed: bool = False  # a transfer began (claim_kv): a second one is refused, not merged
     prompt_len: int = 0
     params: SamplingParams | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
@@ -88,16 +89,20 @@ class DecodeScheduler:
 
     def kv_arrived(self, request_id: str, kv: Any, prompt_len: int, first_token: int) -> None:
         slot = self._slot(request_id)
-        if slot.kv is not None:
+        if slot.kv is not None or slot.running:  # running: inserted, its host copy gone
             raise ValueError(f"request {request_id!r} already has its KV")
         if prompt_len + 1 > slot.reserved_tokens:
             raise ValueError(f"KV of {prompt_len} tokens does not fit the reservation of {slot.reserved_tokens}")
         slot.kv, slot.prompt_len, slot.output_ids = kv, prompt_len, [first_token]
 
-    def check_awaits_kv(self, request_id: str) -> None:
-        """Raises unless the request is reserved and still without KV (checked when a transfer starts)."""
-        if self._slot(request_id).kv is not None:
-            raise ValueError(f"request {request_id!r} already has its KV")
+    def claim_kv(self, request_id: str) -> None:
+        """A transfer for the request begins (its header came). Raises UnknownRequest without a
+        reservation, ValueError if another transfer claimed it before: that one owns the
+        reservation, and a duplicate's failure must not drop it."""
+        slot = self._slot(request_id)
+        if slot.kv_claimed or slot.kv is not None or slot.running:
+            raise ValueError(f"request {request_id!r} already has its KV, or another transfer is bringing it")
+        slot.kv_claimed = True
 
     def stream_opened(self, request_id: str, params: SamplingParams) -> None:
         slot = self._slot(request_id)

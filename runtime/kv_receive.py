@@ -7,7 +7,8 @@ refusal into a `KVRefused` carrying the gRPC status code that TransferKV answers
 
     bad stream (header, payload, checksum, framing)      INVALID_ARGUMENT      reservation dropped
     no reservation (never made, released, expired)       NOT_FOUND
-    the scheduler refused it (already has KV, too big)   FAILED_PRECONDITION   reservation dropped
+    the scheduler refused it (too big)                   FAILED_PRECONDITION   reservation dropped
+    another transfer claimed this request first          FAILED_PRECONDITION   (that one owns it)
     a header for another request than the ticket's       PERMISSION_DENIED     reservation dropped
     the transport failed (sender gone, read timeout)     the error is re-raised, reservation dropped
 
@@ -64,7 +65,11 @@ class KVReceiver:
                                 f"the ticket was issued for request {request_id!r}, not {header.request_id!r}")
             # Refused before any receive buffer is taken: a transfer for a request that was never
             # reserved, or was released (its client cancelled), stops at its first frame.
-            self.engine.check_awaits_kv(header.request_id)
+            try:
+                self.engine.claim_kv(header.request_id)
+            except ValueError as e:  # a duplicate: the reservation is the other transfer's
+                admitted.clear()
+                raise KVRefused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
             if not admitted:
                 admitted.append(header.request_id)
 

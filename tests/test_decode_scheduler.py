@@ -97,6 +97,25 @@ def test_bad_calls_are_refused():
         sched.stream_opened("nope", SamplingParams())
 
 
+def test_only_one_transfer_may_claim_a_request_and_a_running_one_takes_no_kv():
+    sched, _ = make()
+    sched.reserve("a", 8, 5)
+    with pytest.raises(UnknownRequest):
+        sched.claim_kv("nope")
+    sched.claim_kv("a")
+    with pytest.raises(ValueError, match="another transfer"):
+        sched.claim_kv("a")
+    sched.kv_arrived("a", "KV", 4, 1)
+    sched.stream_opened("a", SamplingParams(max_tokens=3))
+    assert [s.request_id for s in sched.schedule().admit] == ["a"]
+    sched.slots["a"].kv = None  # inserted: the engine drops the host copy
+    with pytest.raises(ValueError, match="already has its KV"):  # it used to reset the running request
+        sched.kv_arrived("a", "KV2", 4, 7)
+    with pytest.raises(ValueError):
+        sched.claim_kv("a")
+    assert sched.slots["a"].output_ids == [1]
+
+
 def test_a_request_larger_than_the_pool_is_refused_not_queued():
     sched, _ = make(pages=5)  # 4 usable pages of 4 tokens
     with pytest.raises(ValueError, match="holds 4 at most"):

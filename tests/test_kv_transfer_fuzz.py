@@ -121,3 +121,46 @@ def test_a_transfer_for_a_request_without_a_reservation_is_refused_at_its_header
         assert engine.runner.staging.allocated + engine.runner.staging.reused == allocated
     finally:
         gate.set()
+
+
+def _header_then_gate(frames, gate: threading.Event):
+    yield frames[0]
+    gate.wait(30)  # the rest comes once the duplicate has been answered
+    yield from frames[1:]
+
+
+def test_a_second_transfer_for_a_request_is_refused_and_leaves_the_first_alone(decode):
+    """Two TransferKV calls for one request (a sender bug, or a retry racing a slow first try):
+    the first to send its header owns the reservation. The other is refused with
+    FAILED_PRECONDITION, and neither its refusal nor a later duplicate may drop the request
+    (a duplicate used to win the race and the owner's failure then freed the pages)."""
+    engine, stub, transfer = decode
+    runner = engine.runner
+    prompt = list(range(5, 26))
+    first, ks, vs, _ = runner.prefill([prompt], [SamplingParams(max_tokens=6)], [0])
+    k_layers, v_layers = runner.kv_to_host(ks, vs, 0, len(prompt))
+    frames = list(kv_chunks("dup", first[0], k_layers, v_layers, chunk_bytes=4096))
+    stub.Reserve(internal_pb2.ReserveRequest(request_id="dup", num_tokens=len(prompt) + 6, lease_s=30), timeout=10)
+    reserved_free = engine.stats()["free_pages"]
+
+    gate = threading.Event()
+    owner = transfer.future(_header_then_gate(frames, gate), timeout=30)
+    time.sleep(0.3)  # the owner's header is in
+    with pytest.raises(grpc.RpcError) as err:
+        transfer(iter(frames), timeout=10)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert engine.stats()["free_pages"] == reserved_free  # still reserved
+    gate.set()
+    owner.result(timeout=10)
+    with pytest.raises(grpc.RpcError) as err:  # a duplicate after the KV is in
+        transfer(iter(frames), timeout=10)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+
+    sampling = internal_pb2.ResolvedSampling(max_tokens=6, top_p=1.0, seed=1, ignore_eos=True)
+    tokens = [t for msg in stub.Stream(internal_pb2.DecodeRequest(request_id="dup", sampling=sampling), timeout=60)
+              for t in msg.token_ids]
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+
+    want = ColocatedEngine(runner.model, EngineConfig(page_size=8, num_pages=64)).generate(
+        [prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    assert [first[0], *tokens] == want
