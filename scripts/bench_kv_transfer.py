@@ -200,8 +200,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-kib", type=int, default=1024, help="KV chunk size (default 1024 KiB)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args(argv)
+    if args.kv_mib < 1 or args.chunk_kib < 1:
+        parser.error(f"--kv-mib and --chunk-kib must be >= 1, got {args.kv_mib} and {args.chunk_kib}")
     total = args.kv_mib << 20
-    chunk = args.chunk_kib << 10
+    chunk = min(args.chunk_kib << 10, total)  # a chunk larger than the KV is the whole KV
     with tempfile.TemporaryDirectory() as tmp:
         write_model(Path(tmp))
         worker, address = start_decode_worker(Path(tmp), args.kv_mib)
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
         print(f"{name:<38}{args.kv_mib:>8}{seconds:>10.3f}{gbps[key]:>8.2f}{gbps[key] / gbps['tcp']:>8.2f}")
     print(f"socket handoff / TCP: {gbps['socket'] / gbps['tcp']:.2f}; gRPC handoff / TCP: "
           f"{gbps['grpc'] / gbps['tcp']:.2f}; socket / gRPC handoff: {gbps['socket'] / gbps['grpc']:.2f}"
-          f"   (chunk {args.chunk_kib} KiB)")
+          f"   (chunk {chunk >> 10} KiB)")
     budget = 2 * chunk + (64 << 20)  # 2 x chunk x chunks in flight (one per connection) + 64 MiB
     print(f"decode worker peak RSS growth during the socket handoff: {rss_growth / (1 << 20):.0f} MiB "
           f"(budget {budget / (1 << 20):.0f} MiB)")

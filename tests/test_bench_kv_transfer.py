@@ -25,3 +25,9 @@ def test_the_bench_measures_every_path_and_ends_with_its_json_line():
     for row in ("data socket (serving)", "gRPC TransferKV (serving)", "bare gRPC", "raw TCP"):
         assert row in table
     assert "peak RSS growth during the socket handoff" in table
+
+
+def test_sizes_below_one_are_refused_in_one_line():
+    for flags in (["--kv-mib", "0"], ["--chunk-kib", "0"]):  # --kv-mib 0 divided by zero at the end
+        out = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "must be >= 1" in out.stderr and "Traceback" not in out.stderr

@@ -81,7 +81,7 @@ def test_goodput_syntax_is_vllms():
     assert parse_goodput(["ttft:500", "tpot:50.5", "e2el:3000"]) == {"ttft": 500, "tpot": 50.5, "e2el": 3000}
     assert meets_slos(A, {"ttft": 100}) and not meets_slos(A, {"ttft": 99})
     for bad, message in (("itl:5", "KEY one of"), ("ttft", "KEY one of"), ("ttft:x", "not a number"),
-                         ("tpot:-1", ">= 0")):
+                         ("tpot:-1", ">= 0"), ("ttft:nan", "finite"), ("e2el:inf", "finite")):
         with pytest.raises(ValueError, match=message):
             parse_goodput([bad])
 
@@ -184,6 +184,34 @@ def test_sharegpt_takes_the_first_human_turn_and_filters_as_vllm(tmp_path):
     assert {(r.prompt_len, r.output_len) for r in short_context} == {(10, 20)}  # 6 + 256 > 100: skipped
 
 
+def test_sharegpt_entries_of_another_shape_are_skipped_not_fatal(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "a b c d e"}, {"from": "gpt", "value": "f g h i j"}]}
+    odd = [{"conversations": ["human: hi", "gpt: hello"]}, {"conversations": {"from": "human", "value": "x"}},
+           {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "f g h i j"}]},
+           {"conversations": [{"from": "human", "value": "a b c d e"}, {"from": "gpt", "value": 12345}]},
+           {"conversations": None}, "not an entry", 7]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(odd + [good]))
+    reqs = sharegpt_requests(3, np.random.default_rng(0), path, WordTokenizer(), max_model_len=2048)
+    assert {(r.text, r.prompt_len, r.output_len) for r in reqs} == {("a b c d e", 6, 5)}
+
+
+def test_length_flags_of_zero_are_refused_not_replaced_by_defaults():
+    for field in ("random_input_len", "random_output_len", "sharegpt_output_len", "sharegpt_max_output_len"):
+        with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be >= 1, got 0"):
+            WorkloadSpec(**{field: 0})
+    with pytest.raises(ValueError, match="--mixed-long-input-len must be >= 1, got 0"):  # it meant the default
+        MixedSpec(long_input_len=0)
+
+
+def test_a_short_mixed_run_still_has_a_long_prompt():
+    """n * fraction is rounded half up and is at least 1: a 5-request warm-up used to get no long
+    prompt (round(0.5) == 0), so the first timed long prefill compiled."""
+    spec = MixedSpec(long_fraction=0.1)
+    assert [spec.num_long(n) for n in (1, 3, 5, 10, 15, 25, 100)] == [1, 1, 1, 1, 2, 3, 10]
+    assert MixedSpec(long_fraction=0.0).num_long(50) == 0 and MixedSpec(long_fraction=1.0).num_long(7) == 7
+
+
 def test_arrivals_have_the_asked_rate_and_burstiness():
     rng = np.random.default_rng(3)
     for burstiness in (0.25, 1.0, 4.0):
@@ -193,10 +221,13 @@ def test_arrivals_have_the_asked_rate_and_burstiness():
         assert gaps.mean() == pytest.approx(0.1, rel=0.05)
         assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.1)
     assert (arrival_offsets(5, float("inf"), 1.0, rng) == 0).all()
-    with pytest.raises(ValueError, match="burstiness"):
-        arrival_offsets(5, 1.0, 0.0, rng)
+    for bad in (0.0, float("inf"), float("nan")):  # inf and NaN gave NaN gaps: everything sent at once
+        with pytest.raises(ValueError, match="burstiness"):
+            arrival_offsets(5, 1.0, bad, rng)
+    with pytest.raises(ValueError, match="request-rate"):
+        arrival_offsets(5, float("nan"), 1.0, rng)
     assert parse_rates("1, 2,inf") == [1.0, 2.0, float("inf")]
-    for bad in ("0", "x", ""):
+    for bad in ("0", "x", "", "nan"):
         with pytest.raises(ValueError, match="request-rate"):
             parse_rates(bad)
 
@@ -277,3 +308,25 @@ def test_bench_against_a_launched_stack(tmp_path_factory):
         assert run["interference"]["long_prefills"] == 2
     for name in ("latency_cdf.png", "latency_vs_rate.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_request_failing_outside_the_sdk_is_recorded_not_fatal_to_the_run():
+    import asyncio
+    import time as _time
+
+    from splitserve.runtime.serving_bench import driver
+    from splitserve.runtime.serving_bench.workloads import BenchRequest
+
+    class Broken:
+        async def stream(self, **kwargs):
+            raise RuntimeError("connection pool exploded")
+            yield  # an async generator, as AsyncClient.stream is
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    rec = RequestRecord(0, "random", 3, 2, 0.0)
+    asyncio.run(driver._one(Broken(), BenchRequest(3, 2, "random", token_ids=(5, 6, 7)), rec,
+                            _time.perf_counter(), None, Bar()))
+    assert not rec.success and rec.error == "RuntimeError: connection pool exploded"

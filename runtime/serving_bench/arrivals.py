@@ -16,10 +16,10 @@ import numpy as np
 
 
 def arrival_offsets(n: int, request_rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
-    if request_rate <= 0:
+    if not request_rate > 0:  # NaN too: its gaps would be NaN, and NaN sleeps are no sleeps
         raise ValueError(f"--request-rate must be > 0 (or inf), got {request_rate}")
-    if burstiness <= 0:
-        raise ValueError(f"--burstiness must be > 0, got {burstiness}")
+    if not (burstiness > 0 and math.isfinite(burstiness)):  # inf: gamma(inf, 0) gaps are NaN
+        raise ValueError(f"--burstiness must be a finite number > 0, got {burstiness}")
     if math.isinf(request_rate) or n == 0:
         return np.zeros(n)
     gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n - 1)
@@ -32,6 +32,6 @@ def parse_rates(text: str) -> list[float]:
         rates = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--request-rate {text!r} is not a comma-separated list of numbers or 'inf'") from None
-    if not rates or any(r <= 0 for r in rates):
+    if not rates or any(not r > 0 for r in rates):  # `not r > 0` refuses NaN too
         raise ValueError(f"--request-rate {text!r}: every rate must be > 0 (or inf)")
     return rates

@@ -79,5 +79,7 @@ async def _one(client: AsyncClient, request: BenchRequest, record: RequestRecord
                     record.chunk_tokens.append(len(chunk.token_ids))
         except SplitserveError as e:
             record.error = str(e)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not lose the run's records
+            record.error = f"{type(e).__name__}: {e}"
         record.end_s = time.perf_counter() - t0
     bar.update(1)

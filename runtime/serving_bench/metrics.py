@@ -16,6 +16,7 @@ with fewer than 2 tokens has TPOT 0 for this purpose. Keys follow vLLM's result 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -107,8 +108,8 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
             slos[key] = float(value)
         except ValueError:
             raise ValueError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
-        if slos[key] < 0:
-            raise ValueError(f"--goodput {item!r}: an SLO must be >= 0 ms")
+        if not (slos[key] >= 0 and math.isfinite(slos[key])):
+            raise ValueError(f"--goodput {item!r}: an SLO must be a finite number >= 0 ms")
     return slos
 
 

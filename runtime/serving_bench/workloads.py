@@ -4,8 +4,9 @@
             `--random-range-ratio`: uniform integers in [L*(1-r), L*(1+r)] for input and output.
 - sharegpt: a ShareGPT JSON file; prompt = the first human turn (text), output length = the
             tokens of the first gpt reply after it (capped); pairs filtered as vLLM does.
-- mixed:    short chats with occasional long prompts: exactly round(n * long_fraction) requests
-            (at random positions) are "long", the rest "short"; each class has its own input and
+- mixed:    short chats with occasional long prompts: n * long_fraction requests, rounded half
+            up and at least one when the fraction is > 0 (so a short warm-up compiles the long
+            shapes too), are "long" (at random positions), the rest "short"; each class has its own input and
             output length, spread by the same range ratio. Defaults: 10% long; short 128 in /
             128 out; long 7/8 of the model's context in (1792 on the demo model; lowered when a
             range ratio would spread it past the context) / 32 out.
@@ -50,6 +51,20 @@ class MixedSpec:
     def __post_init__(self):
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError(f"--mixed-long-fraction must be in [0, 1], got {self.long_fraction}")
+        _check_lengths(mixed_short_input_len=self.short_input_len, mixed_short_output_len=self.short_output_len,
+                       mixed_long_input_len=self.long_input_len, mixed_long_output_len=self.long_output_len)
+
+    def num_long(self, n: int) -> int:
+        if self.long_fraction == 0.0:
+            return 0
+        return min(n, max(1, math.floor(n * self.long_fraction + 0.5)))
+
+
+def _check_lengths(**lengths: int | None) -> None:
+    """Token counts given as flags must be >= 1 (None: not given)."""
+    for name, value in lengths.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def spread_lengths(rng: np.random.Generator, mean: int, range_ratio: float, n: int) -> np.ndarray:
@@ -94,8 +109,9 @@ def default_long_input_len(max_model_len: int, output_len: int, range_ratio: flo
 
 def mixed_requests(n: int, rng: np.random.Generator, spec: MixedSpec, *, range_ratio: float, vocab_size: int,
                    eos_token_ids: list[int], max_model_len: int) -> list[BenchRequest]:
-    num_long = round(n * spec.long_fraction)
-    long_input = spec.long_input_len or default_long_input_len(max_model_len, spec.long_output_len, range_ratio)
+    num_long = spec.num_long(n)
+    long_input = (spec.long_input_len if spec.long_input_len is not None
+                  else default_long_input_len(max_model_len, spec.long_output_len, range_ratio))
     common = dict(range_ratio=range_ratio, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
                   max_model_len=max_model_len)
     longs = random_requests(num_long, rng, input_len=long_input, output_len=spec.long_output_len, kind="long",
@@ -109,19 +125,23 @@ def mixed_requests(n: int, rng: np.random.Generator, spec: MixedSpec, *, range_r
 
 
 def sharegpt_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """(first human turn, first gpt reply after it) of every conversation that has both."""
+    """(first human turn, first gpt reply after it) of every conversation that has both; entries
+    of another shape (turns that are not objects, values that are not text) are skipped."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise ValueError(f"{path}: a ShareGPT file is a JSON list of {{'conversations': [...]}}")
     pairs = []
     for entry in data:
-        turns = (entry.get("conversations") if isinstance(entry, dict) else None) or []
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list):
+            continue
+        turns = [t for t in turns if isinstance(t, dict)]
         human = next((i for i, t in enumerate(turns) if t.get("from") in HUMAN_ROLES), None)
         if human is None:
             continue
         reply = next((t for t in turns[human + 1:] if t.get("from") in GPT_ROLES), None)
-        if reply is not None:
-            pairs.append((turns[human].get("value", ""), reply.get("value", "")))
+        if reply is not None and isinstance(turns[human].get("value"), str) and isinstance(reply.get("value"), str):
+            pairs.append((turns[human]["value"], reply["value"]))
     return pairs
 
 
@@ -139,7 +159,7 @@ def sharegpt_requests(n: int, rng: np.random.Generator, path: str | Path, tokeni
             break
         prompt, reply = pairs[index]
         prompt_len = len(tokenizer.encode(prompt))
-        out_len = output_len or len(tokenizer.encode(reply, add_special_tokens=False))
+        out_len = output_len if output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
         if max_output_len is not None and output_len is None:
             out_len = min(out_len, max_output_len)
         too_short = prompt_len < SHAREGPT_MIN_LEN or (output_len is None and out_len < SHAREGPT_MIN_LEN)
@@ -172,6 +192,9 @@ class WorkloadSpec:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE (ShareGPT-format JSON)")
         if self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        _check_lengths(random_input_len=self.random_input_len, random_output_len=self.random_output_len,
+                       sharegpt_output_len=self.sharegpt_output_len,
+                       sharegpt_max_output_len=self.sharegpt_max_output_len)
 
 
 def build_workload(spec: WorkloadSpec, *, seed: int, vocab_size: int, eos_token_ids: list[int],
