@@ -83,6 +83,7 @@ def handoff(address: str, total_bytes: int, chunk_bytes: int, transport: str) ->
     "grpc"); returns seconds."""
     from splitserve.protos import internal_pb2, internal_pb2_grpc
     from splitserve.runtime.grpc_common import ChannelPool
+    from splitserve.runtime.metrics import WorkerMetrics
     from splitserve.runtime.prefill_engine import PrefillJob
     from splitserve.runtime.prefill_service import KVSender
     from splitserve.runtime.sampling import SamplingParams
@@ -91,7 +92,8 @@ def handoff(address: str, total_bytes: int, chunk_bytes: int, transport: str) ->
     tokens_left = total_bytes // per_token
     channels = ChannelPool()
     decode = internal_pb2_grpc.DecodeStub(channels.get(address))
-    sender = KVSender(channels, chunk_bytes=chunk_bytes)
+    metrics = WorkerMetrics()  # which transport carried each transfer, and whether it was accepted
+    sender = KVSender(channels, chunk_bytes=chunk_bytes, metrics=metrics)
     rng = np.random.default_rng(1)
     elapsed, n = 0.0, 0
     while tokens_left > 0:
@@ -112,7 +114,19 @@ def handoff(address: str, total_bytes: int, chunk_bytes: int, transport: str) ->
         tokens_left -= tokens
         n += 1
     channels.close()
+    _check_carried(metrics, transport, n)
     return elapsed
+
+
+def _check_carried(metrics, transport: str, transfers: int) -> None:
+    """The sender falls back to TransferKV when the data port refuses, and counts a vanished
+    reservation as handled: neither may pass for a measurement of `transport`."""
+    sample = metrics.registry.get_sample_value
+    carried = sample("splitserve_kv_transfers_total", {"direction": "sent", "transport": transport}) or 0
+    failed = sample("splitserve_kv_transfer_failures_total", {"direction": "sent"}) or 0
+    if carried != transfers or failed:
+        raise SystemExit(f"{transport} handoff: {carried:.0f} of {transfers} transfers went by {transport}, "
+                         f"{failed:.0f} failed; the figure would not measure that path")
 
 
 TCP_SINK = """
