@@ -110,6 +110,39 @@ def _as_id_tuple(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+SERVING_DTYPES = ("float32", "bfloat16")  # what the attention kernels take
+
+
+def serving_dtype_name(dtype: str, config: ModelConfig) -> str:
+    """The dtype the weights are served in: `dtype` (--dtype), or under "auto" the checkpoint's,
+    with float16 served as bfloat16. bfloat16 keeps float16's range, and is what JAX serving
+    stacks use on TPUs; the kernels take no float16."""
+    if dtype != "auto":
+        if dtype not in SERVING_DTYPES:
+            hint = " (a float16 checkpoint is served in bfloat16 under auto)" if dtype == "float16" else ""
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(SERVING_DTYPES)}{hint}")
+        return dtype
+    stored = config.checkpoint_dtype
+    if stored == "float16":
+        return "bfloat16"
+    if stored not in SERVING_DTYPES:
+        raise ValueError(f"the checkpoint is stored as {stored!r}, which has no serving dtype under --dtype auto; "
+                         f"pass --dtype float32 or bfloat16")
+    return stored
+
+
+def _check_supported(hf: dict[str, Any]) -> None:
+    """Fields transformers honours that this decoder does not implement: refused, not ignored."""
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) \
+            else "?"
+        raise ValueError(f"quantized checkpoints are not supported (quantization_config: {method}); "
+                         "load the float32, bfloat16 or float16 weights")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
+
+
 def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
     """Builds a ModelConfig from the dicts of config.json (and generation_config.json)."""
     archs = hf.get("architectures") or []
@@ -124,6 +157,7 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
             f"unsupported model: architectures={archs}, model_type={hf.get('model_type')!r}; "
             f"supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}"
         )
+    _check_supported(hf)
     num_heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
     max_len = int(hf.get("max_position_embeddings", 4096))

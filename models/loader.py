@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from splitserve.models.config import ModelConfig, load_hf_config
+from splitserve.models.config import ModelConfig, load_hf_config, serving_dtype_name
 from splitserve.models.decoder import Decoder
 from splitserve.models.head_layout import HeadLayout, head_layout_for
 from splitserve.models.safetensors_reader import SafetensorsReader
@@ -44,12 +44,10 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, config: ModelConfig):
-    if dtype == "auto":
-        dtype = config.checkpoint_dtype
-    aliases = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    if dtype not in aliases:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
-    return aliases[dtype]
+    name = serving_dtype_name(dtype, config)
+    if name != config.checkpoint_dtype and dtype == "auto":
+        log.warning("the checkpoint is stored as %s; serving it in %s", config.checkpoint_dtype, name)
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def abstract_model(config: ModelConfig, layout: HeadLayout, dtype) -> Decoder:
@@ -88,10 +86,10 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
         place(var, host, mesh, dtype)
 
     def proj_in(name, heads, source):  # HF [heads*hd, d] -> [d, heads', hd]
-        return select_heads(reader.get(name).T.reshape(d, heads, hd), source, axis=1)
+        return select_heads(_shaped(reader.get(name), name, (heads * hd, d)).T.reshape(d, heads, hd), source, axis=1)
 
     def bias_in(name, heads, source):  # HF [heads*hd] -> [heads', hd]
-        return select_heads(reader.get(name).reshape(heads, hd), source, axis=0)
+        return select_heads(_shaped(reader.get(name), name, (heads * hd,)).reshape(heads, hd), source, axis=0)
 
     put(model.embed, reader.get("model.embed_tokens.weight"))
     for i, layer in enumerate(model.layers):
@@ -121,6 +119,19 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
     put(model.final_norm.weight, reader.get("model.norm.weight"))
     if not cfg.tie_word_embeddings:
         put(model.lm_head, reader.get("lm_head.weight").T)
+    elif "lm_head.weight" in reader and not np.array_equal(reader.get("lm_head.weight"),
+                                                           reader.get("model.embed_tokens.weight")):
+        # transformers 5 serves such a file's lm_head, 4.x its embeddings: which was meant is unknown.
+        raise ValueError("config.json ties the output layer to the embeddings (tie_word_embeddings), but the "
+                         "checkpoint holds an lm_head.weight that differs from them; set tie_word_embeddings "
+                         "to match the weights")
+
+
+def _shaped(tensor: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if tensor.shape != shape:
+        raise ValueError(f"tensor {name!r} has shape {tensor.shape}, but config.json implies {shape} "
+                         "(heads x head_dim, hidden_size)")
+    return tensor
 
 
 def load_model(path: str, mesh: Mesh, *, dtype: str = "auto") -> LoadedModel:

@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+# Weights are stored in one of these; anything else (int8 codes, fp8) needs a dequantisation
+# this loader does not do, and cast as they are they would give garbage.
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
 
 class SafetensorsReader:
     def __init__(self, model_dir: str | Path):
@@ -32,4 +36,8 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         if name not in self._weight_map:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint")
-        return self._handles[self._weight_map[name]].get_tensor(name)
+        tensor = self._handles[self._weight_map[name]].get_tensor(name)
+        if tensor.dtype.name not in WEIGHT_DTYPES:
+            raise ValueError(f"tensor {name!r} is stored as {tensor.dtype.name}; only {', '.join(WEIGHT_DTYPES)} "
+                             "weights can be loaded (quantized checkpoints are not supported)")
+        return tensor

@@ -37,7 +37,7 @@ def _addresses(text: str) -> list[str]:
 def _add_model_flags(p, host_help: str = "address to listen on") -> None:
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="serving dtype; auto = the checkpoint's own")
+                   help="serving dtype; auto = the checkpoint's own (float16 checkpoints: bfloat16)")
     p.add_argument("--host", default="127.0.0.1", help=f"{host_help} (default 127.0.0.1; "
                    "any non-loopback address needs --tls-cert/--tls-key or --allow-insecure)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")

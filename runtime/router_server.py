@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.models.config import ModelConfig
+from splitserve.models.config import ModelConfig, serving_dtype_name
 from splitserve.models.metadata import load_metadata
 from splitserve.protos import serving_pb2
 from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
@@ -20,7 +20,7 @@ from splitserve.runtime.tls import server_credentials
 
 
 def serving_dtype(dtype: str, config: ModelConfig) -> str:
-    return config.checkpoint_dtype if dtype == "auto" else dtype
+    return serving_dtype_name(dtype, config)
 
 
 SPARE_HANDLER_THREADS = 64  # beyond the admitted streams: health checks, ModelInfo, calls being refused
