@@ -25,10 +25,11 @@ from splitserve import pallas_kernels
 MODEL_DEFAULT_IMPL = {"tpu": "tpu", "gpu": "gpu", "cpu": "xla"}
 
 
-def model_attention_impl(impl: str) -> str:
+def model_attention_impl(impl: str, page_size: int | None = None) -> str:
+    """`page_size`: of a decode call (a GPU page size the Triton kernel cannot tile gets "xla")."""
     if impl != "auto":
         return impl
-    return MODEL_DEFAULT_IMPL.get(jax.default_backend(), "reference")
+    return pallas_kernels.gpu_fallback(MODEL_DEFAULT_IMPL.get(jax.default_backend(), "reference"), page_size)
 
 
 def _per_shard(fn, mesh: Mesh | None, in_specs, out_specs):
@@ -46,7 +47,7 @@ def prefill_attention(q, k, v, lengths, *, impl: str, mesh: Mesh | None):
 
 def decode_attention(q, k_pages, v_pages, lengths, page_table, *, impl: str, mesh: Mesh | None):
     """q [b, heads, hd], pages [kv_heads, pages, page_size, hd] -> [b, heads, hd]."""
-    fn = functools.partial(_paged, impl=model_attention_impl(impl))
+    fn = functools.partial(_paged, impl=model_attention_impl(impl, page_size=k_pages.shape[2]))
     specs = (P(None, "tp", None), P("tp", None, None, None), P("tp", None, None, None), P(None), P(None, None))
     return _per_shard(fn, mesh, specs, P(None, "tp", None))(q, k_pages, v_pages, lengths, page_table)
 

@@ -58,6 +58,9 @@ def slot_addresses(page_table: jax.Array, positions: jax.Array, valid: jax.Array
 
     page_table: i32[batch, pages_per_seq]; positions, valid: [batch, ...] -> (pages, slots)
     """
+    # A position past the table goes to the sink too: clipped to the last column it would
+    # overwrite a real token of the row.
+    valid = valid & (positions < page_table.shape[1] * page_size)
     page_col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
     pages = jnp.take_along_axis(page_table, page_col.reshape(page_table.shape[0], -1), axis=1)
     pages = jnp.where(valid, pages.reshape(positions.shape), SINK_PAGE)

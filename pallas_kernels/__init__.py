@@ -11,7 +11,9 @@ Public entry points (see shared/INTERFACES.md): `flash_attention` (prefill) and
                  (paged_xla.py); prefill attention is the reference, which XLA already
                  runs as a few large products
     "reference"  plain JAX (reference.py), the ground truth
-    "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference"
+    "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference";
+                 paged attention on a GPU with a page size that is not a power of two (the
+                 Triton kernel cannot tile it) -> "xla"
 
 Block-size tunables are keyword arguments of the per-backend functions; the public
 functions use their defaults.
@@ -33,16 +35,23 @@ from splitserve.pallas_kernels.validation import check_flash_args, check_paged_a
 _BACKEND_IMPL = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to the implementation for the default JAX backend."""
-    if impl == "auto":
-        return _BACKEND_IMPL.get(jax.default_backend(), "reference")
+def resolve_impl(impl: str, *, page_size: int | None = None) -> str:
+    """Maps "auto" to the implementation for the default JAX backend (`page_size`: of a paged call)."""
+    if impl != "auto":
+        return impl
+    return gpu_fallback(_BACKEND_IMPL.get(jax.default_backend(), "reference"), page_size)
+
+
+def gpu_fallback(impl: str, page_size: int | None) -> str:
+    """"xla" for a paged call the GPU kernel cannot take (page size not a power of two), else `impl`."""
+    if impl == "gpu" and page_size is not None and page_size & (page_size - 1):
+        return "xla"
     return impl
 
 
 def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="auto"):
     """Prefill attention. q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim]."""
-    check_flash_args(q, k, v, lengths, sm_scale, impl)
+    check_flash_args(q, k, v, lengths, sm_scale, impl, causal)
     impl = resolve_impl(impl)
     if impl == "tpu":
         return flash_attention_tpu(q, k, v, lengths, causal=causal, sm_scale=sm_scale)
@@ -54,7 +63,7 @@ def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="
 def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, sm_scale=None, impl="auto"):
     """Decode attention. q [batch, heads, head_dim], pages [kv_heads, total_pages, page_size, head_dim]."""
     check_paged_args(q, k_pages, v_pages, lengths, page_indices, sm_scale, impl)
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, page_size=k_pages.shape[2])
     args = (q, k_pages, v_pages, lengths, page_indices)
     if impl == "tpu":
         return paged_attention_tpu(*args, sm_scale=sm_scale)
@@ -76,4 +85,5 @@ __all__ = [
     "paged_attention_gpu",
     "paged_attention_xla",
     "resolve_impl",
+    "gpu_fallback",
 ]

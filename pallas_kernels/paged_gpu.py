@@ -140,6 +140,7 @@ def paged_attention_gpu(
     ppcb = next_power_of_2(max(pages_per_compute_block, -(-16 // page_size)))
     pps = page_indices.shape[1]
     lengths = jnp.clip(lengths, 0, pps * page_size).astype(jnp.int32)
+    page_indices = jnp.clip(page_indices, 0, total_pages - 1)  # as the reference's gather: never an OOB load
 
     num_blocks = -(-pps // ppcb)
     if num_splits is None:

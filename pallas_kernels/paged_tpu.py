@@ -161,6 +161,7 @@ def paged_attention_tpu(
         raise ValueError(f"pages_per_compute_block must be >= 1, got {pages_per_compute_block}")
 
     lengths = jnp.clip(lengths, 0, page_indices.shape[1] * page_size)
+    page_indices = jnp.clip(page_indices, 0, k_pages.shape[1] - 1)  # as the reference's gather: never an OOB DMA
     ppcb = min(pages_per_compute_block, page_indices.shape[1])
     pps = round_up(page_indices.shape[1], ppcb)
     page_indices = pad_axis(page_indices, 1, pps)  # padded pages are never copied

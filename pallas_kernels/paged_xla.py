@@ -64,6 +64,11 @@ def paged_attention_xla(
     group = heads // kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     width = page_indices.shape[1]
+    if batch == 0:
+        return jnp.zeros((0, heads, head_dim), q.dtype)
+    # A length past the table would count the padding below (page 0, not the row's) as tokens.
+    lengths = jnp.clip(lengths, 0, width * page_size)
+    page_indices = jnp.clip(page_indices, 0, k_pages.shape[1] - 1)  # as the reference
     pages_per_chunk = min(pages_per_chunk, width)
     chunk_tokens = pages_per_chunk * page_size
     chunks_per_row = -(-width // pages_per_chunk)

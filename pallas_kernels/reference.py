@@ -61,8 +61,11 @@ def paged_attention_reference(
     sm_scale: float | None = None,
 ) -> jax.Array:  # [batch, heads, head_dim], q.dtype
     batch, heads, head_dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    kv_heads, total_pages, page_size, _ = k_pages.shape
     pages_per_seq = page_indices.shape[1]
+    # Page ids outside [0, total_pages) (a caller's bug) are clipped, in every implementation
+    # alike: the kernels must never read outside the cache.
+    page_indices = jnp.clip(page_indices, 0, total_pages - 1)
     group = heads // kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     max_len = pages_per_seq * page_size

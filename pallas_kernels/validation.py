@@ -8,6 +8,7 @@ array contents, so they are safe under jit.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax.numpy as jnp
@@ -56,13 +57,19 @@ def _check_int32(name, x, shape):
 
 
 def _check_sm_scale(sm_scale):
-    if sm_scale is not None and not isinstance(sm_scale, numbers.Real):
+    if sm_scale is None:
+        return
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
         raise TypeError(f"sm_scale must be a Python number or None, got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
 
 
-def check_flash_args(q, k, v, lengths, sm_scale, impl) -> None:
+def check_flash_args(q, k, v, lengths, sm_scale, impl, causal=True) -> None:
     """q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; lengths: i32[batch]."""
     check_impl(impl)
+    if not isinstance(causal, bool):  # "no" would run causal, None non-causal
+        raise TypeError(f"causal must be True or False, got {causal!r}")
     layout = "[batch, seq, heads, head_dim]"
     q_shape, q_dtype = _shape_dtype("q", q)
     _check_rank("q", q_shape, 4, layout)

@@ -89,6 +89,14 @@ def test_non_array_and_bad_scale_are_type_errors():
         flash_attention([[1.0]], _arr((1, 1, 1, 8)), _arr((1, 1, 1, 8)))
     with pytest.raises(TypeError, match="sm_scale must be a Python number or None"):
         _flash(sm_scale=jnp.float32(0.1))
+    with pytest.raises(TypeError, match="sm_scale must be a Python number or None, got bool"):
+        _flash(sm_scale=True)
+    for bad in (float("nan"), float("inf")):  # NaN made every output NaN
+        with pytest.raises(ValueError, match="sm_scale must be finite"):
+            _paged(sm_scale=bad)
+    for bad in ("no", None, 1):  # "no" ran causal, None non-causal
+        with pytest.raises(TypeError, match="causal must be True or False"):
+            _flash(causal=bad)
 
 
 def test_valid_inputs_pass_and_auto_resolves_on_cpu():
