@@ -118,8 +118,8 @@ class ColocatedEngine:
             request.output_ids.append(token)
             request.first_token_s = request.first_token_s or now
             reason = finish_reason_after_token(request, self.model.config.eos_token_ids)
-            is_eos = reason is FinishReason.STOP and token in self.model.config.eos_token_ids
-            delta, stopped = self._text[request.request_id].add(token, is_eos=is_eos, last=reason is not None)
+            delta, stopped = self._text[request.request_id].add(token, stop_token=reason is FinishReason.STOP,
+                                                                last=reason is not None)
             if stopped:
                 reason = FinishReason.STOP
             if reason is not None:

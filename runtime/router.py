@@ -218,8 +218,8 @@ class Router:
     def _event(self, token: int, progress: _Progress, text: TextStream, worker_reason: str = "") -> RouterEvent:
         progress.output_ids.append(token)
         reason = finish_reason_after_token(progress, self.metadata.config.eos_token_ids)
-        is_eos = reason is FinishReason.STOP and token in self.metadata.config.eos_token_ids
-        delta, stopped = text.add(token, is_eos=is_eos, last=reason is not None or bool(worker_reason))
+        delta, stopped = text.add(token, stop_token=reason is FinishReason.STOP,
+                                  last=reason is not None or bool(worker_reason))
         if stopped:
             reason = FinishReason.STOP
         finish = reason.value if reason else worker_reason

@@ -24,16 +24,17 @@ class TextStream:
     def text(self) -> str:
         return self._detok.text if self._detok is not None else ""
 
-    def add(self, token: int, *, is_eos: bool = False, last: bool = False) -> tuple[str, bool]:
+    def add(self, token: int, *, stop_token: bool = False, last: bool = False) -> tuple[str, bool]:
         """Adds a token; returns (new text, whether a stop string ended the text).
 
         `last`: the request ends with this token (length, EOS, a stop token), so nothing is held
-        back. An EOS token adds no text (it is a special token).
+        back. `stop_token`: the token ended the request as EOS or one of stop_token_ids; it adds no
+        text (vLLM leaves a stop token's text out too; its id stays in the token ids).
         """
         if self._detok is None:
             return "", False
         stopped = False
-        if not is_eos:
+        if not stop_token:
             delta = self._detok.add(token)
             cut = find_stop_string(self._detok.text, self._stop, len(delta))
             if cut is not None:

@@ -277,8 +277,8 @@ def test_requests_ending_at_the_first_token_leave_no_pages_behind(demo_stack):
     tokens, _, reason = demo_stack.generate(prompt, max_tokens=1)
     assert len(tokens) == 1 and reason == "length"
     first = tokens[0]
-    tokens, _, reason = demo_stack.generate(prompt, max_tokens=50, stop_token_ids=[first])
-    assert tokens == [first] and reason == "stop"
+    tokens, text, reason = demo_stack.generate(prompt, max_tokens=50, stop_token_ids=[first])
+    assert tokens == [first] and reason == "stop" and text == ""  # a stop token adds no text
     assert all(s.free_pages == s.total_pages for s in demo_stack.decode_stats())
 
 

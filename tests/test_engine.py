@@ -56,6 +56,9 @@ def test_stop_token_id_and_eos(demo, engine):
     first = full.token_ids.index(stop_id)
     out = greedy(engine, prompt(demo), stop_token_ids=(stop_id,))
     assert out.token_ids == full.token_ids[: first + 1] and out.finish_reason == "stop"
+    before = engine.generate([prompt(demo)], SamplingParams(max_tokens=max(first, 1), ignore_eos=True))[0].text
+    before = before if first else ""
+    assert out.text == before  # the stop token's own text is left out, as vLLM does
 
     eos_model = dataclasses.replace(demo, config=dataclasses.replace(demo.config, eos_token_ids=(stop_id,)))
     eos_engine = ColocatedEngine(eos_model, EngineConfig(page_size=8, num_pages=64, max_batch=4))

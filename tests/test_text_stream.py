@@ -23,7 +23,7 @@ def stream(tokenizer, prompt, tokens, stop, eos_at_end=False):
     deltas = []
     for i, token in enumerate(tokens):
         last = i == len(tokens) - 1
-        delta, stopped = text.add(token, is_eos=eos_at_end and last, last=last)
+        delta, stopped = text.add(token, stop_token=eos_at_end and last, last=last)
         deltas.append(delta)
         if stopped:
             return deltas, i
