@@ -35,7 +35,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k
+    top_k: int = 0  # 0 = no top-k; -1 (vLLM's "off") is taken as 0
     seed: int | None = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -44,6 +44,8 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
@@ -53,7 +55,7 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -75,7 +75,7 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
+    (dict(top_k=-2), "top_k must be >= 0 \\(0 or -1 disables it\\), got -2"),
     (dict(seed=-1), "seed"),
     (dict(stop=("",)), "stop"),
     (dict(stop=tuple("abcdefghijklmnopq")), "stop strings"),
@@ -84,6 +84,10 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_top_k_minus_one_means_off_as_in_vllm():
+    assert SamplingParams(top_k=-1) == SamplingParams(top_k=0)  # it was an error
 
 
 def test_unset_seed_is_fixed_once():
