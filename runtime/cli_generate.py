@@ -75,7 +75,11 @@ def run(args) -> int:
     if args.prompt_ids is None and model.tokenizer is None:
         raise SystemExit(f"splitserve generate: {args.model} has no tokenizer (tokenizer.json): give --prompt-ids")
     prompt_ids = args.prompt_ids if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
-    engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=_pages_for(args, prompt_ids),
+    needed = len(prompt_ids) + args.max_tokens
+    if needed > model.config.max_model_len:  # before sizing the cache for it (2**31 tokens: a 1 TB cache)
+        raise SystemExit(f"splitserve generate: prompt ({len(prompt_ids)} tokens) + max_tokens ({args.max_tokens}) "
+                         f"exceeds the model's context of {model.config.max_model_len}")
+    engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=2 + -(-needed // args.page_size),
                                                  max_batch=1, max_prefill_batch=1))
     try:
         stream = generate_stream(engine, prompt_ids, params)
@@ -91,10 +95,6 @@ def run(args) -> int:
     else:
         sys.stdout.write("\n")
     return 0
-
-
-def _pages_for(args, prompt_ids) -> int:
-    return 2 + -(-(len(prompt_ids) + args.max_tokens) // args.page_size)
 
 
 def _run_remote(args) -> int:

@@ -55,6 +55,8 @@ def test_generate_streams_demo_text(cache):
     (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
     (["generate", "hi", "--model", "/nope/model"], "/nope/model"),
     (["generate", "hi", "--address", "127.0.0.1:1", "--seed", "-1"], "seed must be in [0, "),
+    # It sized a KV cache for 2**31 tokens first (a 1 TB allocation, out of memory) before checking.
+    (["generate", "hi", "--max-tokens", "2147483647"], "exceeds the model's context of 2048"),
 ])
 def test_bad_flags_exit_nonzero_with_a_reason(cache, args, message):
     result = run_cli(*args, cache=cache)
