@@ -59,10 +59,18 @@ class _Invalid(ValueError):
 
 # -- input --------------------------------------------------------------------------------
 def read_requests(path: str | Path) -> list[BatchRequest | BadLine]:
-    """Parses every non-blank line of a JSONL file; ids are unique across the result."""
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, text) for n, text in enumerate(f, start=1) if text.strip()]
-    parsed = [_parse_or_error(text, n) for n, text in lines]
+    """Parses every non-blank line of a JSONL file; ids are unique across the result. A line
+    that is not UTF-8 is an error of its own (decoding the whole file at once failed them all)."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM, as some editors write
+    parsed = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            parsed.append(BadLine(None, n, f"not UTF-8: byte {raw[e.start]:#04x} at column {e.start + 1}"))
+            continue
+        if text.strip():
+            parsed.append(_parse_or_error(text, n))
     return _assign_ids(parsed)
 
 
@@ -155,13 +163,13 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, dict]
     if not isinstance(body, dict):
         raise ValueError(f"body must be a JSON object, got {json.dumps(body)}")
     _reject_unknown(body, OPENAI_BODY_FIELDS, "body.")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ValueError(f"body.n must be 1 (one completion per line), got {json.dumps(body['n'])}")
-    if body.get("stream", False) is not False:
+    if body.get("stream") not in (None, False):
         raise ValueError("body.stream must be false in a batch")
-    fields = dict(body)
-    if "max_completion_tokens" in fields:
-        fields.setdefault("max_tokens", fields["max_completion_tokens"])
+    fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
+    if "max_completion_tokens" in fields:  # the newer name wins, as in vLLM's chat path
+        fields["max_tokens"] = fields["max_completion_tokens"]
     if url == "/v1/chat/completions":
         if "prompt" in body:
             raise ValueError("/v1/chat/completions takes body.messages, not body.prompt")
@@ -310,8 +318,16 @@ def _output_record(raw: bytes) -> dict | None:
 
 
 def _torn_result(raw: bytes) -> bool:
-    """Whether a broken line may be the start of one of ResultWriter's (each begins with its id)."""
-    return raw.startswith(_RESULT_START) or _RESULT_START.startswith(raw)
+    """Whether a broken line may be the start of one of ResultWriter's: it begins as they do (with
+    the id) and is cut short. A whole JSON line is never torn: one that is not a result (a request
+    line, say, which begins the same way) is someone else's, and must not be cut."""
+    if not (raw.startswith(_RESULT_START) or _RESULT_START.startswith(raw)):
+        return False
+    try:
+        json.loads(raw)
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a character cut in two
+        return True
+    return False
 
 
 _RESULT_START = b'{"id": '  # json.dumps of result_record / error_record

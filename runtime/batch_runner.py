@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -104,6 +105,8 @@ class Backend(Protocol):
 def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend, *,
               progress: bool = True) -> BatchStats:
     """Runs every line of `input_path` not yet in `output_path`; appends one line per input line."""
+    if Path(output_path).exists() and os.path.samefile(input_path, output_path):
+        raise ValueError(f"--output {output_path} is the input file: results go to a file of their own")
     items = read_requests(input_path)
     done = recover_output(output_path)
     todo = [item for item in items if item.id not in done]

@@ -87,6 +87,40 @@ def test_openai_lines_map_onto_requests():
     assert chat.prompt == CHAT_PROMPT and chat.params.max_tokens == 4
 
 
+def test_openai_nulls_are_absent_and_max_completion_tokens_wins():
+    """Request models serialised with their unset fields write null; the 200 was lost to max_tokens=16,
+    and n/stream null were errors."""
+    line = parse_line(json.dumps({"custom_id": "c", "url": "/v1/completions", "body": {
+        "prompt": "Hi", "max_tokens": None, "max_completion_tokens": 200, "n": None, "stream": None,
+        "temperature": None}}), 1)
+    assert line.params == SamplingParams(max_tokens=200)
+    both = parse_line(json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "max_completion_tokens": 9}}), 1)
+    assert both.params.max_tokens == 9
+
+
+def test_a_line_that_is_not_utf8_is_an_error_of_its_own(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "caf\xff"}\n'
+                     b'{"id": "c", "prompt": "y"}\n')
+    items = read_requests(path)  # the whole file failed to decode, and no line ran
+    assert [type(i).__name__ for i in items] == ["BatchRequest", "BadLine", "BatchRequest"]
+    assert items[1].line == 2 and "not UTF-8: byte 0xff at column 27" in items[1].error
+    assert items[0].id == "a"  # the BOM is not part of the first line
+
+
+def test_the_input_file_as_output_is_refused(tmp_path):
+    class NeverRuns:
+        def run(self, requests, recorder):
+            raise AssertionError("nothing may run")
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n')
+    with pytest.raises(ValueError, match="is the input file"):  # the line was replaced by its result
+        run_batch(path, path, NeverRuns())
+    assert path.read_text() == '{"id": "a", "prompt": "x"}\n'
+
+
 @pytest.mark.parametrize("line, error", [
     ('{"id": "a", "prompt": "x", "max_token": 3}', "unknown field max_token"),
     ('{"id": "a", "prompt": "x", "ignore_eos": 1}', "ignore_eos must be a boolean"),
@@ -131,6 +165,8 @@ def test_recover_output_cuts_only_a_torn_tail(tmp_path):
     assert out.read_bytes() == b'{"id": "a", "error": "x"}\n{"id": 2, "text": "ok"}\n'
     out.write_bytes(b'{"id": "a", "error": "x"}\n{"id": "b", "te\n')  # newline written, JSON torn
     assert recover_output(out) == {"a"} and out.read_bytes() == b'{"id": "a", "error": "x"}\n'
+    out.write_bytes(b'{"id": "a", "error": "x"}\n{"id": "b", "text": "caf\xc3')  # a character cut in two
+    assert recover_output(out) == {"a"} and out.read_bytes() == b'{"id": "a", "error": "x"}\n'
     out.write_bytes(b'garbage\n{"id": "a", "error": "x"}\n')
     with pytest.raises(ValueError, match="line 1 is not a result line"):
         recover_output(out)
@@ -140,6 +176,8 @@ def test_recover_output_cuts_only_a_torn_tail(tmp_path):
     b"my important notes\n",  # one line: once cut as a "torn" last line, emptying the file
     b"my important notes",
     b'{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}',  # an input file given as --output
+    b'{"id": 1, "prompt": "x"}\n',  # a whole line that begins as ours: it was cut, emptying the file
+    b'{"id": 1, "prompt": "x"}',
 ])
 def test_recover_output_refuses_a_file_that_is_not_ours_and_leaves_it_alone(tmp_path, content):
     out = tmp_path / "out.jsonl"
