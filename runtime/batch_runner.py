@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -168,12 +169,21 @@ class InProcessBackend:
         return tokenizer.encode(request.prompt)
 
 
+# A busy router (RESOURCE_EXHAUSTED: at its admission limit, or no KV pages within its wait) is
+# asked again after these waits, the last repeated, for up to BUSY_PATIENCE_S per request: a
+# batch is not in a hurry, and stopping it would leave the rest of the file for a re-run.
+BUSY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+BUSY_PATIENCE_S = 600.0
+
+
 class RemoteBackend:
-    def __init__(self, client, concurrency: int = 32):
+    def __init__(self, client, concurrency: int = 32, *, busy_backoff_s=BUSY_BACKOFF_S,
+                 busy_patience_s: float = BUSY_PATIENCE_S):
         """client: a splitserve.runtime.client.Client (thread-safe); concurrency: calls in flight."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.client, self.concurrency = client, concurrency
+        self.busy_backoff_s, self.busy_patience_s = busy_backoff_s, busy_patience_s
 
     def run(self, requests: list[BatchRequest], recorder: Recorder) -> None:
         import grpc
@@ -199,6 +209,22 @@ class RemoteBackend:
                     future.cancel()  # no-op for finished ones; queued ones never start
 
     def _generate(self, request: BatchRequest) -> Completion:
+        import grpc
+
+        from splitserve.runtime.client import SplitserveError
+
+        give_up = time.monotonic() + self.busy_patience_s
+        for attempt in itertools.count():
+            try:
+                return self._generate_once(request)
+            except SplitserveError as e:
+                wait_s = self.busy_backoff_s[min(attempt, len(self.busy_backoff_s) - 1)]
+                if e.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() + wait_s > give_up:
+                    raise
+                time.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    def _generate_once(self, request: BatchRequest) -> Completion:
         p = request.params
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
         return self.client.generate(request.prompt, token_ids=token_ids, max_tokens=p.max_tokens,

@@ -12,7 +12,7 @@ import pytest
 
 from stack import launched
 from splitserve.runtime.batch_io import BadLine, parse_line, read_requests, recover_output
-from splitserve.runtime.batch_runner import InProcessBackend, run_batch
+from splitserve.runtime.batch_runner import BatchAborted, InProcessBackend, RemoteBackend, run_batch
 from splitserve.runtime.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,6 +326,39 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     assert len(records) == len(cases)
     assert "top_p" in records["tp"]["error"] and "INVALID_ARGUMENT" in records["vocab"]["error"]
     check_against_reference(records, cases, reference)
+
+
+class BusyRouter:
+    """A client whose router answers RESOURCE_EXHAUSTED to the first `busy` calls."""
+
+    def __init__(self, busy: int):
+        import threading
+
+        self.busy, self.calls, self._lock = busy, 0, threading.Lock()
+
+    def generate(self, prompt, **kw):
+        import grpc
+
+        from splitserve.runtime.client import SplitserveError
+        from splitserve.runtime.request import Completion
+
+        with self._lock:
+            self.calls += 1
+            if self.calls <= self.busy:
+                raise SplitserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the router is at its limit")
+        return Completion(text="ok", token_ids=[5], prompt_token_ids=[1], finish_reason="length", ttft_s=0.0,
+                          latency_s=0.0)
+
+
+def test_a_busy_router_is_asked_again_not_the_end_of_the_batch(tmp_path):
+    src = write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": "x"} for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    client = BusyRouter(busy=3)  # the batch stopped at the first, with 5 lines left for a re-run
+    stats = run_batch(src, out, RemoteBackend(client, concurrency=2, busy_backoff_s=(0.01,)), progress=False)
+    assert stats.errors == 0 and sorted(read_output(out)) == list(range(6)) and client.calls == 9
+    with pytest.raises(BatchAborted, match="RESOURCE_EXHAUSTED"):  # past its patience, it stops as before
+        run_batch(src, tmp_path / "out2.jsonl", RemoteBackend(BusyRouter(busy=10**6), busy_backoff_s=(0.01,),
+                                                             busy_patience_s=0.05), progress=False)
 
 
 def test_in_process_admits_in_prompt_length_order(tmp_path, model):
