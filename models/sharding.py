@@ -6,12 +6,11 @@ of the model. A logical axis whose size the mesh axis does not divide is replica
 
 from __future__ import annotations
 
-import dataclasses
-import re
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from splitserve.models.mesh_config import MeshConfig  # noqa: F401 - imported from here too
 
 # Logical axis -> mesh axis ("tp") or None (replicated).
 TP_RULES: dict[str, str | None] = {
@@ -26,23 +25,6 @@ TP_RULES: dict[str, str | None] = {
     "pages": None,
     "page_slot": None,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    tp: int = 1
-
-    def __post_init__(self):
-        if self.tp < 1:
-            raise ValueError(f"tp must be >= 1, got {self.tp}")
-
-    @classmethod
-    def parse(cls, text: str) -> "MeshConfig":
-        """Parses 'tp=4' (the CLI's --prefill-mesh / --decode-mesh syntax)."""
-        match = re.fullmatch(r"\s*tp\s*=\s*(\d+)\s*", text or "tp=1")
-        if not match:
-            raise ValueError(f"mesh spec {text!r} is not of the form 'tp=N'")
-        return cls(tp=int(match.group(1)))
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:

@@ -106,7 +106,7 @@ def _in_process_backend(args):
     for key, default in IN_PROCESS_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
-    from splitserve.models.sharding import MeshConfig
+    from splitserve.models.mesh_config import MeshConfig
     from splitserve.runtime.platform_setup import configure_jax
 
     mesh_config = MeshConfig.parse(args.mesh)

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from splitserve.models.sharding import MeshConfig
+from splitserve.models.mesh_config import MeshConfig
 
 PROMPTS = (
     "The weather today is",

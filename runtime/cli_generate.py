@@ -50,7 +50,7 @@ def run(args) -> int:
         raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
     if args.address:
         return _run_remote(args)
-    from splitserve.models.sharding import MeshConfig
+    from splitserve.models.mesh_config import MeshConfig
 
     try:
         mesh_config = MeshConfig.parse(args.mesh)

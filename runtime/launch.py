@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 
-from splitserve.models.sharding import MeshConfig
+from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S

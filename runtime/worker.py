@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from splitserve.models.sharding import MeshConfig
+from splitserve.models.mesh_config import MeshConfig
 from splitserve.protos import internal_pb2_grpc
 from splitserve.runtime.decode_engine import DecodeEngine
 from splitserve.runtime.decode_service import DecodeService, add_decode_service

@@ -18,3 +18,24 @@ def test_configure_jax_sets_cuda_for_gpu(monkeypatch):
     monkeypatch.setenv("SPLITSERVE_COMPILE_CACHE", "off")
     configure_jax("gpu")
     assert os.environ["JAX_PLATFORMS"] == "cuda"
+
+
+def test_the_cli_imports_no_jax_before_configure_jax(tmp_path):
+    """JAX reads JAX_PLATFORMS and its compile-cache settings once, at import: the CLI modules
+    imported it (through MeshConfig) before configure_jax ran, so --platform and the compile
+    cache never reached the workers; a restart compiled everything again."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import splitserve.runtime.cli, splitserve.runtime.cli_serve, splitserve.runtime.launch, "
+            "splitserve.runtime.cli_demo; print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    cache = tmp_path / "cache"  # and a real run writes its compiled programs there
+    env = dict(os.environ, SPLITSERVE_CACHE=str(cache), JAX_PLATFORMS="")
+    env.pop("SPLITSERVE_COMPILE_CACHE", None)
+    run = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "generate", "--prompt-ids", "5,6,7",
+                          "--max-tokens", "2", "--platform", "cpu"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert any((cache / "jax-compile").iterdir())

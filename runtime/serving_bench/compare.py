@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from splitserve.models.sharding import MeshConfig
+from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.launch import LaunchConfig
 from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitserve.models.sharding import MeshConfig
+from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.serving_bench.arrivals import parse_rates
 from splitserve.runtime.serving_bench.compare import CompareSpec, compare
 from splitserve.runtime.serving_bench.metrics import parse_goodput
