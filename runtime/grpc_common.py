@@ -79,18 +79,25 @@ def public_channel_options() -> list[tuple[str, int]]:
 
 def make_server(options: Sequence[tuple[str, int]] = INTERNAL_OPTIONS, interceptors: Sequence = (),
                 max_workers: int = 256, keepalive: Keepalive | None = None) -> grpc.Server:
-    """`keepalive`: the server's pings and ping policy (default: KEEPALIVE, the internal one)."""
+    """`keepalive`: the server's pings and ping policy (default: KEEPALIVE, the internal one).
+
+    SO_REUSEPORT off: gRPC turns it on by default on Linux, so a second server on a port in use
+    bound it too and took half its new connections, instead of failing to start."""
     keepalive = keepalive or KEEPALIVE
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                       options=list(options) + keepalive.server_options(), interceptors=list(interceptors))
+    options = list(options) + keepalive.server_options() + [("grpc.so_reuseport", 0)]
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                       interceptors=list(interceptors))
 
 
 def listen(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     """Binds host:port, with TLS when `credentials` are given; returns the port."""
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:  # newer gRPC raises where older returned 0
+        raise OSError(f"cannot listen on {address} (in use?): {e}") from None
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address} (in use?)")
     return bound
 
 
