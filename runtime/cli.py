@@ -49,8 +49,14 @@ def _run_convert(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from splitserve.runtime.platform_setup import StopRequested
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except StopRequested as e:  # a signal while starting: what was started has been stopped on the way out
+        sys.stderr.write(f"splitserve: stopped: {e}\n")
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -215,7 +215,12 @@ def run_router(args) -> int:
                           colocated=args.colocated, dtype=args.dtype, page_size=args.page_size,
                           security=security, api_key=api_key, admission=admission, metrics_port=args.metrics_port)
     stop = stop_on_signals()
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    stop.serving()
     print(f"splitserve ready on {server.address}", flush=True)
     if server.metrics_endpoint is not None:
         print(f"splitserve metrics: router {server.metrics_endpoint.url}", flush=True)

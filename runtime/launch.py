@@ -316,6 +316,8 @@ def running_stack(config: LaunchConfig):
 def run_launch(config: LaunchConfig) -> int:
     stop = stop_on_signals()
     with running_stack(config) as (router, launcher):
+        stop.before_exit = launcher.supervisor.kill_all  # a second signal: no worker drains on alone
+        stop.serving()
         print(f"splitserve ready on {router.address}", flush=True)
         if router.metrics_endpoint is not None:
             scheme = router.metrics_endpoint.url.split(":", 1)[0]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import threading
+from typing import Callable
 
 
 def configure_jax(platform: str | None, cpu_devices: int = 1) -> None:
@@ -43,9 +45,56 @@ def _cache_root():
     return Path(os.environ.get("SPLITSERVE_CACHE") or Path.home() / ".cache" / "splitserve")
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so servers can stop cleanly instead of dying mid-RPC."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT came while a server was still starting. A BaseException, so that no
+    `except Exception` on the way out of a start-up swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} while starting")
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """What SIGTERM and SIGINT do to a server.
+
+    - While it starts (loading, compiling, waiting for workers: minutes), StopRequested is raised
+      in the main thread, so the start is abandoned at once; the handler only setting a flag
+      let a launch compile on, and even report "ready", long after it was told to stop.
+    - Once `serving()` was called, the first signal sets the event: the server drains.
+    - A second signal exits at once, as a second Ctrl-C does in vLLM (the drain can take
+      its whole timeout; a worker whose parent is gone gets SIGTERM from the kernel).
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._starting = True
+        self.before_exit: Callable[[], None] | None = None  # on a second signal (launch: kill the workers)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def serving(self) -> None:
+        self._starting = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(timeout)
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.event.is_set():
+            try:
+                sys.stderr.write(f"splitserve: {signal.Signals(signum).name} again: exiting without waiting\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):  # stderr a closed pipe (the parent is gone): exit all the same
+                pass
+            if self.before_exit is not None:
+                self.before_exit()
+            os._exit(128 + signum)
+        self.event.set()
+        if self._starting:
+            raise StopRequested(signum)
+
+
+def stop_on_signals() -> StopSignals:
+    return StopSignals()

@@ -100,6 +100,12 @@ class Supervisor:
                 w.start(self.clock)
                 log.warning("worker process %s restarted (pid %d)", w.name, w.process.pid)
 
+    def kill_all(self) -> None:
+        """SIGKILL to every worker still running (a second Ctrl-C: nobody waits for drains)."""
+        for w in self.workers:
+            if w.process is not None and w.process.poll() is None:
+                w.process.kill()
+
     def stop(self, timeout_s: float) -> None:
         """SIGTERM to every worker (each drains), then SIGKILL to any still running after `timeout_s`."""
         for w in self.workers:

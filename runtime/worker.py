@@ -228,6 +228,7 @@ def serve_forever(worker: Worker) -> None:
     # up to Python's 5 ms GIL switch interval for each other: that showed up in TTFT.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     worker.start()
+    stop.serving()
     log.warning("splitserve %s worker ready on %s", worker.config.role, worker.address)
     stop.wait()
     worker.drain()

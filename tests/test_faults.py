@@ -336,6 +336,59 @@ def test_sigterm_of_launch_drains_in_flight_streams_then_exits_0():
               "1 new request refused UNAVAILABLE (draining), exit code 0")
 
 
+def test_sigterm_while_starting_stops_at_once(tmp_path):
+    """A full warm-up compiles for minutes on a CPU: SIGTERM in the middle used to be noted and
+    ignored until the start was over (launch then printed "ready" and drained, ~2 minutes)."""
+    import subprocess
+    import sys
+
+    from stack import _assert_gone, _children
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SPLITSERVE_CACHE=str(tmp_path))  # nothing compiled yet
+    env.pop("XLA_FLAGS", None)
+    process = subprocess.Popen([sys.executable, "-m", "splitserve.runtime.cli", "launch", "--model", "demo",
+                                "--port", "0", "--platform", "cpu", "--warmup", "full"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    # The decode worker has its model and KV cache: the workers are compiling their warm-up.
+    wait_for(lambda: any("KV cache:" in line for line in lines), 120, "the decode worker was built")
+    time.sleep(3.0)
+    workers = _children(process.pid)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    took = time.monotonic() - signalled
+    reader.join(10)
+    rest = "".join(lines)
+    assert process.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "ready on" not in rest and "SIGTERM while starting" in rest
+    assert took < 20, f"launch took {took:.1f} s to stop"
+    _assert_gone(workers)
+    print(f"\nFAULT launch SIGTERM during warm-up: exited {took:.1f} s later, rc {process.returncode}")
+
+
+def test_a_second_sigint_stops_launch_without_waiting_for_the_drain():
+    with launched("demo", "--num-pages", "256", "--page-size", "8", "--drain-timeout-s", "60") as stack:
+        decode_pid = stack.worker_pid(addresses(stack, "decode")[0])
+        stream = BackgroundStream(stack, prompt(501), max_tokens=600)
+        wait_for(lambda: stream.result.tokens >= 2, 60, "the stream started", interval_s=0.001)
+        os.kill(decode_pid, signal.SIGSTOP)  # the drain would wait up to its 60 s for this stream
+        try:
+            stack.process.send_signal(signal.SIGINT)
+            wait_for(lambda: health_status(stack.channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+                     "the router is draining")
+            again = time.monotonic()
+            stack.process.send_signal(signal.SIGINT)
+            assert stack.process.wait(10) == 128 + signal.SIGINT
+            took = time.monotonic() - again
+        finally:
+            os.kill(decode_pid, signal.SIGCONT)
+        assert took < 5 and stream.wait(30).code is not None
+        print(f"\nFAULT launch second SIGINT while draining: exited {took:.1f} s later")
+
+
 def _zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "Z"
