@@ -50,7 +50,10 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         self._refusing_batched_calls = False  # the worker is stopping
 
     def Reserve(self, request, context):
-        self.admission.check_or_abort(context)
+        with self.admission.admitted_or_abort(context):
+            return self._reserve(request, context)
+
+    def _reserve(self, request, context):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # the caller has given up: reserve nothing
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the reservation's deadline passed before it was made")

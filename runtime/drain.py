@@ -16,6 +16,7 @@ timeout passes; the caller then stops the gRPC server, which cuts whatever is st
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
@@ -79,11 +80,19 @@ class Admission:
         if state is not State.SERVING:
             raise NotAdmitted(_refusal(self.name, state))
 
-    def check_or_abort(self, context: grpc.ServicerContext) -> None:
+    @contextlib.contextmanager
+    def admitted_or_abort(self, context: grpc.ServicerContext):
+        """The handler's body counts as in flight (a drain waits for it); refused: UNAVAILABLE.
+        Checking admission only at the start let a drain see an idle engine between the check
+        and the work reaching the engine, and stop the worker under it."""
         try:
-            self.check()
+            self.enter()
         except NotAdmitted as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        try:
+            yield
+        finally:
+            self.leave()
 
     def enter(self) -> None:
         """Admits one piece of work (raises NotAdmitted); pair with leave() when it is done."""

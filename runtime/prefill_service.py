@@ -84,7 +84,10 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         self.mesh, self.platform, self.role = mesh, platform, role
 
     def Run(self, request, context):
-        self.admission.check_or_abort(context)
+        with self.admission.admitted_or_abort(context):
+            return self._run(request, context)
+
+    def _run(self, request, context):
         vocab = self.engine.runner.model.config.vocab_size
         if not request.prompt_ids or any(not 0 <= t < vocab for t in request.prompt_ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt must be 1+ token ids in [0, {vocab})")

@@ -171,3 +171,46 @@ def test_supervisor_clears_the_count_of_a_worker_that_stays_up_and_stop_ends_eve
     supervisor.stop(5)
     assert worker.process.returncode is not None
     assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+
+
+def test_a_drain_waits_for_a_run_that_passed_admission_but_has_not_reached_the_engine():
+    """Run checked admission, then went on to the engine: a drain starting in between saw an idle
+    engine and returned, and the worker stopped under the Run."""
+    import concurrent.futures
+    import types
+
+    from splitserve.protos import internal_pb2
+    from splitserve.runtime.prefill_service import PrefillService
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowToSubmit:  # the window between the admission check and the engine holding the job
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=100)),
+                                       max_model_len=64)
+
+        def submit(self, job):
+            inside.set()
+            release.wait(10)
+            done = concurrent.futures.Future()
+            done.set_result(7)
+            return done
+
+    context = types.SimpleNamespace(add_callback=lambda cb: None, time_remaining=lambda: None,
+                                    abort=lambda code, details: (_ for _ in ()).throw(RuntimeError(details)))
+    SAMPLING = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1)
+    admission = Admission(None, "prefill")
+    admission.open()
+    service = PrefillService(SlowToSubmit(), admission, mesh="tp=1", platform="cpu")
+    answers = []
+    run = threading.Thread(target=lambda: answers.append(service.Run(
+        internal_pb2.PrefillRequest(request_id="r", prompt_ids=[5, 6], sampling=SAMPLING), context)))
+    run.start()
+    assert inside.wait(5)
+    threading.Timer(0.5, release.set).start()
+    start = time.monotonic()
+    assert admission.drain(10.0, idle=lambda: True)  # the engine looks idle throughout
+    assert time.monotonic() - start > 0.4, "the drain did not wait for the Run in flight"
+    run.join(5)
+    assert answers[0].first_token == 7
+    with pytest.raises(RuntimeError, match="draining"):  # and a new one is refused
+        service.Run(internal_pb2.PrefillRequest(request_id="s", prompt_ids=[5], sampling=SAMPLING), context)
