@@ -1,6 +1,5 @@
 """Servers made by grpc_common: a port in use is an error, not a shared port."""
 
-import grpc
 import pytest
 
 from splitserve.runtime.grpc_common import listen, make_server
