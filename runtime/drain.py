@@ -73,13 +73,6 @@ class Admission:
         if self._health is not None:
             set_serving(self._health, False)
 
-    def check(self) -> None:
-        """Raises NotAdmitted unless serving (for work that is not counted: see enter/leave)."""
-        with self._lock:
-            state = self._state
-        if state is not State.SERVING:
-            raise NotAdmitted(_refusal(self.name, state))
-
     @contextlib.contextmanager
     def admitted_or_abort(self, context: grpc.ServicerContext):
         """The handler's body counts as in flight (a drain waits for it); refused: UNAVAILABLE.

@@ -61,8 +61,8 @@ class StopSignals:
       in the main thread, so the start is abandoned at once; the handler only setting a flag
       let a launch compile on, and even report "ready", long after it was told to stop.
     - Once `serving()` was called, the first signal sets the event: the server drains.
-    - A second signal exits at once, as a second Ctrl-C does in vLLM (the drain can take
-      its whole timeout; a worker whose parent is gone gets SIGTERM from the kernel).
+    - A second signal exits at once, as a second Ctrl-C does in vLLM (the drain can take its
+      whole timeout), after `before_exit` (launch: SIGKILL to its workers).
     """
 
     def __init__(self):
