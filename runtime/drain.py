@@ -4,7 +4,8 @@ Every splitserve server (router, prefill worker, decode worker) has one `Admissi
 the grpc.health.v1 status to what the handlers accept:
 
     starting   health NOT_SERVING; new work gets UNAVAILABLE "... is starting"
-    serving    health SERVING; new work is admitted
+    serving    health SERVING; new work is admitted (a router whose workers cannot serve reports
+               NOT_SERVING meanwhile: see set_able())
     draining   health NOT_SERVING; new work gets UNAVAILABLE "... is draining"; work already
                admitted runs to its end
 
@@ -48,6 +49,7 @@ class Admission:
         self.name = name
         self._lock = threading.Condition()
         self._state = State.STARTING
+        self._able = True  # False: serving, but what it depends on is down (set_able)
         self._in_flight = 0  # work between enter() and leave()
 
     @property
@@ -63,15 +65,25 @@ class Admission:
     def open(self) -> None:
         with self._lock:
             self._state = State.SERVING
-        if self._health is not None:
-            set_serving(self._health, True)
+            self._publish()
+
+    def set_able(self, able: bool) -> None:
+        """Whether the server could serve a request now (a router: some prefill and some decode
+        worker is up). While serving, health follows it, so that a load balancer sends clients to
+        another replica; calls are still admitted and get the server's own error."""
+        with self._lock:
+            self._able = able
+            self._publish()
 
     def start_draining(self) -> None:
         with self._lock:
             self._state = State.DRAINING
             self._lock.notify_all()
+            self._publish()
+
+    def _publish(self) -> None:  # under the lock, so two threads cannot publish out of order
         if self._health is not None:
-            set_serving(self._health, False)
+            set_serving(self._health, self._state is State.SERVING and self._able)
 
     @contextlib.contextmanager
     def admitted_or_abort(self, context: grpc.ServicerContext):

@@ -128,6 +128,11 @@ class Router:
             if worker.address == address:
                 self._refresh(worker)
 
+    def can_serve(self) -> bool:
+        """Some prefill worker and some decode worker (or one colocated worker) is up."""
+        return (any(self.health.is_up(w.address) for w in self.prefill_workers)
+                and any(self.health.is_up(w.address) for w in self.decode_workers))
+
     def _by_load(self, exclude: set[str]) -> list[WorkerHandle]:
         with self._lock:
             return sorted((w for w in self.prefill_workers if w.address not in exclude and self.health.is_up(w.address)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from grpc_reflection.v1alpha import reflection
 
 from splitserve.models.config import ModelConfig, serving_dtype_name
@@ -47,6 +49,8 @@ class RouterServer:
                                   max_workers=self.handler_threads, keepalive=grpc_common.PUBLIC_KEEPALIVE)
         self.health = add_health(self.server)
         self.lifecycle = Admission(self.health, "router")
+        self._able_lock = threading.Lock()
+        self.router.health.on_change = self._follow_workers
         self.admission = AdmissionGate(admission)
         self.metrics = RouterMetrics()
         add_serving_service(self.server, ServingService(
@@ -68,6 +72,13 @@ class RouterServer:
         self.router.refresh_stats()
         self.router.health.start()
         self.lifecycle.open()
+
+    def _follow_workers(self) -> None:
+        """Health NOT_SERVING while no request could be served (every prefill or every decode
+        worker down), so that a load balancer takes clients elsewhere; SERVING once one is back.
+        Under a lock, each call reads the state afresh, so the last change is the one published."""
+        with self._able_lock:
+            self.lifecycle.set_able(self.router.can_serve())
 
     def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> bool:
         """Refuses new Generate calls (UNAVAILABLE, "draining"); waits for those in flight.

@@ -9,6 +9,7 @@
 So a worker that died (or drains, or restarts) is skipped from its first failed call or
 the next probe, whichever comes first, and taken back once it reports SERVING again. A
 request-level UNAVAILABLE from a live worker costs it at most one probe interval.
+`on_change()` runs after every such change (the router server turns its own health with it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class WorkerHealth:
     """Up/down per worker address. Every worker starts up (the router waits for SERVING first).
 
     `on_up(address)`: called by the prober before a down worker is taken back (refresh its stats).
+    `on_change()`: called after a worker went down or came back (set later, by the owner's owner).
     """
 
     def __init__(self, addresses: Iterable[str], channels: ChannelPool, *,
@@ -39,6 +41,7 @@ class WorkerHealth:
         self._addresses = list(dict.fromkeys(addresses))
         self._channels = channels
         self._on_up = on_up
+        self.on_change: Callable[[], None] = lambda: None
         self._interval_s = interval_s
         self._lock = threading.Lock()
         self._down: dict[str, str] = {}  # address -> why
@@ -59,6 +62,7 @@ class WorkerHealth:
             self._down[address] = why
         if newly:
             log.warning("worker %s is down (%s); skipping it until it reports SERVING", address, why)
+            self.on_change()
 
     def _mark_up(self, address: str) -> None:
         with self._lock:
@@ -68,6 +72,7 @@ class WorkerHealth:
         with self._lock:
             self._down.pop(address, None)
         log.warning("worker %s reports SERVING again; taking it back", address)
+        self.on_change()
 
     # -- the prober -----------------------------------------------------------------------
     def start(self) -> None:

@@ -15,8 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.drain import Admission, NotAdmitted, State
 from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server, set_serving
+from splitserve.runtime.router_server import RouterServer
 from splitserve.runtime.supervisor import RESTART_BACKOFF_S, Supervisor, WorkerDied
 from splitserve.runtime.worker_health import WorkerHealth
 
@@ -117,6 +119,63 @@ def test_worker_health_prober_runs_in_the_background(health_server):
     finally:
         health.stop()
         channels.close()
+
+
+class _StatsOnly(internal_pb2_grpc.PrefillServicer, internal_pb2_grpc.DecodeServicer):
+    def Stats(self, request, context):
+        return internal_pb2.WorkerStats(free_pages=64, total_pages=64)
+
+
+def _health_only_server():
+    """Health and Stats, what the router asks of a worker before it takes it (back)."""
+    server = make_server(max_workers=4)
+    servicer = add_health(server)
+    internal_pb2_grpc.add_PrefillServicer_to_server(_StatsOnly(), server)
+    internal_pb2_grpc.add_DecodeServicer_to_server(_StatsOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    set_serving(servicer, True)
+    return server, servicer, f"127.0.0.1:{port}"
+
+
+def _wait_for_health(address: str, status: int, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while health_of(address) != status:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_router_health_is_not_serving_while_every_prefill_or_every_decode_worker_is_down():
+    """A load balancer reads the router's health: with no prefill worker (or no decode worker)
+    up, no request can be served, so the router reports NOT_SERVING until one is back."""
+    prefill = [_health_only_server() for _ in range(2)]
+    decode = _health_only_server()
+    router = RouterServer("demo", host="127.0.0.1", port=0, prefill=[p[2] for p in prefill], decode=[decode[2]],
+                          colocated=[])
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        router.start(worker_timeout_s=10)
+        assert health_of(router.address) == SERVING
+        set_serving(prefill[0][1], False)  # one prefill worker of two: still able to serve
+        deadline = time.monotonic() + 5
+        while router.router.health.is_up(prefill[0][2]):
+            assert time.monotonic() < deadline, "the prober did not notice the first prefill worker"
+            time.sleep(0.02)
+        assert health_of(router.address) == SERVING
+        prefill[1][0].stop(0)  # the second one dies: no prefill worker left
+        _wait_for_health(router.address, NOT_SERVING, "the router still reports SERVING with no prefill worker")
+        set_serving(prefill[0][1], True)
+        _wait_for_health(router.address, SERVING, "the router did not report SERVING once a prefill worker was back")
+        set_serving(decode[1], False)  # its only decode worker
+        _wait_for_health(router.address, NOT_SERVING, "the router still reports SERVING with no decode worker")
+        set_serving(decode[1], True)
+        _wait_for_health(router.address, SERVING, "the router did not report SERVING once the decode worker was back")
+        router.drain(0)  # draining wins over able workers
+        assert health_of(router.address) == NOT_SERVING
+    finally:
+        router.stop(0)
+        for server, _, _ in prefill + [decode]:
+            server.stop(0)
 
 
 # -- Supervisor ------------------------------------------------------------------------------
