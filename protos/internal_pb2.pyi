@@ -29,7 +29,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform", "prefilled", "dropped_cancelled", "dropped_expired")
+    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform", "prefilled", "dropped_cancelled", "dropped_expired", "page_size", "dtype")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class WorkerStats(_message.Message):
     PREFILLED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     role: str
     free_pages: int
     total_pages: int
@@ -50,7 +52,9 @@ class WorkerStats(_message.Message):
     prefilled: int
     dropped_cancelled: int
     dropped_expired: int
-    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ...) -> None: ...
+    page_size: int
+    dtype: str
+    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling", "decode_address", "kv_data_address", "kv_ticket")

@@ -14,7 +14,7 @@ from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
 from splitserve.runtime.cli_args import positive_int
-from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
 from splitserve.runtime.supervisor import DEFAULT_MAX_RESTARTS
@@ -34,16 +34,19 @@ def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
 
-def _add_model_flags(p, host_help: str = "address to listen on") -> None:
+def _add_model_flags(p, host_help: str = "address to listen on", *, runs_model: bool = True) -> None:
+    """`runs_model` False (the router): the model's config and tokenizer only; the weights,
+    their dtype and the KV pages are the workers' (ModelInfo reports what the workers say)."""
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="serving dtype; auto = the checkpoint's own (float16 checkpoints: bfloat16)")
     p.add_argument("--host", default="127.0.0.1", help=f"{host_help} (default 127.0.0.1; "
                    "any non-loopback address needs --tls-cert/--tls-key or --allow-insecure)")
-    p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
-    p.add_argument("--warmup", choices=WARMUPS, default="full",
-                   help="before serving, compile every bucketed shape (full, default) or only the smallest "
-                        "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
+    if runs_model:
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="serving dtype; auto = the checkpoint's own (float16 checkpoints: bfloat16)")
+        p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
+        p.add_argument("--warmup", choices=WARMUPS, default="full",
+                       help="before serving, compile every bucketed shape (full, default) or only the smallest "
+                            "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-cert); "
                         "0 = any free port; default: off. Under launch: the router's port, and every worker "
@@ -98,6 +101,12 @@ def _secret(env_var: str, path: str | None, what: str, command: str) -> str | No
         raise SystemExit(f"splitserve {command}: {e}")
 
 
+def _add_worker_start_flag(p) -> None:
+    p.add_argument("--worker-start-timeout-s", type=float, default=DEFAULT_WORKER_START_TIMEOUT_S, metavar="S",
+                   help="how long the router waits for each worker to report SERVING (loading the weights and "
+                        f"compiling) before it gives up (default {DEFAULT_WORKER_START_TIMEOUT_S:.0f})")
+
+
 def _add_drain_flag(p, what: str) -> None:
     p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                    help=f"on SIGTERM/SIGINT, stop admitting (health NOT_SERVING, new requests get UNAVAILABLE) "
@@ -139,12 +148,13 @@ def add_parsers(sub) -> None:
 
     r = sub.add_parser("router", help="run the router in front of running workers",
                        description="Run the public Serving API in front of workers started elsewhere.")
-    _add_model_flags(r)
+    _add_model_flags(r, runs_model=False)
     r.add_argument("--port", type=int, default=50051, help="public port (default 50051)")
     r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
     _add_admission_flags(r)
+    _add_worker_start_flag(r)
     _add_drain_flag(r, "the requests in flight")
     _add_security_flags(r, api_key=True, internal_token=True)
     r.set_defaults(run=run_router)
@@ -155,10 +165,12 @@ def add_parsers(sub) -> None:
     _add_model_flags(lp, "address the router listens on; workers always listen on 127.0.0.1")
     lp.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     lp.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
-    lp.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (default 1)")
+    lp.add_argument("--prefill-workers", type=int, help="prefill worker processes (default 1; "
+                    "disaggregated mode only)")
     lp.add_argument("--decode-workers", type=int, default=1,
                     help="decode worker processes (default 1); in colocated mode, the worker count")
-    lp.add_argument("--prefill-mesh", type=_mesh, default=MeshConfig(), help="each prefill worker's mesh (tp=N)")
+    lp.add_argument("--prefill-mesh", type=_mesh, help="each prefill worker's mesh (tp=N; default tp=1; "
+                    "disaggregated mode only)")
     lp.add_argument("--decode-mesh", type=_mesh, default=MeshConfig(),
                     help="each decode (or colocated) worker's mesh (tp=N)")
     lp.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform of the workers")
@@ -167,6 +179,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--max-batch", type=positive_int, default=32, help="decode batch per worker (default 32)")
     _add_kv_transport_flag(lp)
     _add_admission_flags(lp)
+    _add_worker_start_flag(lp)
     _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")
     lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
                     help="a worker that dies is restarted (same port and flags, backoff 1 s doubling to 30 s); "
@@ -189,6 +202,9 @@ def run_worker(args) -> int:
     _logging()
     command = f"{args.role}-worker"
     security = _internal_security(args, command)
+    if args.role == "decode" and args.kv_transport == "grpc" and args.kv_data_port:
+        raise SystemExit("splitserve decode-worker: --kv-data-port is the port of the KV data socket, which "
+                         "--kv-transport grpc does not open; leave one of them out")
     configure_jax(args.platform, cpu_devices=args.mesh.tp)
     from splitserve.runtime.worker import Worker, WorkerConfig, serve_forever
 
@@ -208,15 +224,16 @@ def run_router(args) -> int:
 
     if not args.colocated and not (args.prefill and args.decode):
         raise SystemExit("splitserve router: give --prefill and --decode addresses, or --colocated")
+    if not args.worker_start_timeout_s > 0:
+        raise SystemExit(f"splitserve router: --worker-start-timeout-s must be > 0, got {args.worker_start_timeout_s}")
     admission = _admission(args, "router")
     security = _internal_security(args, "router")
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "router")
     server = RouterServer(args.model, host=args.host, port=args.port, prefill=args.prefill, decode=args.decode,
-                          colocated=args.colocated, dtype=args.dtype, page_size=args.page_size,
-                          security=security, api_key=api_key, admission=admission, metrics_port=args.metrics_port)
+                          colocated=args.colocated, security=security, api_key=api_key, admission=admission, metrics_port=args.metrics_port)
     stop = stop_on_signals()
     try:
-        server.start()
+        server.start(worker_timeout_s=args.worker_start_timeout_s)
     except BaseException:
         server.stop()
         raise
@@ -239,16 +256,25 @@ def run_launch(args) -> int:
     tls = _tls(args, "launch")
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "launch")
     admission = _admission(args, "launch")
+    if args.mode == "colocated":
+        given = [flag for flag, value in (("--prefill-workers", args.prefill_workers),
+                                          ("--prefill-mesh", args.prefill_mesh)) if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise SystemExit(f"splitserve launch: {' and '.join(given)} {verb} to --mode disaggregated only; in "
+                             "colocated mode --decode-workers and --decode-mesh set the workers")
     try:
         config = LaunchConfig(model=args.model, host=args.host, port=args.port, mode=args.mode,
-                              prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-                              prefill_mesh=args.prefill_mesh, decode_mesh=args.decode_mesh, platform=args.platform,
+                              prefill_workers=1 if args.prefill_workers is None else args.prefill_workers,
+                              decode_workers=args.decode_workers,
+                              prefill_mesh=args.prefill_mesh or MeshConfig(), decode_mesh=args.decode_mesh, platform=args.platform,
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
                               warmup=args.warmup, admission=admission, metrics_port=args.metrics_port,
                               drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts,
-                              kv_transport=args.kv_transport)
+                              kv_transport=args.kv_transport,
+                              worker_start_timeout_s=args.worker_start_timeout_s)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return launch(config)

@@ -38,11 +38,12 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
 
     def __init__(self, engine: DecodeEngine, admission: Admission, *, mesh: str, platform: str,
                  role: str = "decode", metrics: WorkerMetrics | None = None, receiver: KVReceiver | None = None,
-                 kv_data: KVDataSocket | None = None):
+                 kv_data: KVDataSocket | None = None, page_size: int = 0, dtype: str = ""):
         self.engine = engine
         self.admission = admission  # new reservations only; the transfers and streams of held ones go on
         self.metrics = metrics or WorkerMetrics()
         self.mesh, self.platform, self.role = mesh, platform, role
+        self.page_size, self.dtype = page_size, dtype  # reported by Stats
         self.receiver = receiver or KVReceiver(engine)
         self.kv_data = kv_data
         self._batched_lock = threading.Lock()
@@ -170,7 +171,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
 
     def Stats(self, request, context):
         return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
-                                        **self.engine.stats())
+                                        page_size=self.page_size, dtype=self.dtype, **self.engine.stats())
 
 
 def add_decode_service(server: grpc.Server, servicer: DecodeService) -> None:

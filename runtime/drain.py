@@ -29,6 +29,9 @@ from grpc_health.v1 import health
 from splitserve.runtime.grpc_common import set_serving
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# How long a router waits for a worker to load and compile before it gives up (vLLM waits as
+# long for its engine: VLLM_ENGINE_READY_TIMEOUT_S).
+DEFAULT_WORKER_START_TIMEOUT_S = 600.0
 
 
 class State(enum.Enum):

@@ -34,7 +34,7 @@ import sys
 from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
-from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.security import InternalSecurity
 from splitserve.runtime.supervisor import DEFAULT_MAX_RESTARTS, Supervisor, WorkerDied
@@ -69,6 +69,7 @@ class LaunchConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM: for the router, then for each worker
     max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
     kv_transport: str = "socket"  # of the decode workers: see WorkerConfig.kv_transport
+    worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S  # for each worker to report SERVING
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -79,6 +80,8 @@ class LaunchConfig:
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.worker_start_timeout_s > 0:
+            raise ValueError(f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.kv_transport not in ("socket", "grpc"):
@@ -303,9 +306,9 @@ def running_stack(config: LaunchConfig):
                      for role in ("prefill", "decode", "colocated")}
         router = RouterServer(config.model, host=config.host, port=config.port, prefill=addresses["prefill"],
                               decode=addresses["decode"], colocated=addresses["colocated"],
-                              dtype=config.dtype, page_size=config.page_size, security=launcher.security,
+                              security=launcher.security,
                               api_key=config.api_key, admission=config.admission, metrics_port=config.metrics_port)
-        router.start(check_alive=launcher.check_alive)
+        router.start(config.worker_start_timeout_s, check_alive=launcher.check_alive)
         yield router, launcher
     finally:
         if router is not None:

@@ -78,10 +78,11 @@ class KVSender:
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, admission: Admission, *, mesh: str, platform: str,
-                 role: str = "prefill"):
+                 role: str = "prefill", page_size: int = 0, dtype: str = ""):
         self.engine = engine
         self.admission = admission
         self.mesh, self.platform, self.role = mesh, platform, role
+        self.page_size, self.dtype = page_size, dtype  # reported by Stats
 
     def Run(self, request, context):
         with self.admission.admitted_or_abort(context):
@@ -117,7 +118,7 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
     def Stats(self, request, context):
         engine = self.engine
         return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
-                                        running=engine.in_flight, prefilled=engine.prefilled,
+                                        page_size=self.page_size, dtype=self.dtype, running=engine.in_flight, prefilled=engine.prefilled,
                                         dropped_cancelled=engine.dropped_cancelled,
                                         dropped_expired=engine.dropped_expired)
 

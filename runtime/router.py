@@ -61,6 +61,8 @@ class WorkerHandle:
     free_pages: int = 0
     mesh: str = ""
     platform: str = ""
+    page_size: int = 0  # 0: a prefill worker (holds no pages), or not heard from yet
+    dtype: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,14 @@ class Router:
         stats = (worker.decode or worker.prefill).Stats(internal_pb2.StatsRequest(), timeout=2.0)
         with self._lock:
             worker.free_pages, worker.mesh, worker.platform = stats.free_pages, stats.mesh, stats.platform
+            worker.page_size, worker.dtype = stats.page_size, stats.dtype
+
+    def serves_with(self) -> tuple[int, str]:
+        """(page size, dtype) the workers report: the decode side's pages; "" / 0 before any answered."""
+        with self._lock:
+            page_size = next((w.page_size for w in self.decode_workers if w.page_size), 0)
+            dtype = next((w.dtype for w in self.decode_workers + self.prefill_workers if w.dtype), "")
+        return page_size, dtype
 
     def _refresh_address(self, address: str) -> None:  # a restarted worker: its page count starts afresh
         for worker in self.workers:

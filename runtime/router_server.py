@@ -6,12 +6,11 @@ import threading
 
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.models.config import ModelConfig, serving_dtype_name
 from splitserve.models.metadata import load_metadata
 from splitserve.protos import serving_pb2
 from splitserve.runtime.admission import AdmissionConfig, AdmissionGate
 from splitserve.runtime.auth import require_api_key
-from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, Admission
+from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S, Admission
 from splitserve.runtime import grpc_common
 from splitserve.runtime.grpc_common import PUBLIC_OPTIONS, add_health, listen, make_server, wait_until_serving
 from splitserve.runtime.metrics import MetricsEndpoint, RouterMetrics
@@ -19,10 +18,6 @@ from splitserve.runtime.router import Router
 from splitserve.runtime.security import InternalSecurity
 from splitserve.runtime.serving_service import ServingService, add_serving_service
 from splitserve.runtime.tls import server_credentials
-
-
-def serving_dtype(dtype: str, config: ModelConfig) -> str:
-    return serving_dtype_name(dtype, config)
 
 
 SPARE_HANDLER_THREADS = 64  # beyond the admitted streams: health checks, ModelInfo, calls being refused
@@ -35,7 +30,7 @@ class RouterServer:
     `metrics_port`: serve Prometheus metrics at http(s)://host:port/metrics (None: off; 0: any port)."""
 
     def __init__(self, model: str, *, host: str, port: int, prefill: list[str], decode: list[str],
-                 colocated: list[str], dtype: str = "auto", page_size: int = 16,
+                 colocated: list[str],
                  security: InternalSecurity = InternalSecurity(), api_key: str | None = None,
                  admission: AdmissionConfig = AdmissionConfig(), metrics_port: int | None = None):
         metadata = load_metadata(model)
@@ -54,8 +49,7 @@ class RouterServer:
         self.admission = AdmissionGate(admission)
         self.metrics = RouterMetrics()
         add_serving_service(self.server, ServingService(
-            self.router, lifecycle=self.lifecycle, dtype=serving_dtype(dtype, metadata.config), page_size=page_size,
-            admission=self.admission, metrics=self.metrics))
+            self.router, lifecycle=self.lifecycle, admission=self.admission, metrics=self.metrics))
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,
                          "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, self.server)
@@ -64,7 +58,7 @@ class RouterServer:
         self.metrics_endpoint = (None if metrics_port is None
                                  else MetricsEndpoint(self.metrics.registry, host, metrics_port, security.tls))
 
-    def start(self, worker_timeout_s: float = 600.0, check_alive=None) -> None:
+    def start(self, worker_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S, check_alive=None) -> None:
         """Serves once every worker reports SERVING; `check_alive()` may raise to give up early."""
         self.server.start()
         for worker in self.router.workers:

@@ -29,14 +29,12 @@ MAX_CLIENT_REQUEST_ID_BYTES = 256
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, lifecycle: Admission, dtype: str, page_size: int,
-                 admission: AdmissionGate | None = None, metrics: RouterMetrics | None = None):
+    def __init__(self, router: Router, *, lifecycle: Admission, admission: AdmissionGate | None = None, metrics: RouterMetrics | None = None):
         """`lifecycle`: starting/serving/draining, counts streams in flight so a drain can wait for
         them; `admission`: the limit on concurrent calls (RESOURCE_EXHAUSTED past it)."""
         self.router = router
         self.lifecycle = lifecycle
         self.admission = admission or AdmissionGate()
-        self.dtype, self.page_size = dtype, page_size
         self.metrics = metrics or RouterMetrics()
 
     def _prompt_ids(self, request, context) -> list[int]:
@@ -101,11 +99,12 @@ class ServingService(serving_pb2_grpc.ServingServicer):
     def ModelInfo(self, request, context):
         cfg = self.router.metadata.config
         self.router.refresh_stats()
+        page_size, dtype = self.router.serves_with()  # the workers' own, whatever the router was told
         workers = [serving_pb2.WorkerInfo(role=w.role, address=w.address, mesh=w.mesh, platform=w.platform)
                    for w in self.router.workers]
         return serving_pb2.ModelInfoResponse(
             name=self.router.metadata.name, family=cfg.family, vocab_size=cfg.vocab_size,
-            max_model_len=cfg.max_model_len, dtype=self.dtype, page_size=self.page_size,
+            max_model_len=cfg.max_model_len, dtype=dtype, page_size=page_size,
             eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode)
 
 

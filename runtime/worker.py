@@ -95,6 +95,7 @@ class Worker:
         model = load_for_serving(config.model, config.mesh, config.dtype)
         platform = jax.default_backend()
         mesh = f"tp={config.mesh.tp}"
+        serves_with = dict(dtype=np.dtype(model.dtype).name)  # what Stats tells the router
         has_decode = config.role in ("decode", "colocated")
         self.runner = ModelRunner(model, RunnerConfig(
             page_size=config.page_size, num_pages=self._num_pages(model) if has_decode else 2,
@@ -124,7 +125,8 @@ class Worker:
                                               admission=self.admission, metrics=self.metrics)
             self.decode_service = DecodeService(self.decode_engine, self.admission, mesh=mesh, platform=platform,
                                                 role=config.role, metrics=self.metrics, receiver=receiver,
-                                                kv_data=self.kv_listener)
+                                                kv_data=self.kv_listener, page_size=config.page_size,
+                                                **serves_with)
             add_decode_service(self.server, self.decode_service)
             self.threads.append(threading.Thread(target=self.decode_engine.run_forever, name="decode", daemon=True))
         if config.role in ("prefill", "colocated"):
@@ -132,7 +134,8 @@ class Worker:
                                                 metrics=self.metrics, turns=turns)
             self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
             internal_pb2_grpc.add_PrefillServicer_to_server(
-                PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role),
+                PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role,
+                               page_size=config.page_size if has_decode else 0, **serves_with),
                 self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
         self._sender = KVSender(self.channels, metrics=self.metrics,

@@ -51,6 +51,13 @@ def test_generate_streams_demo_text(cache):
     (["decode-worker", "--tls-cert", "/nope.crt"], "--tls-cert and --tls-key go together"),
     (["router", "--colocated", "a:1", "--api-key-file", "/nope.key"], "cannot read the API key file /nope.key"),
     (["generate", "hi", "--page-size", "0"], "--page-size: must be >= 1, got 0"),
+    # Flags that had no effect where they were given are refused, not ignored.
+    (["launch", "--mode", "colocated", "--prefill-workers", "2"], "--prefill-workers applies to --mode disaggregated"),
+    (["launch", "--mode", "colocated", "--prefill-mesh", "tp=2"], "--prefill-mesh applies to --mode disaggregated"),
+    (["decode-worker", "--kv-transport", "grpc", "--kv-data-port", "7000"], "--kv-transport grpc does not open"),
+    (["router", "--colocated", "a:1", "--page-size", "8"], "unrecognized arguments: --page-size"),
+    (["router", "--colocated", "a:1", "--worker-start-timeout-s", "0"], "--worker-start-timeout-s must be > 0"),
+    (["launch", "--worker-start-timeout-s", "nan"], "worker_start_timeout_s must be > 0"),
     (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
     (["generate", "hi", "--model", "/nope/model"], "/nope/model"),

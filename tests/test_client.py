@@ -92,7 +92,9 @@ def test_model_info_and_health(stack):
     with Client(stack.address) as client:
         info = client.model_info()
         assert client.health() == "SERVING"
+    # The page size and dtype are the workers' own (Stats), not flags given to the router.
     assert (info.family, info.vocab_size, info.max_model_len, info.page_size) == ("llama", 2048, 2048, 8)
+    assert info.dtype == "float32"
     assert info.eos_token_ids == [2] and info.mode == "disaggregated"
     assert sorted(w.role for w in info.workers) == ["decode", "prefill"]
 
