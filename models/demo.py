@@ -1,11 +1,11 @@
 """The built-in demo model: a small Llama built deterministically on first use, no download.
 
-    ensure_demo_model() -> $SPLITSERVE_CACHE/demo-v1   (default ~/.cache/splitserve/demo-v1)
+    ensure_demo_model() -> $SPLITSERVE_CACHE/demo-v2   (default ~/.cache/splitserve/demo-v2)
 
 The directory is an ordinary HF LlamaForCausalLM checkpoint (config.json,
-generation_config.json, model.safetensors, tokenizer.json), so transformers can load it
-as a parity oracle. Its tokenizer is a real byte-level BPE trained on the shipped
-demo_corpus.txt; its weights are random (numpy RandomState, fixed seed), so it speaks
+generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json and a
+chat template in chat_template.jinja), so transformers can load it as a parity oracle.
+Its tokenizer is a real byte-level BPE trained on the shipped demo_corpus.txt; its weights are random (numpy RandomState, fixed seed), so it speaks
 fluent nonsense. Every build of the same version gives the same bytes, on any machine:
 the RandomState stream and the BPE trainer are deterministic and nothing variable
 (timestamps, paths, versions) is written.
@@ -31,18 +31,23 @@ import safetensors.numpy
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 SEED = 20240611
 CORPUS = Path(__file__).with_name("demo_corpus.txt")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 INIT_STD = 0.02
+# A chat template in the style of Zephyr's, so that chat requests (the SDK's messages, batch
+# /v1/chat/completions lines) work on the demo model as on an instruction-tuned checkpoint.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 # The corpus (~35 KB) yields exactly 2048 BPE tokens, so vocab == tokenizer size (no dead ids).
 HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
-    "_name_or_path": "splitserve-demo-v1",
+    "_name_or_path": "splitserve-demo-v2",
     "vocab_size": 2048,
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -69,7 +74,7 @@ def default_cache_root() -> Path:
 
 
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
-    """Returns `cache_dir/demo-v1` (cache_dir defaults to $SPLITSERVE_CACHE), building it once."""
+    """Returns `cache_dir/demo-v2` (cache_dir defaults to $SPLITSERVE_CACHE), building it once."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     target = root / DEMO_VERSION
     if target.is_dir():
@@ -103,6 +108,7 @@ def build_demo_model(out_dir: Path) -> None:
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "model_max_length": HF_CONFIG["max_position_embeddings"],
     })
+    _write_text(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
     _write_json(out_dir / "config.json", HF_CONFIG)
     _write_json(out_dir / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
     path = out_dir / "model.safetensors"

@@ -24,6 +24,7 @@ from splitserve.models.decoder import Decoder
 from splitserve.models.head_layout import HeadLayout, head_layout_for
 from splitserve.models.safetensors_reader import SafetensorsReader
 from splitserve.models.sharding import named_sharding
+from splitserve.models.chat_template import ChatTemplate
 from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class LoadedModel:
     mesh: Mesh
     dtype: jnp.dtype
     name: str
+    chat_template: ChatTemplate | None = None
 
 
 def resolve_dtype(dtype: str, config: ModelConfig):
@@ -159,7 +161,7 @@ def load_model(path: str, mesh: Mesh, *, dtype: str = "auto") -> LoadedModel:
     _load_hf_weights(model, SafetensorsReader(model_dir), config, layout, mesh, jdtype)
     graphdef, params = nnx.split(model)
     return LoadedModel(config, layout, graphdef, params, Tokenizer.maybe_load(model_dir), mesh,
-                       jdtype, name=_model_name(model_dir))
+                       jdtype, name=_model_name(model_dir), chat_template=ChatTemplate.maybe_load(model_dir))
 
 
 def _model_name(model_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""A model's config and tokenizer without its weights (and without JAX): what a router needs."""
+"""A model's config, tokenizer and chat template without its weights (and without JAX): what a router needs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from splitserve.models.config import ModelConfig, load_hf_config
+from splitserve.models.chat_template import ChatTemplate
 from splitserve.models.tokenizer import Tokenizer
 
 ORBAX_MARKER = "splitserve_orbax.json"  # written by models/orbax_checkpoint.py
@@ -18,6 +19,7 @@ class ModelMetadata:
     name: str
     config: ModelConfig
     tokenizer: Tokenizer | None
+    chat_template: ChatTemplate | None = None
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -40,4 +42,5 @@ def load_metadata(path: str) -> ModelMetadata:
     else:
         config = load_hf_config(model_dir)
         name = json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or model_dir.name
-    return ModelMetadata(name=name, config=config, tokenizer=Tokenizer.maybe_load(model_dir))
+    return ModelMetadata(name=name, config=config, tokenizer=Tokenizer.maybe_load(model_dir),
+                         chat_template=ChatTemplate.maybe_load(model_dir))

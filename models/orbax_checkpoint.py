@@ -7,7 +7,8 @@ A converted directory:
     params/                Orbax StandardCheckpointer tree: nnx.to_pure_dict of the Decoder's
                            params loaded at tp=1 (input-major, heads unflattened, the model's
                            own heads: the identity HeadLayout)
-    tokenizer.json         copied from the source (when it has one)
+    tokenizer.json         copied from the source (when it has one), with tokenizer_config.json
+                           and chat_template.jinja (the chat template: models/chat_template.py)
 
 Loading onto a mesh:
   * head layout is the identity (tp divides the KV heads): every array is restored straight
@@ -45,6 +46,7 @@ from splitserve.models.loader import (
     select_heads,
 )
 from splitserve.models.sharding import MeshConfig, make_mesh, named_sharding
+from splitserve.models.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,9 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(loaded.params)))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
-        if (source / "tokenizer.json").exists():
-            shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
+        for name in ("tokenizer.json", TOKENIZER_CONFIG, TEMPLATE_FILE):  # the tokenizer and its chat template
+            if (source / name).exists():
+                shutil.copyfile(source / name, tmp / name)
         marker = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "name": loaded.name}
         (tmp / ORBAX_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -125,7 +128,7 @@ def load_orbax_model(model_dir: Path, mesh: Mesh, *, dtype: str = "auto") -> Loa
                     config.num_kv_heads)
         _restore_remapped(model_dir / PARAMS_DIR, params, config, layout, mesh, jdtype)
     return LoadedModel(config, layout, graphdef, params, Tokenizer.maybe_load(model_dir), mesh,
-                       jdtype, name=marker["name"])
+                       jdtype, name=marker["name"], chat_template=ChatTemplate.maybe_load(model_dir))
 
 
 def _restore_sharded(path: Path, params: nnx.State, mesh: Mesh, dtype) -> None:

@@ -3,9 +3,12 @@
 Plain Python, no JAX: tested without a model.
 
 Input, one request a line, in either of two formats:
-    {"id": "a", "prompt": "text" | "prompt_token_ids": [1, 2], "max_tokens": 16, "temperature": 0, ...}
+    {"id": "a", "prompt": "text" | "prompt_token_ids": [1, 2] | "messages": [{"role", "content"}, ...],
+     "max_tokens": 16, "temperature": 0, ...}
     {"custom_id": "a", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
      "body": {"prompt": "..." | "messages": [...], "max_tokens": ..., ...}}      (OpenAI batch format)
+Chat messages are rendered later by the model's chat template (models/chat_template.py), as
+vLLM renders /v1/chat/completions; a model without one answers such a line with an error.
 Every non-blank line becomes exactly one `BatchRequest` or `BadLine`, each with a unique id:
 a line without a usable id (bad JSON, no id, an id already used above) gets "line-N".
 
@@ -28,7 +31,7 @@ from splitserve.runtime.sampling import INT32_MAX, SamplingParams, check_text
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
-NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids") + SAMPLING_FIELDS
+NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream") + SAMPLING_FIELDS
 
@@ -38,8 +41,9 @@ class BatchRequest:
     id: str | int
     line: int  # 1-based line number in the input file
     params: SamplingParams
-    prompt: str | None = None  # exactly one of prompt / prompt_token_ids
+    prompt: str | None = None  # exactly one of prompt / prompt_token_ids / messages
     prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # a chat: {"role", "content"} each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,21 +90,23 @@ def parse_line(text: str, line: int) -> BatchRequest:
     request_id = _request_id(obj, "custom_id" if openai else "id")
     try:
         if openai:
-            prompt, token_ids, fields = _openai_fields(obj)
+            prompt, token_ids, messages, fields = _openai_fields(obj)
         else:
             _reject_unknown(obj, NATIVE_FIELDS, "")
             prompt, token_ids, fields = _prompt(obj, "prompt"), _token_ids(obj, "prompt_token_ids"), obj
-        if openai and prompt is None and token_ids is None:
+            messages = _chat_messages(obj["messages"], "messages") if "messages" in obj else None
+        given = sum(x is not None for x in (prompt, token_ids, messages))
+        if openai and given == 0:
             raise ValueError(f"missing body.{'messages' if obj['url'].endswith('chat/completions') else 'prompt'}")
-        if prompt is None and token_ids is None:
-            raise ValueError("missing prompt (or prompt_token_ids)")
-        if prompt is not None and token_ids is not None:
-            raise ValueError("give only one of prompt and prompt_token_ids")
+        if given == 0:
+            raise ValueError("missing prompt (or prompt_token_ids, or messages)")
+        if given > 1:
+            raise ValueError("give only one of prompt, prompt_token_ids and messages")
         if prompt is not None:
             check_text(prompt, "the prompt")
         if token_ids is not None and (bad := [t for t in token_ids if not 0 <= t <= INT32_MAX]):
             raise ValueError(f"prompt token ids must be in [0, {INT32_MAX}], got {bad[0]}")
-        return BatchRequest(request_id, line, _sampling(fields), prompt, token_ids)
+        return BatchRequest(request_id, line, _sampling(fields), prompt, token_ids, messages)
     except ValueError as e:
         raise _Invalid(str(e), request_id)
 
@@ -152,7 +158,7 @@ def _reject_unknown(obj: dict, known: tuple[str, ...], where: str) -> None:
         raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}")
 
 
-def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, dict]:
+def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, tuple[dict, ...] | None, dict]:
     _reject_unknown(obj, OPENAI_FIELDS, "")
     if obj.get("method", "POST") != "POST":
         raise ValueError(f"method must be POST, got {json.dumps(obj['method'])}")
@@ -173,35 +179,41 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, dict]
     if url == "/v1/chat/completions":
         if "prompt" in body:
             raise ValueError("/v1/chat/completions takes body.messages, not body.prompt")
-        return _chat_prompt(body.get("messages")), None, fields
+        if "messages" not in body:
+            return None, None, None, fields
+        return None, None, _chat_messages(body["messages"], "body.messages"), fields
     if "prompt" not in body:
-        return None, None, fields
+        return None, None, None, fields
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return None, tuple(prompt), fields
+        return None, tuple(prompt), None, fields
     if isinstance(prompt, list) and len(prompt) != 1:
         raise ValueError(f"body.prompt must be one prompt (a string or token ids), got a list of {len(prompt)}")
-    return _prompt({"body.prompt": prompt[0] if isinstance(prompt, list) else prompt}, "body.prompt"), None, fields
+    prompt = _prompt({"body.prompt": prompt[0] if isinstance(prompt, list) else prompt}, "body.prompt")
+    return prompt, None, None, fields
 
 
-def _chat_prompt(messages) -> str:
-    """"role: content" lines, then "assistant:". No chat template is applied."""
+def _chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
+    """{"role", "content"} dicts with string content (OpenAI's text parts joined, as vLLM joins them)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("body.messages must be a non-empty list of {role, content} objects")
-    lines = []
+        raise ValueError(f"{where} must be a non-empty list of {{role, content}} objects")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"body.messages[{i}] must be an object with a string role")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"{where}[{i}] must be an object with a non-empty string role")
+        _reject_unknown(m, ("role", "content"), f"{where}[{i}].")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
-                raise ValueError(f"body.messages[{i}].content: only text parts are supported")
+                raise ValueError(f"{where}[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise ValueError(f"body.messages[{i}].content must be a string, got {json.dumps(content)}")
-        lines.append(f"{m['role']}: {content}")
-    return "\n".join(lines) + "\nassistant:"
+            raise ValueError(f"{where}[{i}].content must be a string, got {json.dumps(content)}")
+        check_text(m["role"], f"{where}[{i}].role")
+        check_text(content, "the prompt")
+        out.append({"role": m["role"], "content": content})
+    return tuple(out)
 
 
 def _prompt(obj: dict, key: str) -> str | None:

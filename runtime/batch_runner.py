@@ -12,10 +12,10 @@ Backends:
   tokens, and a request that finishes is released and written at once, so its line is
   on disk while the rest keep running. A request the engine rejects (ValueError: empty,
   token ids outside the vocabulary, longer than the context or the page pool) becomes
-  an error line.
+  an error line, as does a chat the model's template refuses (or a model without one).
 - RemoteBackend: `concurrency` threads each run Client.generate; the calling thread
-  writes lines as calls complete (one writer, no lock). INVALID_ARGUMENT/OUT_OF_RANGE
-  describe the request and become error lines; any other failure (router down, deadline)
+  writes lines as calls complete (one writer, no lock). INVALID_ARGUMENT/OUT_OF_RANGE/
+  FAILED_PRECONDITION describe the request and become error lines; any other failure (router down, deadline)
   stops the run with BatchAborted, so a re-run retries those requests instead of
   recording a transient failure as the answer.
 
@@ -166,7 +166,14 @@ class InProcessBackend:
         tokenizer = self.engine.model.tokenizer
         if tokenizer is None:
             raise ValueError("the model has no tokenizer: give prompt_token_ids instead of prompt")
-        return tokenizer.encode(request.prompt)
+        if request.messages is None:
+            return tokenizer.encode(request.prompt)
+        template = self.engine.model.chat_template
+        if template is None:
+            raise ValueError("the model has no chat template (chat_template.jinja or tokenizer_config.json's "
+                             "chat_template): give the prompt as text")
+        # The rendered text holds the template's special tokens already (as the router does).
+        return tokenizer.encode(template.render(request.messages), add_special_tokens=False)
 
 
 # A busy router (RESOURCE_EXHAUSTED: at its admission limit, or no KV pages within its wait) is
@@ -190,7 +197,10 @@ class RemoteBackend:
 
         from splitserve.runtime.client import SplitserveError
 
-        request_errors = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+        # The request's own fault (FAILED_PRECONDITION: text or a chat for a model without a
+        # tokenizer or chat template): the same answer on any retry, so it is the line's result.
+        request_errors = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                          grpc.StatusCode.FAILED_PRECONDITION)
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="batch") as pool:
             futures = {pool.submit(self._generate, r): r for r in requests}
             try:
@@ -227,6 +237,7 @@ class RemoteBackend:
     def _generate_once(self, request: BatchRequest) -> Completion:
         p = request.params
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
-        return self.client.generate(request.prompt, token_ids=token_ids, max_tokens=p.max_tokens,
+        return self.client.generate(request.prompt, token_ids=token_ids, messages=request.messages,
+                                    max_tokens=p.max_tokens,
                                     temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
                                     stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)

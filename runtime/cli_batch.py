@@ -19,12 +19,15 @@ Input lines, either format:
   {"id": "a", "prompt": "text", "max_tokens": 32, "temperature": 0, "top_p": 1, "top_k": 0,
    "seed": 1, "stop": ["\\n"], "stop_token_ids": [2], "ignore_eos": false}
   {"id": 7, "prompt_token_ids": [1, 260, 386]}
+  {"id": "c", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
   {"custom_id": "a", "method": "POST", "url": "/v1/completions",
    "body": {"prompt": "text", "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": "."}}
   {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
    "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}}
-Chat messages are joined as "role: content" lines followed by "assistant:"; NO chat template is
-applied. Absent fields take splitserve's defaults: max_tokens 16, greedy (temperature 0) --
+Chat messages are rendered by the model's chat template (chat_template.jinja or
+tokenizer_config.json's chat_template, as transformers' apply_chat_template renders them), ending
+where the assistant's answer begins; with a model that has no chat template, a chat line gets an
+error. Absent fields take splitserve's defaults: max_tokens 16, greedy (temperature 0) --
 not OpenAI's temperature 1.
 
 Output lines: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}, or {"id", "error"}

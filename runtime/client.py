@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,13 +74,14 @@ class _Options:
         self.credentials = _credentials(tls)
         self.metadata = _metadata(api_key)
 
-    def prepare(self, prompt, token_ids, timeout, sampling) -> tuple[serving_pb2.GenerateRequest, float | None]:
+    def prepare(self, prompt, token_ids, messages, timeout,
+                sampling) -> tuple[serving_pb2.GenerateRequest, float | None]:
         """The Generate request and its deadline (a time.monotonic() instant, or None), for the
         sync and async streams alike."""
         kw = _sampling_kwargs(**sampling)
         request_id = kw.pop("request_id", "") or uuid.uuid4().hex[:16]
         ids = list(token_ids) if token_ids is not None else None
-        request = build_request(prompt, ids, request_id=request_id, **kw)
+        request = build_request(prompt, ids, messages=messages, request_id=request_id, **kw)
         timeout = timeout if timeout is not None else self.timeout
         return request, None if timeout is None else time.monotonic() + timeout
 
@@ -127,6 +128,7 @@ class Client:
         self._channel.close()
 
     def stream(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+               messages: Sequence[Mapping[str, str]] | None = None,
                timeout: float | None = None, **sampling) -> Iterator[Chunk]:
         """Yields a Chunk per streamed message; closing the iterator cancels the request.
 
@@ -134,7 +136,7 @@ class Client:
             >>> for chunk in Client("127.0.0.1:50051").stream(token_ids=[1, 5, 9], max_tokens=4):  # doctest: +SKIP
             ...     print(chunk.token_ids, chunk.finish_reason)
         """
-        request, end = self._opts.prepare(prompt, token_ids, timeout, sampling)
+        request, end = self._opts.prepare(prompt, token_ids, messages, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
             call = self._stub.Generate(request, timeout=_time_left(end), metadata=self._opts.metadata)
             received = False
@@ -152,6 +154,7 @@ class Client:
                 call.cancel()  # no-op when finished; cancels on the server when the caller stopped early
 
     def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                 messages: Sequence[Mapping[str, str]] | None = None,
                  timeout: float | None = None, **sampling) -> Completion:
         """One whole completion.
 
@@ -161,7 +164,7 @@ class Client:
             ('length', 8)
         """
         builder = CompletionBuilder(time.perf_counter())
-        for chunk in self.stream(prompt, token_ids=token_ids, timeout=timeout, **sampling):
+        for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
 
@@ -223,11 +226,12 @@ class AsyncClient:
         await self._channel.close()
 
     async def stream(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                     messages: Sequence[Mapping[str, str]] | None = None,
                      timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
         """Async iterator of Chunks; leaving the loop early cancels the request on the server."""
         import asyncio
 
-        request, end = self._opts.prepare(prompt, token_ids, timeout, sampling)
+        request, end = self._opts.prepare(prompt, token_ids, messages, timeout, sampling)
         for attempt in range(self._opts.max_retries + 1):
             call = self._stub.Generate(request, timeout=_time_left(end), metadata=self._opts.metadata)
             received = False
@@ -245,9 +249,10 @@ class AsyncClient:
                 call.cancel()
 
     async def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
+                       messages: Sequence[Mapping[str, str]] | None = None,
                        timeout: float | None = None, **sampling) -> Completion:
         builder = CompletionBuilder(time.perf_counter())
-        async for chunk in self.stream(prompt, token_ids=token_ids, timeout=timeout, **sampling):
+        async for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
 

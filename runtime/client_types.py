@@ -6,6 +6,7 @@ import dataclasses
 
 import grpc
 
+from splitserve.models.chat_template import check_messages
 from splitserve.protos import serving_pb2
 from splitserve.runtime.request import Completion
 from splitserve.runtime.sampling import INT32_MAX
@@ -60,19 +61,22 @@ class ModelInfo:
     eos_token_ids: list[int]
     workers: list[WorkerInfo]
     mode: str
+    chat_template: bool = False  # generate(messages=...) is accepted
 
     @classmethod
     def from_proto(cls, msg: serving_pb2.ModelInfoResponse) -> "ModelInfo":
         return cls(msg.name, msg.family, msg.vocab_size, msg.max_model_len, msg.dtype, msg.page_size,
                    list(msg.eos_token_ids), [WorkerInfo(w.role, w.address, w.mesh, w.platform) for w in msg.workers],
-                   msg.mode)
+                   msg.mode, msg.chat_template)
 
 
 def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens: int, temperature: float,
                   top_p: float, top_k: int, seed: int | None, stop, stop_token_ids, ignore_eos: bool,
-                  request_id: str) -> serving_pb2.GenerateRequest:
-    if (prompt is None) == (token_ids is None):
-        raise ValueError("give exactly one of prompt (text) or token_ids")
+                  request_id: str, messages=None) -> serving_pb2.GenerateRequest:
+    if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
+    if messages is not None:
+        messages = check_messages(messages)  # the router renders them with the model's chat template
     stop = [stop] if isinstance(stop, str) else list(stop or ())  # one string is one stop string, not its letters
     stop_token_ids = list(stop_token_ids or ())
     # What the protos' integer fields cannot carry is refused here, by name (protobuf would say only
@@ -92,6 +96,9 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt
+    elif messages is not None:
+        request.messages.messages.extend(serving_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                         for m in messages)
     else:
         request.token_ids.ids.extend(token_ids)
     return request

@@ -14,6 +14,7 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from splitserve.models.chat_template import ChatTemplateError
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
 from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePassed
@@ -29,7 +30,8 @@ MAX_CLIENT_REQUEST_ID_BYTES = 256
 
 
 class ServingService(serving_pb2_grpc.ServingServicer):
-    def __init__(self, router: Router, *, lifecycle: Admission, admission: AdmissionGate | None = None, metrics: RouterMetrics | None = None):
+    def __init__(self, router: Router, *, lifecycle: Admission, admission: AdmissionGate | None = None,
+                 metrics: RouterMetrics | None = None):
         """`lifecycle`: starting/serving/draining, counts streams in flight so a drain can wait for
         them; `admission`: the limit on concurrent calls (RESOURCE_EXHAUSTED past it)."""
         self.router = router
@@ -41,12 +43,23 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
             return list(request.token_ids.ids)
+        tokenizer = self.router.metadata.tokenizer
+        if kind not in ("text", "messages"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text, token_ids or messages")
+        if tokenizer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer: send token_ids")
         if kind == "text":
-            tokenizer = self.router.metadata.tokenizer
-            if tokenizer is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer: send token_ids")
             return tokenizer.encode(request.text)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text or token_ids")
+        template = self.router.metadata.chat_template
+        if template is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template (chat_template.jinja "
+                          "or tokenizer_config.json's chat_template): send the prompt as text")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        try:
+            text = template.render(messages)
+        except ChatTemplateError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return tokenizer.encode(text, add_special_tokens=False)  # the template wrote its special tokens
 
     def Generate(self, request, context):
         timer = self.metrics.start_request()
@@ -105,7 +118,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         return serving_pb2.ModelInfoResponse(
             name=self.router.metadata.name, family=cfg.family, vocab_size=cfg.vocab_size,
             max_model_len=cfg.max_model_len, dtype=dtype, page_size=page_size,
-            eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode)
+            eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode,
+            chat_template=self.router.metadata.chat_template is not None)
 
 
 def _status_name(context) -> str:

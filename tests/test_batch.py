@@ -1,5 +1,7 @@
 """Offline batch inference: file formats, continuous batching, kill -9 and resume, router mode."""
 
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -16,7 +18,19 @@ from splitserve.runtime.batch_runner import BatchAborted, InProcessBackend, Remo
 from splitserve.runtime.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
-CHAT_PROMPT = "system: Be brief.\nuser: Hi there\nassistant:"
+CHAT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"})
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_chat_ids(messages_json: str) -> tuple[int, ...]:
+    """The demo model's chat prompt as transformers' apply_chat_template tokenizes it."""
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(ensure_demo_model())
+    out = tok.apply_chat_template(json.loads(messages_json), add_generation_prompt=True, tokenize=True)
+    return tuple(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +98,9 @@ def test_openai_lines_map_onto_requests():
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}],
         "max_completion_tokens": 4}}), 3)
-    assert chat.prompt == CHAT_PROMPT and chat.params.max_tokens == 4
+    assert chat.messages == CHAT and chat.prompt is None and chat.params.max_tokens == 4
+    native = parse_line(json.dumps({"id": "n", "messages": list(CHAT), "max_tokens": 3}), 4)
+    assert native.messages == CHAT and native.params.max_tokens == 3
 
 
 def test_openai_nulls_are_absent_and_max_completion_tokens_wins():
@@ -126,7 +142,7 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"id": "a", "prompt": "x", "ignore_eos": 1}', "ignore_eos must be a boolean"),
     ('{"id": true, "prompt": "x"}', "id must be a non-empty string or an integer"),
     ('{"id": "a", "prompt_token_ids": [1, "2"]}', "prompt_token_ids must be a list of integers"),
-    ('{"id": "a", "prompt": "x", "prompt_token_ids": [1]}', "only one of prompt and prompt_token_ids"),
+    ('{"id": "a", "prompt": "x", "prompt_token_ids": [1]}', "only one of prompt, prompt_token_ids and messages"),
     ('{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url must be one of"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 2}}', "body.n must be 1"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 2}}',
@@ -205,10 +221,14 @@ def mixed_lines():
     cases.append(({"custom_id": "oa1", "method": "POST", "url": "/v1/completions",
                    "body": {"model": "demo", "prompt": "A story about", "max_tokens": 9}},
                   ("ok", "A story about", SamplingParams(max_tokens=9))))
+    # Chats: the demo model's chat template, checked against transformers' rendering of it.
     cases.append(({"custom_id": "oa2", "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"messages": [{"role": "system", "content": "Be brief."},
-                                         {"role": "user", "content": "Hi there"}]}},
-                  ("ok", CHAT_PROMPT, SamplingParams(max_tokens=16))))
+                   "body": {"messages": list(CHAT)}},
+                  ("ok", transformers_chat_ids(json.dumps(CHAT)), SamplingParams(max_tokens=16))))
+    turns = [{"role": "user", "content": "The weather?"}, {"role": "assistant", "content": "Sunny."},
+             {"role": "user", "content": "And tomorrow, «demain»?"}]
+    cases.append(({"id": "chat", "messages": turns, "max_tokens": 8, "ignore_eos": True},
+                  ("ok", transformers_chat_ids(json.dumps(turns)), SamplingParams(max_tokens=8, ignore_eos=True))))
     cases.append(({"custom_id": "oa3", "url": "/v1/completions", "body": {"prompt": [1, 5, 9], "max_tokens": 5,
                                                                           "ignore_eos": True}},
                   ("ok", [1, 5, 9], SamplingParams(max_tokens=5, ignore_eos=True))))
@@ -223,6 +243,8 @@ def mixed_lines():
         ({"id": "noids", "prompt_token_ids": []}, ("error", "noids", "prompt_token_ids is empty")),
         ({"id": "t0", "prompt": "again"}, ("error", "line-{n}", 'duplicate id "t0"')),
         ({"id": "nop", "max_tokens": 3}, ("error", "nop", "missing prompt")),
+        ({"id": "nocontent", "messages": [{"role": "user"}]}, ("error", "nocontent", "messages[0].content must be")),
+        ({"id": "two", "prompt": "x", "messages": list(CHAT)}, ("error", "two", "give only one of prompt")),
         ({"prompt": "no id"}, ("error", "line-{n}", "missing 'id'")),
         ({"id": "vocab", "prompt_token_ids": [1, 5000]}, ("error", "vocab", "outside the vocabulary")),
         ({"id": "ctx", "prompt": "x", "max_tokens": 4000}, ("error", "ctx", "exceeds the model's context")),
@@ -253,6 +275,16 @@ def test_in_process_mixed_file(tmp_path, model, reference):
     check_against_reference(out, cases, reference)
     assert out["stop"]["finish_reason"] == "stop" and "ady" not in out["stop"]["text"]
     assert stats.output_tokens == sum(len(r.get("token_ids", [])) for r in out.values())
+
+
+def test_a_chat_for_a_model_without_a_chat_template_is_an_error_line(tmp_path, model, reference):
+    """As vLLM refuses a chat when the model has no template, rather than guessing a format."""
+    no_template = dataclasses.replace(model, chat_template=None)
+    src = write_lines(tmp_path / "in.jsonl", [{"id": "c", "messages": list(CHAT)}, {"id": "p", "prompt": "Hi"}])
+    stats = run_batch(src, tmp_path / "out.jsonl", InProcessBackend(batch_engine(no_template)), progress=False)
+    out = read_output(tmp_path / "out.jsonl")
+    assert stats.errors == 1 and "the model has no chat template" in out["c"]["error"]
+    assert out["p"]["token_ids"] == reference(["Hi"], SamplingParams())[0].token_ids
 
 
 def test_torn_tail_is_cut_and_redone(tmp_path, model, reference):
@@ -306,7 +338,7 @@ def test_sigkill_mid_file_then_resume(tmp_path, cache, reference):
 def test_script_runs_as_a_module_with_the_same_flags():
     help_text = subprocess.run([sys.executable, "-m", "splitserve.scripts.batch_infer", "--help"],
                                capture_output=True, text=True, check=True).stdout
-    assert "--concurrency" in help_text and "no chat template" in help_text.lower()
+    assert "--concurrency" in help_text and "rendered by the model's chat template" in help_text
 
 
 # -- router -------------------------------------------------------------------------------

@@ -99,6 +99,28 @@ def test_model_info_and_health(stack):
     assert sorted(w.role for w in info.workers) == ["decode", "prefill"]
 
 
+def test_a_chat_is_rendered_by_the_models_template_as_transformers_renders_it(stack):
+    """generate(messages=...) gives what the token ids of transformers' apply_chat_template give."""
+    transformers = pytest.importorskip("transformers")
+    from splitserve.models.demo import ensure_demo_model
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The weather today?"}]
+    ids = transformers.AutoTokenizer.from_pretrained(ensure_demo_model()).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with Client(stack.address) as client:
+        assert client.model_info().chat_template
+        chat = client.generate(messages=messages, max_tokens=8, ignore_eos=True)
+        want = client.generate(token_ids=ids, max_tokens=8, ignore_eos=True)
+        streamed = list(client.stream(messages=messages, max_tokens=8, ignore_eos=True))
+        with pytest.raises(ValueError, match="exactly one of prompt"):
+            client.generate("hi", messages=messages)
+        with pytest.raises(ValueError, match=r"messages\[0\].content must be a string"):
+            client.generate(messages=[{"role": "user"}])
+    assert chat.prompt_token_ids == ids and chat.token_ids == want.token_ids and chat.text == want.text
+    assert [t for c in streamed for t in c.token_ids] == want.token_ids
+
+
 def test_async_client(stack, expected):
     async def main():
         async with AsyncClient(stack.address) as client:

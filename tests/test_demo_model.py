@@ -51,7 +51,7 @@ def loaded(demo_dir):
 
 def test_files_and_config(demo_dir, loaded):
     names = sorted(p.name for p in demo_dir.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors",
+    assert names == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"]
     hf = json.loads((demo_dir / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["torch_dtype"] == "float32"
@@ -70,6 +70,15 @@ def test_tokenizer_round_trip(loaded):
         assert tok.decode(ids) == text
     # A trained BPE, not bytes: common corpus words are single tokens.
     assert len(tok.encode("The weather", add_special_tokens=False)) == 2
+
+
+def test_chat_template_renders_as_transformers_renders_it(demo_dir, loaded):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(demo_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The weather?"}]
+    text = loaded.chat_template.render(messages)
+    assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<s><|system|>\nBe brief.</s>\n") and text.endswith("<|assistant|>\n")
 
 
 def test_transformers_parity(demo_dir, loaded):

@@ -31,9 +31,14 @@ def converted(request, tmp_path_factory):
     build_checkpoint(request.param, hf_dir)
     # Any tokenizer.json will do to check that it travels with the checkpoint.
     (hf_dir / "tokenizer.json").write_text(_tiny_tokenizer_json())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "a"}))
+    (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     out = tmp_path_factory.mktemp("orbax") / request.param
     assert orbax_checkpoint.convert_to_orbax(str(hf_dir), out) == out.absolute()
     return hf_dir, out
+
+
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
 
 
 def _tiny_tokenizer_json() -> str:
@@ -61,6 +66,11 @@ def test_directory_contents(converted):
     assert marker["format"] == "splitserve-orbax" and marker["version"] == 1
     assert marker["dtype"] == "float32"
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    # The chat template travels too, with the special tokens it reads.
+    from splitserve.models.metadata import load_metadata
+
+    chat = load_metadata(str(out)).chat_template
+    assert chat.source == CHAT_TEMPLATE and chat.render([{"role": "user", "content": "b"}]) == "auser b "
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 

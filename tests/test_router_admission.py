@@ -62,3 +62,58 @@ def test_calls_past_the_limit_are_refused_at_once_and_health_still_answers(held_
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_chat_messages_are_checked_by_the_router_with_the_right_status():
+    """The router renders GenerateRequest.messages with the model's template before any worker
+    sees the request: malformed chats and a template's refusal are INVALID_ARGUMENT, a model
+    without a template FAILED_PRECONDITION."""
+    import dataclasses
+
+    from splitserve.models.chat_template import ChatTemplate
+
+    server = RouterServer("demo", host="127.0.0.1", port=0, prefill=[], decode=[], colocated=["127.0.0.1:1"])
+    seen = []
+
+    def generate(prompt_ids, *args, **kwargs):  # no worker: record what would have been prefilled
+        seen.append(prompt_ids)
+        return
+        yield
+
+    server.router.generate = generate
+    server.server.start()
+    server.lifecycle.open()
+    channel = grpc.insecure_channel(server.address)
+    stub = serving_pb2_grpc.ServingStub(channel)
+
+    def call(*messages):
+        request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(max_tokens=4))
+        request.messages.messages.extend(serving_pb2.ChatMessage(role=r, content=c) for r, c in messages)
+        try:
+            list(stub.Generate(request, timeout=10))
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+        return grpc.StatusCode.OK, ""
+
+    metadata = server.router.metadata
+    try:
+        assert call(("user", "Hi")) == (grpc.StatusCode.OK, "")
+        text = metadata.chat_template.render([{"role": "user", "content": "Hi"}])
+        assert seen == [metadata.tokenizer.encode(text, add_special_tokens=False)]
+        assert seen[0].count(metadata.config.bos_token_id) == 1  # the template's BOS, not a second one
+        code, details = call()
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "non-empty list" in details
+        code, details = call(("", "Hi"))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "non-empty string role" in details
+        strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
+        server.router.metadata = dataclasses.replace(metadata, chat_template=ChatTemplate(strict))
+        code, details = call(("assistant", "Hi"))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "refused the messages: start with a user turn" in details
+        server.router.metadata = dataclasses.replace(metadata, chat_template=None)
+        code, details = call(("user", "Hi"))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION and "has no chat template" in details
+        assert len(seen) == 1
+    finally:
+        channel.close()
+        server.server.stop(0).wait()
+        server.router.channels.close()
