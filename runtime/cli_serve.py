@@ -251,7 +251,14 @@ def run_router(args) -> int:
 
 def run_launch(args) -> int:
     _logging()
-    from splitserve.runtime.launch import LaunchConfig, run_launch as launch
+    from splitserve.runtime.launch import run_launch as launch
+
+    return launch(launch_config(args))
+
+
+def launch_config(args):
+    """The LaunchConfig of `splitserve launch` flags; SystemExit naming a bad or meaningless one."""
+    from splitserve.runtime.launch import LaunchConfig
 
     tls = _tls(args, "launch")
     api_key = _secret(API_KEY_ENV, args.api_key_file, "API key", "launch")
@@ -267,7 +274,8 @@ def run_launch(args) -> int:
         config = LaunchConfig(model=args.model, host=args.host, port=args.port, mode=args.mode,
                               prefill_workers=1 if args.prefill_workers is None else args.prefill_workers,
                               decode_workers=args.decode_workers,
-                              prefill_mesh=args.prefill_mesh or MeshConfig(), decode_mesh=args.decode_mesh, platform=args.platform,
+                              prefill_mesh=args.prefill_mesh or MeshConfig(), decode_mesh=args.decode_mesh,
+                              platform=args.platform,
                               dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                               kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch,
                               log_level=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"), tls=tls, api_key=api_key,
@@ -277,4 +285,4 @@ def run_launch(args) -> int:
                               worker_start_timeout_s=args.worker_start_timeout_s)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
-    return launch(config)
+    return config

@@ -11,6 +11,7 @@ import pytest
 from splitserve.runtime import cli_bench
 from splitserve.runtime.cli import build_parser
 from splitserve.runtime.serving_bench.arrivals import arrival_offsets, parse_rates
+from splitserve.runtime.cli_serve import launch_config
 from splitserve.runtime.serving_bench.compare import CompareSpec, launch_flags
 from splitserve.runtime.serving_bench.interference import interference
 from splitserve.runtime.serving_bench.metrics import RequestRecord, meets_slos, parse_goodput, summarize
@@ -263,6 +264,9 @@ def test_compare_puts_both_stacks_on_the_same_devices():
     args = build_parser().parse_args(["launch", *launch_flags(disaggregated)])
     assert (args.mode, args.platform, args.port, args.prefill_workers, args.max_batch, args.warmup) == \
         ("disaggregated", "cpu", 0, 1, 32, "full")
+    # What launch would run: the same configs back (launch refuses prefill flags in colocated mode).
+    for config in (colocated, disaggregated):
+        assert launch_config(build_parser().parse_args(["launch", *launch_flags(config)])) == config
     (_, quick), _ = CompareSpec(warmup="minimal").stacks()  # `bench --compare --warmup minimal`
     assert build_parser().parse_args(["launch", *launch_flags(quick)]).warmup == "minimal"
 

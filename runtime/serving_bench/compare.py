@@ -67,10 +67,11 @@ class CompareSpec:
 def launch_flags(config: LaunchConfig) -> list[str]:
     """`splitserve launch` flags for a LaunchConfig."""
     flags = ["--model", config.model, "--host", config.host, "--port", str(config.port), "--mode", config.mode,
-             "--prefill-workers", str(config.prefill_workers), "--decode-workers", str(config.decode_workers),
-             "--prefill-mesh", f"tp={config.prefill_mesh.tp}", "--decode-mesh", f"tp={config.decode_mesh.tp}",
+             "--decode-workers", str(config.decode_workers), "--decode-mesh", f"tp={config.decode_mesh.tp}",
              "--dtype", config.dtype, "--page-size", str(config.page_size), "--max-batch", str(config.max_batch),
              "--kv-cache-gib", str(config.kv_cache_gib), "--warmup", config.warmup]
+    if config.mode == "disaggregated":  # launch refuses prefill flags in colocated mode
+        flags += ["--prefill-workers", str(config.prefill_workers), "--prefill-mesh", f"tp={config.prefill_mesh.tp}"]
     if config.num_pages is not None:
         flags += ["--num-pages", str(config.num_pages)]
     if config.platform:
