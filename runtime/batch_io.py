@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from splitserve.runtime.sampling import INT32_MAX, SamplingParams, check_text
+from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
 
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")

@@ -60,7 +60,7 @@ def run(args) -> int:
 
     from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
     from splitserve.runtime.in_process import generate_stream, load_for_serving
-    from splitserve.runtime.sampling import SamplingParams
+    from splitserve.runtime.sampling_params import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

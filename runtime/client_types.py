@@ -9,7 +9,7 @@ import grpc
 from splitserve.models.chat_template import check_messages
 from splitserve.protos import serving_pb2
 from splitserve.runtime.request import Completion
-from splitserve.runtime.sampling import INT32_MAX
+from splitserve.runtime.sampling_params import INT32_MAX
 
 __all__ = ["Completion", "Chunk", "ModelInfo", "WorkerInfo", "SplitserveError", "build_request"]
 

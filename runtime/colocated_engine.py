@@ -19,7 +19,7 @@ from splitserve.models.loader import LoadedModel
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
 from splitserve.runtime.stop_rules import finish_reason_after_token
 from splitserve.runtime.text_stream import TextStream

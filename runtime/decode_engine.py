@@ -30,7 +30,7 @@ from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 
 log = logging.getLogger(__name__)

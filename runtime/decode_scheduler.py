@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from splitserve.runtime.page_allocator import PageAllocator, pages_needed
 from splitserve.runtime.request import FinishReason
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 class UnknownRequest(KeyError):

@@ -8,7 +8,7 @@ from splitserve.models.loader import LoadedModel, load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine
 from splitserve.runtime.request import Completion
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 def load_for_serving(model_path: str, mesh_config: MeshConfig, dtype: str = "auto") -> LoadedModel:

@@ -35,7 +35,7 @@ from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.host_kv import BatchHostKV
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from splitserve.protos import internal_pb2, serving_pb2
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
 

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import time
 
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 class FinishReason(str, enum.Enum):

@@ -37,7 +37,7 @@ from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
 from splitserve.runtime.router_errors import RouterError, passed_through
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 from splitserve.runtime.text_stream import TextStream
 from splitserve.runtime.token_feed import FeedCancelled, FeedError, TokenFeed

@@ -1,4 +1,4 @@
-"""Sampling parameters (host, validated) and on-device sampling.
+"""On-device sampling of the next token from the logits.
 
 Per-request randomness comes from `fold_in(key(seed), step)`, where step is the index of
 the token being generated: the same seed gives the same tokens whatever else is in the
@@ -8,70 +8,12 @@ batch and whether the token is sampled by prefill or by decode.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-# Each generated token is checked against every stop id, on the decode step's thread: a request
-# must not be able to slow every other request's steps with millions of them.
-MAX_STOP_TOKEN_IDS = 1024
-INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
-
-
-def check_text(text: str, what: str) -> None:
-    """Raises ValueError unless the text can be encoded (a lone surrogate, e.g. from JSON's "\\ud83d", cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k; -1 (vLLM's "off") is taken as 0
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.top_k == -1:
-            object.__setattr__(self, "top_k", 0)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
-            raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
-        if not self.temperature >= 0 or not np.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(self.stop_token_ids)}")
-        if bad := [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]:
-            raise ValueError(f"stop_token_ids must be in [0, {INT32_MAX}], got {bad[0]}")
-        for s in self.stop:
-            if not s or len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(s)}")
-            check_text(s, "a stop string")
-
-    def with_seed(self) -> "SamplingParams":
-        """Fixes a random seed now, so every leg of a request samples with the same one."""
-        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
+from splitserve.runtime.sampling_params import SamplingParams  # host-side, validated (no JAX)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from splitserve.runtime.buckets import all_buckets
-from splitserve.runtime.sampling import SamplingArrays, SamplingParams
+from splitserve.runtime.sampling import SamplingArrays
+from splitserve.runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=2)
 

@@ -86,7 +86,7 @@ def handoff(address: str, total_bytes: int, chunk_bytes: int, transport: str) ->
     from splitserve.runtime.metrics import WorkerMetrics
     from splitserve.runtime.prefill_engine import PrefillJob
     from splitserve.runtime.prefill_service import KVSender
-    from splitserve.runtime.sampling import SamplingParams
+    from splitserve.runtime.sampling_params import SamplingParams
 
     per_token = 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
     tokens_left = total_bytes // per_token

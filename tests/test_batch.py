@@ -15,7 +15,7 @@ import pytest
 from stack import launched
 from splitserve.runtime.batch_io import BadLine, parse_line, read_requests, recover_output
 from splitserve.runtime.batch_runner import BatchAborted, InProcessBackend, RemoteBackend, run_batch
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"})

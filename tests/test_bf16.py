@@ -12,7 +12,7 @@ from splitserve.models import serving
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 NEW_TOKENS = 24
 

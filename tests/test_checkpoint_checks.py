@@ -17,7 +17,7 @@ from splitserve.models.config import config_from_hf, serving_dtype_name
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, model_type="llama")

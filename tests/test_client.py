@@ -15,7 +15,7 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.client import AsyncClient, Client, SplitserveError
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 PROMPT = "The weather today is"
 
@@ -194,3 +194,11 @@ def test_errors_survive_pickling_as_process_pools_need():
     error = SplitserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the router is at its limit")
     for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert (clone.code, clone.message, str(clone)) == (error.code, error.message, str(error))
+
+
+def test_the_sdk_and_the_batch_reader_import_without_jax():
+    """A client process needs no accelerator runtime: importing JAX cost ~1 s per CLI call."""
+    code = ("import sys, splitserve.runtime.client, splitserve.runtime.batch_io; "
+            "print(sorted(m for m in ('jax', 'jaxlib', 'flax', 'jinja2') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.decode_engine import END, DecodeEngine
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

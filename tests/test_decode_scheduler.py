@@ -5,7 +5,7 @@ import pytest
 from splitserve.runtime.decode_scheduler import DecodeScheduler, UnknownRequest
 from splitserve.runtime.page_allocator import OutOfPages, PageAllocator
 from splitserve.runtime.request import FinishReason
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 class FakeClock:

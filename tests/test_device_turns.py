@@ -14,7 +14,7 @@ from splitserve.runtime.decode_engine import END, DecodeEngine
 from splitserve.runtime.device_turns import DeviceTurns
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 def _wait_until(condition, timeout_s: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.protos import serving_pb2
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 PROMPT_LENGTHS = (5, 23, 70)
 

@@ -25,7 +25,7 @@ from splitserve.runtime.decode_service import transfer_kv_callable
 from splitserve.runtime.grpc_common import ChannelPool, make_server
 from splitserve.runtime.kv_socket import encode_hello
 from splitserve.runtime.kv_wire import kv_chunks
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

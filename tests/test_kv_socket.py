@@ -43,7 +43,7 @@ from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts, receive_kv
 from splitserve.runtime.prefill_engine import PrefillJob
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_service import KVSender
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.tls import TLSConfig, client_ssl_context, server_ssl_context
 
 FUZZ_CASES = 1500

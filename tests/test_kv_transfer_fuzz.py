@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 
 from splitserve.protos import internal_pb2
 from splitserve.runtime.kv_wire import kv_chunks
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from decode_worker import decode_worker
 from kv_fuzz import RESERVED_TOKENS, valid_frames, with_id, transfers
 

@@ -11,7 +11,7 @@ from test_kernels_common import ON_GPU
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 def test_tpu_kernels_in_the_model_on_tp2_give_transformers_tokens(hf_checkpoint):

@@ -11,7 +11,7 @@ from splitserve.models.kv_cache import KVCacheSpec, allocate_cache, insert_prefi
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 ALL = sorted(CONFIGS)
 PROMPT_LENGTHS = (5, 17, 63, 130, 300)  # none a multiple of the page size (16)

@@ -14,7 +14,7 @@ from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

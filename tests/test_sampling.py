@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitserve.runtime.sampling import SamplingArrays, SamplingParams, sample
+from splitserve.runtime.sampling import SamplingArrays, sample
+from splitserve.runtime.sampling_params import SamplingParams
 
 
 def arrays(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None, step=0):

@@ -4,7 +4,7 @@ import pytest
 
 from splitserve.runtime.page_allocator import OutOfPages, PageAllocator, pages_needed
 from splitserve.runtime.request import FinishReason, Request
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
 from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token
 

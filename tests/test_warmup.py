@@ -11,7 +11,7 @@ import pytest
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
-from splitserve.runtime.sampling import SamplingParams
+from splitserve.runtime.sampling_params import SamplingParams
 
 COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(

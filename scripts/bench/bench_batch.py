@@ -79,7 +79,7 @@ class OneAtATimeMode:
 
     def __init__(self, model, prompts, max_tokens: int):
         from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-        from splitserve.runtime.sampling import SamplingParams
+        from splitserve.runtime.sampling_params import SamplingParams
 
         self.prompts = prompts
         self.params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

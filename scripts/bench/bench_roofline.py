@@ -144,7 +144,7 @@ def fill_cache_randomly(runner, seed: int = 0) -> None:
 
 def measure_decode(runner, name: str, batch: int, context: int, steps: int, warmup_steps: int) -> DecodeFigure:
     """Times `runner.decode` for `batch` sequences of `context` tokens each (own pages, random KV)."""
-    from splitserve.runtime.sampling import SamplingParams
+    from splitserve.runtime.sampling_params import SamplingParams
 
     page_size = runner.config.page_size
     if context > runner.max_model_len:
