@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                                    "on one mesh (colocated prefill and decode).")
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-ids)")
     p.add_argument("--prompt-ids", type=_token_ids, help="token ids instead of text, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true",
+                   help="PROMPT is a user message: render it with the model's chat template (as a chat model expects)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the user's")
     p.add_argument("--address", help="HOST:PORT of a running router (default: run the model in-process)")
     add_router_client_flags(p)
     p.add_argument("--model", default="demo", help="HF directory, Orbax checkpoint, or 'demo' (default)")
@@ -45,9 +48,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _messages(args) -> list[dict[str, str]] | None:
+    """The chat of --chat (and --system), or None for a plain prompt."""
+    if args.system is not None and not args.chat:
+        raise SystemExit("splitserve generate: --system goes with --chat")
+    if not args.chat:
+        return None
+    if args.prompt is None:
+        raise SystemExit("splitserve generate: --chat takes PROMPT (the user's message), not --prompt-ids")
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return system + [{"role": "user", "content": args.prompt}]
+
+
 def run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
+    args.messages = _messages(args)
     if args.address:
         return _run_remote(args)
     from splitserve.models.mesh_config import MeshConfig
@@ -74,7 +90,7 @@ def run(args) -> int:
         raise SystemExit(f"splitserve generate: {e}")
     if args.prompt_ids is None and model.tokenizer is None:
         raise SystemExit(f"splitserve generate: {args.model} has no tokenizer (tokenizer.json): give --prompt-ids")
-    prompt_ids = args.prompt_ids if args.prompt_ids is not None else model.tokenizer.encode(args.prompt)
+    prompt_ids = _prompt_ids(args, model)
     needed = len(prompt_ids) + args.max_tokens
     if needed > model.config.max_model_len:  # before sizing the cache for it (2**31 tokens: a 1 TB cache)
         raise SystemExit(f"splitserve generate: prompt ({len(prompt_ids)} tokens) + max_tokens ({args.max_tokens}) "
@@ -97,6 +113,21 @@ def run(args) -> int:
     return 0
 
 
+def _prompt_ids(args, model) -> list[int]:
+    if args.prompt_ids is not None:
+        return args.prompt_ids
+    if args.messages is None:
+        return model.tokenizer.encode(args.prompt)
+    if model.chat_template is None:
+        raise SystemExit(f"splitserve generate: {args.model} has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template): leave out --chat")
+    try:
+        text = model.chat_template.render(args.messages)
+    except ValueError as e:  # the template refused the chat
+        raise SystemExit(f"splitserve generate: {e}")
+    return model.tokenizer.encode(text, add_special_tokens=False)  # the template wrote its special tokens
+
+
 def _run_remote(args) -> int:
     import time
 
@@ -108,7 +139,8 @@ def _run_remote(args) -> int:
     builder = CompletionBuilder(time.perf_counter())
     try:
         with Client(args.address, **client_options(args)) as client:
-            for chunk in client.stream(args.prompt, token_ids=args.prompt_ids, **sampling):
+            prompt = None if args.messages else args.prompt
+            for chunk in client.stream(prompt, token_ids=args.prompt_ids, messages=args.messages, **sampling):
                 builder.add(chunk, time.perf_counter())
                 if not args.json and chunk.text:
                     sys.stdout.write(chunk.text)

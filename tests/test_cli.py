@@ -34,6 +34,19 @@ def test_generate_json_matches_in_process_engine(cache, hf_checkpoint):
     assert 0 < out["ttft_s"] <= out["latency_s"]
 
 
+def test_generate_chat_renders_the_models_template_as_transformers_does(cache):
+    transformers = pytest.importorskip("transformers")
+    result = run_cli("generate", "The weather?", "--chat", "--system", "Be brief.", "--max-tokens", "3", "--json",
+                     cache=cache)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    demo_dir = next(p for p in cache.iterdir() if p.name.startswith("demo-"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The weather?"}]
+    want = transformers.AutoTokenizer.from_pretrained(demo_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    assert out["prompt_token_ids"] == list(want["input_ids"] if hasattr(want, "keys") else want)
+
+
 def test_generate_streams_demo_text(cache):
     result = run_cli("generate", "Once upon a time", "--max-tokens", "8", cache=cache)
     assert result.returncode == 0, result.stderr
@@ -51,6 +64,8 @@ def test_generate_streams_demo_text(cache):
     (["decode-worker", "--tls-cert", "/nope.crt"], "--tls-cert and --tls-key go together"),
     (["router", "--colocated", "a:1", "--api-key-file", "/nope.key"], "cannot read the API key file /nope.key"),
     (["generate", "hi", "--page-size", "0"], "--page-size: must be >= 1, got 0"),
+    (["generate", "hi", "--system", "Be brief."], "--system goes with --chat"),
+    (["generate", "--prompt-ids", "1,2", "--chat"], "--chat takes PROMPT (the user's message), not --prompt-ids"),
     # Flags that had no effect where they were given are refused, not ignored.
     (["launch", "--mode", "colocated", "--prefill-workers", "2"], "--prefill-workers applies to --mode disaggregated"),
     (["launch", "--mode", "colocated", "--prefill-mesh", "tp=2"], "--prefill-mesh applies to --mode disaggregated"),

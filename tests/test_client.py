@@ -150,6 +150,13 @@ def test_cli_generate_against_the_router(stack, expected):
                                stack.address, "--max-tokens", "12", "--ignore-eos"],
                               capture_output=True, text=True, env=env, timeout=120)
     assert streamed.stdout.strip() == expected.text.strip()
+    chat = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "generate", PROMPT, "--chat", "--address",
+                           stack.address, "--max-tokens", "4", "--json"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    with Client(stack.address) as client:
+        want = client.generate(messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+    assert json.loads(chat.stdout.strip().splitlines()[-1])["prompt_token_ids"] == want.prompt_token_ids
 
 
 def _request(**overrides):
