@@ -49,8 +49,9 @@ def _run_convert(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from splitserve.runtime.platform_setup import StopRequested
+    from splitserve.runtime.platform_setup import StopRequested, die_with_parent_if_asked
 
+    die_with_parent_if_asked()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,4 +1,4 @@
-"""Process-level setup: JAX platform flags (before `import jax`) and shutdown signals."""
+"""Process-level setup: JAX platform flags (before `import jax`), shutdown signals, parent death."""
 
 from __future__ import annotations
 
@@ -98,3 +98,26 @@ class StopSignals:
 
 def stop_on_signals() -> StopSignals:
     return StopSignals()
+
+
+# Set by launch's supervisor to its own pid: the child then asks for a parent-death signal.
+DIE_WITH_PARENT_ENV = "SPLITSERVE_DIE_WITH_PARENT"
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent_if_asked() -> None:
+    """SIGTERM when launch goes, even by SIGKILL, so that no worker outlives it (Linux).
+
+    Asked for here, in the child, rather than in a preexec_fn between fork and exec: that runs
+    Python in a child forked from a process with threads (the router's), which can deadlock.
+    A parent that died before the request was made is caught by comparing the parent's pid.
+    """
+    parent = os.environ.pop(DIE_WITH_PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        sys.stderr.write("splitserve: the process that started this one has exited; stopping\n")
+        raise SystemExit(128 + signal.SIGTERM)

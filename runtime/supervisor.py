@@ -10,20 +10,21 @@ day never adds up to the limit, while a worker that dies at every start is given
 While a worker restarts the router skips it (runtime/worker_health.py) and takes it back
 once it reports SERVING.
 
-Children get a parent-death signal (SIGTERM, so no worker outlives launch even if launch is
-killed) and a session of their own, so a Ctrl-C in the terminal reaches launch only and
+Children ask for a parent-death signal (SIGTERM, so no worker outlives launch even if launch
+is killed; runtime/platform_setup.die_with_parent_if_asked) and get a session of their own, so a Ctrl-C in the terminal reaches launch only and
 launch decides the order of shutdown: the router drains first, then the workers.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
-import signal
+import os
 import subprocess
 import time
 from typing import Callable
+
+from splitserve.runtime.platform_setup import DIE_WITH_PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ DEFAULT_MAX_RESTARTS = 5
 
 class WorkerDied(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclasses.dataclass
@@ -51,8 +48,8 @@ class WorkerProcess:
     restart_at: float | None = None  # set while it is dead and waits for its restart
 
     def start(self, clock: Callable[[], float]) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent,
-                                        start_new_session=True)
+        env = dict(self.env, **{DIE_WITH_PARENT_ENV: str(os.getpid())})  # the child asks for SIGTERM at our death
+        self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         self.started_at = clock()
         self.restart_at = None
 

@@ -273,3 +273,53 @@ def test_a_drain_waits_for_a_run_that_passed_admission_but_has_not_reached_the_e
     assert answers[0].first_token == 7
     with pytest.raises(RuntimeError, match="draining"):  # and a new one is refused
         service.Run(internal_pb2.PrefillRequest(request_id="s", prompt_ids=[5], sampling=SAMPLING), context)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_worker_does_not_outlive_a_supervisor_killed_with_sigkill(tmp_path):
+    """launch SIGKILLed (no chance to stop its children): each splitserve child it started gets
+    SIGTERM from the kernel. The child asks for it itself, at start (no preexec_fn)."""
+    import os
+    import signal
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from splitserve.runtime.supervisor import Supervisor\n"
+        "child = [sys.executable, '-m', 'splitserve.runtime.cli', 'router', '--colocated', '127.0.0.1:1', '--port', '0']\n"
+        "worker = Supervisor().start('router', child, env=dict(os.environ))\n"
+        "print(worker.process.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, SPLITSERVE_CACHE=str(tmp_path), JAX_PLATFORMS="cpu"))
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(3)  # past its start-up; one killed earlier is caught by its parent-pid check instead
+        assert _alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(child):
+            assert time.monotonic() < deadline, "the child outlived its supervisor"
+            time.sleep(0.1)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_child_whose_supervisor_died_before_it_started_stops_at_once():
+    import os
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is no longer this child's parent
+    result = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "--help"], capture_output=True,
+                            text=True, timeout=60, env=dict(os.environ, SPLITSERVE_DIE_WITH_PARENT=str(gone.pid)))
+    assert result.returncode == 143 and "has exited; stopping" in result.stderr
