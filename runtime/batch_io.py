@@ -13,7 +13,7 @@ Every non-blank line becomes exactly one `BatchRequest` or `BadLine`, each with 
 a line without a usable id (bad JSON, no id, an id already used above) gets "line-N".
 
 Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
-{"id", "error"}. `ResultWriter` appends each line with one os.write on an O_APPEND fd,
+{"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py). `ResultWriter` appends each line with one os.write on an O_APPEND fd,
 so a process killed at any moment leaves whole lines plus at most one torn tail, which
 `recover_output` cuts off on the next start before it reads the ids already done.
 """
@@ -276,16 +276,7 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool)
 
 
-# -- output -------------------------------------------------------------------------------
-def result_record(request_id, text: str, token_ids: list[int], finish_reason: str, prompt_tokens: int) -> dict:
-    return {"id": request_id, "text": text, "token_ids": list(token_ids), "finish_reason": finish_reason,
-            "prompt_tokens": prompt_tokens}
-
-
-def error_record(request_id, error: str) -> dict:
-    return {"id": request_id, "error": error}
-
-
+# -- output (the lines themselves: runtime/batch_output.py) ------------------------------
 def recover_output(path: str | Path) -> set:
     """Cuts a torn last line off an existing output file; returns the ids it already holds.
 
@@ -317,7 +308,16 @@ def recover_output(path: str | Path) -> set:
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())
-    return {r["id"] for r in records}
+    return {input_id(r) for r in records}
+
+
+def input_id(record: dict):
+    """The input line's id of an output line, in either format (runtime/batch_output.py)."""
+    return record["custom_id"] if _is_openai_line(record) else record["id"]
+
+
+def _is_openai_line(record: dict) -> bool:
+    return "custom_id" in record and "response" in record
 
 
 def _output_record(raw: bytes) -> dict | None:
@@ -325,7 +325,8 @@ def _output_record(raw: bytes) -> dict | None:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    is_result = isinstance(record, dict) and "id" in record and ("text" in record or "error" in record)
+    is_result = isinstance(record, dict) and "id" in record and (
+        "text" in record or "error" in record or _is_openai_line(record))
     return record if is_result else None
 
 
@@ -342,7 +343,7 @@ def _torn_result(raw: bytes) -> bool:
     return False
 
 
-_RESULT_START = b'{"id": '  # json.dumps of result_record / error_record
+_RESULT_START = b'{"id": '  # how every line of runtime/batch_output.py begins (json.dumps)
 
 
 class ResultWriter:

@@ -38,9 +38,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from splitserve.runtime.batch_io import (
-    BadLine, BatchRequest, ResultWriter, error_record, read_requests, recover_output, result_record,
-)
+from splitserve.runtime.batch_io import BadLine, BatchRequest, ResultWriter, read_requests, recover_output
+from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput
 from splitserve.runtime.request import Completion
 
 
@@ -76,19 +75,19 @@ class BatchStats:
 class Recorder:
     """Writes each outcome as one output line and counts it (stats and progress bar)."""
 
-    def __init__(self, writer: ResultWriter, stats: BatchStats, bar: tqdm):
-        self._writer, self.stats, self._bar = writer, stats, bar
+    def __init__(self, writer: ResultWriter, stats: BatchStats, bar: tqdm,
+                 output: NativeOutput | OpenAIOutput = NativeOutput()):
+        self._writer, self.stats, self._bar, self._output = writer, stats, bar, output
         self._start = time.perf_counter()
 
     def completed(self, request: BatchRequest, completion: Completion) -> None:
-        self._writer.write(result_record(request.id, completion.text, completion.token_ids, completion.finish_reason,
-                                         len(completion.prompt_token_ids)))
+        self._writer.write(self._output.result(request, completion))
         self.stats.done += 1
         self.stats.output_tokens += len(completion.token_ids)
         self._tick()
 
     def error(self, request_id, line: int, message: str) -> None:
-        self._writer.write(error_record(request_id, f"line {line}: {message}"))
+        self._writer.write(self._output.error(request_id, f"line {line}: {message}"))
         self.stats.errors += 1
         self._tick()
 
@@ -104,8 +103,9 @@ class Backend(Protocol):
 
 
 def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend, *,
-              progress: bool = True) -> BatchStats:
-    """Runs every line of `input_path` not yet in `output_path`; appends one line per input line."""
+              progress: bool = True, output: NativeOutput | OpenAIOutput = NativeOutput()) -> BatchStats:
+    """Runs every line of `input_path` not yet in `output_path`; appends one line per input line,
+    shaped by `output` (splitserve's lines, or the OpenAI Batch API's)."""
     if Path(output_path).exists() and os.path.samefile(input_path, output_path):
         raise ValueError(f"--output {output_path} is the input file: results go to a file of their own")
     items = read_requests(input_path)
@@ -114,7 +114,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend,
     stats = BatchStats(skipped=len(items) - len(todo))
     with ResultWriter(output_path) as writer, tqdm(total=len(todo), unit="req", file=sys.stderr,
                                                   disable=not progress, dynamic_ncols=True) as bar:
-        recorder = Recorder(writer, stats, bar)
+        recorder = Recorder(writer, stats, bar, output)
         start = time.perf_counter()
         try:
             for bad in (item for item in todo if isinstance(item, BadLine)):

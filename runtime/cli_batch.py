@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from splitserve.runtime.batch_output import FORMATS
 from splitserve.runtime.cli_args import positive_int
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
 
@@ -35,6 +36,10 @@ for a line that cannot run (the error names the problem and the input line). Eve
 gives exactly one output line; a line without a usable id (bad JSON, no id, a duplicate id)
 gets the id "line-N". Lines are written as requests finish, so the order differs from the
 input: match on id. Blank input lines are ignored.
+With --output-format openai the lines are the OpenAI Batch API's (as vLLM's run-batch writes
+them): {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": a text
+completion, or a chat completion for a chat line}, "error": null}, or status_code 400 and
+"error": the message; match on custom_id.
 
 Resume: re-run with the same --output after a crash or Ctrl-C; ids already in the file are
 skipped and a torn last line is cut off first, so nothing is repeated and nothing lost.
@@ -57,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="serving dtype (in-process; default auto)")
     p.add_argument("--mesh", help="mesh, e.g. tp=2 (in-process; default tp=1)")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (in-process; default JAX's choice)")
+    p.add_argument("--output-format", choices=FORMATS, default="native",
+                   help="native (default): {id, text, token_ids, finish_reason, prompt_tokens} lines; openai: the "
+                        "OpenAI Batch API's output lines, {id, custom_id, response: {status_code, request_id, "
+                        "body}, error}, with a text or chat completion body (as vLLM's run-batch writes them)")
     p.add_argument("--json-summary", help="also write the summary as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -82,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from splitserve.runtime.batch_runner import BatchAborted, run_batch
 
+    from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput
+
     try:
-        backend, close = _remote_backend(args) if args.address else _in_process_backend(args)
+        backend, close, model_name = _remote_backend(args) if args.address else _in_process_backend(args)
     except (OSError, ValueError) as e:  # a bad flag value, a model that does not load
         raise SystemExit(f"splitserve batch: {e}")
+    output = OpenAIOutput(model_name) if args.output_format == "openai" else NativeOutput()
     try:
-        stats = run_batch(args.input, args.output, backend, progress=not args.no_progress)
+        stats = run_batch(args.input, args.output, backend, progress=not args.no_progress, output=output)
     except BatchAborted as e:
         raise SystemExit(f"splitserve batch: stopped: {e}\nre-run the same command to resume")
     except (OSError, ValueError) as e:  # unreadable input, an output file that is not ours
@@ -123,7 +135,7 @@ def _in_process_backend(args):
     engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=args.num_pages,
                                                  max_batch=args.max_batch,
                                                  max_prefill_batch=min(8, args.max_batch)))
-    return InProcessBackend(engine), lambda: None
+    return InProcessBackend(engine), lambda: None, model.name
 
 
 def _remote_backend(args):
@@ -134,8 +146,15 @@ def _remote_backend(args):
     from splitserve.runtime.batch_runner import RemoteBackend
     from splitserve.runtime.client import Client
 
+    from splitserve.runtime.client import SplitserveError
+
     client = Client(args.address, **client_options(args))
-    return RemoteBackend(client, 32 if args.concurrency is None else args.concurrency), client.close
+    try:
+        model_name = client.model_info().name if args.output_format == "openai" else ""
+    except SplitserveError as e:
+        client.close()
+        raise ValueError(f"cannot ask {args.address} for its model's name: {e}")
+    return RemoteBackend(client, 32 if args.concurrency is None else args.concurrency), client.close, model_name
 
 
 if __name__ == "__main__":

@@ -354,10 +354,24 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
             main(["--address", stack.address, "--input", str(src), "--output", str(out), "--mesh", "tp=2"])
         assert main(["--address", stack.address, "--input", str(src), "--output", str(out),
                      "--concurrency", "4", "--no-progress"]) == 0
+        openai_out = tmp_path / "openai.jsonl"
+        assert main(["--address", stack.address, "--input", str(src), "--output", str(openai_out),
+                     "--output-format", "openai", "--no-progress"]) == 0
+        from splitserve.runtime.client import Client
+
+        with Client(stack.address) as client:
+            served = client.model_info().name
     records = read_output(out)
     assert len(records) == len(cases)
     assert "top_p" in records["tp"]["error"] and "INVALID_ARGUMENT" in records["vocab"]["error"]
     check_against_reference(records, cases, reference)
+    openai = {r["custom_id"]: r for r in map(json.loads, openai_out.read_text().splitlines())}
+    assert set(openai) == set(records)
+    for request_id, record in records.items():
+        if "error" in record:
+            assert openai[request_id]["error"] == record["error"]
+        else:
+            assert openai[request_id]["response"]["body"]["model"] == served == "splitserve-demo-v2"
 
 
 class BusyRouter:
@@ -406,3 +420,46 @@ def test_in_process_admits_in_prompt_length_order(tmp_path, model):
     run_batch(src, tmp_path / "out.jsonl", InProcessBackend(engine), progress=False)
     assert admitted == sorted(lengths)
     assert len(read_output(tmp_path / "out.jsonl")) == len(lengths)
+
+
+# -- OpenAI Batch API output ----------------------------------------------------------------
+def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_path, model):
+    from splitserve.runtime.batch_output import OpenAIOutput
+
+    cases = mixed_lines()
+    src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
+    native, openai = tmp_path / "native.jsonl", tmp_path / "openai.jsonl"
+    run_batch(src, native, InProcessBackend(batch_engine(model)), progress=False)
+    run_batch(src, openai, InProcessBackend(batch_engine(model)), progress=False, output=OpenAIOutput("demo"))
+    want = read_output(native)
+    lines = [json.loads(line) for line in openai.read_text().splitlines()]
+    got = {line["custom_id"]: line for line in lines}
+    assert len(got) == len(lines) == len(want)
+    chat_ids = {line.get("id", line.get("custom_id")) for line, _ in cases
+                if isinstance(line, dict) and ("messages" in line or line.get("url") == "/v1/chat/completions")}
+    assert {"chat", "oa2"} <= chat_ids
+    for request_id, expected in want.items():
+        line = got[request_id]
+        assert line["id"].startswith("batch_req_") and set(line) == {"id", "custom_id", "response", "error"}
+        if "error" in expected:
+            assert line["response"]["status_code"] == 400 and line["error"] == expected["error"]
+            continue
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        (choice,) = body["choices"]
+        assert body["model"] == "demo" and choice["finish_reason"] == expected["finish_reason"]
+        if request_id in chat_ids:
+            assert body["object"] == "chat.completion" and choice["message"] == {
+                "role": "assistant", "content": expected["text"]}
+        else:
+            assert body["object"] == "text_completion" and choice["text"] == expected["text"]
+        assert body["usage"] == {"prompt_tokens": expected["prompt_tokens"],
+                                 "completion_tokens": len(expected["token_ids"]),
+                                 "total_tokens": expected["prompt_tokens"] + len(expected["token_ids"])}
+    # Resume: a torn tail is cut and only the missing requests run again, matched on custom_id.
+    raw = openai.read_bytes().splitlines(keepends=True)
+    openai.write_bytes(b"".join(raw[:5]) + raw[5][:30])
+    stats = run_batch(src, openai, InProcessBackend(batch_engine(model)), progress=False, output=OpenAIOutput("demo"))
+    assert stats.skipped == 5 and stats.done + stats.errors == len(cases) - 5
+    resumed = [json.loads(line)["custom_id"] for line in openai.read_text().splitlines()]
+    assert sorted(map(str, resumed)) == sorted(map(str, want))
