@@ -13,8 +13,8 @@ Every non-blank line becomes exactly one `BatchRequest` or `BadLine`, each with 
 a line without a usable id (bad JSON, no id, an id already used above) gets "line-N".
 
 Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
-{"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py). `ResultWriter` appends each line with one os.write on an O_APPEND fd,
-so a process killed at any moment leaves whole lines plus at most one torn tail, which
+{"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py). `ResultWriter`
+appends each line with one os.write on an O_APPEND fd, so a process killed at any moment leaves whole lines plus at most one torn tail, which
 `recover_output` cuts off on the next start before it reads the ids already done.
 """
 
