@@ -14,8 +14,9 @@ a line without a usable id (bad JSON, no id, an id already used above) gets "lin
 
 Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
 {"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py). `ResultWriter`
-appends each line with one os.write on an O_APPEND fd, so a process killed at any moment leaves whole lines plus at most one torn tail, which
-`recover_output` cuts off on the next start before it reads the ids already done.
+appends each line with one os.write on an O_APPEND fd, so a process killed at any moment
+leaves whole lines plus at most one torn tail, which `recover_output` cuts off on the next
+start before it reads the ids already done.
 """
 
 from __future__ import annotations
