@@ -8,7 +8,8 @@ A converted directory:
                            params loaded at tp=1 (input-major, heads unflattened, the model's
                            own heads: the identity HeadLayout)
     tokenizer.json         copied from the source (when it has one), with tokenizer_config.json
-                           and chat_template.jinja (the chat template: models/chat_template.py)
+                           special_tokens_map.json and chat_template.jinja (the chat template:
+                           models/chat_template.py)
 
 Loading onto a mesh:
   * head layout is the identity (tp divides the KV heads): every array is restored straight
@@ -46,7 +47,7 @@ from splitserve.models.loader import (
     select_heads,
 )
 from splitserve.models.sharding import MeshConfig, make_mesh, named_sharding
-from splitserve.models.chat_template import TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
+from splitserve.models.chat_template import SPECIAL_TOKENS_MAP, TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(loaded.params)))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
-        for name in ("tokenizer.json", TOKENIZER_CONFIG, TEMPLATE_FILE):  # the tokenizer and its chat template
+        for name in ("tokenizer.json", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, TEMPLATE_FILE):  # tokenizer, chat template
             if (source / name).exists():
                 shutil.copyfile(source / name, tmp / name)
         marker = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "name": loaded.name}

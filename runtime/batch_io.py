@@ -194,27 +194,44 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, tuple
     return prompt, None, None, fields
 
 
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}  # type -> key
+
+
 def _chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
-    """{"role", "content"} dicts with string content (OpenAI's text parts joined, as vLLM joins them)."""
+    """{"role", "content"[, "name"]} dicts with string content, as vLLM reads OpenAI's messages:
+    a null or missing content is "", a list of text parts is joined with newlines."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where} must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
             raise ValueError(f"{where}[{i}] must be an object with a non-empty string role")
-        _reject_unknown(m, ("role", "content"), f"{where}[{i}].")
+        _reject_unknown(m, ("role", "content", "name"), f"{where}[{i}].")
         content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ValueError(f"{where}[{i}].content: only text parts are supported")
-            content = "".join(p["text"] for p in content)
+        if content is None:
+            content = ""
+        if isinstance(content, list):  # ["text", {"type": "text", "text": ...}, ...]
+            content = "\n".join(_text_part(part, f"{where}[{i}].content[{j}]") for j, part in enumerate(content))
         if not isinstance(content, str):
             raise ValueError(f"{where}[{i}].content must be a string, got {json.dumps(content)}")
-        check_text(m["role"], f"{where}[{i}].role")
-        check_text(content, "the prompt")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise ValueError(f"{where}[{i}].name must be a string, got {json.dumps(m['name'])}")
+            message["name"] = m["name"]
+        for key, value in message.items():
+            check_text(value, "the prompt" if key == "content" else f"{where}[{i}].{key}")
+        out.append(message)
     return tuple(out)
+
+
+def _text_part(part, where: str) -> str:
+    if isinstance(part, str):
+        return part
+    key = TEXT_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+    if key is None or not isinstance(part.get(key), str):
+        raise ValueError(f"{where}: only text parts are supported ({', '.join(TEXT_PARTS)} types, or strings)")
+    return part[key]
 
 
 def _prompt(obj: dict, key: str) -> str | None:

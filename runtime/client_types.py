@@ -97,8 +97,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     if prompt is not None:
         request.text = prompt
     elif messages is not None:
-        request.messages.messages.extend(serving_pb2.ChatMessage(role=m["role"], content=m["content"])
-                                         for m in messages)
+        request.messages.messages.extend(serving_pb2.ChatMessage(**m) for m in messages)
     else:
         request.token_ids.ids.extend(token_ids)
     return request

@@ -54,7 +54,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         if template is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template (chat_template.jinja "
                           "or tokenizer_config.json's chat_template): send the prompt as text")
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                    for m in request.messages.messages]
         try:
             text = template.render(messages)
         except ChatTemplateError as e:

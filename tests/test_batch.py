@@ -103,6 +103,22 @@ def test_openai_lines_map_onto_requests():
     assert native.messages == CHAT and native.params.max_tokens == 3
 
 
+def test_chat_messages_are_read_as_vllm_reads_them():
+    line = parse_line(json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [
+        {"role": "user", "name": "alice", "content": ["Describe this.", {"type": "text", "text": "Be brief."},
+                                                     {"type": "input_text", "text": "Thanks."}]},
+        {"role": "assistant", "content": None}, {"role": "assistant"},
+        {"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}}), 1)
+    assert line.messages == ({"role": "user", "name": "alice", "content": "Describe this.\nBe brief.\nThanks."},
+                             {"role": "assistant", "content": ""}, {"role": "assistant", "content": ""},
+                             {"role": "user", "content": "no"})
+    for message, error in [({"role": "assistant", "content": "", "tool_calls": []}, "unknown field"),
+                           ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "only text parts"),
+                           ({"role": "user", "content": "x", "name": 3}, "name must be a string")]:
+        with pytest.raises(ValueError, match=error):
+            parse_line(json.dumps({"id": "n", "messages": [message]}), 1)
+
+
 def test_openai_nulls_are_absent_and_max_completion_tokens_wins():
     """Request models serialised with their unset fields write null; the 200 was lost to max_tokens=16,
     and n/stream null were errors."""

@@ -134,3 +134,43 @@ def test_a_checkpoint_without_a_template_has_none(tmp_path):
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ensure_demo_model() / "tokenizer.json"))
     tok.save_pretrained(tmp_path)
     assert ChatTemplate.maybe_load(tmp_path) is None
+
+
+def test_tools_documents_names_and_the_tokens_of_special_tokens_map_json_as_transformers_passes_them(tmp_path):
+    template = ("{{ bos_token }}[{{ pad_token }}]{% if tools is not none %}T{% endif %}{% if documents is none %}N"
+                "{% endif %}{% for m in messages %}<{{ m.role }}{% if m.name is defined %}:{{ m.name }}{% endif %}>"
+                "{{ m.content }}{% endfor %}")
+    _saved_tokenizer(tmp_path, template)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):  # older checkpoints keep them elsewhere
+        config.pop(key, None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "pad_token": "</s>"}))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "name": "alice", "content": "hi"}, {"role": "assistant", "content": None}]
+    text = ChatTemplate.maybe_load(tmp_path).render(messages)
+    assert text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<s>[</s>]N<user:alice>hi<assistant>"
+
+
+def test_a_template_that_fails_on_the_messages_is_a_chat_template_error_whatever_the_exception(tmp_path):
+    _saved_tokenizer(tmp_path, "{{ messages[0]['content'] + 1 }}")  # a TypeError inside the template
+    with pytest.raises(ChatTemplateError, match="failed on the messages: TypeError"):
+        ChatTemplate.maybe_load(tmp_path).render(CONVERSATIONS[0])
+    with pytest.raises(ChatTemplateError, match="tool_calls not supported"):
+        ChatTemplate.maybe_load(tmp_path).render([{"role": "assistant", "content": "", "tool_calls": []}])
+
+
+@pytest.mark.parametrize("config_template", [
+    [{"name": "tool_use", "template": "{{ messages }}"}],  # named templates without a default one
+    "{% for m in messages %}{{ m.content }}",  # does not compile
+])
+def test_a_template_that_cannot_be_used_leaves_the_model_without_one(tmp_path, config_template, caplog):
+    _saved_tokenizer(tmp_path, "unused")
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = config_template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ChatTemplate.maybe_load(tmp_path) is None
+    assert "chat requests will be refused" in caplog.text

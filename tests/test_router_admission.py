@@ -88,7 +88,8 @@ def test_chat_messages_are_checked_by_the_router_with_the_right_status():
 
     def call(*messages):
         request = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(max_tokens=4))
-        request.messages.messages.extend(serving_pb2.ChatMessage(role=r, content=c) for r, c in messages)
+        request.messages.messages.extend(serving_pb2.ChatMessage(role=m[0], content=m[1], name=m[2] if m[2:] else "")
+                                         for m in messages)
         try:
             list(stub.Generate(request, timeout=10))
         except grpc.RpcError as e:
@@ -109,10 +110,14 @@ def test_chat_messages_are_checked_by_the_router_with_the_right_status():
         server.router.metadata = dataclasses.replace(metadata, chat_template=ChatTemplate(strict))
         code, details = call(("assistant", "Hi"))
         assert code is grpc.StatusCode.INVALID_ARGUMENT and "refused the messages: start with a user turn" in details
+        named = "{% for m in messages %}{{ m.name if m.name is defined else '-' }} {{ m.content }};{% endfor %}"
+        server.router.metadata = dataclasses.replace(metadata, chat_template=ChatTemplate(named))
+        assert call(("user", "Hi", "alice"), ("user", "Yo")) == (grpc.StatusCode.OK, "")
+        assert seen[-1] == metadata.tokenizer.encode("alice Hi;- Yo;", add_special_tokens=False)
         server.router.metadata = dataclasses.replace(metadata, chat_template=None)
         code, details = call(("user", "Hi"))
         assert code is grpc.StatusCode.FAILED_PRECONDITION and "has no chat template" in details
-        assert len(seen) == 1
+        assert len(seen) == 2
     finally:
         channel.close()
         server.server.stop(0).wait()
