@@ -259,7 +259,7 @@ def mixed_lines():
         ({"id": "noids", "prompt_token_ids": []}, ("error", "noids", "prompt_token_ids is empty")),
         ({"id": "t0", "prompt": "again"}, ("error", "line-{n}", 'duplicate id "t0"')),
         ({"id": "nop", "max_tokens": 3}, ("error", "nop", "missing prompt")),
-        ({"id": "nocontent", "messages": [{"role": "user"}]}, ("error", "nocontent", "messages[0].content must be")),
+        ({"id": "nocontent", "messages": [{"role": "user", "content": 5}]}, ("error", "nocontent", "content must be")),
         ({"id": "two", "prompt": "x", "messages": list(CHAT)}, ("error", "two", "give only one of prompt")),
         ({"prompt": "no id"}, ("error", "line-{n}", "missing 'id'")),
         ({"id": "vocab", "prompt_token_ids": [1, 5000]}, ("error", "vocab", "outside the vocabulary")),
