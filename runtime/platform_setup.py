@@ -118,6 +118,16 @@ def die_with_parent_if_asked() -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):
+    if os.getppid() != int(parent) and not _exists(int(parent)):  # not merely a wrapper that forked us
         sys.stderr.write("splitserve: the process that started this one has exited; stopping\n")
         raise SystemExit(128 + signal.SIGTERM)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -253,7 +253,8 @@ def test_result_block_prints_goodput_only_with_slos():
     assert "goodput" not in result_block(dict(doc, metrics=summarize([A], 5.0)), max_concurrency=None, slos={})
 
 
-def test_compare_puts_both_stacks_on_the_same_devices():
+def test_compare_puts_both_stacks_on_the_same_devices(monkeypatch):
+    monkeypatch.delenv("SPLITSERVE_LOG_LEVEL", raising=False)  # launch_config reads it; the specs keep INFO
     (c_label, colocated), (d_label, disaggregated) = CompareSpec(platform="cpu").stacks()
     assert (c_label, colocated.mode, colocated.decode_workers) == ("colocated", "colocated", 2)
     assert (d_label, disaggregated.prefill_workers, disaggregated.decode_workers) == ("disaggregated", 1, 1)

@@ -323,3 +323,13 @@ def test_a_child_whose_supervisor_died_before_it_started_stops_at_once():
     result = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "--help"], capture_output=True,
                             text=True, timeout=60, env=dict(os.environ, SPLITSERVE_DIE_WITH_PARENT=str(gone.pid)))
     assert result.returncode == 143 and "has exited; stopping" in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_child_started_through_a_wrapper_that_forks_still_runs():
+    import os
+
+    command = f"{sys.executable} -m splitserve.runtime.cli --help > /dev/null; echo rc=$?"  # bash forks, then waits
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, SPLITSERVE_DIE_WITH_PARENT=str(os.getpid())))
+    assert result.stdout.strip() == "rc=0", result.stderr

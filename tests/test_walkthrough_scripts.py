@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from splitserve.runtime.cli import build_parser
+from splitserve.runtime.cli_serve import launch_config
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -20,7 +21,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def _parsed(script: str, *flags: str, **env: str):
     clean = {k: v for k, v in os.environ.items()
              if k not in ("MODEL", "PLATFORM", "PORT", "HOST", "TLS_CERT", "ALLOW_INSECURE", "INTERNAL_TOKEN_FILE",
-                          "KV_DATA_PORT")}
+                          "KV_DATA_PORT", "KV_TRANSPORT", "MODE")}
     out = subprocess.run(["bash", str(SCRIPTS / script), *flags], env={**clean, "SPLITSERVE": "echo", **env},
                          capture_output=True, text=True, check=True).stdout
     return build_parser().parse_args(shlex.split(out))
@@ -44,6 +45,8 @@ def test_two_vm_workers_listen_off_loopback_with_tls_and_the_token_and_the_route
     decode = _parsed("tpu_vm/decode_host.sh", **secure)  # the KV data socket on a port a firewall can name
     assert (decode.kv_transport, decode.kv_data_port) == ("socket", 50063)
     assert _parsed("tpu_vm/decode_host.sh", KV_DATA_PORT="7000", **secure).kv_data_port == 7000
+    one_port = _parsed("tpu_vm/decode_host.sh", KV_TRANSPORT="grpc", **secure)  # what decode-worker accepts
+    assert (one_port.kv_transport, one_port.kv_data_port) == ("grpc", 0)
     args = _parsed("tpu_vm/router_host.sh", PREFILL_ADDR="10.0.0.2:50061,10.0.0.4:50061", DECODE_ADDR="10.0.0.3:50062")
     assert (args.command, args.prefill, args.decode) == ("router", ["10.0.0.2:50061", "10.0.0.4:50061"],
                                                           ["10.0.0.3:50062"])
@@ -59,3 +62,6 @@ def test_batch_and_single_gpu_scripts():
         ("batch", "in.jsonl", "out.jsonl", "10.0.0.2:50051", "ca.crt")
     args = _parsed("gpu/single_gpu.sh")
     assert (args.command, args.platform, args.prefill_mesh.tp, args.decode_mesh.tp) == ("launch", "gpu", 1, 1)
+    for script in ("gpu/single_gpu.sh", "tpu_vm/single_vm.sh"):  # the baseline: launch takes no prefill flags
+        config = launch_config(_parsed(script, MODE="colocated", DECODE_TP="2"))
+        assert (config.mode, config.decode_mesh.tp) == ("colocated", 2)
