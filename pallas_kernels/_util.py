@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 # Finite "minus infinity" for masked scores: exp(MASK - m) underflows to 0 and
 # MASK - MASK stays finite, unlike -inf - -inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def traced_in_32_bits(kernel):
+    """Traces `kernel` with jax_enable_x64 off. The kernels index with int32 (what Mosaic and
+    Triton take); under x64 a Python int in their index maths became int64 and tracing failed
+    ("lax.div requires arguments to have the same dtypes"). Their inputs are 32-bit or narrower
+    (checked), so nothing else changes."""
+
+    @functools.wraps(kernel)
+    def wrapper(*args, **kwargs):
+        with jax.enable_x64(False):
+            return kernel(*args, **kwargs)
+
+    return wrapper
 
 
 def round_up(x: int, multiple: int) -> int:

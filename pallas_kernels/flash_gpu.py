@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from splitserve.pallas_kernels._util import (
+    traced_in_32_bits,
     MASK_VALUE,
     default_scale,
     dot_precision,
@@ -111,6 +112,7 @@ def _flash_kernel(
     o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
 
 
+@traced_in_32_bits
 @functools.partial(
     jax.jit,
     static_argnames=(

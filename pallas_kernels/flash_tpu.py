@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from splitserve.pallas_kernels._util import (
+    traced_in_32_bits,
     MASK_VALUE,
     default_scale,
     dot_precision,
@@ -130,6 +131,7 @@ def _flash_kernel(
         o_ref[...] = (acc_ref[...] * inv).astype(o_ref.dtype)
 
 
+@traced_in_32_bits
 @functools.partial(
     jax.jit, static_argnames=("causal", "sm_scale", "block_q", "block_k", "interpret")
 )

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from splitserve.pallas_kernels._util import (
+    traced_in_32_bits,
     MASK_VALUE,
     default_scale,
     dot_precision,
@@ -109,6 +110,7 @@ def _combine(acc, m, l):
     return jnp.where(den > 0.0, num / jnp.where(den > 0.0, den, 1.0), 0.0)
 
 
+@traced_in_32_bits
 @functools.partial(
     jax.jit,
     static_argnames=(

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from splitserve.pallas_kernels._util import (
+    traced_in_32_bits,
     MASK_VALUE,
     default_scale,
     dot_precision,
@@ -134,6 +135,7 @@ def _paged_kernel(
     o_ref[...] = (acc_ref[...] * inv).astype(o_ref.dtype)
 
 
+@traced_in_32_bits
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "pages_per_compute_block", "num_buffers", "interpret"),

@@ -88,3 +88,37 @@ def test_a_cache_write_past_the_table_goes_to_the_sink_page():
     positions = jnp.array([[5, 9]], jnp.int32)
     pages, slots = slot_addresses(table, positions, jnp.ones((1, 2), bool), page_size=4)
     assert pages.tolist() == [[6, SINK_PAGE]] and slots.tolist() == [[1, 0]]
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_the_kernels_run_in_a_program_with_jax_enable_x64(x64, jit):
+    """Some users turn on 64-bit JAX for the rest of their program; the kernels' int32 index
+    maths failed to trace there (a Python int became int64)."""
+    from splitserve.pallas_kernels import (
+        flash_attention_gpu, flash_attention_reference, flash_attention_tpu,
+    )
+
+    rng = np.random.default_rng(7)
+    q, k, v = _cache(rng, total_pages=6, page_size=4, poisoned=[5])
+    lengths, table = jnp.array([11], jnp.int32), jnp.array([[2, 0, 4]], jnp.int32)
+    want = paged_numpy(q, k, v, np.array([11]), np.asarray(table))
+    for impl in ("tpu", "gpu"):
+        call = jax.jit(IMPLS[impl]) if jit else IMPLS[impl]
+        out = call(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lengths, table)
+        assert out.dtype == jnp.float32 and rel_err(out, want) < TOL["float32"], impl
+    fq = jnp.asarray(rng.standard_normal((1, 12, 4, 16)), jnp.float32)
+    fk, fv = (jnp.asarray(rng.standard_normal((1, 12, 2, 16)), jnp.float32) for _ in range(2))
+    flash_lengths = jnp.array([9], jnp.int32)
+    ref = np.asarray(flash_attention_reference(fq, fk, fv, lengths=flash_lengths))[:, :9]
+    for name, kernel in (("tpu", lambda *a: flash_attention_tpu(*a, interpret=pltpu.InterpretParams())),
+                         ("gpu", lambda *a: flash_attention_gpu(*a, interpret=GPU_INTERPRET))):
+        call = jax.jit(kernel) if jit else kernel
+        out = np.asarray(call(fq, fk, fv, flash_lengths))[:, :9]
+        assert rel_err(out, ref) < TOL["float32"], name
