@@ -295,12 +295,14 @@ def _is_bool(value) -> bool:
 
 
 # -- output (the lines themselves: runtime/batch_output.py) ------------------------------
-def recover_output(path: str | Path) -> set:
+def recover_output(path: str | Path, *, openai: bool = False) -> set:
     """Cuts a torn last line off an existing output file; returns the ids it already holds.
 
     A torn line is one without its newline, or a last line that is not a whole result (a crash
-    can leave both); either must begin as ResultWriter's lines do. Any other bad line means the
-    file is not ours (an input file, notes): raise, changing nothing.
+    can leave both); either must begin as ResultWriter's lines do. A whole result that only
+    lacks its newline gets it. Any other bad line means the file is not ours (an input file,
+    notes), and lines of the other shape than `openai` asks for would mix two formats in one
+    file: raise, changing nothing.
     """
     path = Path(path)
     if not path.exists():
@@ -308,6 +310,13 @@ def recover_output(path: str | Path) -> set:
     data = path.read_bytes()
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends in a newline
+    if tail and _output_record(tail) is not None:  # whole, only its newline missing
+        lines.append(tail)
+        tail = b""
+        data += b"\n"
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
     if tail and not _torn_result(tail):
         raise ValueError(f"{path}: its last line is not a result line ({tail[:60]!r}); "
                          f"is this another file? (refusing to append to it)")
@@ -322,6 +331,10 @@ def recover_output(path: str | Path) -> set:
                              f"is this another file? (refusing to append to it)")
         else:
             records.append(record)
+    if other := [r for r in records if _is_openai_line(r) != openai]:
+        found, asked = ("openai", "native") if openai is False else ("native", "openai")
+        raise ValueError(f"{path} holds {found} lines ({len(other)}) and this run writes {asked} ones; re-run with "
+                         f"--output-format {found}, or write to a new file")
     if keep != len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)

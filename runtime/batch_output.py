@@ -54,7 +54,7 @@ class OpenAIOutput:
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)
 
     def error(self, request_id, message: str) -> dict:
-        return self._line(request_id, {"status_code": 400, "request_id": _request_id()}, message)
+        return self._line(request_id, {"status_code": 400, "request_id": _request_id(), "body": None}, message)
 
     @staticmethod
     def _line(custom_id, response: dict, error: str | None) -> dict:

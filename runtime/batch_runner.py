@@ -109,7 +109,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend,
     if Path(output_path).exists() and os.path.samefile(input_path, output_path):
         raise ValueError(f"--output {output_path} is the input file: results go to a file of their own")
     items = read_requests(input_path)
-    done = recover_output(output_path)
+    done = recover_output(output_path, openai=isinstance(output, OpenAIOutput))
     todo = [item for item in items if item.id not in done]
     stats = BatchStats(skipped=len(items) - len(todo))
     with ResultWriter(output_path) as writer, tqdm(total=len(todo), unit="req", file=sys.stderr,

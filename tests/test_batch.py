@@ -202,6 +202,23 @@ def test_recover_output_cuts_only_a_torn_tail(tmp_path):
     out.write_bytes(b'garbage\n{"id": "a", "error": "x"}\n')
     with pytest.raises(ValueError, match="line 1 is not a result line"):
         recover_output(out)
+    out.write_bytes(b'{"id": "a", "error": "x"}\n{"id": 2, "text": "ok"}')  # whole, only the newline missing
+    assert recover_output(out) == {"a", 2} and out.read_bytes().endswith(b'"ok"}\n')
+
+
+def test_a_resume_in_the_other_output_format_is_refused(tmp_path):
+    """Both shapes in one file: a reader of either format would misread the other's lines."""
+    out = tmp_path / "out.jsonl"
+    native = b'{"id": "a", "error": "x"}\n'
+    openai = b'{"id": "batch_req_1", "custom_id": "b", "response": {"status_code": 400}, "error": "y"}\n'
+    out.write_bytes(native)
+    with pytest.raises(ValueError, match="holds native lines .* re-run with --output-format native"):
+        recover_output(out, openai=True)
+    out.write_bytes(openai)
+    assert recover_output(out, openai=True) == {"b"}
+    with pytest.raises(ValueError, match="holds openai lines"):
+        recover_output(out)
+    assert out.read_bytes() == openai  # unchanged
 
 
 @pytest.mark.parametrize("content", [
