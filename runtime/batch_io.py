@@ -13,7 +13,7 @@ Every non-blank line becomes exactly one `BatchRequest` or `BadLine`, each with 
 a line without a usable id (bad JSON, no id, an id already used above) gets "line-N".
 
 Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
-{"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py). `ResultWriter`
+{"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py, whose `ResultWriter`)
 appends each line with one os.write on an O_APPEND fd, so a process killed at any moment
 leaves whole lines plus at most one torn tail, which `recover_output` cuts off on the next
 start before it reads the ids already done.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
@@ -375,39 +374,3 @@ def _torn_result(raw: bytes) -> bool:
 
 
 _RESULT_START = b'{"id": '  # how every line of runtime/batch_output.py begins (json.dumps)
-
-
-class ResultWriter:
-    """Appends whole JSON lines: one os.write per line on an O_APPEND fd; fsync in batches."""
-
-    def __init__(self, path: str | Path, fsync_every: int = 64, fsync_interval_s: float = 1.0):
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._fsync_every, self._fsync_interval_s = fsync_every, fsync_interval_s
-        self._unsynced = 0
-        self._last_sync = time.monotonic()
-
-    def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        written = os.write(self._fd, data)
-        while written < len(data):  # a short write (huge line, full disk): finish it; recovery cuts a torn tail
-            written += os.write(self._fd, data[written:])
-        self._unsynced += 1
-        if self._unsynced >= self._fsync_every or time.monotonic() - self._last_sync >= self._fsync_interval_s:
-            self.sync()
-
-    def sync(self) -> None:
-        if self._unsynced:
-            os.fsync(self._fd)
-        self._unsynced, self._last_sync = 0, time.monotonic()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self.sync()
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "ResultWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -14,8 +14,11 @@ completion (a line with messages): one choice, `usage` in tokens. Every line beg
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
+from pathlib import Path
 
 from splitserve.runtime.batch_io import BatchRequest
 from splitserve.runtime.request import Completion
@@ -63,3 +66,39 @@ class OpenAIOutput:
 
 def _request_id() -> str:
     return f"splitserve-batch-{uuid.uuid4().hex}"
+
+
+class ResultWriter:
+    """Appends whole JSON lines: one os.write per line on an O_APPEND fd; fsync in batches."""
+
+    def __init__(self, path: str | Path, fsync_every: int = 64, fsync_interval_s: float = 1.0):
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fsync_every, self._fsync_interval_s = fsync_every, fsync_interval_s
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write (huge line, full disk): finish it; recovery cuts a torn tail
+            written += os.write(self._fd, data[written:])
+        self._unsynced += 1
+        if self._unsynced >= self._fsync_every or time.monotonic() - self._last_sync >= self._fsync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._fd)
+        self._unsynced, self._last_sync = 0, time.monotonic()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
