@@ -30,7 +30,8 @@ from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_
 
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "min_tokens")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream") + SAMPLING_FIELDS
@@ -259,7 +260,8 @@ def _sampling(fields: dict) -> SamplingParams:
     """The sampling fields of a line (types checked here, values by SamplingParams); null = absent."""
     kw = {}
     for key, check, kind in (("max_tokens", _is_int, "an integer"), ("top_k", _is_int, "an integer"),
-                             ("seed", _is_int, "an integer"), ("temperature", _is_number, "a number"),
+                             ("seed", _is_int, "an integer"), ("min_tokens", _is_int, "an integer"),
+                             ("temperature", _is_number, "a number"),
                              ("top_p", _is_number, "a number"), ("ignore_eos", _is_bool, "a boolean")):
         value = fields.get(key)
         if value is not None and not check(value):

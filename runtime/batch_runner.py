@@ -240,4 +240,5 @@ class RemoteBackend:
         return self.client.generate(request.prompt, token_ids=token_ids, messages=request.messages,
                                     max_tokens=p.max_tokens,
                                     temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                                    stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
+                                    stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+                                    min_tokens=p.min_tokens)

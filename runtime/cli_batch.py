@@ -18,7 +18,8 @@ Run every request of a JSONL file and append one result line per request to the 
 
 Input lines, either format:
   {"id": "a", "prompt": "text", "max_tokens": 32, "temperature": 0, "top_p": 1, "top_k": 0,
-   "seed": 1, "stop": ["\\n"], "stop_token_ids": [2], "ignore_eos": false}
+   "seed": 1, "stop": ["\\n"], "stop_token_ids": [2], "ignore_eos": false,
+   "min_tokens": 0}
   {"id": 7, "prompt_token_ids": [1, 260, 386]}
   {"id": "c", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
   {"custom_id": "a", "method": "POST", "url": "/v1/completions",

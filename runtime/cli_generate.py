@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="sampling seed; the same seed gives the same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="generate at least this many tokens before EOS, a stop token or a stop string may end it")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s}")
@@ -81,7 +83,7 @@ def run(args) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                                ignore_eos=args.ignore_eos)
+                                ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
     try:
@@ -135,7 +137,8 @@ def _run_remote(args) -> int:
     from splitserve.runtime.client_types import CompletionBuilder
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                    seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                    min_tokens=args.min_tokens)
     builder = CompletionBuilder(time.perf_counter())
     try:
         with Client(args.address, **client_options(args)) as client:

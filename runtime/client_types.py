@@ -72,7 +72,7 @@ class ModelInfo:
 
 def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens: int, temperature: float,
                   top_p: float, top_k: int, seed: int | None, stop, stop_token_ids, ignore_eos: bool,
-                  request_id: str, messages=None) -> serving_pb2.GenerateRequest:
+                  request_id: str, messages=None, min_tokens: int = 0) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -83,6 +83,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     # "Value out of range"); values they carry go to the router, which answers INVALID_ARGUMENT.
     int32 = (-INT32_MAX - 1, INT32_MAX)
     for name, value, (low, high) in (("max_tokens", max_tokens, (0, 2**32 - 1)), ("top_k", top_k, int32),
+                                     ("min_tokens", min_tokens, (0, 2**32 - 1)),
                                      ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
@@ -90,7 +91,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         if bad := [t for t in ids if not int32[0] <= t <= int32[1]]:
             raise ValueError(f"{name} must be 32-bit integers, got {bad[0]}")
     sampling = serving_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                          stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+                                          stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                          min_tokens=min_tokens)
     if seed is not None:
         sampling.seed = seed
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)

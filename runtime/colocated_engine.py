@@ -21,7 +21,7 @@ from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
-from splitserve.runtime.stop_rules import finish_reason_after_token
+from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings
 from splitserve.runtime.text_stream import TextStream
 
 
@@ -119,7 +119,8 @@ class ColocatedEngine:
             request.first_token_s = request.first_token_s or now
             reason = finish_reason_after_token(request, self.model.config.eos_token_ids)
             delta, stopped = self._text[request.request_id].add(token, stop_token=reason is FinishReason.STOP,
-                                                                last=reason is not None)
+                                                                last=reason is not None,
+                                                                find_stop=looks_for_stop_strings(request))
             if stopped:
                 reason = FinishReason.STOP
             if reason is not None:

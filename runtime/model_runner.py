@@ -148,7 +148,7 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        arrays = SamplingArrays.build(sampling, steps, batch)
+        arrays = SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids)
         x = self._embed(self.model.params, tokens)
         ks, vs = [], []
         for layer_params in self._layer_params:
@@ -186,7 +186,7 @@ class ModelRunner:
         pad = batch - n
         return (np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
                 self.page_table(page_lists, batch), np.array([True] * n + [False] * pad),
-                SamplingArrays.build(sampling, steps, batch))
+                SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids))
 
     # -- warm-up --------------------------------------------------------------------------
     def warm_up(self, *, decode: bool, full: bool = True) -> int:

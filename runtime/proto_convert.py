@@ -19,6 +19,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        min_tokens=msg.min_tokens,
     )
 
 
@@ -26,7 +27,7 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
     assert p.seed is not None, "resolve the seed (SamplingParams.with_seed) before sending"
     return internal_pb2.ResolvedSampling(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
     )
 
 
@@ -34,4 +35,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
     return SamplingParams(
         max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
         seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        min_tokens=msg.min_tokens,
     )

@@ -38,7 +38,7 @@ from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
 from splitserve.runtime.router_errors import RouterError, passed_through
 from splitserve.runtime.sampling_params import SamplingParams
-from splitserve.runtime.stop_rules import finish_reason_after_token
+from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings
 from splitserve.runtime.text_stream import TextStream
 from splitserve.runtime.token_feed import FeedCancelled, FeedError, TokenFeed
 from splitserve.runtime.worker_health import WorkerHealth
@@ -234,7 +234,8 @@ class Router:
         progress.output_ids.append(token)
         reason = finish_reason_after_token(progress, self.metadata.config.eos_token_ids)
         delta, stopped = text.add(token, stop_token=reason is FinishReason.STOP,
-                                  last=reason is not None or bool(worker_reason))
+                                  last=reason is not None or bool(worker_reason),
+                                  find_stop=looks_for_stop_strings(progress))
         if stopped:
             reason = FinishReason.STOP
         finish = reason.value if reason else worker_reason

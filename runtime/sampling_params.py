@@ -12,6 +12,9 @@ MAX_STOP_STRING_CHARS = 256
 # Each generated token is checked against every stop id, on the decode step's thread: a request
 # must not be able to slow every other request's steps with millions of them.
 MAX_STOP_TOKEN_IDS = 1024
+# While min_tokens holds EOS and the stop ids back, the sampler masks them from a fixed-width
+# array per row (runtime/sampling.py): a request with min_tokens may name this many stop ids.
+MAX_HELD_BACK_STOP_IDS = 16
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
 
@@ -33,6 +36,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # As vLLM's: until this many tokens are out, EOS and stop_token_ids cannot be sampled (their
+    # logits are masked) and stop strings are not looked for.
+    min_tokens: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -41,6 +47,11 @@ class SamplingParams:
             object.__setattr__(self, "top_k", 0)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.min_tokens and len(self.stop_token_ids) > MAX_HELD_BACK_STOP_IDS:
+            raise ValueError(f"with min_tokens, at most {MAX_HELD_BACK_STOP_IDS} stop_token_ids are allowed "
+                             f"(they are masked until min_tokens), got {len(self.stop_token_ids)}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
         if not self.temperature >= 0 or not math.isfinite(self.temperature):

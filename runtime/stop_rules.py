@@ -1,4 +1,5 @@
-"""Decides when a request is done: eos, stop token ids, stop strings, max_tokens."""
+"""Decides when a request is done: eos, stop token ids, stop strings, max_tokens (none of them
+before min_tokens, as vLLM's stop checker)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from splitserve.runtime.request import FinishReason, Request
 def finish_reason_after_token(request: Request, eos_token_ids: tuple[int, ...]) -> FinishReason | None:
     token = request.output_ids[-1]
     params = request.params
+    if len(request.output_ids) < params.min_tokens:  # the sampler held EOS and stop ids back; nothing else ends it
+        return None
     if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
         return FinishReason.STOP
     if len(request.output_ids) >= params.max_tokens:
         return FinishReason.LENGTH
     return None
+
+
+def looks_for_stop_strings(request: Request) -> bool:
+    """Whether the newest token's text is searched for stop strings (not before min_tokens)."""
+    return len(request.output_ids) >= request.params.min_tokens
 
 
 def find_stop_string(text: str, stop: tuple[str, ...], new_chars: int) -> int | None:

@@ -24,19 +24,21 @@ class TextStream:
     def text(self) -> str:
         return self._detok.text if self._detok is not None else ""
 
-    def add(self, token: int, *, stop_token: bool = False, last: bool = False) -> tuple[str, bool]:
+    def add(self, token: int, *, stop_token: bool = False, last: bool = False,
+            find_stop: bool = True) -> tuple[str, bool]:
         """Adds a token; returns (new text, whether a stop string ended the text).
 
         `last`: the request ends with this token (length, EOS, a stop token), so nothing is held
         back. `stop_token`: the token ended the request as EOS or one of stop_token_ids; it adds no
-        text (vLLM leaves a stop token's text out too; its id stays in the token ids).
+        text (vLLM leaves a stop token's text out too; its id stays in the token ids). `find_stop`:
+        False while min_tokens is not reached (stop strings are not looked for yet).
         """
         if self._detok is None:
             return "", False
         stopped = False
         if not stop_token:
             delta = self._detok.add(token)
-            cut = find_stop_string(self._detok.text, self._stop, len(delta))
+            cut = find_stop_string(self._detok.text, self._stop, len(delta)) if find_stop else None
             if cut is not None:
                 self._detok.text = self._detok.text[:cut]
                 stopped = True

@@ -38,7 +38,7 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
             for width in widths if full else widths[:1]:
                 _compile(runner._decode, runner.model.params, runner.cache, np.zeros(batch, np.int32),
                          np.zeros(batch, np.int32), np.zeros((batch, width), np.int32), np.ones(batch, bool),
-                         _sampling(batch))
+                         _sampling(batch, runner))
                 count += 1
     return count
 
@@ -52,7 +52,7 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
         seen.append(x)
         x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
         count += 1
-    _compile(runner._first_tokens, params, x, lengths, _sampling(batch))
+    _compile(runner._first_tokens, params, x, lengths, _sampling(batch, runner))
     count += 1
     if decode:
         layers = runner.cache_spec.num_layers
@@ -66,8 +66,8 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
     return count
 
 
-def _sampling(batch: int) -> SamplingArrays:
-    return SamplingArrays.build([GREEDY] * batch, [0] * batch, batch)
+def _sampling(batch: int, runner) -> SamplingArrays:
+    return SamplingArrays.build([GREEDY] * batch, [0] * batch, batch, runner.model.config.eos_token_ids)
 
 
 def _compile(jitted, *args):

@@ -89,9 +89,10 @@ def read_output(path: Path) -> dict:
 def test_openai_lines_map_onto_requests():
     completion = parse_line(json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/completions", "body": {
         "model": "x", "prompt": "Hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
-        "stop": "."}}), 1)
+        "stop": ".", "min_tokens": 2}}), 1)
     assert completion.id == "c1" and completion.prompt == "Hello"
-    assert completion.params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=(".",))
+    assert completion.params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=(".",),
+                                               min_tokens=2)
     tokens = parse_line(json.dumps({"custom_id": 5, "url": "/v1/completions", "body": {"prompt": [1, 2, 3]}}), 2)
     assert tokens.prompt_token_ids == (1, 2, 3) and tokens.params.max_tokens == 16
     chat = parse_line(json.dumps({"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions", "body": {
@@ -267,6 +268,8 @@ def mixed_lines():
                   ("ok", [1, 5, 9], SamplingParams(max_tokens=5, ignore_eos=True))))
     cases.append(({"id": "stop", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"]},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",)))))
+    cases.append(({"id": "min", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"], "min_tokens": 9},
+                  ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",), min_tokens=9))))
     cases += [
         ('{"id": "broken", "prompt": ', ("error", "line-{n}", "invalid JSON")),
         ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
@@ -282,6 +285,9 @@ def mixed_lines():
         ({"id": "vocab", "prompt_token_ids": [1, 5000]}, ("error", "vocab", "outside the vocabulary")),
         ({"id": "ctx", "prompt": "x", "max_tokens": 4000}, ("error", "ctx", "exceeds the model's context")),
         ({"id": "seed", "prompt": "x", "seed": -1}, ("error", "seed", "seed must be in")),
+        ({"id": "mint", "prompt": "x", "min_tokens": 2.5}, ("error", "mint", "min_tokens must be an integer")),
+        ({"id": "minmax", "prompt": "x", "max_tokens": 3, "min_tokens": 4},
+         ("error", "minmax", "min_tokens must be in")),
     ]
     return cases
 

@@ -56,6 +56,7 @@ def test_generate_streams_demo_text(cache):
 @pytest.mark.parametrize("args, message", [
     (["generate"], "exactly one of PROMPT or --prompt-ids"),
     (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "hi", "--max-tokens", "2", "--min-tokens", "3"], "min_tokens must be in [0, max_tokens=2], got 3"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),

@@ -42,6 +42,18 @@ def test_generate_returns_a_typed_completion(stack, expected):
     assert 0 < out.ttft_s <= out.latency_s
 
 
+def test_min_tokens_reaches_the_router_and_the_workers(stack, expected):
+    first = expected.token_ids[0]
+    with Client(stack.address) as client:
+        stopped = client.generate(PROMPT, max_tokens=12, ignore_eos=True, stop_token_ids=[first])
+        held = client.generate(PROMPT, max_tokens=12, ignore_eos=True, stop_token_ids=[first], min_tokens=12)
+        with pytest.raises(SplitserveError) as err:
+            client.generate(PROMPT, max_tokens=4, min_tokens=5)
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    assert len(held.token_ids) == 12 and first not in held.token_ids and held.finish_reason == "length"
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err.value)
+
+
 def test_stream_chunks_add_up_to_generate(stack, expected):
     with Client(stack.address) as client:
         chunks = list(client.stream(PROMPT, max_tokens=12, ignore_eos=True))
@@ -182,6 +194,7 @@ def test_a_single_stop_string_is_one_stop_not_its_letters():
     (dict(top_k=2**31), "top_k must be in [-2147483648, 2147483647]"),
     (dict(prompt=None, token_ids=[1, 2**31]), "token_ids must be 32-bit integers, got 2147483648"),
     (dict(stop_token_ids=[-2**31 - 1]), "stop_token_ids must be 32-bit integers, got -2147483649"),
+    (dict(min_tokens=-1), "min_tokens must be in [0, 4294967295], got -1"),
 ])
 def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError) as err:  # not protobuf's "Value out of range", which names no field

@@ -121,6 +121,30 @@ def test_text_prompt_and_stop_string(demo_stack, demo_engine):
     assert cut_reason == "stop" and cut_text == text[: text.index(stop)]
 
 
+def test_min_tokens_holds_back_stop_ids_and_strings_on_both_workers(demo_stack, demo_engine):
+    """A stop id that greedy decoding gives as the first token (sampled by the prefill worker) and a
+    stop string found early: with min_tokens neither ends the request before it, and the
+    disaggregated stack gives the colocated engine's tokens and text."""
+    prompt = "The weather today is"
+    free, free_text, _ = demo_stack.generate(text=prompt, max_tokens=24, ignore_eos=True)
+    stop = free_text[2:5]
+    short, short_text, _ = demo_stack.generate(text=prompt, max_tokens=24, ignore_eos=True, stop=[stop])
+    assert len(short) < 6 and short_text == free_text[:2]  # without min_tokens the stop string ends it early
+    prompt_ids = demo_engine.model.tokenizer.encode(prompt)
+    for case in (dict(stop_token_ids=[free[0]], min_tokens=3), dict(stop=[stop], min_tokens=6),
+                 dict(stop_token_ids=[free[0]], stop=[stop], min_tokens=24)):
+        params = dict(max_tokens=24, ignore_eos=True, **case)
+        tokens, text, reason = demo_stack.generate(text=prompt, **params)
+        local = demo_engine.generate([prompt_ids], SamplingParams(**{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in params.items()}))[0]
+        assert (tokens, text, reason) == (local.token_ids, local.text, local.finish_reason), case
+        assert len(tokens) >= case["min_tokens"], case
+        if "stop_token_ids" in case:
+            assert free[0] not in tokens[: case["min_tokens"]], case
+        if "stop" in case:
+            assert len(text) > len(short_text), case
+
+
 def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     request = serving_pb2.GenerateRequest(
         token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
@@ -144,6 +168,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("temperature", -1.0, "temperature"),
     ("top_p", 0.0, "top_p"),
     ("top_k", -2, "top_k"),
+    ("min_tokens", 17, "min_tokens must be in [0, max_tokens=16]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

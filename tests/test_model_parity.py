@@ -1,5 +1,8 @@
 """Our decoder against transformers (torch, CPU, float32) on checkpoints transformers saved."""
 
+import json
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -103,3 +106,41 @@ def test_same_tokens_on_tp_1_2_4(hf_checkpoint, name):
         engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=4))
         outs = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
         assert [o.token_ids for o in outs] == expected, f"tp={tp}"
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(hf_checkpoint, tmp_path):
+    """min_tokens masks EOS (and stop ids) as transformers' min_new_tokens masks EOS. EOS is set to a
+    token greedy decoding reaches early, so without min_tokens both sides stop there."""
+    name = "llama3_gqa3_hd40_ropescale"
+    directory, torch_model = hf_checkpoint(name)
+    prompt = random_prompt(np.random.default_rng(4), CONFIGS[name]["vocab_size"], 11)
+    free_run = hf_greedy(torch_model, prompt, 16)
+    at = next(i for i, t in enumerate(free_run) if i >= 2 and t not in free_run[:i])
+    eos = free_run[at]
+    copy = tmp_path / "eos_moved"
+    shutil.copytree(directory, copy)
+    for file in ("config.json", "generation_config.json"):
+        if (copy / file).exists():
+            config = json.loads((copy / file).read_text())
+            config["eos_token_id"] = eos
+            (copy / file).write_text(json.dumps(config))
+
+    def hf_run(min_new_tokens):
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=min_new_tokens,
+                                       do_sample=False, eos_token_id=eos, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    model = load_model(str(copy), make_mesh(MeshConfig(1)))
+    assert model.config.eos_token_ids == (eos,)
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=4))
+    params = [SamplingParams(max_tokens=16), SamplingParams(max_tokens=16, min_tokens=at + 3),
+              SamplingParams(max_tokens=16, min_tokens=16),
+              # ignore_eos + the same id as a stop token: held back the same way
+              SamplingParams(max_tokens=16, min_tokens=at + 3, stop_token_ids=(eos,), ignore_eos=True)]
+    outs = engine.generate([prompt] * len(params), params)
+    assert outs[0].token_ids == hf_run(0) == free_run[: at + 1] and outs[0].finish_reason == "stop"
+    expected = hf_run(at + 3)
+    assert len(expected) > at + 3 and eos not in expected[: at + 3]
+    assert outs[1].token_ids == expected and outs[3].token_ids == expected
+    assert outs[2].token_ids == hf_run(16) and len(outs[2].token_ids) == 16 and outs[2].finish_reason == "length"

@@ -1,5 +1,7 @@
 """On-device sampling: greedy, temperature, top-k, top-p, seeds; parameter validation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,9 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(stop=("",)), "stop"),
     (dict(stop=tuple("abcdefghijklmnopq")), "stop strings"),
     (dict(stop_token_ids=range(1025)), "at most 1024 stop_token_ids"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens must be in \\[0, max_tokens=4\\], got 5"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=1, stop_token_ids=range(17)), "with min_tokens, at most 16 stop_token_ids"),
 ])
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -94,3 +99,35 @@ def test_top_k_minus_one_means_off_as_in_vllm():
 def test_unset_seed_is_fixed_once():
     p = SamplingParams(temperature=1.0).with_seed()
     assert p.seed is not None and p.with_seed() is p
+
+
+def test_min_tokens_holds_back_eos_and_stop_ids_until_reached():
+    """Rows before min_tokens never produce EOS or a stop id, greedy or sampled, even when it is
+    by far the likeliest token; from min_tokens on, the logits are untouched."""
+    vocab, eos, stop_id = 30, (4, 7), 11
+    logits = np.random.default_rng(5).normal(size=(vocab,)).astype(np.float32)
+    logits[[4, 7, 11]] = [9.0, 8.0, 10.0]  # the three likeliest, far ahead of the rest
+    params = [SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=(stop_id,), temperature=t, seed=i)
+              for i, t in enumerate([0.0, 0.0, 0.0, 1.0])]
+    ignoring = SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=(stop_id,), ignore_eos=True)
+    steps = [0, 2, 3, 1]
+    batch = 6  # two padded rows
+    s = SamplingArrays.build(params + [ignoring], steps + [0], batch, eos)
+    out = np.asarray(jax.jit(sample)(jnp.tile(jnp.asarray(logits), (batch, 1)), s))
+    masked = logits.copy()
+    masked[[4, 7, 11]] = -np.inf
+    assert out[0] == out[1] == int(np.argmax(masked))  # steps 0 and 2: held back
+    assert out[2] == stop_id  # step 3 = min_tokens: free again
+    assert out[4] == 4  # ignore_eos: the stop id is held back, EOS is not (it would not end the request)
+    draws = np.asarray(jax.jit(sample)(jnp.tile(jnp.asarray(logits), (4000, 1)), SamplingArrays.build(
+        [dataclasses.replace(params[3], seed=i) for i in range(4000)], [1] * 4000, 4000, eos)))
+    assert not set(draws.tolist()) & {4, 7, 11} and len(set(draws.tolist())) > 5
+
+
+def test_held_back_ids_outside_the_vocabulary_are_ignored():
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(2, 20)), jnp.float32)
+    s = SamplingArrays.build([SamplingParams(min_tokens=2, stop_token_ids=(19, 20, 2**31 - 1))] * 2, [0, 5], 2)
+    out = np.asarray(sample(logits, s))
+    masked = np.asarray(logits).copy()
+    masked[0, 19] = -np.inf
+    assert out.tolist() == np.argmax(masked, axis=-1).tolist()

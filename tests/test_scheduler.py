@@ -6,7 +6,7 @@ from splitserve.runtime.page_allocator import OutOfPages, PageAllocator, pages_n
 from splitserve.runtime.request import FinishReason, Request
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
-from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token
+from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token, looks_for_stop_strings
 
 
 def req(rid, prompt_len, max_tokens=4, **kw):
@@ -97,6 +97,15 @@ def test_finish_reasons():
     ignoring = req("i", 3, max_tokens=3, ignore_eos=True)
     ignoring.output_ids = [2]
     assert finish_reason_after_token(ignoring, eos_token_ids=(2,)) is None
+
+
+def test_nothing_but_max_tokens_ends_a_request_before_min_tokens():
+    r = req("m", 3, max_tokens=4, min_tokens=3, stop_token_ids=(9,))
+    for outputs, reason in (([2], None), ([5, 9], None), ([5, 6, 2], FinishReason.STOP), ([5, 6, 9], FinishReason.STOP),
+                            ([5, 6, 7], None), ([5, 6, 7, 8], FinishReason.LENGTH)):
+        r.output_ids = outputs
+        assert finish_reason_after_token(r, eos_token_ids=(2,)) is reason, outputs
+        assert looks_for_stop_strings(r) is (len(outputs) >= 3)
 
 
 def test_find_stop_string_finds_earliest_and_only_new_ones():
