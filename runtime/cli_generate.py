@@ -44,9 +44,12 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="generate at least this many tokens before EOS, a stop token or a stop string may end it")
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's logprob and the N (0-20) most likely tokens' (key \"logprobs\")")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s}")
+                   help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s"
+                        "[, logprobs]}")
     p.set_defaults(run=run)
 
 
@@ -83,7 +86,7 @@ def run(args) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                                ignore_eos=args.ignore_eos, min_tokens=args.min_tokens)
+                                ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=args.logprobs)
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
     try:
@@ -138,7 +141,7 @@ def _run_remote(args) -> int:
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                    min_tokens=args.min_tokens)
+                    min_tokens=args.min_tokens, logprobs=args.logprobs)
     builder = CompletionBuilder(time.perf_counter())
     try:
         with Client(args.address, **client_options(args)) as client:

@@ -24,11 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.client_types import (
-    Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, build_request, chunk_from_proto,
+    Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, TokenLogprobs, build_request, chunk_from_proto,
 )
 from splitserve.runtime.grpc_common import public_channel_options
 
-__all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError"]
+__all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError", "TokenLogprobs"]
 
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
@@ -87,9 +87,10 @@ class _Options:
 
 
 def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
-                     ignore_eos=False, min_tokens=0, request_id=""):
+                     ignore_eos=False, min_tokens=0, logprobs=None, request_id=""):
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens, request_id=request_id)
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs,
+                request_id=request_id)
 
 
 class Client:

@@ -8,10 +8,11 @@ import grpc
 
 from splitserve.models.chat_template import check_messages
 from splitserve.protos import serving_pb2
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.request import Completion
 from splitserve.runtime.sampling_params import INT32_MAX
 
-__all__ = ["Completion", "Chunk", "ModelInfo", "WorkerInfo", "SplitserveError", "build_request"]
+__all__ = ["Completion", "Chunk", "ModelInfo", "TokenLogprobs", "WorkerInfo", "SplitserveError", "build_request"]
 
 
 class SplitserveError(Exception):
@@ -40,6 +41,7 @@ class Chunk:
     text: str
     finish_reason: str | None
     prompt_token_ids: list[int]  # on the first chunk only
+    logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when the request asked for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,8 @@ class ModelInfo:
 
 def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens: int, temperature: float,
                   top_p: float, top_k: int, seed: int | None, stop, stop_token_ids, ignore_eos: bool,
-                  request_id: str, messages=None, min_tokens: int = 0) -> serving_pb2.GenerateRequest:
+                  request_id: str, messages=None, min_tokens: int = 0,
+                  logprobs: int | None = None) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -84,6 +87,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     int32 = (-INT32_MAX - 1, INT32_MAX)
     for name, value, (low, high) in (("max_tokens", max_tokens, (0, 2**32 - 1)), ("top_k", top_k, int32),
                                      ("min_tokens", min_tokens, (0, 2**32 - 1)),
+                                     ("logprobs", 0 if logprobs is None else logprobs, (0, 2**32 - 1)),
                                      ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
@@ -95,6 +99,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                                           min_tokens=min_tokens)
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt
@@ -106,7 +112,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
 
 
 def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
-    return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids))
+    return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids),
+                 [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None)
 
 
 class CompletionBuilder:
@@ -119,6 +126,7 @@ class CompletionBuilder:
         self.text: list[str] = []
         self.prompt_ids: list[int] = []
         self.finish_reason = ""
+        self.logprobs: list[TokenLogprobs] | None = None
 
     def add(self, chunk: Chunk, now_s: float) -> None:
         if self.first_s is None and chunk.token_ids:
@@ -127,8 +135,11 @@ class CompletionBuilder:
         self.text.append(chunk.text)
         self.prompt_ids = self.prompt_ids or chunk.prompt_token_ids
         self.finish_reason = chunk.finish_reason or self.finish_reason
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
 
     def build(self, end_s: float) -> Completion:
         first = self.first_s if self.first_s is not None else end_s
         return Completion(text="".join(self.text), token_ids=self.tokens, prompt_token_ids=self.prompt_ids,
-                          finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s)
+                          finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s,
+                          logprobs=self.logprobs)

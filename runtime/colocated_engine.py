@@ -17,6 +17,7 @@ import time
 
 from splitserve.models.loader import LoadedModel
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
 from splitserve.runtime.sampling_params import SamplingParams
@@ -91,19 +92,19 @@ class ColocatedEngine:
         plan = self.scheduler.schedule()
         events: list[TokenEvent] = []
         if plan.prefill:
-            events += self._emit(plan.prefill, self._run_prefill(plan.prefill))
+            events += self._emit(plan.prefill, *self._run_prefill(plan.prefill))
         if plan.decode:
-            events += self._emit(plan.decode, self._run_decode(plan.decode))
+            events += self._emit(plan.decode, *self._run_decode(plan.decode))
         return events
 
-    def _run_prefill(self, requests: list[Request]) -> list[int]:
-        first, ks, vs, lengths = self.runner.prefill(
+    def _run_prefill(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        first, ks, vs, lengths = self.runner.prefill_sampled(
             [r.prompt_ids for r in requests], [r.params for r in requests], [0] * len(requests))
         self.runner.insert(ks, vs, [r.pages for r in requests], lengths)
         return first
 
-    def _run_decode(self, requests: list[Request]) -> list[int]:
-        return self.runner.decode(
+    def _run_decode(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        return self.runner.decode_sampled(
             tokens=[r.output_ids[-1] for r in requests],
             positions=[r.num_tokens - 1 for r in requests],
             page_lists=[r.pages for r in requests],
@@ -111,11 +112,14 @@ class ColocatedEngine:
             steps=[len(r.output_ids) for r in requests],
         )
 
-    def _emit(self, requests: list[Request], tokens: list[int]) -> list[TokenEvent]:
+    def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]
+              ) -> list[TokenEvent]:
         now = time.perf_counter()
         events = []
-        for request, token in zip(requests, tokens):
+        for request, token, token_logprobs in zip(requests, tokens, logprobs):
             request.output_ids.append(token)
+            if token_logprobs is not None:
+                request.output_logprobs.append(token_logprobs)
             request.first_token_s = request.first_token_s or now
             reason = finish_reason_after_token(request, self.model.config.eos_token_ids)
             delta, stopped = self._text[request.request_id].add(token, stop_token=reason is FinishReason.STOP,
@@ -126,7 +130,7 @@ class ColocatedEngine:
             if reason is not None:
                 request.finish_s = now
                 self.scheduler.finish(request, reason)
-            events.append(TokenEvent(request.request_id, token, delta, reason))
+            events.append(TokenEvent(request.request_id, token, delta, reason, token_logprobs))
         return events
 
     # -- convenience ----------------------------------------------------------------------
@@ -144,4 +148,5 @@ class ColocatedEngine:
             text=self._text[r.request_id].text, token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
+            logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None,
         )

@@ -4,7 +4,7 @@
     reserve / kv_arrived / stream  ──► DecodeScheduler (under a lock)
                                        loop: expire leases → schedule → insert admitted KV
                                              → one decode step for all running → emit
-    Stream handlers  ◄── per request, an output of (token, finish_reason) items: a queue of
+    Stream handlers  ◄── per request, an output of (token, finish_reason, logprobs) items: a queue of
                          its own (Stream), or its share of a batched call's next message
                          (StreamBatched: runtime/token_batches.py), flushed once per step
 
@@ -43,7 +43,8 @@ class StreamError(Exception):
 
 
 class StreamOutput(Protocol):
-    """Where a request's items go: (token, finish reason or None), then END or a StreamError."""
+    """Where a request's items go: (token, finish reason or None, TokenLogprobs or None), then END
+    or a StreamError."""
 
     def put(self, item) -> None: ...
 
@@ -159,7 +160,7 @@ class DecodeEngine:
             if admitted:
                 self.runner.insert_kv([kv for _, kv in admitted], [s.pages for s, _ in admitted],
                                       [s.prompt_len for s, _ in admitted])
-            tokens = self.runner.decode(
+            tokens, logprobs = self.runner.decode_sampled(
                 tokens=[s.output_ids[-1] for s in plan.decode],
                 positions=[s.num_tokens - 1 for s in plan.decode],
                 page_lists=[s.pages for s in plan.decode],
@@ -167,20 +168,20 @@ class DecodeEngine:
                 steps=[len(s.output_ids) for s in plan.decode],
             )
         self.steps += 1
-        self._emit(plan.decode, tokens)
+        self._emit(plan.decode, tokens, logprobs)
         return True
 
-    def _emit(self, slots: list[DecodeSlot], tokens: list[int]) -> None:
+    def _emit(self, slots: list[DecodeSlot], tokens: list[int], logprobs: list) -> None:
         with self._lock:
             flushes = set()  # one per batched call (its outputs share one flush), one per own queue
-            for slot, token in zip(slots, tokens):
+            for slot, token, token_logprobs in zip(slots, tokens, logprobs):
                 if slot.request_id not in self.scheduler.slots:
                     continue  # released while the step ran: its pages are already free
                 slot.output_ids.append(token)
                 reason = finish_reason_after_token(slot, self.eos_token_ids)
                 out = self._outputs.get(slot.request_id)
                 if out is not None:
-                    out.put((token, reason))
+                    out.put((token, reason, token_logprobs))
                     flushes.add(out.flush)
                 if reason is not None:
                     self.scheduler.finish(slot, reason)

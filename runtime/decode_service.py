@@ -95,8 +95,11 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
                 return
             if isinstance(item, StreamError):
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
-            token, reason = item
-            yield internal_pb2.DecodeTokens(token_ids=[token], finish_reason=reason.value if reason else "")
+            token, reason, logprobs = item
+            message = internal_pb2.DecodeTokens(token_ids=[token], finish_reason=reason.value if reason else "")
+            if logprobs is not None:
+                message.logprobs.append(logprobs.to_proto(internal_pb2.TokenLogprobs))
+            yield message
             if reason is not None:
                 return
 

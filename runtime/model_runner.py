@@ -26,7 +26,7 @@ from splitserve.runtime.buckets import all_buckets, bucket
 from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
-from splitserve.runtime.sampling import SamplingArrays, sample
+from splitserve.runtime.sampling import Sampled, SamplingArrays, sample
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,18 @@ class ModelRunner:
     # -- steps ----------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], sampling: list, steps: list[int]):
         """Runs prompts; returns (first tokens as host ints, k, v, padded lengths)."""
+        (first, _), ks, vs, lengths = self.prefill_sampled(prompts, sampling, steps)
+        return first, ks, vs, lengths
+
+    def prefill_sampled(self, prompts: list[list[int]], sampling: list, steps: list[int]):
+        """As prefill, with each row's first-token log-probabilities (None where not asked):
+        ((first tokens, logprobs), k, v, padded lengths)."""
         first, ks, vs, lengths = self.prefill_async(prompts, sampling, steps)
-        return np.asarray(first)[: len(prompts)].tolist(), ks, vs, lengths
+        return first.to_host(sampling), ks, vs, lengths
 
     def prefill_async(self, prompts: list[list[int]], sampling: list, steps: list[int]):
-        """Dispatches the prefill without waiting: (first tokens, k, v) are device arrays, each layer's
-        K/V ready as soon as that layer is done; plus the padded lengths (host)."""
+        """Dispatches the prefill without waiting: (first tokens as a Sampled, k, v) are device arrays,
+        each layer's K/V ready as soon as that layer is done; plus the padded lengths (host)."""
         batch, seq = self.prefill_shape([len(p) for p in prompts])
         tokens = np.zeros((batch, seq), np.int32)
         lengths = np.ones((batch,), np.int32)
@@ -168,12 +174,16 @@ class ModelRunner:
 
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
                sampling: list, steps: list[int]) -> list[int]:
-        next_tokens = self.decode_step(self.decode_inputs(tokens, positions, page_lists, sampling, steps))
-        return np.asarray(next_tokens)[: len(tokens)].tolist()
+        return self.decode_sampled(tokens, positions, page_lists, sampling, steps)[0]
 
-    def decode_step(self, inputs: tuple) -> jax.Array:
-        """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens as a device
-        array without waiting for them (the cache is updated in place)."""
+    def decode_sampled(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
+                       sampling: list, steps: list[int]) -> tuple[list[int], list]:
+        """As decode, with each row's log-probabilities (None where not asked)."""
+        return self.decode_step(self.decode_inputs(tokens, positions, page_lists, sampling, steps)).to_host(sampling)
+
+    def decode_step(self, inputs: tuple) -> Sampled:
+        """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens (a Sampled
+        of device arrays) without waiting for them (the cache is updated in place)."""
         next_tokens, self.cache = self._decode(self.model.params, self.cache, *inputs)
         return next_tokens
 

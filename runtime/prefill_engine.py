@@ -28,11 +28,10 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
-
 from splitserve.runtime.deadlines import DeadlinePassed
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.host_kv import BatchHostKV
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
 from splitserve.runtime.sampling_params import SamplingParams
@@ -55,6 +54,7 @@ class PrefillJob:
     deadline: float | None = None  # time.monotonic() past which nobody waits for it; None: no limit
     kv_data_address: str = ""  # the decode worker's KV data socket; "": send through TransferKV
     kv_ticket: bytes = dataclasses.field(default=b"", repr=False)  # admits this request's KV there, once
+    first_logprobs: TokenLogprobs | None = None  # set before first_token's result when params.logprobs is set
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -199,7 +199,10 @@ class PrefillEngine:
                 with self._sends_lock:
                     self._sends_pending += 1
                 self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
-        return np.asarray(first)[: len(live)].tolist()  # waits for the last layer and the sampler
+        tokens, logprobs = first.to_host([j.params for j in live])  # waits for the last layer and the sampler
+        for job, job_logprobs in zip(live, logprobs):
+            job.first_logprobs = job_logprobs
+        return tokens
 
     def _send(self, job: PrefillJob, kv: PrefilledRow) -> None:
         try:

@@ -113,7 +113,10 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
             context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled")
         except DeadlinePassed as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        return internal_pb2.PrefillResponse(first_token=token)
+        response = internal_pb2.PrefillResponse(first_token=token)
+        if job.first_logprobs is not None:
+            response.first_logprobs.CopyFrom(job.first_logprobs.to_proto(internal_pb2.TokenLogprobs))
+        return response
 
     def Stats(self, request, context):
         engine = self.engine

@@ -20,6 +20,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         min_tokens=msg.min_tokens,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -28,6 +29,7 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
     return internal_pb2.ResolvedSampling(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+        logprobs=p.logprobs,
     )
 
 
@@ -35,5 +37,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
     return SamplingParams(
         max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
         seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        min_tokens=msg.min_tokens,
+        min_tokens=msg.min_tokens, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )

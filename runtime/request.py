@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.sampling_params import SamplingParams
 
 
@@ -26,6 +27,7 @@ class Request:
     arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     finish_s: float | None = None
+    output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # when params.logprobs is set
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +51,7 @@ class TokenEvent:
     token_id: int
     text_delta: str
     finish_reason: FinishReason | None
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,11 @@ class Completion:
     finish_reason: str
     ttft_s: float
     latency_s: float
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
 
     def to_json_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON values; "logprobs" only when the request asked for them."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logprobs"}
+        if self.logprobs is not None:
+            d["logprobs"] = [lp.to_json_dict() for lp in self.logprobs]
+        return d

@@ -33,6 +33,7 @@ from splitserve.models.metadata import ModelMetadata
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
@@ -70,6 +71,7 @@ class RouterEvent:
     token_ids: list[int]
     text: str
     finish_reason: str  # "" until the last event
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, when asked
 
 
 @dataclasses.dataclass
@@ -177,7 +179,8 @@ class Router:
         try:
             decode, request_id, first = self._reserve_and_prefill(request_id, prompt_ids, sampling, params.max_tokens,
                                                                   scope, on_prefill)
-            event = self._event(first, progress, text)
+            event = self._event(first.first_token, progress, text,
+                                logprobs=first.first_logprobs if first.HasField("first_logprobs") else None)
             yield event
             if event.finish_reason:
                 return
@@ -216,7 +219,8 @@ class Router:
                     for entry in entries:
                         last = len(entry.token_ids) - 1
                         for i, token in enumerate(entry.token_ids):
-                            events.append(self._event(token, progress, text, entry.finish_reason if i == last else ""))
+                            events.append(self._event(token, progress, text, entry.finish_reason if i == last else "",
+                                                      entry.logprobs[i] if entry.logprobs else None))
                             if events[-1].finish_reason:
                                 yield _joined(events)
                                 return
@@ -230,7 +234,8 @@ class Router:
         finally:
             stream.close()
 
-    def _event(self, token: int, progress: _Progress, text: TextStream, worker_reason: str = "") -> RouterEvent:
+    def _event(self, token: int, progress: _Progress, text: TextStream, worker_reason: str = "",
+               logprobs: internal_pb2.TokenLogprobs | None = None) -> RouterEvent:
         progress.output_ids.append(token)
         reason = finish_reason_after_token(progress, self.metadata.config.eos_token_ids)
         delta, stopped = text.add(token, stop_token=reason is FinishReason.STOP,
@@ -239,12 +244,13 @@ class Router:
         if stopped:
             reason = FinishReason.STOP
         finish = reason.value if reason else worker_reason
-        return RouterEvent([token], delta, finish)
+        return RouterEvent([token], delta, finish, [] if logprobs is None else [TokenLogprobs.from_proto(logprobs)])
 
     def _reserve_and_prefill(self, request_id: str, prompt_ids: list[int], sampling, max_tokens: int,
                              scope: CallScope, on_prefill: Callable[[], None] | None
-                             ) -> tuple[WorkerHandle | None, str, int]:
-        """Reserves decode pages, then prefills; returns (decode worker or None, the id used, first token).
+                             ) -> tuple[WorkerHandle | None, str, internal_pb2.PrefillResponse]:
+        """Reserves decode pages, then prefills; returns (decode worker or None, the id used, the
+        prefill's answer: the first token and, if asked, its logprobs).
 
         A prefill worker that answers UNAVAILABLE (died, draining) is retried on another one, and
         each attempt reserves afresh under its own id. Why not reuse the reservation: the dead
@@ -271,7 +277,7 @@ class Router:
         raise AssertionError("unreachable: _prefill raises once every prefill worker was tried")
 
     def _prefill(self, request_id: str, prompt_ids: list[int], sampling, reservation: Reservation | None,
-                 tried: set[str], scope: CallScope) -> int:
+                 tried: set[str], scope: CallScope) -> internal_pb2.PrefillResponse:
         """Runs the prefill on the least-loaded prefill worker not in `tried` (colocated: on the
         worker that holds the reservation); on UNAVAILABLE marks it down, adds it to `tried` and
         raises _PrefillUnavailable."""
@@ -291,7 +297,7 @@ class Router:
             worker.in_flight += 1
         try:
             call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))
-            return scope.result(call).first_token  # a client cancel cancels the Run
+            return scope.result(call)  # a client cancel cancels the Run
         except grpc.RpcError as e:
             if e.code() is not grpc.StatusCode.UNAVAILABLE:
                 raise
@@ -309,5 +315,5 @@ def _joined(events: list[RouterEvent]) -> RouterEvent:
     if len(events) == 1:
         return events[0]
     return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
-                       events[-1].finish_reason)
+                       events[-1].finish_reason, [lp for e in events for lp in e.logprobs])
 

@@ -7,6 +7,9 @@ batch and whether the token is sampled by prefill or by decode.
 min_tokens: until a row has that many tokens, the ids that would end it (EOS unless ignore_eos,
 and its stop_token_ids) get a logit of -inf, as vLLM's and transformers' min-tokens processors
 do. They travel as a fixed-width id list per row, so the program's shapes do not depend on them.
+
+logprobs: rows that ask get the log-softmax of the raw logits (runtime/logprobs.py) for the
+sampled token and the MAX_LOGPROBS most likely; computed only when some row of the step asks.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from splitserve.runtime.sampling_params import MAX_HELD_BACK_STOP_IDS, SamplingParams  # host-side (no JAX)
+from splitserve.runtime.logprobs import TokenLogprobs
+from splitserve.runtime.sampling_params import MAX_HELD_BACK_STOP_IDS, MAX_LOGPROBS, SamplingParams  # no JAX
 
 NO_ID = np.iinfo(np.int32).max  # pads a row's held-back ids: outside any vocabulary, so the mask drops it
 
@@ -37,6 +41,7 @@ class SamplingArrays:
     seed: np.ndarray  # u32[batch]
     step: np.ndarray  # i32[batch], index of the token being sampled
     held_back: np.ndarray  # i32[batch, held_back_width]: ids masked this step (min_tokens), NO_ID padded
+    logprobs: np.ndarray  # bool[batch]: the row wants log-probabilities
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int], batch: int,
@@ -54,11 +59,13 @@ class SamplingArrays:
             seed=np.array([p.seed or 0 for p in params] + [0] * pad, np.uint32),
             step=np.array(list(steps) + [0] * pad, np.int32),
             held_back=held_back,
+            logprobs=np.array([p.logprobs is not None for p in params] + [False] * pad),
         )
 
 
 jax.tree_util.register_dataclass(
-    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed", "step", "held_back"], meta_fields=[]
+    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed", "step", "held_back", "logprobs"],
+    meta_fields=[]
 )
 
 
@@ -89,13 +96,52 @@ def _held_back_mask(shape: tuple[int, int], held_back: jax.Array) -> jax.Array:
     return jnp.zeros(shape, jnp.float32).at[rows, held_back].set(-jnp.inf, mode="drop")  # NO_ID: dropped
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    """f32[batch, vocab] -> i32[batch]. Temperature 0 rows are greedy (argmax)."""
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """A step's sampled tokens and, for the rows that asked, their log-probabilities (device arrays;
+    zeros when no row of the step asked)."""
+
+    tokens: jax.Array  # i32[batch]
+    logprob: jax.Array  # f32[batch]: of the sampled token
+    top_ids: jax.Array  # i32[batch, k]: the k = min(MAX_LOGPROBS, vocab) most likely, most likely first
+    top_logprobs: jax.Array  # f32[batch, k]
+
+    def to_host(self, params: list[SamplingParams]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The first len(params) rows: token ids, and each row's TokenLogprobs (None where not asked).
+        Waits for the step; reads the log-probabilities back only when some row asked."""
+        n = len(params)
+        tokens = np.asarray(self.tokens)[:n].tolist()
+        if all(p.logprobs is None for p in params):
+            return tokens, [None] * n
+        logprob, top_ids, top = (np.asarray(a)[:n] for a in (self.logprob, self.top_ids, self.top_logprobs))
+        return tokens, [None if p.logprobs is None else TokenLogprobs(
+            float(logprob[row]), tuple(zip(top_ids[row, : p.logprobs].tolist(), top[row, : p.logprobs].tolist())))
+            for row, p in enumerate(params)]
+
+
+jax.tree_util.register_dataclass(Sampled, data_fields=["tokens", "logprob", "top_ids", "top_logprobs"],
+                                 meta_fields=[])
+
+
+def sample(logits: jax.Array, s: SamplingArrays) -> Sampled:
+    """f32[batch, vocab] -> Sampled. Temperature 0 rows are greedy (argmax)."""
     # The mask is added, not scattered into the logits: a scatter into them made XLA copy the
     # logits on every step, held back or not ([64, 32000] f32 on a 2-core CPU: 6.0 ms against 3.5).
-    return jax.lax.cond(jnp.any(s.held_back != NO_ID),
-                        lambda x: _sample(x + _held_back_mask(x.shape, s.held_back), s),
-                        lambda x: _sample(x, s), logits)
+    tokens = jax.lax.cond(jnp.any(s.held_back != NO_ID),
+                          lambda x: _sample(x + _held_back_mask(x.shape, s.held_back), s),
+                          lambda x: _sample(x, s), logits)
+    k = min(MAX_LOGPROBS, logits.shape[-1])
+    batch = logits.shape[0]
+    none = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, k), jnp.int32), jnp.zeros((batch, k), jnp.float32))
+    logprob, top_ids, top = jax.lax.cond(jnp.any(s.logprobs), lambda x: _logprobs(x, tokens, k), lambda x: none,
+                                         logits)
+    return Sampled(tokens, logprob, top_ids, top)
+
+
+def _logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top, top_ids = jax.lax.top_k(logprobs, k)
+    return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top
 
 
 def _sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:

@@ -15,6 +15,7 @@ MAX_STOP_TOKEN_IDS = 1024
 # While min_tokens holds EOS and the stop ids back, the sampler masks them from a fixed-width
 # array per row (runtime/sampling.py): a request with min_tokens may name this many stop ids.
 MAX_HELD_BACK_STOP_IDS = 16
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
 
@@ -39,6 +40,9 @@ class SamplingParams:
     # As vLLM's: until this many tokens are out, EOS and stop_token_ids cannot be sampled (their
     # logits are masked) and stop strings are not looked for.
     min_tokens: int = 0
+    # None: no log-probabilities. N: each generated token's logprob and the N most likely
+    # tokens' (runtime/logprobs.py), as vLLM's `logprobs`.
+    logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -52,6 +56,8 @@ class SamplingParams:
         if self.min_tokens and len(self.stop_token_ids) > MAX_HELD_BACK_STOP_IDS:
             raise ValueError(f"with min_tokens, at most {MAX_HELD_BACK_STOP_IDS} stop_token_ids are allowed "
                              f"(they are masked until min_tokens), got {len(self.stop_token_ids)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
         if not self.temperature >= 0 or not math.isfinite(self.temperature):

@@ -99,7 +99,8 @@ class ServingService(serving_pb2_grpc.ServingServicer):
                 timer.tokens(len(event.token_ids))
                 yield serving_pb2.GenerateResponse(
                     token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
-                    prompt_token_ids=prompt_ids if first else [], request_id=request.request_id)
+                    prompt_token_ids=prompt_ids if first else [], request_id=request.request_id,
+                    logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs])
                 first = False
                 if event.finish_reason:
                     timer.close(finish_reason=event.finish_reason)

@@ -89,8 +89,10 @@ class BatchedCall:
                 entry.error_code, entry.error = "UNAVAILABLE", str(item)
                 self._ended(request_id)
             else:
-                token, reason = item
+                token, reason, logprobs = item
                 entry.token_ids.append(token)
+                if logprobs is not None:
+                    entry.logprobs.append(logprobs.to_proto(internal_pb2.TokenLogprobs))
                 if reason is not None:
                     entry.finish_reason = reason.value
                     self._ended(request_id)

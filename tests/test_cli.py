@@ -32,6 +32,11 @@ def test_generate_json_matches_in_process_engine(cache, hf_checkpoint):
 
     assert out["token_ids"] == hf_greedy(hf_checkpoint("llama3_gqa3_hd40_ropescale")[1], [1, 5, 9, 33, 7], 6)
     assert 0 < out["ttft_s"] <= out["latency_s"]
+    with_logprobs = run_cli("generate", "--model", str(directory), "--prompt-ids", "1,5,9,33,7", "--max-tokens", "3",
+                            "--ignore-eos", "--json", "--logprobs", "2", cache=cache)
+    logprobs = json.loads(with_logprobs.stdout.strip().splitlines()[-1])["logprobs"]
+    assert [len(lp["top"]) for lp in logprobs] == [2, 2, 2] and all(lp["logprob"] <= 0 for lp in logprobs)
+    assert [lp["top"][0][0] for lp in logprobs] == out["token_ids"][:3]  # greedy: each token is the likeliest
 
 
 def test_generate_chat_renders_the_models_template_as_transformers_does(cache):
@@ -57,6 +62,7 @@ def test_generate_streams_demo_text(cache):
     (["generate"], "exactly one of PROMPT or --prompt-ids"),
     (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["generate", "hi", "--max-tokens", "2", "--min-tokens", "3"], "min_tokens must be in [0, max_tokens=2], got 3"),
+    (["generate", "hi", "--logprobs", "21"], "logprobs must be in [0, 20]"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),

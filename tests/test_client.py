@@ -54,6 +54,24 @@ def test_min_tokens_reaches_the_router_and_the_workers(stack, expected):
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err.value)
 
 
+def test_logprobs_come_with_each_token_when_asked(stack, expected):
+    with Client(stack.address) as client:
+        out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, logprobs=3)
+        chunks = list(client.stream(PROMPT, max_tokens=12, ignore_eos=True, logprobs=0))
+        plain = client.generate(PROMPT, max_tokens=2)
+        with pytest.raises(SplitserveError) as err:
+            client.generate(PROMPT, logprobs=21)
+    assert out.token_ids == expected.token_ids and len(out.logprobs) == 12
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+        assert token == lp.top[0][0] and lp.logprob == pytest.approx(lp.top[0][1])  # greedy: the likeliest
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    assert [lp.logprob for c in chunks for lp in c.logprobs] == pytest.approx([lp.logprob for lp in out.logprobs])
+    assert all(lp.top == () for c in chunks for lp in c.logprobs)
+    assert plain.logprobs is None
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "logprobs must be in [0, 20]" in str(err.value)
+
+
 def test_stream_chunks_add_up_to_generate(stack, expected):
     with Client(stack.address) as client:
         chunks = list(client.stream(PROMPT, max_tokens=12, ignore_eos=True))
@@ -195,6 +213,7 @@ def test_a_single_stop_string_is_one_stop_not_its_letters():
     (dict(prompt=None, token_ids=[1, 2**31]), "token_ids must be 32-bit integers, got 2147483648"),
     (dict(stop_token_ids=[-2**31 - 1]), "stop_token_ids must be 32-bit integers, got -2147483649"),
     (dict(min_tokens=-1), "min_tokens must be in [0, 4294967295], got -1"),
+    (dict(logprobs=-1), "logprobs must be in [0, 4294967295], got -1"),
 ])
 def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError) as err:  # not protobuf's "Value out of range", which names no field

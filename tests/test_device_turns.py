@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from splitserve.models.loader import load_model
@@ -104,14 +103,14 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
     (KV inserts and steps), never inside it, and every request still gets the tokens of the
     engine run alone."""
     busy: list[tuple[str, float, float]] = []  # (engine, start, end) of device work
-    real_prefill, real_decode, real_insert = runner.prefill_async, runner.decode, runner.insert_kv
+    real_prefill, real_decode, real_insert = runner.prefill_async, runner.decode_sampled, runner.insert_kv
 
     class TimedTokens:  # the prefill's device work ends when its first tokens reach the host
         def __init__(self, first, start):
             self.first, self.start = first, start
 
-        def __array__(self, dtype=None, copy=None):
-            tokens = np.asarray(self.first)
+        def to_host(self, params):
+            tokens = self.first.to_host(params)
             busy.append(("prefill", self.start, time.perf_counter()))
             return tokens
 
@@ -136,7 +135,8 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
         decode.kv_arrived(job.request_id, kv, kv.length, job.first_token.result())
 
     prefill = PrefillEngine(runner, send_kv, max_prefill_batch=2, turns=turns)
-    runner.prefill_async, runner.decode, runner.insert_kv = timed_prefill, timed(real_decode), timed(real_insert)
+    runner.prefill_async, runner.decode_sampled = timed_prefill, timed(real_decode)
+    runner.insert_kv = timed(real_insert)
     threads = [threading.Thread(target=e.run_forever, daemon=True) for e in (decode, prefill)]
     for t in threads:
         t.start()
@@ -158,7 +158,7 @@ def test_colocated_prefill_and_decode_never_run_on_the_device_at_once(runner):
                 tokens.append(item[0])
             outputs.append(tokens)
     finally:
-        runner.prefill_async, runner.decode, runner.insert_kv = real_prefill, real_decode, real_insert
+        runner.prefill_async, runner.decode_sampled, runner.insert_kv = real_prefill, real_decode, real_insert
         decode.stop()
         prefill.stop()
         for t in threads:

@@ -145,6 +145,38 @@ def test_min_tokens_holds_back_stop_ids_and_strings_on_both_workers(demo_stack, 
             assert len(text) > len(short_text), case
 
 
+def test_logprobs_through_the_stack_equal_the_colocated_engine(demo_stack, demo_engine):
+    """The prefill worker's first-token logprobs and the decode worker's, through the router, equal
+    the in-process engine's; Decode/Stream carries them as StreamBatched does."""
+    from splitserve.protos import internal_pb2
+
+    params = dict(max_tokens=8, ignore_eos=True, logprobs=4)
+    for prompt in prompts_for(2048, (9, 33), seed=6):
+        request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=prompt),
+                                              sampling=serving_pb2.SamplingParams(**params))
+        tokens, logprobs = [], []
+        for msg in demo_stack.serving.Generate(request, timeout=120):
+            assert len(msg.logprobs) == len(msg.token_ids)
+            tokens += msg.token_ids
+            logprobs += msg.logprobs
+        local = demo_engine.generate([prompt], SamplingParams(**params))[0]
+        assert tokens == local.token_ids and len(logprobs) == len(local.logprobs) == 8
+        for got, want in zip(logprobs, local.logprobs):
+            assert abs(got.logprob - want.logprob) < 1e-4 and list(got.top_token_ids) == [t for t, _ in want.top]
+            assert np.allclose(got.top_logprobs, [lp for _, lp in want.top], atol=1e-4)
+    plain = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=[1, 2, 3]),
+                                        sampling=serving_pb2.SamplingParams(max_tokens=3))
+    assert not any(msg.logprobs for msg in demo_stack.serving.Generate(plain, timeout=120))
+
+    decode = _decode_stub(demo_stack)
+    sampling = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1, ignore_eos=True, logprobs=2)
+    _reserve_and_prefill(demo_stack, decode, "own-stream-logprobs", [5, 6, 7], sampling)
+    out = list(decode.Stream(internal_pb2.DecodeRequest(request_id="own-stream-logprobs", sampling=sampling),
+                             timeout=60))
+    assert [len(m.logprobs) for m in out] == [1, 1, 1]
+    assert all(len(m.logprobs[0].top_token_ids) == 2 and m.logprobs[0].logprob <= 0 for m in out)
+
+
 def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     request = serving_pb2.GenerateRequest(
         token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
@@ -169,6 +201,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("top_p", 0.0, "top_p"),
     ("top_k", -2, "top_k"),
     ("min_tokens", 17, "min_tokens must be in [0, max_tokens=16]"),
+    ("logprobs", 21, "logprobs must be in [0, 20]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

@@ -144,3 +144,27 @@ def test_min_tokens_matches_transformers_min_new_tokens(hf_checkpoint, tmp_path)
     assert len(expected) > at + 3 and eos not in expected[: at + 3]
     assert outs[1].token_ids == expected and outs[3].token_ids == expected
     assert outs[2].token_ids == hf_run(16) and len(outs[2].token_ids) == 16 and outs[2].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa3_hd40_ropescale", "qwen2_bias_mqa_tied"])
+def test_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
+    """Each generated token's logprob and the 5 most likely tokens equal the log-softmax of
+    transformers' logits at that position, for the prefill's token and the decode steps'."""
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(5)
+    prompts = [random_prompt(rng, model.config.vocab_size, n) for n in (6, 40)]
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=4))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True, logprobs=5))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(torch_model, prompt, 10) and len(out.logprobs) == 10
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:]
+        want = torch.log_softmax(logits.double(), dim=-1).numpy()
+        for step, (token, got) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert abs(got.logprob - want[step, token]) < 1e-4, (name, step)
+            top = np.argsort(-want[step])[:5]
+            assert [t for t, _ in got.top] == top.tolist(), (name, step)
+            assert np.allclose([lp for _, lp in got.top], want[step, top], atol=1e-4)
+    plain = engine.generate(prompts[:1], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert plain.logprobs is None and "logprobs" not in plain.to_json_dict()

@@ -35,9 +35,9 @@ def test_all_layers_are_sendable_before_the_first_token_is_known(runner):
         def __init__(self, first):
             self.first = first
 
-        def __array__(self, dtype=None, copy=None):
+        def to_host(self, params):
             seen["gate_opened_by_sender"] = gate.wait(20)
-            return np.asarray(self.first)
+            return self.first.to_host(params)
 
     def gated_prefill(*args):
         first, ks, vs, lengths = real(*args)
@@ -94,7 +94,14 @@ class SlowRunner:
         self.ran += prompts
         self.started.set()
         assert self.release.wait(30), "test never released the runner"
-        return np.array([len(p) for p in prompts]), [], [], None
+        return _HostTokens([len(p) for p in prompts]), [], [], None
+
+
+class _HostTokens(list):
+    """First tokens as prefill_async hands them over (runner.Sampled), without logprobs."""
+
+    def to_host(self, params):
+        return list(self[: len(params)]), [None] * len(params)
 
 
 def _engine(runner, **kwargs):

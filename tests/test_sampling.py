@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitserve.runtime.sampling import SamplingArrays, sample
+from splitserve.runtime.sampling import SamplingArrays
+from splitserve.runtime.sampling import sample as sampled_step
 from splitserve.runtime.sampling_params import SamplingParams
+
+
+def sample(logits, s):
+    return sampled_step(logits, s).tokens
 
 
 def arrays(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None, step=0):
@@ -86,6 +91,8 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(max_tokens=4, min_tokens=5), "min_tokens must be in \\[0, max_tokens=4\\], got 5"),
     (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=1, stop_token_ids=range(17)), "with min_tokens, at most 16 stop_token_ids"),
+    (dict(logprobs=21), "logprobs must be in \\[0, 20\\] \\(or unset\\), got 21"),
+    (dict(logprobs=-1), "logprobs must be in"),
 ])
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -131,3 +138,33 @@ def test_held_back_ids_outside_the_vocabulary_are_ignored():
     masked = np.asarray(logits).copy()
     masked[0, 19] = -np.inf
     assert out.tolist() == np.argmax(masked, axis=-1).tolist()
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits_for_rows_that_ask():
+    """The sampled token's logprob and the N most likely, most likely first, from the logits as the
+    model gave them (before temperature, top-k and min_tokens); rows that do not ask get None."""
+    logits = np.random.default_rng(8).normal(size=(5, 64)).astype(np.float32) * 3
+    params = [SamplingParams(logprobs=3), SamplingParams(),
+              SamplingParams(logprobs=0, temperature=0.7, top_k=2, seed=1),
+              SamplingParams(logprobs=20, min_tokens=2, stop_token_ids=(int(np.argmax(logits[3])),))]
+    sampled = jax.jit(sampled_step)(jnp.asarray(logits), SamplingArrays.build(params, [0] * 4, 5))
+    tokens, logprobs = sampled.to_host(params)
+    x = logits.astype(np.float64)
+    want = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    assert logprobs[1] is None and len(logprobs) == 4
+    for row, p in enumerate(params):
+        if p.logprobs is None:
+            continue
+        got = logprobs[row]
+        assert got.logprob == pytest.approx(want[row, tokens[row]], abs=1e-5)
+        order = np.argsort(-want[row])[: p.logprobs]
+        assert [t for t, _ in got.top] == order.tolist()
+        assert np.allclose([lp for _, lp in got.top], want[row, order], atol=1e-5)
+    assert tokens[3] != int(np.argmax(logits[3]))  # held back by min_tokens, yet its logprob is the raw one
+    assert logprobs[3].top[0][0] == int(np.argmax(logits[3]))
+
+
+def test_no_logprobs_are_read_back_when_no_row_asks():
+    sampled = sampled_step(jnp.ones((2, 30)), SamplingArrays.build([SamplingParams()] * 2, [0, 0], 2))
+    assert sampled.to_host([SamplingParams()] * 2)[1] == [None, None]
+    assert not np.asarray(sampled.top_logprobs).any()  # the branch that computes them did not run
