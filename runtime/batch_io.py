@@ -31,10 +31,11 @@ from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-                   "min_tokens")
+                   "min_tokens", "logprobs")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
-OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream") + SAMPLING_FIELDS
+OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream",
+                      "top_logprobs") + SAMPLING_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,7 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, tuple
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
     if "max_completion_tokens" in fields:  # the newer name wins, as in vLLM's chat path
         fields["max_tokens"] = fields["max_completion_tokens"]
+    _logprobs_as_vllm_reads_them(fields, chat=url == "/v1/chat/completions")
     if url == "/v1/chat/completions":
         if "prompt" in body:
             raise ValueError("/v1/chat/completions takes body.messages, not body.prompt")
@@ -192,6 +194,24 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, tuple
         raise ValueError(f"body.prompt must be one prompt (a string or token ids), got a list of {len(prompt)}")
     prompt = _prompt({"body.prompt": prompt[0] if isinstance(prompt, list) else prompt}, "body.prompt")
     return prompt, None, None, fields
+
+
+def _logprobs_as_vllm_reads_them(fields: dict, chat: bool) -> None:
+    """Completions: body.logprobs is the number of top tokens. Chat: body.logprobs is a boolean and
+    body.top_logprobs the number. Either becomes SamplingParams.logprobs (absent: none)."""
+    top = fields.pop("top_logprobs", None)
+    if not chat:
+        if top is not None:
+            raise ValueError("body.top_logprobs is a /v1/chat/completions field: /v1/completions takes "
+                             "body.logprobs (the number of top tokens)")
+        return
+    wanted = fields.pop("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise ValueError(f"body.logprobs must be a boolean in /v1/chat/completions, got {json.dumps(wanted)}")
+    if top is not None and not wanted:
+        raise ValueError("body.top_logprobs needs body.logprobs true")
+    if wanted:
+        fields["logprobs"] = 0 if top is None else top
 
 
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}  # type -> key
@@ -261,6 +281,7 @@ def _sampling(fields: dict) -> SamplingParams:
     kw = {}
     for key, check, kind in (("max_tokens", _is_int, "an integer"), ("top_k", _is_int, "an integer"),
                              ("seed", _is_int, "an integer"), ("min_tokens", _is_int, "an integer"),
+                             ("logprobs", _is_int, "an integer"),
                              ("temperature", _is_number, "a number"),
                              ("top_p", _is_number, "a number"), ("ignore_eos", _is_bool, "a boolean")):
         value = fields.get(key)

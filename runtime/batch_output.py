@@ -1,13 +1,16 @@
 """The two shapes of a batch output line: splitserve's own, and the OpenAI Batch API's.
 
-    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}  or  {"id", "error"}
+    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"]}  or  {"id", "error"}
     openai  {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <completion>},
              "error": null}
             or, for a request that cannot run, {"id", "custom_id", "response": {"status_code": 400,
              "request_id"}, "error": "<message>"}            (as vLLM's run-batch writes them)
 
 The OpenAI body is a text completion (`/v1/completions`, native prompt lines too) or a chat
-completion (a line with messages): one choice, `usage` in tokens. Every line begins with
+completion (a line with messages): one choice, `usage` in tokens; a request that asks for
+logprobs gets an error line there (OpenAI's logprobs name tokens by their text, which a batch
+run against a router does not have), and its native line has them as
+[{"logprob", "top": [[token id, logprob], ...]}, ...]. Every line begins with
 {"id": ...} so that a torn tail is recognised the same way (runtime/batch_io.py), and
 `input_id(record)` gives back the input line's id from either shape, for resuming.
 """
@@ -27,9 +30,16 @@ FORMATS = ("native", "openai")
 
 
 class NativeOutput:
+    def refuses(self, request: BatchRequest) -> str | None:
+        """Why this output cannot hold the request's result (then it is not run), or None."""
+        return None
+
     def result(self, request: BatchRequest, completion: Completion) -> dict:
-        return {"id": request.id, "text": completion.text, "token_ids": list(completion.token_ids),
+        line = {"id": request.id, "text": completion.text, "token_ids": list(completion.token_ids),
                 "finish_reason": completion.finish_reason, "prompt_tokens": len(completion.prompt_token_ids)}
+        if completion.logprobs is not None:
+            line["logprobs"] = [lp.to_json_dict() for lp in completion.logprobs]
+        return line
 
     def error(self, request_id, message: str) -> dict:
         return {"id": request_id, "error": message}
@@ -40,6 +50,11 @@ class OpenAIOutput:
 
     def __init__(self, model: str):
         self.model = model
+
+    def refuses(self, request: BatchRequest) -> str | None:
+        if request.params.logprobs is not None:
+            return "logprobs are written with --output-format native only (OpenAI's name tokens by their text)"
+        return None
 
     def result(self, request: BatchRequest, completion: Completion) -> dict:
         prompt_tokens, completion_tokens = len(completion.prompt_token_ids), len(completion.token_ids)

@@ -119,7 +119,13 @@ def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend,
         try:
             for bad in (item for item in todo if isinstance(item, BadLine)):
                 recorder.error(bad.id, bad.line, bad.error)
-            backend.run([item for item in todo if isinstance(item, BatchRequest)], recorder)
+            runnable = []
+            for request in (item for item in todo if isinstance(item, BatchRequest)):
+                if (why := output.refuses(request)) is not None:
+                    recorder.error(request.id, request.line, why)
+                else:
+                    runnable.append(request)
+            backend.run(runnable, recorder)
         finally:
             stats.wall_s = time.perf_counter() - start
     return stats
@@ -241,4 +247,4 @@ class RemoteBackend:
                                     max_tokens=p.max_tokens,
                                     temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
                                     stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-                                    min_tokens=p.min_tokens)
+                                    min_tokens=p.min_tokens, logprobs=p.logprobs)

@@ -19,7 +19,7 @@ Run every request of a JSONL file and append one result line per request to the 
 Input lines, either format:
   {"id": "a", "prompt": "text", "max_tokens": 32, "temperature": 0, "top_p": 1, "top_k": 0,
    "seed": 1, "stop": ["\\n"], "stop_token_ids": [2], "ignore_eos": false,
-   "min_tokens": 0}
+   "min_tokens": 0, "logprobs": 2}
   {"id": 7, "prompt_token_ids": [1, 260, 386]}
   {"id": "c", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
   {"custom_id": "a", "method": "POST", "url": "/v1/completions",
@@ -32,7 +32,10 @@ where the assistant's answer begins; with a model that has no chat template, a c
 error. Absent fields take splitserve's defaults: max_tokens 16, greedy (temperature 0) --
 not OpenAI's temperature 1.
 
-Output lines: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}, or {"id", "error"}
+Output lines: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}, plus "logprobs":
+[{"logprob", "top": [[token id, logprob], ...]}, ...] for a line with "logprobs": N (OpenAI
+lines: body.logprobs N for completions; body.logprobs true and body.top_logprobs N for chat),
+or {"id", "error"}
 for a line that cannot run (the error names the problem and the input line). Every input line
 gives exactly one output line; a line without a usable id (bad JSON, no id, a duplicate id)
 gets the id "line-N". Lines are written as requests finish, so the order differs from the
@@ -40,7 +43,7 @@ input: match on id. Blank input lines are ignored.
 With --output-format openai the lines are the OpenAI Batch API's (as vLLM's run-batch writes
 them): {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": a text
 completion, or a chat completion for a chat line}, "error": null}, or status_code 400 and
-"error": the message; match on custom_id.
+"error": the message; match on custom_id. A line asking for logprobs gets an error line there.
 
 Resume: re-run with the same --output after a crash or Ctrl-C; ids already in the file are
 skipped and a torn last line is cut off first, so nothing is repeated and nothing lost.

@@ -104,6 +104,18 @@ def test_openai_lines_map_onto_requests():
     assert native.messages == CHAT and native.params.max_tokens == 3
 
 
+def test_logprobs_are_read_as_each_api_names_them():
+    def logprobs(line):
+        return parse_line(json.dumps(line), 1).params.logprobs
+
+    chat = {"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": list(CHAT)}}
+    assert logprobs({"id": "n", "prompt": "x", "logprobs": 3}) == 3 and logprobs({"id": "n", "prompt": "x"}) is None
+    assert logprobs({"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 0}}) == 0
+    assert logprobs({**chat, "body": {**chat["body"], "logprobs": True, "top_logprobs": 4}}) == 4
+    assert logprobs({**chat, "body": {**chat["body"], "logprobs": True}}) == 0
+    assert logprobs({**chat, "body": {**chat["body"], "logprobs": False}}) is None
+
+
 def test_chat_messages_are_read_as_vllm_reads_them():
     line = parse_line(json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [
         {"role": "user", "name": "alice", "content": ["Describe this.", {"type": "text", "text": "Be brief."},
@@ -162,8 +174,14 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"id": "a", "prompt": "x", "prompt_token_ids": [1]}', "only one of prompt, prompt_token_ids and messages"),
     ('{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url must be one of"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 2}}', "body.n must be 1"),
-    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 2}}',
-     "unknown field body.logprobs"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "top_logprobs": 2}}',
+     "body.top_logprobs is a /v1/chat/completions field"),
+    ('{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [], "logprobs": 2}}',
+     "body.logprobs must be a boolean in /v1/chat/completions, got 2"),
+    ('{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [], "top_logprobs": 2}}',
+     "body.top_logprobs needs body.logprobs true"),
+    ('{"id": "a", "prompt": "x", "logprobs": 21}', "logprobs must be in \\[0, 20\\]"),
+    ('{"id": "a", "prompt": "x", "logprobs": true}', "logprobs must be an integer"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
     ('[1, 2]', "expected a JSON object"),
     # Lone surrogates are valid JSON escapes but not text: no tokenizer or protobuf takes them.
@@ -268,6 +286,11 @@ def mixed_lines():
                   ("ok", [1, 5, 9], SamplingParams(max_tokens=5, ignore_eos=True))))
     cases.append(({"id": "stop", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"]},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",)))))
+    cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
+                  ("ok", "Once upon", SamplingParams(max_tokens=6, logprobs=3))))
+    cases.append(({"custom_id": "oa4", "url": "/v1/chat/completions",
+                   "body": {"messages": list(CHAT), "max_tokens": 4, "logprobs": True, "top_logprobs": 2}},
+                  ("ok", transformers_chat_ids(json.dumps(CHAT)), SamplingParams(max_tokens=4, logprobs=2))))
     cases.append(({"id": "min", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"], "min_tokens": 9},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",), min_tokens=9))))
     cases += [
@@ -299,6 +322,10 @@ def check_against_reference(out: dict, cases, reference) -> None:
         got = out[line.get("id", line.get("custom_id"))]
         assert got["token_ids"] == want.token_ids and got["text"] == want.text, line
         assert got["finish_reason"] == want.finish_reason and got["prompt_tokens"] == len(want.prompt_token_ids)
+        assert ("logprobs" in got) == (want.logprobs is not None), line
+        for got_lp, want_lp in zip(got.get("logprobs", []), want.logprobs or []):
+            assert got_lp["logprob"] == pytest.approx(want_lp.logprob, abs=1e-4)
+            assert [t for t, _ in got_lp["top"]] == [t for t, _ in want_lp.top]
 
 
 def test_in_process_mixed_file(tmp_path, model, reference):
@@ -409,6 +436,8 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     for request_id, record in records.items():
         if "error" in record:
             assert openai[request_id]["error"] == record["error"]
+        elif "logprobs" in record:
+            assert "--output-format native only" in openai[request_id]["error"]
         else:
             assert openai[request_id]["response"]["body"]["model"] == served == "splitserve-demo-v2"
 
@@ -482,6 +511,9 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
         assert line["id"].startswith("batch_req_") and set(line) == {"id", "custom_id", "response", "error"}
         if "error" in expected:
             assert line["response"]["status_code"] == 400 and line["error"] == expected["error"]
+            continue
+        if "logprobs" in expected:  # native lines carry them; OpenAI's name tokens by text, which we do not write
+            assert line["response"]["status_code"] == 400 and "--output-format native only" in line["error"]
             continue
         assert line["error"] is None and line["response"]["status_code"] == 200
         body = line["response"]["body"]
