@@ -69,6 +69,8 @@ def run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
     args.messages = _messages(args)
+    if args.logprobs is not None and not args.json:
+        raise SystemExit("splitserve generate: --logprobs goes with --json (streamed text has no place for them)")
     if args.address:
         return _run_remote(args)
     from splitserve.models.mesh_config import MeshConfig

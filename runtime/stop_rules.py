@@ -19,17 +19,17 @@ def finish_reason_after_token(request: Request, eos_token_ids: tuple[int, ...]) 
 
 
 def looks_for_stop_strings(request: Request) -> bool:
-    """Whether the newest token's text is searched for stop strings (not before min_tokens)."""
-    return len(request.output_ids) >= request.params.min_tokens
+    """Whether the newest token's text is searched for stop strings: only after the min_tokens-th
+    token, as vLLM's (V1) detokenizer, so a stop string must end past that token's text."""
+    return len(request.output_ids) > request.params.min_tokens
 
 
 def find_stop_string(text: str, stop: tuple[str, ...], new_chars: int) -> int | None:
     """Index where the earliest stop string starts, if one ends within the last `new_chars`.
 
-    Only the tail that could contain a newly completed stop string is searched.
+    Only the tail that could hold a newly completed one is searched, for each stop string its own:
+    one window for all (sized by the longest) found a short stop string that had ended earlier,
+    which min_tokens lets stream past.
     """
-    if not stop:
-        return None
-    window_start = max(0, len(text) - new_chars - max(len(s) for s in stop) + 1)
-    hits = [i for s in stop if (i := text.find(s, window_start)) != -1]
+    hits = [i for s in stop if (i := text.find(s, max(0, len(text) - new_chars - len(s) + 1))) != -1]
     return min(hits) if hits else None

@@ -105,10 +105,14 @@ def test_nothing_but_max_tokens_ends_a_request_before_min_tokens():
                             ([5, 6, 7], None), ([5, 6, 7, 8], FinishReason.LENGTH)):
         r.output_ids = outputs
         assert finish_reason_after_token(r, eos_token_ids=(2,)) is reason, outputs
-        assert looks_for_stop_strings(r) is (len(outputs) >= 3)
+        assert looks_for_stop_strings(r) is (len(outputs) > 3)  # as vLLM V1: after the min_tokens-th token
 
 
 def test_find_stop_string_finds_earliest_and_only_new_ones():
     assert find_stop_string("hello world", ("wor", "o w"), new_chars=5) == 4
     assert find_stop_string("hello world", ("hello",), new_chars=1) is None  # completed long ago
     assert find_stop_string("abc", (), new_chars=3) is None
+    # Each stop string has its own window: "AB" ended before the newest character, so it is not
+    # found again (a window sized by "WXYZ" found it); a new "AB" is.
+    assert find_stop_string("ABC", ("AB", "WXYZ"), new_chars=1) is None
+    assert find_stop_string("ABCAB", ("AB", "WXYZ"), new_chars=1) == 3
