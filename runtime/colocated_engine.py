@@ -65,7 +65,8 @@ class ColocatedEngine:
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request
-        self._text[request.request_id] = TextStream(self.model.tokenizer, request.prompt_ids, request.params.stop)
+        self._text[request.request_id] = TextStream(self.model.tokenizer, request.prompt_ids, request.params.stop,
+                                                    request.params.include_stop_str_in_output)
         return request.request_id
 
     def abort(self, request_id: str) -> None:

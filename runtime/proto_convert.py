@@ -21,6 +21,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         min_tokens=msg.min_tokens,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
     )
 
 

@@ -43,6 +43,8 @@ class SamplingParams:
     # None: no log-probabilities. N: each generated token's logprob and the N most likely
     # tokens' (runtime/logprobs.py), as vLLM's `logprobs`.
     logprobs: int | None = None
+    # As vLLM's: the text ends with the stop string that ended it, instead of before it.
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))

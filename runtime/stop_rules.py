@@ -25,11 +25,17 @@ def looks_for_stop_strings(request: Request) -> bool:
 
 
 def find_stop_string(text: str, stop: tuple[str, ...], new_chars: int) -> int | None:
-    """Index where the earliest stop string starts, if one ends within the last `new_chars`.
+    """Index where the earliest stop string starts, if one ends within the last `new_chars`."""
+    found = find_stop_span(text, stop, new_chars)
+    return found[0] if found is not None else None
+
+
+def find_stop_span(text: str, stop: tuple[str, ...], new_chars: int) -> tuple[int, int] | None:
+    """(start, end) of the earliest stop string that ends within the last `new_chars`, if any.
 
     Only the tail that could hold a newly completed one is searched, for each stop string its own:
     one window for all (sized by the longest) found a short stop string that had ended earlier,
     which min_tokens lets stream past.
     """
-    hits = [i for s in stop if (i := text.find(s, max(0, len(text) - new_chars - len(s) + 1))) != -1]
+    hits = [(i, i + len(s)) for s in stop if (i := text.find(s, max(0, len(text) - new_chars - len(s) + 1))) != -1]
     return min(hits) if hits else None

@@ -6,18 +6,22 @@ text at a stop string the same way: the stop string itself is not part of the te
 Streamed text never shows a piece of a stop string: text that could be the start of one
 (" onc" while "e f" is a stop string and the text ends in "e") is held back until the next
 token settles it, or the request ends. So the deltas always add up to the final text.
+With include_stop (vLLM's include_stop_str_in_output) the text ends with the stop string
+instead, and nothing is held back (it would be shown either way).
 """
 
 from __future__ import annotations
 
 from splitserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from splitserve.runtime.stop_rules import find_stop_string
+from splitserve.runtime.stop_rules import find_stop_span
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: tuple[str, ...]):
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: tuple[str, ...],
+                 include_stop: bool = False):
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self._stop = stop
+        self._include_stop = include_stop
         self._sent = 0  # characters of the text handed out so far
 
     @property
@@ -38,12 +42,13 @@ class TextStream:
         stopped = False
         if not stop_token:
             delta = self._detok.add(token)
-            cut = find_stop_string(self._detok.text, self._stop, len(delta)) if find_stop else None
-            if cut is not None:
-                self._detok.text = self._detok.text[:cut]
+            span = find_stop_span(self._detok.text, self._stop, len(delta)) if find_stop else None
+            if span is not None:
+                self._detok.text = self._detok.text[: span[1] if self._include_stop else span[0]]
                 stopped = True
         text = self._detok.text
-        end = len(text) if stopped or last else len(text) - _stop_prefix_length(text, self._stop)
+        held = 0 if stopped or last or self._include_stop else _stop_prefix_length(text, self._stop)
+        end = len(text) - held
         delta, self._sent = text[self._sent:end], max(self._sent, end)
         return delta, stopped
 

@@ -286,6 +286,10 @@ def mixed_lines():
                   ("ok", [1, 5, 9], SamplingParams(max_tokens=5, ignore_eos=True))))
     cases.append(({"id": "stop", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"]},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",)))))
+    cases.append(({"id": "incl", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"],
+                   "include_stop_str_in_output": True},
+                  ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",),
+                                                                include_stop_str_in_output=True))))
     cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
                   ("ok", "Once upon", SamplingParams(max_tokens=6, logprobs=3))))
     cases.append(({"custom_id": "oa4", "url": "/v1/chat/completions",

@@ -119,6 +119,9 @@ def test_text_prompt_and_stop_string(demo_stack, demo_engine):
     _, cut_text, cut_reason = demo_stack.generate(text="The weather today is", max_tokens=24, ignore_eos=True,
                                                   stop=[stop])
     assert cut_reason == "stop" and cut_text == text[: text.index(stop)]
+    _, kept_text, _ = demo_stack.generate(text="The weather today is", max_tokens=24, ignore_eos=True,
+                                          stop=[stop], include_stop_str_in_output=True)
+    assert kept_text == text[: text.index(stop) + len(stop)]
 
 
 def test_min_tokens_holds_back_stop_ids_and_strings_on_both_workers(demo_stack, demo_engine):

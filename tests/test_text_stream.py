@@ -17,9 +17,9 @@ def tokenizer():
     return Tokenizer(train_tokenizer(CORPUS_PATH.read_text(), vocab_size=512))
 
 
-def stream(tokenizer, prompt, tokens, stop, eos_at_end=False):
+def stream(tokenizer, prompt, tokens, stop, eos_at_end=False, include_stop=False):
     """(deltas, index of the token a stop string ended at or None), feeding tokens as a server does."""
-    text = TextStream(tokenizer, prompt, tuple(stop))
+    text = TextStream(tokenizer, prompt, tuple(stop), include_stop)
     deltas = []
     for i, token in enumerate(tokens):
         last = i == len(tokens) - 1
@@ -30,7 +30,9 @@ def stream(tokenizer, prompt, tokens, stop, eos_at_end=False):
     return deltas, None
 
 
-def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(tokenizer):
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(tokenizer, include_stop):
+    """include_stop (include_stop_str_in_output): the text runs to the end of that stop string."""
     rng = np.random.default_rng(0)
     corpus_ids = tokenizer.encode(CORPUS_PATH.read_text(), add_special_tokens=False)
     spanning = 0
@@ -42,14 +44,15 @@ def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(token
         for _ in range(int(rng.integers(0, 3))):  # substrings of the text, and strings not in it
             i, n = int(rng.integers(0, max(1, len(full) - 1))), int(rng.integers(1, 6))
             stops.append(full[i:i + n] if rng.random() < 0.8 and full[i:i + n] else "\x00never")
-        deltas, stopped_at = stream(tokenizer, prompt, tokens, stops)
+        deltas, stopped_at = stream(tokenizer, prompt, tokens, stops, include_stop=include_stop)
         # As a server checks after each token: the first token that completes a stop string stops
         # the request, and the text ends before the earliest stop string complete by then.
         found = {s: full.find(s) for s in stops if s in full}
         ends = [len(tokenizer.decode(tokens[:i + 1])) for i in range(len(tokens))]
         stop_token = next((i for i, end in enumerate(ends) if any(at + len(s) <= end for s, at in found.items())), None)
-        cut = min(at for s, at in found.items() if at + len(s) <= ends[stop_token]) if found else len(full)
-        want = full[:cut]
+        spans = sorted((at, at + len(s)) for s, at in found.items() if at + len(s) <= ends[stop_token]) if found else []
+        cut = spans[0][0] if spans else len(full)
+        want = full[:spans[0][1]] if spans and include_stop else full[:cut]
         assert "".join(deltas) == want, (case, stops)
         assert stopped_at == stop_token
         if found:
