@@ -166,6 +166,7 @@ class DecodeEngine:
                 page_lists=[s.pages for s in plan.decode],
                 sampling=[s.params for s in plan.decode],
                 steps=[len(s.output_ids) for s in plan.decode],
+                request_ids=[s.request_id for s in plan.decode],
             )
         self.steps += 1
         self._emit(plan.decode, tokens, logprobs)

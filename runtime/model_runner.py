@@ -15,6 +15,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from splitserve.models import serving
@@ -26,6 +27,7 @@ from splitserve.runtime.buckets import all_buckets, bucket
 from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
+from splitserve.runtime.penalty_rows import PenaltyRows
 from splitserve.runtime.sampling import Sampled, SamplingArrays, sample
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,22 @@ def _logits_and_sample(graphdef, params, x, lengths, sampling):
     return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling)
 
 
-def _decode_and_sample(graphdef, impl, mesh, params, cache, tokens, positions, page_table, active, sampling):
+def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, tokens, positions, page_table, active, sampling):
+    # Each input token is its request's newest generated one: counted for the penalties before
+    # they apply (rows without a penalty row are dropped), a handful of scalar adds in place.
+    counts = counts.at[sampling.penalty_row, tokens].add(1, mode="drop")
     logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl, mesh)
-    return sample(logits, sampling), cache
+    return sample(logits, sampling, counts), cache, _replicated(counts, mesh)
+
+
+def _zero_rows(mesh, counts, rows):
+    return _replicated(counts.at[rows].set(0, mode="drop"), mesh)
+
+
+def _replicated(x, mesh):
+    # The counts keep one layout from step to step: a layout the compiler picked for an output
+    # would not match the one the warm-up compiled for, and the next step would compile again.
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
 
 
 class ModelRunner:
@@ -96,6 +111,10 @@ class ModelRunner:
         # Receive buffers for transferred KV: up to two longest prompts' worth kept for reuse.
         bytes_per_token = self.cache_spec.bytes_per_page // config.page_size
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
+        # Generated-token counts of the requests with presence/frequency penalties (one row each).
+        self.penalty_rows = PenaltyRows(config.max_batch)
+        self.penalty_counts = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.int32),
+                                             NamedSharding(model.mesh, PartitionSpec()))  # replicated
         impl = config.attention_impl
         self.fine_widths = (model_attention_impl(impl) == "reference" if config.fine_page_table_widths is None
                             else config.fine_page_table_widths)
@@ -109,7 +128,8 @@ class ModelRunner:
         self._layer = jax.jit(functools.partial(serving.prefill_layer, layer_graphdef, impl, mesh))
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
-        self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=1)
+        self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
+        self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=0)
 
     # -- shapes ---------------------------------------------------------------------------
     def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:
@@ -173,30 +193,40 @@ class ModelRunner:
         self.cache = self._insert(self.cache, ks, vs, table, lengths)
 
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-               sampling: list, steps: list[int]) -> list[int]:
-        return self.decode_sampled(tokens, positions, page_lists, sampling, steps)[0]
+               sampling: list, steps: list[int], request_ids: list[str] | None = None) -> list[int]:
+        return self.decode_sampled(tokens, positions, page_lists, sampling, steps, request_ids)[0]
 
     def decode_sampled(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-                       sampling: list, steps: list[int]) -> tuple[list[int], list]:
-        """As decode, with each row's log-probabilities (None where not asked)."""
-        return self.decode_step(self.decode_inputs(tokens, positions, page_lists, sampling, steps)).to_host(sampling)
+                       sampling: list, steps: list[int], request_ids: list[str] | None = None
+                       ) -> tuple[list[int], list]:
+        """As decode, with each row's log-probabilities (None where not asked). `request_ids`: every
+        running request, in row order (needed for presence/frequency penalties: runtime/penalty_rows.py)."""
+        inputs = self.decode_inputs(tokens, positions, page_lists, sampling, steps, request_ids)
+        return self.decode_step(inputs).to_host(sampling)
 
     def decode_step(self, inputs: tuple) -> Sampled:
         """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens (a Sampled
-        of device arrays) without waiting for them (the cache is updated in place)."""
-        next_tokens, self.cache = self._decode(self.model.params, self.cache, *inputs)
+        of device arrays) without waiting for them (the cache and the penalty counts are updated in place)."""
+        next_tokens, self.cache, self.penalty_counts = self._decode(self.model.params, self.cache,
+                                                                    self.penalty_counts, *inputs)
         return next_tokens
 
     def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-                      sampling: list, steps: list[int]) -> tuple:
-        """The decode program's inputs after the params and the cache, padded to the batch bucket."""
+                      sampling: list, steps: list[int], request_ids: list[str] | None = None) -> tuple:
+        """The decode program's inputs after the params, the cache and the penalty counts, padded to
+        the batch bucket. Zeroes the counts rows handed out to new penalised requests."""
+        rows, fresh = self.penalty_rows.rows_for(request_ids, sampling)
+        if fresh:
+            padded = np.full(self.config.max_batch, self.config.max_batch, np.int32)  # one shape: out of range = none
+            padded[: len(fresh)] = fresh
+            self.penalty_counts = self._zero_rows(self.penalty_counts, padded)
         n = len(tokens)
         batch = bucket(n, minimum=min(self.config.min_decode_batch, self.config.max_batch),
                        maximum=max(self.config.max_batch, n))
         pad = batch - n
         return (np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
                 self.page_table(page_lists, batch), np.array([True] * n + [False] * pad),
-                SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids))
+                SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids, rows))
 
     # -- warm-up --------------------------------------------------------------------------
     def warm_up(self, *, decode: bool, full: bool = True) -> int:

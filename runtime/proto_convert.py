@@ -22,6 +22,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         min_tokens=msg.min_tokens,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         include_stop_str_in_output=msg.include_stop_str_in_output,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
     )
 
 
@@ -30,7 +31,7 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
     return internal_pb2.ResolvedSampling(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
-        logprobs=p.logprobs,
+        logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
     )
 
 
@@ -39,4 +40,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
         max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
         seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         min_tokens=msg.min_tokens, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
     )

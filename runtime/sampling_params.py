@@ -45,6 +45,10 @@ class SamplingParams:
     logprobs: int | None = None
     # As vLLM's: the text ends with the stop string that ended it, instead of before it.
     include_stop_str_in_output: bool = False
+    # As OpenAI's and vLLM's, in [-2, 2]: each logit minus presence_penalty if the token has been
+    # generated before and frequency_penalty times the number of times it has (output tokens only).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -58,6 +62,9 @@ class SamplingParams:
         if self.min_tokens and len(self.stop_token_ids) > MAX_HELD_BACK_STOP_IDS:
             raise ValueError(f"with min_tokens, at most {MAX_HELD_BACK_STOP_IDS} stop_token_ids are allowed "
                              f"(they are masked until min_tokens), got {len(self.stop_token_ids)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # NaN fails too
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:

@@ -36,10 +36,14 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
         widths = runner.page_table_widths()
         for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
             for width in widths if full else widths[:1]:
-                _compile(runner._decode, runner.model.params, runner.cache, np.zeros(batch, np.int32),
+                _compile(runner._decode, runner.model.params, runner.cache, runner.penalty_counts,
+                         np.zeros(batch, np.int32),
                          np.zeros(batch, np.int32), np.zeros((batch, width), np.int32), np.ones(batch, bool),
                          _sampling(batch, runner))
                 count += 1
+        rows = np.zeros(cfg.max_batch, np.int32)  # zeroing the penalty counts of new requests: one shape
+        _compile(runner._zero_rows, runner.penalty_counts, rows)
+        count += 1
     return count
 
 

@@ -290,6 +290,10 @@ def mixed_lines():
                    "include_stop_str_in_output": True},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",),
                                                                 include_stop_str_in_output=True))))
+    cases.append(({"id": "pen", "prompt": "Once upon", "max_tokens": 12, "presence_penalty": 1.0,
+                   "frequency_penalty": 0.5, "ignore_eos": True},
+                  ("ok", "Once upon", SamplingParams(max_tokens=12, presence_penalty=1.0, frequency_penalty=0.5,
+                                                     ignore_eos=True))))
     cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
                   ("ok", "Once upon", SamplingParams(max_tokens=6, logprobs=3))))
     cases.append(({"custom_id": "oa4", "url": "/v1/chat/completions",
@@ -313,6 +317,7 @@ def mixed_lines():
         ({"id": "ctx", "prompt": "x", "max_tokens": 4000}, ("error", "ctx", "exceeds the model's context")),
         ({"id": "seed", "prompt": "x", "seed": -1}, ("error", "seed", "seed must be in")),
         ({"id": "mint", "prompt": "x", "min_tokens": 2.5}, ("error", "mint", "min_tokens must be an integer")),
+        ({"id": "pp", "prompt": "x", "presence_penalty": "high"}, ("error", "pp", "presence_penalty must be a number")),
         ({"id": "minmax", "prompt": "x", "max_tokens": 3, "min_tokens": 4},
          ("error", "minmax", "min_tokens must be in")),
     ]

@@ -180,6 +180,19 @@ def test_logprobs_through_the_stack_equal_the_colocated_engine(demo_stack, demo_
     assert all(len(m.logprobs[0].top_token_ids) == 2 and m.logprobs[0].logprob <= 0 for m in out)
 
 
+def test_penalties_on_the_decode_worker_equal_the_colocated_engine(demo_stack, demo_engine):
+    """Concurrent requests, some penalised and some not, on the decode workers' penalty rows."""
+    prompts = prompts_for(2048, (5, 17, 40, 9), seed=7)
+    penalties = [(0.0, 1.5), (0.0, 0.0), (2.0, 0.5), (1.0, 0.0)]
+    params = [dict(max_tokens=16, ignore_eos=True, presence_penalty=p, frequency_penalty=f) for p, f in penalties]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: demo_stack.generate(a[0], **a[1])[0], zip(prompts, params)))
+    want = demo_engine.generate(prompts, [SamplingParams(**p) for p in params])
+    assert got == [w.token_ids for w in want]
+    plain = demo_engine.generate(prompts[:1], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert got[0] != plain.token_ids  # the penalty changed the output
+
+
 def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     request = serving_pb2.GenerateRequest(
         token_ids=serving_pb2.TokenIds(ids=list(range(3, 40))),
@@ -205,6 +218,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("top_k", -2, "top_k"),
     ("min_tokens", 17, "min_tokens must be in [0, max_tokens=16]"),
     ("logprobs", 21, "logprobs must be in [0, 20]"),
+    ("frequency_penalty", -2.5, "frequency_penalty must be in [-2, 2]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

@@ -168,3 +168,34 @@ def test_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
             assert np.allclose([lp for _, lp in got.top], want[step, top], atol=1e-4)
     plain = engine.generate(prompts[:1], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert plain.logprobs is None and "logprobs" not in plain.to_json_dict()
+
+
+def penalised_greedy(torch_model, prompt, n, presence, frequency):
+    """Greedy decoding on transformers' logits with OpenAI's penalties applied by hand: each logit
+    minus frequency x (times generated) minus presence x (generated at all)."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([prompt + out])).logits[0, -1].double().numpy()
+        counts = np.bincount(out, minlength=len(logits)) if out else np.zeros(len(logits))
+        out.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
+    return out
+
+
+def test_presence_and_frequency_penalties_match_a_reference_on_transformers_logits(hf_checkpoint):
+    """More requests than the batch holds, so penalty rows are handed on to later requests (and
+    must start from zero); penalised and plain requests share steps."""
+    name = "llama3_gqa3_hd40_ropescale"
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(6)
+    prompts = [random_prompt(rng, model.config.vocab_size, n) for n in (4, 9, 14, 20, 7)]
+    penalties = [(0.0, 2.0), (2.0, 0.0), (0.0, 0.0), (1.5, 1.5), (-1.0, 0.5)]  # (presence, frequency)
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=2))
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=p, frequency_penalty=f)
+              for p, f in penalties]
+    outs = engine.generate(prompts, params)
+    for prompt, (p, f), out in zip(prompts, penalties, outs):
+        assert out.token_ids == penalised_greedy(torch_model, prompt, 12, p, f), (p, f)
+    plain = hf_greedy(torch_model, prompts[0], 12)
+    assert outs[0].token_ids != plain and len(set(outs[0].token_ids)) > len(set(plain))  # the penalty bites

@@ -93,6 +93,8 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(min_tokens=1, stop_token_ids=range(17)), "with min_tokens, at most 16 stop_token_ids"),
     (dict(logprobs=21), "logprobs must be in \\[0, 20\\] \\(or unset\\), got 21"),
     (dict(logprobs=-1), "logprobs must be in"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\], got 2.5"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be in"),
 ])
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -168,3 +170,38 @@ def test_no_logprobs_are_read_back_when_no_row_asks():
     sampled = sampled_step(jnp.ones((2, 30)), SamplingArrays.build([SamplingParams()] * 2, [0, 0], 2))
     assert sampled.to_host([SamplingParams()] * 2)[1] == [None, None]
     assert not np.asarray(sampled.top_logprobs).any()  # the branch that computes them did not run
+
+
+def test_penalty_rows_go_to_penalised_requests_and_come_back_when_they_leave():
+    from splitserve.runtime.penalty_rows import PenaltyRows
+
+    rows = PenaltyRows(capacity=2)
+    pen, plain = SamplingParams(presence_penalty=0.5), SamplingParams()
+    assert rows.rows_for(["a", "b"], [plain, plain]) == (None, [])
+    assert rows.rows_for(["a", "b"], [pen, plain]) == ([0, 2], [0])  # 2 = capacity: no row
+    assert rows.rows_for(["a", "c"], [pen, pen]) == ([0, 1], [1])  # "a" keeps its row
+    assert rows.rows_for(["c", "d"], [pen, pen]) == ([1, 0], [0])  # "a" left: its row is "d"'s, to be zeroed
+    with pytest.raises(ValueError, match="more than 2 requests with penalties"):
+        rows.rows_for(["c", "d", "e"], [pen, pen, pen])
+    with pytest.raises(ValueError, match="need the request ids"):
+        rows.rows_for(None, [pen])
+
+
+def test_penalties_subtract_from_the_logits_of_generated_tokens():
+    vocab = 40
+    logits = np.random.default_rng(9).normal(size=(3, vocab)).astype(np.float32)
+    counts = np.zeros((4, vocab), np.int32)
+    counts[2, [3, 5]] = [2, 1]  # row 0's request: token 3 twice, token 5 once
+    counts[0, 7] = 4  # a row nobody in this step uses
+    params = [SamplingParams(presence_penalty=0.7, frequency_penalty=0.4), SamplingParams(),
+              SamplingParams(frequency_penalty=-2.0)]
+    s = SamplingArrays.build(params, [3, 3, 3], 3, penalty_rows=[2, 4, 0])
+    got = sampled_step(jnp.asarray(logits), s, jnp.asarray(counts))
+    want = logits.copy()
+    want[0, [3, 5]] -= [0.7 + 0.4 * 2, 0.7 + 0.4 * 1]
+    want[2, 7] += 2.0 * 4
+    assert np.asarray(got.tokens).tolist() == np.argmax(want, axis=-1).tolist()
+    # No penalty in the step: the logits are untouched whatever the counts say.
+    untouched = sampled_step(jnp.asarray(logits), SamplingArrays.build([SamplingParams()] * 3, [3] * 3, 3,
+                                                                      penalty_rows=[2, 4, 0]), jnp.asarray(counts))
+    assert np.asarray(untouched.tokens).tolist() == np.argmax(logits, axis=-1).tolist()

@@ -1,0 +1,44 @@
+"""Which row of the device's output-token counts each decoding request uses (no JAX).
+
+presence_penalty and frequency_penalty need, per request, how often each vocabulary id has been
+generated so far. Those counts live on the device ([rows, vocab] int32, one row per request that
+asks for a penalty, updated inside the decode step); this module hands the rows out. A decode
+step lists every running request (DecodeEngine and ColocatedEngine both do), so a request that
+no longer appears has finished or been released, and its row is free for the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from splitserve.runtime.sampling_params import SamplingParams
+
+
+class PenaltyRows:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._rows: dict[str, int] = {}  # request id -> its row
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def rows_for(self, request_ids: Sequence[str] | None, params: Sequence[SamplingParams]
+                 ) -> tuple[list[int] | None, list[int]]:
+        """(each request's row, or None for all when no request of the step has a penalty;
+        the rows handed out now, which the caller zeroes before the step uses them)."""
+        wanted = [bool(p.presence_penalty or p.frequency_penalty) for p in params]
+        if request_ids is None:
+            if any(wanted):
+                raise ValueError("presence/frequency penalties need the request ids of the decode step")
+            return None, []
+        present = set(request_ids)
+        for request_id in [r for r in self._rows if r not in present]:  # finished since the last step
+            self._free.append(self._rows.pop(request_id))
+        if not any(wanted):
+            return None, []
+        fresh = []
+        for request_id, wants in zip(request_ids, wanted):
+            if wants and request_id not in self._rows:
+                if not self._free:
+                    raise ValueError(f"more than {self.capacity} requests with penalties in one decode step")
+                self._rows[request_id] = row = self._free.pop()
+                fresh.append(row)
+        return [self._rows[r] if wants else self.capacity for r, wants in zip(request_ids, wanted)], fresh
