@@ -215,7 +215,7 @@ class ModelRunner:
                       sampling: list, steps: list[int], request_ids: list[str] | None = None) -> tuple:
         """The decode program's inputs after the params, the cache and the penalty counts, padded to
         the batch bucket. Zeroes the counts rows handed out to new penalised requests."""
-        rows, fresh = self.penalty_rows.rows_for(request_ids, sampling)
+        rows, fresh = self.penalty_rows.rows_for(request_ids, sampling, steps)
         if fresh:
             padded = np.full(self.config.max_batch, self.config.max_batch, np.int32)  # one shape: out of range = none
             padded[: len(fresh)] = fresh

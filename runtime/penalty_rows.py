@@ -4,7 +4,9 @@ presence_penalty and frequency_penalty need, per request, how often each vocabul
 generated so far. Those counts live on the device ([rows, vocab] int32, one row per request that
 asks for a penalty, updated inside the decode step); this module hands the rows out. A decode
 step lists every running request (DecodeEngine and ColocatedEngine both do), so a request that
-no longer appears has finished or been released, and its row is free for the next one.
+no longer appears has finished or been released, and its row is free for the next one. A
+request at its first decode step (step 1: only the prefill's token is out) gets a zeroed row even
+if its id still holds one: an id reused before any step went without it must not inherit counts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class PenaltyRows:
         self._rows: dict[str, int] = {}  # request id -> its row
         self._free = list(range(capacity - 1, -1, -1))
 
-    def rows_for(self, request_ids: Sequence[str] | None, params: Sequence[SamplingParams]
+    def rows_for(self, request_ids: Sequence[str] | None, params: Sequence[SamplingParams], steps: Sequence[int]
                  ) -> tuple[list[int] | None, list[int]]:
         """(each request's row, or None for all when no request of the step has a penalty;
         the rows handed out now, which the caller zeroes before the step uses them)."""
@@ -35,8 +37,10 @@ class PenaltyRows:
         if not any(wanted):
             return None, []
         fresh = []
-        for request_id, wants in zip(request_ids, wanted):
-            if wants and request_id not in self._rows:
+        for request_id, wants, step in zip(request_ids, wanted, steps):
+            if wants and step <= 1 and request_id in self._rows:  # a new request under a reused id
+                fresh.append(self._rows[request_id])
+            elif wants and request_id not in self._rows:
                 if not self._free:
                     raise ValueError(f"more than {self.capacity} requests with penalties in one decode step")
                 self._rows[request_id] = row = self._free.pop()

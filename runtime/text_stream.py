@@ -7,7 +7,8 @@ Streamed text never shows a piece of a stop string: text that could be the start
 (" onc" while "e f" is a stop string and the text ends in "e") is held back until the next
 token settles it, or the request ends. So the deltas always add up to the final text.
 With include_stop (vLLM's include_stop_str_in_output) the text ends with the stop string
-instead, and nothing is held back (it would be shown either way).
+instead, and nothing is held back (it would be shown either way); a stop token's text is kept
+too, as vLLM keeps it (EOS, a special token, decodes to nothing).
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ class TextStream:
 
         `last`: the request ends with this token (length, EOS, a stop token), so nothing is held
         back. `stop_token`: the token ended the request as EOS or one of stop_token_ids; it adds no
-        text (vLLM leaves a stop token's text out too; its id stays in the token ids). `find_stop`:
+        text unless include_stop (as vLLM; its id stays in the token ids either way). `find_stop`:
         False while min_tokens is not reached (stop strings are not looked for yet).
         """
         if self._detok is None:
             return "", False
         stopped = False
-        if not stop_token:
+        if stop_token and self._include_stop:
+            self._detok.add(token)
+        elif not stop_token:
             delta = self._detok.add(token)
             span = find_stop_span(self._detok.text, self._stop, len(delta)) if find_stop else None
             if span is not None:

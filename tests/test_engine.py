@@ -112,3 +112,13 @@ def test_many_requests_batched_equal_one_at_a_time(demo, engine):
     together = [o.token_ids for o in engine.generate(prompts, params)]
     assert together == [greedy(engine, p, n=10).token_ids for p in prompts]
     assert engine.allocator.free_count == engine.allocator.capacity
+
+
+def test_a_request_id_used_again_starts_its_penalties_afresh(demo, engine):
+    params = SamplingParams(max_tokens=12, ignore_eos=True, frequency_penalty=2.0)
+    fresh = ColocatedEngine(demo, engine.config).generate([prompt(demo)], params)[0].token_ids
+    for _ in range(2):  # the same id, one request after the other: nothing in between decodes
+        engine.add_request(prompt(demo), params, request_id="x")
+        while not engine.is_finished("x"):
+            engine.step()
+        assert engine.release("x").token_ids == fresh

@@ -177,14 +177,16 @@ def test_penalty_rows_go_to_penalised_requests_and_come_back_when_they_leave():
 
     rows = PenaltyRows(capacity=2)
     pen, plain = SamplingParams(presence_penalty=0.5), SamplingParams()
-    assert rows.rows_for(["a", "b"], [plain, plain]) == (None, [])
-    assert rows.rows_for(["a", "b"], [pen, plain]) == ([0, 2], [0])  # 2 = capacity: no row
-    assert rows.rows_for(["a", "c"], [pen, pen]) == ([0, 1], [1])  # "a" keeps its row
-    assert rows.rows_for(["c", "d"], [pen, pen]) == ([1, 0], [0])  # "a" left: its row is "d"'s, to be zeroed
+    assert rows.rows_for(["a", "b"], [plain, plain], [1, 1]) == (None, [])
+    assert rows.rows_for(["a", "b"], [pen, plain], [1, 2]) == ([0, 2], [0])  # 2 = capacity: no row
+    assert rows.rows_for(["a", "c"], [pen, pen], [2, 1]) == ([0, 1], [1])  # "a" keeps its row
+    assert rows.rows_for(["c", "d"], [pen, pen], [2, 1]) == ([1, 0], [0])  # "a" left: its row is "d"'s, zeroed
+    # "d" again at step 1 without a step in between: a new request under a reused id, zeroed again
+    assert rows.rows_for(["c", "d"], [pen, pen], [3, 1]) == ([1, 0], [0])
     with pytest.raises(ValueError, match="more than 2 requests with penalties"):
-        rows.rows_for(["c", "d", "e"], [pen, pen, pen])
+        rows.rows_for(["c", "d", "e"], [pen, pen, pen], [4, 2, 1])
     with pytest.raises(ValueError, match="need the request ids"):
-        rows.rows_for(None, [pen])
+        rows.rows_for(None, [pen], [1])
 
 
 def test_penalties_subtract_from_the_logits_of_generated_tokens():

@@ -73,3 +73,11 @@ def test_text_held_back_for_a_stop_string_is_sent_when_the_request_ends(tokenize
     eos = 2
     deltas, _ = stream(tokenizer, [], tokens + [eos], ["tx"], eos_at_end=True)
     assert "".join(deltas) == "the cat sat on the mat" and deltas[-1] == "t"
+
+
+def test_include_stop_keeps_the_stop_tokens_text_as_vllm_does(tokenizer):
+    tokens = tokenizer.encode("the cat sat on the mat", add_special_tokens=False)
+    dropped, _ = stream(tokenizer, [], tokens, [], eos_at_end=True)
+    kept, _ = stream(tokenizer, [], tokens, [], eos_at_end=True, include_stop=True)
+    assert "".join(kept) == "the cat sat on the mat"
+    assert "".join(dropped) == tokenizer.decode(tokens[:-1]) != "".join(kept)
