@@ -62,6 +62,8 @@ class QueueOutput(queue.Queue):
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, *, max_batch: int, turns: DeviceTurns | None = None):
         """`turns`: shared with a prefill engine on the same device (runtime/device_turns.py)."""
+        if max_batch > runner.config.max_batch:  # its penalty rows (and batch buckets) are sized by the runner's
+            raise ValueError(f"decode max_batch {max_batch} exceeds the runner's {runner.config.max_batch}")
         self.runner = runner
         self._device_turn = turns.turn if turns is not None else no_turns
         self.eos_token_ids = runner.model.config.eos_token_ids

@@ -50,3 +50,9 @@ def test_cancel_mid_decode_frees_pages_before_the_next_step(engine):
         items.append(item)
     assert len(items) <= 1  # nothing but a token from that in-flight step, then the end
     assert engine.stats()["free_pages"] == total and engine.stats()["running"] == 0
+
+
+def test_a_decode_batch_larger_than_the_runners_is_refused_at_construction():
+    runner = ModelRunner(load_model("demo", make_mesh(MeshConfig(1))), RunnerConfig(num_pages=8, max_batch=4))
+    with pytest.raises(ValueError, match="decode max_batch 8 exceeds the runner's 4"):
+        DecodeEngine(runner, max_batch=8)
