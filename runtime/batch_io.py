@@ -15,15 +15,14 @@ a line without a usable id (bad JSON, no id, an id already used above) gets "lin
 Output, one result a line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"} or
 {"id", "error"}, or the OpenAI Batch API's lines (runtime/batch_output.py, whose `ResultWriter`)
 appends each line with one os.write on an O_APPEND fd, so a process killed at any moment
-leaves whole lines plus at most one torn tail, which `recover_output` cuts off on the next
-start before it reads the ids already done.
+leaves whole lines plus at most one torn tail, which `recover_output` (there too) cuts off on
+the next start before it reads the ids already done.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
@@ -318,85 +317,3 @@ def _is_number(value) -> bool:
 def _is_bool(value) -> bool:
     return isinstance(value, bool)
 
-
-# -- output (the lines themselves: runtime/batch_output.py) ------------------------------
-def recover_output(path: str | Path, *, openai: bool = False) -> set:
-    """Cuts a torn last line off an existing output file; returns the ids it already holds.
-
-    A torn line is one without its newline, or a last line that is not a whole result (a crash
-    can leave both); either must begin as ResultWriter's lines do. A whole result that only
-    lacks its newline gets it. Any other bad line means the file is not ours (an input file,
-    notes), and lines of the other shape than `openai` asks for would mix two formats in one
-    file: raise, changing nothing.
-    """
-    path = Path(path)
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends in a newline
-    if tail and _output_record(tail) is not None:  # whole, only its newline missing
-        lines.append(tail)
-        tail = b""
-        data += b"\n"
-        with open(path, "ab") as f:
-            f.write(b"\n")
-            os.fsync(f.fileno())
-    if tail and not _torn_result(tail):
-        raise ValueError(f"{path}: its last line is not a result line ({tail[:60]!r}); "
-                         f"is this another file? (refusing to append to it)")
-    keep = len(data) - len(tail)
-    records = []
-    for n, raw in enumerate(lines, start=1):
-        record = _output_record(raw)
-        if record is None and n == len(lines) and not tail and _torn_result(raw):
-            keep -= len(raw) + 1  # a bad last line: torn before a later crash wrote its newline
-        elif record is None:
-            raise ValueError(f"{path}: line {n} is not a result line ({raw[:60]!r}); "
-                             f"is this another file? (refusing to append to it)")
-        else:
-            records.append(record)
-    if other := [r for r in records if _is_openai_line(r) != openai]:
-        found, asked = ("openai", "native") if openai is False else ("native", "openai")
-        raise ValueError(f"{path} holds {found} lines ({len(other)}) and this run writes {asked} ones; re-run with "
-                         f"--output-format {found}, or write to a new file")
-    if keep != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            os.fsync(f.fileno())
-    return {input_id(r) for r in records}
-
-
-def input_id(record: dict):
-    """The input line's id of an output line, in either format (runtime/batch_output.py)."""
-    return record["custom_id"] if _is_openai_line(record) else record["id"]
-
-
-def _is_openai_line(record: dict) -> bool:
-    return "custom_id" in record and "response" in record
-
-
-def _output_record(raw: bytes) -> dict | None:
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    is_result = isinstance(record, dict) and "id" in record and (
-        "text" in record or "error" in record or _is_openai_line(record))
-    return record if is_result else None
-
-
-def _torn_result(raw: bytes) -> bool:
-    """Whether a broken line may be the start of one of ResultWriter's: it begins as they do (with
-    the id) and is cut short. A whole JSON line is never torn: one that is not a result (a request
-    line, say, which begins the same way) is someone else's, and must not be cut."""
-    if not (raw.startswith(_RESULT_START) or _RESULT_START.startswith(raw)):
-        return False
-    try:
-        json.loads(raw)
-    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a character cut in two
-        return True
-    return False
-
-
-_RESULT_START = b'{"id": '  # how every line of runtime/batch_output.py begins (json.dumps)

@@ -38,8 +38,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from splitserve.runtime.batch_io import BadLine, BatchRequest, read_requests, recover_output
-from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput, ResultWriter
+from splitserve.runtime.batch_io import BadLine, BatchRequest, read_requests
+from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput, ResultWriter, recover_output
 from splitserve.runtime.request import Completion
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from stack import launched
-from splitserve.runtime.batch_io import BadLine, parse_line, read_requests, recover_output
+from splitserve.runtime.batch_io import BadLine, parse_line, read_requests
+from splitserve.runtime.batch_output import recover_output
 from splitserve.runtime.batch_runner import BatchAborted, InProcessBackend, RemoteBackend, run_batch
 from splitserve.runtime.sampling_params import SamplingParams
 
