@@ -249,4 +249,5 @@ class RemoteBackend:
                                     stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
                                     min_tokens=p.min_tokens, logprobs=p.logprobs,
                                     include_stop_str_in_output=p.include_stop_str_in_output,
-                                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty)
+                                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                                    repetition_penalty=p.repetition_penalty)

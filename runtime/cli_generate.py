@@ -46,6 +46,13 @@ def add_parser(sub) -> None:
                    help="generate at least this many tokens before EOS, a stop token or a stop string may end it")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's logprob and the N (0-20) most likely tokens' (key \"logprobs\")")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted from the logit of each token generated before (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted once per time a token was generated before (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="in [0.01, 100]: divides positive (multiplies negative) logits of tokens in the prompt "
+                        "or generated before (default 1: off)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s"
@@ -88,7 +95,8 @@ def run(args) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
-                                ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=args.logprobs)
+                                ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=args.logprobs,
+                                **_penalties(args))
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
     try:
@@ -120,6 +128,11 @@ def run(args) -> int:
     return 0
 
 
+def _penalties(args) -> dict[str, float]:
+    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty)
+
+
 def _prompt_ids(args, model) -> list[int]:
     if args.prompt_ids is not None:
         return args.prompt_ids
@@ -143,7 +156,7 @@ def _run_remote(args) -> int:
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                    min_tokens=args.min_tokens, logprobs=args.logprobs)
+                    min_tokens=args.min_tokens, logprobs=args.logprobs, **_penalties(args))
     builder = CompletionBuilder(time.perf_counter())
     try:
         with Client(args.address, **client_options(args)) as client:

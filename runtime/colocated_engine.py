@@ -112,6 +112,7 @@ class ColocatedEngine:
             sampling=[r.params for r in requests],
             steps=[len(r.output_ids) for r in requests],
             request_ids=[r.request_id for r in requests],
+            prompts=[r.prompt_ids for r in requests],
         )
 
     def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]

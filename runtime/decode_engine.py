@@ -92,11 +92,15 @@ class DecodeEngine:
             self.scheduler.kv_arrived(request_id, kv, prompt_len, first_token)
             self._lock.notify()
 
-    def open_stream(self, request_id: str, params: SamplingParams, out: StreamOutput | None = None) -> StreamOutput:
+    def open_stream(self, request_id: str, params: SamplingParams, out: StreamOutput | None = None,
+                    prompt_ids: list[int] = ()) -> StreamOutput:
         """Starts decoding the request once its KV is in; its tokens go to `out` (default: a
-        QueueOutput of its own), which is returned."""
+        QueueOutput of its own), which is returned. `prompt_ids`: needed with a repetition penalty."""
+        vocab = self.runner.model.config.vocab_size
+        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         with self._lock:
-            self.scheduler.stream_opened(request_id, params)
+            self.scheduler.stream_opened(request_id, params, prompt_ids)
             out = self._outputs[request_id] = QueueOutput() if out is None else out
             self._lock.notify()
             return out
@@ -169,6 +173,7 @@ class DecodeEngine:
                 sampling=[s.params for s in plan.decode],
                 steps=[len(s.output_ids) for s in plan.decode],
                 request_ids=[s.request_id for s in plan.decode],
+                prompts=[s.prompt_ids for s in plan.decode],
             )
         self.steps += 1
         self._emit(plan.decode, tokens, logprobs)

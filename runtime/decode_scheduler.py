@@ -26,6 +26,10 @@ class UnknownRequest(KeyError):
     """No reservation (never made, expired, released or finished)."""
 
 
+def _prompt_mismatch(request_id: str, prompt_ids: int, kv_tokens: int) -> str:
+    return f"request {request_id!r}: a prompt of {prompt_ids} ids, KV of {kv_tokens} tokens"
+
+
 @dataclasses.dataclass
 class DecodeSlot:
     request_id: str
@@ -36,6 +40,7 @@ class DecodeSlot:
     kv_claimed: bool = False  # a transfer began (claim_kv): a second one is refused, not merged
     prompt_len: int = 0
     params: SamplingParams | None = None
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # only for a repetition penalty
     output_ids: list[int] = dataclasses.field(default_factory=list)
     running: bool = False
     finish_reason: FinishReason | None = None
@@ -93,6 +98,8 @@ class DecodeScheduler:
             raise ValueError(f"request {request_id!r} already has its KV")
         if prompt_len + 1 > slot.reserved_tokens:
             raise ValueError(f"KV of {prompt_len} tokens does not fit the reservation of {slot.reserved_tokens}")
+        if slot.prompt_ids and len(slot.prompt_ids) != prompt_len:
+            raise ValueError(_prompt_mismatch(request_id, len(slot.prompt_ids), prompt_len))
         slot.kv, slot.prompt_len, slot.output_ids = kv, prompt_len, [first_token]
 
     def claim_kv(self, request_id: str) -> None:
@@ -104,12 +111,19 @@ class DecodeScheduler:
             raise ValueError(f"request {request_id!r} already has its KV, or another transfer is bringing it")
         slot.kv_claimed = True
 
-    def stream_opened(self, request_id: str, params: SamplingParams) -> None:
+    def stream_opened(self, request_id: str, params: SamplingParams, prompt_ids: list[int] = ()) -> None:
+        """`prompt_ids`: needed with a repetition penalty (the decode step penalises them)."""
         slot = self._slot(request_id)
         if slot.params is not None:
             raise ValueError(f"request {request_id!r} is already streaming")
         if params.max_tokens + slot.prompt_len > slot.reserved_tokens and slot.kv is not None:
             raise ValueError(f"request {request_id!r}: max_tokens exceeds the reservation")
+        if params.repetition_penalty != 1.0:
+            if not prompt_ids:
+                raise ValueError(f"request {request_id!r}: a repetition penalty needs the prompt's ids")
+            if slot.kv is not None and len(prompt_ids) != slot.prompt_len:
+                raise ValueError(_prompt_mismatch(request_id, len(prompt_ids), slot.prompt_len))
+            slot.prompt_ids = list(prompt_ids)
         slot.params = params
 
     def _slot(self, request_id: str) -> DecodeSlot:

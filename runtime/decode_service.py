@@ -82,7 +82,8 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
 
     def Stream(self, request, context):
         try:
-            out = self.engine.open_stream(request.request_id, sampling_from_internal(request.sampling))
+            out = self.engine.open_stream(request.request_id, sampling_from_internal(request.sampling),
+                                          prompt_ids=list(request.prompt_ids))
         except UnknownRequest as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:
@@ -156,7 +157,8 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
     def _start_batched(self, call: BatchedCall, request) -> None:
         try:
             sampling = sampling_from_internal(request.sampling)
-            self.engine.open_stream(request.request_id, sampling, call.output(request.request_id))
+            self.engine.open_stream(request.request_id, sampling, call.output(request.request_id),
+                                    prompt_ids=list(request.prompt_ids))
         except CallClosed:
             return  # nobody is listening; the reservation's lease (or the router's Release) frees it
         except AlreadyStarted as e:

@@ -73,6 +73,7 @@ class KVReceiver:
             if not admitted:
                 admitted.append(header.request_id)
 
+        kv = None
         try:
             runner = self.engine.runner
             kv = receive_kv(frames, expected=self.expected, allocate=runner.staging.take,
@@ -85,14 +86,20 @@ class KVReceiver:
             self._drop(admitted, f"KV transfer rejected: {e}")
             raise KVRefused(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer rejected: {e}") from None
         except UnknownRequest as e:
+            self._recycle(kv)
             raise KVRefused(grpc.StatusCode.NOT_FOUND, str(e)) from None
-        except ValueError as e:  # the scheduler refused it (already has KV, does not fit)
+        except ValueError as e:  # the scheduler refused it (already has KV, does not fit, not its prompt's length)
+            self._recycle(kv)
             self._drop(admitted, str(e))
             raise KVRefused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         except Exception:  # the sender went away mid-transfer, or stopped sending
             self._drop(admitted, "KV transfer was cut off")
             raise
         return sum(a.nbytes for a in kv.k_layers + kv.v_layers)
+
+    def _recycle(self, kv) -> None:
+        if kv is not None:  # received, then refused: nobody else holds its receive buffers
+            self.engine.runner.recycle_host_kv((kv.k_layers, kv.v_layers))
 
     def _drop(self, admitted: list[str], reason: str) -> None:
         if admitted:

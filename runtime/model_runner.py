@@ -28,7 +28,7 @@ from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.penalty_rows import PenaltyRows
-from splitserve.runtime.sampling import Sampled, SamplingArrays, sample
+from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, sample
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class RunnerConfig:
     fine_prompt_buckets: bool | None = None
 
 
-def _logits_and_sample(graphdef, params, x, lengths, sampling):
-    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling)
+def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling):
+    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths))
 
 
 def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, tokens, positions, page_table, active, sampling):
@@ -87,6 +87,11 @@ def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, tokens, posi
 
 def _zero_rows(mesh, counts, rows):
     return _replicated(counts.at[rows].set(0, mode="drop"), mesh)
+
+
+def _set_prompt_row(mesh, counts, row, in_prompt):
+    # A repetition-penalised request's fresh row: nothing generated yet, IN_PROMPT at its prompt ids.
+    return _replicated(counts.at[row].set(jnp.where(in_prompt, IN_PROMPT, 0)), mesh)
 
 
 def _replicated(x, mesh):
@@ -111,7 +116,7 @@ class ModelRunner:
         # Receive buffers for transferred KV: up to two longest prompts' worth kept for reuse.
         bytes_per_token = self.cache_spec.bytes_per_page // config.page_size
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
-        # Generated-token counts of the requests with presence/frequency penalties (one row each).
+        # Generated-token counts (and prompt flags) of the requests with penalties (one row each).
         self.penalty_rows = PenaltyRows(config.max_batch)
         self.penalty_counts = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.int32),
                                              NamedSharding(model.mesh, PartitionSpec()))  # replicated
@@ -130,6 +135,7 @@ class ModelRunner:
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
         self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=0)
+        self._set_prompt_row = jax.jit(functools.partial(_set_prompt_row, mesh), donate_argnums=0)
 
     # -- shapes ---------------------------------------------------------------------------
     def prefill_shape(self, lengths: list[int]) -> tuple[int, int]:
@@ -181,7 +187,7 @@ class ModelRunner:
             x, k, v = self._layer(layer_params, x, lengths)
             ks.append(k)
             vs.append(v)
-        first = self._first_tokens(self.model.params, x, lengths, arrays)
+        first = self._first_tokens(self.model.params, x, tokens, lengths, arrays)
         return first, tuple(ks), tuple(vs), lengths
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
@@ -193,15 +199,17 @@ class ModelRunner:
         self.cache = self._insert(self.cache, ks, vs, table, lengths)
 
     def decode(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-               sampling: list, steps: list[int], request_ids: list[str] | None = None) -> list[int]:
-        return self.decode_sampled(tokens, positions, page_lists, sampling, steps, request_ids)[0]
+               sampling: list, steps: list[int], request_ids: list[str] | None = None,
+               prompts: list | None = None) -> list[int]:
+        return self.decode_sampled(tokens, positions, page_lists, sampling, steps, request_ids, prompts)[0]
 
     def decode_sampled(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-                       sampling: list, steps: list[int], request_ids: list[str] | None = None
-                       ) -> tuple[list[int], list]:
+                       sampling: list, steps: list[int], request_ids: list[str] | None = None,
+                       prompts: list | None = None) -> tuple[list[int], list]:
         """As decode, with each row's log-probabilities (None where not asked). `request_ids`: every
-        running request, in row order (needed for presence/frequency penalties: runtime/penalty_rows.py)."""
-        inputs = self.decode_inputs(tokens, positions, page_lists, sampling, steps, request_ids)
+        running request, in row order (needed for penalties: runtime/penalty_rows.py); `prompts`: their
+        prompt ids (needed for a repetition penalty; None, or an empty one, where it is not asked)."""
+        inputs = self.decode_inputs(tokens, positions, page_lists, sampling, steps, request_ids, prompts)
         return self.decode_step(inputs).to_host(sampling)
 
     def decode_step(self, inputs: tuple) -> Sampled:
@@ -212,14 +220,13 @@ class ModelRunner:
         return next_tokens
 
     def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
-                      sampling: list, steps: list[int], request_ids: list[str] | None = None) -> tuple:
+                      sampling: list, steps: list[int], request_ids: list[str] | None = None,
+                      prompts: list | None = None) -> tuple:
         """The decode program's inputs after the params, the cache and the penalty counts, padded to
-        the batch bucket. Zeroes the counts rows handed out to new penalised requests."""
+        the batch bucket. Readies the counts rows handed out to new penalised requests."""
         rows, fresh = self.penalty_rows.rows_for(request_ids, sampling, steps)
-        if fresh:
-            padded = np.full(self.config.max_batch, self.config.max_batch, np.int32)  # one shape: out of range = none
-            padded[: len(fresh)] = fresh
-            self.penalty_counts = self._zero_rows(self.penalty_counts, padded)
+        self._ready_fresh_rows([rows[i] for i in fresh], [sampling[i] for i in fresh],
+                               [None if prompts is None else prompts[i] for i in fresh])
         n = len(tokens)
         batch = bucket(n, minimum=min(self.config.min_decode_batch, self.config.max_batch),
                        maximum=max(self.config.max_batch, n))
@@ -227,6 +234,22 @@ class ModelRunner:
         return (np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
                 self.page_table(page_lists, batch), np.array([True] * n + [False] * pad),
                 SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids, rows))
+
+    def _ready_fresh_rows(self, rows: list[int], params: list, prompts: list) -> None:
+        """Zeroes the counts rows of new penalised requests; those with a repetition penalty get
+        their prompt's flags instead."""
+        zeroed = [row for row, p in zip(rows, params) if p.repetition_penalty == 1.0]
+        if zeroed:
+            padded = np.full(self.config.max_batch, self.config.max_batch, np.int32)  # one shape: out of range = none
+            padded[: len(zeroed)] = zeroed
+            self.penalty_counts = self._zero_rows(self.penalty_counts, padded)
+        for row, p, prompt in zip(rows, params, prompts):
+            if p.repetition_penalty != 1.0:
+                if prompt is None or len(prompt) == 0:
+                    raise ValueError("a repetition penalty needs the request's prompt ids")
+                in_prompt = np.zeros(self.model.config.vocab_size, bool)
+                in_prompt[np.asarray(prompt)] = True  # ids were checked against the vocabulary on arrival
+                self.penalty_counts = self._set_prompt_row(self.penalty_counts, np.int32(row), in_prompt)
 
     # -- warm-up --------------------------------------------------------------------------
     def warm_up(self, *, decode: bool, full: bool = True) -> int:

@@ -1,11 +1,12 @@
 """Which row of the device's output-token counts each decoding request uses (no JAX).
 
 presence_penalty and frequency_penalty need, per request, how often each vocabulary id has been
-generated so far. Those counts live on the device ([rows, vocab] int32, one row per request that
-asks for a penalty, updated inside the decode step); this module hands the rows out. A decode
+generated so far; repetition_penalty also which ids are in the prompt. Those counts live on the
+device ([rows, vocab] int32, one row per request that asks for a penalty, updated inside the
+decode step; runtime/sampling.py); this module hands the rows out. A decode
 step lists every running request (DecodeEngine and ColocatedEngine both do), so a request that
 no longer appears has finished or been released, and its row is free for the next one. A
-request at its first decode step (step 1: only the prefill's token is out) gets a zeroed row even
+request at its first decode step (step 1: only the prefill's token is out) gets a fresh row even
 if its id still holds one: an id reused before any step went without it must not inherit counts.
 """
 
@@ -25,11 +26,12 @@ class PenaltyRows:
     def rows_for(self, request_ids: Sequence[str] | None, params: Sequence[SamplingParams], steps: Sequence[int]
                  ) -> tuple[list[int] | None, list[int]]:
         """(each request's row, or None for all when no request of the step has a penalty;
-        the rows handed out now, which the caller zeroes before the step uses them)."""
-        wanted = [bool(p.presence_penalty or p.frequency_penalty) for p in params]
+        the positions in the step of the requests whose rows are fresh: the caller zeroes those rows,
+        or sets their prompt flags, before the step uses them)."""
+        wanted = [p.penalised for p in params]
         if request_ids is None:
             if any(wanted):
-                raise ValueError("presence/frequency penalties need the request ids of the decode step")
+                raise ValueError("penalties need the request ids of the decode step")
             return None, []
         present = set(request_ids)
         for request_id in [r for r in self._rows if r not in present]:  # finished since the last step
@@ -37,12 +39,12 @@ class PenaltyRows:
         if not any(wanted):
             return None, []
         fresh = []
-        for request_id, wants, step in zip(request_ids, wanted, steps):
+        for position, (request_id, wants, step) in enumerate(zip(request_ids, wanted, steps)):
             if wants and step <= 1 and request_id in self._rows:  # a new request under a reused id
-                fresh.append(self._rows[request_id])
+                fresh.append(position)
             elif wants and request_id not in self._rows:
                 if not self._free:
                     raise ValueError(f"more than {self.capacity} requests with penalties in one decode step")
-                self._rows[request_id] = row = self._free.pop()
-                fresh.append(row)
+                self._rows[request_id] = self._free.pop()
+                fresh.append(position)
         return [self._rows[r] if wants else self.capacity for r, wants in zip(request_ids, wanted)], fresh

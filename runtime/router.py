@@ -184,7 +184,8 @@ class Router:
             yield event
             if event.finish_reason:
                 return
-            yield from self._decoded(decode, request_id, sampling, progress, text, scope)
+            penalised_prompt = prompt_ids if params.repetition_penalty != 1.0 else []  # only then does decode need it
+            yield from self._decoded(decode, request_id, sampling, penalised_prompt, progress, text, scope)
         except FeedError as e:  # the worker stopped this request, or its token stream broke
             raise RouterError(passed_through(e.code), f"worker failed: {e}") from e
         except grpc.RpcError as e:
@@ -199,12 +200,12 @@ class Router:
             if decode is not None:
                 self.pages.release(decode, request_id)
 
-    def _decoded(self, decode: WorkerHandle, request_id: str, sampling, progress: _Progress, text: TextStream,
-                 scope: CallScope) -> Iterator[RouterEvent]:
+    def _decoded(self, decode: WorkerHandle, request_id: str, sampling, prompt_ids: list[int], progress: _Progress,
+                 text: TextStream, scope: CallScope) -> Iterator[RouterEvent]:
         """The tokens after the first, from the decode worker's shared token stream: one event per
         decode step, or one for all the steps whose tokens waited while the client's stream was
         busy (as vLLM merges the outputs a slow reader has not taken yet)."""
-        stream = decode.feed.start(request_id, sampling)
+        stream = decode.feed.start(request_id, sampling, prompt_ids)
         try:
             with scope.cancelling(stream):
                 while True:

@@ -15,6 +15,8 @@ MAX_STOP_TOKEN_IDS = 1024
 # While min_tokens holds EOS and the stop ids back, the sampler masks them from a fixed-width
 # array per row (runtime/sampling.py): a request with min_tokens may name this many stop ids.
 MAX_HELD_BACK_STOP_IDS = 16
+# repetition_penalty multiplies and divides float32 logits: kept where neither can reach 0 or inf.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
@@ -25,6 +27,13 @@ def check_text(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float (a JSON line may hold one)
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,9 @@ class SamplingParams:
     # generated before and frequency_penalty times the number of times it has (output tokens only).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # As transformers' and vLLM's (1: off; in REPETITION_PENALTY_RANGE): the logit of every token in
+    # the prompt or generated before is divided by it where positive and multiplied by it where negative.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -65,11 +77,15 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # NaN fails too
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low * (1 - 1e-6) <= self.repetition_penalty <= high:  # NaN fails; 0.01 comes as 0.0099999998 in a proto
+            raise ValueError(f"repetition_penalty must be in [{low}, {high:g}] (1 is off), "
+                             f"got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
-        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+        if not self.temperature >= 0 or not _finite(self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -91,3 +107,8 @@ class SamplingParams:
     def with_seed(self) -> "SamplingParams":
         """Fixes a random seed now, so every leg of a request samples with the same one."""
         return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler needs the request's token counts (runtime/penalty_rows.py)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0

@@ -1,7 +1,7 @@
 """The router's end of Decode/StreamBatched: one call per decode worker, shared by every request
 the router decodes there (runtime/token_batches.py is the worker's end).
 
-    Generate thread:  feed.start(request_id, sampling) -> FeedStream; stream.next(timeout) per entry
+    Generate thread:  feed.start(request_id, sampling[, prompt_ids]) -> FeedStream; stream.next(timeout) per entry
     reader thread:    reads TokenBatch messages, hands each entry to its request's FeedStream
 
 One message per decode step carries every request's new tokens, instead of one message per
@@ -105,13 +105,16 @@ class TokenFeed:
         self._outgoing: queue.SimpleQueue | None = None
         self._streams: dict[str, FeedStream] = {}
 
-    def start(self, request_id: str, sampling: internal_pb2.ResolvedSampling) -> FeedStream:
-        """Starts decoding a reserved request; its entries arrive on the returned stream."""
+    def start(self, request_id: str, sampling: internal_pb2.ResolvedSampling, prompt_ids: list[int] = ()
+              ) -> FeedStream:
+        """Starts decoding a reserved request; its entries arrive on the returned stream. `prompt_ids`:
+        sent only with a repetition penalty (the worker penalises them)."""
         with self._lock:
             if self._call is None:
                 self._open_call()
             stream = self._streams[request_id] = FeedStream(self, request_id, self._call)
-            self._outgoing.put(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling))
+            self._outgoing.put(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling,
+                                                          prompt_ids=prompt_ids))
         return stream
 
     def close(self) -> None:

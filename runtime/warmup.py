@@ -43,7 +43,9 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
                 count += 1
         rows = np.zeros(cfg.max_batch, np.int32)  # zeroing the penalty counts of new requests: one shape
         _compile(runner._zero_rows, runner.penalty_counts, rows)
-        count += 1
+        _compile(runner._set_prompt_row, runner.penalty_counts, np.int32(0),  # and of repetition-penalised ones
+                 np.zeros(runner.model.config.vocab_size, bool))
+        count += 2
     return count
 
 
@@ -56,7 +58,7 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
         seen.append(x)
         x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
         count += 1
-    _compile(runner._first_tokens, params, x, lengths, _sampling(batch, runner))
+    _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner))
     count += 1
     if decode:
         layers = runner.cache_spec.num_layers

@@ -28,6 +28,7 @@ def test_generate_json_matches_in_process_engine(cache, hf_checkpoint):
     assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "ttft_s", "latency_s"}
     assert out["prompt_token_ids"] == [1, 5, 9, 33, 7] and out["finish_reason"] == "length"
 
+    import torch
     from hf_checkpoints import hf_greedy
 
     assert out["token_ids"] == hf_greedy(hf_checkpoint("llama3_gqa3_hd40_ropescale")[1], [1, 5, 9, 33, 7], 6)
@@ -37,6 +38,13 @@ def test_generate_json_matches_in_process_engine(cache, hf_checkpoint):
     logprobs = json.loads(with_logprobs.stdout.strip().splitlines()[-1])["logprobs"]
     assert [len(lp["top"]) for lp in logprobs] == [2, 2, 2] and all(lp["logprob"] <= 0 for lp in logprobs)
     assert [lp["top"][0][0] for lp in logprobs] == out["token_ids"][:3]  # greedy: each token is the likeliest
+    penalised = run_cli("generate", "--model", str(directory), "--prompt-ids", "1,5,9,33,7", "--max-tokens", "6",
+                        "--ignore-eos", "--json", "--repetition-penalty", "0.5", cache=cache)
+    torch_model = hf_checkpoint("llama3_gqa3_hd40_ropescale")[1]
+    with torch.no_grad():  # transformers' own repetition penalty
+        want = torch_model.generate(torch.tensor([[1, 5, 9, 33, 7]]), max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0, repetition_penalty=0.5)[0, 5:].tolist()
+    assert json.loads(penalised.stdout.strip().splitlines()[-1])["token_ids"] == want != out["token_ids"]
 
 
 def test_generate_chat_renders_the_models_template_as_transformers_does(cache):
@@ -64,6 +72,8 @@ def test_generate_streams_demo_text(cache):
     (["generate", "hi", "--max-tokens", "2", "--min-tokens", "3"], "min_tokens must be in [0, max_tokens=2], got 3"),
     (["generate", "hi", "--logprobs", "21", "--json"], "logprobs must be in [0, 20]"),
     (["generate", "hi", "--logprobs", "2"], "--logprobs goes with --json"),
+    (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty must be in [0.01, 100]"),
+    (["generate", "hi", "--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),

@@ -54,6 +54,20 @@ def test_min_tokens_reaches_the_router_and_the_workers(stack, expected):
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err.value)
 
 
+def test_penalties_reach_the_router_and_the_workers(stack, expected):
+    """The SDK's penalty keywords, through the router to both workers, give the colocated engine's tokens."""
+    penalties = dict(repetition_penalty=1.8, presence_penalty=0.5, frequency_penalty=0.3)
+    with Client(stack.address) as client:
+        out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, **penalties)
+        with pytest.raises(SplitserveError) as err:
+            client.generate(PROMPT, repetition_penalty=0.0)
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
+    want = engine.generate([expected.prompt_token_ids], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
+    assert out.token_ids == want[0].token_ids != expected.token_ids
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty must be" in str(err.value)
+
+
 def test_logprobs_come_with_each_token_when_asked(stack, expected):
     with Client(stack.address) as client:
         out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, logprobs=3)

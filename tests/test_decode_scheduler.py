@@ -147,3 +147,24 @@ def test_a_reservation_beyond_the_models_context_is_refused():
     with pytest.raises(ValueError, match="exceed the model's context of 32"):
         sched.reserve("long", num_tokens=33, lease_s=5)
     assert "long" not in sched.slots and sched.allocator.free_count == 64 - 8
+
+
+def test_a_repetition_penalty_needs_prompt_ids_that_match_the_kv_whichever_comes_first():
+    rep = SamplingParams(max_tokens=4, repetition_penalty=1.2)
+    sched, _ = make()
+    for request_id in ("kv-first", "stream-first", "ok", "none"):
+        sched.reserve(request_id, num_tokens=10, lease_s=5)
+    with pytest.raises(ValueError, match="a repetition penalty needs the prompt's ids"):
+        sched.stream_opened("none", rep)
+    sched.kv_arrived("kv-first", kv="KV", prompt_len=6, first_token=1)
+    with pytest.raises(ValueError, match="'kv-first': a prompt of 5 ids, KV of 6 tokens"):
+        sched.stream_opened("kv-first", rep, [1, 2, 3, 4, 5])
+    sched.stream_opened("stream-first", rep, [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="'stream-first': a prompt of 5 ids, KV of 6 tokens"):
+        sched.kv_arrived("stream-first", kv="KV", prompt_len=6, first_token=1)
+    sched.stream_opened("ok", rep, [1, 2, 3, 4, 5, 6])
+    sched.kv_arrived("ok", kv="KV", prompt_len=6, first_token=1)
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.admit] == ["ok"] and plan.admit[0].prompt_ids == [1, 2, 3, 4, 5, 6]
+    sched.stream_opened("kv-first", SamplingParams(max_tokens=4), [9])  # no penalty: the ids are not kept
+    assert sched.slots["kv-first"].prompt_ids == []

@@ -181,16 +181,47 @@ def test_logprobs_through_the_stack_equal_the_colocated_engine(demo_stack, demo_
 
 
 def test_penalties_on_the_decode_worker_equal_the_colocated_engine(demo_stack, demo_engine):
-    """Concurrent requests, some penalised and some not, on the decode workers' penalty rows."""
-    prompts = prompts_for(2048, (5, 17, 40, 9), seed=7)
-    penalties = [(0.0, 1.5), (0.0, 0.0), (2.0, 0.5), (1.0, 0.0)]
-    params = [dict(max_tokens=16, ignore_eos=True, presence_penalty=p, frequency_penalty=f) for p, f in penalties]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    """Concurrent requests, some penalised and some not, on the decode workers' penalty rows; the
+    repetition-penalised ones need their prompt's ids on the decode worker (the router sends them)."""
+    prompts = prompts_for(2048, (5, 17, 40, 9, 30, 12), seed=7)
+    penalties = [(0.0, 1.5, 1.0), (0.0, 0.0, 1.0), (2.0, 0.5, 1.0), (1.0, 0.0, 1.0), (0.0, 0.0, 1.8),
+                 (0.5, 0.0, 0.7)]  # (presence, frequency, repetition)
+    params = [dict(max_tokens=16, ignore_eos=True, presence_penalty=p, frequency_penalty=f, repetition_penalty=r)
+              for p, f, r in penalties]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda a: demo_stack.generate(a[0], **a[1])[0], zip(prompts, params)))
     want = demo_engine.generate(prompts, [SamplingParams(**p) for p in params])
     assert got == [w.token_ids for w in want]
-    plain = demo_engine.generate(prompts[:1], SamplingParams(max_tokens=16, ignore_eos=True))[0]
-    assert got[0] != plain.token_ids  # the penalty changed the output
+    plain = demo_engine.generate([prompts[0], prompts[4]], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert got[0] != plain[0].token_ids and got[4] != plain[1].token_ids  # the penalties changed the output
+
+
+@pytest.mark.parametrize("prompt_ids, message", [
+    ([], "a repetition penalty needs the prompt's ids"),
+    ([5, 6], "a prompt of 2 ids, KV of 3 tokens"),
+    ([5, 6, 99999], "outside the vocabulary"),
+])
+def test_decode_request_with_a_repetition_penalty_needs_its_prompt(demo_stack, demo_engine, prompt_ids, message):
+    from splitserve.protos import internal_pb2
+
+    decode = _decode_stub(demo_stack)
+    sampling = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1, ignore_eos=True, repetition_penalty=1.5)
+    request_id = f"rep-{len(prompt_ids)}"
+    _reserve_and_prefill(demo_stack, decode, request_id, [5, 6, 7], sampling)
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Stream(internal_pb2.DecodeRequest(request_id=request_id, sampling=sampling, prompt_ids=prompt_ids),
+                           timeout=60))
+    # A length that does not match the KV is refused when the second of the two arrives: the stream's
+    # start (INVALID_ARGUMENT), or the KV, which then ends the waiting stream (UNAVAILABLE).
+    codes = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE) if len(prompt_ids) == 2 else \
+        (grpc.StatusCode.INVALID_ARGUMENT,)
+    assert err.value.code() in codes and message in err.value.details()
+    decode.Release(internal_pb2.ReleaseRequest(request_id=request_id))
+    good = internal_pb2.DecodeRequest(request_id="rep-ok", sampling=sampling, prompt_ids=[5, 6, 7])
+    first = _reserve_and_prefill(demo_stack, decode, "rep-ok", [5, 6, 7], sampling)
+    want = demo_engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, seed=1, ignore_eos=True,
+                                                            repetition_penalty=1.5))
+    assert [first] + [t for m in decode.Stream(good, timeout=60) for t in m.token_ids] == want[0].token_ids
 
 
 def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
@@ -219,6 +250,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("min_tokens", 17, "min_tokens must be in [0, max_tokens=16]"),
     ("logprobs", 21, "logprobs must be in [0, 20]"),
     ("frequency_penalty", -2.5, "frequency_penalty must be in [-2, 2]"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be in [0.01, 100]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

@@ -170,14 +170,18 @@ def test_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
     assert plain.logprobs is None and "logprobs" not in plain.to_json_dict()
 
 
-def penalised_greedy(torch_model, prompt, n, presence, frequency):
-    """Greedy decoding on transformers' logits with OpenAI's penalties applied by hand: each logit
-    minus frequency x (times generated) minus presence x (generated at all)."""
+def penalised_greedy(torch_model, prompt, n, presence, frequency, repetition=1.0):
+    """Greedy decoding on transformers' logits with the penalties applied by hand, in vLLM's order:
+    transformers' repetition penalty over prompt and generated ids (positive logits divided by it,
+    negative ones multiplied), then each logit minus frequency x (times generated) minus presence x
+    (generated at all)."""
     out = []
     for _ in range(n):
         with torch.no_grad():
             logits = torch_model(torch.tensor([prompt + out])).logits[0, -1].double().numpy()
         counts = np.bincount(out, minlength=len(logits)) if out else np.zeros(len(logits))
+        seen = np.isin(np.arange(len(logits)), prompt + out)
+        logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
         out.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
     return out
 
@@ -199,3 +203,50 @@ def test_presence_and_frequency_penalties_match_a_reference_on_transformers_logi
         assert out.token_ids == penalised_greedy(torch_model, prompt, 12, p, f), (p, f)
     plain = hf_greedy(torch_model, prompts[0], 12)
     assert outs[0].token_ids != plain and len(set(outs[0].token_ids)) > len(set(plain))  # the penalty bites
+
+
+def test_repetition_penalty_matches_transformers_generate(hf_checkpoint):
+    """repetition_penalty alone against transformers' own generate(repetition_penalty=...) (its
+    RepetitionPenaltyLogitsProcessor); with presence/frequency penalties too, against the same
+    applied by hand. Each prompt is one where the penalty changes transformers' greedy tokens.
+    Five requests through a batch of two: counts rows are handed on, and a row that held one
+    request's prompt flags must not leak them into the next."""
+    name = "llama3_gqa3_hd40_ropescale"
+    directory, torch_model = hf_checkpoint(name)
+    torch_model.generation_config.eos_token_id = None
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(7)
+
+    def hf_penalised(prompt, rep, pres, freq):
+        if pres or freq:
+            return penalised_greedy(torch_model, prompt, 12, pres, freq, rep)
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                       repetition_penalty=rep)
+        return out[0, len(prompt):].tolist()
+
+    # (rep, pres, freq, whether the prefill's token must change too: the prompt alone is penalised there)
+    settings = [(1.5, 0.0, 0.0, False), (1.0, 0.0, 0.0, False), (0.6, 0.0, 0.0, True), (1.3, 0.5, 0.5, False),
+                (2.0, 0.0, 0.0, True)]
+    prompts, expected = [], []
+    for rep, pres, freq, first_changes in settings:
+        for _ in range(60):  # a prompt on which the penalty bites (the plain one: any)
+            prompt = random_prompt(rng, model.config.vocab_size, int(rng.integers(5, 40)))
+            want, plain = hf_penalised(prompt, rep, pres, freq), hf_greedy(torch_model, prompt, 12)
+            if (want != plain) == (rep != 1.0) and (want[0] != plain[0] or not first_changes):
+                break
+        else:
+            pytest.fail(f"no prompt found on which repetition_penalty={rep} changes greedy decoding")
+        prompts.append(prompt)
+        expected.append(want)
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=40, max_batch=2))
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=r, presence_penalty=p,
+                             frequency_penalty=f) for r, p, f, _ in settings]
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == expected
+    # One row for all: a presence-only request after a repetition-penalised one starts from zeroed counts.
+    one_row = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=40, max_batch=1))
+    presence = SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=2.0)
+    after = one_row.generate([prompts[4], prompts[4]], [params[4], presence])
+    assert after[0].token_ids == expected[4]
+    assert after[1].token_ids == penalised_greedy(torch_model, prompts[4], 12, 2.0, 0.0)

@@ -176,13 +176,14 @@ def test_penalty_rows_go_to_penalised_requests_and_come_back_when_they_leave():
     from splitserve.runtime.penalty_rows import PenaltyRows
 
     rows = PenaltyRows(capacity=2)
-    pen, plain = SamplingParams(presence_penalty=0.5), SamplingParams()
+    pen, plain, rep = SamplingParams(presence_penalty=0.5), SamplingParams(), SamplingParams(repetition_penalty=1.2)
     assert rows.rows_for(["a", "b"], [plain, plain], [1, 1]) == (None, [])
+    # (rows, positions in the step of the requests whose rows are fresh)
     assert rows.rows_for(["a", "b"], [pen, plain], [1, 2]) == ([0, 2], [0])  # 2 = capacity: no row
-    assert rows.rows_for(["a", "c"], [pen, pen], [2, 1]) == ([0, 1], [1])  # "a" keeps its row
-    assert rows.rows_for(["c", "d"], [pen, pen], [2, 1]) == ([1, 0], [0])  # "a" left: its row is "d"'s, zeroed
-    # "d" again at step 1 without a step in between: a new request under a reused id, zeroed again
-    assert rows.rows_for(["c", "d"], [pen, pen], [3, 1]) == ([1, 0], [0])
+    assert rows.rows_for(["a", "c"], [pen, rep], [2, 1]) == ([0, 1], [1])  # "a" keeps its row
+    assert rows.rows_for(["c", "d"], [rep, pen], [2, 1]) == ([1, 0], [1])  # "a" left: its row is "d"'s, fresh
+    # "d" again at step 1 without a step in between: a new request under a reused id, fresh again
+    assert rows.rows_for(["c", "d"], [rep, pen], [3, 1]) == ([1, 0], [1])
     with pytest.raises(ValueError, match="more than 2 requests with penalties"):
         rows.rows_for(["c", "d", "e"], [pen, pen, pen], [4, 2, 1])
     with pytest.raises(ValueError, match="need the request ids"):
@@ -207,3 +208,56 @@ def test_penalties_subtract_from_the_logits_of_generated_tokens():
     untouched = sampled_step(jnp.asarray(logits), SamplingArrays.build([SamplingParams()] * 3, [3] * 3, 3,
                                                                       penalty_rows=[2, 4, 0]), jnp.asarray(counts))
     assert np.asarray(untouched.tokens).tolist() == np.argmax(logits, axis=-1).tolist()
+
+
+def numpy_penalised(logits, generated, in_prompt, presence, frequency, repetition):
+    """vLLM's order: transformers' repetition penalty over prompt and generated ids, then OpenAI's."""
+    seen = (generated > 0) | in_prompt
+    out = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return out - frequency * generated - presence * (generated > 0)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_ids():
+    """Decode: the counts rows hold generated counts plus IN_PROMPT flags; each row's adjusted
+    logits (read through greedy argmax on 64 rows and directly) follow the formula."""
+    from splitserve.runtime.sampling import IN_PROMPT, _penalised
+
+    rng = np.random.default_rng(10)
+    batch, vocab = 64, 50
+    logits = rng.normal(scale=3.0, size=(batch, vocab)).astype(np.float32)
+    generated = rng.integers(0, 3, size=(batch, vocab)) * (rng.random((batch, vocab)) < 0.2)
+    in_prompt = rng.random((batch, vocab)) < 0.3
+    counts = (generated + IN_PROMPT * in_prompt).astype(np.int32)
+    rep = rng.choice([1.0, 0.5, 1.3, 3.0], size=batch)
+    pres, freq = rng.choice([0.0, 0.8], size=batch), rng.choice([0.0, -0.5, 1.1], size=batch)
+    params = [SamplingParams(repetition_penalty=r, presence_penalty=p, frequency_penalty=f)
+              for r, p, f in zip(rep, pres, freq)]
+    rows = rng.permutation(batch)  # request i uses counts row rows[i]
+    s = SamplingArrays.build(params, [2] * batch, batch, penalty_rows=rows.tolist())
+    want = numpy_penalised(logits, generated[rows], in_prompt[rows], pres[:, None], freq[:, None], rep[:, None])
+    direct = _penalised(jnp.asarray(logits), jnp.asarray(counts)[rows], s)
+    np.testing.assert_allclose(np.asarray(direct), want, rtol=1e-6, atol=1e-6)
+    got = sampled_step(jnp.asarray(logits), s, jnp.asarray(counts))
+    assert np.asarray(got.tokens).tolist() == np.argmax(want, axis=-1).tolist()
+    assert (np.argmax(want, axis=-1) != np.argmax(logits, axis=-1)).sum() > 10  # the penalties change choices
+
+
+def test_prefill_repetition_penalty_covers_the_prompt_and_not_its_padding():
+    """Prefill: the flags come from the padded prompts, the first `length` ids of each row only."""
+    vocab = 30
+    logits = np.full((3, vocab), -1.0, np.float32)
+    logits[:, 4] = 5.0  # in row 0's prompt: 5 / 4 = 1.25 loses to id 6's 2.0
+    logits[:, 6] = 2.0
+    logits[:, 9] = 1.9  # id 9 is row 1's padding: it must not be penalised
+    tokens = np.array([[4, 6, 0, 0], [3, 4, 9, 9], [4, 1, 2, 3]], np.int32)
+    lengths = np.array([1, 2, 4], np.int32)
+    params = [SamplingParams(repetition_penalty=4.0), SamplingParams(repetition_penalty=4.0), SamplingParams()]
+    got = sampled_step(jnp.asarray(logits), SamplingArrays.build(params, [0] * 3, 3),
+                       prompt=(jnp.asarray(tokens), jnp.asarray(lengths)))
+    # row 0: 4 is in its prompt (5 -> 1.25), 6 only in its padding (stays 2.0); row 1: 4 penalised, 6
+    # best; row 2: no penalty
+    assert np.asarray(got.tokens).tolist() == [6, 6, 4]
+    logits[1, 6] = -0.5  # row 1's best is now 9, in its padding only (penalised, 0.475 would lose to 4's 1.25)
+    got = sampled_step(jnp.asarray(logits), SamplingArrays.build(params, [0] * 3, 3),
+                       prompt=(jnp.asarray(tokens), jnp.asarray(lengths)))
+    assert np.asarray(got.tokens).tolist() == [6, 9, 4]

@@ -35,14 +35,16 @@ def test_serving_after_full_warm_up_compiles_nothing(runner):
     rng = np.random.default_rng(0)
     greedy = SamplingParams(max_tokens=4)
     # min_tokens, logprobs and penalties take other branches of the same programs (and a zeroing
-    # of penalty rows): served too, they must not compile either.
-    featured = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(5,), logprobs=3, frequency_penalty=1.0)
+    # of penalty rows, or a setting of prompt flags): served too, they must not compile either.
+    featured = [SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(5,), logprobs=3, frequency_penalty=1.0),
+                SamplingParams(max_tokens=4, logprobs=0, repetition_penalty=1.3)]
     next_page = 1
     for step in range(6):
         batch = int(rng.integers(1, 3))
         lengths = [int(n) for n in rng.integers(1, 61, size=batch)]
         prompts = [list(rng.integers(3, 2000, size=n)) for n in lengths]
-        first, ks, vs, _ = runner.prefill(prompts, [greedy] * batch, [0] * batch)
+        params = [featured[step // 2 % 2] if step % 2 else greedy] + [greedy] * (batch - 1)
+        first, ks, vs, _ = runner.prefill(prompts, params, [0] * batch)
         pages = []
         for n in lengths:
             count = -(-(n + 4) // 16)
@@ -51,8 +53,8 @@ def test_serving_after_full_warm_up_compiles_nothing(runner):
         # one request arrives as host arrays (transferred), the others stay on this device
         kvs = [runner.kv_to_host(ks, vs, 0, lengths[0])] + [PrefilledRow(ks, vs, r, lengths[r]) for r in range(1, batch)]
         runner.insert_kv(kvs, pages, lengths)
-        params = [featured if step % 2 else greedy] + [greedy] * (batch - 1)
-        runner.decode(first, lengths, pages, params, [1] * batch, request_ids=[f"{step}-{r}" for r in range(batch)])
+        runner.decode(first, lengths, pages, params, [1] * batch, request_ids=[f"{step}-{r}" for r in range(batch)],
+                      prompts=prompts)
     assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"
 
 
