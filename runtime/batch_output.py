@@ -1,13 +1,15 @@
 """The two shapes of a batch output line: splitserve's own, and the OpenAI Batch API's.
 
-    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"]}  or  {"id", "error"}
+    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"][, "stop_reason"]}
+            or  {"id", "error"}
     openai  {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <completion>},
              "error": null}
             or, for a request that cannot run, {"id", "custom_id", "response": {"status_code": 400,
              "request_id"}, "error": "<message>"}            (as vLLM's run-batch writes them)
 
 The OpenAI body is a text completion (`/v1/completions`, native prompt lines too) or a chat
-completion (a line with messages): one choice, `usage` in tokens; a request that asks for
+completion (a line with messages): one choice with vLLM's "stop_reason" (the stop string or stop
+token id that ended it, else null; a native line has it only then), `usage` in tokens; a request that asks for
 logprobs gets an error line there (OpenAI's logprobs name tokens by their text, which a batch
 run against a router does not have), and its native line has them as
 [{"logprob", "top": [[token id, logprob], ...]}, ...]. Every line begins with
@@ -40,6 +42,8 @@ class NativeOutput:
                 "finish_reason": completion.finish_reason, "prompt_tokens": len(completion.prompt_token_ids)}
         if completion.logprobs is not None:
             line["logprobs"] = [lp.to_json_dict() for lp in completion.logprobs]
+        if completion.stop_reason is not None:
+            line["stop_reason"] = completion.stop_reason
         return line
 
     def error(self, request_id, message: str) -> dict:
@@ -60,7 +64,8 @@ class OpenAIOutput:
     def result(self, request: BatchRequest, completion: Completion) -> dict:
         prompt_tokens, completion_tokens = len(completion.prompt_token_ids), len(completion.token_ids)
         chat = request.messages is not None
-        choice = {"index": 0, "logprobs": None, "finish_reason": completion.finish_reason}
+        choice = {"index": 0, "logprobs": None, "finish_reason": completion.finish_reason,
+                  "stop_reason": completion.stop_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": completion.text}
         else:

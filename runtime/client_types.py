@@ -42,6 +42,7 @@ class Chunk:
     finish_reason: str | None
     prompt_token_ids: list[int]  # on the first chunk only
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when the request asked for them
+    stop_reason: str | int | None = None  # on the last chunk: the stop string or stop token id that ended it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +116,10 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
 
 
 def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
+    which = msg.WhichOneof("stop_reason")
     return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids),
-                 [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None)
+                 [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None,
+                 getattr(msg, which) if which else None)
 
 
 class CompletionBuilder:
@@ -130,6 +133,7 @@ class CompletionBuilder:
         self.prompt_ids: list[int] = []
         self.finish_reason = ""
         self.logprobs: list[TokenLogprobs] | None = None
+        self.stop_reason: str | int | None = None
 
     def add(self, chunk: Chunk, now_s: float) -> None:
         if self.first_s is None and chunk.token_ids:
@@ -140,9 +144,11 @@ class CompletionBuilder:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         if chunk.logprobs is not None:
             self.logprobs = (self.logprobs or []) + chunk.logprobs
+        if chunk.stop_reason is not None:
+            self.stop_reason = chunk.stop_reason
 
     def build(self, end_s: float) -> Completion:
         first = self.first_s if self.first_s is not None else end_s
         return Completion(text="".join(self.text), token_ids=self.tokens, prompt_token_ids=self.prompt_ids,
                           finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s,
-                          logprobs=self.logprobs)
+                          logprobs=self.logprobs, stop_reason=self.stop_reason)

@@ -22,7 +22,7 @@ from splitserve.runtime.page_allocator import PageAllocator
 from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
-from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings
+from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
 from splitserve.runtime.text_stream import TextStream
 
 
@@ -130,6 +130,9 @@ class ColocatedEngine:
                                                                 find_stop=looks_for_stop_strings(request))
             if stopped:
                 reason = FinishReason.STOP
+            if reason is FinishReason.STOP:
+                request.stop_reason = stop_reason(request, self.model.config.eos_token_ids,
+                                                  self._text[request.request_id].stop_string)
             if reason is not None:
                 request.finish_s = now
                 self.scheduler.finish(request, reason)
@@ -151,5 +154,5 @@ class ColocatedEngine:
             text=self._text[r.request_id].text, token_ids=list(r.output_ids), prompt_token_ids=list(r.prompt_ids),
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
-            logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None,
+            logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None, stop_reason=r.stop_reason,
         )

@@ -28,6 +28,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # when params.logprobs is set
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
 
     @property
     def num_tokens(self) -> int:
@@ -63,10 +64,16 @@ class Completion:
     ttft_s: float
     latency_s: float
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
+    # As vLLM's: the stop string or stop token id that ended it; None when EOS or max_tokens did.
+    stop_reason: str | int | None = None
 
     def to_json_dict(self) -> dict:
-        """The fields as JSON values; "logprobs" only when the request asked for them."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logprobs"}
+        """The fields as JSON values; "logprobs" only when the request asked for them, "stop_reason"
+        only when a stop string or stop token id ended it."""
+        optional = ("logprobs", "stop_reason")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in optional}
         if self.logprobs is not None:
             d["logprobs"] = [lp.to_json_dict() for lp in self.logprobs]
+        if self.stop_reason is not None:
+            d["stop_reason"] = self.stop_reason
         return d

@@ -39,7 +39,7 @@ from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason
 from splitserve.runtime.router_errors import RouterError, passed_through
 from splitserve.runtime.sampling_params import SamplingParams
-from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings
+from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
 from splitserve.runtime.text_stream import TextStream
 from splitserve.runtime.token_feed import FeedCancelled, FeedError, TokenFeed
 from splitserve.runtime.worker_health import WorkerHealth
@@ -72,6 +72,7 @@ class RouterEvent:
     text: str
     finish_reason: str  # "" until the last event
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, when asked
+    stop_reason: str | int | None = None  # on the last event: the stop string or stop token id that ended it
 
 
 @dataclasses.dataclass
@@ -245,7 +246,9 @@ class Router:
         if stopped:
             reason = FinishReason.STOP
         finish = reason.value if reason else worker_reason
-        return RouterEvent([token], delta, finish, [] if logprobs is None else [TokenLogprobs.from_proto(logprobs)])
+        why = stop_reason(progress, self.metadata.config.eos_token_ids, text.stop_string) if finish == "stop" else None
+        return RouterEvent([token], delta, finish, [] if logprobs is None else [TokenLogprobs.from_proto(logprobs)],
+                           why)
 
     def _reserve_and_prefill(self, request_id: str, prompt_ids: list[int], sampling, max_tokens: int,
                              scope: CallScope, on_prefill: Callable[[], None] | None
@@ -316,5 +319,5 @@ def _joined(events: list[RouterEvent]) -> RouterEvent:
     if len(events) == 1:
         return events[0]
     return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
-                       events[-1].finish_reason, [lp for e in events for lp in e.logprobs])
+                       events[-1].finish_reason, [lp for e in events for lp in e.logprobs], events[-1].stop_reason)
 

@@ -97,10 +97,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             for event in self.router.generate(prompt_ids, params, request.request_id, CallScope.from_context(context),
                                               on_prefill=lambda: timer.prefill_sent(len(prompt_ids))):
                 timer.tokens(len(event.token_ids))
-                yield serving_pb2.GenerateResponse(
-                    token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
-                    prompt_token_ids=prompt_ids if first else [], request_id=request.request_id,
-                    logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs])
+                yield _response(event, prompt_ids if first else [], request.request_id)
                 first = False
                 if event.finish_reason:
                     timer.close(finish_reason=event.finish_reason)
@@ -122,6 +119,17 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             max_model_len=cfg.max_model_len, dtype=dtype, page_size=page_size,
             eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode,
             chat_template=self.router.metadata.chat_template is not None)
+
+
+def _response(event, prompt_ids: list[int], request_id: str) -> serving_pb2.GenerateResponse:
+    msg = serving_pb2.GenerateResponse(token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
+                                       prompt_token_ids=prompt_ids, request_id=request_id,
+                                       logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs])
+    if isinstance(event.stop_reason, str):
+        msg.stop_string = event.stop_reason
+    elif event.stop_reason is not None:
+        msg.stop_token_id = event.stop_reason
+    return msg
 
 
 def _status_name(context) -> str:

@@ -18,6 +18,17 @@ def finish_reason_after_token(request: Request, eos_token_ids: tuple[int, ...]) 
     return None
 
 
+def stop_reason(request: Request, eos_token_ids: tuple[int, ...], stop_string: str | None) -> str | int | None:
+    """What ended a request that finished with "stop", as vLLM's stop_reason: the stop string, or the
+    stop token id; None for EOS (which wins over a stop id that is also EOS, as in vLLM)."""
+    if stop_string is not None:
+        return stop_string
+    token = request.output_ids[-1]
+    if not request.params.ignore_eos and token in eos_token_ids:
+        return None
+    return token if token in request.params.stop_token_ids else None
+
+
 def looks_for_stop_strings(request: Request) -> bool:
     """Whether the newest token's text is searched for stop strings: only after the min_tokens-th
     token, as vLLM's (V1) detokenizer, so a stop string must end past that token's text."""

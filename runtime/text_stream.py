@@ -24,6 +24,7 @@ class TextStream:
         self._stop = stop
         self._include_stop = include_stop
         self._sent = 0  # characters of the text handed out so far
+        self.stop_string: str | None = None  # the stop string that ended the text, once one has
 
     @property
     def text(self) -> str:
@@ -47,6 +48,7 @@ class TextStream:
             delta = self._detok.add(token)
             span = find_stop_span(self._detok.text, self._stop, len(delta)) if find_stop else None
             if span is not None:
+                self.stop_string = self._detok.text[span[0]: span[1]]
                 self._detok.text = self._detok.text[: span[1] if self._include_stop else span[0]]
                 stopped = True
         text = self._detok.text

@@ -335,6 +335,7 @@ def check_against_reference(out: dict, cases, reference) -> None:
         assert got["token_ids"] == want.token_ids and got["text"] == want.text, line
         assert got["finish_reason"] == want.finish_reason and got["prompt_tokens"] == len(want.prompt_token_ids)
         assert ("logprobs" in got) == (want.logprobs is not None), line
+        assert got.get("stop_reason") == want.stop_reason and ("stop_reason" in got) == (want.stop_reason is not None)
         for got_lp, want_lp in zip(got.get("logprobs", []), want.logprobs or []):
             assert got_lp["logprob"] == pytest.approx(want_lp.logprob, abs=1e-4)
             assert [t for t, _ in got_lp["top"]] == [t for t, _ in want_lp.top]
@@ -352,6 +353,7 @@ def test_in_process_mixed_file(tmp_path, model, reference):
         assert message in record["error"] and record["error"].startswith(f"line {n}: "), record
     check_against_reference(out, cases, reference)
     assert out["stop"]["finish_reason"] == "stop" and "ady" not in out["stop"]["text"]
+    assert out["stop"]["stop_reason"] == "ady" and "stop_reason" not in out["s"]
     assert stats.output_tokens == sum(len(r.get("token_ids", [])) for r in out.values())
 
 
@@ -531,6 +533,7 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
         body = line["response"]["body"]
         (choice,) = body["choices"]
         assert body["model"] == "demo" and choice["finish_reason"] == expected["finish_reason"]
+        assert choice["stop_reason"] == expected.get("stop_reason")  # vLLM's: null unless a stop string or id
         if request_id in chat_ids:
             assert body["object"] == "chat.completion" and choice["message"] == {
                 "role": "assistant", "content": expected["text"]}

@@ -49,9 +49,28 @@ def test_min_tokens_reaches_the_router_and_the_workers(stack, expected):
         held = client.generate(PROMPT, max_tokens=12, ignore_eos=True, stop_token_ids=[first], min_tokens=12)
         with pytest.raises(SplitserveError) as err:
             client.generate(PROMPT, max_tokens=4, min_tokens=5)
-    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
     assert len(held.token_ids) == 12 and first not in held.token_ids and held.finish_reason == "length"
+    assert held.stop_reason is None and "stop_reason" not in held.to_json_dict()
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err.value)
+
+
+def test_stop_reason_names_the_stop_string_that_ended_the_text(stack, expected):
+    """vLLM's stop_reason through the router: the stop string (on the last chunk), the stop token id,
+    or None; the same as the colocated engine's."""
+    stop = expected.text[4:7]
+    assert len(stop) == 3 and len(expected.text) > 10
+    with Client(stack.address) as client:
+        out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, stop=[stop, "\x00never"])
+        chunks = list(client.stream(PROMPT, max_tokens=12, ignore_eos=True, stop=[stop]))
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == expected.text[:expected.text.find(stop)]
+    assert [c.stop_reason for c in chunks] == [None] * (len(chunks) - 1) + [stop]
+    assert out.to_json_dict()["stop_reason"] == stop
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
+    want = engine.generate([expected.prompt_token_ids], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
+    assert want[0].stop_reason == stop and want[0].token_ids == out.token_ids
 
 
 def test_penalties_reach_the_router_and_the_workers(stack, expected):

@@ -6,7 +6,8 @@ from splitserve.runtime.page_allocator import OutOfPages, PageAllocator, pages_n
 from splitserve.runtime.request import FinishReason, Request
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
-from splitserve.runtime.stop_rules import find_stop_string, finish_reason_after_token, looks_for_stop_strings
+from splitserve.runtime.stop_rules import (find_stop_string, finish_reason_after_token, looks_for_stop_strings,
+                                           stop_reason)
 
 
 def req(rid, prompt_len, max_tokens=4, **kw):
@@ -97,6 +98,19 @@ def test_finish_reasons():
     ignoring = req("i", 3, max_tokens=3, ignore_eos=True)
     ignoring.output_ids = [2]
     assert finish_reason_after_token(ignoring, eos_token_ids=(2,)) is None
+
+
+def test_stop_reason_names_the_stop_string_or_stop_id_and_not_eos():
+    """As vLLM's: EOS (unless ignore_eos) is checked before the stop ids and gives no stop_reason."""
+    r = req("r", 3, max_tokens=8, stop_token_ids=(9, 2))
+    r.output_ids = [5, 9]
+    assert stop_reason(r, (2,), None) == 9
+    assert stop_reason(r, (2,), "ab") == "ab"  # a stop string that ended the text
+    r.output_ids = [5, 2]
+    assert stop_reason(r, (2,), None) is None  # EOS, though also a stop id
+    ignoring = req("i", 3, max_tokens=8, ignore_eos=True, stop_token_ids=(2,))
+    ignoring.output_ids = [2]
+    assert stop_reason(ignoring, (2,), None) == 2
 
 
 def test_nothing_but_max_tokens_ends_a_request_before_min_tokens():

@@ -17,8 +17,9 @@ def tokenizer():
     return Tokenizer(train_tokenizer(CORPUS_PATH.read_text(), vocab_size=512))
 
 
-def stream(tokenizer, prompt, tokens, stop, eos_at_end=False, include_stop=False):
-    """(deltas, index of the token a stop string ended at or None), feeding tokens as a server does."""
+def stream(tokenizer, prompt, tokens, stop, eos_at_end=False, include_stop=False, which=None):
+    """(deltas, index of the token a stop string ended at or None), feeding tokens as a server does.
+    `which`: a list that gets the stop string the stream reports (its stop_string)."""
     text = TextStream(tokenizer, prompt, tuple(stop), include_stop)
     deltas = []
     for i, token in enumerate(tokens):
@@ -26,8 +27,10 @@ def stream(tokenizer, prompt, tokens, stop, eos_at_end=False, include_stop=False
         delta, stopped = text.add(token, stop_token=eos_at_end and last, last=last)
         deltas.append(delta)
         if stopped:
-            return deltas, i
-    return deltas, None
+            break
+    if which is not None:
+        which.append(text.stop_string)
+    return deltas, i if stopped else None
 
 
 @pytest.mark.parametrize("include_stop", [False, True])
@@ -44,7 +47,8 @@ def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(token
         for _ in range(int(rng.integers(0, 3))):  # substrings of the text, and strings not in it
             i, n = int(rng.integers(0, max(1, len(full) - 1))), int(rng.integers(1, 6))
             stops.append(full[i:i + n] if rng.random() < 0.8 and full[i:i + n] else "\x00never")
-        deltas, stopped_at = stream(tokenizer, prompt, tokens, stops, include_stop=include_stop)
+        which = []
+        deltas, stopped_at = stream(tokenizer, prompt, tokens, stops, include_stop=include_stop, which=which)
         # As a server checks after each token: the first token that completes a stop string stops
         # the request, and the text ends before the earliest stop string complete by then.
         found = {s: full.find(s) for s in stops if s in full}
@@ -55,6 +59,7 @@ def test_deltas_add_up_to_the_decoded_text_cut_at_the_earliest_stop_string(token
         want = full[:spans[0][1]] if spans and include_stop else full[:cut]
         assert "".join(deltas) == want, (case, stops)
         assert stopped_at == stop_token
+        assert which == [full[spans[0][0]:spans[0][1]] if spans else None]  # the stop string that ended it
         if found:
             spanning += stop_token > 0 and ends[stop_token - 1] > cut  # the stop string began a token earlier
         sent = ""
