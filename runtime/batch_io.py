@@ -31,7 +31,7 @@ DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty")
+                   "repetition_penalty", "truncate_prompt_tokens")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream",
@@ -287,6 +287,7 @@ def _sampling(fields: dict) -> SamplingParams:
                              ("presence_penalty", _is_number, "a number"),
                              ("frequency_penalty", _is_number, "a number"),
                              ("repetition_penalty", _is_number, "a number"),
+                             ("truncate_prompt_tokens", _is_int, "an integer"),
                              ("include_stop_str_in_output", _is_bool, "a boolean")):
         value = fields.get(key)
         if value is not None and not check(value):

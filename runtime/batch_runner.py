@@ -250,4 +250,5 @@ class RemoteBackend:
                                     min_tokens=p.min_tokens, logprobs=p.logprobs,
                                     include_stop_str_in_output=p.include_stop_str_in_output,
                                     presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                                    repetition_penalty=p.repetition_penalty)
+                                    repetition_penalty=p.repetition_penalty,
+                                    truncate_prompt_tokens=p.truncate_prompt_tokens)

@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="in [0.01, 100]: divides positive (multiplies negative) logits of tokens in the prompt "
                         "or generated before (default 1: off)")
+    p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
+                   help="keep only the prompt's last K tokens (-1: the model's context's worth)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s"
@@ -96,7 +98,7 @@ def run(args) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
                                 ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, logprobs=args.logprobs,
-                                **_penalties(args))
+                                **_more_sampling(args))
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
     try:
@@ -105,7 +107,7 @@ def run(args) -> int:
         raise SystemExit(f"splitserve generate: {e}")
     if args.prompt_ids is None and model.tokenizer is None:
         raise SystemExit(f"splitserve generate: {args.model} has no tokenizer (tokenizer.json): give --prompt-ids")
-    prompt_ids = _prompt_ids(args, model)
+    prompt_ids = params.truncated(_prompt_ids(args, model), model.config.max_model_len)
     needed = len(prompt_ids) + args.max_tokens
     if needed > model.config.max_model_len:  # before sizing the cache for it (2**31 tokens: a 1 TB cache)
         raise SystemExit(f"splitserve generate: prompt ({len(prompt_ids)} tokens) + max_tokens ({args.max_tokens}) "
@@ -128,9 +130,9 @@ def run(args) -> int:
     return 0
 
 
-def _penalties(args) -> dict[str, float]:
+def _more_sampling(args) -> dict:
     return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                repetition_penalty=args.repetition_penalty)
+                repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens)
 
 
 def _prompt_ids(args, model) -> list[int]:
@@ -156,7 +158,7 @@ def _run_remote(args) -> int:
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-                    min_tokens=args.min_tokens, logprobs=args.logprobs, **_penalties(args))
+                    min_tokens=args.min_tokens, logprobs=args.logprobs, **_more_sampling(args))
     builder = CompletionBuilder(time.perf_counter())
     try:
         with Client(args.address, **client_options(args)) as client:

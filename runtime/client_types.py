@@ -77,7 +77,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   top_p: float, top_k: int, seed: int | None, stop, stop_token_ids, ignore_eos: bool,
                   request_id: str, messages=None, min_tokens: int = 0, logprobs: int | None = None,
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
-                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> serving_pb2.GenerateRequest:
+                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                  truncate_prompt_tokens: int | None = None) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -90,6 +91,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     for name, value, (low, high) in (("max_tokens", max_tokens, (0, 2**32 - 1)), ("top_k", top_k, int32),
                                      ("min_tokens", min_tokens, (0, 2**32 - 1)),
                                      ("logprobs", 0 if logprobs is None else logprobs, (0, 2**32 - 1)),
+                                     ("truncate_prompt_tokens", truncate_prompt_tokens or 0, int32),
                                      ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
@@ -105,6 +107,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.seed = seed
     if logprobs is not None:
         sampling.logprobs = logprobs
+    if truncate_prompt_tokens is not None:
+        sampling.truncate_prompt_tokens = truncate_prompt_tokens
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt

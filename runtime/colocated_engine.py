@@ -56,13 +56,14 @@ class ColocatedEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        prompt_ids = params.truncated(prompt_ids, self.model.config.max_model_len)
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params.with_seed())
+        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request
         self._text[request.request_id] = TextStream(self.model.tokenizer, request.prompt_ids, request.params.stop,

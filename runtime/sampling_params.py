@@ -61,6 +61,9 @@ class SamplingParams:
     # As transformers' and vLLM's (1: off; in REPETITION_PENALTY_RANGE): the logit of every token in
     # the prompt or generated before is divided by it where positive and multiplied by it where negative.
     repetition_penalty: float = 1.0
+    # As vLLM's: k keeps only the prompt's last k tokens (left truncation); -1 the model's context's
+    # worth; None keeps it whole.
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -81,6 +84,10 @@ class SamplingParams:
         if not low * (1 - 1e-6) <= self.repetition_penalty <= high:  # NaN fails; 0.01 comes as 0.0099999998 in a proto
             raise ValueError(f"repetition_penalty must be in [{low}, {high:g}] (1 is off), "
                              f"got {self.repetition_penalty}")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or 1 <= self.truncate_prompt_tokens <= INT32_MAX):
+            raise ValueError(f"truncate_prompt_tokens must be -1 (the model's context) or in [1, {INT32_MAX}], "
+                             f"got {self.truncate_prompt_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
@@ -107,6 +114,11 @@ class SamplingParams:
     def with_seed(self) -> "SamplingParams":
         """Fixes a random seed now, so every leg of a request samples with the same one."""
         return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
+
+    def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt as the model will read it: its last truncate_prompt_tokens tokens, if set."""
+        keep = max_model_len if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        return list(prompt_ids) if keep is None else list(prompt_ids)[-keep:]
 
     @property
     def penalised(self) -> bool:

@@ -87,11 +87,11 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         if len(request.request_id.encode()) > MAX_CLIENT_REQUEST_ID_BYTES:  # it travels with every token of the request
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is {len(request.request_id.encode())} "
                           f"bytes of UTF-8; at most {MAX_CLIENT_REQUEST_ID_BYTES} are allowed")
-        prompt_ids = self._prompt_ids(request, context)
         try:
             params = sampling_from_public(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt_ids = params.truncated(self._prompt_ids(request, context), self.router.metadata.config.max_model_len)
         first = True
         try:
             for event in self.router.generate(prompt_ids, params, request.request_id, CallScope.from_context(context),

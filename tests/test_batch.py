@@ -295,6 +295,8 @@ def mixed_lines():
                    "frequency_penalty": 0.5, "repetition_penalty": 1.4, "ignore_eos": True},
                   ("ok", "Once upon", SamplingParams(max_tokens=12, presence_penalty=1.0, frequency_penalty=0.5,
                                                      repetition_penalty=1.4, ignore_eos=True))))
+    cases.append(({"id": "trunc", "prompt": "The weather today is", "max_tokens": 6, "truncate_prompt_tokens": 2},
+                  ("ok", "The weather today is", SamplingParams(max_tokens=6, truncate_prompt_tokens=2))))
     cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
                   ("ok", "Once upon", SamplingParams(max_tokens=6, logprobs=3))))
     cases.append(({"custom_id": "oa4", "url": "/v1/chat/completions",
@@ -319,6 +321,7 @@ def mixed_lines():
         ({"id": "seed", "prompt": "x", "seed": -1}, ("error", "seed", "seed must be in")),
         ({"id": "mint", "prompt": "x", "min_tokens": 2.5}, ("error", "mint", "min_tokens must be an integer")),
         ({"id": "pp", "prompt": "x", "presence_penalty": "high"}, ("error", "pp", "presence_penalty must be a number")),
+        ({"id": "tpt", "prompt": "x", "truncate_prompt_tokens": 0}, ("error", "tpt", "truncate_prompt_tokens must be")),
         ({"id": "rp", "prompt": "x", "repetition_penalty": -1}, ("error", "rp", "repetition_penalty must be in [0.01")),
         ({"id": "hot", "prompt": "x", "temperature": 10**400}, ("error", "hot", "temperature must be a finite number")),
         ({"id": "minmax", "prompt": "x", "max_tokens": 3, "min_tokens": 4},

@@ -74,6 +74,7 @@ def test_generate_streams_demo_text(cache):
     (["generate", "hi", "--logprobs", "2"], "--logprobs goes with --json"),
     (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty must be in [0.01, 100]"),
     (["generate", "hi", "--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
+    (["generate", "hi", "--truncate-prompt-tokens", "0"], "truncate_prompt_tokens must be -1"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["generate", "hi", "--mesh", "dp=2"], "not of the form 'tp=N'"),
     (["nonsense"], "invalid choice"),

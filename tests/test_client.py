@@ -28,10 +28,15 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(stack):
-    model = load_model("demo", make_mesh(MeshConfig(1)))
-    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
-    return engine.generate([model.tokenizer.encode(PROMPT)], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+def engine():
+    """The colocated engine on the stack's model: what the router's answers are compared with."""
+    return ColocatedEngine(load_model("demo", make_mesh(MeshConfig(1))), EngineConfig(page_size=8, num_pages=300))
+
+
+@pytest.fixture(scope="module")
+def expected(stack, engine):
+    prompt = engine.model.tokenizer.encode(PROMPT)
+    return engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
 
 
 def test_generate_returns_a_typed_completion(stack, expected):
@@ -55,7 +60,7 @@ def test_min_tokens_reaches_the_router_and_the_workers(stack, expected):
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err.value)
 
 
-def test_stop_reason_names_the_stop_string_that_ended_the_text(stack, expected):
+def test_stop_reason_names_the_stop_string_that_ended_the_text(stack, expected, engine):
     """vLLM's stop_reason through the router: the stop string (on the last chunk), the stop token id,
     or None; the same as the colocated engine's."""
     stop = expected.text[4:7]
@@ -67,24 +72,39 @@ def test_stop_reason_names_the_stop_string_that_ended_the_text(stack, expected):
     assert out.text == expected.text[:expected.text.find(stop)]
     assert [c.stop_reason for c in chunks] == [None] * (len(chunks) - 1) + [stop]
     assert out.to_json_dict()["stop_reason"] == stop
-    model = load_model("demo", make_mesh(MeshConfig(1)))
-    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
     want = engine.generate([expected.prompt_token_ids], SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
     assert want[0].stop_reason == stop and want[0].token_ids == out.token_ids
 
 
-def test_penalties_reach_the_router_and_the_workers(stack, expected):
+def test_penalties_reach_the_router_and_the_workers(stack, expected, engine):
     """The SDK's penalty keywords, through the router to both workers, give the colocated engine's tokens."""
     penalties = dict(repetition_penalty=1.8, presence_penalty=0.5, frequency_penalty=0.3)
     with Client(stack.address) as client:
         out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, **penalties)
         with pytest.raises(SplitserveError) as err:
             client.generate(PROMPT, repetition_penalty=0.0)
-    model = load_model("demo", make_mesh(MeshConfig(1)))
-    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=64))
     want = engine.generate([expected.prompt_token_ids], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
     assert out.token_ids == want[0].token_ids != expected.token_ids
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty must be" in str(err.value)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(stack, expected, engine):
+    """As vLLM's: the router reads only the last k tokens, and reports those as the prompt; a prompt
+    longer than the model's context is served once truncated."""
+    too_long = (expected.prompt_token_ids * 400)[:2040]  # + 12 tokens: over the demo model's 2048
+    with Client(stack.address) as client:
+        short = client.generate(PROMPT, max_tokens=12, ignore_eos=True, truncate_prompt_tokens=3)
+        with pytest.raises(SplitserveError) as err:
+            client.generate(token_ids=too_long, max_tokens=12)
+        served = client.generate(token_ids=too_long, max_tokens=12, ignore_eos=True, truncate_prompt_tokens=100)
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "exceeds the model's context" in str(err.value)
+    assert short.prompt_token_ids == expected.prompt_token_ids[-3:] and served.prompt_token_ids == too_long[-100:]
+    want = engine.generate([expected.prompt_token_ids[-3:], too_long[-100:]],
+                           SamplingParams(max_tokens=12, ignore_eos=True))
+    assert [short.token_ids, served.token_ids] == [w.token_ids for w in want]
+    assert short.token_ids != expected.token_ids  # the model did read fewer tokens
+    in_engine = engine.generate([too_long], SamplingParams(max_tokens=12, ignore_eos=True, truncate_prompt_tokens=100))
+    assert in_engine[0].prompt_token_ids == too_long[-100:] and in_engine[0].token_ids == served.token_ids
 
 
 def test_logprobs_come_with_each_token_when_asked(stack, expected):

@@ -95,10 +95,24 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(logprobs=-1), "logprobs must be in"),
     (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\], got 2.5"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty must be in"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in \\[0.01, 100\\] \\(1 is off\\), got 0.0"),
+    (dict(repetition_penalty=1e-45), "repetition_penalty must be in"),  # 0 in float32: x / 0 is inf
+    (dict(repetition_penalty=1e39), "repetition_penalty must be in"),  # inf in float32: 0 * inf is NaN
+    (dict(temperature=10**400), "temperature must be a finite number"),  # no OverflowError
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 \\(the model's context\\) or in \\[1, "),
+    (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens must be"),
 ])
 def test_invalid_params_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k_tokens_as_vllm():
+    prompt = list(range(10, 20))
+    assert SamplingParams().truncated(prompt, 8) == prompt
+    assert SamplingParams(truncate_prompt_tokens=3).truncated(prompt, 8) == [17, 18, 19]
+    assert SamplingParams(truncate_prompt_tokens=30).truncated(prompt, 8) == prompt
+    assert SamplingParams(truncate_prompt_tokens=-1).truncated(prompt, 8) == prompt[-8:]  # the model's context
 
 
 def test_top_k_minus_one_means_off_as_in_vllm():
