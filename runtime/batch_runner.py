@@ -141,7 +141,8 @@ class InProcessBackend:
         prompts = []
         for request in requests:
             try:
-                prompts.append((self._prompt_ids(request), request))
+                prompt_ids = request.params.truncated(self._prompt_ids(request), self.engine.model.config.max_model_len)
+                prompts.append((prompt_ids, request))
             except ValueError as e:
                 recorder.error(request.id, request.line, str(e))
         # The whole file is known: admit in prompt-length order. A prefill batch is padded to its

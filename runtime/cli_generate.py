@@ -54,11 +54,11 @@ def add_parser(sub) -> None:
                    help="in [0.01, 100]: divides positive (multiplies negative) logits of tokens in the prompt "
                         "or generated before (default 1: off)")
     p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
-                   help="keep only the prompt's last K tokens (-1: the model's context's worth)")
+                   help="keep only the prompt's last K tokens (-1: at most the model's context length)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s"
-                        "[, logprobs]}")
+                        "[, logprobs][, stop_reason]}")
     p.set_defaults(run=run)
 
 

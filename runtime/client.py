@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.client_types import (
-    Chunk, Completion, CompletionBuilder, ModelInfo, SplitserveError, TokenLogprobs, build_request, chunk_from_proto,
+    Chunk, Completion, CompletionBuilder, ModelInfo, SequencesBuilder, SplitserveError, TokenLogprobs, build_request,
+    chunk_from_proto,
 )
 from splitserve.runtime.grpc_common import public_channel_options
 
@@ -89,12 +90,17 @@ class _Options:
 def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(), stop_token_ids=(),
                      ignore_eos=False, min_tokens=0, logprobs=None, include_stop_str_in_output=False,
                      presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, truncate_prompt_tokens=None,
-                     request_id=""):
+                     n=1, request_id=""):
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs,
                 include_stop_str_in_output=include_stop_str_in_output, presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                truncate_prompt_tokens=truncate_prompt_tokens, request_id=request_id)
+                truncate_prompt_tokens=truncate_prompt_tokens, n=n, request_id=request_id)
+
+
+def _one_sequence(sampling: dict) -> None:
+    if sampling.get("n", 1) != 1:
+        raise ValueError(f"generate returns one completion: use generate_n for n={sampling['n']}")
 
 
 class Client:
@@ -168,8 +174,19 @@ class Client:
             >>> out.finish_reason, len(out.token_ids)                                   # doctest: +SKIP
             ('length', 8)
         """
+        _one_sequence(sampling)
         builder = CompletionBuilder(time.perf_counter())
         for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
+            builder.add(chunk, time.perf_counter())
+        return builder.build(time.perf_counter())
+
+    def generate_n(self, prompt: str | None = None, *, n: int, token_ids: Sequence[int] | None = None,
+                   messages: Sequence[Mapping[str, str]] | None = None,
+                   timeout: float | None = None, **sampling) -> list[Completion]:
+        """n completions of one prompt (vLLM's and OpenAI's `n`), in index order; sequence i samples
+        with seed + i. `stream(..., n=n)` gives the same chunks interleaved, each with its `index`."""
+        builder = SequencesBuilder(time.perf_counter(), n)
+        for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, n=n, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
 
@@ -256,8 +273,19 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *, token_ids: Sequence[int] | None = None,
                        messages: Sequence[Mapping[str, str]] | None = None,
                        timeout: float | None = None, **sampling) -> Completion:
+        _one_sequence(sampling)
         builder = CompletionBuilder(time.perf_counter())
         async for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
+            builder.add(chunk, time.perf_counter())
+        return builder.build(time.perf_counter())
+
+    async def generate_n(self, prompt: str | None = None, *, n: int, token_ids: Sequence[int] | None = None,
+                         messages: Sequence[Mapping[str, str]] | None = None,
+                         timeout: float | None = None, **sampling) -> list[Completion]:
+        """As Client.generate_n."""
+        builder = SequencesBuilder(time.perf_counter(), n)
+        async for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, n=n,
+                                       **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
 

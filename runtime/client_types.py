@@ -43,6 +43,7 @@ class Chunk:
     prompt_token_ids: list[int]  # on the first chunk only
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when the request asked for them
     stop_reason: str | int | None = None  # on the last chunk: the stop string or stop token id that ended it
+    index: int = 0  # which of the request's n sequences (generate(n=...)) this chunk continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   request_id: str, messages=None, min_tokens: int = 0, logprobs: int | None = None,
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                  truncate_prompt_tokens: int | None = None) -> serving_pb2.GenerateRequest:
+                  truncate_prompt_tokens: int | None = None, n: int = 1) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -92,6 +93,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                                      ("min_tokens", min_tokens, (0, 2**32 - 1)),
                                      ("logprobs", 0 if logprobs is None else logprobs, (0, 2**32 - 1)),
                                      ("truncate_prompt_tokens", truncate_prompt_tokens or 0, int32),
+                                     ("n", n, (0, 2**32 - 1)),
                                      ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
         if not low <= value <= high:
             raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
@@ -109,6 +111,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.logprobs = logprobs
     if truncate_prompt_tokens is not None:
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
+    if n != 1:
+        sampling.n = n
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt
@@ -123,7 +127,27 @@ def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
     which = msg.WhichOneof("stop_reason")
     return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids),
                  [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None,
-                 getattr(msg, which) if which else None)
+                 getattr(msg, which) if which else None, msg.index)
+
+
+class SequencesBuilder:
+    """Accumulates the interleaved chunks of an n-sequence request into n Completions, in index order."""
+
+    def __init__(self, start_s: float, n: int):
+        self.sequences = [CompletionBuilder(start_s) for _ in range(n)]
+        self.prompt_ids: list[int] = []
+
+    def add(self, chunk: Chunk, now_s: float) -> None:
+        if not 0 <= chunk.index < len(self.sequences):
+            raise SplitserveError(grpc.StatusCode.INTERNAL, f"the router sent sequence {chunk.index} of "
+                                                            f"{len(self.sequences)}")
+        self.prompt_ids = self.prompt_ids or chunk.prompt_token_ids  # on the call's first chunk only
+        self.sequences[chunk.index].add(chunk, now_s)
+
+    def build(self, end_s: float) -> list[Completion]:
+        for sequence in self.sequences:
+            sequence.prompt_ids = self.prompt_ids
+        return [sequence.build(end_s) for sequence in self.sequences]
 
 
 class CompletionBuilder:

@@ -17,6 +17,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_HELD_BACK_STOP_IDS = 16
 # repetition_penalty multiplies and divides float32 logits: kept where neither can reach 0 or inf.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# A request with n > 1 runs as n requests (runtime/parallel_sampling.py), each with its own pages.
+MAX_N = 16
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
@@ -64,6 +66,8 @@ class SamplingParams:
     # As vLLM's: k keeps only the prompt's last k tokens (left truncation); -1 the model's context's
     # worth; None keeps it whole.
     truncate_prompt_tokens: int | None = None
+    # As vLLM's and OpenAI's: this many completions of the prompt, sequence i sampled with seed + i.
+    n: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -84,6 +88,8 @@ class SamplingParams:
         if not low * (1 - 1e-6) <= self.repetition_penalty <= high:  # NaN fails; 0.01 comes as 0.0099999998 in a proto
             raise ValueError(f"repetition_penalty must be in [{low}, {high:g}] (1 is off), "
                              f"got {self.repetition_penalty}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
                                                             or 1 <= self.truncate_prompt_tokens <= INT32_MAX):
             raise ValueError(f"truncate_prompt_tokens must be -1 (the model's context) or in [1, {INT32_MAX}], "
@@ -114,6 +120,11 @@ class SamplingParams:
     def with_seed(self) -> "SamplingParams":
         """Fixes a random seed now, so every leg of a request samples with the same one."""
         return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
+
+    def child(self, index: int) -> "SamplingParams":
+        """Sequence `index` of an n > 1 request, as vLLM's: one sequence, seed + index (the seed fixed first)."""
+        assert self.seed is not None, "fix the seed (with_seed) before deriving the sequences"
+        return dataclasses.replace(self, n=1, seed=(self.seed + index) % 2**32)
 
     def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt as the model will read it: its last truncate_prompt_tokens tokens, if set."""

@@ -20,6 +20,7 @@ from splitserve.runtime.admission import AdmissionGate, AdmissionRejected
 from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePassed
 from splitserve.runtime.drain import Admission, NotAdmitted
 from splitserve.runtime.metrics import RouterMetrics
+from splitserve.runtime.parallel_sampling import sequences
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
 
@@ -92,14 +93,16 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt_ids = params.truncated(self._prompt_ids(request, context), self.router.metadata.config.max_model_len)
-        first = True
+        first, unfinished = True, params.n
         try:
-            for event in self.router.generate(prompt_ids, params, request.request_id, CallScope.from_context(context),
-                                              on_prefill=lambda: timer.prefill_sent(len(prompt_ids))):
+            for index, event in sequences(self.router, prompt_ids, params, request.request_id,
+                                          CallScope.from_context(context),
+                                          on_prefill=lambda: timer.prefill_sent(len(prompt_ids))):
                 timer.tokens(len(event.token_ids))
-                yield _response(event, prompt_ids if first else [], request.request_id)
+                yield _response(event, prompt_ids if first else [], request.request_id, index)
                 first = False
-                if event.finish_reason:
+                unfinished -= bool(event.finish_reason)
+                if not unfinished:  # the request's last sequence ended
                     timer.close(finish_reason=event.finish_reason)
         except RouterError as e:
             context.abort(e.code, str(e))
@@ -121,9 +124,9 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             chat_template=self.router.metadata.chat_template is not None)
 
 
-def _response(event, prompt_ids: list[int], request_id: str) -> serving_pb2.GenerateResponse:
+def _response(event, prompt_ids: list[int], request_id: str, index: int) -> serving_pb2.GenerateResponse:
     msg = serving_pb2.GenerateResponse(token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
-                                       prompt_token_ids=prompt_ids, request_id=request_id,
+                                       prompt_token_ids=prompt_ids, request_id=request_id, index=index,
                                        logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs])
     if isinstance(event.stop_reason, str):
         msg.stop_string = event.stop_reason

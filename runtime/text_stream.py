@@ -36,15 +36,14 @@ class TextStream:
 
         `last`: the request ends with this token (length, EOS, a stop token), so nothing is held
         back. `stop_token`: the token ended the request as EOS or one of stop_token_ids; it adds no
-        text unless include_stop (as vLLM; its id stays in the token ids either way). `find_stop`:
+        text unless include_stop, and then its text is searched for stop strings too (as vLLM; its
+        id stays in the token ids either way). `find_stop`:
         False while min_tokens is not reached (stop strings are not looked for yet).
         """
         if self._detok is None:
             return "", False
         stopped = False
-        if stop_token and self._include_stop:
-            self._detok.add(token)
-        elif not stop_token:
+        if not stop_token or self._include_stop:  # a stop token's text is kept only with include_stop
             delta = self._detok.add(token)
             span = find_stop_span(self._detok.text, self._stop, len(delta)) if find_stop else None
             if span is not None:

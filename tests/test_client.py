@@ -107,6 +107,46 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(stack, expected, e
     assert in_engine[0].prompt_token_ids == too_long[-100:] and in_engine[0].token_ids == served.token_ids
 
 
+def test_n_sequences_sample_with_seed_plus_index_as_vllm(stack, expected, engine):
+    """n > 1 through the router (each sequence its own disaggregated request): sequence i equals the
+    colocated engine's run with seed + i; the chunks interleave, each with its index."""
+    sampled = dict(max_tokens=10, ignore_eos=True, temperature=1.0, seed=11)
+    with Client(stack.address) as client:
+        outs = client.generate_n(PROMPT, n=3, **sampled)
+        chunks = list(client.stream(PROMPT, n=3, **sampled))
+        greedy = client.generate_n(PROMPT, n=2, max_tokens=10, ignore_eos=True)
+        with pytest.raises(ValueError, match="use generate_n for n=2"):
+            client.generate(PROMPT, n=2)
+        with pytest.raises(SplitserveError) as err:
+            client.generate_n(PROMPT, n=17)
+    prompt = expected.prompt_token_ids
+    want = engine.generate([prompt] * 3, [SamplingParams(**{**sampled, "seed": 11 + i}) for i in range(3)])
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    assert len({tuple(o.token_ids) for o in outs}) == 3  # three seeds, three samples
+    assert all(o.prompt_token_ids == prompt and o.finish_reason == "length" and 0 < o.ttft_s for o in outs)
+    assert chunks[0].prompt_token_ids == prompt and not any(c.prompt_token_ids for c in chunks[1:])
+    assert [[t for c in chunks if c.index == i for t in c.token_ids] for i in range(3)] == [o.token_ids for o in outs]
+    assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1, 2]
+    assert greedy[0].token_ids == greedy[1].token_ids == expected.token_ids[:10]
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "n must be in [1, 16], got 17" in str(err.value)
+
+
+def test_leaving_an_n_sequence_stream_frees_every_sequences_pages(stack):
+    with Client(stack.address) as client:
+        stream = client.stream(PROMPT, n=4, max_tokens=1000, ignore_eos=True, temperature=1.0)
+        seen = set()
+        for chunk in stream:
+            seen.add(chunk.index)
+            if len(seen) == 4:
+                break
+        assert any(s.free_pages < s.total_pages for s in stack.decode_stats())
+        stream.close()  # cancels the call: all four sequences stop
+        deadline = time.monotonic() + 5.0
+        while any(s.free_pages != s.total_pages for s in stack.decode_stats()):
+            assert time.monotonic() < deadline, "an n > 1 request's pages were not freed within 5 s of the cancel"
+            time.sleep(0.02)
+
+
 def test_logprobs_come_with_each_token_when_asked(stack, expected):
     with Client(stack.address) as client:
         out = client.generate(PROMPT, max_tokens=12, ignore_eos=True, logprobs=3)
@@ -214,9 +254,11 @@ def test_async_client(stack, expected):
             both = await asyncio.gather(*(client.generate(PROMPT, max_tokens=12, ignore_eos=True) for _ in range(4)))
             with pytest.raises(SplitserveError) as err:
                 await client.generate(PROMPT, max_tokens=0)
-            return out, chunks, both, err.value.code, await client.health(), await client.model_info()
+            pair = await client.generate_n(PROMPT, n=2, max_tokens=12, ignore_eos=True)
+            return out, chunks, both, err.value.code, await client.health(), await client.model_info(), pair
 
-    out, chunks, both, code, health, info = asyncio.run(main())
+    out, chunks, both, code, health, info, pair = asyncio.run(main())
+    assert [o.token_ids for o in pair] == [expected.token_ids] * 2 and pair[1].prompt_token_ids == out.prompt_token_ids
     assert out.token_ids == expected.token_ids and out.text == expected.text
     assert [t for c in chunks for t in c.token_ids] == expected.token_ids
     assert all(o.token_ids == expected.token_ids for o in both)

@@ -21,7 +21,7 @@ def stream(tokenizer, prompt, tokens, stop, eos_at_end=False, include_stop=False
     """(deltas, index of the token a stop string ended at or None), feeding tokens as a server does.
     `which`: a list that gets the stop string the stream reports (its stop_string)."""
     text = TextStream(tokenizer, prompt, tuple(stop), include_stop)
-    deltas = []
+    deltas, stopped = [], False
     for i, token in enumerate(tokens):
         last = i == len(tokens) - 1
         delta, stopped = text.add(token, stop_token=eos_at_end and last, last=last)
@@ -86,3 +86,17 @@ def test_include_stop_keeps_the_stop_tokens_text_as_vllm_does(tokenizer):
     kept, _ = stream(tokenizer, [], tokens, [], eos_at_end=True, include_stop=True)
     assert "".join(kept) == "the cat sat on the mat"
     assert "".join(dropped) == tokenizer.decode(tokens[:-1]) != "".join(kept)
+
+
+def test_with_include_stop_a_stop_tokens_text_can_complete_a_stop_string_as_in_vllm(tokenizer):
+    """vLLM detokenizes a stop token's text only with include_stop_str_in_output, and then looks for
+    stop strings in it: one completed there cuts the text after it and is the stop reason."""
+    tokens = tokenizer.encode("the cat sat on the mat by the door", add_special_tokens=False)
+    full, before = tokenizer.decode(tokens), len(tokenizer.decode(tokens[:-1]))
+    stop = full[before - 1: before + 1]  # from the last character before the stop token's into its first
+    assert len(stop) == 2 and full.find(stop) == before - 1
+    kept, which = [], []
+    deltas, at = stream(tokenizer, [], tokens, [stop], eos_at_end=True, include_stop=True, which=kept)
+    assert "".join(deltas) == full[: before + 1] and kept == [stop] and at == len(tokens) - 1
+    deltas, at = stream(tokenizer, [], tokens, [stop], eos_at_end=True, which=which)
+    assert "".join(deltas) == full[:before] and which == [None] and at is None  # its text is dropped
