@@ -51,17 +51,19 @@ class AdmissionGate:
             return self._admitted
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Holds one place for the duration of the block; raises AdmissionRejected if none is free."""
+    def admit(self, places: int = 1) -> Iterator[None]:
+        """Holds `places` places (a call with n sequences runs n requests) for the duration of the
+        block; raises AdmissionRejected if they are not all free."""
         with self._lock:
-            if self._admitted >= self.limit:
+            if self._admitted + places > self.limit:
                 self.rejected += 1
+                asked = f" ({places} asked by this call's n)" if places > 1 else ""
                 raise AdmissionRejected(
-                    f"the router is at its limit of {self.limit} concurrent requests "
+                    f"the router is at its limit of {self.limit} concurrent requests{asked} "
                     f"(--max-concurrent-requests); retry later")
-            self._admitted += 1
+            self._admitted += places
         try:
             yield
         finally:
             with self._lock:
-                self._admitted -= 1
+                self._admitted -= places

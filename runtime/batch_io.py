@@ -31,10 +31,10 @@ DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "truncate_prompt_tokens")
+                   "repetition_penalty", "truncate_prompt_tokens", "n")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
-OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "n", "stream",
+OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream",
                       "top_logprobs") + SAMPLING_FIELDS
 
 
@@ -171,8 +171,6 @@ def _openai_fields(obj: dict) -> tuple[str | None, tuple[int, ...] | None, tuple
     if not isinstance(body, dict):
         raise ValueError(f"body must be a JSON object, got {json.dumps(body)}")
     _reject_unknown(body, OPENAI_BODY_FIELDS, "body.")
-    if body.get("n") not in (None, 1):
-        raise ValueError(f"body.n must be 1 (one completion per line), got {json.dumps(body['n'])}")
     if body.get("stream") not in (None, False):
         raise ValueError("body.stream must be false in a batch")
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
@@ -287,7 +285,7 @@ def _sampling(fields: dict) -> SamplingParams:
                              ("presence_penalty", _is_number, "a number"),
                              ("frequency_penalty", _is_number, "a number"),
                              ("repetition_penalty", _is_number, "a number"),
-                             ("truncate_prompt_tokens", _is_int, "an integer"),
+                             ("truncate_prompt_tokens", _is_int, "an integer"), ("n", _is_int, "an integer"),
                              ("include_stop_str_in_output", _is_bool, "a boolean")):
         value = fields.get(key)
         if value is not None and not check(value):

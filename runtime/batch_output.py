@@ -8,10 +8,11 @@
              "request_id"}, "error": "<message>"}            (as vLLM's run-batch writes them)
 
 The OpenAI body is a text completion (`/v1/completions`, native prompt lines too) or a chat
-completion (a line with messages): one choice with vLLM's "stop_reason" (the stop string or stop
-token id that ended it, else null; a native line has it only then), `usage` in tokens; a request that asks for
-logprobs gets an error line there (OpenAI's logprobs name tokens by their text, which a batch
-run against a router does not have), and its native line has them as
+completion (a line with messages): one choice per completion (`n` of them; a native line holds
+one, so n > 1 gets an error line there), each with vLLM's "stop_reason" (the stop string or
+stop token id that ended it, else null; a native line has it only then), `usage` in tokens; a
+request that asks for logprobs gets an error line there (OpenAI's logprobs name tokens by their
+text, which a batch run against a router does not have), and its native line has them as
 [{"logprob", "top": [[token id, logprob], ...]}, ...]. Every line begins with
 {"id": ...} so that a torn tail is recognised the same way (runtime/batch_io.py), and
 `input_id(record)` gives back the input line's id from either shape, and `recover_output` cuts a
@@ -35,9 +36,13 @@ FORMATS = ("native", "openai")
 class NativeOutput:
     def refuses(self, request: BatchRequest) -> str | None:
         """Why this output cannot hold the request's result (then it is not run), or None."""
+        if request.params.n > 1:
+            return "n > 1 is written with --output-format openai (one choice per completion)"
         return None
 
-    def result(self, request: BatchRequest, completion: Completion) -> dict:
+    def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
+        """`completions`: the request's n (one here: refuses() turned away the others)."""
+        (completion,) = completions
         line = {"id": request.id, "text": completion.text, "token_ids": list(completion.token_ids),
                 "finish_reason": completion.finish_reason, "prompt_tokens": len(completion.prompt_token_ids)}
         if completion.logprobs is not None:
@@ -61,18 +66,23 @@ class OpenAIOutput:
             return "logprobs are written with --output-format native only (OpenAI's name tokens by their text)"
         return None
 
-    def result(self, request: BatchRequest, completion: Completion) -> dict:
-        prompt_tokens, completion_tokens = len(completion.prompt_token_ids), len(completion.token_ids)
+    def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
+        """`completions`: the request's n, in index order: one choice each."""
+        prompt_tokens = len(completions[0].prompt_token_ids)
+        completion_tokens = sum(len(c.token_ids) for c in completions)
         chat = request.messages is not None
-        choice = {"index": 0, "logprobs": None, "finish_reason": completion.finish_reason,
-                  "stop_reason": completion.stop_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": completion.text}
-        else:
-            choice["text"] = completion.text
+        choices = []
+        for index, completion in enumerate(completions):
+            choice = {"index": index, "logprobs": None, "finish_reason": completion.finish_reason,
+                      "stop_reason": completion.stop_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": completion.text}
+            else:
+                choice["text"] = completion.text
+            choices.append(choice)
         body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model, "choices": [choice],
+                "created": int(time.time()), "model": self.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)

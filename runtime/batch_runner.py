@@ -10,10 +10,12 @@ Backends:
   requests are added at a time (twice the engine's batch by default, so the scheduler
   always has the next ones waiting when a slot or pages free up); each step() emits
   tokens, and a request that finishes is released and written at once, so its line is
-  on disk while the rest keep running. A request the engine rejects (ValueError: empty,
-  token ids outside the vocabulary, longer than the context or the page pool) becomes
-  an error line, as does a chat the model's template refuses (or a model without one).
-- RemoteBackend: `concurrency` threads each run Client.generate; the calling thread
+  on disk while the rest keep running. A line with n > 1 is n engine requests (sequence i
+  with seed + i, as the router runs them), written when the last of them finishes. A
+  request the engine rejects (ValueError: empty, token ids outside the vocabulary, longer
+  than the context or the page pool) becomes an error line, as does a chat the model's
+  template refuses (or a model without one).
+- RemoteBackend: `concurrency` threads each run Client.generate_n; the calling thread
   writes lines as calls complete (one writer, no lock). INVALID_ARGUMENT/OUT_OF_RANGE/
   FAILED_PRECONDITION describe the request and become error lines; any other failure (router down, deadline)
   stops the run with BatchAborted, so a re-run retries those requests instead of
@@ -80,10 +82,11 @@ class Recorder:
         self._writer, self.stats, self._bar, self._output = writer, stats, bar, output
         self._start = time.perf_counter()
 
-    def completed(self, request: BatchRequest, completion: Completion) -> None:
-        self._writer.write(self._output.result(request, completion))
+    def completed(self, request: BatchRequest, completions: list[Completion]) -> None:
+        """`completions`: the request's n, in index order."""
+        self._writer.write(self._output.result(request, completions))
         self.stats.done += 1
-        self.stats.output_tokens += len(completion.token_ids)
+        self.stats.output_tokens += sum(len(c.token_ids) for c in completions)
         self._tick()
 
     def error(self, request_id, line: int, message: str) -> None:
@@ -96,6 +99,14 @@ class Recorder:
         self._bar.set_postfix_str(f"{self.stats.output_tokens / elapsed:.1f} tok/s, {self.stats.errors} errors",
                                   refresh=False)
         self._bar.update(1)
+
+
+@dataclasses.dataclass
+class _Sequences:
+    """A request's n completions as they finish (None until then)."""
+
+    request: BatchRequest
+    completions: list[Completion | None]
 
 
 class Backend(Protocol):
@@ -150,21 +161,32 @@ class InProcessBackend:
         # similar length waste least. Results are written as they finish, in any order anyway.
         prompts.sort(key=lambda item: len(item[0]))
         queue = collections.deque(prompts)
-        in_flight: dict[str, BatchRequest] = {}  # engine request id -> request
+        in_flight: dict[str, tuple[_Sequences, int]] = {}  # engine request id -> its request's sequences, index
         while queue or in_flight:
             self._fill(queue, in_flight, recorder)
             if in_flight and not self.engine.has_unfinished():
                 raise RuntimeError(f"engine idle with {len(in_flight)} requests in flight")
             for event in self.engine.step() if in_flight else ():
                 if event.finish_reason is not None:
-                    recorder.completed(in_flight.pop(event.request_id), self.engine.release(event.request_id))
+                    sequences, index = in_flight.pop(event.request_id)
+                    sequences.completions[index] = self.engine.release(event.request_id)
+                    if all(c is not None for c in sequences.completions):
+                        recorder.completed(sequences.request, sequences.completions)
 
     def _fill(self, queue: collections.deque, in_flight: dict, recorder: Recorder) -> None:
         while queue and len(in_flight) < self.max_in_flight:
             prompt_ids, request = queue.popleft()
+            params = request.params.with_seed()  # n > 1: sequence i samples with seed + i, as the router's
+            sequences = _Sequences(request, [None] * params.n)
+            added = []
             try:
-                in_flight[self.engine.add_request(prompt_ids, request.params)] = request
+                for index in range(params.n):
+                    added.append(self.engine.add_request(prompt_ids, params.child(index) if params.n > 1 else params))
+                    in_flight[added[-1]] = (sequences, index)
             except ValueError as e:
+                for engine_id in added:
+                    del in_flight[engine_id]
+                    self.engine.release(engine_id)
                 recorder.error(request.id, request.line, str(e))
 
     def _prompt_ids(self, request: BatchRequest) -> list[int]:
@@ -214,18 +236,18 @@ class RemoteBackend:
                 for future in as_completed(futures):
                     request = futures[future]
                     try:
-                        completion = future.result()
+                        completions = future.result()
                     except SplitserveError as e:
                         if e.code not in request_errors:
                             raise BatchAborted(f"request {request.id!r} (line {request.line}) failed: {e}") from e
                         recorder.error(request.id, request.line, f"{e.code.name}: {e.message}")
                     else:
-                        recorder.completed(request, completion)
+                        recorder.completed(request, completions)
             finally:
                 for future in futures:
                     future.cancel()  # no-op for finished ones; queued ones never start
 
-    def _generate(self, request: BatchRequest) -> Completion:
+    def _generate(self, request: BatchRequest) -> list[Completion]:
         import grpc
 
         from splitserve.runtime.client import SplitserveError
@@ -241,10 +263,10 @@ class RemoteBackend:
                 time.sleep(wait_s)
         raise AssertionError("unreachable")
 
-    def _generate_once(self, request: BatchRequest) -> Completion:
+    def _generate_once(self, request: BatchRequest) -> list[Completion]:
         p = request.params
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
-        return self.client.generate(request.prompt, token_ids=token_ids, messages=request.messages,
+        return self.client.generate_n(request.prompt, n=p.n, token_ids=token_ids, messages=request.messages,
                                     max_tokens=p.max_tokens,
                                     temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
                                     stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,

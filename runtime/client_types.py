@@ -43,7 +43,7 @@ class Chunk:
     prompt_token_ids: list[int]  # on the first chunk only
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when the request asked for them
     stop_reason: str | int | None = None  # on the last chunk: the stop string or stop token id that ended it
-    index: int = 0  # which of the request's n sequences (generate(n=...)) this chunk continues
+    index: int = 0  # which of the request's n sequences (stream(n=...)) this chunk continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,7 @@ class SequencesBuilder:
 
     def __init__(self, start_s: float, n: int):
         self.sequences = [CompletionBuilder(start_s) for _ in range(n)]
+        self.ends: list[float | None] = [None] * n  # when each sequence's last chunk came
         self.prompt_ids: list[int] = []
 
     def add(self, chunk: Chunk, now_s: float) -> None:
@@ -143,11 +144,13 @@ class SequencesBuilder:
                                                             f"{len(self.sequences)}")
         self.prompt_ids = self.prompt_ids or chunk.prompt_token_ids  # on the call's first chunk only
         self.sequences[chunk.index].add(chunk, now_s)
+        if chunk.finish_reason:
+            self.ends[chunk.index] = now_s
 
     def build(self, end_s: float) -> list[Completion]:
         for sequence in self.sequences:
-            sequence.prompt_ids = self.prompt_ids
-        return [sequence.build(end_s) for sequence in self.sequences]
+            sequence.prompt_ids = list(self.prompt_ids)
+        return [sequence.build(end_s if end is None else end) for sequence, end in zip(self.sequences, self.ends)]
 
 
 class CompletionBuilder:

@@ -86,7 +86,8 @@ class RequestTimer:
 
     def __init__(self, metrics: RouterMetrics):
         self.m = metrics
-        self.arrived = self.last_token = time.perf_counter()
+        self.arrived = time.perf_counter()
+        self.last_token: dict[int, float] = {}  # per sequence (n > 1 interleaves them on one call)
         self.first_token_seen = False
         self.closed = False
         metrics.waiting.inc()
@@ -95,17 +96,17 @@ class RequestTimer:
         self.m.queue_time.observe(time.perf_counter() - self.arrived)
         self.m.prompt_tokens.inc(prompt_tokens)
 
-    def tokens(self, count: int) -> None:
+    def tokens(self, count: int, sequence: int = 0) -> None:
         now = time.perf_counter()
         if not self.first_token_seen:
             self.first_token_seen = True
             self.m.ttft.observe(now - self.arrived)
             self.m.waiting.dec()
             self.m.running.inc()
-        else:  # a message of several tokens (merged by the router): its gap, spread over them
+        elif sequence in self.last_token:  # a message of several tokens (merged by the router): its gap, spread
             for _ in range(count):
-                self.m.itl.observe((now - self.last_token) / count)
-        self.last_token = now
+                self.m.itl.observe((now - self.last_token[sequence]) / count)
+        self.last_token[sequence] = now  # (a later sequence's first token has no gap to measure)
         self.m.generation_tokens.inc(count)
 
     def close(self, *, finish_reason: str = "", error_code: str = "") -> None:

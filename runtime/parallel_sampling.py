@@ -1,20 +1,25 @@
 """n > 1: one client request run as n router requests, their events interleaved on one stream.
 
 As vLLM does, sequence i is the request with `n=1` and seed + i (SamplingParams.child); each has
-its own reservation, prefill and decode (no prompt KV is shared between them yet). The children
-share the call's scope: the client's cancel or deadline reaches all of them, and the first child
-that fails cancels the others, and its error is the call's.
+its own reservation, prefill and decode (no prompt KV is shared between them yet), and takes n
+places of the router's admission limit (runtime/serving_service.py). The sequences share the
+call's scope: the client's cancel or deadline reaches all of them; the first that fails cancels
+the others and its error is the call's. The call ends only once every sequence has (each
+releases its decode pages on its way out), or END_WAIT_S after the cancel.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable, Iterator
 
 from splitserve.runtime.deadlines import CallScope
 from splitserve.runtime.router import Router, RouterEvent
 from splitserve.runtime.sampling_params import SamplingParams
+
+END_WAIT_S = 10.0  # after a cancel, how long the call waits for its sequences to release what they hold
 
 
 def sequences(router: Router, prompt_ids: list[int], params: SamplingParams, request_id: str, scope: CallScope,
@@ -36,18 +41,30 @@ def sequences(router: Router, prompt_ids: list[int], params: SamplingParams, req
         else:
             arrivals.put((index, None, None))
 
-    for index in range(params.n):
-        threading.Thread(target=run, args=(index,), name=f"{request_id or 'req'}-seq{index}", daemon=True).start()
-    running = params.n
+    running = 0
     try:
+        for index in range(params.n):
+            threading.Thread(target=run, args=(index,), name=f"{request_id or 'req'}-seq{index}", daemon=True).start()
+            running += 1
         while running:
             index, event, error = arrivals.get()
+            if event is not None:
+                yield index, event
+                continue
+            running -= 1  # that sequence has ended
             if error is not None:
                 raise error
-            if event is None:
-                running -= 1
-            else:
-                yield index, event
     finally:
-        if running:  # a sequence failed, or the caller stopped reading: stop the others
+        if running:  # a sequence failed, or the caller stopped reading: stop the others, and wait for them
             scope.cancel()
+            _wait_for_ends(arrivals, running)
+
+
+def _wait_for_ends(arrivals: queue.SimpleQueue, running: int) -> None:
+    deadline = time.monotonic() + END_WAIT_S
+    while running:
+        try:
+            _, event, _ = arrivals.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return  # they are daemon threads: the process does not wait for them either
+        running -= event is None

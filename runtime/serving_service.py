@@ -23,6 +23,7 @@ from splitserve.runtime.metrics import RouterMetrics
 from splitserve.runtime.parallel_sampling import sequences
 from splitserve.runtime.proto_convert import sampling_from_public
 from splitserve.runtime.router import Router, RouterError
+from splitserve.runtime.sampling_params import MAX_N
 
 log = logging.getLogger(__name__)
 # A client's optional request id. The router adds a 13-character suffix, and the id travels with
@@ -73,7 +74,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             timer.close(error_code=grpc.StatusCode.UNAVAILABLE.name)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            with self.admission.admit():
+            with self.admission.admit(_sequences_asked(request)):
                 yield from self._generate(request, context, timer)
         except AdmissionRejected as e:
             timer.close(error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.name)
@@ -98,7 +99,7 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             for index, event in sequences(self.router, prompt_ids, params, request.request_id,
                                           CallScope.from_context(context),
                                           on_prefill=lambda: timer.prefill_sent(len(prompt_ids))):
-                timer.tokens(len(event.token_ids))
+                timer.tokens(len(event.token_ids), index)
                 yield _response(event, prompt_ids if first else [], request.request_id, index)
                 first = False
                 unfinished -= bool(event.finish_reason)
@@ -122,6 +123,12 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             max_model_len=cfg.max_model_len, dtype=dtype, page_size=page_size,
             eos_token_ids=list(cfg.eos_token_ids), workers=workers, mode=self.router.mode,
             chat_template=self.router.metadata.chat_template is not None)
+
+
+def _sequences_asked(request) -> int:
+    """Places the call takes of the admission limit: one per sequence (n), checked later."""
+    n = request.sampling.n if request.sampling.HasField("n") else 1
+    return n if 1 <= n <= MAX_N else 1  # a bad n is refused with INVALID_ARGUMENT once admitted
 
 
 def _response(event, prompt_ids: list[int], request_id: str, index: int) -> serving_pb2.GenerateResponse:

@@ -26,6 +26,18 @@ def test_gate_refuses_past_its_limit_and_frees_a_place_when_a_call_ends():
         assert gate.admitted == 1
 
 
+def test_a_call_with_n_sequences_takes_n_places():
+    gate = AdmissionGate(AdmissionConfig(max_concurrent_requests=4))
+    with gate.admit(3):
+        assert gate.admitted == 3
+        with pytest.raises(AdmissionRejected, match="limit of 4 concurrent requests \\(2 asked by this call's n\\)"):
+            with gate.admit(2):
+                pass
+        with gate.admit():
+            assert gate.admitted == 4
+    assert gate.admitted == 0
+
+
 def test_gate_counts_exactly_under_concurrent_callers():
     gate = AdmissionGate(AdmissionConfig(max_concurrent_requests=5))
     inside, go, outcomes = threading.Barrier(5 + 1), threading.Event(), []

@@ -174,7 +174,7 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"id": "a", "prompt_token_ids": [1, "2"]}', "prompt_token_ids must be a list of integers"),
     ('{"id": "a", "prompt": "x", "prompt_token_ids": [1]}', "only one of prompt, prompt_token_ids and messages"),
     ('{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url must be one of"),
-    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 2}}', "body.n must be 1"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": "two"}}', "n must be an integer"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "top_logprobs": 2}}',
      "body.top_logprobs is a /v1/chat/completions field"),
     ('{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [], "logprobs": 2}}',
@@ -182,6 +182,7 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [], "top_logprobs": 2}}',
      "body.top_logprobs needs body.logprobs true"),
     ('{"id": "a", "prompt": "x", "logprobs": 21}', "logprobs must be in \\[0, 20\\]"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 17}}', "n must be in \\[1, 16\\]"),
     ('{"id": "a", "prompt": "x", "logprobs": true}', "logprobs must be an integer"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
     ('[1, 2]', "expected a JSON object"),
@@ -440,6 +441,9 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
         openai_out = tmp_path / "openai.jsonl"
         assert main(["--address", stack.address, "--input", str(src), "--output", str(openai_out),
                      "--output-format", "openai", "--no-progress"]) == 0
+        n_out = tmp_path / "n.jsonl"
+        assert main(["--address", stack.address, "--input", str(write_lines(tmp_path / "n_in.jsonl", N_LINES)),
+                     "--output", str(n_out), "--output-format", "openai", "--no-progress"]) == 0
         from splitserve.runtime.client import Client
 
         with Client(stack.address) as client:
@@ -450,6 +454,7 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     check_against_reference(records, cases, reference)
     openai = {r["custom_id"]: r for r in map(json.loads, openai_out.read_text().splitlines())}
     assert set(openai) == set(records)
+    check_n_choices({r["custom_id"]: r for r in map(json.loads, n_out.read_text().splitlines())}, reference)
     for request_id, record in records.items():
         if "error" in record:
             assert openai[request_id]["error"] == record["error"]
@@ -467,7 +472,7 @@ class BusyRouter:
 
         self.busy, self.calls, self._lock = busy, 0, threading.Lock()
 
-    def generate(self, prompt, **kw):
+    def generate_n(self, prompt, n, **kw):
         import grpc
 
         from splitserve.runtime.client import SplitserveError
@@ -477,8 +482,8 @@ class BusyRouter:
             self.calls += 1
             if self.calls <= self.busy:
                 raise SplitserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the router is at its limit")
-        return Completion(text="ok", token_ids=[5], prompt_token_ids=[1], finish_reason="length", ttft_s=0.0,
-                          latency_s=0.0)
+        return [Completion(text="ok", token_ids=[5], prompt_token_ids=[1], finish_reason="length", ttft_s=0.0,
+                           latency_s=0.0)] * n
 
 
 def test_a_busy_router_is_asked_again_not_the_end_of_the_batch(tmp_path):
@@ -505,6 +510,39 @@ def test_in_process_admits_in_prompt_length_order(tmp_path, model):
     run_batch(src, tmp_path / "out.jsonl", InProcessBackend(engine), progress=False)
     assert admitted == sorted(lengths)
     assert len(read_output(tmp_path / "out.jsonl")) == len(lengths)
+
+
+N_LINES = [{"custom_id": "three", "url": "/v1/completions",
+            "body": {"prompt": "Once upon", "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 5}},
+           {"custom_id": "chat2", "url": "/v1/chat/completions",
+            "body": {"messages": list(CHAT), "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 9}}]
+
+
+def check_n_choices(lines: dict, reference) -> None:
+    """Each line's n choices are the engine's runs with seed + index, as vLLM's n."""
+    want = reference(["Once upon"] * 3, [SamplingParams(max_tokens=8, temperature=1.0, seed=5 + i) for i in range(3)])
+    body = lines["three"]["response"]["body"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [w.text for w in want] and len({w.text for w in want}) > 1
+    assert body["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+    assert body["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids)
+    chat_ids = transformers_chat_ids(json.dumps(CHAT))
+    want = reference([chat_ids] * 2, [SamplingParams(max_tokens=6, temperature=1.0, seed=9 + i) for i in range(2)])
+    assert [c["message"]["content"] for c in lines["chat2"]["response"]["body"]["choices"]] == [w.text for w in want]
+
+
+def test_n_completions_per_line_are_openai_choices(tmp_path, model, reference):
+    from splitserve.runtime.batch_output import OpenAIOutput
+
+    src = write_lines(tmp_path / "in.jsonl", N_LINES)
+    out = tmp_path / "out.jsonl"
+    stats = run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False, output=OpenAIOutput("demo"))
+    assert stats.done == 2 and stats.errors == 0
+    check_n_choices({r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}, reference)
+    native = tmp_path / "native.jsonl"
+    stats = run_batch(src, native, InProcessBackend(batch_engine(model)), progress=False)
+    assert stats.errors == 2 and all("n > 1 is written with --output-format openai" in r["error"]
+                                     for r in read_output(native).values())
 
 
 # -- OpenAI Batch API output ----------------------------------------------------------------

@@ -254,11 +254,14 @@ def test_async_client(stack, expected):
             both = await asyncio.gather(*(client.generate(PROMPT, max_tokens=12, ignore_eos=True) for _ in range(4)))
             with pytest.raises(SplitserveError) as err:
                 await client.generate(PROMPT, max_tokens=0)
-            pair = await client.generate_n(PROMPT, n=2, max_tokens=12, ignore_eos=True)
+            pair = await client.generate_n(PROMPT, n=2, max_tokens=12, ignore_eos=True, temperature=1.0, seed=3)
             return out, chunks, both, err.value.code, await client.health(), await client.model_info(), pair
 
     out, chunks, both, code, health, info, pair = asyncio.run(main())
-    assert [o.token_ids for o in pair] == [expected.token_ids] * 2 and pair[1].prompt_token_ids == out.prompt_token_ids
+    with Client(stack.address) as client:
+        sync_pair = client.generate_n(PROMPT, n=2, max_tokens=12, ignore_eos=True, temperature=1.0, seed=3)
+    assert [o.token_ids for o in pair] == [o.token_ids for o in sync_pair] and pair[0].token_ids != pair[1].token_ids
+    assert pair[1].prompt_token_ids == out.prompt_token_ids
     assert out.token_ids == expected.token_ids and out.text == expected.text
     assert [t for c in chunks for t in c.token_ids] == expected.token_ids
     assert all(o.token_ids == expected.token_ids for o in both)

@@ -156,3 +156,18 @@ def test_failed_kv_transfer_is_counted_as_a_failure_not_bytes():
     assert get("splitserve_kv_transfer_failures_total", {"direction": "sent"}) == 1
     assert get("splitserve_kv_transfer_bytes_total", {"direction": "sent"}) == 100
     assert get("splitserve_kv_transfer_seconds_count", {"direction": "sent"}) == 1
+
+
+def test_inter_token_latency_is_measured_within_each_of_n_sequences():
+    """n > 1 interleaves sequences on one call: a gap is measured from the same sequence's last
+    token, and a later sequence's first token is no gap at all."""
+    metrics = RouterMetrics()
+    timer = metrics.start_request()
+    for sequence in (0, 1, 2, 0, 1, 0):
+        timer.tokens(1, sequence)
+        time.sleep(0.002)
+    itl = metrics.registry.get_sample_value("splitserve_inter_token_latency_seconds_count")
+    ttft = metrics.registry.get_sample_value("splitserve_time_to_first_token_seconds_count")
+    assert (ttft, itl) == (1, 3)  # 0->0, 1->1, 0->0; not the first tokens of sequences 1 and 2
+    # the 0 -> 0 gaps spanned two other tokens: at least 3 sleeps each
+    assert metrics.registry.get_sample_value("splitserve_inter_token_latency_seconds_bucket", {"le": "0.005"}) <= 1
