@@ -1,7 +1,8 @@
 """The router's admission limit: at most N requests inside the router at once.
 
 A request is admitted when its Generate call arrives and leaves when the call ends, whatever
-stage it is in (waiting for decode pages, in a prefill queue, streaming tokens). Past the
+stage it is in (waiting for decode pages, in a prefill queue, streaming tokens); a call with n
+sequences (runtime/parallel_sampling.py) is n requests. Past the
 limit a new call is refused at once with RESOURCE_EXHAUSTED, never queued: a client that is
 told "busy" can back off or go to another replica, where one queued behind a long backlog
 only learns it when its deadline has passed. (TGI's --max-concurrent-requests works the same.)

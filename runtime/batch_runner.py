@@ -144,7 +144,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend,
 
 class InProcessBackend:
     def __init__(self, engine, max_in_flight: int | None = None):
-        """engine: a ColocatedEngine. max_in_flight: requests added at once (default 2x its batch)."""
+        """engine: a ColocatedEngine. max_in_flight: engine requests added at once (default 2x its
+        batch; a line with n sequences adds all n, so up to n - 1 past it)."""
         self.engine = engine
         self.max_in_flight = max_in_flight or 2 * engine.config.max_batch
 

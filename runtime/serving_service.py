@@ -74,7 +74,11 @@ class ServingService(serving_pb2_grpc.ServingServicer):
             timer.close(error_code=grpc.StatusCode.UNAVAILABLE.name)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            with self.admission.admit(_sequences_asked(request)):
+            places = _sequences_asked(request)
+            if places > self.admission.limit:  # could never be admitted: not "busy", which would be retried
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"n={places} sequences exceed this router's limit of "
+                              f"{self.admission.limit} concurrent requests (--max-concurrent-requests)")
+            with self.admission.admit(places):
                 yield from self._generate(request, context, timer)
         except AdmissionRejected as e:
             timer.close(error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.name)

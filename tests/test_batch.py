@@ -515,7 +515,8 @@ def test_in_process_admits_in_prompt_length_order(tmp_path, model):
 N_LINES = [{"custom_id": "three", "url": "/v1/completions",
             "body": {"prompt": "Once upon", "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 5}},
            {"custom_id": "chat2", "url": "/v1/chat/completions",
-            "body": {"messages": list(CHAT), "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 9}}]
+            "body": {"messages": list(CHAT), "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 9}},
+           {"id": "native3", "prompt": "Once upon", "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 5}]
 
 
 def check_n_choices(lines: dict, reference) -> None:
@@ -526,6 +527,7 @@ def check_n_choices(lines: dict, reference) -> None:
     assert [c["text"] for c in body["choices"]] == [w.text for w in want] and len({w.text for w in want}) > 1
     assert body["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
     assert body["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids)
+    assert [c["text"] for c in lines["native3"]["response"]["body"]["choices"]] == [w.text for w in want]
     chat_ids = transformers_chat_ids(json.dumps(CHAT))
     want = reference([chat_ids] * 2, [SamplingParams(max_tokens=6, temperature=1.0, seed=9 + i) for i in range(2)])
     assert [c["message"]["content"] for c in lines["chat2"]["response"]["body"]["choices"]] == [w.text for w in want]
@@ -537,11 +539,11 @@ def test_n_completions_per_line_are_openai_choices(tmp_path, model, reference):
     src = write_lines(tmp_path / "in.jsonl", N_LINES)
     out = tmp_path / "out.jsonl"
     stats = run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False, output=OpenAIOutput("demo"))
-    assert stats.done == 2 and stats.errors == 0
+    assert stats.done == 3 and stats.errors == 0
     check_n_choices({r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}, reference)
     native = tmp_path / "native.jsonl"
     stats = run_batch(src, native, InProcessBackend(batch_engine(model)), progress=False)
-    assert stats.errors == 2 and all("n > 1 is written with --output-format openai" in r["error"]
+    assert stats.errors == 3 and all("n > 1 is written with --output-format openai" in r["error"]
                                      for r in read_output(native).values())
 
 

@@ -122,3 +122,43 @@ def test_chat_messages_are_checked_by_the_router_with_the_right_status():
         channel.close()
         server.server.stop(0).wait()
         server.router.channels.close()
+
+
+def test_a_call_with_n_sequences_takes_n_places_and_n_past_the_limit_is_invalid():
+    server = RouterServer("demo", host="127.0.0.1", port=0, prefill=[], decode=[], colocated=["127.0.0.1:1"],
+                          admission=AdmissionConfig(max_concurrent_requests=4))
+    release = threading.Event()
+
+    def generate(*args, **kwargs):  # each sequence held open until the test ends
+        release.wait(60)
+        return
+        yield
+
+    server.router.generate = generate
+    server.server.start()
+    server.lifecycle.open()
+    channel = grpc.insecure_channel(server.address)
+    stub = serving_pb2_grpc.ServingStub(channel)
+
+    def request(n):
+        msg = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(max_tokens=4, n=n))
+        msg.token_ids.ids.extend([1, 2, 3])
+        return msg
+
+    try:
+        held = stub.Generate(request(3), timeout=60)
+        deadline = time.monotonic() + 30
+        while server.admission.admitted < 3:
+            assert time.monotonic() < deadline, f"{server.admission.admitted} places taken, not 3"
+            time.sleep(0.02)
+        for n, code, message in ((2, grpc.StatusCode.RESOURCE_EXHAUSTED, "(2 asked by this call's n)"),
+                                 (5, grpc.StatusCode.INVALID_ARGUMENT, "n=5 sequences exceed this router's limit")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request(n), timeout=10))
+            assert err.value.code() is code and message in err.value.details()
+        held.cancel()
+    finally:
+        release.set()
+        channel.close()
+        server.server.stop(5).wait()
+        server.router.channels.close()
