@@ -3,6 +3,7 @@ router holds every Generate call open (no workers needed), so the limit is reach
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -17,10 +18,11 @@ from splitserve.runtime.router_server import RouterServer
 LIMIT = 300  # above the 256 handler threads the router server once had, whatever the limit
 
 
-@pytest.fixture
-def held_router():
+@contextlib.contextmanager
+def router_holding_calls(limit: int):
+    """A router server whose every request (each sequence of n) is held open until the block ends."""
     server = RouterServer("demo", host="127.0.0.1", port=0, prefill=[], decode=[], colocated=["127.0.0.1:1"],
-                          admission=AdmissionConfig(max_concurrent_requests=LIMIT))
+                          admission=AdmissionConfig(max_concurrent_requests=limit))
     release = threading.Event()
 
     def generate(*args, **kwargs):  # the router's generate, held open until the test ends
@@ -37,6 +39,12 @@ def held_router():
         release.set()
         server.server.stop(5).wait()
         server.router.channels.close()
+
+
+@pytest.fixture
+def held_router():
+    with router_holding_calls(LIMIT) as server:
+        yield server
 
 
 def test_calls_past_the_limit_are_refused_at_once_and_health_still_answers(held_router):
@@ -125,27 +133,13 @@ def test_chat_messages_are_checked_by_the_router_with_the_right_status():
 
 
 def test_a_call_with_n_sequences_takes_n_places_and_n_past_the_limit_is_invalid():
-    server = RouterServer("demo", host="127.0.0.1", port=0, prefill=[], decode=[], colocated=["127.0.0.1:1"],
-                          admission=AdmissionConfig(max_concurrent_requests=4))
-    release = threading.Event()
-
-    def generate(*args, **kwargs):  # each sequence held open until the test ends
-        release.wait(60)
-        return
-        yield
-
-    server.router.generate = generate
-    server.server.start()
-    server.lifecycle.open()
-    channel = grpc.insecure_channel(server.address)
-    stub = serving_pb2_grpc.ServingStub(channel)
-
     def request(n):
         msg = serving_pb2.GenerateRequest(sampling=serving_pb2.SamplingParams(max_tokens=4, n=n))
         msg.token_ids.ids.extend([1, 2, 3])
         return msg
 
-    try:
+    with router_holding_calls(4) as server, grpc.insecure_channel(server.address) as channel:
+        stub = serving_pb2_grpc.ServingStub(channel)
         held = stub.Generate(request(3), timeout=60)
         deadline = time.monotonic() + 30
         while server.admission.admitted < 3:
@@ -157,8 +151,3 @@ def test_a_call_with_n_sequences_takes_n_places_and_n_past_the_limit_is_invalid(
                 list(stub.Generate(request(n), timeout=10))
             assert err.value.code() is code and message in err.value.details()
         held.cancel()
-    finally:
-        release.set()
-        channel.close()
-        server.server.stop(5).wait()
-        server.router.channels.close()
