@@ -133,7 +133,9 @@ def test_n_sequences_sample_with_seed_plus_index_as_vllm(stack, expected, engine
 
 def test_leaving_an_n_sequence_stream_frees_every_sequences_pages(stack):
     with Client(stack.address) as client:
-        stream = client.stream(PROMPT, n=4, max_tokens=1000, ignore_eos=True, temperature=1.0)
+        # 200 tokens: all four sequences' pages fit the stack's 128 at once (1000 each would make
+        # them wait for one another's pages)
+        stream = client.stream(PROMPT, n=4, max_tokens=200, ignore_eos=True, temperature=1.0)
         seen = set()
         for chunk in stream:
             seen.add(chunk.index)
