@@ -19,7 +19,7 @@ from splitserve.models.loader import LoadedModel
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent
+from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent, check_prompt_ids
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
 from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
@@ -57,12 +57,7 @@ class ColocatedEngine:
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         prompt_ids = params.truncated(prompt_ids, self.model.config.max_model_len)
-        if not prompt_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request

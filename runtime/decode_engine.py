@@ -30,6 +30,7 @@ from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
+from splitserve.runtime.request import check_prompt_ids
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 
@@ -96,9 +97,7 @@ class DecodeEngine:
                     prompt_ids: list[int] = ()) -> StreamOutput:
         """Starts decoding the request once its KV is in; its tokens go to `out` (default: a
         QueueOutput of its own), which is returned. `prompt_ids`: needed with a repetition penalty."""
-        vocab = self.runner.model.config.vocab_size
-        if bad := [t for t in prompt_ids if not 0 <= t < vocab]:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_ids, self.runner.model.config.vocab_size, may_be_empty=True)
         with self._lock:
             self.scheduler.stream_opened(request_id, params, prompt_ids)
             out = self._outputs[request_id] = QueueOutput() if out is None else out

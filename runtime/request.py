@@ -16,6 +16,14 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # cancelled
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int, may_be_empty: bool = False) -> None:
+    """Raises ValueError for an empty prompt (unless allowed) or ids the model has no embedding for."""
+    if not prompt_ids and not may_be_empty:
+        raise ValueError("prompt is empty: at least one token is needed")
+    if bad := [t for t in prompt_ids if not 0 <= t < vocab_size]:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
 @dataclasses.dataclass
 class Request:
     request_id: str

@@ -36,7 +36,7 @@ from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
 from splitserve.runtime.proto_convert import sampling_to_internal
-from splitserve.runtime.request import FinishReason
+from splitserve.runtime.request import FinishReason, check_prompt_ids
 from splitserve.runtime.router_errors import RouterError, passed_through
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
@@ -154,12 +154,10 @@ class Router:
     # -- one request ----------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         cfg = self.metadata.config
-        if not prompt_ids:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        try:
+            check_prompt_ids(prompt_ids, cfg.vocab_size)
+        except ValueError as e:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
