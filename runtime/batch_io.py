@@ -29,7 +29,8 @@ from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_
 
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                   "ignore_eos",
                    "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "truncate_prompt_tokens", "n")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
@@ -281,7 +282,8 @@ def _sampling(fields: dict) -> SamplingParams:
                              ("seed", _is_int, "an integer"), ("min_tokens", _is_int, "an integer"),
                              ("logprobs", _is_int, "an integer"),
                              ("temperature", _is_number, "a number"),
-                             ("top_p", _is_number, "a number"), ("ignore_eos", _is_bool, "a boolean"),
+                             ("top_p", _is_number, "a number"), ("min_p", _is_number, "a number"),
+                             ("ignore_eos", _is_bool, "a boolean"),
                              ("presence_penalty", _is_number, "a number"),
                              ("frequency_penalty", _is_number, "a number"),
                              ("repetition_penalty", _is_number, "a number"),

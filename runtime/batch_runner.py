@@ -269,7 +269,8 @@ class RemoteBackend:
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
         return self.client.generate_n(request.prompt, n=p.n, token_ids=token_ids, messages=request.messages,
                                     max_tokens=p.max_tokens,
-                                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                    seed=p.seed,
                                     stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
                                     min_tokens=p.min_tokens, logprobs=p.logprobs,
                                     include_stop_str_in_output=p.include_stop_str_in_output,

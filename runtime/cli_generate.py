@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="in [0, 1]: sample only tokens at least min_p times as likely as the most likely "
+                        "(default 0: off)")
     p.add_argument("--seed", type=int, help="sampling seed; the same seed gives the same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
@@ -131,7 +134,7 @@ def run(args) -> int:
 
 
 def _more_sampling(args) -> dict:
-    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+    return dict(min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens)
 
 

@@ -79,7 +79,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   request_id: str, messages=None, min_tokens: int = 0, logprobs: int | None = None,
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                  truncate_prompt_tokens: int | None = None, n: int = 1) -> serving_pb2.GenerateRequest:
+                  truncate_prompt_tokens: int | None = None, n: int = 1,
+                  min_p: float = 0.0) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -101,6 +102,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         if bad := [t for t in ids if not int32[0] <= t <= int32[1]]:
             raise ValueError(f"{name} must be 32-bit integers, got {bad[0]}")
     sampling = serving_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                          min_p=min_p,
                                           stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                           min_tokens=min_tokens, include_stop_str_in_output=include_stop_str_in_output,
                                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

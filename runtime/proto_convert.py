@@ -15,6 +15,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         top_k=msg.top_k if msg.HasField("top_k") else 0,
+        min_p=msg.min_p,
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
@@ -32,7 +33,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
 def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
     assert p.seed is not None, "resolve the seed (SamplingParams.with_seed) before sending"
     return internal_pb2.ResolvedSampling(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty,
@@ -41,7 +42,7 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
 
 def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams:
     return SamplingParams(
-        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
         seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         min_tokens=msg.min_tokens, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,

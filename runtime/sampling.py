@@ -46,6 +46,7 @@ class SamplingArrays:
     temperature: np.ndarray  # f32[batch]
     top_k: np.ndarray  # i32[batch]
     top_p: np.ndarray  # f32[batch]
+    min_p: np.ndarray  # f32[batch]: 0 = off
     seed: np.ndarray  # u32[batch]
     step: np.ndarray  # i32[batch], index of the token being sampled
     held_back: np.ndarray  # i32[batch, held_back_width]: ids masked this step (min_tokens), NO_ID padded
@@ -69,6 +70,7 @@ class SamplingArrays:
             temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
             top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
             top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
+            min_p=np.array([p.min_p for p in params] + [0.0] * pad, np.float32),
             seed=np.array([p.seed or 0 for p in params] + [0] * pad, np.uint32),
             step=np.array(list(steps) + [0] * pad, np.int32),
             held_back=held_back,
@@ -81,19 +83,23 @@ class SamplingArrays:
 
 
 jax.tree_util.register_dataclass(
-    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed", "step", "held_back", "logprobs",
+    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "min_p", "seed", "step", "held_back", "logprobs",
                                  "presence", "frequency", "repetition", "penalty_row"],
     meta_fields=[]
 )
 
 
 def _sample_filtered(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """vLLM's order: temperature, then min_p, then top-k and top-p over what min_p kept."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # descending
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
-    keep = (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
+    # min_p: a token stays if its probability is at least min_p times the top token's, i.e. if
+    # exp(its logit - the top logit) >= min_p (no softmax needed; min_p 0 keeps everything).
+    keep = jnp.exp(sorted_logits - sorted_logits[:, :1]) >= s.min_p[:, None]
+    keep &= (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
     sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs

@@ -44,6 +44,9 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k; -1 (vLLM's "off") is taken as 0
+    # As vLLM's, in [0, 1]: a token can be sampled only if its probability (after temperature) is at
+    # least min_p times the most likely token's. 0 = off; greedy requests ignore it.
+    min_p: float = 0.0
     seed: int | None = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -102,6 +105,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**32:

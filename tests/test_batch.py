@@ -296,6 +296,8 @@ def mixed_lines():
                    "frequency_penalty": 0.5, "repetition_penalty": 1.4, "ignore_eos": True},
                   ("ok", "Once upon", SamplingParams(max_tokens=12, presence_penalty=1.0, frequency_penalty=0.5,
                                                      repetition_penalty=1.4, ignore_eos=True))))
+    cases.append(({"id": "minp", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.5, "seed": 4, "min_p": 0.2},
+                  ("ok", "Once upon", SamplingParams(max_tokens=8, temperature=1.5, seed=4, min_p=0.2))))
     cases.append(({"id": "trunc", "prompt": "The weather today is", "max_tokens": 6, "truncate_prompt_tokens": 2},
                   ("ok", "The weather today is", SamplingParams(max_tokens=6, truncate_prompt_tokens=2))))
     cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
@@ -308,6 +310,8 @@ def mixed_lines():
     cases += [
         ('{"id": "broken", "prompt": ', ("error", "line-{n}", "invalid JSON")),
         ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
+        ({"id": "mp", "prompt": "x", "min_p": 2}, ("error", "mp", "min_p must be in [0, 1]")),
+        ({"id": "mps", "prompt": "x", "min_p": "0.1"}, ("error", "mps", "min_p must be a number")),
         ({"id": "mt", "prompt": "x", "max_tokens": "ten"}, ("error", "mt", "max_tokens must be an integer")),
         ({"id": "temp", "prompt": "x", "temperature": [1]}, ("error", "temp", "temperature must be a number")),
         ({"id": "empty", "prompt": ""}, ("error", "empty", "prompt is empty")),

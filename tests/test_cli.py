@@ -73,6 +73,7 @@ def test_generate_streams_demo_text(cache):
     (["generate", "hi", "--logprobs", "21", "--json"], "logprobs must be in [0, 20]"),
     (["generate", "hi", "--logprobs", "2"], "--logprobs goes with --json"),
     (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty must be in [0.01, 100]"),
+    (["generate", "hi", "--min-p", "1.5"], "min_p must be in [0, 1]"),
     (["generate", "hi", "--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
     (["generate", "hi", "--truncate-prompt-tokens", "0"], "truncate_prompt_tokens must be -1"),
     (["generate", "--prompt-ids", "1,x"], "comma-separated integers"),

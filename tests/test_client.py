@@ -110,7 +110,7 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(stack, expected, e
 def test_n_sequences_sample_with_seed_plus_index_as_vllm(stack, expected, engine):
     """n > 1 through the router (each sequence its own disaggregated request): sequence i equals the
     colocated engine's run with seed + i; the chunks interleave, each with its index."""
-    sampled = dict(max_tokens=10, ignore_eos=True, temperature=1.0, seed=11)
+    sampled = dict(max_tokens=10, ignore_eos=True, temperature=1.0, seed=11, min_p=0.05)  # min_p: the SDK keyword
     with Client(stack.address) as client:
         outs = client.generate_n(PROMPT, n=3, **sampled)
         chunks = list(client.stream(PROMPT, n=3, **sampled))

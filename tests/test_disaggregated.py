@@ -110,6 +110,12 @@ def test_seeded_sampling_equals_colocated(demo_stack, demo_engine):
     assert tokens == demo_engine.generate([prompt], SamplingParams(**params))[0].token_ids
     assert demo_stack.generate(prompt, **params)[0] == tokens
     assert demo_stack.generate(prompt, **dict(params, seed=78))[0] != tokens
+    # min_p travels to both workers (the prefill samples the first token, the decode worker the rest).
+    plain = dict(params, top_k=0, top_p=1.0)
+    cut = dict(plain, min_p=0.3)
+    cut_tokens = demo_stack.generate(prompt, **cut)[0]
+    assert cut_tokens == demo_engine.generate([prompt], SamplingParams(**cut))[0].token_ids
+    assert cut_tokens != demo_stack.generate(prompt, **plain)[0]
 
 
 def test_text_prompt_and_stop_string(demo_stack, demo_engine):
@@ -251,6 +257,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("logprobs", 21, "logprobs must be in [0, 20]"),
     ("frequency_penalty", -2.5, "frequency_penalty must be in [-2, 2]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be in [0.01, 100]"),
+    ("min_p", 1.5, "min_p must be in [0, 1]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

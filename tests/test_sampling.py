@@ -16,8 +16,8 @@ def sample(logits, s):
     return sampled_step(logits, s).tokens
 
 
-def arrays(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None, step=0):
-    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+def arrays(n, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, step=0):
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              seed=int(seeds[i]) if seeds is not None else i) for i in range(n)]
     return SamplingArrays.build(params, [step] * n, n)
 
@@ -65,6 +65,34 @@ def test_tiny_top_p_is_greedy(logits):
     assert set(draw_many(logits, 500, top_p=1e-6)) == {int(np.argmax(np.asarray(logits[0])))}
 
 
+@pytest.mark.parametrize("temperature, min_p, top_k, top_p", [
+    (1.0, 0.1, 0, 1.0), (0.5, 0.3, 0, 1.0), (2.0, 0.05, 0, 0.8), (1.0, 0.02, 3, 1.0), (3.0, 0.2, 0, 0.5),
+])
+def test_min_p_keeps_the_tokens_transformers_min_p_keeps_in_vllms_order(logits, temperature, min_p, top_k, top_p):
+    """The tokens that can be drawn are those left by transformers' own warpers applied in vLLM's
+    order: temperature, min_p, then top-k and top-p over what min_p left."""
+    import torch
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    warpers = [TemperatureLogitsWarper(temperature), MinPLogitsWarper(min_p)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    scores = torch.tensor(np.asarray(logits))
+    for warp in warpers:
+        scores = warp(None, scores)
+    kept = set(np.flatnonzero(np.isfinite(scores[0].numpy())).tolist())
+    plain = set(np.flatnonzero(np.isfinite(TemperatureLogitsWarper(temperature)(None, torch.tensor(
+        np.asarray(logits)))[0].numpy())).tolist())
+    assert 1 < len(kept) < len(plain)  # the case filters something and leaves a choice
+    assert set(draw_many(logits, 4000, temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p)) == kept
+
+
+def test_min_p_one_is_the_top_token_and_greedy_ignores_min_p(logits):
+    top = int(np.argmax(np.asarray(logits[0])))
+    assert set(draw_many(logits, 300, min_p=1.0)) == {top}
+    assert set(draw_many(logits, 50, temperature=0.0, min_p=0.5)) == {top}
+
+
 def test_same_seed_same_tokens_whatever_the_batch(logits):
     x = jnp.tile(logits, (3, 1))
     a = SamplingArrays.build([SamplingParams(temperature=1.0, seed=s) for s in (7, 8, 7)], [5, 5, 5], 4)
@@ -93,6 +121,9 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(min_tokens=1, stop_token_ids=range(17)), "with min_tokens, at most 16 stop_token_ids"),
     (dict(logprobs=21), "logprobs must be in \\[0, 20\\] \\(or unset\\), got 21"),
     (dict(logprobs=-1), "logprobs must be in"),
+    (dict(min_p=1.5), "min_p must be in \\[0, 1\\], got 1.5"),
+    (dict(min_p=-0.1), "min_p must be in"),
+    (dict(min_p=float("nan")), "min_p must be in"),
     (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\], got 2.5"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty must be in"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be in \\[0.01, 100\\] \\(1 is off\\), got 0.0"),
