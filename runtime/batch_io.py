@@ -30,9 +30,8 @@ from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_
 DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-                   "ignore_eos",
-                   "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "truncate_prompt_tokens", "n")
+                   "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream",
