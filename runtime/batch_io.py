@@ -31,7 +31,8 @@ DEFAULT_MAX_TOKENS = 16
 OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n")
+                   "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n", "logit_bias",
+                   "allowed_token_ids")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream",
@@ -304,6 +305,14 @@ def _sampling(fields: dict) -> SamplingParams:
         if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
             raise ValueError(f"stop_token_ids must be a list of integers, got {json.dumps(stop_ids)[:80]}")
         kw["stop_token_ids"] = tuple(stop_ids)
+    if (bias := fields.get("logit_bias")) is not None:
+        if not isinstance(bias, dict):  # keys are strings in JSON ("50256"); SamplingParams reads them
+            raise ValueError(f"logit_bias must be an object of token id: bias, got {json.dumps(bias)[:80]}")
+        kw["logit_bias"] = bias
+    if (allowed := fields.get("allowed_token_ids")) is not None:
+        if not isinstance(allowed, list) or not all(_is_int(t) for t in allowed):
+            raise ValueError(f"allowed_token_ids must be a list of integers, got {json.dumps(allowed)[:80]}")
+        kw["allowed_token_ids"] = tuple(allowed)
     kw.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     return SamplingParams(**kw)
 

@@ -276,4 +276,5 @@ class RemoteBackend:
                                     include_stop_str_in_output=p.include_stop_str_in_output,
                                     presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                                     repetition_penalty=p.repetition_penalty,
-                                    truncate_prompt_tokens=p.truncate_prompt_tokens)
+                                    truncate_prompt_tokens=p.truncate_prompt_tokens, logit_bias=dict(p.logit_bias),
+                                    allowed_token_ids=p.allowed_token_ids)

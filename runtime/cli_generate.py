@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="in [0.01, 100]: divides positive (multiplies negative) logits of tokens in the prompt "
                         "or generated before (default 1: off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit before sampling (repeatable)")
+    p.add_argument("--allowed-token-ids", type=int, nargs="+", metavar="ID",
+                   help="sample only these token ids")
     p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
                    help="keep only the prompt's last K tokens (-1: at most the model's context length)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
@@ -135,7 +139,21 @@ def run(args) -> int:
 
 def _more_sampling(args) -> dict:
     return dict(min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens)
+                repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens,
+                logit_bias=_logit_bias(args.logit_bias), allowed_token_ids=args.allowed_token_ids)
+
+
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    bias = {}
+    for pair in pairs:
+        token, sep, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise SystemExit(f"splitserve generate: --logit-bias takes ID=BIAS (e.g. 42=-100), got {pair!r}") from None
+        if not sep:
+            raise SystemExit(f"splitserve generate: --logit-bias takes ID=BIAS (e.g. 42=-100), got {pair!r}")
+    return bias
 
 
 def _prompt_ids(args, model) -> list[int]:

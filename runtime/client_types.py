@@ -10,7 +10,7 @@ from splitserve.models.chat_template import check_messages
 from splitserve.protos import serving_pb2
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.request import Completion
-from splitserve.runtime.sampling_params import INT32_MAX
+from splitserve.runtime.sampling_params import INT32_MAX, bias_pairs, token_id
 
 __all__ = ["Completion", "Chunk", "ModelInfo", "TokenLogprobs", "WorkerInfo", "SplitserveError", "build_request"]
 
@@ -79,8 +79,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   request_id: str, messages=None, min_tokens: int = 0, logprobs: int | None = None,
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                  truncate_prompt_tokens: int | None = None, n: int = 1,
-                  min_p: float = 0.0) -> serving_pb2.GenerateRequest:
+                  truncate_prompt_tokens: int | None = None, n: int = 1, min_p: float = 0.0,
+                  logit_bias=None, allowed_token_ids=None) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -115,6 +115,11 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
     if n != 1:
         sampling.n = n
+    sampling.logit_bias.update(bias_pairs(logit_bias or {}))  # keys may be strings, as OpenAI's JSON has them
+    if allowed_token_ids is not None:
+        if not allowed_token_ids:  # the proto's empty list means "any id"
+            raise ValueError("allowed_token_ids must name at least one token id (or be None)")
+        sampling.allowed_token_ids.extend(token_id(t, "allowed_token_ids") for t in allowed_token_ids)
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt

@@ -19,7 +19,7 @@ from splitserve.models.loader import LoadedModel
 from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent, check_prompt_ids
+from splitserve.runtime.request import Completion, FinishReason, Request, TokenEvent, check_bias_ids, check_prompt_ids
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.scheduler import Scheduler, SchedulerConfig
 from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
@@ -58,6 +58,7 @@ class ColocatedEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         prompt_ids = params.truncated(prompt_ids, self.model.config.max_model_len)
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
+        check_bias_ids(params, self.model.config.vocab_size)
         request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request

@@ -30,7 +30,7 @@ from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.request import check_prompt_ids
+from splitserve.runtime.request import check_bias_ids, check_prompt_ids
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 
@@ -98,6 +98,7 @@ class DecodeEngine:
         """Starts decoding the request once its KV is in; its tokens go to `out` (default: a
         QueueOutput of its own), which is returned. `prompt_ids`: needed with a repetition penalty."""
         check_prompt_ids(prompt_ids, self.runner.model.config.vocab_size, may_be_empty=True)
+        check_bias_ids(params, self.runner.model.config.vocab_size)  # the step builds its bias row from them
         with self._lock:
             self.scheduler.stream_opened(request_id, params, prompt_ids)
             out = self._outputs[request_id] = QueueOutput() if out is None else out

@@ -28,7 +28,7 @@ from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.penalty_rows import PenaltyRows
-from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, sample
+from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, bias_vector, sample
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,25 @@ class RunnerConfig:
     fine_prompt_buckets: bool | None = None
 
 
-def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling):
-    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths))
+def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling, bias):
+    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths), bias=bias)
 
 
-def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, tokens, positions, page_table, active, sampling):
+def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, bias, tokens, positions, page_table, active,
+                       sampling):
     # Each input token is its request's newest generated one: counted for the penalties before
     # they apply (rows without a penalty row are dropped), a handful of scalar adds in place.
     counts = counts.at[sampling.penalty_row, tokens].add(1, mode="drop")
     logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl, mesh)
-    return sample(logits, sampling, counts), cache, _replicated(counts, mesh)
+    return sample(logits, sampling, counts, bias=bias), cache, _replicated(counts, mesh)
 
 
-def _zero_rows(mesh, counts, rows):
-    return _replicated(counts.at[rows].set(0, mode="drop"), mesh)
+def _zero_rows(mesh, counts, bias, rows):
+    return _replicated(counts.at[rows].set(0, mode="drop"), mesh), _replicated(bias.at[rows].set(0, mode="drop"), mesh)
+
+
+def _set_bias_row(mesh, bias, row, values):
+    return _replicated(bias.at[row].set(values), mesh)
 
 
 def _set_prompt_row(mesh, counts, row, in_prompt):
@@ -118,8 +123,13 @@ class ModelRunner:
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
         # Generated-token counts (and prompt flags) of the requests with penalties (one row each).
         self.penalty_rows = PenaltyRows(config.max_batch)
-        self.penalty_counts = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.int32),
-                                             NamedSharding(model.mesh, PartitionSpec()))  # replicated
+        replicated = NamedSharding(model.mesh, PartitionSpec())
+        self.penalty_counts = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.int32), replicated)
+        # The logit bias rows (logit_bias, allowed_token_ids) of decoding requests, on the same rows as
+        # their counts; and one row per prefill batch row, written before a prefill that needs it.
+        self.logit_bias = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.float32), replicated)
+        self.prefill_bias = jax.device_put(jnp.zeros((config.max_prefill_batch, cfg.vocab_size), jnp.float32),
+                                           replicated)
         impl = config.attention_impl
         self.fine_widths = (model_attention_impl(impl) == "reference" if config.fine_page_table_widths is None
                             else config.fine_page_table_widths)
@@ -134,7 +144,8 @@ class ModelRunner:
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
-        self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=0)
+        self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=(0, 1))
+        self._set_bias_row = jax.jit(functools.partial(_set_bias_row, mesh), donate_argnums=0)
         self._set_prompt_row = jax.jit(functools.partial(_set_prompt_row, mesh), donate_argnums=0)
 
     # -- shapes ---------------------------------------------------------------------------
@@ -180,14 +191,21 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        arrays = SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids)
+        for row, params in enumerate(sampling):
+            if params.biased:
+                if row >= self.config.max_prefill_batch:
+                    raise ValueError(f"a prefill batch with logit biases holds at most {self.config.max_prefill_batch}")
+                self.prefill_bias = self._set_bias_row(self.prefill_bias, np.int32(row),
+                                                       bias_vector(params, self.model.config.vocab_size))
+        arrays = SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids,
+                                      bias_rows=list(range(len(sampling))))
         x = self._embed(self.model.params, tokens)
         ks, vs = [], []
         for layer_params in self._layer_params:
             x, k, v = self._layer(layer_params, x, lengths)
             ks.append(k)
             vs.append(v)
-        first = self._first_tokens(self.model.params, x, tokens, lengths, arrays)
+        first = self._first_tokens(self.model.params, x, tokens, lengths, arrays, self.prefill_bias)
         return first, tuple(ks), tuple(vs), lengths
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
@@ -216,7 +234,7 @@ class ModelRunner:
         """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens (a Sampled
         of device arrays) without waiting for them (the cache and the penalty counts are updated in place)."""
         next_tokens, self.cache, self.penalty_counts = self._decode(self.model.params, self.cache,
-                                                                    self.penalty_counts, *inputs)
+                                                                    self.penalty_counts, self.logit_bias, *inputs)
         return next_tokens
 
     def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
@@ -233,16 +251,19 @@ class ModelRunner:
         pad = batch - n
         return (np.array(tokens + [0] * pad, np.int32), np.array(positions + [0] * pad, np.int32),
                 self.page_table(page_lists, batch), np.array([True] * n + [False] * pad),
-                SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids, rows))
+                SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids, rows, rows))
 
     def _ready_fresh_rows(self, rows: list[int], params: list, prompts: list) -> None:
-        """Zeroes the counts rows of new penalised requests; those with a repetition penalty get
-        their prompt's flags instead."""
-        zeroed = [row for row, p in zip(rows, params) if p.repetition_penalty == 1.0]
-        if zeroed:
+        """Zeroes the counts and bias rows of new requests that need rows; then those with a
+        repetition penalty get their prompt's flags, and those with a bias their bias row."""
+        if rows:
             padded = np.full(self.config.max_batch, self.config.max_batch, np.int32)  # one shape: out of range = none
-            padded[: len(zeroed)] = zeroed
-            self.penalty_counts = self._zero_rows(self.penalty_counts, padded)
+            padded[: len(rows)] = rows
+            self.penalty_counts, self.logit_bias = self._zero_rows(self.penalty_counts, self.logit_bias, padded)
+        for row, p in zip(rows, params):
+            if p.biased:
+                self.logit_bias = self._set_bias_row(self.logit_bias, np.int32(row),
+                                                     bias_vector(p, self.model.config.vocab_size))
         for row, p, prompt in zip(rows, params, prompts):
             if p.repetition_penalty != 1.0:
                 if prompt is None or len(prompt) == 0:

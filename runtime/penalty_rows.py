@@ -1,9 +1,10 @@
-"""Which row of the device's output-token counts each decoding request uses (no JAX).
+"""Which row of the device's per-request vocabulary arrays each decoding request uses (no JAX).
 
 presence_penalty and frequency_penalty need, per request, how often each vocabulary id has been
-generated so far; repetition_penalty also which ids are in the prompt. Those counts live on the
-device ([rows, vocab] int32, one row per request that asks for a penalty, updated inside the
-decode step; runtime/sampling.py); this module hands the rows out. A decode
+generated so far; repetition_penalty also which ids are in the prompt; logit_bias and
+allowed_token_ids a bias per id. Those live on the device ([rows, vocab] int32 counts, updated
+inside the decode step, and [rows, vocab] f32 biases; runtime/sampling.py), one row of each per
+request that asks for any of them; this module hands the rows out. A decode
 step lists every running request (DecodeEngine and ColocatedEngine both do), so a request that
 no longer appears has finished or been released, and its row is free for the next one. A
 request at its first decode step (step 1: only the prefill's token is out) gets a fresh row even
@@ -28,10 +29,10 @@ class PenaltyRows:
         """(each request's row, or None for all when no request of the step has a penalty;
         the positions in the step of the requests whose rows are fresh: the caller zeroes those rows,
         or sets their prompt flags, before the step uses them)."""
-        wanted = [p.penalised for p in params]
+        wanted = [p.penalised or p.biased for p in params]
         if request_ids is None:
             if any(wanted):
-                raise ValueError("penalties need the request ids of the decode step")
+                raise ValueError("penalties and logit biases need the request ids of the decode step")
             return None, []
         present = set(request_ids)
         for request_id in [r for r in self._rows if r not in present]:  # finished since the last step
@@ -44,7 +45,7 @@ class PenaltyRows:
                 fresh.append(position)
             elif wants and request_id not in self._rows:
                 if not self._free:
-                    raise ValueError(f"more than {self.capacity} requests with penalties in one decode step")
+                    raise ValueError(f"more than {self.capacity} requests with penalties or biases in one decode step")
                 self._rows[request_id] = self._free.pop()
                 fresh.append(position)
         return [self._rows[r] if wants else self.capacity for r, wants in zip(request_ids, wanted)], fresh

@@ -19,6 +19,7 @@ from splitserve.runtime.kv_wire import kv_chunks, kv_frame_parts
 from splitserve.runtime.metrics import WorkerMetrics
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob, PrefillQueueFull
 from splitserve.runtime.proto_convert import sampling_from_internal
+from splitserve.runtime.request import check_bias_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
                           f"prompt of {len(request.prompt_ids)} tokens exceeds the model's context of {context_len}")
         try:
             params = sampling_from_internal(request.sampling)
+            check_bias_ids(params, vocab)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address,

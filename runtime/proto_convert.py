@@ -27,6 +27,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         truncate_prompt_tokens=msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None,
         n=msg.n if msg.HasField("n") else 1,
+        logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
     )
 
 
@@ -36,7 +37,8 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty,
+        repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias),
+        allowed_token_ids=list(p.allowed_token_ids or ()),
     )
 
 
@@ -47,4 +49,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
         min_tokens=msg.min_tokens, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
     )

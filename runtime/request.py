@@ -24,6 +24,13 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int, may_be_empty: bool 
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
+def check_bias_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Raises ValueError if logit_bias or allowed_token_ids name an id the model does not have (as vLLM)."""
+    if bad := [t for t in params.bias_ids() if not t < vocab_size]:
+        raise ValueError(f"logit_bias / allowed_token_ids name token ids {bad[:5]} outside the vocabulary "
+                         f"[0, {vocab_size})")
+
+
 @dataclasses.dataclass
 class Request:
     request_id: str

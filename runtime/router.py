@@ -36,7 +36,7 @@ from splitserve.runtime.grpc_common import ChannelPool
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
 from splitserve.runtime.proto_convert import sampling_to_internal
-from splitserve.runtime.request import FinishReason, check_prompt_ids
+from splitserve.runtime.request import FinishReason, check_bias_ids, check_prompt_ids
 from splitserve.runtime.router_errors import RouterError, passed_through
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token, looks_for_stop_strings, stop_reason
@@ -156,6 +156,7 @@ class Router:
         cfg = self.metadata.config
         try:
             check_prompt_ids(prompt_ids, cfg.vocab_size)
+            check_bias_ids(params, cfg.vocab_size)
         except ValueError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if len(prompt_ids) + params.max_tokens > cfg.max_model_len:

@@ -13,6 +13,10 @@ Penalties (presence, frequency, repetition): the decode step passes each penalis
 id is in the prompt (set only for rows with a repetition penalty). The prefill builds the same
 from the prompt. The penalised logits are built only in steps where some row has a penalty.
 
+logit_bias and allowed_token_ids: a request that sets either has a row of bias values ([rows,
+vocab] f32 on the device, -inf where allowed_token_ids leaves an id out), written once when the
+request starts (bias_vector) and added first, as vLLM does, so greedy requests see it too.
+
 logprobs: rows that ask get the log-softmax of the raw logits (runtime/logprobs.py) for the
 sampled token and the MAX_LOGPROBS most likely; computed only when some row of the step asks.
 """
@@ -55,12 +59,16 @@ class SamplingArrays:
     frequency: np.ndarray  # f32[batch]: frequency_penalty
     repetition: np.ndarray  # f32[batch]: repetition_penalty (1: off)
     penalty_row: np.ndarray  # i32[batch]: the row's counts row (runtime/penalty_rows.py); out of range: none
+    bias_row: np.ndarray  # i32[batch]: the row's logit bias row; NO_ID: none
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int], batch: int,
-              eos_token_ids: tuple[int, ...] = (), penalty_rows: list[int] | None = None) -> "SamplingArrays":
+              eos_token_ids: tuple[int, ...] = (), penalty_rows: list[int] | None = None,
+              bias_rows: list[int] | None = None) -> "SamplingArrays":
+        """`bias_rows`: each biased request's row of the bias array the step gets (unbiased ones: ignored)."""
         pad = batch - len(params)
         rows = list(penalty_rows) if penalty_rows is not None else [NO_ID] * len(params)
+        biased = [row if p.biased else NO_ID for row, p in zip(bias_rows or [NO_ID] * len(params), params)]
         held_back = np.full((batch, held_back_width(eos_token_ids)), NO_ID, np.int32)
         for row, (p, step) in enumerate(zip(params, steps)):
             if step < p.min_tokens:
@@ -79,12 +87,13 @@ class SamplingArrays:
             frequency=np.array([p.frequency_penalty for p in params] + [0.0] * pad, np.float32),
             repetition=np.array([p.repetition_penalty for p in params] + [1.0] * pad, np.float32),
             penalty_row=np.array(rows + [NO_ID] * pad, np.int32),
+            bias_row=np.array(biased + [NO_ID] * pad, np.int32),
         )
 
 
 jax.tree_util.register_dataclass(
     SamplingArrays, data_fields=["temperature", "top_k", "top_p", "min_p", "seed", "step", "held_back", "logprobs",
-                                 "presence", "frequency", "repetition", "penalty_row"],
+                                 "presence", "frequency", "repetition", "penalty_row", "bias_row"],
     meta_fields=[]
 )
 
@@ -148,8 +157,10 @@ jax.tree_util.register_dataclass(Sampled, data_fields=["tokens", "logprob", "top
 
 
 def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None,
-           prompt: tuple[jax.Array, jax.Array] | None = None) -> Sampled:
+           prompt: tuple[jax.Array, jax.Array] | None = None, bias: jax.Array | None = None) -> Sampled:
     """f32[batch, vocab] -> Sampled. Temperature 0 rows are greedy (argmax).
+
+    `bias`: f32[rows, vocab], the logit bias rows that s.bias_row points into (None: no bias).
 
     Penalties need one of: `counts`, i32[rows, vocab], each penalised row's generated tokens and
     prompt flags (decode, rows picked by s.penalty_row); or `prompt`, (i32[batch, seq] padded
@@ -163,8 +174,12 @@ def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None
         adjust |= jnp.any((s.presence != 0) | (s.frequency != 0))
     if counts is not None or prompt is not None:
         adjust |= jnp.any(s.repetition != 1)
+    if bias is not None:
+        adjust |= jnp.any(s.bias_row != NO_ID)
 
     def adjusted(x):
+        if bias is not None:  # vLLM's order: allowed ids and logit bias, min_tokens, then penalties
+            x = x + jnp.take(bias, s.bias_row, axis=0, mode="fill", fill_value=0)
         x = x + _held_back_mask(x.shape, s.held_back)
         if counts is not None:
             x = _penalised(x, jnp.take(counts, s.penalty_row, axis=0, mode="fill", fill_value=0), s)
@@ -179,6 +194,18 @@ def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None
     logprob, top_ids, top = jax.lax.cond(jnp.any(s.logprobs), lambda x: _logprobs(x, tokens, k), lambda x: none,
                                          logits)
     return Sampled(tokens, logprob, top_ids, top)
+
+
+def bias_vector(params: SamplingParams, vocab_size: int) -> np.ndarray:
+    """f32[vocab]: a biased request's row: -inf outside allowed_token_ids (if set), plus logit_bias.
+    Ids outside the vocabulary were refused on arrival (request.check_bias_ids)."""
+    row = np.zeros(vocab_size, np.float32)
+    if params.allowed_token_ids is not None:
+        row[:] = -np.inf
+        row[np.asarray(params.allowed_token_ids, np.int64)] = 0.0
+    for token, value in params.logit_bias:
+        row[token] += value
+    return row
 
 
 def _penalised(logits: jax.Array, counts: jax.Array, s: SamplingArrays) -> jax.Array:

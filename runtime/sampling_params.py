@@ -19,6 +19,8 @@ MAX_HELD_BACK_STOP_IDS = 16
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # A request with n > 1 runs as n requests (runtime/parallel_sampling.py), each with its own pages.
 MAX_N = 16
+# As OpenAI's logit_bias: each bias is in [-100, 100] (enough to ban or force a token).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
@@ -71,9 +73,20 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     # As vLLM's and OpenAI's: this many completions of the prompt, sequence i sampled with seed + i.
     n: int = 1
+    # As OpenAI's and vLLM's: (token id, bias) pairs added to those tokens' logits before penalties,
+    # temperature and sampling (greedy too). A dict is taken; keys may be decimal strings (JSON's).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # As vLLM's: only these ids can be sampled (every other logit is -inf). None: any id.
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "logit_bias", bias_pairs(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(token_id(t, "allowed_token_ids")
+                                                                for t in self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must name at least one token id (or be unset)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
@@ -140,3 +153,38 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether the sampler needs the request's token counts (runtime/penalty_rows.py)."""
         return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
+
+    @property
+    def biased(self) -> bool:
+        """Whether the sampler needs the request's logit bias row (logit_bias or allowed_token_ids)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    def bias_ids(self) -> list[int]:
+        """Every token id named by logit_bias and allowed_token_ids (checked against a vocabulary)."""
+        return [t for t, _ in self.logit_bias] + list(self.allowed_token_ids or ())
+
+
+def token_id(value, what: str) -> int:
+    """A token id from an int or a decimal string (JSON object keys are strings), in [0, INT32_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{what} token ids must be integers, got {value!r}")
+    try:
+        token = int(value)
+    except ValueError:
+        raise ValueError(f"{what} token ids must be integers, got {value!r}") from None
+    if not 0 <= token <= INT32_MAX:
+        raise ValueError(f"{what} token ids must be in [0, {INT32_MAX}], got {token}")
+    return token
+
+
+def bias_pairs(logit_bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (id, bias) pairs, from a dict or pairs; each bias in LOGIT_BIAS_RANGE."""
+    items = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
+    pairs = {}
+    for token, bias in items:
+        token = token_id(token, "logit_bias")
+        low, high = LOGIT_BIAS_RANGE
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not low <= bias <= high:  # NaN fails
+            raise ValueError(f"logit_bias values must be numbers in [{low:g}, {high:g}], got {bias!r} for {token}")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))

@@ -37,15 +37,23 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
         for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
             for width in widths if full else widths[:1]:
                 _compile(runner._decode, runner.model.params, runner.cache, runner.penalty_counts,
-                         np.zeros(batch, np.int32),
+                         runner.logit_bias, np.zeros(batch, np.int32),
                          np.zeros(batch, np.int32), np.zeros((batch, width), np.int32), np.ones(batch, bool),
                          _sampling(batch, runner))
                 count += 1
-        rows = np.zeros(cfg.max_batch, np.int32)  # zeroing the penalty counts of new requests: one shape
-        _compile(runner._zero_rows, runner.penalty_counts, rows)
+        rows = np.zeros(cfg.max_batch, np.int32)  # zeroing the counts and biases of new requests: one shape
+        _compile(runner._zero_rows, runner.penalty_counts, runner.logit_bias, rows)
         _compile(runner._set_prompt_row, runner.penalty_counts, np.int32(0),  # and of repetition-penalised ones
                  np.zeros(runner.model.config.vocab_size, bool))
         count += 2
+    # Writing a request's logit bias row: for decoding requests, and for the prefill's batch rows.
+    # (max_batch == max_prefill_batch: the two have one shape, so one program.)
+    biases = [runner.prefill_bias]
+    if decode and runner.logit_bias.shape != runner.prefill_bias.shape:
+        biases.append(runner.logit_bias)
+    for bias in biases:
+        _compile(runner._set_bias_row, bias, np.int32(0), np.zeros(bias.shape[1], np.float32))
+        count += 1
     return count
 
 
@@ -58,7 +66,7 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
         seen.append(x)
         x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
         count += 1
-    _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner))
+    _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner), runner.prefill_bias)
     count += 1
     if decode:
         layers = runner.cache_spec.num_layers

@@ -298,6 +298,9 @@ def mixed_lines():
                                                      repetition_penalty=1.4, ignore_eos=True))))
     cases.append(({"id": "minp", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.5, "seed": 4, "min_p": 0.2},
                   ("ok", "Once upon", SamplingParams(max_tokens=8, temperature=1.5, seed=4, min_p=0.2))))
+    cases.append(({"id": "bias", "prompt": "Once upon", "max_tokens": 6, "logit_bias": {"42": 100},
+                   "allowed_token_ids": [42, 43]},
+                  ("ok", "Once upon", SamplingParams(max_tokens=6, logit_bias={42: 100}, allowed_token_ids=(42, 43)))))
     cases.append(({"id": "trunc", "prompt": "The weather today is", "max_tokens": 6, "truncate_prompt_tokens": 2},
                   ("ok", "The weather today is", SamplingParams(max_tokens=6, truncate_prompt_tokens=2))))
     cases.append(({"id": "lp", "prompt": "Once upon", "max_tokens": 6, "logprobs": 3},
@@ -312,6 +315,11 @@ def mixed_lines():
         ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
         ({"id": "mp", "prompt": "x", "min_p": 2}, ("error", "mp", "min_p must be in [0, 1]")),
         ({"id": "mps", "prompt": "x", "min_p": "0.1"}, ("error", "mps", "min_p must be a number")),
+        ({"id": "lb", "prompt": "x", "logit_bias": [1, 2]}, ("error", "lb", "logit_bias must be an object")),
+        ({"id": "lbv", "prompt": "x", "logit_bias": {"1": "high"}}, ("error", "lbv", "logit_bias values must be")),
+        ({"id": "ati", "prompt": "x", "allowed_token_ids": [1, "2"]},
+         ("error", "ati", "allowed_token_ids must be a list of integers")),
+        ({"id": "atv", "prompt": "x", "allowed_token_ids": [99999]}, ("error", "atv", "outside the vocabulary")),
         ({"id": "mt", "prompt": "x", "max_tokens": "ten"}, ("error", "mt", "max_tokens must be an integer")),
         ({"id": "temp", "prompt": "x", "temperature": [1]}, ("error", "temp", "temperature must be a number")),
         ({"id": "empty", "prompt": ""}, ("error", "empty", "prompt is empty")),

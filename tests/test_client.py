@@ -88,6 +88,24 @@ def test_penalties_reach_the_router_and_the_workers(stack, expected, engine):
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty must be" in str(err.value)
 
 
+def test_logit_bias_and_allowed_token_ids_reach_both_workers(stack, expected, engine):
+    """OpenAI-style string keys; the router and both workers give the colocated engine's tokens."""
+    bias = {str(expected.token_ids[0]): -100, "42": 2.5}
+    allowed = [3, 42, 99, expected.token_ids[1]]
+    with Client(stack.address) as client:
+        biased = client.generate(PROMPT, max_tokens=8, ignore_eos=True, logit_bias=bias)
+        only = client.generate(PROMPT, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)
+        with pytest.raises(ValueError, match="allowed_token_ids must name at least one token id"):
+            client.generate(PROMPT, allowed_token_ids=[])
+        with pytest.raises(ValueError, match="logit_bias token ids must be integers, got 'x'"):
+            client.generate(PROMPT, logit_bias={"x": 1})
+    want = engine.generate([expected.prompt_token_ids] * 2,
+                           [SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=bias),
+                            SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)])
+    assert [biased.token_ids, only.token_ids] == [w.token_ids for w in want]
+    assert biased.token_ids[0] != expected.token_ids[0] and set(only.token_ids) <= set(allowed)
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(stack, expected, engine):
     """As vLLM's: the router reads only the last k tokens, and reports those as the prompt; a prompt
     longer than the model's context is served once truncated."""

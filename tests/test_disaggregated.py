@@ -202,13 +202,31 @@ def test_penalties_on_the_decode_worker_equal_the_colocated_engine(demo_stack, d
     assert got[0] != plain[0].token_ids and got[4] != plain[1].token_ids  # the penalties changed the output
 
 
+def test_logit_bias_and_allowed_ids_on_both_workers_equal_the_colocated_engine(demo_stack, demo_engine):
+    """The prefill samples the first token with the bias, the decode worker the rest from its bias
+    rows; concurrent with unbiased and penalised requests (rows are shared with the penalties)."""
+    prompts = prompts_for(2048, (12, 33, 7, 20, 26), seed=9)
+    plain = demo_engine.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+    first = [p.token_ids[0] for p in plain]
+    extra = [dict(logit_bias={first[0]: -100.0, 77: 3.0}), dict(allowed_token_ids=[5, 77, 300, first[1]]),
+             dict(), dict(presence_penalty=1.5, logit_bias={first[3]: -100.0}),
+             dict(temperature=1.0, seed=5, allowed_token_ids=list(range(100, 140)))]
+    params = [dict(max_tokens=10, ignore_eos=True, **e) for e in extra]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        got = list(pool.map(lambda a: demo_stack.generate(a[0], **a[1])[0], zip(prompts, params)))
+    want = demo_engine.generate(prompts, [SamplingParams(**p) for p in params])
+    assert got == [w.token_ids for w in want]
+    assert got[0][0] != first[0] and got[3][0] != first[3] and got[2] == plain[2].token_ids
+    assert set(got[1]) <= {5, 77, 300, first[1]} and set(got[4]) <= set(range(100, 140))
+
+
 @pytest.mark.parametrize("prompt_ids, message", [
     ([], "a repetition penalty needs the prompt's ids"),
     ([5, 6], "a prompt of 2 ids, KV of 3 tokens"),
     ([5, 6, 99999], "outside the vocabulary"),
 ])
 def test_decode_request_with_a_repetition_penalty_needs_its_prompt(demo_stack, demo_engine, prompt_ids, message):
-    from splitserve.protos import internal_pb2
+    from splitserve.protos import internal_pb2, internal_pb2_grpc
 
     decode = _decode_stub(demo_stack)
     sampling = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1, ignore_eos=True, repetition_penalty=1.5)
@@ -224,6 +242,17 @@ def test_decode_request_with_a_repetition_penalty_needs_its_prompt(demo_stack, d
     assert err.value.code() in codes and message in err.value.details()
     decode.Release(internal_pb2.ReleaseRequest(request_id=request_id))
     good = internal_pb2.DecodeRequest(request_id="rep-ok", sampling=sampling, prompt_ids=[5, 6, 7])
+    if len(prompt_ids) == 3:  # the workers check a bias's ids themselves too: the step builds its row from them
+        biased = internal_pb2.ResolvedSampling(max_tokens=4, top_p=1.0, seed=1, logit_bias={4096: 1.0})
+        prefill_address = next(w.address for w in demo_stack.workers() if w.role == "prefill")
+        prefill = internal_pb2_grpc.PrefillStub(demo_stack.worker_channel(prefill_address))
+        for call in (lambda: prefill.Run(internal_pb2.PrefillRequest(request_id="b", prompt_ids=[5], sampling=biased),
+                                         timeout=60),
+                     lambda: list(decode.Stream(internal_pb2.DecodeRequest(request_id="rep-3", sampling=biased),
+                                                timeout=60))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "outside the vocabulary" in err.value.details()
     first = _reserve_and_prefill(demo_stack, decode, "rep-ok", [5, 6, 7], sampling)
     want = demo_engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, seed=1, ignore_eos=True,
                                                             repetition_penalty=1.5))
@@ -258,6 +287,9 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("frequency_penalty", -2.5, "frequency_penalty must be in [-2, 2]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be in [0.01, 100]"),
     ("min_p", 1.5, "min_p must be in [0, 1]"),
+    ("logit_bias", {5: 200.0}, "logit_bias values must be numbers in [-100, 100]"),
+    ("logit_bias", {5000: 1.0}, "name token ids [5000] outside the vocabulary [0, 2048)"),
+    ("allowed_token_ids", [7, 2048], "name token ids [2048] outside the vocabulary"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

@@ -250,3 +250,49 @@ def test_repetition_penalty_matches_transformers_generate(hf_checkpoint):
     after = one_row.generate([prompts[4], prompts[4]], [params[4], presence])
     assert after[0].token_ids == expected[4]
     assert after[1].token_ids == penalised_greedy(torch_model, prompts[4], 12, 2.0, 0.0)
+
+
+def test_logit_bias_and_allowed_token_ids_match_transformers_generate(hf_checkpoint):
+    """logit_bias against transformers' generate(sequence_bias={(id,): bias}) and allowed_token_ids
+    against its prefix_allowed_tokens_fn, greedy (the bias applies to greedy requests too, as vLLM's),
+    the prefill's token included. Four requests through a batch of two hand bias rows on; then, on
+    one row, a presence-penalised request after a biased one must not inherit its token counts."""
+    name = "llama3_gqa3_hd40_ropescale"
+    directory, torch_model = hf_checkpoint(name)
+    torch_model.generation_config.eos_token_id = None
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(11)
+
+    def hf_biased(prompt, bias, allowed):
+        kw = {}
+        if bias:
+            kw["sequence_bias"] = {(t,): b for t, b in bias.items()}
+        if allowed is not None:
+            kw["prefix_allowed_tokens_fn"] = lambda batch_id, ids: allowed
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+        return out[0, len(prompt):].tolist()
+
+    prompts = [random_prompt(rng, vocab, n) for n in (9, 30, 17, 5)]
+    plain = [hf_greedy(torch_model, p, 12) for p in prompts]
+    allowed = sorted(rng.choice(np.arange(3, vocab), size=6, replace=False).tolist())
+    settings = [  # (logit_bias, allowed_token_ids): each changes the first token
+        ({plain[0][0]: -100.0, plain[0][1]: -100.0, int(rng.integers(3, vocab)): 2.5}, None),
+        ({}, allowed),
+        ({plain[2][0]: -100.0, allowed[0]: 1.5}, allowed[1:]),
+        ({}, None),
+    ]
+    expected = [hf_biased(p, b, a) for p, (b, a) in zip(prompts, settings)]
+    assert all(e[0] != p[0] for e, p in zip(expected[:3], plain))
+    assert expected[3] == plain[3]
+    assert set(expected[1]) <= set(allowed) and set(expected[2]) <= set(allowed[1:])
+
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=40, max_batch=2))
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, logit_bias=b, allowed_token_ids=a) for b, a in settings]
+    assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    one_row = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=40, max_batch=1))
+    presence = SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=2.0)
+    after = one_row.generate([prompts[0], prompts[0]], [params[0], presence])
+    assert after[0].token_ids == expected[0]
+    assert after[1].token_ids == penalised_greedy(torch_model, prompts[0], 12, 2.0, 0.0)
