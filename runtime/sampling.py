@@ -99,28 +99,37 @@ jax.tree_util.register_dataclass(
 
 
 def _sample_filtered(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    """vLLM's order: temperature, then min_p, then top-k and top-p over what min_p kept."""
-    vocab = logits.shape[-1]
+    """vLLM's order: temperature, then min_p, then top-k and top-p over what min_p kept.
+
+    Each filter keeps the most likely tokens, so together they keep every token whose logit is at
+    least a per-row cutoff; the draw is over the vocabulary in its own order, so a row that filters
+    nothing draws the same token whether or not its batch sorted (only then is the sort run)."""
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # descending
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    # min_p: a token stays if its probability is at least min_p times the top token's, i.e. if
-    # exp(its logit - the top logit) >= min_p (no softmax needed; min_p 0 keeps everything).
-    keep = jnp.exp(sorted_logits - sorted_logits[:, :1]) >= s.min_p[:, None]
-    keep &= (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (mass_before < s.top_p[:, None]) | (rank == 0)  # the top token always stays
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    filtering = jnp.any((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
+    scaled = jax.lax.cond(filtering, lambda x: jnp.where(x >= _cutoff(x, s)[:, None], x, -jnp.inf), lambda x: x,
+                          scaled)
 
     def draw(seed, step, row):
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.categorical(key, row)
 
-    choice = jax.vmap(draw)(s.seed, s.step, sorted_logits)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jax.vmap(draw)(s.seed, s.step, scaled)
+
+
+def _cutoff(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
+    """f32[batch]: the smallest logit that min_p, top-k and top-p keep (ties at it are kept too, as
+    vLLM's threshold masks keep them)."""
+    sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    # min_p: a token stays if its probability is at least min_p times the top token's, i.e. if
+    # exp(its logit - the top logit) >= min_p (no softmax needed; min_p 0 keeps everything).
+    keep = jnp.exp(sorted_logits - sorted_logits[:, :1]) >= s.min_p[:, None]
+    keep &= (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < s.top_p[:, None]) | (rank == 0)  # the top token always stays
+    kept = jnp.sum(keep, axis=-1)  # each filter keeps a prefix of the sorted row, so all of them do too
+    return jnp.take_along_axis(sorted_logits, (kept - 1)[:, None], axis=-1)[:, 0]
 
 
 def _held_back_mask(shape: tuple[int, int], held_back: jax.Array) -> jax.Array:

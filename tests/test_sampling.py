@@ -118,6 +118,18 @@ def test_logit_bias_takes_json_keys_and_keeps_one_bias_per_id():
     assert SamplingParams(allowed_token_ids=[4, 2]).bias_ids() == [4, 2] and not SamplingParams().biased
 
 
+def test_a_row_that_filters_nothing_draws_the_same_whether_or_not_its_batch_filters(logits):
+    """Only batches where some row uses top-k, top-p or min_p sort the vocabulary; a plain sampled
+    row must draw the same token from the same seed in either kind of batch."""
+    n = 200
+    plain = [SamplingParams(temperature=1.0, seed=i) for i in range(n)]
+    alone = SamplingArrays.build(plain, [3] * n, n + 1)
+    beside = SamplingArrays.build(plain + [SamplingParams(temperature=1.0, top_p=0.3, seed=9)], [3] * (n + 1), n + 1)
+    x = jnp.tile(logits, (n + 1, 1))
+    a, b = (np.asarray(jax.jit(sample)(x, s)) for s in (alone, beside))
+    assert np.array_equal(a[:n], b[:n]) and len(set(a[:n].tolist())) > 5
+
+
 def test_same_seed_same_tokens_whatever_the_batch(logits):
     x = jnp.tile(logits, (3, 1))
     a = SamplingArrays.build([SamplingParams(temperature=1.0, seed=s) for s in (7, 8, 7)], [5, 5, 5], 4)
