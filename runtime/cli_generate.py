@@ -15,7 +15,7 @@ def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
 
 
 def add_parser(sub) -> None:
@@ -58,8 +58,8 @@ def add_parser(sub) -> None:
                         "or generated before (default 1: off)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit before sampling (repeatable)")
-    p.add_argument("--allowed-token-ids", type=int, nargs="+", metavar="ID",
-                   help="sample only these token ids")
+    p.add_argument("--allowed-token-ids", type=_token_ids, metavar="IDS",
+                   help="sample only these token ids, e.g. 5,9,42")
     p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
                    help="keep only the prompt's last K tokens (-1: at most the model's context length)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
@@ -146,13 +146,11 @@ def _more_sampling(args) -> dict:
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
     bias = {}
     for pair in pairs:
-        token, sep, value = pair.partition("=")
+        token, _, value = pair.partition("=")
         try:
-            bias[int(token)] = float(value)
+            bias[int(token)] = float(value)  # no "=": float("") fails
         except ValueError:
             raise SystemExit(f"splitserve generate: --logit-bias takes ID=BIAS (e.g. 42=-100), got {pair!r}") from None
-        if not sep:
-            raise SystemExit(f"splitserve generate: --logit-bias takes ID=BIAS (e.g. 42=-100), got {pair!r}")
     return bias
 
 

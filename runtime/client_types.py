@@ -115,10 +115,11 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
     if n != 1:
         sampling.n = n
-    sampling.logit_bias.update(bias_pairs(logit_bias or {}))  # keys may be strings, as OpenAI's JSON has them
+    sampling.logit_bias.update(bias_pairs(logit_bias))  # keys may be strings, as OpenAI's JSON has them
     if allowed_token_ids is not None:
-        if not allowed_token_ids:  # the proto's empty list means "any id"
-            raise ValueError("allowed_token_ids must name at least one token id (or be None)")
+        if isinstance(allowed_token_ids, (str, bytes)) or not allowed_token_ids:  # the proto's empty list: any id
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (or None), "
+                             f"got {allowed_token_ids!r}")
         sampling.allowed_token_ids.extend(token_id(t, "allowed_token_ids") for t in allowed_token_ids)
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:

@@ -98,7 +98,8 @@ class DecodeEngine:
         """Starts decoding the request once its KV is in; its tokens go to `out` (default: a
         QueueOutput of its own), which is returned. `prompt_ids`: needed with a repetition penalty."""
         check_prompt_ids(prompt_ids, self.runner.model.config.vocab_size, may_be_empty=True)
-        check_bias_ids(params, self.runner.model.config.vocab_size)  # the step builds its bias row from them
+        config = self.runner.model.config
+        check_bias_ids(params, config.vocab_size, config.eos_token_ids)  # the step builds its bias row from them
         with self._lock:
             self.scheduler.stream_opened(request_id, params, prompt_ids)
             out = self._outputs[request_id] = QueueOutput() if out is None else out

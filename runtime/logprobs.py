@@ -1,7 +1,8 @@
 """Log-probabilities of generated tokens, as a request with `logprobs=N` gets them (no JAX).
 
-As vLLM's default: the log-softmax of the model's own logits at that step, before temperature,
-top-k/top-p or min_tokens touch them; the sampled token's, plus the N most likely tokens' (most
+As vLLM's default: the log-softmax of the model's own logits at that step, before logit_bias,
+allowed_token_ids, min_tokens, penalties, temperature, min_p or top-k/top-p touch them (so a
+disallowed id can be among the most likely); the sampled token's, plus the N most likely tokens' (most
 likely first; the sampled token is among them only if it is one of the N).
 """
 

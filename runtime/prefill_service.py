@@ -98,7 +98,7 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
                           f"prompt of {len(request.prompt_ids)} tokens exceeds the model's context of {context_len}")
         try:
             params = sampling_from_internal(request.sampling)
-            check_bias_ids(params, vocab)
+            check_bias_ids(params, vocab, self.engine.runner.model.config.eos_token_ids)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address,

@@ -24,11 +24,16 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int, may_be_empty: bool 
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
-def check_bias_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Raises ValueError if logit_bias or allowed_token_ids name an id the model does not have (as vLLM)."""
+def check_bias_ids(params: SamplingParams, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+    """Raises ValueError if logit_bias or allowed_token_ids name an id the model does not have (as
+    vLLM), or if min_tokens would hold back every allowed id (nothing could be sampled)."""
     if bad := [t for t in params.bias_ids() if not t < vocab_size]:
         raise ValueError(f"logit_bias / allowed_token_ids name token ids {bad[:5]} outside the vocabulary "
                          f"[0, {vocab_size})")
+    held_back = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    if params.min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= held_back:
+        raise ValueError("with min_tokens, allowed_token_ids must name a token other than EOS and stop_token_ids "
+                         "(those are held back until min_tokens)")
 
 
 @dataclasses.dataclass

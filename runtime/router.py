@@ -156,7 +156,7 @@ class Router:
         cfg = self.metadata.config
         try:
             check_prompt_ids(prompt_ids, cfg.vocab_size)
-            check_bias_ids(params, cfg.vocab_size)
+            check_bias_ids(params, cfg.vocab_size, cfg.eos_token_ids)
         except ValueError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if len(prompt_ids) + params.max_tokens > cfg.max_model_len:

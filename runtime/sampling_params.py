@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 import secrets
+from collections.abc import Mapping
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -83,6 +86,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "logit_bias", bias_pairs(self.logit_bias))
         if self.allowed_token_ids is not None:
+            if isinstance(self.allowed_token_ids, (str, bytes)):  # not its characters
+                raise ValueError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}")
             object.__setattr__(self, "allowed_token_ids", tuple(token_id(t, "allowed_token_ids")
                                                                 for t in self.allowed_token_ids))
             if not self.allowed_token_ids:
@@ -164,27 +169,40 @@ class SamplingParams:
         return [t for t, _ in self.logit_bias] + list(self.allowed_token_ids or ())
 
 
-def token_id(value, what: str) -> int:
-    """A token id from an int or a decimal string (JSON object keys are strings), in [0, INT32_MAX]."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{what} token ids must be integers, got {value!r}")
-    try:
+def token_id(value, what: str, decimal_string: bool = False) -> int:
+    """A token id from an integer (numpy's too) or, with `decimal_string`, a string of ASCII digits
+    (JSON object keys are strings), in [0, INT32_MAX]."""
+    if decimal_string and isinstance(value, str) and value.isascii() and value.isdigit():
         token = int(value)
-    except ValueError:
-        raise ValueError(f"{what} token ids must be integers, got {value!r}") from None
+    else:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            token = operator.index(value)  # ints, numpy ints; not floats or strings
+        except TypeError:
+            raise ValueError(f"{what} token ids must be integers, got {value!r}") from None
     if not 0 <= token <= INT32_MAX:
         raise ValueError(f"{what} token ids must be in [0, {INT32_MAX}], got {token}")
     return token
 
 
 def bias_pairs(logit_bias) -> tuple[tuple[int, float], ...]:
-    """logit_bias as sorted (id, bias) pairs, from a dict or pairs; each bias in LOGIT_BIAS_RANGE."""
-    items = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
+    """logit_bias as sorted (id, bias) pairs, from a dict (None: empty, as OpenAI's null) or pairs;
+    each bias a number in LOGIT_BIAS_RANGE."""
+    if logit_bias is None:
+        return ()
+    items = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias
+    try:
+        items = [(token, bias) for token, bias in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map token ids to biases, got {logit_bias!r:.80}") from None
     pairs = {}
+    low, high = LOGIT_BIAS_RANGE
     for token, bias in items:
-        token = token_id(token, "logit_bias")
-        low, high = LOGIT_BIAS_RANGE
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not low <= bias <= high:  # NaN fails
-            raise ValueError(f"logit_bias values must be numbers in [{low:g}, {high:g}], got {bias!r} for {token}")
+        token = token_id(token, "logit_bias", decimal_string=True)
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+            raise ValueError(f"logit_bias values must be numbers, got {bias!r} for {token}")
+        if not low <= bias <= high:  # NaN fails too
+            raise ValueError(f"logit_bias values must be in [{low:g}, {high:g}], got {bias!r} for {token}")
         pairs[token] = float(bias)
     return tuple(sorted(pairs.items()))

@@ -95,8 +95,9 @@ def test_logit_bias_and_allowed_token_ids_reach_both_workers(stack, expected, en
     with Client(stack.address) as client:
         biased = client.generate(PROMPT, max_tokens=8, ignore_eos=True, logit_bias=bias)
         only = client.generate(PROMPT, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)
-        with pytest.raises(ValueError, match="allowed_token_ids must name at least one token id"):
-            client.generate(PROMPT, allowed_token_ids=[])
+        for bad in ([], "42"):  # an empty list would mean "any id" on the wire; a string is not its digits
+            with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list of token ids"):
+                client.generate(PROMPT, allowed_token_ids=bad)
         with pytest.raises(ValueError, match="logit_bias token ids must be integers, got 'x'"):
             client.generate(PROMPT, logit_bias={"x": 1})
     want = engine.generate([expected.prompt_token_ids] * 2,

@@ -287,7 +287,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("frequency_penalty", -2.5, "frequency_penalty must be in [-2, 2]"),
     ("repetition_penalty", 0.0, "repetition_penalty must be in [0.01, 100]"),
     ("min_p", 1.5, "min_p must be in [0, 1]"),
-    ("logit_bias", {5: 200.0}, "logit_bias values must be numbers in [-100, 100]"),
+    ("logit_bias", {5: 200.0}, "logit_bias values must be in [-100, 100]"),
     ("logit_bias", {5000: 1.0}, "name token ids [5000] outside the vocabulary [0, 2048)"),
     ("allowed_token_ids", [7, 2048], "name token ids [2048] outside the vocabulary"),
 ])

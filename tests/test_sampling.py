@@ -116,6 +116,21 @@ def test_logit_bias_takes_json_keys_and_keeps_one_bias_per_id():
     assert SamplingParams(logit_bias={"7": 1, 3: -2.5}).logit_bias == ((3, -2.5), (7, 1.0))
     assert SamplingParams(logit_bias=[(7, 1), (7, 2)]).logit_bias == ((7, 2.0),)
     assert SamplingParams(allowed_token_ids=[4, 2]).bias_ids() == [4, 2] and not SamplingParams().biased
+    numpy_ids = SamplingParams(logit_bias={np.int64(3): np.float32(1.5)}, allowed_token_ids=np.array([4, 3]))
+    assert numpy_ids.logit_bias == ((3, 1.5),) and numpy_ids.allowed_token_ids == (4, 3)
+    assert SamplingParams(logit_bias=None).logit_bias == ()  # OpenAI's null
+
+
+def test_min_tokens_may_not_hold_back_every_allowed_id():
+    from splitserve.runtime.request import check_bias_ids
+
+    eos = (2,)
+    check_bias_ids(SamplingParams(allowed_token_ids=[2, 9], min_tokens=3, stop_token_ids=[9], ignore_eos=True), 50, eos)
+    check_bias_ids(SamplingParams(allowed_token_ids=[2], min_tokens=0), 50, eos)
+    for params in (SamplingParams(allowed_token_ids=[2], min_tokens=1),
+                   SamplingParams(allowed_token_ids=[2, 9], min_tokens=3, stop_token_ids=[9])):
+        with pytest.raises(ValueError, match="with min_tokens, allowed_token_ids must name a token other than EOS"):
+            check_bias_ids(params, 50, eos)
 
 
 def test_a_row_that_filters_nothing_draws_the_same_whether_or_not_its_batch_filters(logits):
@@ -158,8 +173,13 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(min_tokens=1, stop_token_ids=range(17)), "with min_tokens, at most 16 stop_token_ids"),
     (dict(logprobs=21), "logprobs must be in \\[0, 20\\] \\(or unset\\), got 21"),
     (dict(logprobs=-1), "logprobs must be in"),
-    (dict(logit_bias={5: 101}), "logit_bias values must be numbers in \\[-100, 100\\], got 101 for 5"),
-    (dict(logit_bias={5: float("nan")}), "logit_bias values must be numbers"),
+    (dict(logit_bias={5: 101}), "logit_bias values must be in \\[-100, 100\\], got 101 for 5"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias values must be in"),
+    (dict(logit_bias={5: "1"}), "logit_bias values must be numbers, got '1' for 5"),
+    (dict(logit_bias=[1, 2]), "logit_bias must map token ids to biases"),
+    (dict(logit_bias={"5_0": 1}), "logit_bias token ids must be integers, got '5_0'"),
+    (dict(allowed_token_ids="42"), "allowed_token_ids must be a list of token ids, got '42'"),
+    (dict(allowed_token_ids=["42"]), "allowed_token_ids token ids must be integers, got '42'"),
     (dict(logit_bias={5: True}), "logit_bias values must be numbers"),
     (dict(logit_bias={"x": 1}), "logit_bias token ids must be integers, got 'x'"),
     (dict(logit_bias={-1: 1}), "logit_bias token ids must be in \\[0, "),
