@@ -90,16 +90,7 @@ def run(args) -> int:
     if args.address:
         return _run_remote(args)
     from splitserve.models.mesh_config import MeshConfig
-
-    try:
-        mesh_config = MeshConfig.parse(args.mesh)
-    except ValueError as e:
-        raise SystemExit(f"splitserve generate: --mesh: {e}")
-    configure_jax(args.platform, cpu_devices=mesh_config.tp)
-
-    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
-    from splitserve.runtime.in_process import generate_stream, load_for_serving
-    from splitserve.runtime.sampling_params import SamplingParams
+    from splitserve.runtime.sampling_params import SamplingParams  # no JAX: bad flags fail before it loads
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -108,6 +99,14 @@ def run(args) -> int:
                                 **_more_sampling(args))
     except ValueError as e:
         raise SystemExit(f"splitserve generate: {e}")
+    try:
+        mesh_config = MeshConfig.parse(args.mesh)
+    except ValueError as e:
+        raise SystemExit(f"splitserve generate: --mesh: {e}")
+    configure_jax(args.platform, cpu_devices=mesh_config.tp)
+
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.in_process import generate_stream, load_for_serving
     try:
         model = load_for_serving(args.model, mesh_config, args.dtype)
     except (OSError, ValueError) as e:  # no such model, a checkpoint it cannot read

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitserve.runtime.logprobs import TokenLogprobs
+from splitserve.runtime.sampling_cutoff import cutoff
 from splitserve.runtime.sampling_params import MAX_HELD_BACK_STOP_IDS, MAX_LOGPROBS, SamplingParams  # no JAX
 
 NO_ID = np.iinfo(np.int32).max  # pads a row's held-back ids: outside any vocabulary, so the mask drops it
@@ -101,35 +102,20 @@ jax.tree_util.register_dataclass(
 def _sample_filtered(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     """vLLM's order: temperature, then min_p, then top-k and top-p over what min_p kept.
 
-    Each filter keeps the most likely tokens, so together they keep every token whose logit is at
-    least a per-row cutoff; the draw is over the vocabulary in its own order, so a row that filters
-    nothing draws the same token whether or not its batch sorted (only then is the sort run)."""
+    Together they keep every token whose logit is at least a per-row cutoff (sampling_cutoff.py,
+    searched for only in steps where some row filters); the draw is over the vocabulary as it is,
+    so a row that filters nothing draws the same token either way."""
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     filtering = jnp.any((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
-    scaled = jax.lax.cond(filtering, lambda x: jnp.where(x >= _cutoff(x, s)[:, None], x, -jnp.inf), lambda x: x,
-                          scaled)
+    scaled = jax.lax.cond(
+        filtering, lambda x: jnp.where(x >= cutoff(x, s.top_k, s.top_p, s.min_p)[:, None], x, -jnp.inf),
+        lambda x: x, scaled)
 
     def draw(seed, step, row):
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.categorical(key, row)
 
     return jax.vmap(draw)(s.seed, s.step, scaled)
-
-
-def _cutoff(scaled: jax.Array, s: SamplingArrays) -> jax.Array:
-    """f32[batch]: the smallest logit that min_p, top-k and top-p keep (ties at it are kept too, as
-    vLLM's threshold masks keep them)."""
-    sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(scaled.shape[-1])[None, :]
-    # min_p: a token stays if its probability is at least min_p times the top token's, i.e. if
-    # exp(its logit - the top logit) >= min_p (no softmax needed; min_p 0 keeps everything).
-    keep = jnp.exp(sorted_logits - sorted_logits[:, :1]) >= s.min_p[:, None]
-    keep &= (s.top_k[:, None] == 0) | (rank < s.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (mass_before < s.top_p[:, None]) | (rank == 0)  # the top token always stays
-    kept = jnp.sum(keep, axis=-1)  # each filter keeps a prefix of the sorted row, so all of them do too
-    return jnp.take_along_axis(sorted_logits, (kept - 1)[:, None], axis=-1)[:, 0]
 
 
 def _held_back_mask(shape: tuple[int, int], held_back: jax.Array) -> jax.Array:
