@@ -56,6 +56,9 @@ class RunnerConfig:
     num_pages: int = 1024  # including the sink page
     max_batch: int = 16
     max_prefill_batch: int = 8
+    # False on a prefill-only worker: no decode step, so its per-request vocabulary rows (penalty
+    # counts, logit biases: 2 x max_batch x vocab x 4 bytes) shrink to one row each.
+    decodes: bool = True
     min_prefill_bucket: int = 16
     # Small requests share one decode shape: fewer compilations, all done at warm-up.
     min_decode_batch: int = 8
@@ -122,12 +125,13 @@ class ModelRunner:
         bytes_per_token = self.cache_spec.bytes_per_page // config.page_size
         self.staging = StagingPool(max_free_bytes=2 * cfg.max_model_len * bytes_per_token)
         # Generated-token counts (and prompt flags) of the requests with penalties (one row each).
-        self.penalty_rows = PenaltyRows(config.max_batch)
+        rows = config.max_batch if config.decodes else 1
+        self.penalty_rows = PenaltyRows(rows)
         replicated = NamedSharding(model.mesh, PartitionSpec())
-        self.penalty_counts = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.int32), replicated)
+        self.penalty_counts = jax.device_put(jnp.zeros((rows, cfg.vocab_size), jnp.int32), replicated)
         # The logit bias rows (logit_bias, allowed_token_ids) of decoding requests, on the same rows as
         # their counts; and one row per prefill batch row, written before a prefill that needs it.
-        self.logit_bias = jax.device_put(jnp.zeros((config.max_batch, cfg.vocab_size), jnp.float32), replicated)
+        self.logit_bias = jax.device_put(jnp.zeros((rows, cfg.vocab_size), jnp.float32), replicated)
         self.prefill_bias = jax.device_put(jnp.zeros((config.max_prefill_batch, cfg.vocab_size), jnp.float32),
                                            replicated)
         impl = config.attention_impl

@@ -100,7 +100,7 @@ class Worker:
         self.runner = ModelRunner(model, RunnerConfig(
             page_size=config.page_size, num_pages=self._num_pages(model) if has_decode else 2,
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
-            attention_impl=config.attention_impl,
+            attention_impl=config.attention_impl, decodes=has_decode,
         ))
         self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)
