@@ -230,6 +230,6 @@ def _sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     sampled = jax.lax.cond(
         jnp.any(s.temperature > 0),
         lambda: _sample_filtered(logits, s).astype(jnp.int32),
-        lambda: greedy,  # skip the vocabulary sort when the whole batch is greedy
+        lambda: greedy,  # no cutoff search or draw when the whole batch is greedy
     )
     return jnp.where(s.temperature > 0, sampled, greedy)

@@ -20,7 +20,8 @@ def transformers_kept(row: np.ndarray, top_k: int, top_p: float, min_p: float) -
     return np.isfinite(scores[0].numpy())
 
 
-@pytest.mark.parametrize("vocab, scale", [(7, 1.0), (50, 3.0), (1000, 0.3), (32000, 2.0), (2048, 40.0)])
+@pytest.mark.parametrize("vocab, scale", [(7, 1.0), (50, 3.0), (1000, 0.3), (32000, 2.0), (2048, 40.0),
+                                          (300, 3e6)])  # temperature 1e-6: logits ~1e7, a float32 step ~1
 def test_kept_tokens_equal_transformers_warpers(vocab, scale):
     rng = np.random.default_rng(vocab)
     batch = 24
@@ -37,6 +38,14 @@ def test_kept_tokens_equal_transformers_warpers(vocab, scale):
         want = transformers_kept(x[row], int(top_k[row]), float(top_p[row]), float(min_p[row]))
         assert np.array_equal(ours[row], want), (row, top_k[row], top_p[row], min_p[row])
     assert ours.sum(axis=1).min() >= 1  # the top token always stays
+
+
+def test_min_p_at_huge_logits_keeps_only_tokens_at_least_min_p_as_likely():
+    """At logits ~1e7 (temperature 1e-6) max + log(min_p) rounds by ~1: it kept a token e^-1 as
+    likely as the top one under min_p 0.5."""
+    x = np.array([[9198111.0, 9198110.0, 9198000.0], [3e7, 3e7 - 4, 3e7 - 2]], np.float32)
+    cut = np.asarray(cutoff(x, np.zeros(2, np.int32), np.ones(2, np.float32), np.array([0.5, 0.1], np.float32)))
+    assert cut.tolist() == [9198111.0, 3e7 - 2]
 
 
 def test_rows_that_filter_nothing_get_minus_infinity_and_ties_stay_together():

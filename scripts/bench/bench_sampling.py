@@ -6,8 +6,8 @@
 For each batch size and vocabulary size, the jitted `runtime.sampling.sample` (what every prefill
 and decode step runs after the model) is timed on random logits for each mode, every row of the
 batch in that mode, and reported as the median milliseconds per step and the ratio to greedy in
-the same run. `temperature` alone draws over the vocabulary unsorted; `top_p`, `top_k` and
-`min_p` sort it (runtime/sampling.py), so their ratio to `temperature` is what the sort costs.
+the same run. `temperature` alone only draws; `top_p`, `top_k` and `min_p` also search for their
+cutoff (runtime/sampling_cutoff.py), so their ratio to `temperature` is what the search costs.
 """
 
 from __future__ import annotations
