@@ -32,7 +32,7 @@ OPENAI_URLS = ("/v1/completions", "/v1/chat/completions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n", "logit_bias",
-                   "allowed_token_ids")
+                   "allowed_token_ids", "prompt_logprobs")
 NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream",
@@ -280,7 +280,7 @@ def _sampling(fields: dict) -> SamplingParams:
     kw = {}
     for key, check, kind in (("max_tokens", _is_int, "an integer"), ("top_k", _is_int, "an integer"),
                              ("seed", _is_int, "an integer"), ("min_tokens", _is_int, "an integer"),
-                             ("logprobs", _is_int, "an integer"),
+                             ("logprobs", _is_int, "an integer"), ("prompt_logprobs", _is_int, "an integer"),
                              ("temperature", _is_number, "a number"),
                              ("top_p", _is_number, "a number"), ("min_p", _is_number, "a number"),
                              ("ignore_eos", _is_bool, "a boolean"),

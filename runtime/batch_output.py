@@ -1,6 +1,7 @@
 """The two shapes of a batch output line: splitserve's own, and the OpenAI Batch API's.
 
-    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"][, "stop_reason"]}
+    native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"][, "prompt_logprobs"]
+             [, "stop_reason"]}
             or  {"id", "error"}
     openai  {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <completion>},
              "error": null}
@@ -13,7 +14,8 @@ one, so n > 1 gets an error line there), each with vLLM's "stop_reason" (the sto
 stop token id that ended it, else null; a native line has it only then), `usage` in tokens; a
 request that asks for logprobs gets an error line there (OpenAI's logprobs name tokens by their
 text, which a batch run against a router does not have), and its native line has them as
-[{"logprob", "top": [[token id, logprob], ...]}, ...]. Every line begins with
+[{"logprob", "top": [[token id, logprob], ...]}, ...] (prompt_logprobs likewise, one per prompt
+token after the first; OpenAI lines refuse them too). Every line begins with
 {"id": ...} so that a torn tail is recognised the same way (runtime/batch_io.py), and
 `input_id(record)` gives back the input line's id from either shape, and `recover_output` cuts a
 torn tail off an existing output file and returns the ids it holds, for resuming.
@@ -47,6 +49,8 @@ class NativeOutput:
                 "finish_reason": completion.finish_reason, "prompt_tokens": len(completion.prompt_token_ids)}
         if completion.logprobs is not None:
             line["logprobs"] = [lp.to_json_dict() for lp in completion.logprobs]
+        if completion.prompt_logprobs is not None:
+            line["prompt_logprobs"] = [lp.to_json_dict() for lp in completion.prompt_logprobs]
         if completion.stop_reason is not None:
             line["stop_reason"] = completion.stop_reason
         return line
@@ -62,7 +66,7 @@ class OpenAIOutput:
         self.model = model
 
     def refuses(self, request: BatchRequest) -> str | None:
-        if request.params.logprobs is not None:
+        if request.params.logprobs is not None or request.params.prompt_logprobs is not None:
             return "logprobs are written with --output-format native only (OpenAI's name tokens by their text)"
         return None
 

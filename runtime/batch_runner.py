@@ -277,4 +277,4 @@ class RemoteBackend:
                                     presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                                     repetition_penalty=p.repetition_penalty,
                                     truncate_prompt_tokens=p.truncate_prompt_tokens, logit_bias=dict(p.logit_bias),
-                                    allowed_token_ids=p.allowed_token_ids)
+                                    allowed_token_ids=p.allowed_token_ids, prompt_logprobs=p.prompt_logprobs)

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                    help="generate at least this many tokens before EOS, a stop token or a stop string may end it")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's logprob and the N (0-20) most likely tokens' (key \"logprobs\")")
+    p.add_argument("--prompt-logprobs", type=int, metavar="N",
+                   help="with --json: each prompt token's logprob (after the first) and the N (0-20) most likely "
+                        "there (key \"prompt_logprobs\")")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="in [-2, 2]: subtracted from the logit of each token generated before (default 0)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
@@ -65,7 +68,7 @@ def add_parser(sub) -> None:
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {text, token_ids, prompt_token_ids, finish_reason, ttft_s, latency_s"
-                        "[, logprobs][, stop_reason]}")
+                        "[, logprobs][, prompt_logprobs][, stop_reason]}")
     p.set_defaults(run=run)
 
 
@@ -85,8 +88,9 @@ def run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("splitserve generate: give exactly one of PROMPT or --prompt-ids")
     args.messages = _messages(args)
-    if args.logprobs is not None and not args.json:
-        raise SystemExit("splitserve generate: --logprobs goes with --json (streamed text has no place for them)")
+    for flag, value in (("--logprobs", args.logprobs), ("--prompt-logprobs", args.prompt_logprobs)):
+        if value is not None and not args.json:
+            raise SystemExit(f"splitserve generate: {flag} goes with --json (streamed text has no place for them)")
     if args.address:
         return _run_remote(args)
     from splitserve.models.mesh_config import MeshConfig
@@ -139,7 +143,8 @@ def run(args) -> int:
 def _more_sampling(args) -> dict:
     return dict(min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens,
-                logit_bias=_logit_bias(args.logit_bias), allowed_token_ids=args.allowed_token_ids)
+                logit_bias=_logit_bias(args.logit_bias), allowed_token_ids=args.allowed_token_ids,
+                prompt_logprobs=args.prompt_logprobs)
 
 
 def _logit_bias(pairs: list[str]) -> dict[int, float]:

@@ -44,6 +44,8 @@ class Chunk:
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when the request asked for them
     stop_reason: str | int | None = None  # on the last chunk: the stop string or stop token id that ended it
     index: int = 0  # which of the request's n sequences (stream(n=...)) this chunk continues
+    # On a sequence's first chunk, when the request asked: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                   truncate_prompt_tokens: int | None = None, n: int = 1, min_p: float = 0.0,
-                  logit_bias=None, allowed_token_ids=None) -> serving_pb2.GenerateRequest:
+                  logit_bias=None, allowed_token_ids=None, prompt_logprobs: int | None = None
+                  ) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -93,6 +96,7 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     for name, value, (low, high) in (("max_tokens", max_tokens, (0, 2**32 - 1)), ("top_k", top_k, int32),
                                      ("min_tokens", min_tokens, (0, 2**32 - 1)),
                                      ("logprobs", 0 if logprobs is None else logprobs, (0, 2**32 - 1)),
+                                     ("prompt_logprobs", prompt_logprobs or 0, (0, 2**32 - 1)),
                                      ("truncate_prompt_tokens", truncate_prompt_tokens or 0, int32),
                                      ("n", n, (0, 2**32 - 1)),
                                      ("seed", 0 if seed is None else seed, (0, 2**64 - 1))):
@@ -111,6 +115,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.seed = seed
     if logprobs is not None:
         sampling.logprobs = logprobs
+    if prompt_logprobs is not None:
+        sampling.prompt_logprobs = prompt_logprobs
     if truncate_prompt_tokens is not None:
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
     if n != 1:
@@ -135,7 +141,8 @@ def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
     which = msg.WhichOneof("stop_reason")
     return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids),
                  [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None,
-                 getattr(msg, which) if which else None, msg.index)
+                 getattr(msg, which) if which else None, msg.index,
+                 [TokenLogprobs.from_proto(lp) for lp in msg.prompt_logprobs] if msg.prompt_logprobs else None)
 
 
 class SequencesBuilder:
@@ -173,6 +180,7 @@ class CompletionBuilder:
         self.finish_reason = ""
         self.logprobs: list[TokenLogprobs] | None = None
         self.stop_reason: str | int | None = None
+        self.prompt_logprobs: list[TokenLogprobs] | None = None
 
     def add(self, chunk: Chunk, now_s: float) -> None:
         if self.first_s is None and chunk.token_ids:
@@ -185,9 +193,11 @@ class CompletionBuilder:
             self.logprobs = (self.logprobs or []) + chunk.logprobs
         if chunk.stop_reason is not None:
             self.stop_reason = chunk.stop_reason
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
 
     def build(self, end_s: float) -> Completion:
         first = self.first_s if self.first_s is not None else end_s
         return Completion(text="".join(self.text), token_ids=self.tokens, prompt_token_ids=self.prompt_ids,
                           finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s,
-                          logprobs=self.logprobs, stop_reason=self.stop_reason)
+                          logprobs=self.logprobs, stop_reason=self.stop_reason, prompt_logprobs=self.prompt_logprobs)

@@ -96,10 +96,12 @@ class ColocatedEngine:
         return events
 
     def _run_prefill(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        first, ks, vs, lengths = self.runner.prefill_sampled(
+        (tokens, logprobs, prompt_logprobs), ks, vs, lengths = self.runner.prefill_sampled(
             [r.prompt_ids for r in requests], [r.params for r in requests], [0] * len(requests))
         self.runner.insert(ks, vs, [r.pages for r in requests], lengths)
-        return first
+        for request, entries in zip(requests, prompt_logprobs):
+            request.prompt_logprobs = entries
+        return tokens, logprobs
 
     def _run_decode(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         return self.runner.decode_sampled(
@@ -152,4 +154,5 @@ class ColocatedEngine:
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
             logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None, stop_reason=r.stop_reason,
+            prompt_logprobs=r.prompt_logprobs,
         )

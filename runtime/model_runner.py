@@ -28,6 +28,7 @@ from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.penalty_rows import PenaltyRows
+from splitserve.runtime.prompt_logprobs import prompt_logprobs
 from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, bias_vector, sample
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class ModelRunner:
         self._embed = jax.jit(functools.partial(serving.prefill_embed, model.graphdef))
         self._layer = jax.jit(functools.partial(serving.prefill_layer, layer_graphdef, impl, mesh))
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
+        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
         self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=(0, 1))
@@ -177,14 +179,15 @@ class ModelRunner:
     # -- steps ----------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], sampling: list, steps: list[int]):
         """Runs prompts; returns (first tokens as host ints, k, v, padded lengths)."""
-        (first, _), ks, vs, lengths = self.prefill_sampled(prompts, sampling, steps)
+        (first, _, _), ks, vs, lengths = self.prefill_sampled(prompts, sampling, steps)
         return first, ks, vs, lengths
 
     def prefill_sampled(self, prompts: list[list[int]], sampling: list, steps: list[int]):
-        """As prefill, with each row's first-token log-probabilities (None where not asked):
-        ((first tokens, logprobs), k, v, padded lengths)."""
+        """As prefill, with each row's first-token log-probabilities and prompt logprobs (None where
+        not asked): ((first tokens, logprobs, prompt logprobs), k, v, padded lengths)."""
         first, ks, vs, lengths = self.prefill_async(prompts, sampling, steps)
-        return first.to_host(sampling), ks, vs, lengths
+        host = (*first.to_host(sampling), first.prompt_to_host(sampling, [len(p) for p in prompts]))
+        return host, ks, vs, lengths
 
     def prefill_async(self, prompts: list[list[int]], sampling: list, steps: list[int]):
         """Dispatches the prefill without waiting: (first tokens as a Sampled, k, v) are device arrays,
@@ -210,6 +213,8 @@ class ModelRunner:
             ks.append(k)
             vs.append(v)
         first = self._first_tokens(self.model.params, x, tokens, lengths, arrays, self.prefill_bias)
+        if any(p.prompt_logprobs is not None for p in sampling):
+            first = dataclasses.replace(first, prompt=self._prompt_logprobs(self.model.params, x, tokens))
         return first, tuple(ks), tuple(vs), lengths
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:

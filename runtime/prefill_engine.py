@@ -55,6 +55,7 @@ class PrefillJob:
     kv_data_address: str = ""  # the decode worker's KV data socket; "": send through TransferKV
     kv_ticket: bytes = dataclasses.field(default=b"", repr=False)  # admits this request's KV there, once
     first_logprobs: TokenLogprobs | None = None  # set before first_token's result when params.logprobs is set
+    prompt_logprobs: list[TokenLogprobs] | None = None  # likewise, when params.prompt_logprobs is set
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -200,8 +201,9 @@ class PrefillEngine:
                     self._sends_pending += 1
                 self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
         tokens, logprobs = first.to_host([j.params for j in live])  # waits for the last layer and the sampler
-        for job, job_logprobs in zip(live, logprobs):
-            job.first_logprobs = job_logprobs
+        prompt_logprobs = first.prompt_to_host([j.params for j in live], [len(j.prompt_ids) for j in live])
+        for job, job_logprobs, job_prompt_logprobs in zip(live, logprobs, prompt_logprobs):
+            job.first_logprobs, job.prompt_logprobs = job_logprobs, job_prompt_logprobs
         return tokens
 
     def _send(self, job: PrefillJob, kv: PrefilledRow) -> None:

@@ -118,6 +118,8 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         response = internal_pb2.PrefillResponse(first_token=token)
         if job.first_logprobs is not None:
             response.first_logprobs.CopyFrom(job.first_logprobs.to_proto(internal_pb2.TokenLogprobs))
+        for entry in job.prompt_logprobs or ():
+            response.prompt_logprobs.append(entry.to_proto(internal_pb2.TokenLogprobs))
         return response
 
     def Stats(self, request, context):

@@ -28,6 +28,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         truncate_prompt_tokens=msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None,
         n=msg.n if msg.HasField("n") else 1,
         logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -38,7 +39,7 @@ def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias),
-        allowed_token_ids=list(p.allowed_token_ids or ()),
+        allowed_token_ids=list(p.allowed_token_ids or ()), prompt_logprobs=p.prompt_logprobs,
     )
 
 
@@ -50,4 +51,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )

@@ -48,6 +48,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # when params.logprobs is set
+    prompt_logprobs: list[TokenLogprobs] | None = None  # from the prefill, when params.prompt_logprobs is set
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
 
     @property
@@ -86,14 +87,17 @@ class Completion:
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
     # As vLLM's: the stop string or stop token id that ended it; None when EOS or max_tokens did.
     stop_reason: str | int | None = None
+    # One per prompt token after the first, when the request asked (runtime/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     def to_json_dict(self) -> dict:
-        """The fields as JSON values; "logprobs" only when the request asked for them, "stop_reason"
-        only when a stop string or stop token id ended it."""
-        optional = ("logprobs", "stop_reason")
+        """The fields as JSON values; "logprobs" and "prompt_logprobs" only when the request asked
+        for them, "stop_reason" only when a stop string or stop token id ended it."""
+        optional = ("logprobs", "stop_reason", "prompt_logprobs")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in optional}
-        if self.logprobs is not None:
-            d["logprobs"] = [lp.to_json_dict() for lp in self.logprobs]
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                d[name] = [lp.to_json_dict() for lp in getattr(self, name)]
         if self.stop_reason is not None:
             d["stop_reason"] = self.stop_reason
         return d

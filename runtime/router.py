@@ -73,6 +73,8 @@ class RouterEvent:
     finish_reason: str  # "" until the last event
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, when asked
     stop_reason: str | int | None = None  # on the last event: the stop string or stop token id that ended it
+    # On the first event, when asked: one per prompt token after the first (runtime/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -181,7 +183,8 @@ class Router:
                                                                   scope, on_prefill)
             event = self._event(first.first_token, progress, text,
                                 logprobs=first.first_logprobs if first.HasField("first_logprobs") else None)
-            yield event
+            yield dataclasses.replace(event, prompt_logprobs=[TokenLogprobs.from_proto(lp)
+                                                              for lp in first.prompt_logprobs])
             if event.finish_reason:
                 return
             penalised_prompt = prompt_ids if params.repetition_penalty != 1.0 else []  # only then does decode need it
@@ -318,5 +321,6 @@ def _joined(events: list[RouterEvent]) -> RouterEvent:
     if len(events) == 1:
         return events[0]
     return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
-                       events[-1].finish_reason, [lp for e in events for lp in e.logprobs], events[-1].stop_reason)
+                       events[-1].finish_reason, [lp for e in events for lp in e.logprobs], events[-1].stop_reason,
+                       [lp for e in events for lp in e.prompt_logprobs])
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitserve.runtime.logprobs import TokenLogprobs
+from splitserve.runtime.prompt_logprobs import PromptLogprobs
 from splitserve.runtime.sampling_cutoff import cutoff
 from splitserve.runtime.sampling_params import MAX_HELD_BACK_STOP_IDS, MAX_LOGPROBS, SamplingParams  # no JAX
 
@@ -133,6 +134,7 @@ class Sampled:
     logprob: jax.Array  # f32[batch]: of the sampled token
     top_ids: jax.Array  # i32[batch, k]: the k = min(MAX_LOGPROBS, vocab) most likely, most likely first
     top_logprobs: jax.Array  # f32[batch, k]
+    prompt: PromptLogprobs | None = None  # a prefill's, when some row asked for prompt_logprobs
 
     def to_host(self, params: list[SamplingParams]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """The first len(params) rows: token ids, and each row's TokenLogprobs (None where not asked).
@@ -147,7 +149,15 @@ class Sampled:
             for row, p in enumerate(params)]
 
 
-jax.tree_util.register_dataclass(Sampled, data_fields=["tokens", "logprob", "top_ids", "top_logprobs"],
+    def prompt_to_host(self, params: list[SamplingParams], prompt_lengths: list[int]
+                       ) -> list[list[TokenLogprobs] | None]:
+        """Each row's prompt logprobs (runtime/prompt_logprobs.py; None where not asked)."""
+        if self.prompt is None:
+            return [None] * len(params)
+        return self.prompt.to_host(params, prompt_lengths)
+
+
+jax.tree_util.register_dataclass(Sampled, data_fields=["tokens", "logprob", "top_ids", "top_logprobs", "prompt"],
                                  meta_fields=[])
 
 

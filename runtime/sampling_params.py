@@ -81,6 +81,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # As vLLM's: only these ids can be sampled (every other logit is -inf). None: any id.
     allowed_token_ids: tuple[int, ...] | None = None
+    # As vLLM's prompt_logprobs: N in [0, MAX_LOGPROBS]: each prompt token's logprob given the tokens
+    # before it (all but the first), and the N most likely there. None: not computed.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -115,8 +118,9 @@ class SamplingParams:
                                                             or 1 <= self.truncate_prompt_tokens <= INT32_MAX):
             raise ValueError(f"truncate_prompt_tokens must be -1 (the model's context) or in [1, {INT32_MAX}], "
                              f"got {self.truncate_prompt_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or unset), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (or unset), got {getattr(self, name)}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
         if not self.temperature >= 0 or not _finite(self.temperature):

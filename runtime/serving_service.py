@@ -138,7 +138,9 @@ def _sequences_asked(request) -> int:
 def _response(event, prompt_ids: list[int], request_id: str, index: int) -> serving_pb2.GenerateResponse:
     msg = serving_pb2.GenerateResponse(token_ids=event.token_ids, text=event.text, finish_reason=event.finish_reason,
                                        prompt_token_ids=prompt_ids, request_id=request_id, index=index,
-                                       logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs])
+                                       logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs],
+                                       prompt_logprobs=[lp.to_proto(serving_pb2.TokenLogprobs)
+                                                        for lp in event.prompt_logprobs])
     if isinstance(event.stop_reason, str):
         msg.stop_string = event.stop_reason
     elif event.stop_reason is not None:

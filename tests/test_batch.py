@@ -298,6 +298,8 @@ def mixed_lines():
                                                      repetition_penalty=1.4, ignore_eos=True))))
     cases.append(({"id": "minp", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.5, "seed": 4, "min_p": 0.2},
                   ("ok", "Once upon", SamplingParams(max_tokens=8, temperature=1.5, seed=4, min_p=0.2))))
+    cases.append(({"id": "plp", "prompt": "Once upon a time", "max_tokens": 3, "prompt_logprobs": 2},
+                  ("ok", "Once upon a time", SamplingParams(max_tokens=3, prompt_logprobs=2))))
     cases.append(({"id": "bias", "prompt": "Once upon", "max_tokens": 6, "logit_bias": {"42": 100},
                    "allowed_token_ids": [42, 43]},
                   ("ok", "Once upon", SamplingParams(max_tokens=6, logit_bias={42: 100}, allowed_token_ids=(42, 43)))))
@@ -352,9 +354,12 @@ def check_against_reference(out: dict, cases, reference) -> None:
         assert got["finish_reason"] == want.finish_reason and got["prompt_tokens"] == len(want.prompt_token_ids)
         assert ("logprobs" in got) == (want.logprobs is not None), line
         assert got.get("stop_reason") == want.stop_reason and ("stop_reason" in got) == (want.stop_reason is not None)
-        for got_lp, want_lp in zip(got.get("logprobs", []), want.logprobs or []):
-            assert got_lp["logprob"] == pytest.approx(want_lp.logprob, abs=1e-4)
-            assert [t for t, _ in got_lp["top"]] == [t for t, _ in want_lp.top]
+        assert ("prompt_logprobs" in got) == (want.prompt_logprobs is not None), line
+        for key, wanted in (("logprobs", want.logprobs), ("prompt_logprobs", want.prompt_logprobs)):
+            assert len(got.get(key, [])) == len(wanted or [])
+            for got_lp, want_lp in zip(got.get(key, []), wanted or []):
+                assert got_lp["logprob"] == pytest.approx(want_lp.logprob, abs=1e-4)
+                assert [t for t, _ in got_lp["top"]] == [t for t, _ in want_lp.top]
 
 
 def test_in_process_mixed_file(tmp_path, model, reference):

@@ -72,6 +72,7 @@ def test_generate_streams_demo_text(cache):
     (["generate", "hi", "--max-tokens", "2", "--min-tokens", "3"], "min_tokens must be in [0, max_tokens=2], got 3"),
     (["generate", "hi", "--logprobs", "21", "--json"], "logprobs must be in [0, 20]"),
     (["generate", "hi", "--logprobs", "2"], "--logprobs goes with --json"),
+    (["generate", "hi", "--prompt-logprobs", "2"], "--prompt-logprobs goes with --json"),
     (["generate", "hi", "--repetition-penalty", "0"], "repetition_penalty must be in [0.01, 100]"),
     (["generate", "hi", "--min-p", "1.5"], "min_p must be in [0, 1]"),
     (["generate", "hi", "--logit-bias", "5"], "--logit-bias takes ID=BIAS (e.g. 42=-100), got '5'"),

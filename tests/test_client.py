@@ -93,7 +93,7 @@ def test_logit_bias_and_allowed_token_ids_reach_both_workers(stack, expected, en
     bias = {str(expected.token_ids[0]): -100, "42": 2.5}
     allowed = [3, 42, 99, expected.token_ids[1]]
     with Client(stack.address) as client:
-        biased = client.generate(PROMPT, max_tokens=8, ignore_eos=True, logit_bias=bias)
+        biased = client.generate(PROMPT, max_tokens=8, ignore_eos=True, logit_bias=bias, prompt_logprobs=2)
         only = client.generate(PROMPT, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)
         for bad in ([], "42"):  # an empty list would mean "any id" on the wire; a string is not its digits
             with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list of token ids"):
@@ -101,10 +101,14 @@ def test_logit_bias_and_allowed_token_ids_reach_both_workers(stack, expected, en
         with pytest.raises(ValueError, match="logit_bias token ids must be integers, got 'x'"):
             client.generate(PROMPT, logit_bias={"x": 1})
     want = engine.generate([expected.prompt_token_ids] * 2,
-                           [SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=bias),
+                           [SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=bias, prompt_logprobs=2),
                             SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)])
     assert [biased.token_ids, only.token_ids] == [w.token_ids for w in want]
     assert biased.token_ids[0] != expected.token_ids[0] and set(only.token_ids) <= set(allowed)
+    # prompt_logprobs ride on the first chunk into the Completion
+    assert len(biased.prompt_logprobs) == len(expected.prompt_token_ids) - 1 and only.prompt_logprobs is None
+    assert [[t for t, _ in e.top] for e in biased.prompt_logprobs] == [[t for t, _ in e.top]
+                                                                       for e in want[0].prompt_logprobs]
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(stack, expected, engine):

@@ -220,6 +220,20 @@ def test_logit_bias_and_allowed_ids_on_both_workers_equal_the_colocated_engine(d
     assert set(got[1]) <= {5, 77, 300, first[1]} and set(got[4]) <= set(range(100, 140))
 
 
+def test_prompt_logprobs_come_from_the_prefill_worker_on_the_first_message(demo_stack, demo_engine):
+    prompt = prompts_for(2048, (20,), seed=4)[0]
+    request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=prompt), sampling=serving_pb2.SamplingParams(
+        max_tokens=4, ignore_eos=True, prompt_logprobs=3))
+    messages = list(demo_stack.serving.Generate(request, timeout=60, metadata=demo_stack.metadata))
+    want = demo_engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=3))[0]
+    got = messages[0].prompt_logprobs
+    assert len(got) == len(want.prompt_logprobs) == 19 and not any(m.prompt_logprobs for m in messages[1:])
+    for entry, expected in zip(got, want.prompt_logprobs):
+        assert list(entry.top_token_ids) == [t for t, _ in expected.top]
+        assert np.allclose([entry.logprob, *entry.top_logprobs], [expected.logprob, *(lp for _, lp in expected.top)],
+                           atol=1e-5)
+
+
 @pytest.mark.parametrize("prompt_ids, message", [
     ([], "a repetition penalty needs the prompt's ids"),
     ([5, 6], "a prompt of 2 ids, KV of 3 tokens"),
@@ -290,6 +304,7 @@ def test_cancel_mid_decode_frees_pages_promptly(demo_stack):
     ("logit_bias", {5: 200.0}, "logit_bias values must be in [-100, 100]"),
     ("logit_bias", {5000: 1.0}, "name token ids [5000] outside the vocabulary [0, 2048)"),
     ("allowed_token_ids", [7, 2048], "name token ids [2048] outside the vocabulary"),
+    ("prompt_logprobs", 21, "prompt_logprobs must be in [0, 20]"),
 ])
 def test_bad_sampling_is_invalid_argument(demo_stack, field, value, message):
     with pytest.raises(grpc.RpcError) as err:

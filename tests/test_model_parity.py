@@ -296,3 +296,31 @@ def test_logit_bias_and_allowed_token_ids_match_transformers_generate(hf_checkpo
     after = one_row.generate([prompts[0], prompts[0]], [params[0], presence])
     assert after[0].token_ids == expected[0]
     assert after[1].token_ids == penalised_greedy(torch_model, prompts[0], 12, 2.0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa3_hd40_ropescale", "qwen2_bias_mqa_tied"])
+def test_prompt_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
+    """vLLM's prompt_logprobs: prompt token t + 1's logprob and the 4 most likely tokens at
+    position t equal the log-softmax of transformers' logits there; prompts of different lengths
+    (one longer than 8 positions, the chunk the logits are made in) in one prefill beside a
+    request that does not ask."""
+    directory, torch_model = hf_checkpoint(name)
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(6)
+    prompts = [random_prompt(rng, model.config.vocab_size, n) for n in (7, 29, 12)]
+    engine = ColocatedEngine(model, EngineConfig(page_size=16, num_pages=32, max_batch=4, max_prefill_batch=4))
+    params = [SamplingParams(max_tokens=2, prompt_logprobs=4), SamplingParams(max_tokens=2, prompt_logprobs=0),
+              SamplingParams(max_tokens=2)]
+    outs = engine.generate(prompts, params)
+    for prompt, out, p in zip(prompts[:2], outs, params):
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([prompt])).logits[0]
+        want = torch.log_softmax(logits.double(), dim=-1).numpy()
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        for t, got in enumerate(out.prompt_logprobs):
+            assert abs(got.logprob - want[t, prompt[t + 1]]) < 1e-4, (name, t)
+            top = np.argsort(-want[t])[: p.prompt_logprobs]
+            assert [i for i, _ in got.top] == top.tolist(), (name, t)
+            assert np.allclose([lp for _, lp in got.top], want[t, top], atol=1e-4)
+    assert outs[2].prompt_logprobs is None and "prompt_logprobs" not in outs[2].to_json_dict()
+    assert len(outs[0].to_json_dict()["prompt_logprobs"]) == 6

@@ -185,6 +185,7 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(logit_bias={-1: 1}), "logit_bias token ids must be in \\[0, "),
     (dict(allowed_token_ids=[]), "allowed_token_ids must name at least one token id"),
     (dict(allowed_token_ids=[1.5]), "allowed_token_ids token ids must be integers"),
+    (dict(prompt_logprobs=21), "prompt_logprobs must be in \\[0, 20\\] \\(or unset\\), got 21"),
     (dict(min_p=1.5), "min_p must be in \\[0, 1\\], got 1.5"),
     (dict(min_p=-0.1), "min_p must be in"),
     (dict(min_p=float("nan")), "min_p must be in"),
