@@ -182,7 +182,7 @@ def _run_remote(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                     min_tokens=args.min_tokens, logprobs=args.logprobs, **_more_sampling(args))
-    builder = CompletionBuilder(time.perf_counter())
+    builder = CompletionBuilder(time.perf_counter(), args.prompt_logprobs is not None)
     try:
         with Client(args.address, **client_options(args)) as client:
             prompt = None if args.messages else args.prompt

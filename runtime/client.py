@@ -177,7 +177,7 @@ class Client:
             ('length', 8)
         """
         _one_sequence(sampling)
-        builder = CompletionBuilder(time.perf_counter())
+        builder = CompletionBuilder(time.perf_counter(), sampling.get("prompt_logprobs") is not None)
         for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
@@ -187,7 +187,7 @@ class Client:
                    timeout: float | None = None, **sampling) -> list[Completion]:
         """n completions of one prompt (vLLM's and OpenAI's `n`), in index order; sequence i samples
         with seed + i. `stream(..., n=n)` gives the same chunks interleaved, each with its `index`."""
-        builder = SequencesBuilder(time.perf_counter(), n)
+        builder = SequencesBuilder(time.perf_counter(), n, sampling.get("prompt_logprobs") is not None)
         for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, n=n, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
@@ -276,7 +276,7 @@ class AsyncClient:
                        messages: Sequence[Mapping[str, str]] | None = None,
                        timeout: float | None = None, **sampling) -> Completion:
         _one_sequence(sampling)
-        builder = CompletionBuilder(time.perf_counter())
+        builder = CompletionBuilder(time.perf_counter(), sampling.get("prompt_logprobs") is not None)
         async for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, **sampling):
             builder.add(chunk, time.perf_counter())
         return builder.build(time.perf_counter())
@@ -285,7 +285,7 @@ class AsyncClient:
                          messages: Sequence[Mapping[str, str]] | None = None,
                          timeout: float | None = None, **sampling) -> list[Completion]:
         """As Client.generate_n."""
-        builder = SequencesBuilder(time.perf_counter(), n)
+        builder = SequencesBuilder(time.perf_counter(), n, sampling.get("prompt_logprobs") is not None)
         async for chunk in self.stream(prompt, token_ids=token_ids, messages=messages, timeout=timeout, n=n,
                                        **sampling):
             builder.add(chunk, time.perf_counter())

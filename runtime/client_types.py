@@ -148,8 +148,8 @@ def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
 class SequencesBuilder:
     """Accumulates the interleaved chunks of an n-sequence request into n Completions, in index order."""
 
-    def __init__(self, start_s: float, n: int):
-        self.sequences = [CompletionBuilder(start_s) for _ in range(n)]
+    def __init__(self, start_s: float, n: int, prompt_logprobs_asked: bool = False):
+        self.sequences = [CompletionBuilder(start_s, prompt_logprobs_asked) for _ in range(n)]
         self.ends: list[float | None] = [None] * n  # when each sequence's last chunk came
         self.prompt_ids: list[int] = []
 
@@ -171,7 +171,8 @@ class SequencesBuilder:
 class CompletionBuilder:
     """Accumulates chunks into a Completion, timing the first token and the last."""
 
-    def __init__(self, start_s: float):
+    def __init__(self, start_s: float, prompt_logprobs_asked: bool = False):
+        """`prompt_logprobs_asked`: a one-token prompt then gets [] (its message has no entries)."""
         self.start_s = start_s
         self.first_s: float | None = None
         self.tokens: list[int] = []
@@ -180,7 +181,7 @@ class CompletionBuilder:
         self.finish_reason = ""
         self.logprobs: list[TokenLogprobs] | None = None
         self.stop_reason: str | int | None = None
-        self.prompt_logprobs: list[TokenLogprobs] | None = None
+        self.prompt_logprobs: list[TokenLogprobs] | None = [] if prompt_logprobs_asked else None
 
     def add(self, chunk: Chunk, now_s: float) -> None:
         if self.first_s is None and chunk.token_ids:

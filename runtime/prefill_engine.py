@@ -200,10 +200,13 @@ class PrefillEngine:
                 with self._sends_lock:
                     self._sends_pending += 1
                 self._senders.submit(self._send, job, PrefilledRow(ks, vs, row, len(job.prompt_ids), host))
-        tokens, logprobs = first.to_host([j.params for j in live])  # waits for the last layer and the sampler
-        prompt_logprobs = first.prompt_to_host([j.params for j in live], [len(j.prompt_ids) for j in live])
-        for job, job_logprobs, job_prompt_logprobs in zip(live, logprobs, prompt_logprobs):
-            job.first_logprobs, job.prompt_logprobs = job_logprobs, job_prompt_logprobs
+        params = [j.params for j in live]
+        tokens, logprobs = first.to_host(params)  # waits for the last layer and the sampler
+        for job, job_logprobs in zip(live, logprobs):
+            job.first_logprobs = job_logprobs
+        if any(p.prompt_logprobs is not None for p in params):
+            for job, entries in zip(live, first.prompt_to_host(params, [len(j.prompt_ids) for j in live])):
+                job.prompt_logprobs = entries
         return tokens
 
     def _send(self, job: PrefillJob, kv: PrefilledRow) -> None:

@@ -10,12 +10,13 @@ The logits of every position are [batch, seq, vocab]: too large to hold at once 
 prompts and large vocabularies (2048 x 128256 float32 is 1 GiB a row), so they are made a few
 positions at a time and only the logprobs kept. Computed only in prefills where some request
 asks; the program compiles on the first such prefill of each shape (warm-up leaves it out).
+Every entry travels in the stream's first message: the router refuses a request whose entries
+would not fit in one (runtime/router.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from flax import nnx
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
-POSITIONS_AT_ONCE = 8  # logits held at a time: batch x 8 x vocab (prompt buckets are multiples of 8)
+POSITIONS_AT_ONCE = 8  # logits held at a time: batch x 8 x vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,10 @@ def prompt_logprobs(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, tok
     """x: f32[batch, seq, hidden], the last layer's output; tokens: i32[batch, seq], the padded prompts."""
     model = nnx.merge(graphdef, params)
     batch, seq, hidden = x.shape
-    step = math.gcd(seq, POSITIONS_AT_ONCE)
-    following = jnp.concatenate([tokens[:, 1:], jnp.zeros((batch, 1), tokens.dtype)], axis=1)
+    step = POSITIONS_AT_ONCE
+    padded = -(-seq // step) * step  # the longest bucket (the model's context) need not be a multiple
+    x = jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)))
+    following = jnp.pad(tokens[:, 1:], ((0, 0), (0, padded - seq + 1)))
 
     def some_positions(args):
         x_part, next_part = args  # [batch, step, hidden], [batch, step]
@@ -65,8 +68,8 @@ def prompt_logprobs(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, tok
         top, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
         return jnp.take_along_axis(logprobs, next_part[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top
 
-    parts = (x.reshape(batch, seq // step, step, hidden).swapaxes(0, 1),
-             following.reshape(batch, seq // step, step).swapaxes(0, 1))
-    logprob, top_ids, top = jax.lax.map(some_positions, parts)  # [seq // step, batch, step, ...]
-    whole = lambda a: a.swapaxes(0, 1).reshape(batch, seq, *a.shape[3:])  # noqa: E731
+    parts = (x.reshape(batch, padded // step, step, hidden).swapaxes(0, 1),
+             following.reshape(batch, padded // step, step).swapaxes(0, 1))
+    logprob, top_ids, top = jax.lax.map(some_positions, parts)  # [padded // step, batch, step, ...]
+    whole = lambda a: a.swapaxes(0, 1).reshape(batch, padded, *a.shape[3:])[:, :seq]  # noqa: E731
     return PromptLogprobs(whole(logprob), whole(top_ids), whole(top))

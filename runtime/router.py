@@ -32,7 +32,7 @@ import grpc
 from splitserve.models.metadata import ModelMetadata
 from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.deadlines import CallCancelled, CallScope
-from splitserve.runtime.grpc_common import ChannelPool
+from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES, ChannelPool
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
 from splitserve.runtime.proto_convert import sampling_to_internal
@@ -64,6 +64,18 @@ class WorkerHandle:
     platform: str = ""
     page_size: int = 0  # 0: a prefill worker (holds no pages), or not heard from yet
     dtype: str = ""
+
+
+# Prompt logprobs all ride on the stream's first message, with the prompt's ids: both must fit in
+# one message of the public API (less a margin for its other fields).
+PROMPT_LOGPROBS_MAX_BYTES = PUBLIC_MAX_MESSAGE_BYTES - (64 << 10)
+
+
+def first_message_bytes(prompt_len: int, params: SamplingParams) -> int:
+    """An upper bound on the encoded prompt ids and prompt logprobs: an id is <= 5 bytes; an entry
+    is a logprob (5), its two packed lists' framing (<= 6), per top token an id (<= 5) and a
+    logprob (4), and its own framing (<= 3)."""
+    return prompt_len * 5 + max(prompt_len - 1, 0) * (14 + 9 * (params.prompt_logprobs or 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +173,12 @@ class Router:
             check_bias_ids(params, cfg.vocab_size, cfg.eos_token_ids)
         except ValueError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if params.prompt_logprobs is not None and (size := first_message_bytes(len(prompt_ids), params)) > \
+                PROMPT_LOGPROBS_MAX_BYTES:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"prompt_logprobs={params.prompt_logprobs} for a prompt of {len(prompt_ids)} tokens "
+                              f"makes a ~{size >> 20} MiB message, over the {PROMPT_LOGPROBS_MAX_BYTES >> 20} MiB "
+                              f"that one may carry: ask for fewer top tokens, or a shorter prompt")
         if len(prompt_ids) + params.max_tokens > cfg.max_model_len:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "

@@ -475,7 +475,7 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     for request_id, record in records.items():
         if "error" in record:
             assert openai[request_id]["error"] == record["error"]
-        elif "logprobs" in record:
+        elif "logprobs" in record or "prompt_logprobs" in record:
             assert "--output-format native only" in openai[request_id]["error"]
         else:
             assert openai[request_id]["response"]["body"]["model"] == served == "splitserve-demo-v2"
@@ -586,7 +586,8 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
         if "error" in expected:
             assert line["response"]["status_code"] == 400 and line["error"] == expected["error"]
             continue
-        if "logprobs" in expected:  # native lines carry them; OpenAI's name tokens by text, which we do not write
+        if "logprobs" in expected or "prompt_logprobs" in expected:  # native lines carry them; OpenAI's name
+            # tokens by text, which we do not write
             assert line["response"]["status_code"] == 400 and "--output-format native only" in line["error"]
             continue
         assert line["error"] is None and line["response"]["status_code"] == 200

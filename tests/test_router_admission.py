@@ -151,3 +151,31 @@ def test_a_call_with_n_sequences_takes_n_places_and_n_past_the_limit_is_invalid(
                 list(stub.Generate(request(n), timeout=10))
             assert err.value.code() is code and message in err.value.details()
         held.cancel()
+
+
+def test_prompt_logprobs_that_cannot_fit_in_the_first_message_are_refused_before_any_work():
+    """All prompt logprobs ride on the stream's first message; first_message_bytes bounds its size
+    (checked against protobuf's own encoding of the worst case), and the router refuses a request
+    over the public message cap as INVALID_ARGUMENT, not after its prefill."""
+    import dataclasses
+
+    from splitserve.models.metadata import load_metadata
+    from splitserve.runtime.logprobs import TokenLogprobs
+    from splitserve.runtime.router import PROMPT_LOGPROBS_MAX_BYTES, Router, first_message_bytes
+    from splitserve.runtime.router_errors import RouterError
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    for n, prompt_len in ((0, 300), (1, 50), (20, 40)):
+        worst = TokenLogprobs(-1e30, tuple((2**31 - 1, -1e30) for _ in range(n)))
+        msg = serving_pb2.GenerateResponse(prompt_token_ids=[2**31 - 1] * prompt_len, prompt_logprobs=[
+            worst.to_proto(serving_pb2.TokenLogprobs)] * (prompt_len - 1))
+        params = SamplingParams(prompt_logprobs=n)
+        assert msg.ByteSize() <= first_message_bytes(prompt_len, params) < 2 * msg.ByteSize()
+    metadata = load_metadata("demo")
+    metadata = dataclasses.replace(metadata, config=dataclasses.replace(metadata.config, max_model_len=10**6))
+    router = Router(metadata, prefill=["127.0.0.1:1"], decode=["127.0.0.1:1"], colocated=[])
+    too_long = [5] * (PROMPT_LOGPROBS_MAX_BYTES // (5 + 14 + 9 * 20) + 10)
+    router.validate(too_long, SamplingParams(prompt_logprobs=0))  # 19 bytes a token: fits
+    with pytest.raises(RouterError) as err:
+        router.validate(too_long, SamplingParams(prompt_logprobs=20))
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs=20 for a prompt of" in str(err.value)
