@@ -244,8 +244,8 @@ def test_a_drain_waits_for_a_run_that_passed_admission_but_has_not_reached_the_e
     inside, release = threading.Event(), threading.Event()
 
     class SlowToSubmit:  # the window between the admission check and the engine holding the job
-        runner = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=100)),
-                                       max_model_len=64)
+        config = types.SimpleNamespace(vocab_size=100, eos_token_ids=(2,))
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(config=config), max_model_len=64)
 
         def submit(self, job):
             inside.set()
