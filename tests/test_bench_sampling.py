@@ -12,9 +12,9 @@ import bench_sampling  # noqa: E402
 
 def test_every_mode_is_timed_against_greedy_of_the_same_run(tmp_path, capsys):
     out = tmp_path / "sampling.json"
-    assert bench_sampling.main(["--batches", "2,3", "--vocabs", "64", "--reps", "2", "--json-out", str(out)]) == 0
+    assert bench_sampling.main(["--batches", "2", "--vocabs", "64", "--reps", "2", "--json-out", str(out)]) == 0
     figures = json.loads(out.read_text())["figures"]
-    assert [(f["batch"], f["mode"]) for f in figures] == [(b, m) for b in (2, 3) for m in bench_sampling.MODES]
+    assert [(f["batch"], f["mode"]) for f in figures] == [(2, m) for m in bench_sampling.MODES]
     assert all(f["step_ms"] >= f["step_ms_min"] > 0 for f in figures)
     greedy = {f["batch"]: f["step_ms"] for f in figures if f["mode"] == "greedy"}
     assert all(abs(f["vs_greedy"] - f["step_ms"] / greedy[f["batch"]]) < 1e-9 for f in figures)
