@@ -346,6 +346,7 @@ def test_sigterm_while_starting_stops_at_once(tmp_path):
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", SPLITSERVE_CACHE=str(tmp_path))  # nothing compiled yet
     env.pop("XLA_FLAGS", None)
+    env.pop("SPLITSERVE_COMPILE_CACHE", None)  # not the session's shared one: the warm-up must compile
     process = subprocess.Popen([sys.executable, "-m", "splitserve.runtime.cli", "launch", "--model", "demo",
                                 "--port", "0", "--platform", "cpu", "--warmup", "full"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)

@@ -34,7 +34,14 @@ ALLOWED_FOR_BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_O
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("load-cache"))
+    """A compile cache of this module's own, not the session's: the long prompt's first prefill
+    compiles its length bucket, and that is part of what holds the prefill worker busy."""
+    cache = tmp_path_factory.mktemp("load-cache")
+    os.environ["SPLITSERVE_CACHE"] = str(cache)
+    shared = os.environ.pop("SPLITSERVE_COMPILE_CACHE", None)  # then it is $SPLITSERVE_CACHE/jax-compile
+    yield
+    if shared is not None:
+        os.environ["SPLITSERVE_COMPILE_CACHE"] = shared
 
 
 @pytest.fixture(scope="module")
