@@ -16,12 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_checkpoints import build_checkpoint  # noqa: E402
 
-# One compile cache for every process the tests launch (stacks, workers, batch runs, the CLI): the
-# same demo-model programs were compiled afresh by each module's stack, ~17 s a stack on this CPU.
-# Only launched processes read it (configure_jax); this process keeps JAX's in-memory cache, so
-# test_warmup's count of compiles still sees every compile. Tests that need a cold start pop it.
+# One compile cache for the whole session. Without it every test module's stack compiled the same
+# demo-model programs afresh (~17 s a stack on this CPU), and so did every ModelRunner built in this
+# process (each jits its own functions). Launched processes (stacks, batch runs, the CLI) read
+# $SPLITSERVE_COMPILE_CACHE in configure_jax; tests that need a cold start pop it. This process
+# keeps programs that took 0.2 s or more to compile (the model's; not the many small ones).
 COMPILE_CACHE = tempfile.mkdtemp(prefix="splitserve-test-compile-")
 os.environ["SPLITSERVE_COMPILE_CACHE"] = COMPILE_CACHE
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(COMPILE_CACHE, "in-process"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):
