@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+from splitserve.runtime import openai_api
 from splitserve.runtime.batch_io import BatchRequest
 from splitserve.runtime.request import Completion
 
@@ -72,23 +73,7 @@ class OpenAIOutput:
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
         """`completions`: the request's n, in index order: one choice each."""
-        prompt_tokens = len(completions[0].prompt_token_ids)
-        completion_tokens = sum(len(c.token_ids) for c in completions)
-        chat = request.messages is not None
-        choices = []
-        for index, completion in enumerate(completions):
-            choice = {"index": index, "logprobs": None, "finish_reason": completion.finish_reason,
-                      "stop_reason": completion.stop_reason}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": completion.text}
-            else:
-                choice["text"] = completion.text
-            choices.append(choice)
-        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        body = openai_api.completion_body(request.messages is not None, self.model, completions)
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)
 
     def error(self, request_id, message: str) -> dict:

@@ -265,16 +265,8 @@ class RemoteBackend:
         raise AssertionError("unreachable")
 
     def _generate_once(self, request: BatchRequest) -> list[Completion]:
-        p = request.params
+        from splitserve.runtime.client import sampling_kwargs
+
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
-        return self.client.generate_n(request.prompt, n=p.n, token_ids=token_ids, messages=request.messages,
-                                    max_tokens=p.max_tokens,
-                                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                                    seed=p.seed,
-                                    stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-                                    min_tokens=p.min_tokens, logprobs=p.logprobs,
-                                    include_stop_str_in_output=p.include_stop_str_in_output,
-                                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                                    repetition_penalty=p.repetition_penalty,
-                                    truncate_prompt_tokens=p.truncate_prompt_tokens, logit_bias=dict(p.logit_bias),
-                                    allowed_token_ids=p.allowed_token_ids, prompt_logprobs=p.prompt_logprobs)
+        return self.client.generate_n(request.prompt, token_ids=token_ids, messages=request.messages,
+                                      **sampling_kwargs(request.params))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.runtime import cli_batch, cli_bench, cli_demo, cli_generate, cli_serve
+from splitserve.runtime import cli_batch, cli_bench, cli_demo, cli_generate, cli_openai, cli_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_bench.add_parser(sub)
     cli_demo.add_parser(sub)
     cli_generate.add_parser(sub)
+    cli_openai.add_parser(sub)
     cli_serve.add_parsers(sub)
     convert = sub.add_parser("convert", help="convert an HF checkpoint directory into an Orbax checkpoint",
                              description="Convert an HF checkpoint (or 'demo') into an Orbax checkpoint "

@@ -28,6 +28,7 @@ from splitserve.runtime.client_types import (
     chunk_from_proto,
 )
 from splitserve.runtime.grpc_common import public_channel_options
+from splitserve.runtime.sampling_params import SamplingParams
 
 __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "ModelInfo", "SplitserveError", "TokenLogprobs"]
 
@@ -98,6 +99,18 @@ def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=No
                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                 truncate_prompt_tokens=truncate_prompt_tokens, n=n, logit_bias=logit_bias,
                 allowed_token_ids=allowed_token_ids, prompt_logprobs=prompt_logprobs, request_id=request_id)
+
+
+def sampling_kwargs(params: SamplingParams) -> dict:
+    """A SamplingParams as the sampling keyword arguments of stream / generate_n (n included)."""
+    return dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k, min_p=params.min_p, seed=params.seed, stop=params.stop,
+                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
+                logprobs=params.logprobs, include_stop_str_in_output=params.include_stop_str_in_output,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty, truncate_prompt_tokens=params.truncate_prompt_tokens,
+                n=params.n, logit_bias=dict(params.logit_bias), allowed_token_ids=params.allowed_token_ids,
+                prompt_logprobs=params.prompt_logprobs)
 
 
 def _one_sequence(sampling: dict) -> None:

@@ -1,0 +1,111 @@
+"""`splitserve openai-server`: an OpenAI-compatible HTTP server in front of a running router.
+
+The server itself is runtime/openai_server.py; this module parses flags, waits for the router,
+binds the port and stops on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splitserve.runtime.cli_client import add_router_client_flags, client_options
+
+DESCRIPTION = """\
+Serve OpenAI's completions and chat completions API over HTTP, in front of a running router
+(`splitserve launch` prints its address), so that OpenAI's client libraries and tools work:
+
+  splitserve launch --port 50051 &
+  splitserve openai-server --address 127.0.0.1:50051 --port 8000
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "demo", "prompt": "Once upon a time", "max_tokens": 16}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true gives server-sent
+events, with "stream_options": {"include_usage": true} a last chunk with the usage), GET /v1/models,
+GET /health. Bodies are read as vLLM reads them (its extra fields top_k, min_p, stop_token_ids,
+ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
+max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs are not
+served here yet (OpenAI's name tokens by their text); the SDK and the gRPC API have them.
+With an API key (--api-key or $SPLITSERVE_API_KEY: the router's), /v1/ paths want
+"Authorization: Bearer KEY".
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("openai-server", help="OpenAI-compatible HTTP server in front of a running router",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", required=True, help="HOST:PORT of the router")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
+    p.add_argument("--served-model-name", help="the model name requests give and responses report "
+                   "(default: the router's)")
+    p.add_argument("--wait-s", type=float, default=60.0,
+                   help="how long to wait for the router to answer at start (default 60)")
+    add_router_client_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import asyncio
+
+    try:
+        return asyncio.run(_serve(args))
+    except (OSError, ValueError) as e:  # a port in use, a bad address or flag
+        sys.stderr.write(f"splitserve openai-server: {e}\n")
+        return 1
+
+
+async def _serve(args) -> int:
+    import asyncio
+    import signal
+    import socket
+
+    from aiohttp import web
+
+    from splitserve.runtime.client import AsyncClient
+    from splitserve.runtime.openai_server import OpenAIServer
+
+    options = client_options(args)
+    client = AsyncClient(args.address, **options)
+    try:
+        model = await _wait_for_router(client, args.address, args.wait_s)
+        if model is None:
+            return 1
+        server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name)
+        # handler_cancellation: a client that disconnects cancels its handler, hence its router call
+        runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        sock = socket.create_server((args.host, args.port))
+        await web.SockSite(runner, sock).start()
+        host, port = sock.getsockname()[:2]
+        print(f"splitserve openai-server on http://{host}:{port}/v1 (model {server.name}, router {args.address})",
+              flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()  # stops listening, then lets requests in flight finish
+        return 0
+    finally:
+        await client.close()
+
+
+async def _wait_for_router(client, address: str, wait_s: float):
+    """The router's ModelInfo once it answers; None (said on stderr) if it does not in time, or refuses."""
+    import asyncio
+    import time
+
+    import grpc
+
+    from splitserve.runtime.client_types import SplitserveError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await client.model_info(timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+        except SplitserveError as e:
+            waiting = e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if not waiting or time.monotonic() >= deadline:
+                sys.stderr.write(f"splitserve openai-server: the router at {address} did not answer: {e}\n")
+                return None
+            await asyncio.sleep(0.5)

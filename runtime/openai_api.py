@@ -1,0 +1,186 @@
+"""OpenAI's completions and chat completions API: request bodies in, response bodies out.
+
+Used by the OpenAI-compatible HTTP server (runtime/openai_server.py) and by batch files in
+OpenAI's batch format (runtime/batch_io.py, runtime/batch_output.py). Plain Python, no JAX.
+
+Bodies are read as vLLM reads them: its extra sampling fields (top_k, min_p, stop_token_ids,
+ignore_eos, repetition_penalty, ...) are taken, null is absent, `max_completion_tokens` wins over
+`max_tokens`, completions' `logprobs` is a number and chat's a boolean with `top_logprobs`.
+Absent fields take splitserve's defaults (max_tokens 16, greedy), as the batch runner's.
+Responses carry vLLM's `stop_reason` in each choice (the stop string or stop token id that ended
+it, else null) and `usage` in tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+
+from splitserve.runtime.request import Completion
+from splitserve.runtime.request_fields import (SAMPLING_FIELDS, chat_messages, is_int, reject_unknown,
+                                               sampling_params, text_field)
+from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+URLS = (COMPLETIONS, CHAT)
+BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream", "stream_options",
+               "top_logprobs") + SAMPLING_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenAIRequest:
+    """One request body, read. Exactly one of prompt / prompt_token_ids / messages is set."""
+
+    chat: bool
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    model: str | None = None  # the model the body names, if it names one
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+
+def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
+    """A body for `url` (COMPLETIONS or CHAT) -> OpenAIRequest; raises ValueError naming the problem.
+    `where` prefixes field names in messages ("body." in a batch line)."""
+    if url not in URLS:
+        raise ValueError(f"url must be one of {', '.join(URLS)}, got {json.dumps(url)}")
+    if not isinstance(body, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the body'} must be a JSON object, got {json.dumps(body)[:80]}")
+    reject_unknown(body, BODY_FIELDS, where)
+    chat = url == CHAT
+    fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
+    stream = fields.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValueError(f"{where}stream must be a boolean, got {json.dumps(stream)}")
+    include_usage = _include_usage(fields.get("stream_options"), stream, where)
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"{where}model must be a string, got {json.dumps(model)}")
+    if "max_completion_tokens" in fields:  # the newer name wins, as in vLLM's chat path
+        fields["max_tokens"] = fields["max_completion_tokens"]
+    _logprobs_as_vllm_reads_them(fields, chat, where)
+    prompt = token_ids = messages = None
+    if chat:
+        if "prompt" in body:
+            raise ValueError(f"{CHAT} takes {where}messages, not {where}prompt")
+        if "messages" not in fields:
+            raise ValueError(f"missing {where}messages")
+        messages = chat_messages(fields["messages"], f"{where}messages")
+    else:
+        if "messages" in body:
+            raise ValueError(f"{COMPLETIONS} takes {where}prompt, not {where}messages ({CHAT} takes those)")
+        if "prompt" not in fields:
+            raise ValueError(f"missing {where}prompt")
+        prompt, token_ids = _completion_prompt(fields["prompt"], where)
+    return OpenAIRequest(chat, sampling_params(fields), prompt, token_ids, messages, model, stream, include_usage)
+
+
+def _include_usage(options, stream: bool, where: str) -> bool:
+    if options is None:
+        return False
+    if not stream:  # as vLLM refuses it
+        raise ValueError(f"{where}stream_options is only for streamed requests ({where}stream true)")
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}stream_options must be an object, got {json.dumps(options)[:80]}")
+    reject_unknown(options, ("include_usage", "continuous_usage_stats"), f"{where}stream_options.")
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}stream_options.include_usage must be a boolean, got {json.dumps(value)}")
+    return value
+
+
+def _completion_prompt(prompt, where: str) -> tuple[str | None, tuple[int, ...] | None]:
+    """(text, None) or (None, token ids): one prompt, as a string, token ids, or a list of one of them."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+        if bad := [t for t in prompt if not 0 <= t <= INT32_MAX]:
+            raise ValueError(f"prompt token ids must be in [0, {INT32_MAX}], got {bad[0]}")
+        return None, tuple(prompt)
+    if isinstance(prompt, list):
+        raise ValueError(f"{where}prompt must be one prompt (a string or token ids), got a list of {len(prompt)}")
+    text = text_field({f"{where}prompt": prompt}, f"{where}prompt")
+    check_text(text, "the prompt")
+    return text, None
+
+
+def _logprobs_as_vllm_reads_them(fields: dict, chat: bool, where: str) -> None:
+    """Completions: logprobs is the number of top tokens. Chat: logprobs is a boolean and
+    top_logprobs the number. Either becomes SamplingParams.logprobs (absent: none)."""
+    top = fields.pop("top_logprobs", None)
+    if not chat:
+        if top is not None:
+            raise ValueError(f"{where}top_logprobs is a {CHAT} field: {COMPLETIONS} takes "
+                             f"{where}logprobs (the number of top tokens)")
+        return
+    wanted = fields.pop("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise ValueError(f"{where}logprobs must be a boolean in {CHAT}, got {json.dumps(wanted)}")
+    if top is not None and not wanted:
+        raise ValueError(f"{where}top_logprobs needs {where}logprobs true")
+    if wanted:
+        fields["logprobs"] = 0 if top is None else top
+
+
+# -- responses ----------------------------------------------------------------------------------
+def response_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(chat: bool, model: str, completions: list[Completion]) -> dict:
+    """A text completion or chat completion: one choice per completion, in index order."""
+    choices = []
+    for index, completion in enumerate(completions):
+        choice = {"index": index, "logprobs": None, "finish_reason": completion.finish_reason,
+                  "stop_reason": completion.stop_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": completion.text}
+        else:
+            choice["text"] = completion.text
+        choices.append(choice)
+    return {"id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(len(completions[0].prompt_token_ids), sum(len(c.token_ids) for c in completions))}
+
+
+class StreamChunks:
+    """The chunk objects of one streamed response (each sent as an SSE `data:` line): every chunk
+    shares the response's id and creation time; with include_usage, each has "usage": null and a
+    last one without choices carries the usage, as OpenAI streams it."""
+
+    def __init__(self, chat: bool, model: str, include_usage: bool):
+        self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.id, self.created = response_id(chat), int(time.time())
+
+    def choice(self, index: int, text: str, finish_reason: str | None = None, stop_reason=None,
+               first: bool = False) -> dict:
+        """A chunk of one choice: its new text (a chat's first chunk also names the role)."""
+        choice = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        else:
+            choice["text"] = text
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return self._chunk([choice])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        chunk = self._chunk([])
+        chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        return chunk
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk

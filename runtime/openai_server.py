@@ -1,0 +1,164 @@
+"""An OpenAI-compatible HTTP server in front of a router, so that OpenAI's clients and tools work.
+
+    POST /v1/completions, POST /v1/chat/completions   (streamed as server-sent events with "stream")
+    GET  /v1/models, GET /health
+
+Bodies are read by runtime/openai_api.py (as vLLM reads them). Each request is one Generate
+call through the async SDK, n sequences included, so the router's validation, admission and
+errors apply unchanged; a gRPC error becomes the HTTP status a client of vLLM's server would get,
+with OpenAI's error body. A client that goes away cancels its request on the router (aiohttp
+cancels the handler, and leaving the SDK's stream cancels the call).
+
+With an API key, /v1/ paths want `Authorization: Bearer KEY` (the same key the router wants).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+import grpc
+from aiohttp import web
+
+from splitserve.runtime import openai_api
+from splitserve.runtime.client import AsyncClient, sampling_kwargs
+from splitserve.runtime.client_types import ModelInfo, SequencesBuilder, SplitserveError
+from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
+
+HTTP_STATUS = {  # gRPC code -> HTTP status, as a client of vLLM's OpenAI server sees them
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 413: "BadRequestError", 429: "RateLimitError"}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return web.json_response(_error_body(status, message), status=status)
+
+
+def _error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": None,
+                      "code": status}}
+
+
+def _sse(data) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class OpenAIServer:
+    """`client`: an AsyncClient of the router; `model`: its ModelInfo; `served_name`: the model name
+    requests may give and responses report (default: the router's)."""
+
+    def __init__(self, client: AsyncClient, model: ModelInfo, *, api_key: str | None = None,
+                 served_name: str | None = None):
+        self.client, self.model = client, model
+        self.name = served_name or model.name
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._auth])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post(openai_api.COMPLETIONS, self.completions)
+        app.router.add_post(openai_api.CHAT, self.chat_completions)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if self._expected is not None and request.path.startswith("/v1/"):
+            sent = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(sent, self._expected):
+                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
+        return await handler(request)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 when the router serves, 503 otherwise (vLLM's /health)."""
+        try:
+            status = await self.client.health(timeout=5.0)
+        except SplitserveError as e:
+            return error_response(503, f"the router does not answer: {e.message or e.code.name}")
+        return web.Response(status=200 if status == "SERVING" else 503, text=status)
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {"id": self.name, "object": "model", "created": self._created, "owned_by": "splitserve",
+                "root": self.model.name, "parent": None, "max_model_len": self.model.max_model_len}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, openai_api.COMPLETIONS)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, openai_api.CHAT)
+
+    async def _serve(self, request: web.Request, url: str) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge as e:
+            return error_response(413, f"the body is larger than the {e.max_size} bytes allowed")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error_response(400, f"the body is not valid JSON: {e}")
+        try:
+            parsed = openai_api.parse_body(url, body)
+        except ValueError as e:
+            return error_response(400, str(e))
+        if parsed.model is not None and parsed.model != self.name:
+            return error_response(404, f"The model `{parsed.model}` does not exist (this server serves "
+                                       f"`{self.name}`).")
+        if parsed.params.logprobs is not None or parsed.params.prompt_logprobs is not None:
+            return error_response(400, "logprobs are not served over the OpenAI API yet (OpenAI's name tokens "
+                                       "by their text): use the gRPC API or the SDK for them")
+        stream = self.client.stream(parsed.prompt, token_ids=parsed.prompt_token_ids, messages=parsed.messages,
+                                    **sampling_kwargs(parsed.params))
+        try:
+            if parsed.stream:
+                return await self._stream(request, parsed, stream)
+            return await self._complete(parsed, stream)
+        finally:
+            await stream.aclose()  # cancels the call on the router if it has not ended
+
+    async def _complete(self, parsed: openai_api.OpenAIRequest, stream) -> web.Response:
+        builder = SequencesBuilder(time.perf_counter(), parsed.params.n, False)
+        try:
+            async for chunk in stream:
+                builder.add(chunk, time.perf_counter())
+        except SplitserveError as e:
+            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        completions = builder.build(time.perf_counter())
+        return web.json_response(openai_api.completion_body(parsed.chat, self.name, completions))
+
+    async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest, stream) -> web.StreamResponse:
+        chunks = openai_api.StreamChunks(parsed.chat, self.name, parsed.include_usage)
+        try:  # the router refuses a bad request before its first token: that is still an HTTP error
+            first = await anext(stream)
+        except SplitserveError as e:
+            return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        started: set[int] = set()
+        prompt_tokens, completion_tokens = len(first.prompt_token_ids), 0
+        chunk = first
+        try:
+            while True:
+                completion_tokens += len(chunk.token_ids)
+                if chunk.text or chunk.finish_reason is not None or chunk.index not in started:
+                    await response.write(_sse(chunks.choice(chunk.index, chunk.text, chunk.finish_reason,
+                                                            chunk.stop_reason, first=chunk.index not in started)))
+                    started.add(chunk.index)
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+            if parsed.include_usage:
+                await response.write(_sse(chunks.usage(prompt_tokens, completion_tokens)))
+        except SplitserveError as e:  # after the first token: the status is sent; tell it in the stream
+            await response.write(_sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)))
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+        return response

@@ -1,0 +1,139 @@
+"""Request fields read from JSON, as vLLM reads them: prompts, chat messages and sampling fields.
+
+Shared by batch lines (runtime/batch_io.py) and OpenAI request bodies (runtime/openai_api.py).
+Plain Python, no JAX. Types are checked here, values by SamplingParams; null is absent.
+"""
+
+from __future__ import annotations
+
+import json
+
+from splitserve.runtime.sampling_params import SamplingParams, check_text
+
+DEFAULT_MAX_TOKENS = 16
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n", "logit_bias",
+                   "allowed_token_ids", "prompt_logprobs")
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}  # type -> key
+
+
+def reject_unknown(obj: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}")
+
+
+def chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
+    """{"role", "content"[, "name"]} dicts with string content, as vLLM reads OpenAI's messages:
+    a null or missing content is "", a list of text parts is joined with newlines."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"{where}[{i}] must be an object with a non-empty string role")
+        reject_unknown(m, ("role", "content", "name"), f"{where}[{i}].")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):  # ["text", {"type": "text", "text": ...}, ...]
+            content = "\n".join(_text_part(part, f"{where}[{i}].content[{j}]") for j, part in enumerate(content))
+        if not isinstance(content, str):
+            raise ValueError(f"{where}[{i}].content must be a string, got {json.dumps(content)}")
+        message = {"role": m["role"], "content": content}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise ValueError(f"{where}[{i}].name must be a string, got {json.dumps(m['name'])}")
+            message["name"] = m["name"]
+        for key, value in message.items():
+            check_text(value, "the prompt" if key == "content" else f"{where}[{i}].{key}")
+        out.append(message)
+    return tuple(out)
+
+
+def _text_part(part, where: str) -> str:
+    if isinstance(part, str):
+        return part
+    key = TEXT_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+    if key is None or not isinstance(part.get(key), str):
+        raise ValueError(f"{where}: only text parts are supported ({', '.join(TEXT_PARTS)} types, or strings)")
+    return part[key]
+
+
+def text_field(obj: dict, key: str) -> str | None:
+    """obj[key], a non-empty string, or None when absent."""
+    if key not in obj:
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {json.dumps(value)}")
+    if not value:
+        raise ValueError(f"{key} is empty")
+    return value
+
+
+def token_ids_field(obj: dict, key: str) -> tuple[int, ...] | None:
+    """obj[key], a non-empty list of integers, or None when absent."""
+    if key not in obj:
+        return None
+    value = obj[key]
+    if not isinstance(value, list) or not all(is_int(t) for t in value):
+        raise ValueError(f"{key} must be a list of integers, got {json.dumps(value)[:80]}")
+    if not value:
+        raise ValueError(f"{key} is empty")
+    return tuple(value)
+
+
+def sampling_params(fields: dict) -> SamplingParams:
+    """The sampling fields of a request (types checked here, values by SamplingParams); null = absent."""
+    kw = {}
+    for key, check, kind in (("max_tokens", is_int, "an integer"), ("top_k", is_int, "an integer"),
+                             ("seed", is_int, "an integer"), ("min_tokens", is_int, "an integer"),
+                             ("logprobs", is_int, "an integer"), ("prompt_logprobs", is_int, "an integer"),
+                             ("temperature", is_number, "a number"),
+                             ("top_p", is_number, "a number"), ("min_p", is_number, "a number"),
+                             ("ignore_eos", is_bool, "a boolean"),
+                             ("presence_penalty", is_number, "a number"),
+                             ("frequency_penalty", is_number, "a number"),
+                             ("repetition_penalty", is_number, "a number"),
+                             ("truncate_prompt_tokens", is_int, "an integer"), ("n", is_int, "an integer"),
+                             ("include_stop_str_in_output", is_bool, "a boolean")):
+        value = fields.get(key)
+        if value is not None and not check(value):
+            raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")
+        if value is not None:
+            kw[key] = value
+    stop = fields.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {json.dumps(fields['stop'])}")
+        kw["stop"] = tuple(stop)
+    stop_ids = fields.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(is_int(t) for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {json.dumps(stop_ids)[:80]}")
+        kw["stop_token_ids"] = tuple(stop_ids)
+    if (bias := fields.get("logit_bias")) is not None:
+        if not isinstance(bias, dict):  # keys are strings in JSON ("50256"); SamplingParams reads them
+            raise ValueError(f"logit_bias must be an object of token id: bias, got {json.dumps(bias)[:80]}")
+        kw["logit_bias"] = bias
+    if (allowed := fields.get("allowed_token_ids")) is not None:
+        if not isinstance(allowed, list) or not all(is_int(t) for t in allowed):
+            raise ValueError(f"allowed_token_ids must be a list of integers, got {json.dumps(allowed)[:80]}")
+        kw["allowed_token_ids"] = tuple(allowed)
+    kw.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    return SamplingParams(**kw)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_bool(value) -> bool:
+    return isinstance(value, bool)

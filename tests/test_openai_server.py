@@ -1,0 +1,260 @@
+"""`splitserve openai-server` (a real process) in front of a launched stack, driven by OpenAI's own
+client library: what it sends and how it parses our answers is not ours. Every answer is compared
+with the SDK's answer to the same request, token for token through the text."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from stack import launched
+from splitserve.runtime import openai_api
+from splitserve.runtime.client import Client
+
+PROMPT = "Once upon a time"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("openai-cache"))
+    with launched("demo", "--num-pages", "128", "--page-size", "8", "--max-batch", "8") as s:
+        yield s
+
+
+def start_server(address: str, *flags: str, env: dict | None = None):
+    """(process, base URL) of `splitserve openai-server` once it prints where it listens."""
+    cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address", address, "--port", "0",
+           *flags]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, **(env or {})))
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not any("openai-server on" in line for line in lines):
+        assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    url = re.search(r"on (http://\S+/v1)", next(line for line in lines if "openai-server on" in line)).group(1)
+    return process, url
+
+
+def stop_server(process) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+@pytest.fixture(scope="module")
+def server(stack):
+    process, url = start_server(stack.address, "--served-model-name", "demo")
+    yield url
+    stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=server, api_key="none", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(stack):
+    with Client(stack.address) as client:
+        yield client
+
+
+def test_completions_equal_the_sdk(oai, sdk):
+    want = sdk.generate(PROMPT, max_tokens=12, ignore_eos=True)
+    got = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=12, extra_body={"ignore_eos": True})
+    assert got.object == "text_completion" and got.model == "demo" and len(got.choices) == 1
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 12
+    assert got.usage.total_tokens == got.usage.prompt_tokens + 12
+    ids = oai.completions.create(model="demo", prompt=want.prompt_token_ids, max_tokens=12,
+                                 extra_body={"ignore_eos": True})
+    assert ids.choices[0].text == want.text  # a prompt given as token ids
+
+
+def test_chat_completions_equal_the_sdk_and_stop_as_vllm(oai, sdk):
+    want = sdk.generate(messages=CHAT, max_tokens=16, temperature=0.7, seed=5)
+    got = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=16, temperature=0.7, seed=5)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.token_ids)
+    # A stop string taken from the answer itself: finish "stop", vLLM's stop_reason, text cut before it.
+    words = sdk.generate(PROMPT, max_tokens=12, ignore_eos=True).text.split()
+    assert len(words) >= 3, "the demo model's answer is too short to take a stop string from"
+    stopped = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=12, stop=[words[2]])
+    expect = sdk.generate(PROMPT, max_tokens=12, stop=[words[2]])
+    choice = stopped.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == expect.text and words[2] not in choice.text
+    assert choice.model_extra["stop_reason"] == words[2] == expect.stop_reason
+
+
+def test_streamed_completions_and_chat_with_usage(oai, sdk):
+    want = sdk.generate(PROMPT, max_tokens=12, ignore_eos=True)
+    chunks = list(oai.completions.create(model="demo", prompt=PROMPT, max_tokens=12, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert len({c.id for c in chunks}) == 1 and len(chunks) >= 3  # tokens arrive as they are made
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == len(want.prompt_token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+    chat = sdk.generate(messages=CHAT, max_tokens=10, ignore_eos=True)
+    deltas = list(oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=10, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    assert deltas[0].object == "chat.completion.chunk" and deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(d.choices[0].delta.content or "" for d in deltas) == chat.text
+    assert deltas[-1].choices[0].finish_reason == "length" and deltas[-1].usage is None
+
+
+def test_n_choices_stream_interleaved_and_equal_generate_n(oai, sdk):
+    params = dict(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+    want = [c.text for c in sdk.generate_n(messages=CHAT, n=3, **params)]
+    assert len(set(want)) > 1, "three seeded samples should differ"
+    whole = oai.chat.completions.create(model="demo", messages=CHAT, n=3, max_tokens=8, temperature=1.0, seed=11,
+                                        extra_body={"ignore_eos": True})
+    assert [c.index for c in whole.choices] == [0, 1, 2] and [c.message.content for c in whole.choices] == want
+    assert whole.usage.completion_tokens == 24
+    texts, roles = ["", "", ""], [0, 0, 0]
+    for chunk in oai.chat.completions.create(model="demo", messages=CHAT, n=3, max_tokens=8, temperature=1.0,
+                                             seed=11, stream=True, extra_body={"ignore_eos": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] += choice.delta.role == "assistant"
+    assert texts == want and roles == [1, 1, 1]
+
+
+def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
+    cases = [
+        (dict(max_tokens=-1), openai.BadRequestError, "max_tokens"),
+        (dict(max_tokens=4, extra_body={"no_such_field": 1}), openai.BadRequestError, "no_such_field"),
+        (dict(max_tokens=4, logprobs=2), openai.BadRequestError, "logprobs"),
+        (dict(max_tokens=4, stream_options={"include_usage": True}), openai.BadRequestError, "stream_options"),
+        (dict(max_tokens=100_000), openai.BadRequestError, "context"),  # the router's own check
+    ]
+    for kwargs, error, word in cases:
+        for stream in (False, True):  # a streamed request refused before its first token: still an HTTP error
+            if stream and "stream_options" in kwargs:
+                continue
+            with pytest.raises(error) as e:
+                oai.completions.create(model="demo", prompt=PROMPT, stream=stream, **kwargs)
+            assert word in e.value.message and e.value.body["code"] == e.value.status_code
+    with pytest.raises(openai.NotFoundError, match="`gpt-4` does not exist"):
+        oai.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="takes messages, not prompt"):
+        oai.chat.completions.create(model="demo", messages=CHAT, extra_body={"prompt": "x"})
+    request = urllib.request.Request(server + "/completions", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    assert oai.completions.create(model="demo", prompt=PROMPT, max_tokens=2).choices[0].text is not None  # still up
+
+
+def test_models_and_health(oai, server, sdk):
+    models = oai.models.list().data
+    info = sdk.model_info()
+    assert [m.id for m in models] == ["demo"] and models[0].owned_by == "splitserve"
+    assert models[0].model_extra["root"] == info.name and models[0].model_extra["max_model_len"] == info.max_model_len
+    with urllib.request.urlopen(server.removesuffix("/v1") + "/health", timeout=10) as reply:
+        assert reply.status == 200 and reply.read() == b"SERVING"
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_goes_away_frees_its_request_on_the_workers(stack, server, streamed):
+    """Streamed: it closes the stream after a few chunks. Not streamed: it gives up waiting. Either
+    way the 1000-token request (seconds of decoding) must stop at once, not run to its end."""
+    with openai.OpenAI(base_url=server, api_key="none", max_retries=0, timeout=None if streamed else 1.5) as client:
+        if streamed:
+            stream = client.completions.create(model="demo", prompt=PROMPT, max_tokens=1000, stream=True,
+                                               extra_body={"ignore_eos": True})
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    break
+            busy = stack.decode_stats()
+            stream.close()
+        else:
+            errors = []
+
+            def call():
+                try:
+                    client.completions.create(model="demo", prompt=PROMPT, max_tokens=1000,
+                                              extra_body={"ignore_eos": True})
+                except openai.APITimeoutError as e:
+                    errors.append(e)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            deadline = time.monotonic() + 30
+            busy = stack.decode_stats()
+            while not sum(s.running for s in busy) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                busy = stack.decode_stats()
+            caller.join(30)
+            assert len(errors) == 1
+    left = time.monotonic()
+    assert sum(s.running for s in busy) == 1  # it was decoding before the client left
+    while any(s.running or s.free_pages != s.total_pages for s in stack.decode_stats()):
+        assert time.monotonic() - left < 3.0, "the request kept running after its client went away"
+        time.sleep(0.05)
+
+
+def test_an_api_key_guards_the_v1_paths(stack, sdk):
+    process, url = start_server(stack.address, env={"SPLITSERVE_API_KEY": "s3cret"})
+    name = sdk.model_info().name  # no --served-model-name: the router's name
+    try:
+        for key in ("wrong", ""):
+            with openai.OpenAI(base_url=url, api_key=key or "none", max_retries=0) as client:
+                with pytest.raises(openai.AuthenticationError):
+                    client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+        with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0) as client:
+            assert client.completions.create(model=name, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as reply:
+            assert reply.status == 200  # as vLLM's, /health needs no key
+    finally:
+        stop_server(process)
+
+
+def test_a_router_that_does_not_answer_is_said_at_start():
+    out = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
+                          "127.0.0.1:1", "--wait-s", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "the router at 127.0.0.1:1 did not answer" in out.stderr
+
+
+# -- request bodies, without a server -----------------------------------------------------------
+def test_bodies_are_read_as_vllm_reads_them():
+    body = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": ["hi"], "max_completion_tokens": 5,
+                                                          "max_tokens": 9, "top_k": 3, "seed": None})
+    assert body.prompt == "hi" and body.params.max_tokens == 5 and body.params.top_k == 3 and not body.chat
+    assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]]}).prompt_token_ids == (4, 5)
+    chat = openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True, "logprobs": True,
+                                                   "top_logprobs": 2, "stream_options": {"include_usage": True}})
+    assert chat.chat and chat.stream and chat.include_usage and chat.params.logprobs == 2
+    for url, body, message in [
+        (openai_api.COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, "only for streamed"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
+        (openai_api.COMPLETIONS, {"messages": CHAT}, "takes prompt, not messages"),
+        (openai_api.COMPLETIONS, {"prompt": ["a", "b"]}, "one prompt"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "top_logprobs": 2}, "top_logprobs is a /v1/chat"),
+        (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
+        (openai_api.CHAT, {}, "missing messages"),
+        (openai_api.CHAT, [], "the body must be a JSON object"),
+        ("/v1/embeddings", {}, "url must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            openai_api.parse_body(url, body)
