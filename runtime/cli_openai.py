@@ -72,8 +72,7 @@ async def _serve(args) -> int:
         if model is None:
             return 1
         server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name)
-        # handler_cancellation: a client that disconnects cancels its handler, hence its router call
-        runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+        runner = server.runner()
         await runner.setup()
         sock = socket.create_server((args.host, args.port))
         await web.SockSite(runner, sock).start()

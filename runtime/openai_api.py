@@ -25,8 +25,13 @@ from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 URLS = (COMPLETIONS, CHAT)
-BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "user", "stream", "stream_options",
-               "top_logprobs") + SAMPLING_FIELDS
+# Fields that change nothing here (bookkeeping of OpenAI's platform), taken and ignored as vLLM does.
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+# Features not served here, taken only at the value that leaves them off (clients send those).
+OFF_VALUES = {"echo": (False,), "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},),
+              "tools": ([],), "tool_choice": ("none",)}
+BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "stream", "stream_options",
+               "top_logprobs") + SAMPLING_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,10 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     reject_unknown(body, BODY_FIELDS, where)
     chat = url == CHAT
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
+    for key, off in OFF_VALUES.items():
+        if key in fields and fields[key] not in off:
+            raise ValueError(f"{where}{key} {json.dumps(fields[key])[:60]} is not supported (only "
+                             f"{' or '.join(json.dumps(v) for v in off)}, or leaving it out)")
     stream = fields.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError(f"{where}stream must be a boolean, got {json.dumps(stream)}")
@@ -65,13 +74,13 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     _logprobs_as_vllm_reads_them(fields, chat, where)
     prompt = token_ids = messages = None
     if chat:
-        if "prompt" in body:
+        if "prompt" in fields:
             raise ValueError(f"{CHAT} takes {where}messages, not {where}prompt")
         if "messages" not in fields:
             raise ValueError(f"missing {where}messages")
         messages = chat_messages(fields["messages"], f"{where}messages")
     else:
-        if "messages" in body:
+        if "messages" in fields:
             raise ValueError(f"{COMPLETIONS} takes {where}prompt, not {where}messages ({CHAT} takes those)")
         if "prompt" not in fields:
             raise ValueError(f"missing {where}prompt")
@@ -80,6 +89,7 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
 
 
 def _include_usage(options, stream: bool, where: str) -> bool:
+    """stream_options.include_usage; true when stream_options is given without it, as vLLM reads it."""
     if options is None:
         return False
     if not stream:  # as vLLM refuses it
@@ -87,15 +97,18 @@ def _include_usage(options, stream: bool, where: str) -> bool:
     if not isinstance(options, dict):
         raise ValueError(f"{where}stream_options must be an object, got {json.dumps(options)[:80]}")
     reject_unknown(options, ("include_usage", "continuous_usage_stats"), f"{where}stream_options.")
-    value = options.get("include_usage", False)
-    if not isinstance(value, bool):
+    if options.get("continuous_usage_stats"):
+        raise ValueError(f"{where}stream_options.continuous_usage_stats is not supported (the usage comes in "
+                         "the last chunk)")
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
         raise ValueError(f"{where}stream_options.include_usage must be a boolean, got {json.dumps(value)}")
-    return value
+    return value is not False
 
 
 def _completion_prompt(prompt, where: str) -> tuple[str | None, tuple[int, ...] | None]:
     """(text, None) or (None, token ids): one prompt, as a string, token ids, or a list of one of them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, list) and len(prompt) == 1 and not is_int(prompt[0]):  # ["text"] or [[ids]]
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         if bad := [t for t in prompt if not 0 <= t <= INT32_MAX]:

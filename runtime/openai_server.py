@@ -6,8 +6,8 @@
 Bodies are read by runtime/openai_api.py (as vLLM reads them). Each request is one Generate
 call through the async SDK, n sequences included, so the router's validation, admission and
 errors apply unchanged; a gRPC error becomes the HTTP status a client of vLLM's server would get,
-with OpenAI's error body. A client that goes away cancels its request on the router (aiohttp
-cancels the handler, and leaving the SDK's stream cancels the call).
+with OpenAI's error body. A client that goes away cancels its request on the router: `runner()`
+has aiohttp cancel the handler (not its default), and leaving the SDK's stream cancels the call.
 
 With an API key, /v1/ paths want `Authorization: Bearer KEY` (the same key the router wants).
 """
@@ -47,6 +47,9 @@ def _error_body(status: int, message: str) -> dict:
                       "code": status}}
 
 
+NO_ANSWER = "the router ended the call without an answer (is it shutting down?)"
+
+
 def _sse(data) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
@@ -62,6 +65,11 @@ class OpenAIServer:
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._created = int(time.time())
 
+    def runner(self) -> web.AppRunner:
+        """The app's runner. handler_cancellation: a client that disconnects cancels its handler, and so
+        its router call, even while it waits for a non-streamed answer."""
+        return web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._auth])
         app.router.add_get("/health", self.health)
@@ -73,7 +81,7 @@ class OpenAIServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self._expected is not None and request.path.startswith("/v1/"):
-            sent = request.headers.get("Authorization", "").encode()
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(sent, self._expected):
                 return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
         return await handler(request)
@@ -100,10 +108,10 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, url: str) -> web.StreamResponse:
         try:
             body = await request.json()
-        except web.HTTPRequestEntityTooLarge as e:
-            return error_response(413, f"the body is larger than the {e.max_size} bytes allowed")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the body is not valid JSON: {e}")
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the body is larger than the {PUBLIC_MAX_MESSAGE_BYTES} bytes allowed")
+        except (ValueError, LookupError, RecursionError) as e:  # not JSON, not UTF-8, a bad charset, too deep
+            return error_response(400, f"the body is not valid JSON: {type(e).__name__}: {str(e)[:200]}")
         try:
             parsed = openai_api.parse_body(url, body)
         except ValueError as e:
@@ -125,11 +133,16 @@ class OpenAIServer:
 
     async def _complete(self, parsed: openai_api.OpenAIRequest, stream) -> web.Response:
         builder = SequencesBuilder(time.perf_counter(), parsed.params.n, False)
+        ended: set[int] = set()
         try:
             async for chunk in stream:
                 builder.add(chunk, time.perf_counter())
+                if chunk.finish_reason is not None:
+                    ended.add(chunk.index)
         except SplitserveError as e:
             return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        if len(ended) < parsed.params.n:
+            return error_response(500, NO_ANSWER)
         completions = builder.build(time.perf_counter())
         return web.json_response(openai_api.completion_body(parsed.chat, self.name, completions))
 
@@ -139,6 +152,8 @@ class OpenAIServer:
             first = await anext(stream)
         except SplitserveError as e:
             return error_response(HTTP_STATUS.get(e.code, 500), e.message)
+        except StopAsyncIteration:
+            return error_response(500, NO_ANSWER)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         started: set[int] = set()
@@ -155,10 +170,22 @@ class OpenAIServer:
                     chunk = await anext(stream)
                 except StopAsyncIteration:
                     break
-            if parsed.include_usage:
-                await response.write(_sse(chunks.usage(prompt_tokens, completion_tokens)))
         except SplitserveError as e:  # after the first token: the status is sent; tell it in the stream
-            await response.write(_sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)))
-        await response.write(_sse("[DONE]"))
-        await response.write_eof()
+            await self._write_quietly(response, _sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)),
+                                      _sse("[DONE]"))
+            return response
+        except ConnectionResetError:  # the client went away between two chunks; the caller cancels the call
+            return response
+        usage = [_sse(chunks.usage(prompt_tokens, completion_tokens))] if parsed.include_usage else []
+        await self._write_quietly(response, *usage, _sse("[DONE]"))
         return response
+
+    @staticmethod
+    async def _write_quietly(response: web.StreamResponse, *data: bytes) -> None:
+        """The stream's last writes; a client already gone is no error of the server's."""
+        try:
+            for item in data:
+                await response.write(item)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass

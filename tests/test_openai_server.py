@@ -131,12 +131,15 @@ def test_n_choices_stream_interleaved_and_equal_generate_n(oai, sdk):
     assert [c.index for c in whole.choices] == [0, 1, 2] and [c.message.content for c in whole.choices] == want
     assert whole.usage.completion_tokens == 24
     texts, roles = ["", "", ""], [0, 0, 0]
-    for chunk in oai.chat.completions.create(model="demo", messages=CHAT, n=3, max_tokens=8, temperature=1.0,
-                                             seed=11, stream=True, extra_body={"ignore_eos": True}):
+    chunks = list(oai.chat.completions.create(model="demo", messages=CHAT, n=3, max_tokens=8, temperature=1.0,
+                                              seed=11, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    for chunk in chunks:
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
             roles[choice.index] += choice.delta.role == "assistant"
     assert texts == want and roles == [1, 1, 1]
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
@@ -218,10 +221,9 @@ def test_an_api_key_guards_the_v1_paths(stack, sdk):
     process, url = start_server(stack.address, env={"SPLITSERVE_API_KEY": "s3cret"})
     name = sdk.model_info().name  # no --served-model-name: the router's name
     try:
-        for key in ("wrong", ""):
-            with openai.OpenAI(base_url=url, api_key=key or "none", max_retries=0) as client:
-                with pytest.raises(openai.AuthenticationError):
-                    client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+        with openai.OpenAI(base_url=url, api_key="wrong", max_retries=0) as client:  # no key: test_openai_app
+            with pytest.raises(openai.AuthenticationError):
+                client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
         with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0) as client:
             assert client.completions.create(model=name, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as reply:
@@ -243,8 +245,14 @@ def test_bodies_are_read_as_vllm_reads_them():
     assert body.prompt == "hi" and body.params.max_tokens == 5 and body.params.top_k == 3 and not body.chat
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]]}).prompt_token_ids == (4, 5)
     chat = openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True, "logprobs": True,
-                                                   "top_logprobs": 2, "stream_options": {"include_usage": True}})
+                                                   "top_logprobs": 2, "stream_options": {"include_usage": None},
+                                                   "prompt": None, "tools": [], "tool_choice": "none"})
     assert chat.chat and chat.stream and chat.include_usage and chat.params.logprobs == 2
+    assert not openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True}).include_usage
+    assert not openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True,
+                                                       "stream_options": {"include_usage": False}}).include_usage
+    assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "messages": None, "best_of": 1,
+                                                          "metadata": {"a": "b"}}).prompt == "x"
     for url, body, message in [
         (openai_api.COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, "only for streamed"),
         (openai_api.COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
@@ -253,6 +261,12 @@ def test_bodies_are_read_as_vllm_reads_them():
         (openai_api.COMPLETIONS, {"prompt": "x", "top_logprobs": 2}, "top_logprobs is a /v1/chat"),
         (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
         (openai_api.CHAT, {}, "missing messages"),
+        (openai_api.CHAT, {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of 2 is not supported"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "echo": True}, "echo true is not supported"),
+        (openai_api.COMPLETIONS, {"prompt": [True]}, "prompt must be a string, got true"),
+        (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+         "continuous_usage_stats is not supported"),
         (openai_api.CHAT, [], "the body must be a JSON object"),
         ("/v1/embeddings", {}, "url must be one of"),
     ]:

@@ -1,0 +1,156 @@
+"""The OpenAI-compatible server's app on a real HTTP port, in front of a scripted stand-in for the
+router's SDK client: the paths a real stack does not take on demand (a worker failing mid-stream,
+a call that ends with no answer) and malformed HTTP requests. tests/test_openai_server.py runs it
+against a launched stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import grpc
+import pytest
+
+from splitserve.runtime.client_types import Chunk, ModelInfo, SplitserveError
+from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
+from splitserve.runtime.openai_server import OpenAIServer
+
+MODEL = ModelInfo("m", "llama", 100, 64, "float32", 8, [2], [], "disaggregated", True)
+
+
+class ScriptedRouter:
+    """Answers every stream with the same script: Chunks, and an exception where the call fails."""
+
+    def __init__(self, script):
+        self.script, self.asked = script, []
+
+    async def stream(self, prompt=None, *, token_ids=None, messages=None, **sampling):
+        self.asked.append(sampling)
+        for item in self.script:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def health(self, timeout=None):
+        return "SERVING"
+
+
+def chunk(text, token, finish=None, prompt=(), stop_reason=None):
+    return Chunk([token], text, finish, list(prompt), stop_reason=stop_reason)
+
+
+async def serve(router, api_key=None):
+    server = OpenAIServer(router, MODEL, api_key=api_key)
+    runner = server.runner()
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def post(base, path, body=None, *, data=None, headers=None):
+    """(status, parsed JSON or the list of SSE data fields)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + path, json=body, data=data, headers=headers) as reply:
+            text = await reply.text()
+            if reply.content_type == "text/event-stream":
+                return reply.status, [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+            return reply.status, json.loads(text)
+
+
+def run(script, requests, api_key=None, router=None):
+    """Each request of `requests` (coroutines of a base URL) against a server on `script`."""
+    async def main():
+        runner, base = await serve(router or ScriptedRouter(script), api_key)
+        try:
+            return [await r(base) for r in requests]
+        finally:
+            await runner.cleanup()
+    return asyncio.run(main())
+
+
+ANSWER = [chunk("Hel", 5, prompt=(1, 7)), chunk("lo", 6), chunk("", 2, finish="stop", stop_reason=None)]
+
+
+def test_a_stream_ends_with_usage_and_done():
+    (status, events), = run(ANSWER, [lambda b: post(b, "/v1/completions", {
+        "prompt": "x", "stream": True, "stream_options": {}})])  # {}: usage, as vLLM defaults it
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["choices"][0]["stop_reason"] is None
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+def test_a_failure_after_the_first_token_is_an_error_event_then_done():
+    script = [ANSWER[0], SplitserveError(grpc.StatusCode.UNAVAILABLE, "decode worker 127.0.0.1:9 went away")]
+    (status, events), (plain_status, plain) = run(script, [
+        lambda b: post(b, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x"})])
+    assert status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    assert json.loads(events[-2]) == {"error": {"message": "decode worker 127.0.0.1:9 went away",
+                                                "type": "InternalServerError", "param": None, "code": 503}}
+    assert plain_status == 503 and plain["error"]["code"] == 503 and "went away" in plain["error"]["message"]
+
+
+def test_a_call_that_ends_without_an_answer_is_a_server_error():
+    for script in ([], ANSWER[:1]):  # nothing at all; tokens but no finish
+        results = run(script, [lambda b: post(b, "/v1/completions", {"prompt": "x"}),
+                               lambda b: post(b, "/v1/completions", {"prompt": "x", "stream": True})])
+        assert results[0][0] == 500 and "without an answer" in results[0][1]["error"]["message"]
+        if not script:
+            assert results[1][0] == 500 and "without an answer" in results[1][1]["error"]["message"]
+
+
+def test_malformed_http_bodies_get_openai_errors():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    results = run(ANSWER, [
+        lambda b: post(b, "/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"}),
+        lambda b: post(b, "/v1/completions", data=b'{"prompt": "x"}',
+                       headers={"Content-Type": "application/json; charset=no-such-charset"}),
+        lambda b: post(b, "/v1/completions", data=deep, headers={"Content-Type": "application/json"}),
+        lambda b: post(b, "/v1/completions", data=b" " * (PUBLIC_MAX_MESSAGE_BYTES + 1),
+                       headers={"Content-Type": "application/json"}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x", "echo": False, "store": True, "user": "u",
+                                              "messages": None}),
+    ])
+    assert [status for status, _ in results] == [400, 400, 400, 413, 400, 200]
+    assert all(body["error"]["code"] == status for status, body in results[:5])
+    assert "not valid JSON" in results[0][1]["error"]["message"]
+    assert "response_format" in results[4][1]["error"]["message"]
+
+
+def test_the_api_key_is_checked_on_every_v1_path():
+    key = {"Authorization": "Bearer k"}
+    results = run(ANSWER, [
+        lambda b: post(b, "/v1/completions", {"prompt": "x"}),  # no header
+        lambda b: post(b, "/v1/completions", {"prompt": "x"}, headers={"Authorization": "Bearer \xff"}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x"}, headers={"Authorization": "Bearer kk"}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x"}, headers=key),
+    ], api_key="k")
+    assert [status for status, _ in results] == [401, 401, 401, 200]
+    assert results[3][1]["choices"][0]["text"] == "Hello"
+
+
+SECOND = [Chunk([9], "Yo", None, [], index=1), Chunk([2], "", "stop", [], index=1)]
+
+
+@pytest.mark.parametrize("body, sent, script", [
+    ({"prompt": "x", "max_completion_tokens": 3, "max_tokens": 9, "top_k": 2}, dict(max_tokens=3, top_k=2), ANSWER),
+    ({"prompt": "x", "n": 2, "seed": 4, "temperature": 0.5}, dict(n=2, seed=4, temperature=0.5), ANSWER + SECOND),
+])
+def test_the_sampling_fields_reach_the_router(body, sent, script):
+    router = ScriptedRouter(script)
+    (status, reply), = run(None, [lambda b: post(b, "/v1/completions", body)], router=router)
+    assert status == 200 and {k: router.asked[0][k] for k in sent} == sent
+    assert [c["text"] for c in reply["choices"]] == ["Hello", "Yo"][:sent.get("n", 1)]
+
+
+def test_n_sequences_must_all_end():
+    (status, reply), = run(ANSWER, [lambda b: post(b, "/v1/completions", {"prompt": "x", "n": 2})])
+    assert status == 500 and "without an answer" in reply["error"]["message"]
