@@ -184,6 +184,11 @@ def add_parsers(sub) -> None:
     lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
                     help="a worker that dies is restarted (same port and flags, backoff 1 s doubling to 30 s); "
                          f"after N restarts in a row launch gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
+    lp.add_argument("--openai-port", type=int, metavar="PORT",
+                    help="also serve the OpenAI-compatible HTTP API (as `splitserve openai-server`) on --host:PORT "
+                         "(0: any free port); it prints where it listens")
+    lp.add_argument("--served-model-name", help="with --openai-port: the model name of the HTTP API "
+                    "(default: the router's)")
     _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
@@ -282,7 +287,8 @@ def launch_config(args):
                               warmup=args.warmup, admission=admission, metrics_port=args.metrics_port,
                               drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts,
                               kv_transport=args.kv_transport,
-                              worker_start_timeout_s=args.worker_start_timeout_s)
+                              worker_start_timeout_s=args.worker_start_timeout_s, openai_port=args.openai_port,
+                              served_model_name=args.served_model_name)
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return config

@@ -70,6 +70,8 @@ class LaunchConfig:
     max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
     kv_transport: str = "socket"  # of the decode workers: see WorkerConfig.kv_transport
     worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S  # for each worker to report SERVING
+    openai_port: int | None = None  # an OpenAI-compatible HTTP server on host:openai_port (0: any)
+    served_model_name: str | None = None  # the model name of that server (default: the router's)
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -86,6 +88,9 @@ class LaunchConfig:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.kv_transport not in ("socket", "grpc"):
             raise ValueError(f"kv_transport must be socket or grpc, got {self.kv_transport!r}")
+        if self.openai_port is not None and self.tls.enabled:
+            raise ValueError("--openai-port does not talk TLS to the router yet: run `splitserve openai-server "
+                             "--tls-ca CA` beside launch")
         if self.tls.enabled and not self.tls.mutual:
             raise ValueError(f"TLS needs --tls-ca too: the workers listen on {WORKER_HOST} and the router checks "
                              "them against that CA (so the certificate must also name 127.0.0.1)")
@@ -316,9 +321,29 @@ def running_stack(config: LaunchConfig):
         launcher.stop()
 
 
+@contextlib.contextmanager
+def _openai_server(config: LaunchConfig, router_address: str):
+    """With --openai-port: the OpenAI-compatible server's process, started and listening; else None."""
+    if config.openai_port is None:
+        yield None
+        return
+    from splitserve.runtime.openai_process import OpenAIServerProcess
+
+    server = OpenAIServerProcess(router_address, config.host, config.openai_port, config.api_key,
+                                 config.served_model_name)
+    try:
+        try:
+            server.wait_ready()
+        except RuntimeError as e:
+            raise SystemExit(f"splitserve launch: {e}") from None
+        yield server
+    finally:
+        server.stop(config.drain_timeout_s + 10)
+
+
 def run_launch(config: LaunchConfig) -> int:
     stop = stop_on_signals()
-    with running_stack(config) as (router, launcher):
+    with running_stack(config) as (router, launcher), _openai_server(config, router.address) as openai:
         stop.before_exit = launcher.supervisor.kill_all  # a second signal: no worker drains on alone
         stop.serving()
         print(f"splitserve ready on {router.address}", flush=True)
@@ -333,6 +358,11 @@ def run_launch(config: LaunchConfig) -> int:
             except WorkerDied as e:
                 log.error("%s", e)
                 return 1
+            if openai is not None and openai.exited() is not None:
+                log.error("the OpenAI server exited with status %d", openai.exited())
+                return 1
+        if openai is not None:
+            openai.process.terminate()  # it takes no new HTTP requests and finishes those in flight
         log.warning("draining: the router takes no new requests; waiting up to %.0fs for those in flight",
                     config.drain_timeout_s)
         if not router.drain(config.drain_timeout_s):

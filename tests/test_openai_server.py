@@ -232,6 +232,23 @@ def test_an_api_key_guards_the_v1_paths(stack, sdk):
         stop_server(process)
 
 
+def test_launch_serves_the_openai_api_beside_its_router(sdk):
+    """`launch --openai-port 0`: the server is a child of launch, listening before "ready", stopped with it."""
+    with launched("demo", "--mode", "colocated", "--num-pages", "64", "--page-size", "8", "--openai-port", "0",
+                  "--served-model-name", "demo") as stack:
+        url = re.search(r"openai-server on (http://\S+/v1)", "".join(stack.lines)).group(1)
+        with openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client:
+            got = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=8, ignore_eos=True).text
+        server_pid = next(pid for pid in stack.worker_pids() if "openai-server" in cmdline(pid))
+    assert not os.path.exists(f"/proc/{server_pid}")  # launched() also checks that no child outlived launch
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode()
+
+
 def test_a_router_that_does_not_answer_is_said_at_start():
     out = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
                           "127.0.0.1:1", "--wait-s", "1"], capture_output=True, text=True, timeout=60)
