@@ -24,8 +24,9 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true gives
 events, with "stream_options": {"include_usage": true} a last chunk with the usage), GET /v1/models,
 GET /health. Bodies are read as vLLM reads them (its extra fields top_k, min_p, stop_token_ids,
 ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
-max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs are not
-served here yet (OpenAI's name tokens by their text); the SDK and the gRPC API have them.
+max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs are
+served; with --tokenizer (the model's directory, or 'demo') naming tokens by their text; without
+it they are named "token_id:N", as vLLM's --return-tokens-as-token-ids names them.
 With an API key (--api-key or $SPLITSERVE_API_KEY: the router's), /v1/ paths want
 "Authorization: Bearer KEY".
 """
@@ -39,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
     p.add_argument("--served-model-name", help="the model name requests give and responses report "
                    "(default: the router's)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="the model's directory (HF or Orbax) or 'demo', for "
+                   "its tokenizer: logprobs then name tokens by their text (without it: \"token_id:N\")")
     p.add_argument("--wait-s", type=float, default=60.0,
                    help="how long to wait for the router to answer at start (default 60)")
     add_router_client_flags(p)
@@ -65,13 +68,22 @@ async def _serve(args) -> int:
     from splitserve.runtime.client import AsyncClient
     from splitserve.runtime.openai_server import OpenAIServer
 
+    from splitserve.models.metadata import resolve_model_dir
+    from splitserve.models.tokenizer import Tokenizer
+
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = Tokenizer.maybe_load(resolve_model_dir(args.tokenizer))
+        if tokenizer is None:
+            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     options = client_options(args)
     client = AsyncClient(args.address, **options)
     try:
         model = await _wait_for_router(client, args.address, args.wait_s)
         if model is None:
             return 1
-        server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name)
+        server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name,
+                              tokenizer=tokenizer)
         runner = server.runner()
         await runner.setup()
         sock = socket.create_server((args.host, args.port))

@@ -327,10 +327,12 @@ def _openai_server(config: LaunchConfig, router_address: str):
     if config.openai_port is None:
         yield None
         return
+    from splitserve.models.metadata import resolve_model_dir
     from splitserve.runtime.openai_process import OpenAIServerProcess
 
+    has_tokenizer = (resolve_model_dir(config.model) / "tokenizer.json").exists()  # else logprobs say token_id:N
     server = OpenAIServerProcess(router_address, config.host, config.openai_port, config.api_key,
-                                 config.served_model_name)
+                                 config.served_model_name, tokenizer=config.model if has_tokenizer else None)
     try:
         try:
             server.wait_ready()

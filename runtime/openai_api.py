@@ -18,6 +18,7 @@ import json
 import time
 import uuid
 
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.request import Completion
 from splitserve.runtime.request_fields import (SAMPLING_FIELDS, chat_messages, is_int, reject_unknown,
                                                sampling_params, text_field)
@@ -149,11 +150,61 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(chat: bool, model: str, completions: list[Completion]) -> dict:
-    """A text completion or chat completion: one choice per completion, in index order."""
+class TokenText:
+    """How logprobs name a token: its text by the model's tokenizer (special tokens kept), or
+    "token_id:N" without one, as vLLM's --return-tokens-as-token-ids names them."""
+
+    def __init__(self, tokenizer=None):
+        self._tokenizer = tokenizer
+
+    def __call__(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            return f"token_id:{token_id}"
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class ChoiceLogprobs:
+    """One choice's "logprobs" in OpenAI's shapes, built part by part as its tokens come.
+
+    Completions: {"text_offset", "token_logprobs", "tokens", "top_logprobs": [{token: logprob}]},
+    each top dict holding the sampled token too, as vLLM's. Chat: {"content": [{"token", "logprob",
+    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}."""
+
+    def __init__(self, chat: bool, text: TokenText):
+        self.chat, self.text = chat, text
+        self.offset = 0  # completions: the next token's character offset in the choice's text
+
+    def part(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+        if self.chat:
+            return {"content": [dict(self._entry(token, lp.logprob),
+                                     top_logprobs=[self._entry(t, v) for t, v in lp.top])
+                                for token, lp in zip(token_ids, logprobs)]}
+        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for token, lp in zip(token_ids, logprobs):
+            text = self.text(token)
+            top = {self.text(t): v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)
+            for key, value in (("text_offset", self.offset), ("token_logprobs", lp.logprob), ("tokens", text),
+                               ("top_logprobs", top)):
+                out[key].append(value)
+            self.offset += len(text)
+        return out
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def completion_body(chat: bool, model: str, completions: list[Completion], token_text: TokenText | None = None
+                    ) -> dict:
+    """A text completion or chat completion: one choice per completion, in index order; logprobs
+    where the request asked for them, tokens named by `token_text`."""
     choices = []
     for index, completion in enumerate(completions):
-        choice = {"index": index, "logprobs": None, "finish_reason": completion.finish_reason,
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = ChoiceLogprobs(chat, token_text or TokenText()).part(completion.token_ids, completion.logprobs)
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": completion.finish_reason,
                   "stop_reason": completion.stop_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": completion.text}
@@ -175,9 +226,10 @@ class StreamChunks:
         self.id, self.created = response_id(chat), int(time.time())
 
     def choice(self, index: int, text: str, finish_reason: str | None = None, stop_reason=None,
-               first: bool = False) -> dict:
-        """A chunk of one choice: its new text (a chat's first chunk also names the role)."""
-        choice = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+               first: bool = False, logprobs: dict | None = None) -> dict:
+        """A chunk of one choice: its new text (a chat's first chunk also names the role), and the
+        logprobs of its new tokens (ChoiceLogprobs.part) when the request asked."""
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:

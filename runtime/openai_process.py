@@ -22,9 +22,12 @@ START_TIMEOUT_S = 60.0
 
 class OpenAIServerProcess:
     def __init__(self, router_address: str, host: str, port: int, api_key: str | None = None,
-                 served_name: str | None = None):
+                 served_name: str | None = None, tokenizer: str | None = None):
+        """`tokenizer`: the served model's path (or 'demo'), to name tokens in logprobs by their text."""
         cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
                _local(router_address), "--host", host, "--port", str(port)]
+        if tokenizer:
+            cmd += ["--tokenizer", tokenizer]
         if served_name:
             cmd += ["--served-model-name", served_name]
         env = dict(os.environ, **{DIE_WITH_PARENT_ENV: str(os.getpid())})

@@ -59,8 +59,11 @@ class OpenAIServer:
     requests may give and responses report (default: the router's)."""
 
     def __init__(self, client: AsyncClient, model: ModelInfo, *, api_key: str | None = None,
-                 served_name: str | None = None):
+                 served_name: str | None = None, tokenizer=None):
+        """`tokenizer`: the model's (models/tokenizer.py), to name tokens in logprobs by their text;
+        without one they are "token_id:N"."""
         self.client, self.model = client, model
+        self.token_text = openai_api.TokenText(tokenizer)
         self.name = served_name or model.name
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._created = int(time.time())
@@ -119,9 +122,9 @@ class OpenAIServer:
         if parsed.model is not None and parsed.model != self.name:
             return error_response(404, f"The model `{parsed.model}` does not exist (this server serves "
                                        f"`{self.name}`).")
-        if parsed.params.logprobs is not None or parsed.params.prompt_logprobs is not None:
-            return error_response(400, "logprobs are not served over the OpenAI API yet (OpenAI's name tokens "
-                                       "by their text): use the gRPC API or the SDK for them")
+        if parsed.params.prompt_logprobs is not None:
+            return error_response(400, "prompt_logprobs are not served over the OpenAI API yet: use the gRPC API "
+                                       "or the SDK for them")
         stream = self.client.stream(parsed.prompt, token_ids=parsed.prompt_token_ids, messages=parsed.messages,
                                     **sampling_kwargs(parsed.params))
         try:
@@ -144,7 +147,7 @@ class OpenAIServer:
         if len(ended) < parsed.params.n:
             return error_response(500, NO_ANSWER)
         completions = builder.build(time.perf_counter())
-        return web.json_response(openai_api.completion_body(parsed.chat, self.name, completions))
+        return web.json_response(openai_api.completion_body(parsed.chat, self.name, completions, self.token_text))
 
     async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest, stream) -> web.StreamResponse:
         chunks = openai_api.StreamChunks(parsed.chat, self.name, parsed.include_usage)
@@ -157,14 +160,21 @@ class OpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         started: set[int] = set()
+        logprobs: dict[int, openai_api.ChoiceLogprobs] = {}  # by choice, when the request asked
         prompt_tokens, completion_tokens = len(first.prompt_token_ids), 0
         chunk = first
         try:
             while True:
                 completion_tokens += len(chunk.token_ids)
-                if chunk.text or chunk.finish_reason is not None or chunk.index not in started:
+                part = None
+                if chunk.logprobs is not None:  # every token's logprobs go out, text or not
+                    choice_logprobs = logprobs.setdefault(chunk.index,
+                                                          openai_api.ChoiceLogprobs(parsed.chat, self.token_text))
+                    part = choice_logprobs.part(chunk.token_ids, chunk.logprobs)
+                if chunk.text or chunk.finish_reason is not None or chunk.index not in started or part:
                     await response.write(_sse(chunks.choice(chunk.index, chunk.text, chunk.finish_reason,
-                                                            chunk.stop_reason, first=chunk.index not in started)))
+                                                            chunk.stop_reason, first=chunk.index not in started,
+                                                            logprobs=part)))
                     started.add(chunk.index)
                 try:
                     chunk = await anext(stream)

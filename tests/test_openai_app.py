@@ -14,6 +14,7 @@ import pytest
 
 from splitserve.runtime.client_types import Chunk, ModelInfo, SplitserveError
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
+from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.openai_server import OpenAIServer
 
 MODEL = ModelInfo("m", "llama", 100, 64, "float32", 8, [2], [], "disaggregated", True)
@@ -154,3 +155,22 @@ def test_the_sampling_fields_reach_the_router(body, sent, script):
 def test_n_sequences_must_all_end():
     (status, reply), = run(ANSWER, [lambda b: post(b, "/v1/completions", {"prompt": "x", "n": 2})])
     assert status == 500 and "without an answer" in reply["error"]["message"]
+
+
+def test_without_a_tokenizer_logprobs_name_tokens_by_id():
+    script = [Chunk([5, 6], "ab", None, [1], logprobs=[TokenLogprobs(-0.5, ((5, -0.5), (8, -1.0))),
+                                                       TokenLogprobs(-2.0, ((7, -0.1),))]),
+              Chunk([2], "", "stop", [], logprobs=[TokenLogprobs(-0.25, ((2, -0.25),))])]
+    (status, reply), (_, events) = run(script, [
+        lambda b: post(b, "/v1/completions", {"prompt": "x", "logprobs": 1}),
+        lambda b: post(b, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                                   "top_logprobs": 1, "stream": True})])
+    assert status == 200 and reply["choices"][0]["logprobs"] == {
+        "text_offset": [0, 10, 20], "token_logprobs": [-0.5, -2.0, -0.25],
+        "tokens": ["token_id:5", "token_id:6", "token_id:2"],
+        "top_logprobs": [{"token_id:5": -0.5, "token_id:8": -1.0}, {"token_id:7": -0.1, "token_id:6": -2.0},
+                         {"token_id:2": -0.25}]}
+    parts = [json.loads(e)["choices"][0]["logprobs"] for e in events[:-1]]
+    assert [entry["token"] for part in parts for entry in part["content"]] == ["token_id:5", "token_id:6", "token_id:2"]
+    assert parts[1]["content"][0]["top_logprobs"] == [{"token": "token_id:2", "logprob": -0.25,
+                                                       "bytes": list(b"token_id:2")}]

@@ -56,7 +56,7 @@ def stop_server(process) -> None:
 
 @pytest.fixture(scope="module")
 def server(stack):
-    process, url = start_server(stack.address, "--served-model-name", "demo")
+    process, url = start_server(stack.address, "--served-model-name", "demo", "--tokenizer", "demo")
     yield url
     stop_server(process)
 
@@ -142,11 +142,46 @@ def test_n_choices_stream_interleaved_and_equal_generate_n(oai, sdk):
     assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_logprobs_equal_the_sdks_with_tokens_named_as_transformers_decodes_them(oai, sdk):
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ensure_demo_model())
+
+    def text(token):
+        return tokenizer.decode([token], clean_up_tokenization_spaces=False)
+
+    want = sdk.generate(PROMPT, max_tokens=6, ignore_eos=True, logprobs=2)
+    tokens = [text(t) for t in want.token_ids]
+    tops = [{text(t): v for t, v in lp.top} for lp in want.logprobs]
+    for top, token, lp in zip(tops, tokens, want.logprobs):
+        top.setdefault(token, lp.logprob)  # the sampled token too, as vLLM's
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    got = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=6, logprobs=2,
+                                 extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert got.tokens == tokens and got.token_logprobs == [lp.logprob for lp in want.logprobs]
+    assert got.top_logprobs == tops and got.text_offset == offsets
+    streamed = list(oai.completions.create(model="demo", prompt=PROMPT, max_tokens=6, logprobs=2, stream=True,
+                                           extra_body={"ignore_eos": True}))
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert sum((p.tokens for p in parts), []) == tokens and sum((p.text_offset for p in parts), []) == offsets
+    assert sum((p.top_logprobs for p in parts), []) == tops
+
+    chat_want = sdk.generate(messages=CHAT, max_tokens=5, ignore_eos=True, logprobs=2)
+    content = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [
+        (text(t), lp.logprob, list(text(t).encode())) for t, lp in zip(chat_want.token_ids, chat_want.logprobs)]
+    assert [[(x.token, x.logprob) for x in c.top_logprobs] for c in content] == [
+        [(text(t), v) for t, v in lp.top] for lp in chat_want.logprobs]
+
+
 def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
     cases = [
         (dict(max_tokens=-1), openai.BadRequestError, "max_tokens"),
         (dict(max_tokens=4, extra_body={"no_such_field": 1}), openai.BadRequestError, "no_such_field"),
-        (dict(max_tokens=4, logprobs=2), openai.BadRequestError, "logprobs"),
+        (dict(max_tokens=4, extra_body={"prompt_logprobs": 1}), openai.BadRequestError, "prompt_logprobs"),
         (dict(max_tokens=4, stream_options={"include_usage": True}), openai.BadRequestError, "stream_options"),
         (dict(max_tokens=100_000), openai.BadRequestError, "context"),  # the router's own check
     ]
