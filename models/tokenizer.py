@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import tokenizers
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's bytes_to_unicode), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self._tok = tokenizer
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer.to_str()).get("decoder"))
+        self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -29,6 +51,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level piece mapped back to bytes, a SentencePiece
+        byte (<0xNN>) or piece ("▁" is a space), an added token's text. A piece may be part of a
+        UTF-8 character (decode([id]) makes that "\ufffd")."""
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if m := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        if self._byte_level:
+            return bytes(BYTE_LEVEL_ALPHABET[c] if c in BYTE_LEVEL_ALPHABET else ord(c) for c in piece)
+        return piece.replace("\u2581", " ").encode()
 
 
 class IncrementalDetokenizer:

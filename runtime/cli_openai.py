@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                    "(default: the router's)")
     p.add_argument("--tokenizer", metavar="MODEL", help="the model's directory (HF or Orbax) or 'demo', for "
                    "its tokenizer: logprobs then name tokens by their text (without it: \"token_id:N\")")
+    p.add_argument("--shutdown-timeout-s", type=float, default=60.0,
+                   help="on SIGTERM/SIGINT, how long requests in flight get to finish (default 60)")
     p.add_argument("--wait-s", type=float, default=60.0,
                    help="how long to wait for the router to answer at start (default 60)")
     add_router_client_flags(p)
@@ -61,7 +63,6 @@ def run(args) -> int:
 async def _serve(args) -> int:
     import asyncio
     import signal
-    import socket
 
     from aiohttp import web
 
@@ -84,11 +85,12 @@ async def _serve(args) -> int:
             return 1
         server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name,
                               tokenizer=tokenizer)
-        runner = server.runner()
+        runner = server.runner(args.shutdown_timeout_s)
         await runner.setup()
-        sock = socket.create_server((args.host, args.port))
+        sock = _listen(args.host, args.port)
         await web.SockSite(runner, sock).start()
         host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
         print(f"splitserve openai-server on http://{host}:{port}/v1 (model {server.name}, router {args.address})",
               flush=True)
         stop = asyncio.Event()
@@ -99,6 +101,17 @@ async def _serve(args) -> int:
         return 0
     finally:
         await client.close()
+
+
+def _listen(host: str, port: int):
+    """A listening socket on host:port; an IPv6 host ("::", "[::1]") too ("::" takes IPv4 as well)."""
+    import socket
+
+    host = host.strip("[]")
+    if ":" not in host:
+        return socket.create_server((host, port))
+    return socket.create_server((host, port), family=socket.AF_INET6,
+                                dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
 
 
 async def _wait_for_router(client, address: str, wait_s: float):

@@ -332,8 +332,10 @@ def _openai_server(config: LaunchConfig, router_address: str):
 
     has_tokenizer = (resolve_model_dir(config.model) / "tokenizer.json").exists()  # else logprobs say token_id:N
     server = OpenAIServerProcess(router_address, config.host, config.openai_port, config.api_key,
-                                 config.served_model_name, tokenizer=config.model if has_tokenizer else None)
+                                 config.served_model_name, tokenizer=config.model if has_tokenizer else None,
+                                 shutdown_timeout_s=config.drain_timeout_s)
     try:
+        server.start()
         try:
             server.wait_ready()
         except RuntimeError as e:
@@ -346,7 +348,12 @@ def _openai_server(config: LaunchConfig, router_address: str):
 def run_launch(config: LaunchConfig) -> int:
     stop = stop_on_signals()
     with running_stack(config) as (router, launcher), _openai_server(config, router.address) as openai:
-        stop.before_exit = launcher.supervisor.kill_all  # a second signal: no worker drains on alone
+        def kill_all() -> None:  # a second signal: nothing drains on alone
+            launcher.supervisor.kill_all()
+            if openai is not None:
+                openai.kill()
+
+        stop.before_exit = kill_all
         stop.serving()
         print(f"splitserve ready on {router.address}", flush=True)
         if router.metrics_endpoint is not None:
@@ -364,7 +371,7 @@ def run_launch(config: LaunchConfig) -> int:
                 log.error("the OpenAI server exited with status %d", openai.exited())
                 return 1
         if openai is not None:
-            openai.process.terminate()  # it takes no new HTTP requests and finishes those in flight
+            openai.terminate()  # it takes no new HTTP requests and finishes those in flight meanwhile
         log.warning("draining: the router takes no new requests; waiting up to %.0fs for those in flight",
                     config.drain_timeout_s)
         if not router.drain(config.drain_timeout_s):

@@ -13,6 +13,7 @@ it, else null) and `usage` in tokens.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import time
@@ -59,8 +60,8 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     reject_unknown(body, BODY_FIELDS, where)
     chat = url == CHAT
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
-    for key, off in OFF_VALUES.items():
-        if key in fields and fields[key] not in off:
+    for key, off in OFF_VALUES.items():  # by type too: true is not 1, nor 0 false
+        if key in fields and not any(type(fields[key]) is type(v) and fields[key] == v for v in off):
             raise ValueError(f"{where}{key} {json.dumps(fields[key])[:60]} is not supported (only "
                              f"{' or '.join(json.dumps(v) for v in off)}, or leaving it out)")
     stream = fields.get("stream", False)
@@ -101,10 +102,12 @@ def _include_usage(options, stream: bool, where: str) -> bool:
     if options.get("continuous_usage_stats"):
         raise ValueError(f"{where}stream_options.continuous_usage_stats is not supported (the usage comes in "
                          "the last chunk)")
-    value = options.get("include_usage")
+    if "include_usage" not in options:
+        return True
+    value = options["include_usage"]
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{where}stream_options.include_usage must be a boolean, got {json.dumps(value)}")
-    return value is not False
+    return bool(value)  # null: none, as vLLM reads it
 
 
 def _completion_prompt(prompt, where: str) -> tuple[str | None, tuple[int, ...] | None]:
@@ -151,16 +154,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class TokenText:
-    """How logprobs name a token: its text by the model's tokenizer (special tokens kept), or
-    "token_id:N" without one, as vLLM's --return-tokens-as-token-ids names them."""
+    """The bytes of a token, for logprobs: by the model's tokenizer, or "token_id:N" without one, as
+    vLLM's --return-tokens-as-token-ids names them."""
 
     def __init__(self, tokenizer=None):
         self._tokenizer = tokenizer
 
-    def __call__(self, token_id: int) -> str:
+    def bytes(self, token_id: int) -> bytes:
         if self._tokenizer is None:
-            return f"token_id:{token_id}"
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+            return f"token_id:{token_id}".encode()
+        return self._tokenizer.token_bytes(token_id)
+
+
+def _finite(logprob: float) -> float:
+    """-inf and NaN are not JSON: vLLM's floor, -9999.0."""
+    return logprob if logprob >= -9999.0 else -9999.0
 
 
 class ChoiceLogprobs:
@@ -168,31 +176,49 @@ class ChoiceLogprobs:
 
     Completions: {"text_offset", "token_logprobs", "tokens", "top_logprobs": [{token: logprob}]},
     each top dict holding the sampled token too, as vLLM's. Chat: {"content": [{"token", "logprob",
-    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}."""
+    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}.
+
+    A token's text is its bytes decoded after the choice's earlier tokens: a token that ends inside
+    a UTF-8 character has the text "" and the token that completes the character carries all of it
+    (as vLLM corrects them), so the texts join into the choice's text and offsets add up. "bytes"
+    are the token's own. A top token's text is read at the same point as the sampled one's.
+    """
 
     def __init__(self, chat: bool, text: TokenText):
         self.chat, self.text = chat, text
         self.offset = 0  # completions: the next token's character offset in the choice's text
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def part(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
-        if self.chat:
-            return {"content": [dict(self._entry(token, lp.logprob),
-                                     top_logprobs=[self._entry(t, v) for t, v in lp.top])
-                                for token, lp in zip(token_ids, logprobs)]}
-        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        entries = []
         for token, lp in zip(token_ids, logprobs):
-            text = self.text(token)
-            top = {self.text(t): v for t, v in lp.top}
-            top.setdefault(text, lp.logprob)
-            for key, value in (("text_offset", self.offset), ("token_logprobs", lp.logprob), ("tokens", text),
-                               ("top_logprobs", top)):
+            top = [(self._read(t), _finite(v), self.text.bytes(t)) for t, v in lp.top]
+            raw = self.text.bytes(token)
+            entries.append(((self._utf8.decode(raw), _finite(lp.logprob), raw), top))
+        if self.chat:
+            return {"content": [dict(_chat_entry(*sampled), top_logprobs=[_chat_entry(*t) for t in top])
+                                for sampled, top in entries]}
+        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for (text, logprob, _), top in entries:
+            ranked: dict[str, float] = {}
+            for alt_text, alt_logprob, _ in top:  # most likely first: a text two tokens share keeps the likelier
+                ranked.setdefault(alt_text, alt_logprob)
+            ranked.setdefault(text, logprob)
+            for key, value in (("text_offset", self.offset), ("token_logprobs", logprob), ("tokens", text),
+                               ("top_logprobs", ranked)):
                 out[key].append(value)
             self.offset += len(text)
         return out
 
-    def _entry(self, token: int, logprob: float) -> dict:
-        text = self.text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    def _read(self, token: int) -> str:
+        """A top token's text where the next token stands, leaving the choice's decoder as it is."""
+        reader = codecs.getincrementaldecoder("utf-8")("replace")
+        reader.setstate(self._utf8.getstate())
+        return reader.decode(self.text.bytes(token))
+
+
+def _chat_entry(text: str, logprob: float, raw: bytes) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 def completion_body(chat: bool, model: str, completions: list[Completion], token_text: TokenText | None = None

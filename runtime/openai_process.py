@@ -22,31 +22,45 @@ START_TIMEOUT_S = 60.0
 
 class OpenAIServerProcess:
     def __init__(self, router_address: str, host: str, port: int, api_key: str | None = None,
-                 served_name: str | None = None, tokenizer: str | None = None):
-        """`tokenizer`: the served model's path (or 'demo'), to name tokens in logprobs by their text."""
-        cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
-               _local(router_address), "--host", host, "--port", str(port)]
-        if tokenizer:
-            cmd += ["--tokenizer", tokenizer]
+                 served_name: str | None = None, tokenizer: str | None = None, shutdown_timeout_s: float = 60.0):
+        """`tokenizer`: the served model's path (or 'demo'), to name tokens in logprobs by their text;
+        `shutdown_timeout_s`: on SIGTERM, how long its requests in flight get (launch's drain timeout)."""
+        self.cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
+                    _local(router_address), "--host", host, "--port", str(port),
+                    "--shutdown-timeout-s", str(shutdown_timeout_s)]
         if served_name:
-            cmd += ["--served-model-name", served_name]
-        env = dict(os.environ, **{DIE_WITH_PARENT_ENV: str(os.getpid())})
-        env.pop(API_KEY_ENV, None)
+            self.cmd += ["--served-model-name", served_name]
+        if tokenizer:
+            self.cmd += ["--tokenizer", tokenizer]
+        self.env = dict(os.environ, **{DIE_WITH_PARENT_ENV: str(os.getpid())})
+        self.env.pop(API_KEY_ENV, None)
         if api_key:  # the router's key, by the environment: a flag value would show in `ps`
-            env[API_KEY_ENV] = api_key
+            self.env[API_KEY_ENV] = api_key
         self.url: str | None = None
+        self.process: subprocess.Popen | None = None
         self._ready = threading.Event()
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        threading.Thread(target=self._forward, name="openai-server-output", daemon=True).start()
+        self._forwarder: threading.Thread | None = None
+
+    def start(self) -> None:
+        # Its own session, as the workers': a terminal's Ctrl-C reaches launch only, which stops it.
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)
+        self._forwarder = threading.Thread(target=self._forward, name="openai-server-output", daemon=True)
+        self._forwarder.start()
 
     def _forward(self) -> None:
-        """Its lines to launch's stdout; the first that says where it listens sets `url`."""
-        for line in self.process.stdout:
+        """Its output to launch's stdout; the line that says where it listens sets `url`. The pipe is
+        read to its end whatever happens to launch's stdout: a child blocked on a full pipe stops serving."""
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
             if self.url is None and (m := re.search(r"openai-server on (http://\S+)", line)):
                 self.url = m.group(1)
                 self._ready.set()
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # launch's stdout closed: keep draining
+                pass
         self._ready.set()  # it exited
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
@@ -60,16 +74,29 @@ class OpenAIServerProcess:
         return self.url
 
     def exited(self) -> int | None:
-        return self.process.poll()
+        return None if self.process is None else self.process.poll()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM: it takes no new requests and finishes those in flight."""
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns once it has exited and its output is read."""
+        if self.process is None:
+            return
+        self.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self._forwarder is not None:
+            self._forwarder.join(5.0)
 
 
 def _local(address: str) -> str:

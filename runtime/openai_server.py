@@ -68,10 +68,12 @@ class OpenAIServer:
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._created = int(time.time())
 
-    def runner(self) -> web.AppRunner:
+    def runner(self, shutdown_timeout_s: float = 60.0) -> web.AppRunner:
         """The app's runner. handler_cancellation: a client that disconnects cancels its handler, and so
-        its router call, even while it waits for a non-streamed answer."""
-        return web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        its router call, even while it waits for a non-streamed answer. On cleanup, requests in flight
+        get `shutdown_timeout_s` to finish."""
+        return web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                             shutdown_timeout=shutdown_timeout_s)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._auth])
@@ -115,10 +117,14 @@ class OpenAIServer:
             return error_response(413, f"the body is larger than the {PUBLIC_MAX_MESSAGE_BYTES} bytes allowed")
         except (ValueError, LookupError, RecursionError) as e:  # not JSON, not UTF-8, a bad charset, too deep
             return error_response(400, f"the body is not valid JSON: {type(e).__name__}: {str(e)[:200]}")
+        except web.RequestPayloadError as e:  # a bad Content-Encoding (gzip that is not), a cut-off body
+            return error_response(400, f"the body could not be read: {e}")
         try:
             parsed = openai_api.parse_body(url, body)
         except ValueError as e:
             return error_response(400, str(e))
+        except RecursionError:  # nesting deep enough to defeat the messages that quote it
+            return error_response(400, "the body is nested too deeply")
         if parsed.model is not None and parsed.model != self.name:
             return error_response(404, f"The model `{parsed.model}` does not exist (this server serves "
                                        f"`{self.name}`).")
@@ -160,6 +166,7 @@ class OpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         started: set[int] = set()
+        ended: set[int] = set()
         logprobs: dict[int, openai_api.ChoiceLogprobs] = {}  # by choice, when the request asked
         prompt_tokens, completion_tokens = len(first.prompt_token_ids), 0
         chunk = first
@@ -176,10 +183,15 @@ class OpenAIServer:
                                                             chunk.stop_reason, first=chunk.index not in started,
                                                             logprobs=part)))
                     started.add(chunk.index)
+                if chunk.finish_reason is not None:
+                    ended.add(chunk.index)
                 try:
                     chunk = await anext(stream)
                 except StopAsyncIteration:
                     break
+            if len(ended) < parsed.params.n:  # the call ended before every choice did: not a success
+                await self._write_quietly(response, _sse(_error_body(500, NO_ANSWER)), _sse("[DONE]"))
+                return response
         except SplitserveError as e:  # after the first token: the status is sent; tell it in the stream
             await self._write_quietly(response, _sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)),
                                       _sse("[DONE]"))

@@ -41,8 +41,8 @@ def chunk(text, token, finish=None, prompt=(), stop_reason=None):
     return Chunk([token], text, finish, list(prompt), stop_reason=stop_reason)
 
 
-async def serve(router, api_key=None):
-    server = OpenAIServer(router, MODEL, api_key=api_key)
+async def serve(router, api_key=None, tokenizer=None):
+    server = OpenAIServer(router, MODEL, api_key=api_key, tokenizer=tokenizer)
     runner = server.runner()
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
@@ -61,10 +61,10 @@ async def post(base, path, body=None, *, data=None, headers=None):
             return reply.status, json.loads(text)
 
 
-def run(script, requests, api_key=None, router=None):
+def run(script, requests, api_key=None, router=None, tokenizer=None):
     """Each request of `requests` (coroutines of a base URL) against a server on `script`."""
     async def main():
-        runner, base = await serve(router or ScriptedRouter(script), api_key)
+        runner, base = await serve(router or ScriptedRouter(script), api_key, tokenizer)
         try:
             return [await r(base) for r in requests]
         finally:
@@ -103,8 +103,12 @@ def test_a_call_that_ends_without_an_answer_is_a_server_error():
         results = run(script, [lambda b: post(b, "/v1/completions", {"prompt": "x"}),
                                lambda b: post(b, "/v1/completions", {"prompt": "x", "stream": True})])
         assert results[0][0] == 500 and "without an answer" in results[0][1]["error"]["message"]
+        status, streamed = results[1]
         if not script:
-            assert results[1][0] == 500 and "without an answer" in results[1][1]["error"]["message"]
+            assert status == 500 and "without an answer" in streamed["error"]["message"]
+        else:  # the status went out with the first token: the stream says it, then ends
+            assert status == 200 and streamed[-1] == "[DONE]"
+            assert json.loads(streamed[-2])["error"]["code"] == 500 and json.loads(streamed[0])["choices"]
 
 
 def test_malformed_http_bodies_get_openai_errors():
@@ -136,6 +140,24 @@ def test_the_api_key_is_checked_on_every_v1_path():
     ], api_key="k")
     assert [status for status, _ in results] == [401, 401, 401, 200]
     assert results[3][1]["choices"][0]["text"] == "Hello"
+
+
+def test_raw_header_bytes_and_a_bad_encoding_get_answers_not_tracebacks():
+    async def raw(base, header: bytes, body: bytes) -> bytes:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header +
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        reply = await reader.read()
+        writer.close()
+        return reply
+
+    replies = run(ANSWER, [
+        lambda b: raw(b, b"Authorization: Bearer \xff\r\n", b'{"prompt": "x"}'),  # not UTF-8
+        lambda b: raw(b, b"Authorization: Bearer k\r\nContent-Encoding: gzip\r\n", b"not gzip at all"),
+    ], api_key="k")
+    assert replies[0].startswith(b"HTTP/1.1 401") and b'"code": 401' in replies[0]
+    assert replies[1].startswith(b"HTTP/1.1 400") and b"could not be read" in replies[1]
 
 
 SECOND = [Chunk([9], "Yo", None, [], index=1), Chunk([2], "", "stop", [], index=1)]
@@ -174,3 +196,36 @@ def test_without_a_tokenizer_logprobs_name_tokens_by_id():
     assert [entry["token"] for part in parts for entry in part["content"]] == ["token_id:5", "token_id:6", "token_id:2"]
     assert parts[1]["content"][0]["top_logprobs"] == [{"token": "token_id:2", "logprob": -0.25,
                                                        "bytes": list(b"token_id:2")}]
+
+
+def test_logprobs_tokens_join_into_the_text_across_utf8_characters():
+    """Byte-level BPE splits "é" and "你" across tokens: a token inside a character has the text "",
+    the one that completes it the whole character, so the texts join into what transformers decodes,
+    and "bytes" are each token's own (they join into the text's UTF-8)."""
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+    from splitserve.models.tokenizer import Tokenizer
+
+    text = "héllo 你好"
+    hf = transformers.AutoTokenizer.from_pretrained(ensure_demo_model())
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) - 2, "the demo tokenizer should split these characters into bytes"
+    lone = [i for i in range(3, 300) if hf.decode([i]) == "\ufffd"][:2]  # two ids that both read "\ufffd" alone
+    logprobs = [TokenLogprobs(-0.5, ((t, -0.5), *((lone[0], -1.0), (lone[1], -2.0)))) for t in ids]
+    script = [Chunk(ids[:3], "h", None, [1], logprobs=logprobs[:3]),
+              Chunk(ids[3:], text[1:], "length", [], logprobs=logprobs[3:])]
+    (_, plain), (_, events) = run(script, [
+        lambda b: post(b, "/v1/completions", {"prompt": "x", "logprobs": 2}),
+        lambda b: post(b, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                                   "top_logprobs": 2, "stream": True})],
+        tokenizer=Tokenizer.maybe_load(ensure_demo_model()))
+    got = plain["choices"][0]["logprobs"]
+    assert "".join(got["tokens"]) == hf.decode(ids) == text
+    assert got["text_offset"] == [len("".join(got["tokens"][:i])) for i in range(len(ids))]
+    assert all(top[token] == -0.5 for top, token in zip(got["top_logprobs"], got["tokens"]))
+    after_h = got["top_logprobs"][1]  # at a character boundary both lone bytes read "\ufffd": the likelier stays
+    assert after_h["\ufffd"] == -1.0
+    content = [e for event in events[:-1] for e in json.loads(event)["choices"][0]["logprobs"]["content"]]
+    assert "".join(e["token"] for e in content) == text
+    assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()

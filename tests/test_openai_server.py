@@ -154,6 +154,8 @@ def test_logprobs_equal_the_sdks_with_tokens_named_as_transformers_decodes_them(
 
     want = sdk.generate(PROMPT, max_tokens=6, ignore_eos=True, logprobs=2)
     tokens = [text(t) for t in want.token_ids]
+    # Whole characters each (tokens inside a UTF-8 character: test_openai_app), so each reads alone
+    assert "\ufffd" not in "".join(tokens) + "".join(text(t) for lp in want.logprobs for t, _ in lp.top)
     tops = [{text(t): v for t, v in lp.top} for lp in want.logprobs]
     for top, token, lp in zip(tops, tokens, want.logprobs):
         top.setdefault(token, lp.logprob)  # the sampled token too, as vLLM's
@@ -297,12 +299,13 @@ def test_bodies_are_read_as_vllm_reads_them():
     assert body.prompt == "hi" and body.params.max_tokens == 5 and body.params.top_k == 3 and not body.chat
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]]}).prompt_token_ids == (4, 5)
     chat = openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True, "logprobs": True,
-                                                   "top_logprobs": 2, "stream_options": {"include_usage": None},
+                                                   "top_logprobs": 2, "stream_options": {},
                                                    "prompt": None, "tools": [], "tool_choice": "none"})
     assert chat.chat and chat.stream and chat.include_usage and chat.params.logprobs == 2
     assert not openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True}).include_usage
-    assert not openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True,
-                                                       "stream_options": {"include_usage": False}}).include_usage
+    for off in (False, None):  # an explicit null is none, as vLLM reads it
+        assert not openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True,
+                                                           "stream_options": {"include_usage": off}}).include_usage
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "messages": None, "best_of": 1,
                                                           "metadata": {"a": "b"}}).prompt == "x"
     for url, body, message in [
@@ -316,6 +319,8 @@ def test_bodies_are_read_as_vllm_reads_them():
         (openai_api.CHAT, {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
         (openai_api.COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of 2 is not supported"),
         (openai_api.COMPLETIONS, {"prompt": "x", "echo": True}, "echo true is not supported"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "best_of": True}, "best_of true is not supported"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "echo": 0}, "echo 0 is not supported"),
         (openai_api.COMPLETIONS, {"prompt": [True]}, "prompt must be a string, got true"),
         (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
          "continuous_usage_stats is not supported"),
