@@ -56,13 +56,13 @@ class Tokenizer:
         """The bytes one token stands for: a byte-level piece mapped back to bytes, a SentencePiece
         byte (<0xNN>) or piece ("▁" is a space), an added token's text. A piece may be part of a
         UTF-8 character (decode([id]) makes that "\ufffd")."""
-        if token_id in self._added:
-            return self._added[token_id].encode()
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             return b""
         if m := BYTE_PIECE.fullmatch(piece):
             return bytes([int(m.group(1), 16)])
+        if token_id in self._added:
+            return self._added[token_id].encode()
         if self._byte_level:
             return bytes(BYTE_LEVEL_ALPHABET[c] if c in BYTE_LEVEL_ALPHABET else ord(c) for c in piece)
         return piece.replace("\u2581", " ").encode()

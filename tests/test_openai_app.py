@@ -229,3 +229,22 @@ def test_logprobs_tokens_join_into_the_text_across_utf8_characters():
     content = [e for event in events[:-1] for e in json.loads(event)["choices"][0]["logprobs"]["content"]]
     assert "".join(e["token"] for e in content) == text
     assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer():
+    """Metaspace pieces ("\u2581" for a space) and byte-fallback pieces (<0xC3>) map to the bytes they
+    stand for, as the tokenizer's own decoder reads them."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from splitserve.models.tokenizer import Tokenizer
+
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bytes_vocab = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["hello world the sea", "hello there"],  # the byte pieces in the vocabulary
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *bytes_vocab]))
+    ids = tok.encode("hello world é").ids
+    assert "<0xC3>" in [tok.id_to_token(i) for i in ids]
+    assert b"".join(Tokenizer(tok).token_bytes(i) for i in ids) == " hello world é".encode()
