@@ -13,7 +13,8 @@ from splitserve.runtime.cli_client import add_router_client_flags, client_option
 
 DESCRIPTION = """\
 Serve OpenAI's completions and chat completions API over HTTP, in front of a running router
-(`splitserve launch` prints its address), so that OpenAI's client libraries and tools work:
+(`splitserve launch` prints its address), so that OpenAI's client libraries and tools work.
+`splitserve launch --openai-port 8000` starts this server beside its router in one command.
 
   splitserve launch --port 50051 &
   splitserve openai-server --address 127.0.0.1:50051 --port 8000
@@ -24,9 +25,9 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true gives
 events, with "stream_options": {"include_usage": true} a last chunk with the usage), GET /v1/models,
 GET /health. Bodies are read as vLLM reads them (its extra fields top_k, min_p, stop_token_ids,
 ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
-max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs are
-served; with --tokenizer (the model's directory, or 'demo') naming tokens by their text; without
-it they are named "token_id:N", as vLLM's --return-tokens-as-token-ids names them.
+max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs name
+tokens by their text with --tokenizer (the model's directory, or 'demo'), else "token_id:N", as
+vLLM's --return-tokens-as-token-ids names them.
 With an API key (--api-key or $SPLITSERVE_API_KEY: the router's), /v1/ paths want
 "Authorization: Bearer KEY".
 """
@@ -66,11 +67,10 @@ async def _serve(args) -> int:
 
     from aiohttp import web
 
-    from splitserve.runtime.client import AsyncClient
-    from splitserve.runtime.openai_server import OpenAIServer
-
     from splitserve.models.metadata import resolve_model_dir
     from splitserve.models.tokenizer import Tokenizer
+    from splitserve.runtime.client import AsyncClient
+    from splitserve.runtime.openai_server import OpenAIServer
 
     tokenizer = None
     if args.tokenizer:

@@ -367,8 +367,8 @@ def run_launch(config: LaunchConfig) -> int:
             except WorkerDied as e:
                 log.error("%s", e)
                 return 1
-            if openai is not None and openai.exited() is not None:
-                log.error("the OpenAI server exited with status %d", openai.exited())
+            if openai is not None and (status := openai.exited()) is not None:
+                log.error("the OpenAI server exited with status %d", status)
                 return 1
         if openai is not None:
             openai.terminate()  # it takes no new HTTP requests and finishes those in flight meanwhile

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 from splitserve.runtime.auth import API_KEY_ENV
 from splitserve.runtime.platform_setup import DIE_WITH_PARENT_ENV
@@ -65,10 +64,8 @@ class OpenAIServerProcess:
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Its base URL (http://HOST:PORT/v1) once it listens; RuntimeError if it exits or takes too long."""
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.1):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the OpenAI server did not start within {timeout_s:.0f} s")
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError(f"the OpenAI server did not start within {timeout_s:.0f} s")
         if self.url is None:
             raise RuntimeError(f"the OpenAI server exited with status {self.process.wait()} while starting")
         return self.url
