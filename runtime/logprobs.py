@@ -13,17 +13,23 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprobs:
-    logprob: float  # of the token that was generated
+    logprob: float  # of the token that was generated (prompt_logprobs: of the prompt's token)
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the N most likely, most likely first
+    # prompt_logprobs entries only: the token's 1-based rank in the vocabulary, as vLLM counts it (the
+    # tokens at least as likely, itself included); None for generated tokens.
+    rank: int | None = None
 
     def to_json_dict(self) -> dict:
-        return {"logprob": self.logprob, "top": [[token, logprob] for token, logprob in self.top]}
+        d = {"logprob": self.logprob, "top": [[token, logprob] for token, logprob in self.top]}
+        if self.rank is not None:
+            d["rank"] = self.rank
+        return d
 
     def to_proto(self, message_type):
         """As a TokenLogprobs message of either proto (serving_pb2 or internal_pb2: the same fields)."""
         return message_type(logprob=self.logprob, top_token_ids=[t for t, _ in self.top],
-                            top_logprobs=[lp for _, lp in self.top])
+                            top_logprobs=[lp for _, lp in self.top], rank=self.rank or 0)
 
     @classmethod
     def from_proto(cls, msg) -> "TokenLogprobs":
-        return cls(msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
+        return cls(msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)), msg.rank or None)

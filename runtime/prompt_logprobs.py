@@ -36,19 +36,22 @@ class PromptLogprobs:
     logprob: jax.Array  # f32[batch, seq]
     top_ids: jax.Array  # i32[batch, seq, k], k = min(MAX_LOGPROBS, vocab), most likely first
     top_logprobs: jax.Array  # f32[batch, seq, k]
+    rank: jax.Array  # i32[batch, seq]: prompt token t + 1's rank in the vocabulary (tokens at least as likely)
 
     def to_host(self, params: list[SamplingParams], prompt_lengths: list[int]) -> list[list[TokenLogprobs] | None]:
         """Each request's entries (None where not asked): one per prompt token after the first."""
         n = len(params)
-        logprob, top_ids, top = (np.asarray(a)[:n] for a in (self.logprob, self.top_ids, self.top_logprobs))
+        logprob, top_ids, top, rank = (np.asarray(a)[:n] for a in (self.logprob, self.top_ids, self.top_logprobs,
+                                                                  self.rank))
         return [None if p.prompt_logprobs is None else [
             TokenLogprobs(float(logprob[row, t]),
                           tuple(zip(top_ids[row, t, : p.prompt_logprobs].tolist(),
-                                    top[row, t, : p.prompt_logprobs].tolist())))
+                                    top[row, t, : p.prompt_logprobs].tolist())), int(rank[row, t]))
             for t in range(length - 1)] for row, (p, length) in enumerate(zip(params, prompt_lengths))]
 
 
-jax.tree_util.register_dataclass(PromptLogprobs, data_fields=["logprob", "top_ids", "top_logprobs"], meta_fields=[])
+jax.tree_util.register_dataclass(PromptLogprobs, data_fields=["logprob", "top_ids", "top_logprobs", "rank"],
+                                 meta_fields=[])
 
 
 def prompt_logprobs(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, tokens: jax.Array) -> PromptLogprobs:
@@ -66,10 +69,12 @@ def prompt_logprobs(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, tok
         logits = logits.reshape(batch, step, -1)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         top, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
-        return jnp.take_along_axis(logprobs, next_part[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top
+        token = jnp.take_along_axis(logprobs, next_part[..., None], axis=-1)  # [batch, step, 1]
+        rank = jnp.sum(logprobs >= token, axis=-1, dtype=jnp.int32)  # vLLM's: itself and every tie count
+        return token[..., 0], top_ids.astype(jnp.int32), top, rank
 
     parts = (x.reshape(batch, padded // step, step, hidden).swapaxes(0, 1),
              following.reshape(batch, padded // step, step).swapaxes(0, 1))
-    logprob, top_ids, top = jax.lax.map(some_positions, parts)  # [padded // step, batch, step, ...]
+    logprob, top_ids, top, rank = jax.lax.map(some_positions, parts)  # [padded // step, batch, step, ...]
     whole = lambda a: a.swapaxes(0, 1).reshape(batch, padded, *a.shape[3:])[:, :seq]  # noqa: E731
-    return PromptLogprobs(whole(logprob), whole(top_ids), whole(top))
+    return PromptLogprobs(whole(logprob), whole(top_ids), whole(top), whole(rank))

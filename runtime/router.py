@@ -73,9 +73,9 @@ PROMPT_LOGPROBS_MAX_BYTES = PUBLIC_MAX_MESSAGE_BYTES - (64 << 10)
 
 def first_message_bytes(prompt_len: int, params: SamplingParams) -> int:
     """An upper bound on the encoded prompt ids and prompt logprobs: an id is <= 5 bytes; an entry
-    is a logprob (5), its two packed lists' framing (<= 6), per top token an id (<= 5) and a
-    logprob (4), and its own framing (<= 3)."""
-    return prompt_len * 5 + max(prompt_len - 1, 0) * (14 + 9 * (params.prompt_logprobs or 0))
+    is a logprob (5), its two packed lists' framing (<= 6), its rank (<= 6), per top token an id
+    (<= 5) and a logprob (4), and its own framing (<= 3)."""
+    return prompt_len * 5 + max(prompt_len - 1, 0) * (20 + 9 * (params.prompt_logprobs or 0))
 
 
 @dataclasses.dataclass(frozen=True)

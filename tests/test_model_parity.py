@@ -300,7 +300,7 @@ def test_logit_bias_and_allowed_token_ids_match_transformers_generate(hf_checkpo
 
 @pytest.mark.parametrize("name", ["llama3_gqa3_hd40_ropescale", "qwen2_bias_mqa_tied"])
 def test_prompt_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
-    """vLLM's prompt_logprobs: prompt token t + 1's logprob and the 4 most likely tokens at
+    """vLLM's prompt_logprobs: prompt token t + 1's logprob, rank and the 4 most likely tokens at
     position t equal the log-softmax of transformers' logits there; prompts of different lengths
     (one longer than 8 positions, the chunk the logits are made in) in one prefill beside a
     request that does not ask."""
@@ -322,5 +322,8 @@ def test_prompt_logprobs_match_transformers_log_softmax(hf_checkpoint, name):
             top = np.argsort(-want[t])[: p.prompt_logprobs]
             assert [i for i, _ in got.top] == top.tolist(), (name, t)
             assert np.allclose([lp for _, lp in got.top], want[t, top], atol=1e-4)
+            token_lp = want[t, prompt[t + 1]]
+            ranks = (np.sum(want[t] > token_lp + 1e-4) + 1, np.sum(want[t] >= token_lp - 1e-4))
+            assert ranks[0] <= got.rank <= ranks[1], (name, t)  # a tie within float32's error may go either way
     assert outs[2].prompt_logprobs is None and "prompt_logprobs" not in outs[2].to_json_dict()
     assert len(outs[0].to_json_dict()["prompt_logprobs"]) == 6

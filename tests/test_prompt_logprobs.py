@@ -19,7 +19,8 @@ def prompt_logprobs_of_one_token():
 
     from splitserve.runtime.prompt_logprobs import PromptLogprobs
 
-    empty = PromptLogprobs(jnp.zeros((1, 16)), jnp.zeros((1, 16, 2), jnp.int32), jnp.zeros((1, 16, 2)))
+    empty = PromptLogprobs(jnp.zeros((1, 16)), jnp.zeros((1, 16, 2), jnp.int32), jnp.zeros((1, 16, 2)),
+                           jnp.ones((1, 16), jnp.int32))
     return empty.to_host([SamplingParams(prompt_logprobs=2)], [1])[0]
 
 
@@ -43,6 +44,7 @@ def test_positions_made_in_pieces_equal_the_whole_prompts_log_softmax():
             assert abs(entry.logprob - want[t, tokens[row, t + 1]]) < 1e-5
             top = np.argsort(-want[t])[: params[row].prompt_logprobs]
             assert [i for i, _ in entry.top] == top.tolist()
+            assert entry.rank == np.sum(want[t] >= want[t, tokens[row, t + 1]])  # vLLM's count, ties included
 
 
 def test_a_one_token_prompt_gets_an_empty_list_from_the_sdk_as_in_process():

@@ -166,7 +166,7 @@ def test_prompt_logprobs_that_cannot_fit_in_the_first_message_are_refused_before
     from splitserve.runtime.sampling_params import SamplingParams
 
     for n, prompt_len in ((0, 300), (1, 50), (20, 40)):
-        worst = TokenLogprobs(-1e30, tuple((2**31 - 1, -1e30) for _ in range(n)))
+        worst = TokenLogprobs(-1e30, tuple((2**31 - 1, -1e30) for _ in range(n)), rank=2**32 - 1)
         msg = serving_pb2.GenerateResponse(prompt_token_ids=[2**31 - 1] * prompt_len, prompt_logprobs=[
             worst.to_proto(serving_pb2.TokenLogprobs)] * (prompt_len - 1))
         params = SamplingParams(prompt_logprobs=n)
@@ -174,8 +174,8 @@ def test_prompt_logprobs_that_cannot_fit_in_the_first_message_are_refused_before
     metadata = load_metadata("demo")
     metadata = dataclasses.replace(metadata, config=dataclasses.replace(metadata.config, max_model_len=10**6))
     router = Router(metadata, prefill=["127.0.0.1:1"], decode=["127.0.0.1:1"], colocated=[])
-    too_long = [5] * (PROMPT_LOGPROBS_MAX_BYTES // (5 + 14 + 9 * 20) + 10)
-    router.validate(too_long, SamplingParams(prompt_logprobs=0))  # 19 bytes a token: fits
+    too_long = [5] * (PROMPT_LOGPROBS_MAX_BYTES // (5 + 20 + 9 * 20) + 10)
+    router.validate(too_long, SamplingParams(prompt_logprobs=0))  # 25 bytes a token: fits
     with pytest.raises(RouterError) as err:
         router.validate(too_long, SamplingParams(prompt_logprobs=20))
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs=20 for a prompt of" in str(err.value)
