@@ -157,4 +157,9 @@ def _openai_body(obj: dict) -> openai_api.OpenAIRequest:
     body = openai_api.parse_body(obj.get("url"), obj.get("body"), where="body.")
     if body.stream:
         raise ValueError("body.stream must be false in a batch")
+    if len(body.prompts) > 1:
+        raise ValueError(f"body.prompt holds {len(body.prompts)} prompts: a batch line takes one (write a line "
+                         "for each)")
+    if body.echo:
+        raise ValueError("body.echo is served by openai-server, not in batch lines")
     return body

@@ -15,7 +15,7 @@ stop token id that ended it, else null; a native line has it only then), `usage`
 request that asks for logprobs gets an error line there (OpenAI's logprobs name tokens by their
 text, which a batch run against a router does not have), and its native line has them as
 [{"logprob", "top": [[token id, logprob], ...]}, ...] (prompt_logprobs likewise, one per prompt
-token after the first; OpenAI lines refuse them too). Every line begins with
+token after the first, each with its "rank" in the vocabulary; OpenAI lines refuse them too). Every line begins with
 {"id": ...} so that a torn tail is recognised the same way (runtime/batch_io.py), and
 `input_id(record)` gives back the input line's id from either shape, and `recover_output` cuts a
 torn tail off an existing output file and returns the ids it holds, for resuming.
@@ -73,7 +73,7 @@ class OpenAIOutput:
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
         """`completions`: the request's n, in index order: one choice each."""
-        body = openai_api.completion_body(request.messages is not None, self.model, completions)
+        body = openai_api.completion_body(request.messages is not None, self.model, [completions])
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)
 
     def error(self, request_id, message: str) -> dict:

@@ -25,9 +25,11 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true gives
 events, with "stream_options": {"include_usage": true} a last chunk with the usage), GET /v1/models,
 GET /health. Bodies are read as vLLM reads them (its extra fields top_k, min_p, stop_token_ids,
 ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
-max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Logprobs name
-tokens by their text with --tokenizer (the model's directory, or 'demo'), else "token_id:N", as
-vLLM's --return-tokens-as-token-ids names them.
+max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Completions take
+several prompts in one body, echo (with max_tokens 0: the prompt alone) and vLLM's prompt_logprobs,
+as lm-evaluation-harness's local-completions scoring sends them. Logprobs name tokens by their text
+with --tokenizer (the model's directory, or 'demo'; echo of token-id prompts needs it), else
+"token_id:N", as vLLM's --return-tokens-as-token-ids names them.
 With an API key (--api-key or $SPLITSERVE_API_KEY: the router's), /v1/ paths want
 "Authorization: Bearer KEY".
 """
@@ -42,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the model name requests give and responses report "
                    "(default: the router's)")
     p.add_argument("--tokenizer", metavar="MODEL", help="the model's directory (HF or Orbax) or 'demo', for "
-                   "its tokenizer: logprobs then name tokens by their text (without it: \"token_id:N\")")
+                   "its tokenizer: logprobs then name tokens by their text (without it: \"token_id:N\"), and "
+                   "echo can show prompts given as token ids")
     p.add_argument("--shutdown-timeout-s", type=float, default=60.0,
                    help="on SIGTERM/SIGINT, how long requests in flight get to finish (default 60)")
     p.add_argument("--wait-s", type=float, default=60.0,

@@ -7,19 +7,21 @@ Bodies are read as vLLM reads them: its extra sampling fields (top_k, min_p, sto
 ignore_eos, repetition_penalty, ...) are taken, null is absent, `max_completion_tokens` wins over
 `max_tokens`, completions' `logprobs` is a number and chat's a boolean with `top_logprobs`.
 Absent fields take splitserve's defaults (max_tokens 16, greedy), as the batch runner's.
+Completions take several prompts in one body (choice i * n + j is prompt i's sequence j) and
+`echo` (each choice's text and logprobs begin with its prompt's; with max_tokens 0 only the prompt's,
+the one token generated left out), as vLLM and lm-evaluation-harness's scoring use them.
 Responses carry vLLM's `stop_reason` in each choice (the stop string or stop token id that ended
 it, else null) and `usage` in tokens.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import time
 import uuid
 
-from splitserve.runtime.logprobs import TokenLogprobs
+from splitserve.runtime.openai_logprobs import ChoiceLogprobs, TokenText, joined, prompt_logprobs_json
 from splitserve.runtime.request import Completion
 from splitserve.runtime.request_fields import (SAMPLING_FIELDS, chat_messages, is_int, reject_unknown,
                                                sampling_params, text_field)
@@ -30,24 +32,39 @@ URLS = (COMPLETIONS, CHAT)
 # Fields that change nothing here (bookkeeping of OpenAI's platform), taken and ignored as vLLM does.
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 # Features not served here, taken only at the value that leaves them off (clients send those).
-OFF_VALUES = {"echo": (False,), "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},),
+OFF_VALUES = {"best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},),
               "tools": ([],), "tool_choice": ("none",)}
+CHAT_OFF_VALUES = {"echo": (False,)}  # chat's echo (of the last message) is not served; completions' is
 BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "stream", "stream_options",
-               "top_logprobs") + SAMPLING_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
+               "top_logprobs", "echo") + SAMPLING_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
+MAX_PROMPTS = 1024  # prompts in one completions body: a bound on what one body holds
+
+Prompt = str | tuple[int, ...]  # a text, or token ids
 
 
 @dataclasses.dataclass(frozen=True)
 class OpenAIRequest:
-    """One request body, read. Exactly one of prompt / prompt_token_ids / messages is set."""
+    """One request body, read: completions have `prompts`, chat has `messages`."""
 
     chat: bool
     params: SamplingParams
-    prompt: str | None = None
-    prompt_token_ids: tuple[int, ...] | None = None
+    prompts: tuple[Prompt, ...] = ()
     messages: tuple[dict[str, str], ...] | None = None
     model: str | None = None  # the model the body names, if it names one
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    echo: bool = False  # completions: each choice's text (and logprobs) begin with its prompt's
+    echo_only: bool = False  # echo with max_tokens 0: the one token generated is left out, as vLLM does
+
+    @property
+    def prompt(self) -> str | None:
+        """A one-prompt body's text prompt (None for token ids, chat, or several prompts)."""
+        return self.prompts[0] if len(self.prompts) == 1 and isinstance(self.prompts[0], str) else None
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...] | None:
+        """A one-prompt body's token ids (None for a text, chat, or several prompts)."""
+        return self.prompts[0] if len(self.prompts) == 1 and isinstance(self.prompts[0], tuple) else None
 
 
 def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
@@ -60,7 +77,7 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     reject_unknown(body, BODY_FIELDS, where)
     chat = url == CHAT
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
-    for key, off in OFF_VALUES.items():  # by type too: true is not 1, nor 0 false
+    for key, off in {**OFF_VALUES, **(CHAT_OFF_VALUES if chat else {})}.items():  # by type: true is not 1
         if key in fields and not any(type(fields[key]) is type(v) and fields[key] == v for v in off):
             raise ValueError(f"{where}{key} {json.dumps(fields[key])[:60]} is not supported (only "
                              f"{' or '.join(json.dumps(v) for v in off)}, or leaving it out)")
@@ -74,7 +91,9 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     if "max_completion_tokens" in fields:  # the newer name wins, as in vLLM's chat path
         fields["max_tokens"] = fields["max_completion_tokens"]
     _logprobs_as_vllm_reads_them(fields, chat, where)
-    prompt = token_ids = messages = None
+    echo, echo_only = _echo(fields, chat, where)
+    _prompt_logprobs_as_vllm_reads_them(fields, stream, echo, where)
+    prompts, messages = (), None
     if chat:
         if "prompt" in fields:
             raise ValueError(f"{CHAT} takes {where}messages, not {where}prompt")
@@ -86,8 +105,36 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
             raise ValueError(f"{COMPLETIONS} takes {where}prompt, not {where}messages ({CHAT} takes those)")
         if "prompt" not in fields:
             raise ValueError(f"missing {where}prompt")
-        prompt, token_ids = _completion_prompt(fields["prompt"], where)
-    return OpenAIRequest(chat, sampling_params(fields), prompt, token_ids, messages, model, stream, include_usage)
+        prompts = _completion_prompts(fields["prompt"], where)
+    return OpenAIRequest(chat, sampling_params(fields), prompts, messages, model, stream, include_usage, echo,
+                         echo_only)
+
+
+def _echo(fields: dict, chat: bool, where: str) -> tuple[bool, bool]:
+    """(echo, echo only): completions' echo, and max_tokens 0 with it, read as one token that is not
+    shown (vLLM's "echo without generation")."""
+    echo = fields.pop("echo", False)
+    if not isinstance(echo, bool):  # chat's was checked against CHAT_OFF_VALUES
+        raise ValueError(f"{where}echo must be a boolean, got {json.dumps(echo)}")
+    if chat or not echo:
+        return False, False
+    if fields.get("max_tokens") == 0 and is_int(fields["max_tokens"]):
+        fields["max_tokens"] = 1
+        return True, True
+    return True, False
+
+
+def _prompt_logprobs_as_vllm_reads_them(fields: dict, stream: bool, echo: bool, where: str) -> None:
+    """vLLM's prompt_logprobs go in non-streamed answers only (refused with stream, but for 0, which
+    no stream shows). echo with logprobs needs them, for the prompt's tokens: as many top tokens as
+    prompt_logprobs says, else as logprobs says."""
+    asked = fields.get("prompt_logprobs")
+    if stream and is_int(asked) and asked != 0:
+        raise ValueError(f"{where}prompt_logprobs are not available when {where}stream is true")
+    if echo and fields.get("logprobs") is not None:
+        fields.setdefault("prompt_logprobs", fields["logprobs"])
+    elif stream and asked == 0 and is_int(asked):
+        del fields["prompt_logprobs"]  # not shown, so not made
 
 
 def _include_usage(options, stream: bool, where: str) -> bool:
@@ -110,19 +157,32 @@ def _include_usage(options, stream: bool, where: str) -> bool:
     return bool(value)  # null: none, as vLLM reads it
 
 
-def _completion_prompt(prompt, where: str) -> tuple[str | None, tuple[int, ...] | None]:
-    """(text, None) or (None, token ids): one prompt, as a string, token ids, or a list of one of them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and not is_int(prompt[0]):  # ["text"] or [[ids]]
-        prompt = prompt[0]
+def _completion_prompts(prompt, where: str) -> tuple[Prompt, ...]:
+    """A string, token ids, or a list of strings or of token-id lists (several prompts)."""
     if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
-        if bad := [t for t in prompt if not 0 <= t <= INT32_MAX]:
-            raise ValueError(f"prompt token ids must be in [0, {INT32_MAX}], got {bad[0]}")
-        return None, tuple(prompt)
-    if isinstance(prompt, list):
-        raise ValueError(f"{where}prompt must be one prompt (a string or token ids), got a list of {len(prompt)}")
-    text = text_field({f"{where}prompt": prompt}, f"{where}prompt")
+        return (_token_ids(prompt, f"{where}prompt"),)
+    if not isinstance(prompt, list):
+        return (_text_prompt(prompt, f"{where}prompt"),)
+    if not prompt:
+        raise ValueError(f"{where}prompt must not be an empty list")
+    if len(prompt) > MAX_PROMPTS:
+        raise ValueError(f"{where}prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} go in one body")
+    return tuple(_token_ids(p, f"{where}prompt[{i}]") if isinstance(p, list) else _text_prompt(p, f"{where}prompt[{i}]")
+                 for i, p in enumerate(prompt))
+
+
+def _token_ids(ids: list, where: str) -> tuple[int, ...]:
+    if not ids or not all(is_int(t) for t in ids):
+        raise ValueError(f"{where} must be a string or a non-empty list of token ids, got {json.dumps(ids)[:80]}")
+    if bad := [t for t in ids if not 0 <= t <= INT32_MAX]:
+        raise ValueError(f"{where}: token ids must be in [0, {INT32_MAX}], got {bad[0]}")
+    return tuple(ids)
+
+
+def _text_prompt(text, where: str) -> str:
+    text = text_field({where: text}, where)
     check_text(text, "the prompt")
-    return text, None
+    return text
 
 
 def _logprobs_as_vllm_reads_them(fields: dict, chat: bool, where: str) -> None:
@@ -153,93 +213,53 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-class TokenText:
-    """The bytes of a token, for logprobs: by the model's tokenizer, or "token_id:N" without one, as
-    vLLM's --return-tokens-as-token-ids names them."""
-
-    def __init__(self, tokenizer=None):
-        self._tokenizer = tokenizer
-
-    def bytes(self, token_id: int) -> bytes:
-        if self._tokenizer is None:
-            return f"token_id:{token_id}".encode()
-        return self._tokenizer.token_bytes(token_id)
+def echo_text(prompt: Prompt, prompt_ids: list[int] | tuple[int, ...], token_text: TokenText) -> str:
+    """What echo shows of a prompt: a text as sent; token ids as the router read them, decoded."""
+    return prompt if isinstance(prompt, str) else token_text.prompt(tuple(prompt_ids))
 
 
-def _finite(logprob: float) -> float:
-    """-inf and NaN are not JSON: vLLM's floor, -9999.0."""
-    return logprob if logprob >= -9999.0 else -9999.0
-
-
-class ChoiceLogprobs:
-    """One choice's "logprobs" in OpenAI's shapes, built part by part as its tokens come.
-
-    Completions: {"text_offset", "token_logprobs", "tokens", "top_logprobs": [{token: logprob}]},
-    each top dict holding the sampled token too, as vLLM's. Chat: {"content": [{"token", "logprob",
-    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}.
-
-    A token's text is its bytes decoded after the choice's earlier tokens: a token that ends inside
-    a UTF-8 character has the text "" and the token that completes the character carries all of it
-    (as vLLM corrects them), so the texts join into the choice's text and offsets add up. "bytes"
-    are the token's own. A top token's text is read at the same point as the sampled one's.
-    """
-
-    def __init__(self, chat: bool, text: TokenText):
-        self.chat, self.text = chat, text
-        self.offset = 0  # completions: the next token's character offset in the choice's text
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def part(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
-        entries = []
-        for token, lp in zip(token_ids, logprobs):
-            top = [(self._read(t), _finite(v), self.text.bytes(t)) for t, v in lp.top]
-            raw = self.text.bytes(token)
-            entries.append(((self._utf8.decode(raw), _finite(lp.logprob), raw), top))
-        if self.chat:
-            return {"content": [dict(_chat_entry(*sampled), top_logprobs=[_chat_entry(*t) for t in top])
-                                for sampled, top in entries]}
-        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-        for (text, logprob, _), top in entries:
-            ranked: dict[str, float] = {}
-            for alt_text, alt_logprob, _ in top:  # most likely first: a text two tokens share keeps the likelier
-                ranked.setdefault(alt_text, alt_logprob)
-            ranked.setdefault(text, logprob)
-            for key, value in (("text_offset", self.offset), ("token_logprobs", logprob), ("tokens", text),
-                               ("top_logprobs", ranked)):
-                out[key].append(value)
-            self.offset += len(text)
-        return out
-
-    def _read(self, token: int) -> str:
-        """A top token's text where the next token stands, leaving the choice's decoder as it is."""
-        reader = codecs.getincrementaldecoder("utf-8")("replace")
-        reader.setstate(self._utf8.getstate())
-        return reader.decode(self.text.bytes(token))
-
-
-def _chat_entry(text: str, logprob: float, raw: bytes) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-
-def completion_body(chat: bool, model: str, completions: list[Completion], token_text: TokenText | None = None
-                    ) -> dict:
-    """A text completion or chat completion: one choice per completion, in index order; logprobs
-    where the request asked for them, tokens named by `token_text`."""
+def completion_body(chat: bool, model: str, groups: list[list[Completion]], token_text: TokenText | None = None,
+                    echo_texts: list[str] | None = None, echo_only: bool = False) -> dict:
+    """A text completion or chat completion. `groups`: each prompt's completions (its n), in index
+    order; choice i * n + j is prompt i's sequence j, as vLLM numbers them. Logprobs where the request
+    asked for them, tokens named by `token_text`; `echo_texts`: each prompt's text, when it echoes."""
+    text = token_text or TokenText()
     choices = []
-    for index, completion in enumerate(completions):
-        logprobs = None
-        if completion.logprobs is not None:
-            logprobs = ChoiceLogprobs(chat, token_text or TokenText()).part(completion.token_ids, completion.logprobs)
-        choice = {"index": index, "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                  "stop_reason": completion.stop_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": completion.text}
-        else:
-            choice["text"] = completion.text
-        choices.append(choice)
-    return {"id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
+    for i, group in enumerate(groups):
+        for completion in group:
+            echo = None if echo_texts is None else echo_texts[i]
+            choices.append(_choice(len(choices), completion, chat, text, echo, echo_only))
+    body = {"id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage(len(completions[0].prompt_token_ids), sum(len(c.token_ids) for c in completions))}
+            "usage": usage(sum(len(g[0].prompt_token_ids) for g in groups),
+                           sum(len(c.token_ids) for g in groups for c in g))}
+    first = groups[0][0]
+    if chat and first.prompt_logprobs is not None:  # vLLM's chat has them once, beside the choices
+        body["prompt_logprobs"] = prompt_logprobs_json(first.prompt_token_ids, first.prompt_logprobs, text)
+    return body
+
+
+def _choice(index: int, completion: Completion, chat: bool, text: TokenText, echo: str | None,
+            echo_only: bool) -> dict:
+    logprobs = None
+    if completion.logprobs is not None:
+        choice_logprobs, parts = ChoiceLogprobs(chat, text), []
+        if echo is not None:
+            parts.append(choice_logprobs.prompt_part(completion.prompt_token_ids, completion.prompt_logprobs or []))
+        if not echo_only:
+            parts.append(choice_logprobs.part(completion.token_ids, completion.logprobs))
+        logprobs = joined(parts)
+    choice = {"index": index, "logprobs": logprobs, "finish_reason": completion.finish_reason,
+              "stop_reason": completion.stop_reason}
+    shown = "" if echo_only else completion.text
+    if chat:
+        choice["message"] = {"role": "assistant", "content": shown}
+    else:
+        choice["text"] = shown if echo is None else echo + shown
+        if completion.prompt_logprobs is not None:  # vLLM's completions have them in each choice
+            choice["prompt_logprobs"] = prompt_logprobs_json(completion.prompt_token_ids, completion.prompt_logprobs,
+                                                             text)
+    return choice
 
 
 class StreamChunks:

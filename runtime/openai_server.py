@@ -3,11 +3,13 @@
     POST /v1/completions, POST /v1/chat/completions   (streamed as server-sent events with "stream")
     GET  /v1/models, GET /health
 
-Bodies are read by runtime/openai_api.py (as vLLM reads them). Each request is one Generate
-call through the async SDK, n sequences included, so the router's validation, admission and
-errors apply unchanged; a gRPC error becomes the HTTP status a client of vLLM's server would get,
-with OpenAI's error body. A client that goes away cancels its request on the router: `runner()`
-has aiohttp cancel the handler (not its default), and leaving the SDK's stream cancels the call.
+Bodies are read by runtime/openai_api.py (as vLLM reads them). Each prompt of a request is one
+Generate call through the async SDK, n sequences included, so the router's validation, admission
+and errors apply unchanged; a body with several prompts runs their calls at once (at most
+openai_stream.WINDOW sequences at a time) and the first error answers it. A gRPC error becomes
+the HTTP status a client of vLLM's server would get, with OpenAI's error body. A client that goes
+away cancels its request on the router: `runner()` has aiohttp cancel the handler (not its
+default), and leaving the SDK's stream cancels the call.
 
 With an API key, /v1/ paths want `Authorization: Bearer KEY` (the same key the router wants).
 """
@@ -17,14 +19,16 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
 
-from splitserve.runtime import openai_api
+from splitserve.runtime import openai_api, openai_logprobs
 from splitserve.runtime.client import AsyncClient, sampling_kwargs
-from splitserve.runtime.client_types import ModelInfo, SequencesBuilder, SplitserveError
+from splitserve.runtime.client_types import Chunk, ModelInfo, SequencesBuilder, SplitserveError
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
+from splitserve.runtime.openai_stream import ChoiceCounts, StreamedChoices, merged
 
 HTTP_STATUS = {  # gRPC code -> HTTP status, as a client of vLLM's OpenAI server sees them
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -63,7 +67,7 @@ class OpenAIServer:
         """`tokenizer`: the model's (models/tokenizer.py), to name tokens in logprobs by their text;
         without one they are "token_id:N"."""
         self.client, self.model = client, model
-        self.token_text = openai_api.TokenText(tokenizer)
+        self.token_text = openai_logprobs.TokenText(tokenizer)
         self.name = served_name or model.name
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._created = int(time.time())
@@ -128,77 +132,75 @@ class OpenAIServer:
         if parsed.model is not None and parsed.model != self.name:
             return error_response(404, f"The model `{parsed.model}` does not exist (this server serves "
                                        f"`{self.name}`).")
-        if parsed.params.prompt_logprobs is not None:
-            return error_response(400, "prompt_logprobs are not served over the OpenAI API yet: use the gRPC API "
-                                       "or the SDK for them")
-        stream = self.client.stream(parsed.prompt, token_ids=parsed.prompt_token_ids, messages=parsed.messages,
-                                    **sampling_kwargs(parsed.params))
+        if parsed.echo and not self.token_text.has_tokenizer and any(isinstance(p, tuple) for p in parsed.prompts):
+            return error_response(400, "echo of a prompt given as token ids needs the model's tokenizer "
+                                       "(openai-server --tokenizer MODEL) to turn them into text")
+        kwargs = sampling_kwargs(parsed.params)
+        if parsed.chat:
+            streams = [self.client.stream(messages=parsed.messages, **kwargs)]
+        else:
+            streams = [self.client.stream(p, **kwargs) if isinstance(p, str) else
+                       self.client.stream(None, token_ids=p, **kwargs) for p in parsed.prompts]
+        chunks = merged(streams, parsed.params.n)
         try:
             if parsed.stream:
-                return await self._stream(request, parsed, stream)
-            return await self._complete(parsed, stream)
+                return await self._stream(request, parsed, chunks)
+            return await self._complete(parsed, chunks)
         finally:
-            await stream.aclose()  # cancels the call on the router if it has not ended
+            await chunks.aclose()
+            for stream in streams:
+                await stream.aclose()  # cancels the call on the router if it has not ended
 
-    async def _complete(self, parsed: openai_api.OpenAIRequest, stream) -> web.Response:
-        builder = SequencesBuilder(time.perf_counter(), parsed.params.n, False)
-        ended: set[int] = set()
+    async def _complete(self, parsed: openai_api.OpenAIRequest, chunks: AsyncIterator[tuple[int, Chunk]]
+                        ) -> web.Response:
+        prompts = max(len(parsed.prompts), 1)  # chat: one "prompt", its messages
+        counts = ChoiceCounts(prompts, parsed.params.n)
+        builders = [SequencesBuilder(time.perf_counter(), parsed.params.n, parsed.params.prompt_logprobs is not None)
+                    for _ in range(prompts)]
         try:
-            async for chunk in stream:
-                builder.add(chunk, time.perf_counter())
-                if chunk.finish_reason is not None:
-                    ended.add(chunk.index)
+            async for prompt, chunk in chunks:
+                builders[prompt].add(chunk, time.perf_counter())
+                counts.add(prompt, chunk)
         except SplitserveError as e:
             return error_response(HTTP_STATUS.get(e.code, 500), e.message)
-        if len(ended) < parsed.params.n:
+        if not counts.all_ended():
             return error_response(500, NO_ANSWER)
-        completions = builder.build(time.perf_counter())
-        return web.json_response(openai_api.completion_body(parsed.chat, self.name, completions, self.token_text))
+        groups = [b.build(time.perf_counter()) for b in builders]
+        echo_texts = [openai_api.echo_text(p, g[0].prompt_token_ids, self.token_text)
+                      for p, g in zip(parsed.prompts, groups)] if parsed.echo else None
+        return web.json_response(openai_api.completion_body(parsed.chat, self.name, groups, self.token_text,
+                                                            echo_texts, parsed.echo_only))
 
-    async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest, stream) -> web.StreamResponse:
-        chunks = openai_api.StreamChunks(parsed.chat, self.name, parsed.include_usage)
+    async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest,
+                      chunks: AsyncIterator[tuple[int, Chunk]]) -> web.StreamResponse:
+        out = openai_api.StreamChunks(parsed.chat, self.name, parsed.include_usage)
         try:  # the router refuses a bad request before its first token: that is still an HTTP error
-            first = await anext(stream)
+            item = await anext(chunks)
         except SplitserveError as e:
             return error_response(HTTP_STATUS.get(e.code, 500), e.message)
         except StopAsyncIteration:
             return error_response(500, NO_ANSWER)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        started: set[int] = set()
-        ended: set[int] = set()
-        logprobs: dict[int, openai_api.ChoiceLogprobs] = {}  # by choice, when the request asked
-        prompt_tokens, completion_tokens = len(first.prompt_token_ids), 0
-        chunk = first
+        choices = StreamedChoices(parsed, self.token_text)
         try:
             while True:
-                completion_tokens += len(chunk.token_ids)
-                part = None
-                if chunk.logprobs is not None:  # every token's logprobs go out, text or not
-                    choice_logprobs = logprobs.setdefault(chunk.index,
-                                                          openai_api.ChoiceLogprobs(parsed.chat, self.token_text))
-                    part = choice_logprobs.part(chunk.token_ids, chunk.logprobs)
-                if chunk.text or chunk.finish_reason is not None or chunk.index not in started or part:
-                    await response.write(_sse(chunks.choice(chunk.index, chunk.text, chunk.finish_reason,
-                                                            chunk.stop_reason, first=chunk.index not in started,
-                                                            logprobs=part)))
-                    started.add(chunk.index)
-                if chunk.finish_reason is not None:
-                    ended.add(chunk.index)
+                if (choice := choices.choice(*item)) is not None:
+                    await response.write(_sse(out.choice(**choice)))
                 try:
-                    chunk = await anext(stream)
+                    item = await anext(chunks)
                 except StopAsyncIteration:
                     break
-            if len(ended) < parsed.params.n:  # the call ended before every choice did: not a success
+            if not choices.counts.all_ended():  # the call ended before every choice did: not a success
                 await self._write_quietly(response, _sse(_error_body(500, NO_ANSWER)), _sse("[DONE]"))
                 return response
-        except SplitserveError as e:  # after the first token: the status is sent; tell it in the stream
+        except SplitserveError as e:  # after the first chunk: the status is sent; tell it in the stream
             await self._write_quietly(response, _sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)),
                                       _sse("[DONE]"))
             return response
         except ConnectionResetError:  # the client went away between two chunks; the caller cancels the call
             return response
-        usage = [_sse(chunks.usage(prompt_tokens, completion_tokens))] if parsed.include_usage else []
+        usage = [_sse(out.usage(*choices.counts.usage()))] if parsed.include_usage else []
         await self._write_quietly(response, *usage, _sse("[DONE]"))
         return response
 
@@ -211,3 +213,4 @@ class OpenAIServer:
             await response.write_eof()
         except ConnectionResetError:
             pass
+

@@ -185,6 +185,10 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 17}}', "n must be in \\[1, 16\\]"),
     ('{"id": "a", "prompt": "x", "logprobs": true}', "logprobs must be an integer"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": ["x", [5, 6]]}}',
+     "body.prompt holds 2 prompts: a batch line takes one"),
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "echo": true}}',
+     "body.echo is served by openai-server"),
     ('[1, 2]', "expected a JSON object"),
     # Lone surrogates are valid JSON escapes but not text: no tokenizer or protobuf takes them.
     ('{"id": "a", "prompt": "hi \\ud83d"}', "the prompt is not valid Unicode text"),
@@ -360,6 +364,7 @@ def check_against_reference(out: dict, cases, reference) -> None:
             for got_lp, want_lp in zip(got.get(key, []), wanted or []):
                 assert got_lp["logprob"] == pytest.approx(want_lp.logprob, abs=1e-4)
                 assert [t for t, _ in got_lp["top"]] == [t for t, _ in want_lp.top]
+                assert got_lp.get("rank") == want_lp.rank and (want_lp.rank is None) == (key == "logprobs")
 
 
 def test_in_process_mixed_file(tmp_path, model, reference):

@@ -248,3 +248,93 @@ def test_token_bytes_of_a_sentencepiece_style_tokenizer():
     ids = tok.encode("hello world é").ids
     assert "<0xC3>" in [tok.id_to_token(i) for i in ids]
     assert b"".join(Tokenizer(tok).token_bytes(i) for i in ids) == " hello world é".encode()
+
+
+class PerPromptRouter:
+    """Each prompt's stream follows its own script: Chunks, exceptions, and "hold" (the call waits until
+    cancelled). Records which prompts' calls ended, and how."""
+
+    def __init__(self, scripts: dict):
+        self.scripts, self.ended = scripts, {}
+
+    async def stream(self, prompt=None, *, token_ids=None, messages=None, **sampling):
+        how = "finished"
+        try:
+            for item in self.scripts[prompt]:
+                if item == "hold":
+                    await asyncio.sleep(60)
+                elif isinstance(item, Exception):
+                    how = "failed"
+                    raise item
+                else:
+                    yield item
+        except (GeneratorExit, asyncio.CancelledError):
+            how = "cancelled"
+            raise
+        finally:
+            self.ended[prompt] = how
+
+
+def test_one_prompt_failing_fails_the_body_and_cancels_the_other_prompts_calls():
+    """Several prompts run as concurrent calls: the first error answers the whole body (an HTTP status
+    before any chunk went out, else an error event), and the calls still running are cancelled."""
+    busy = SplitserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the router admits at most 2 requests")
+    for stream in (False, True):
+        router = PerPromptRouter({"a": [chunk("Hel", 5, prompt=(1, 7)), "hold"], "b": ["hold"],
+                                  "c": [chunk("x", 8, prompt=(1,)), busy]})
+        (status, reply), = run(None, [lambda b: post(b, "/v1/completions", {"prompt": ["a", "b", "c"],
+                                                                            "stream": stream})], router=router)
+        assert router.ended == {"a": "cancelled", "b": "cancelled", "c": "failed"}
+        if not stream:
+            assert status == 429 and "admits at most 2" in reply["error"]["message"]
+        else:  # the status went out with the first chunk: the stream says it, then ends
+            assert status == 200 and reply[-1] == "[DONE]"
+            assert json.loads(reply[-2])["error"]["code"] == 429
+            assert {json.loads(e)["choices"][0]["index"] for e in reply[:-2]} <= {0, 2}
+
+
+def test_echo_of_token_ids_needs_a_tokenizer_and_a_text_prompt_is_echoed_as_sent():
+    router = PerPromptRouter({None: ANSWER, "x y": ANSWER})
+    (status, reply), (ok, body) = run(None, [
+        lambda b: post(b, "/v1/completions", {"prompt": [1, 7], "echo": True}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x y", "echo": True})], router=router)
+    assert status == 400 and "needs the model's tokenizer" in reply["error"]["message"]
+    assert ok == 200 and body["choices"][0]["text"] == "x yHello"
+
+
+def test_echo_of_a_one_token_prompt_streamed_and_not():
+    """A one-token prompt has no prompt logprobs (its message carries none): echo shows its text with a
+    null logprob and top dict; with max_tokens 0 the token made is left out of text and logprobs but
+    counted in the usage, streamed or not."""
+    from splitserve.models.demo import ensure_demo_model
+    from splitserve.models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.maybe_load(ensure_demo_model())
+    bos = tokenizer.decode([1], skip_special_tokens=False)
+    script = [Chunk([5], "x", "length", [1], logprobs=[TokenLogprobs(-0.5, ((5, -0.5),))])]
+    body = {"prompt": [1], "echo": True, "max_tokens": 0, "logprobs": 1}
+    (status, plain), (_, events), (_, generated) = run(script, [
+        lambda b: post(b, "/v1/completions", body),
+        lambda b: post(b, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True})),
+        lambda b: post(b, "/v1/completions", dict(body, max_tokens=1))], tokenizer=tokenizer)
+    alone = {"text_offset": [0], "token_logprobs": [None], "tokens": [bos], "top_logprobs": [None]}
+    choice = plain["choices"][0]
+    assert status == 200 and choice["text"] == bos and choice["logprobs"] == alone
+    assert choice["prompt_logprobs"] == [None] and plain["usage"]["completion_tokens"] == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["text"] == bos and chunks[0]["choices"][0]["logprobs"] == alone
+    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    x = tokenizer.token_bytes(5).decode()
+    assert generated["choices"][0]["text"] == bos + "x" and generated["choices"][0]["logprobs"] == {
+        "text_offset": [0, len(bos)], "token_logprobs": [None, -0.5], "tokens": [bos, x],
+        "top_logprobs": [None, {x: -0.5}]}
+
+
+def test_prompt_logprobs_json_puts_the_prompt_token_first_and_keeps_its_top_rank():
+    from splitserve.runtime.openai_logprobs import TokenText, prompt_logprobs_json
+
+    entries = [TokenLogprobs(-1.0, ((7, -0.5), (5, -1.0)), rank=2), TokenLogprobs(-9.0, ((7, -0.1),), rank=40)]
+    got = prompt_logprobs_json((3, 5, 6), entries, TokenText())
+    assert got[0] is None and list(got[1]) == ["5", "7"] and list(got[2]) == ["6", "7"]
+    assert got[1]["5"] == {"logprob": -1.0, "rank": 2, "decoded_token": "token_id:5"}
+    assert got[2]["6"]["rank"] == 40 and got[2]["7"] == {"logprob": -0.1, "rank": 1, "decoded_token": "token_id:7"}

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -179,11 +180,145 @@ def test_logprobs_equal_the_sdks_with_tokens_named_as_transformers_decodes_them(
         [(text(t), v) for t, v in lp.top] for lp in chat_want.logprobs]
 
 
+def test_several_prompts_in_one_body_are_numbered_as_vllm_numbers_them(oai, sdk):
+    """Choice i * n + j is prompt i's sequence j; the usage counts each prompt once; streamed, the
+    choices' chunks interleave and add up to the same texts."""
+    ids = sdk.generate("In the morning", max_tokens=1).prompt_token_ids
+    prompts = [PROMPT, ids, "The sea was"]
+    params = dict(max_tokens=6, temperature=1.0, seed=3)
+    want = [sdk.generate_n(p, n=2, ignore_eos=True, **params) if isinstance(p, str) else
+            sdk.generate_n(token_ids=p, n=2, ignore_eos=True, **params) for p in prompts]
+    texts = [c.text for group in want for c in group]
+    assert len(set(texts)) > 3, "seeded samples of three prompts should differ"
+    got = oai.completions.create(model="demo", prompt=prompts, n=2, extra_body={"ignore_eos": True}, **params)
+    assert [c.index for c in got.choices] == list(range(6)) and [c.text for c in got.choices] == texts
+    assert got.usage.prompt_tokens == sum(len(g[0].prompt_token_ids) for g in want)
+    assert got.usage.completion_tokens == 36
+    streamed = ["" for _ in range(6)]
+    chunks = list(oai.completions.create(model="demo", prompt=prompts, n=2, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                         **params))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == texts and chunks[-1].usage == got.usage
+    assert sum(c.choices[0].finish_reason == "length" for c in chunks if c.choices) == 6
+
+
+def transformers_log_softmax(ids: list[int]):
+    """Each position's log-softmax over the vocabulary, by transformers' own model of the demo checkpoint."""
+    import torch
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(ensure_demo_model(), dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1).numpy()
+
+
+def test_scoring_as_lm_evaluation_harness_sends_it(oai, sdk):
+    """lm-evaluation-harness's local-completions loglikelihood: token-id prompts in one body, echo,
+    max_tokens 1, logprobs 1; it sums token_logprobs[ctxlen:-1] and calls the continuation greedy when
+    each of those is the largest in its top dict. Both equal transformers' log-softmax of the prompt."""
+    context = sdk.generate("Once upon a time there", max_tokens=1).prompt_token_ids
+    bodies = [context + [296, 261, 436], context + [710]]  # two continuations of one context
+    got = oai.completions.create(model="demo", prompt=bodies, echo=True, max_tokens=1, logprobs=1, temperature=0,
+                                 seed=1234)
+    assert [c.index for c in got.choices] == [0, 1]
+    for ids, choice in zip(bodies, sorted(got.choices, key=lambda c: c.index)):
+        want = transformers_log_softmax(ids)
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(ids) + 1  # the prompt's tokens, then the one generated
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        score = sum(logprobs.token_logprobs[len(context):-1])
+        expected = sum(want[t - 1, ids[t]] for t in range(len(context), len(ids)))
+        assert abs(score - expected) < 1e-3, (score, expected)
+        greedy = all(lp == max(top.values()) for lp, top in zip(logprobs.token_logprobs[len(context):-1],
+                                                                 logprobs.top_logprobs[len(context):-1]))
+        assert greedy == all(want[t - 1].argmax() == ids[t] for t in range(len(context), len(ids)))
+        generated = sdk.generate(token_ids=ids, max_tokens=1)
+        assert choice.text == sdk_text(ids) + generated.text  # echo: the prompt's text, then the answer's
+
+
+def sdk_text(ids: list[int]) -> str:
+    """A token-id prompt as text, special tokens kept (they were sent), by transformers' tokenizer."""
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+
+    return transformers.AutoTokenizer.from_pretrained(ensure_demo_model()).decode(ids, skip_special_tokens=False)
+
+
+def test_echo_without_generation_and_streamed_echo(oai, sdk):
+    """max_tokens 0 with echo: the prompt alone, its tokens' logprobs alone (the token made is counted
+    in the usage, as vLLM counts it). Streamed echo: each choice's first chunk begins with its prompt."""
+    only = oai.completions.create(model="demo", prompt=[PROMPT, "The sea"], echo=True, max_tokens=0, logprobs=0)
+    for prompt, choice in zip([PROMPT, "The sea"], only.choices):
+        ids = sdk.generate(prompt, max_tokens=1).prompt_token_ids
+        assert choice.text == prompt and len(choice.logprobs.tokens) == len(ids)
+        want = transformers_log_softmax(ids)
+        assert np.allclose(choice.logprobs.token_logprobs[1:], [want[t - 1, ids[t]] for t in range(1, len(ids))],
+                           atol=1e-4)
+        assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])  # logprobs 0: the token's own
+    assert only.usage.completion_tokens == 2
+    want = sdk.generate(PROMPT, max_tokens=5, ignore_eos=True)
+    whole = oai.completions.create(model="demo", prompt=PROMPT, echo=True, max_tokens=5, logprobs=2,
+                                   extra_body={"ignore_eos": True}).choices[0]
+    assert whole.text == PROMPT + want.text
+    chunks = list(oai.completions.create(model="demo", prompt=PROMPT, echo=True, max_tokens=5, logprobs=2,
+                                         stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text.startswith(PROMPT) and "".join(c.choices[0].text for c in chunks) == whole.text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(c.choices[0].logprobs, key) for c in chunks), []) == getattr(whole.logprobs, key)
+    # Several prompts, n sequences each: every choice's first chunk carries its own prompt (the router
+    # sends a call's prompt ids once)
+    body = dict(model="demo", prompt=[PROMPT, "The sea"], n=2, echo=True, max_tokens=3, logprobs=1, seed=2,
+                temperature=1.0, extra_body={"ignore_eos": True})
+    whole = oai.completions.create(**body)
+    texts, logprobs = ["" for _ in range(4)], [[] for _ in range(4)]
+    for chunk in oai.completions.create(stream=True, **body):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            logprobs[choice.index] += list(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs))
+    assert texts == [c.text for c in whole.choices]
+    assert [c.text[:len(PROMPT)] for c in whole.choices[:2]] == [PROMPT] * 2
+    for streamed, choice in zip(logprobs, whole.choices):  # decode steps batched differently: float noise
+        assert [t for t, _ in streamed] == choice.logprobs.tokens and streamed[0][1] is None and len(streamed) > 3
+        assert np.allclose([v for _, v in streamed[1:]], choice.logprobs.token_logprobs[1:], atol=1e-4)
+
+
+def test_prompt_logprobs_in_answers_as_vllm_shapes_them(oai, sdk):
+    """vLLM's extra field: [null, {"id": {"logprob", "rank", "decoded_token"}}, ...], the prompt token
+    first with its rank in the vocabulary, then the N most likely; in each completions choice, once
+    beside a chat's choices. The values are transformers'."""
+    got = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=2, n=2, temperature=1.0, seed=1,
+                                 extra_body={"prompt_logprobs": 2})
+    ids = sdk.generate(PROMPT, max_tokens=1).prompt_token_ids
+    want = transformers_log_softmax(ids)
+    entries = got.choices[0].model_extra["prompt_logprobs"]
+    assert entries == got.choices[1].model_extra["prompt_logprobs"] and entries[0] is None
+    assert len(entries) == len(ids)
+    for t, position in enumerate(entries[1:], 1):
+        keys = list(position)
+        assert keys[0] == str(ids[t]) and len(keys) in (2, 3)
+        token = position[keys[0]]
+        assert abs(token["logprob"] - want[t - 1, ids[t]]) < 1e-4
+        near = want[t - 1, ids[t]]  # ties within float32's error may count either way
+        assert 1 + np.sum(want[t - 1] > near + 1e-4) <= token["rank"] <= np.sum(want[t - 1] >= near - 1e-4)
+        top = [int(k) for k in keys if position[k]["rank"] <= 2 and (k != keys[0] or len(keys) == 2)]
+        assert sorted(top, key=lambda k: position[str(k)]["rank"]) == np.argsort(-want[t - 1])[:2].tolist()
+        assert all(isinstance(v["decoded_token"], str) for v in position.values())
+    chat = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, extra_body={"prompt_logprobs": 1})
+    assert chat.model_extra["prompt_logprobs"][0] is None and "prompt_logprobs" not in chat.choices[0].model_extra
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
 def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
     cases = [
         (dict(max_tokens=-1), openai.BadRequestError, "max_tokens"),
         (dict(max_tokens=4, extra_body={"no_such_field": 1}), openai.BadRequestError, "no_such_field"),
-        (dict(max_tokens=4, extra_body={"prompt_logprobs": 1}), openai.BadRequestError, "prompt_logprobs"),
+        (dict(max_tokens=4, extra_body={"prompt_logprobs": 21}), openai.BadRequestError, "prompt_logprobs"),
         (dict(max_tokens=4, stream_options={"include_usage": True}), openai.BadRequestError, "stream_options"),
         (dict(max_tokens=100_000), openai.BadRequestError, "context"),  # the router's own check
     ]
@@ -308,20 +443,43 @@ def test_bodies_are_read_as_vllm_reads_them():
                                                            "stream_options": {"include_usage": off}}).include_usage
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "messages": None, "best_of": 1,
                                                           "metadata": {"a": "b"}}).prompt == "x"
+    several = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": ["a", [4, 5], "b"]})
+    assert several.prompts == ("a", (4, 5), "b") and several.prompt is None and several.prompt_token_ids is None
+    # echo with max_tokens 0: one token made and not shown; with logprobs, the prompt's come as many
+    scoring = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]], "echo": True, "max_tokens": 0,
+                                                             "logprobs": 1})
+    assert scoring.echo and scoring.echo_only and scoring.params.max_tokens == 1
+    assert scoring.params.prompt_logprobs == 1 and scoring.params.logprobs == 1
+    echo = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 2,
+                                                          "prompt_logprobs": 0})
+    assert echo.echo and not echo.echo_only and echo.params.prompt_logprobs == 0  # asked for: as asked
+    plain = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "echo": False, "max_tokens": 3})
+    assert not plain.echo and plain.params.prompt_logprobs is None
+    # prompt_logprobs 0 with stream: taken and not made (vLLM's streams never show them)
+    assert openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True,
+                                                   "prompt_logprobs": 0}).params.prompt_logprobs is None
     for url, body, message in [
         (openai_api.COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, "only for streamed"),
         (openai_api.COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
         (openai_api.COMPLETIONS, {"messages": CHAT}, "takes prompt, not messages"),
-        (openai_api.COMPLETIONS, {"prompt": ["a", "b"]}, "one prompt"),
+        (openai_api.COMPLETIONS, {"prompt": []}, "prompt must not be an empty list"),
+        (openai_api.COMPLETIONS, {"prompt": ["a", []]}, "prompt[1] must be a string or a non-empty list of token"),
+        (openai_api.COMPLETIONS, {"prompt": ["a"] * 1025}, "at most 1024 go in one body"),
+        (openai_api.COMPLETIONS, {"prompt": [[1, -2]]}, "prompt[0]: token ids must be in"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens must be >= 1"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "stream": True, "prompt_logprobs": 1},
+         "prompt_logprobs are not available when stream is true"),
+        (openai_api.CHAT, {"messages": CHAT, "echo": True}, "echo true is not supported"),
         (openai_api.COMPLETIONS, {"prompt": "x", "top_logprobs": 2}, "top_logprobs is a /v1/chat"),
         (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
         (openai_api.CHAT, {}, "missing messages"),
         (openai_api.CHAT, {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
         (openai_api.COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of 2 is not supported"),
-        (openai_api.COMPLETIONS, {"prompt": "x", "echo": True}, "echo true is not supported"),
         (openai_api.COMPLETIONS, {"prompt": "x", "best_of": True}, "best_of true is not supported"),
-        (openai_api.COMPLETIONS, {"prompt": "x", "echo": 0}, "echo 0 is not supported"),
-        (openai_api.COMPLETIONS, {"prompt": [True]}, "prompt must be a string, got true"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "echo": 0}, "echo must be a boolean, got 0"),
+        (openai_api.CHAT, {"messages": CHAT, "echo": 0}, "echo 0 is not supported"),
+        (openai_api.COMPLETIONS, {"prompt": [True]}, "prompt[0] must be a string, got true"),
+        (openai_api.COMPLETIONS, {"prompt": True}, "prompt must be a string, got true"),
         (openai_api.CHAT, {"messages": CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
          "continuous_usage_stats is not supported"),
         (openai_api.CHAT, [], "the body must be a JSON object"),
