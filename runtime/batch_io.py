@@ -43,6 +43,8 @@ class BatchRequest:
     prompt: str | None = None  # exactly one of prompt / prompt_token_ids / messages
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] | None = None  # a chat: {"role", "content"} each
+    echo: bool = False  # an OpenAI completions line's echo (runtime/openai_api.py)
+    echo_only: bool = False  # echo with max_tokens 0: the one token made is not shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,8 @@ def parse_line(text: str, line: int) -> BatchRequest:
     try:
         if openai:
             body = _openai_body(obj)
-            return BatchRequest(request_id, line, body.params, body.prompt, body.prompt_token_ids, body.messages)
+            return BatchRequest(request_id, line, body.params, body.prompt, body.prompt_token_ids, body.messages,
+                                body.echo, body.echo_only)
         reject_unknown(obj, NATIVE_FIELDS, "")
         prompt, token_ids = text_field(obj, "prompt"), token_ids_field(obj, "prompt_token_ids")
         messages = chat_messages(obj["messages"], "messages") if "messages" in obj else None
@@ -160,6 +163,4 @@ def _openai_body(obj: dict) -> openai_api.OpenAIRequest:
     if len(body.prompts) > 1:
         raise ValueError(f"body.prompt holds {len(body.prompts)} prompts: a batch line takes one (write a line "
                          "for each)")
-    if body.echo:
-        raise ValueError("body.echo is served by openai-server, not in batch lines")
     return body

@@ -11,11 +11,11 @@
 The OpenAI body is a text completion (`/v1/completions`, native prompt lines too) or a chat
 completion (a line with messages): one choice per completion (`n` of them; a native line holds
 one, so n > 1 gets an error line there), each with vLLM's "stop_reason" (the stop string or
-stop token id that ended it, else null; a native line has it only then), `usage` in tokens; a
-request that asks for logprobs gets an error line there (OpenAI's logprobs name tokens by their
-text, which a batch run against a router does not have), and its native line has them as
+stop token id that ended it, else null; a native line has it only then), `usage` in tokens,
+logprobs in OpenAI's shapes (runtime/openai_logprobs.py: tokens named by their text with a
+tokenizer, else "token_id:N"), echo as openai-server gives it. A native line has logprobs as
 [{"logprob", "top": [[token id, logprob], ...]}, ...] (prompt_logprobs likewise, one per prompt
-token after the first, each with its "rank" in the vocabulary; OpenAI lines refuse them too). Every line begins with
+token after the first, each with its "rank" in the vocabulary), and no echo. Every line begins with
 {"id": ...} so that a torn tail is recognised the same way (runtime/batch_io.py), and
 `input_id(record)` gives back the input line's id from either shape, and `recover_output` cuts a
 torn tail off an existing output file and returns the ids it holds, for resuming.
@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from splitserve.runtime import openai_api
+from splitserve.runtime.openai_logprobs import TokenText
 from splitserve.runtime.batch_io import BatchRequest
 from splitserve.runtime.request import Completion
 
@@ -41,6 +42,8 @@ class NativeOutput:
         """Why this output cannot hold the request's result (then it is not run), or None."""
         if request.params.n > 1:
             return "n > 1 is written with --output-format openai (one choice per completion)"
+        if request.echo:
+            return "echo is written with --output-format openai (a native line has no prompt text)"
         return None
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
@@ -61,19 +64,27 @@ class NativeOutput:
 
 
 class OpenAIOutput:
-    """`model`: the name the bodies report (the served model's)."""
+    """`model`: the name the bodies report (the served model's); `tokenizer`: the model's
+    (models/tokenizer.py), to name logprobs' tokens by their text and echo token-id prompts."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tokenizer=None):
         self.model = model
+        self.token_text = TokenText(tokenizer)
 
     def refuses(self, request: BatchRequest) -> str | None:
-        if request.params.logprobs is not None or request.params.prompt_logprobs is not None:
-            return "logprobs are written with --output-format native only (OpenAI's name tokens by their text)"
+        if request.echo and request.prompt is None and not self.token_text.has_tokenizer:
+            return ("echo of a prompt given as token ids needs the model's tokenizer (batch --tokenizer MODEL "
+                    "with --address)")
         return None
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
         """`completions`: the request's n, in index order: one choice each."""
-        body = openai_api.completion_body(request.messages is not None, self.model, [completions])
+        echo_texts = None
+        if request.echo:
+            prompt = request.prompt if request.prompt is not None else request.prompt_token_ids
+            echo_texts = [openai_api.echo_text(prompt, completions[0].prompt_token_ids, self.token_text)]
+        body = openai_api.completion_body(request.messages is not None, self.model, [completions], self.token_text,
+                                          echo_texts, request.echo_only)
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)
 
     def error(self, request_id, message: str) -> dict:

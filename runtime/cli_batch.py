@@ -43,7 +43,9 @@ input: match on id. Blank input lines are ignored.
 With --output-format openai the lines are the OpenAI Batch API's (as vLLM's run-batch writes
 them): {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": a text
 completion, or a chat completion for a chat line}, "error": null}, or status_code 400 and
-"error": the message; match on custom_id. A line asking for logprobs gets an error line there.
+"error": the message; match on custom_id. Logprobs there take OpenAI's shapes (tokens named by
+their text with the model's tokenizer: in-process its own, with --address --tokenizer MODEL, else
+"token_id:N"), and a completions body's "echo" is served as openai-server serves it.
 
 Resume: re-run with the same --output after a crash or Ctrl-C; ids already in the file are
 skipped and a torn last line is cut off first, so nothing is repeated and nothing lost.
@@ -60,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--address", help="HOST:PORT of a running router")
     add_router_client_flags(p)
     p.add_argument("--concurrency", type=int, help="requests in flight to the router (with --address; default 32)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="with --address and --output-format openai: the model's "
+                   "directory or 'demo', to name logprobs' tokens by their text (else \"token_id:N\") and echo "
+                   "prompts given as token ids (in-process: the model's own)")
     p.add_argument("--max-batch", type=positive_int, help="requests decoded together (in-process; default 16)")
     p.add_argument("--page-size", type=positive_int, help="KV cache page size in tokens (in-process; default 16)")
     p.add_argument("--num-pages", type=positive_int, help="KV cache pages (in-process; default 1024)")
@@ -98,10 +103,10 @@ def run(args) -> int:
     from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput
 
     try:
-        backend, close, model_name = _remote_backend(args) if args.address else _in_process_backend(args)
+        backend, close, model_name, tokenizer = _remote_backend(args) if args.address else _in_process_backend(args)
     except (OSError, ValueError) as e:  # a bad flag value, a model that does not load
         raise SystemExit(f"splitserve batch: {e}")
-    output = OpenAIOutput(model_name) if args.output_format == "openai" else NativeOutput()
+    output = OpenAIOutput(model_name, tokenizer) if args.output_format == "openai" else NativeOutput()
     try:
         stats = run_batch(args.input, args.output, backend, progress=not args.no_progress, output=output)
     except BatchAborted as e:
@@ -118,7 +123,7 @@ def run(args) -> int:
 
 
 def _in_process_backend(args):
-    given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key", "tls", "tls_ca")
+    given = [f"--{k.replace('_', '-')}" for k in ("concurrency", "api_key", "tls", "tls_ca", "tokenizer")
              if getattr(args, k) not in (None, False)]
     if given:
         raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --address")
@@ -139,7 +144,7 @@ def _in_process_backend(args):
     engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=args.num_pages,
                                                  max_batch=args.max_batch,
                                                  max_prefill_batch=min(8, args.max_batch)))
-    return InProcessBackend(engine), lambda: None, model.name
+    return InProcessBackend(engine), lambda: None, model.name, model.tokenizer
 
 
 def _remote_backend(args):
@@ -158,7 +163,17 @@ def _remote_backend(args):
     except SplitserveError as e:
         client.close()
         raise ValueError(f"cannot ask {args.address} for its model's name: {e}")
-    return RemoteBackend(client, 32 if args.concurrency is None else args.concurrency), client.close, model_name
+    tokenizer = None
+    if args.tokenizer:
+        from splitserve.models.metadata import resolve_model_dir
+        from splitserve.models.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.maybe_load(resolve_model_dir(args.tokenizer))
+        if tokenizer is None:
+            client.close()
+            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    backend = RemoteBackend(client, 32 if args.concurrency is None else args.concurrency)
+    return backend, client.close, model_name, tokenizer
 
 
 if __name__ == "__main__":

@@ -155,6 +155,14 @@ def test_a_line_that_is_not_utf8_is_an_error_of_its_own(tmp_path):
     assert items[0].id == "a"  # the BOM is not part of the first line
 
 
+def test_a_tokenizer_flag_is_for_address_mode(tmp_path):
+    from splitserve.runtime.cli_batch import main
+
+    src = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    with pytest.raises(SystemExit, match="--tokenizer applies only with --address"):  # in-process: the model's own
+        main(["--model", "demo", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--tokenizer", "demo"])
+
+
 def test_the_input_file_as_output_is_refused(tmp_path):
     class NeverRuns:
         def run(self, requests, recorder):
@@ -187,8 +195,6 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": ["x", [5, 6]]}}',
      "body.prompt holds 2 prompts: a batch line takes one"),
-    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "echo": true}}',
-     "body.echo is served by openai-server"),
     ('[1, 2]', "expected a JSON object"),
     # Lone surrogates are valid JSON escapes but not text: no tokenizer or protobuf takes them.
     ('{"id": "a", "prompt": "hi \\ud83d"}', "the prompt is not valid Unicode text"),
@@ -480,10 +486,16 @@ def test_address_mode_matches_in_process(tmp_path, cache, model, reference):
     for request_id, record in records.items():
         if "error" in record:
             assert openai[request_id]["error"] == record["error"]
-        elif "logprobs" in record or "prompt_logprobs" in record:
-            assert "--output-format native only" in openai[request_id]["error"]
         else:
-            assert openai[request_id]["response"]["body"]["model"] == served == "splitserve-demo-v2"
+            body = openai[request_id]["response"]["body"]
+            assert body["model"] == served == "splitserve-demo-v2"
+            if "logprobs" in record:  # OpenAI's shapes; without --tokenizer the tokens are named by id
+                shown = body["choices"][0]["logprobs"]
+                entries = shown.get("content") or [{"token": t, "logprob": v}
+                                                   for t, v in zip(shown["tokens"], shown["token_logprobs"])]
+                assert [e["token"] for e in entries] == [f"token_id:{t}" for t in record["token_ids"]]
+                assert [e["logprob"] for e in entries] == pytest.approx(  # two runs, batched apart
+                    [lp["logprob"] for lp in record["logprobs"]], abs=1e-5)
 
 
 class BusyRouter:
@@ -577,7 +589,8 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
     src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
     native, openai = tmp_path / "native.jsonl", tmp_path / "openai.jsonl"
     run_batch(src, native, InProcessBackend(batch_engine(model)), progress=False)
-    run_batch(src, openai, InProcessBackend(batch_engine(model)), progress=False, output=OpenAIOutput("demo"))
+    run_batch(src, openai, InProcessBackend(batch_engine(model)), progress=False,
+              output=OpenAIOutput("demo", model.tokenizer))
     want = read_output(native)
     lines = [json.loads(line) for line in openai.read_text().splitlines()]
     got = {line["custom_id"]: line for line in lines}
@@ -591,13 +604,19 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
         if "error" in expected:
             assert line["response"]["status_code"] == 400 and line["error"] == expected["error"]
             continue
-        if "logprobs" in expected or "prompt_logprobs" in expected:  # native lines carry them; OpenAI's name
-            # tokens by text, which we do not write
-            assert line["response"]["status_code"] == 400 and "--output-format native only" in line["error"]
-            continue
         assert line["error"] is None and line["response"]["status_code"] == 200
         body = line["response"]["body"]
         (choice,) = body["choices"]
+        if "logprobs" in expected:  # OpenAI's shapes, tokens named by the model's tokenizer
+            got_logprobs = choice["logprobs"]["content"] if request_id in chat_ids else choice["logprobs"]
+            values = ([e["logprob"] for e in got_logprobs] if request_id in chat_ids
+                      else got_logprobs["token_logprobs"])
+            assert values == pytest.approx([lp["logprob"] for lp in expected["logprobs"]], abs=1e-5)
+        if "prompt_logprobs" in expected:  # vLLM's shape: the prompt token first, with its rank
+            shown = choice["prompt_logprobs"]
+            assert shown[0] is None and len(shown) == expected["prompt_tokens"]
+            ranks = [next(iter(position.values()))["rank"] for position in shown[1:]]
+            assert ranks == [e["rank"] for e in expected["prompt_logprobs"]]
         assert body["model"] == "demo" and choice["finish_reason"] == expected["finish_reason"]
         assert choice["stop_reason"] == expected.get("stop_reason")  # vLLM's: null unless a stop string or id
         if request_id in chat_ids:
@@ -615,3 +634,37 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
     assert stats.skipped == 5 and stats.done + stats.errors == len(cases) - 5
     resumed = [json.loads(line)["custom_id"] for line in openai.read_text().splitlines()]
     assert sorted(map(str, resumed)) == sorted(map(str, want))
+
+
+def test_echo_lines_show_the_prompt_before_the_answer_as_openai_server_does(tmp_path, model):
+    """OpenAI completions lines with echo: the text begins with the prompt (token ids as the tokenizer
+    decodes them), logprobs begin with the prompt's (the first null); max_tokens 0 shows the prompt
+    alone. The values equal a native line's logprobs and prompt_logprobs for the same request. A
+    native line cannot hold an echo: an error line."""
+    from splitserve.runtime.batch_output import OpenAIOutput
+
+    ids = model.tokenizer.encode("The sea was")
+    bodies = {"text": {"prompt": "Once upon a time", "echo": True, "max_tokens": 3, "logprobs": 1, "ignore_eos": True},
+              "ids": {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 2}}
+    lines = [{"custom_id": k, "url": "/v1/completions", "body": b} for k, b in bodies.items()]
+    natives = [{"id": k, "prompt_token_ids": model.tokenizer.encode(b["prompt"]) if k == "text" else ids,
+                "max_tokens": max(b["max_tokens"], 1), "logprobs": b["logprobs"], "prompt_logprobs": b["logprobs"],
+                "ignore_eos": True} for k, b in bodies.items()]
+    src, native_src = write_lines(tmp_path / "in.jsonl", lines), write_lines(tmp_path / "n.jsonl", natives)
+    out, native_out, refused = tmp_path / "out.jsonl", tmp_path / "native.jsonl", tmp_path / "refused.jsonl"
+    run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False,
+              output=OpenAIOutput("demo", model.tokenizer))
+    run_batch(native_src, native_out, InProcessBackend(batch_engine(model)), progress=False)
+    run_batch(src, refused, InProcessBackend(batch_engine(model)), progress=False)
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, out.read_text().splitlines())}
+    want = read_output(native_out)
+    assert got["text"]["text"] == "Once upon a time" + want["text"]["text"]
+    assert got["ids"]["text"] == model.tokenizer.decode(ids, skip_special_tokens=False)  # max_tokens 0: the prompt
+    for key, only_prompt in (("text", False), ("ids", True)):
+        logprobs = got[key]["logprobs"]
+        expected = [lp["logprob"] for lp in want[key]["prompt_logprobs"]]
+        if not only_prompt:
+            expected += [lp["logprob"] for lp in want[key]["logprobs"]]
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+    assert all("echo is written with --output-format openai" in r["error"] for r in read_output(refused).values())
