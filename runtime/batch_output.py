@@ -30,8 +30,8 @@ import uuid
 from pathlib import Path
 
 from splitserve.runtime import openai_api
-from splitserve.runtime.openai_logprobs import TokenText
 from splitserve.runtime.batch_io import BatchRequest
+from splitserve.runtime.openai_logprobs import TokenText
 from splitserve.runtime.request import Completion
 
 FORMATS = ("native", "openai")
@@ -73,8 +73,8 @@ class OpenAIOutput:
 
     def refuses(self, request: BatchRequest) -> str | None:
         if request.echo and request.prompt is None and not self.token_text.has_tokenizer:
-            return ("echo of a prompt given as token ids needs the model's tokenizer (batch --tokenizer MODEL "
-                    "with --address)")
+            return ("echo of a prompt given as token ids needs the model's tokenizer (a tokenizer.json in the "
+                    "model's directory; with --address, --tokenizer MODEL)")
         return None
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:

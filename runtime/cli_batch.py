@@ -157,21 +157,20 @@ def _remote_backend(args):
 
     from splitserve.runtime.client import SplitserveError
 
+    tokenizer = None
+    if args.tokenizer:
+        if args.output_format != "openai":
+            raise ValueError("--tokenizer names tokens in --output-format openai lines; native lines name them "
+                             "by id")
+        from splitserve.models.metadata import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
     client = Client(args.address, **client_options(args))
     try:
         model_name = client.model_info().name if args.output_format == "openai" else ""
     except SplitserveError as e:
         client.close()
         raise ValueError(f"cannot ask {args.address} for its model's name: {e}")
-    tokenizer = None
-    if args.tokenizer:
-        from splitserve.models.metadata import resolve_model_dir
-        from splitserve.models.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.maybe_load(resolve_model_dir(args.tokenizer))
-        if tokenizer is None:
-            client.close()
-            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     backend = RemoteBackend(client, 32 if args.concurrency is None else args.concurrency)
     return backend, client.close, model_name, tokenizer
 

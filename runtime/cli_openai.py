@@ -70,16 +70,11 @@ async def _serve(args) -> int:
 
     from aiohttp import web
 
-    from splitserve.models.metadata import resolve_model_dir
-    from splitserve.models.tokenizer import Tokenizer
+    from splitserve.models.metadata import load_tokenizer
     from splitserve.runtime.client import AsyncClient
     from splitserve.runtime.openai_server import OpenAIServer
 
-    tokenizer = None
-    if args.tokenizer:
-        tokenizer = Tokenizer.maybe_load(resolve_model_dir(args.tokenizer))
-        if tokenizer is None:
-            raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     options = client_options(args)
     client = AsyncClient(args.address, **options)
     try:

@@ -119,6 +119,9 @@ def _echo(fields: dict, chat: bool, where: str) -> tuple[bool, bool]:
     if chat or not echo:
         return False, False
     if fields.get("max_tokens") == 0 and is_int(fields["max_tokens"]):
+        if fields.get("min_tokens"):
+            raise ValueError(f"{where}min_tokens {json.dumps(fields['min_tokens'])} with {where}echo and "
+                             f"{where}max_tokens 0: no token is generated to count")
         fields["max_tokens"] = 1
         return True, True
     return True, False
@@ -167,6 +170,8 @@ def _completion_prompts(prompt, where: str) -> tuple[Prompt, ...]:
         raise ValueError(f"{where}prompt must not be an empty list")
     if len(prompt) > MAX_PROMPTS:
         raise ValueError(f"{where}prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} go in one body")
+    if len({isinstance(p, list) for p in prompt}) > 1:  # as vLLM's schema: one kind or the other
+        raise ValueError(f"{where}prompt must be a list of strings or a list of token-id lists, not both")
     return tuple(_token_ids(p, f"{where}prompt[{i}]") if isinstance(p, list) else _text_prompt(p, f"{where}prompt[{i}]")
                  for i, p in enumerate(prompt))
 

@@ -166,10 +166,14 @@ class OpenAIServer:
         if not counts.all_ended():
             return error_response(500, NO_ANSWER)
         groups = [b.build(time.perf_counter()) for b in builders]
-        echo_texts = [openai_api.echo_text(p, g[0].prompt_token_ids, self.token_text)
-                      for p, g in zip(parsed.prompts, groups)] if parsed.echo else None
-        return web.json_response(openai_api.completion_body(parsed.chat, self.name, groups, self.token_text,
-                                                            echo_texts, parsed.echo_only))
+        try:
+            echo_texts = [openai_api.echo_text(p, g[0].prompt_token_ids, self.token_text)
+                          for p, g in zip(parsed.prompts, groups)] if parsed.echo else None
+            body = openai_api.completion_body(parsed.chat, self.name, groups, self.token_text, echo_texts,
+                                              parsed.echo_only)
+        except ValueError as e:  # an answer that does not add up (prompt logprobs short of the prompt)
+            return error_response(500, f"the answer could not be put together: {e}")
+        return web.json_response(body)
 
     async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest,
                       chunks: AsyncIterator[tuple[int, Chunk]]) -> web.StreamResponse:
@@ -198,6 +202,10 @@ class OpenAIServer:
             await self._write_quietly(response, _sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)),
                                       _sse("[DONE]"))
             return response
+        except ValueError as e:  # an answer that does not add up (prompt logprobs short of the prompt)
+            await self._write_quietly(response, _sse(_error_body(500, f"the answer could not be put together: {e}")),
+                                      _sse("[DONE]"))
+            return response
         except ConnectionResetError:  # the client went away between two chunks; the caller cancels the call
             return response
         usage = [_sse(out.usage(*choices.counts.usage()))] if parsed.include_usage else []
@@ -213,4 +221,3 @@ class OpenAIServer:
             await response.write_eof()
         except ConnectionResetError:
             pass
-

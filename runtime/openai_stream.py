@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
+
 from splitserve.runtime import openai_api, openai_logprobs
-from splitserve.runtime.client_types import Chunk
+from splitserve.runtime.client_types import Chunk, SplitserveError
 from splitserve.runtime.logprobs import TokenLogprobs
 
 WINDOW = 64  # sequences of one body in flight at once
@@ -32,12 +34,18 @@ async def merged(streams: list[AsyncIterator[Chunk]], n: int = 1) -> AsyncIterat
     window = asyncio.Semaphore(max(1, WINDOW // n))  # an SDK stream starts its call when first read
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))  # readers wait for a slow client
     ended = object()
+    closing = False
 
     async def read(place: int, stream: AsyncIterator[Chunk]) -> None:
         async with window:
             try:
                 async for chunk in stream:
                     await queue.put((place, chunk, None))
+            except asyncio.CancelledError:
+                if closing:  # this generator is being closed: the reader just stops
+                    raise
+                # The call was cancelled under the stream (its channel closed): an error, not a silent end
+                await queue.put((place, None, SplitserveError(grpc.StatusCode.CANCELLED, "the call was cancelled")))
             except Exception as e:  # noqa: BLE001 - the caller hears it, whatever it is
                 await queue.put((place, None, e))
             else:
@@ -55,6 +63,7 @@ async def merged(streams: list[AsyncIterator[Chunk]], n: int = 1) -> AsyncIterat
             else:
                 yield place, chunk
     finally:
+        closing = True
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -161,6 +161,11 @@ def test_a_tokenizer_flag_is_for_address_mode(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
     with pytest.raises(SystemExit, match="--tokenizer applies only with --address"):  # in-process: the model's own
         main(["--model", "demo", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--tokenizer", "demo"])
+    for tokenizer, error in (("demo", "native lines name them by id"), (str(tmp_path), "no tokenizer.json there"),
+                             (str(tmp_path / "nope"), "is not a directory")):
+        with pytest.raises(SystemExit, match=error):  # before any call to the (absent) router
+            main(["--address", "127.0.0.1:1", "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                  "--tokenizer", tokenizer, *(["--output-format", "openai"] if tokenizer != "demo" else [])])
 
 
 def test_the_input_file_as_output_is_refused(tmp_path):
@@ -193,7 +198,7 @@ def test_the_input_file_as_output_is_refused(tmp_path):
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 17}}', "n must be in \\[1, 16\\]"),
     ('{"id": "a", "prompt": "x", "logprobs": true}', "logprobs must be an integer"),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"max_tokens": 3}}', "missing body.prompt"),
-    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": ["x", [5, 6]]}}',
+    ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": ["x", "y"]}}',
      "body.prompt holds 2 prompts: a batch line takes one"),
     ('[1, 2]', "expected a JSON object"),
     # Lone surrogates are valid JSON escapes but not text: no tokenizer or protobuf takes them.
@@ -667,4 +672,8 @@ def test_echo_lines_show_the_prompt_before_the_answer_as_openai_server_does(tmp_
             expected += [lp["logprob"] for lp in want[key]["logprobs"]]
         assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
         assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
-    assert all("echo is written with --output-format openai" in r["error"] for r in read_output(refused).values())
+    refusals = read_output(refused)
+    assert len(refusals) == 2 and all("echo is written with --output-format openai" in r["error"]
+                                      for r in refusals.values())
+    assert "needs the model's tokenizer" in OpenAIOutput("demo").refuses(parse_line(json.dumps(lines[1]), 1))
+    assert OpenAIOutput("demo").refuses(parse_line(json.dumps(lines[0]), 1)) is None  # a text echoes as sent

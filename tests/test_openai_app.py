@@ -290,7 +290,7 @@ def test_one_prompt_failing_fails_the_body_and_cancels_the_other_prompts_calls()
         else:  # the status went out with the first chunk: the stream says it, then ends
             assert status == 200 and reply[-1] == "[DONE]"
             assert json.loads(reply[-2])["error"]["code"] == 429
-            assert {json.loads(e)["choices"][0]["index"] for e in reply[:-2]} <= {0, 2}
+            assert {json.loads(e)["choices"][0]["index"] for e in reply[:-2]} == {0, 2}
 
 
 def test_echo_of_token_ids_needs_a_tokenizer_and_a_text_prompt_is_echoed_as_sent():
@@ -338,3 +338,39 @@ def test_prompt_logprobs_json_puts_the_prompt_token_first_and_keeps_its_top_rank
     assert got[0] is None and list(got[1]) == ["5", "7"] and list(got[2]) == ["6", "7"]
     assert got[1]["5"] == {"logprob": -1.0, "rank": 2, "decoded_token": "token_id:5"}
     assert got[2]["6"]["rank"] == 40 and got[2]["7"] == {"logprob": -0.1, "rank": 1, "decoded_token": "token_id:7"}
+
+
+def test_merged_runs_at_most_a_window_of_sequences_and_a_call_cancelled_under_it_is_an_error():
+    """openai_stream.merged: a body's calls start as they are first read, at most WINDOW // n at a
+    time; a stream whose call is cancelled underneath (its channel closed) ends the merge with
+    CANCELLED instead of leaving it waiting."""
+    from splitserve.runtime import openai_stream
+
+    running, peak = 0, 0
+
+    async def call(i):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            for token in range(3):
+                await asyncio.sleep(0.001)
+                yield Chunk([token], "t", "length" if token == 2 else None, [1] if token == 0 else [])
+        finally:
+            running -= 1
+
+    async def cancelled_under_it():
+        yield Chunk([1], "a", None, [1])
+        raise asyncio.CancelledError  # what a grpc.aio call raises when its channel closes
+
+    async def main():
+        got = [place async for place, _ in openai_stream.merged([call(i) for i in range(200)], n=2)]
+        broken = openai_stream.merged([call(0), cancelled_under_it()])
+        with pytest.raises(SplitserveError) as e:
+            async for _ in broken:
+                pass
+        return got, e.value
+
+    got, error = asyncio.run(asyncio.wait_for(main(), 10))
+    assert sorted(got) == sorted(list(range(200)) * 3) and peak == openai_stream.WINDOW // 2
+    assert error.code is grpc.StatusCode.CANCELLED

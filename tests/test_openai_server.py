@@ -183,11 +183,9 @@ def test_logprobs_equal_the_sdks_with_tokens_named_as_transformers_decodes_them(
 def test_several_prompts_in_one_body_are_numbered_as_vllm_numbers_them(oai, sdk):
     """Choice i * n + j is prompt i's sequence j; the usage counts each prompt once; streamed, the
     choices' chunks interleave and add up to the same texts."""
-    ids = sdk.generate("In the morning", max_tokens=1).prompt_token_ids
-    prompts = [PROMPT, ids, "The sea was"]
+    prompts = [PROMPT, "In the morning", "The sea was"]
     params = dict(max_tokens=6, temperature=1.0, seed=3)
-    want = [sdk.generate_n(p, n=2, ignore_eos=True, **params) if isinstance(p, str) else
-            sdk.generate_n(token_ids=p, n=2, ignore_eos=True, **params) for p in prompts]
+    want = [sdk.generate_n(p, n=2, ignore_eos=True, **params) for p in prompts]
     texts = [c.text for group in want for c in group]
     assert len(set(texts)) > 3, "seeded samples of three prompts should differ"
     got = oai.completions.create(model="demo", prompt=prompts, n=2, extra_body={"ignore_eos": True}, **params)
@@ -269,8 +267,10 @@ def test_echo_without_generation_and_streamed_echo(oai, sdk):
     chunks = list(oai.completions.create(model="demo", prompt=PROMPT, echo=True, max_tokens=5, logprobs=2,
                                          stream=True, extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].text.startswith(PROMPT) and "".join(c.choices[0].text for c in chunks) == whole.text
-    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        assert sum((getattr(c.choices[0].logprobs, key) for c in chunks), []) == getattr(whole.logprobs, key)
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == whole.logprobs.tokens
+    assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == whole.logprobs.text_offset
+    streamed = sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])
+    assert streamed[0] is None and np.allclose(streamed[1:], whole.logprobs.token_logprobs[1:], atol=1e-4)
     # Several prompts, n sequences each: every choice's first chunk carries its own prompt (the router
     # sends a call's prompt ids once)
     body = dict(model="demo", prompt=[PROMPT, "The sea"], n=2, echo=True, max_tokens=3, logprobs=1, seed=2,
@@ -454,8 +454,9 @@ def test_bodies_are_read_as_vllm_reads_them():
                                                            "stream_options": {"include_usage": off}}).include_usage
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "messages": None, "best_of": 1,
                                                           "metadata": {"a": "b"}}).prompt == "x"
-    several = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": ["a", [4, 5], "b"]})
-    assert several.prompts == ("a", (4, 5), "b") and several.prompt is None and several.prompt_token_ids is None
+    several = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": ["a", "b"]})
+    assert several.prompts == ("a", "b") and several.prompt is None and several.prompt_token_ids is None
+    assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5], [6]]}).prompts == ((4, 5), (6,))
     # echo with max_tokens 0: one token made and not shown; with logprobs, the prompt's come as many
     scoring = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]], "echo": True, "max_tokens": 0,
                                                              "logprobs": 1})
@@ -474,7 +475,10 @@ def test_bodies_are_read_as_vllm_reads_them():
         (openai_api.COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream must be a boolean"),
         (openai_api.COMPLETIONS, {"messages": CHAT}, "takes prompt, not messages"),
         (openai_api.COMPLETIONS, {"prompt": []}, "prompt must not be an empty list"),
-        (openai_api.COMPLETIONS, {"prompt": ["a", []]}, "prompt[1] must be a string or a non-empty list of token"),
+        (openai_api.COMPLETIONS, {"prompt": [[1], []]}, "prompt[1] must be a string or a non-empty list of token"),
+        (openai_api.COMPLETIONS, {"prompt": ["a", [4, 5]]}, "a list of strings or a list of token-id lists, not both"),
+        (openai_api.COMPLETIONS, {"prompt": "x", "echo": True, "max_tokens": 0, "min_tokens": 2},
+         "no token is generated to count"),
         (openai_api.COMPLETIONS, {"prompt": ["a"] * 1025}, "at most 1024 go in one body"),
         (openai_api.COMPLETIONS, {"prompt": [[1, -2]]}, "prompt[0]: token ids must be in"),
         (openai_api.COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens must be >= 1"),
