@@ -23,6 +23,9 @@ Workloads (--dataset), every request sent with ignore_eos so it yields its outpu
   mixed     short chats plus a fraction (--mixed-long-fraction, default 0.1) of long prompts
             (default 7/8 of the model's context); reports the interference metric: TPOT of
             short requests decoding while a long prompt is being prefilled
+--base-url benchmarks an OpenAI-compatible server over HTTP instead (streamed /v1/completions with
+ignore_eos; output lengths from the usage, as vllm bench serve counts them), so the same workload
+can be run against splitserve's openai-server and another server.
 Arrivals: --request-rate R (req/s, Poisson; 'inf' = all at once; '1,2,4' = one run per rate),
 --burstiness B (gamma shape; 1 = Poisson, < 1 burstier), --max-concurrency N.
 
@@ -38,7 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--address", help="HOST:PORT of a running router to benchmark")
     where.add_argument("--compare", action="store_true",
                        help="launch a colocated and a disaggregated stack on the same devices and compare them")
-    p.add_argument("--model", default="demo", help="model the --compare stacks serve (default demo)")
+    where.add_argument("--base-url", help="an OpenAI-compatible server to benchmark over HTTP (splitserve "
+                       "openai-server, vLLM, SGLang), e.g. http://127.0.0.1:8000; --model names its checkpoint")
+    p.add_argument("--model", default="demo", help="model the --compare stacks serve; with --base-url the checkpoint "
+                   "the server serves, for its vocabulary, EOS ids and context (default demo)")
+    p.add_argument("--served-model-name", help="with --base-url: the model name requests give (default: the first "
+                   "of GET /v1/models); $OPENAI_API_KEY, if set, is sent as the bearer token")
     p.add_argument("--tokenizer", help="tokenizer for --dataset sharegpt: HF directory or 'demo' (default: --model)")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=["random", "sharegpt", "mixed"], default="random")
@@ -115,6 +123,8 @@ def run(args) -> int:
         raise SystemExit(f"splitserve bench: {e}")
     except SplitserveError as e:  # no router at --address
         raise SystemExit(f"splitserve bench: cannot reach {args.address or 'the launched stack'}: {e}")
+    except OSError as e:  # no server at --base-url
+        raise SystemExit(f"splitserve bench: cannot reach {args.base_url}: {e}")
 
 
 if __name__ == "__main__":

@@ -279,20 +279,37 @@ def test_bad_flags_are_one_line_errors():
         cli_bench.main(["--address", "127.0.0.1:1", "--goodput", "itl:5"])
     with pytest.raises(SystemExit, match="cannot reach 127.0.0.1:1: UNAVAILABLE"):
         cli_bench.main(["--address", "127.0.0.1:1"])
+    with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:1"):
+        cli_bench.main(["--base-url", "http://127.0.0.1:1"])
 
 
 def test_bench_against_a_launched_stack(tmp_path_factory):
-    """8 mixed requests at two rates through the real CLI entry point: JSON, table and plots."""
+    """8 mixed requests at two rates through the real CLI entry point: JSON, table and plots; the same
+    workload through the stack's OpenAI-compatible HTTP server (--base-url) gives the same counts."""
+    import re
+
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path_factory.mktemp("bench-cache"))
-    out = tmp_path_factory.mktemp("bench-out")
-    with launched("demo", "--page-size", "8", "--num-pages", "256", "--max-batch", "8") as stack:
-        code = cli_bench.main([
-            "--address", stack.address, "--dataset", "mixed", "--num-prompts", "8", "--mixed-long-fraction", "0.25",
-            "--mixed-short-input-len", "12", "--mixed-short-output-len", "6", "--mixed-long-input-len", "100",
-            "--mixed-long-output-len", "3", "--request-rate", "20,40", "--seed", "1", "--goodput", "ttft:60000",
-            "--result-json", str(out / "result.json"), "--plot-dir", str(out), "--disable-tqdm"])
-    assert code == 0
+    out, http_out = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("bench-http")
+    workload = ["--dataset", "mixed", "--num-prompts", "8", "--mixed-long-fraction", "0.25",
+                "--mixed-short-input-len", "12", "--mixed-short-output-len", "6", "--mixed-long-input-len", "100",
+                "--mixed-long-output-len", "3", "--request-rate", "20,40", "--seed", "1", "--goodput", "ttft:60000",
+                "--disable-tqdm"]
+    with launched("demo", "--page-size", "8", "--num-pages", "256", "--max-batch", "8", "--openai-port", "0") as stack:
+        code = cli_bench.main(["--address", stack.address, *workload, "--result-json", str(out / "result.json"),
+                               "--plot-dir", str(out)])
+        base_url = re.search(r"openai-server on (http://\S+)/v1", "".join(stack.lines)).group(1)
+        http_code = cli_bench.main(["--base-url", base_url, "--model", "demo", *workload,
+                                    "--result-json", str(http_out / "result.json")])
+    assert code == 0 and http_code == 0
+    http = json.loads((http_out / "result.json").read_text())
+    assert http["model_info"]["mode"] == "openai" and http["model_info"]["name"] == "splitserve-demo-v2"
     doc = json.loads((out / "result.json").read_text())
+    for run in http["runs"]:  # the usage's counts (a chunk may hold several tokens, or a part of a character)
+        assert run["metrics"]["completed"] == 8 and run["metrics"]["total_output_tokens"] == 2 * 3 + 6 * 6
+        for r in run["requests"]:
+            assert r["success"], r["error"]
+            assert r["output_tokens"] == r["output_len"] and r["prompt_len"] == (100 if r["kind"] == "long" else 12)
+            assert 1 <= len(r["chunk_s"]) <= r["output_len"] and 0 < r["ttft_ms"] <= r["e2el_ms"]
     assert doc["model_info"]["max_model_len"] == 2048 and len(doc["runs"]) == 2
     for run, rate in zip(doc["runs"], (20.0, 40.0)):
         assert run["request_rate"] == rate

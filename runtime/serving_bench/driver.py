@@ -1,4 +1,5 @@
-"""Sends a workload to a router through the SDK's AsyncClient and times every streamed chunk.
+"""Sends a workload to a router through the SDK's AsyncClient and times every streamed chunk
+(or, for an OpenAITarget, to an OpenAI-compatible server over HTTP: openai_driver.py).
 
 One asyncio task per request sleeps until its arrival offset, waits for a slot when
 --max-concurrency is set (as vLLM does, its timing starts once it has one), then streams
@@ -15,8 +16,10 @@ import time
 import numpy as np
 
 from splitserve.runtime.client import AsyncClient, Client, ModelInfo, SplitserveError
+from splitserve.runtime.serving_bench import openai_driver
 from splitserve.runtime.serving_bench.arrivals import arrival_offsets
 from splitserve.runtime.serving_bench.metrics import RequestRecord
+from splitserve.runtime.serving_bench.openai_driver import OpenAITarget
 from splitserve.runtime.serving_bench.workloads import BenchRequest
 
 
@@ -38,27 +41,35 @@ class RunResult:
     records: list[RequestRecord]
 
 
-def fetch_model_info(address: str, timeout_s: float = 30.0) -> ModelInfo:
-    with Client(address, timeout=timeout_s) as client:
+Target = str | OpenAITarget  # a router's HOST:PORT, or an OpenAI-compatible server
+
+
+def fetch_model_info(target: Target, timeout_s: float = 30.0) -> ModelInfo:
+    if isinstance(target, OpenAITarget):
+        return target.info
+    with Client(target, timeout=timeout_s) as client:
         return client.model_info()
 
 
-def run_workload(address: str, requests: list[BenchRequest], arrivals: Arrivals, *, seed: int,
+def run_workload(target: Target, requests: list[BenchRequest], arrivals: Arrivals, *, seed: int,
                  timeout_s: float | None = None, progress: bool = False) -> RunResult:
     offsets = arrival_offsets(len(requests), arrivals.request_rate, arrivals.burstiness, np.random.default_rng(seed))
-    return asyncio.run(_run(address, requests, offsets, arrivals, timeout_s, progress))
+    return asyncio.run(_run(target, requests, offsets, arrivals, timeout_s, progress))
 
 
-async def _run(address, requests, offsets, arrivals: Arrivals, timeout_s, progress) -> RunResult:
+async def _run(target: Target, requests, offsets, arrivals: Arrivals, timeout_s, progress) -> RunResult:
     from tqdm import tqdm
 
     records = [RequestRecord(i, r.kind, r.prompt_len, r.output_len, float(offsets[i])) for i, r in enumerate(requests)]
     limit = asyncio.Semaphore(arrivals.max_concurrency) if arrivals.max_concurrency else None
     bar = tqdm(total=len(requests), disable=not progress, unit="req", leave=False)
-    async with AsyncClient(address, timeout=timeout_s, max_retries=0) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(_one(client, req, rec, t0, limit, bar) for req, rec in zip(requests, records)))
-        duration = time.perf_counter() - t0
+    if isinstance(target, OpenAITarget):
+        duration = await openai_driver.run(target, requests, records, limit, timeout_s, bar)
+    else:
+        async with AsyncClient(target, timeout=timeout_s, max_retries=0) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(_one(client, req, rec, t0, limit, bar) for req, rec in zip(requests, records)))
+            duration = time.perf_counter() - t0
     bar.close()
     return RunResult(arrivals.request_rate, duration, records)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from splitserve.models.mesh_config import MeshConfig
+from splitserve.runtime.client import ModelInfo
 from splitserve.runtime.serving_bench.arrivals import parse_rates
 from splitserve.runtime.serving_bench.compare import CompareSpec, compare
 from splitserve.runtime.serving_bench.metrics import parse_goodput
+from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, served_model
 from splitserve.runtime.serving_bench.report import comparison_table, document, write_json
 from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
 from splitserve.runtime.serving_bench.workloads import MixedSpec, WorkloadSpec
@@ -36,6 +38,20 @@ def compare_spec(args) -> CompareSpec:
                        warmup=args.warmup)
 
 
+def openai_target(args) -> OpenAITarget:
+    """--base-url's server, with the facts of --model's checkpoint."""
+    import os
+
+    from splitserve.models.metadata import load_metadata
+
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    name = args.served_model_name or served_model(args.base_url, api_key)
+    cfg = load_metadata(args.model).config
+    info = ModelInfo(name, cfg.family, cfg.vocab_size, cfg.max_model_len, "", 0, list(cfg.eos_token_ids), [],
+                     "openai", False)
+    return OpenAITarget(args.base_url, name, info, api_key)
+
+
 def run_session(args) -> int:
     slos = parse_goodput(args.goodput)
     spec = sweep_spec(args)
@@ -44,7 +60,7 @@ def run_session(args) -> int:
         docs, info = compare(stacks, spec, slos)
         extra = dict(comparison=_print_comparisons(docs, spec.rates))
     else:
-        docs, info = sweep(args.address, spec, slos)
+        docs, info = sweep(openai_target(args) if args.base_url else args.address, spec, slos)
         extra = {}
     if args.result_json:
         write_json(args.result_json, document(docs, config=vars(args), model_info=info, extra=extra))

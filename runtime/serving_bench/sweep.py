@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from splitserve.runtime.client import ModelInfo
-from splitserve.runtime.serving_bench.driver import Arrivals, fetch_model_info, run_workload
+from splitserve.runtime.serving_bench.driver import Arrivals, Target, fetch_model_info, run_workload
 from splitserve.runtime.serving_bench.report import analyze, result_block
 from splitserve.runtime.serving_bench.workloads import WorkloadSpec, build_workload
 
@@ -25,9 +25,10 @@ class SweepSpec:
         return Arrivals(rate, self.burstiness, self.max_concurrency)
 
 
-def sweep(address: str, spec: SweepSpec, slos: dict[str, float], *, label: str = "",
+def sweep(address: Target, spec: SweepSpec, slos: dict[str, float], *, label: str = "",
           echo=print) -> tuple[list[dict], ModelInfo]:
-    """Returns one report.analyze document per rate, and the router's model info."""
+    """Returns one report.analyze document per rate, and the model info. `address`: a router's, or an
+    OpenAI-compatible server (driver.OpenAITarget)."""
     info = fetch_model_info(address)
     model = dict(vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len)
     requests = build_workload(spec.workload, seed=spec.seed, **model)
