@@ -31,7 +31,9 @@ as lm-evaluation-harness's local-completions scoring sends them. Logprobs name t
 with --tokenizer (the model's directory, or 'demo'; echo of token-id prompts needs it), else
 "token_id:N", as vLLM's --return-tokens-as-token-ids names them.
 With an API key (--api-key or $SPLITSERVE_API_KEY: the router's), /v1/ paths want
-"Authorization: Bearer KEY".
+"Authorization: Bearer KEY". HTTPS with --tls-cert/--tls-key; as every splitserve listener, it
+serves plain HTTP on loopback only unless --allow-insecure. --tls / --tls-ca are about the router:
+talk TLS to it, verified with the system's roots or that CA.
 """
 
 
@@ -50,6 +52,11 @@ def add_parser(sub) -> None:
                    help="on SIGTERM/SIGINT, how long requests in flight get to finish (default 60)")
     p.add_argument("--wait-s", type=float, default=60.0,
                    help="how long to wait for the router to answer at start (default 60)")
+    p.add_argument("--tls-cert", "--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate chain "
+                   "(vLLM's --ssl-certfile is taken too); any non-loopback --host needs it or --allow-insecure")
+    p.add_argument("--tls-key", "--ssl-keyfile", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--allow-insecure", action="store_true", help="serve plain HTTP on a non-loopback --host "
+                   "(API keys and prompts then cross the network readable)")
     add_router_client_flags(p)
     p.set_defaults(run=run)
 
@@ -73,7 +80,11 @@ async def _serve(args) -> int:
     from splitserve.models.metadata import load_tokenizer
     from splitserve.runtime.client import AsyncClient
     from splitserve.runtime.openai_server import OpenAIServer
+    from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address, server_ssl_context
 
+    serving_tls = TLSConfig(args.tls_cert, args.tls_key)  # HTTPS; --tls-ca is the router's CA, a client flag
+    check_files(serving_tls)
+    check_listen_address(args.host, serving_tls, args.allow_insecure)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     options = client_options(args)
     client = AsyncClient(args.address, **options)
@@ -86,10 +97,11 @@ async def _serve(args) -> int:
         runner = server.runner(args.shutdown_timeout_s)
         await runner.setup()
         sock = _listen(args.host, args.port)
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=server_ssl_context(serving_tls, require_client_cert=False)).start()
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        print(f"splitserve openai-server on http://{host}:{port}/v1 (model {server.name}, router {args.address})",
+        scheme = "https" if serving_tls.enabled else "http"
+        print(f"splitserve openai-server on {scheme}://{host}:{port}/v1 (model {server.name}, router {args.address})",
               flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,6 +34,7 @@ import sys
 from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
+from splitserve.runtime.console import print_line
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -88,9 +89,6 @@ class LaunchConfig:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.kv_transport not in ("socket", "grpc"):
             raise ValueError(f"kv_transport must be socket or grpc, got {self.kv_transport!r}")
-        if self.openai_port is not None and self.tls.enabled:
-            raise ValueError("--openai-port does not talk TLS to the router yet: run `splitserve openai-server "
-                             "--tls-ca CA` beside launch")
         if self.tls.enabled and not self.tls.mutual:
             raise ValueError(f"TLS needs --tls-ca too: the workers listen on {WORKER_HOST} and the router checks "
                              "them against that CA (so the certificate must also name 127.0.0.1)")
@@ -333,7 +331,7 @@ def _openai_server(config: LaunchConfig, router_address: str):
     has_tokenizer = (resolve_model_dir(config.model) / "tokenizer.json").exists()  # else logprobs say token_id:N
     server = OpenAIServerProcess(router_address, config.host, config.openai_port, config.api_key,
                                  config.served_model_name, tokenizer=config.model if has_tokenizer else None,
-                                 shutdown_timeout_s=config.drain_timeout_s)
+                                 shutdown_timeout_s=config.drain_timeout_s, tls=config.tls)
     try:
         server.start()
         try:
@@ -355,12 +353,12 @@ def run_launch(config: LaunchConfig) -> int:
 
         stop.before_exit = kill_all
         stop.serving()
-        print(f"splitserve ready on {router.address}", flush=True)
+        print_line(f"splitserve ready on {router.address}")
         if router.metrics_endpoint is not None:
             scheme = router.metrics_endpoint.url.split(":", 1)[0]
             workers = ", ".join(f"{s.role} {WORKER_HOST}:{s.port} {scheme}://{WORKER_HOST}:{s.metrics_port}/metrics"
                                 for s in launcher.specs)
-            print(f"splitserve metrics: router {router.metrics_endpoint.url}; {workers}", flush=True)
+            print_line(f"splitserve metrics: router {router.metrics_endpoint.url}; {workers}")
         while not stop.wait(0.5):
             try:
                 launcher.supervise()

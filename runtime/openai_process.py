@@ -14,19 +14,28 @@ import sys
 import threading
 
 from splitserve.runtime.auth import API_KEY_ENV
+from splitserve.runtime.console import print_line
 from splitserve.runtime.platform_setup import DIE_WITH_PARENT_ENV
+from splitserve.runtime.tls import TLSConfig, is_loopback
 
 START_TIMEOUT_S = 60.0
 
 
 class OpenAIServerProcess:
     def __init__(self, router_address: str, host: str, port: int, api_key: str | None = None,
-                 served_name: str | None = None, tokenizer: str | None = None, shutdown_timeout_s: float = 60.0):
+                 served_name: str | None = None, tokenizer: str | None = None, shutdown_timeout_s: float = 60.0,
+                 tls: TLSConfig = TLSConfig()):
         """`tokenizer`: the served model's path (or 'demo'), to name tokens in logprobs by their text;
-        `shutdown_timeout_s`: on SIGTERM, how long its requests in flight get (launch's drain timeout)."""
+        `shutdown_timeout_s`: on SIGTERM, how long its requests in flight get (launch's drain timeout);
+        `tls`: launch's: the server serves HTTPS with its certificate and checks the router against its CA
+        (launch's TLS is mutual, so the CA signed the router's certificate)."""
         self.cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
                     _local(router_address), "--host", host, "--port", str(port),
                     "--shutdown-timeout-s", str(shutdown_timeout_s)]
+        if tls.enabled:
+            self.cmd += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+        elif not is_loopback(host):  # launch took this host without TLS: it was given --allow-insecure
+            self.cmd += ["--allow-insecure"]
         if served_name:
             self.cmd += ["--served-model-name", served_name]
         if tokenizer:
@@ -52,18 +61,17 @@ class OpenAIServerProcess:
         read to its end whatever happens to launch's stdout: a child blocked on a full pipe stops serving."""
         for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace")
-            if self.url is None and (m := re.search(r"openai-server on (http://\S+)", line)):
+            if self.url is None and (m := re.search(r"openai-server on (https?://\S+)", line)):
                 self.url = m.group(1)
                 self._ready.set()
             try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                print_line(line)
             except (OSError, ValueError):  # launch's stdout closed: keep draining
                 pass
         self._ready.set()  # it exited
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
-        """Its base URL (http://HOST:PORT/v1) once it listens; RuntimeError if it exits or takes too long."""
+        """Its base URL (http[s]://HOST:PORT/v1) once it listens; RuntimeError if it exits or takes too long."""
         if not self._ready.wait(timeout_s):
             raise RuntimeError(f"the OpenAI server did not start within {timeout_s:.0f} s")
         if self.url is None:

@@ -432,6 +432,16 @@ def cmdline(pid: int) -> str:
         return f.read().decode()
 
 
+def test_plain_http_off_loopback_is_refused_as_for_every_listener():
+    """Before any call to the router: a non-loopback --host needs --tls-cert/--tls-key or --allow-insecure."""
+    cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address", "127.0.0.1:1", "--port", "0"]
+    refused = subprocess.run([*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "refusing to listen on 0.0.0.0 without TLS" in refused.stderr
+    missing = subprocess.run([*cmd, "--ssl-certfile", "/nonexistent.pem", "--ssl-keyfile", "/nonexistent.pem"],
+                             capture_output=True, text=True, timeout=60)  # vLLM's flag names, files checked first
+    assert missing.returncode == 1 and "TLS certificate" in missing.stderr
+
+
 def test_a_router_that_does_not_answer_is_said_at_start():
     out = subprocess.run([sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address",
                           "127.0.0.1:1", "--wait-s", "1"], capture_output=True, text=True, timeout=60)

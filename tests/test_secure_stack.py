@@ -1,5 +1,6 @@
 """A launched stack with everything on: TLS (mutual between router and workers), an API key, the
-internal token, DEBUG logs. Real processes on loopback; certificates made at test time."""
+internal token, DEBUG logs, and the OpenAI-compatible server over HTTPS. Real processes on
+loopback; certificates made at test time."""
 
 import asyncio
 import json
@@ -39,7 +40,8 @@ def stack(pki, tmp_path_factory):
     env = {"SPLITSERVE_CACHE": os.environ.get("SPLITSERVE_CACHE") or str(tmp_path_factory.mktemp("cache")),
            "SPLITSERVE_API_KEY": KEY, "SPLITSERVE_LOG_LEVEL": "DEBUG", "GRPC_VERBOSITY": "DEBUG"}
     with launched("demo", "--tls-cert", pki.cert, "--tls-key", pki.key, "--tls-ca", pki.ca,
-                  "--num-pages", "64", "--page-size", "8", env=env,
+                  "--num-pages", "64", "--page-size", "8", "--openai-port", "0", "--served-model-name", "demo",
+                  env=env,
                   credentials=grpc.ssl_channel_credentials(_read(pki.ca)),
                   metadata=[("authorization", f"Bearer {KEY}")]) as s:
         yield s
@@ -48,13 +50,18 @@ def stack(pki, tmp_path_factory):
 @pytest.fixture(scope="module")
 def internal_token(stack):
     """The token launch made, read from the workers' environment (where launch put it, not argv)."""
-    environs = [stack.worker_environ(pid) for pid in stack.worker_pids()]
+    environs = [stack.worker_environ(pid) for pid in workers(stack)]
     assert len(environs) == 2 and not any("SPLITSERVE_API_KEY" in env for env in environs)  # not the public key
     tokens = {env["SPLITSERVE_INTERNAL_TOKEN"] for env in environs}
     assert len(tokens) == 1  # one per run, shared by every worker
     token = tokens.pop()
     assert len(token) >= 32
     return token
+
+
+def workers(stack) -> list[int]:
+    """launch's model workers (not its openai-server child)."""
+    return [pid for pid in stack.worker_pids() if b"openai-server" not in _proc(pid, "cmdline")]
 
 
 def _proc(pid: int, name: str) -> bytes:
@@ -195,6 +202,35 @@ def test_the_kv_data_socket_takes_only_mutual_tls(stack, pki, internal_token):
             send(refused)
     assert send(client_ssl_context(TLSConfig(pki.cert, pki.key, pki.ca))) == 2 * sum(x.nbytes for x in layers)
     assert stub.Release(internal_pb2.ReleaseRequest(request_id="tls-kv"), timeout=10, metadata=token).released
+
+
+def test_the_openai_server_serves_https_with_the_key_and_checks_the_router_with_the_ca(stack, pki):
+    """launch --openai-port with TLS: the child serves HTTPS with launch's certificate, wants the API
+    key, reaches the router over TLS checked against --tls-ca, and has the key from its environment."""
+    import http.client
+    import re
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    url = re.search(r"openai-server on (https://\S+/v1)", "".join(stack.lines)).group(1)
+    ca_context = ssl.create_default_context(cafile=pki.ca)
+    with Client(stack.address, api_key=KEY, tls=pki.ca) as sdk:
+        want = sdk.generate("Once upon a time", max_tokens=6, ignore_eos=True)
+    with openai.OpenAI(base_url=url, api_key=KEY, max_retries=0,
+                       http_client=openai.DefaultHttpxClient(verify=ca_context)) as client:
+        got = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6,
+                                        extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text
+    with openai.OpenAI(base_url=url, api_key=WRONG_KEY, max_retries=0,
+                       http_client=openai.DefaultHttpxClient(verify=ca_context)) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.completions.create(model="demo", prompt="x", max_tokens=2)
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):  # no plain HTTP there
+        urllib.request.urlopen(url.replace("https://", "http://") + "/models", timeout=5)
+    child = next(pid for pid in stack.worker_pids() if b"openai-server" in _proc(pid, "cmdline"))
+    assert KEY.encode() not in _proc(child, "cmdline") and b"--tls-ca" in _proc(child, "cmdline")
 
 
 def test_no_secret_reaches_any_log(stack, pki, internal_token):
