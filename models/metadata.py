@@ -37,9 +37,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of a model directory (HF or Orbax) or 'demo', for a --tokenizer flag; ValueError
     naming the problem when there is none or it does not load."""
     try:
-        tokenizer = Tokenizer.maybe_load(resolve_model_dir(path))
+        model_dir = resolve_model_dir(path)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
+    try:
+        tokenizer = Tokenizer.maybe_load(model_dir)
     except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors: a corrupt tokenizer.json
         raise ValueError(f"{path}: tokenizer.json does not load: {e}") from None
     if tokenizer is None:

@@ -42,11 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--compare", action="store_true",
                        help="launch a colocated and a disaggregated stack on the same devices and compare them")
     where.add_argument("--base-url", help="an OpenAI-compatible server to benchmark over HTTP (splitserve "
-                       "openai-server, vLLM, SGLang), e.g. http://127.0.0.1:8000; --model names its checkpoint")
-    p.add_argument("--model", default="demo", help="model the --compare stacks serve; with --base-url the checkpoint "
-                   "the server serves, for its vocabulary, EOS ids and context (default demo)")
+                       "openai-server, vLLM, SGLang), e.g. http://127.0.0.1:8000; --model names its checkpoint; "
+                       "the key is $OPENAI_API_KEY or $SPLITSERVE_API_KEY; SSL_CERT_FILE=ca.pem for a private CA")
+    p.add_argument("--model", help="model the --compare stacks serve (default demo); with --base-url (required "
+                   "there) the checkpoint the server serves, for its vocabulary, EOS ids and context")
     p.add_argument("--served-model-name", help="with --base-url: the model name requests give (default: the first "
-                   "of GET /v1/models); $OPENAI_API_KEY, if set, is sent as the bearer token")
+                   "of GET /v1/models)")
     p.add_argument("--tokenizer", help="tokenizer for --dataset sharegpt: HF directory or 'demo' (default: --model)")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=["random", "sharegpt", "mixed"], default="random")
@@ -123,8 +124,6 @@ def run(args) -> int:
         raise SystemExit(f"splitserve bench: {e}")
     except SplitserveError as e:  # no router at --address
         raise SystemExit(f"splitserve bench: cannot reach {args.address or 'the launched stack'}: {e}")
-    except OSError as e:  # no server at --base-url
-        raise SystemExit(f"splitserve bench: cannot reach {args.base_url}: {e}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ async def _serve(args) -> int:
     from splitserve.models.metadata import load_tokenizer
     from splitserve.runtime.client import AsyncClient
     from splitserve.runtime.openai_server import OpenAIServer
-    from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address, server_ssl_context
+    from splitserve.runtime.tls import TLSConfig, check_files, check_listen_address, https_context
 
     serving_tls = TLSConfig(args.tls_cert, args.tls_key)  # HTTPS; --tls-ca is the router's CA, a client flag
     check_files(serving_tls)
@@ -97,7 +97,7 @@ async def _serve(args) -> int:
         runner = server.runner(args.shutdown_timeout_s)
         await runner.setup()
         sock = _listen(args.host, args.port)
-        await web.SockSite(runner, sock, ssl_context=server_ssl_context(serving_tls, require_client_cert=False)).start()
+        await web.SockSite(runner, sock, ssl_context=https_context(serving_tls)).start()
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
         scheme = "https" if serving_tls.enabled else "http"

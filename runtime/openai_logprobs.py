@@ -11,6 +11,10 @@ import codecs
 from splitserve.runtime.logprobs import TokenLogprobs
 
 
+class AnswerMismatch(ValueError):
+    """The router's answer does not add up (prompt logprobs short of the prompt): a server error."""
+
+
 class TokenText:
     """The bytes of a token, for logprobs: by the model's tokenizer, or "token_id:N" without one, as
     vLLM's --return-tokens-as-token-ids names them."""
@@ -89,7 +93,7 @@ class ChoiceLogprobs:
         if self.chat:
             raise ValueError("echo is a completions feature: chat has no prompt tokens in its logprobs")
         if len(entries) != max(len(prompt_ids) - 1, 0):
-            raise ValueError(f"{len(entries)} prompt logprobs for a prompt of {len(prompt_ids)} tokens: one is "
+            raise AnswerMismatch(f"{len(entries)} prompt logprobs for a prompt of {len(prompt_ids)} tokens: one is "
                              "wanted per token after the first")
         first = self.part(list(prompt_ids[:1]), [TokenLogprobs(0.0)])  # its text and offset
         first["token_logprobs"], first["top_logprobs"] = [None], [None]

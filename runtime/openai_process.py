@@ -57,8 +57,9 @@ class OpenAIServerProcess:
         self._forwarder.start()
 
     def _forward(self) -> None:
-        """Its output to launch's stdout; the line that says where it listens sets `url`. The pipe is
-        read to its end whatever happens to launch's stdout: a child blocked on a full pipe stops serving."""
+        """Its output to launch's stdout, whole lines (console.print_line); the line that says where it
+        listens sets `url`. Once launch's stdout is closed the pipe is still read to its end: a child
+        blocked on a full pipe stops serving. (A stdout that is open and never read blocks both.)"""
         for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace")
             if self.url is None and (m := re.search(r"openai-server on (https?://\S+)", line)):
@@ -105,6 +106,7 @@ class OpenAIServerProcess:
 
 
 def _local(address: str) -> str:
-    """The router's address as this host reaches it: a wildcard host means loopback."""
+    """The router's address as this host reaches it: a wildcard host, or localhost, means 127.0.0.1
+    (the name launch's certificate must carry; another loopback address is dialled as bound)."""
     host, port = address.rsplit(":", 1)
-    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "[::]", "::") else address
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "[::]", "::", "localhost") else address

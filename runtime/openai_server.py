@@ -171,7 +171,7 @@ class OpenAIServer:
                           for p, g in zip(parsed.prompts, groups)] if parsed.echo else None
             body = openai_api.completion_body(parsed.chat, self.name, groups, self.token_text, echo_texts,
                                               parsed.echo_only)
-        except ValueError as e:  # an answer that does not add up (prompt logprobs short of the prompt)
+        except openai_logprobs.AnswerMismatch as e:
             return error_response(500, f"the answer could not be put together: {e}")
         return web.json_response(body)
 
@@ -202,7 +202,7 @@ class OpenAIServer:
             await self._write_quietly(response, _sse(_error_body(HTTP_STATUS.get(e.code, 500), e.message)),
                                       _sse("[DONE]"))
             return response
-        except ValueError as e:  # an answer that does not add up (prompt logprobs short of the prompt)
+        except openai_logprobs.AnswerMismatch as e:
             await self._write_quietly(response, _sse(_error_body(500, f"the answer could not be put together: {e}")),
                                       _sse("[DONE]"))
             return response

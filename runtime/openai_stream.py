@@ -23,13 +23,24 @@ from splitserve.runtime.logprobs import TokenLogprobs
 WINDOW = 64  # sequences of one body in flight at once
 
 
+def _cancelled_under_it() -> SplitserveError:
+    return SplitserveError(grpc.StatusCode.CANCELLED, "the call was cancelled under the server (its channel closed)")
+
+
 async def merged(streams: list[AsyncIterator[Chunk]], n: int = 1) -> AsyncIterator[tuple[int, Chunk]]:
     """(the stream's place, chunk) as chunks come, each stream of `n` sequences; the first error ends
     it. The caller closes the streams; closing this stops the tasks that read them. A single stream
-    is read directly, so gRPC's flow control reaches a slow client as it does without this."""
+    is read directly, so gRPC's flow control reaches a slow client as it does without this. A call
+    cancelled under its stream (its channel closed) ends it with CANCELLED, as any error."""
     if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
+        try:
+            async for chunk in streams[0]:
+                yield 0, chunk
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or getattr(task, "cancelling", lambda: 1)():  # this task is cancelled (3.10: assume so)
+                raise
+            raise _cancelled_under_it() from None
         return
     window = asyncio.Semaphore(max(1, WINDOW // n))  # an SDK stream starts its call when first read
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))  # readers wait for a slow client
@@ -45,7 +56,7 @@ async def merged(streams: list[AsyncIterator[Chunk]], n: int = 1) -> AsyncIterat
                 if closing:  # this generator is being closed: the reader just stops
                     raise
                 # The call was cancelled under the stream (its channel closed): an error, not a silent end
-                await queue.put((place, None, SplitserveError(grpc.StatusCode.CANCELLED, "the call was cancelled")))
+                await queue.put((place, None, _cancelled_under_it()))
             except Exception as e:  # noqa: BLE001 - the caller hears it, whatever it is
                 await queue.put((place, None, e))
             else:

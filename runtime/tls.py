@@ -101,6 +101,17 @@ def server_ssl_context(tls: TLSConfig, *, require_client_cert: bool) -> ssl.SSLC
     return context
 
 
+def https_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """An HTTPS server's context (openai-server): this process's certificate, TLS 1.2 or later, no
+    client certificate; None without TLS."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
 def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
     """The `internal_channel_credentials` of a raw socket: the worker's certificate is checked against
     --tls-ca (else the system roots) and its name against the host dialled; with --tls-ca this

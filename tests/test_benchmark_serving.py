@@ -279,8 +279,10 @@ def test_bad_flags_are_one_line_errors():
         cli_bench.main(["--address", "127.0.0.1:1", "--goodput", "itl:5"])
     with pytest.raises(SystemExit, match="cannot reach 127.0.0.1:1: UNAVAILABLE"):
         cli_bench.main(["--address", "127.0.0.1:1"])
-    with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:1"):
+    with pytest.raises(SystemExit, match="--base-url needs --model"):
         cli_bench.main(["--base-url", "http://127.0.0.1:1"])
+    with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:1/v1/models"):
+        cli_bench.main(["--base-url", "http://127.0.0.1:1/v1/", "--model", "demo"])
 
 
 def test_bench_against_a_launched_stack(tmp_path_factory):
@@ -352,3 +354,74 @@ def test_a_request_failing_outside_the_sdk_is_recorded_not_fatal_to_the_run():
     asyncio.run(driver._one(Broken(), BenchRequest(3, 2, "random", token_ids=(5, 6, 7)), rec,
                             _time.perf_counter(), None, Bar()))
     assert not rec.success and rec.error == "RuntimeError: connection pool exploded"
+
+
+SSE_CASES = {  # path -> (status, body): what the canned server answers
+    "/ok/v1/completions": (200, ['{"choices": [{"text": "a", "index": 0}]}', '{"choices": [{"text": "", "index": 0}]}',
+                                 '{"choices": [{"text": "bc", "index": 0, "finish_reason": "length"}]}',
+                                 '{"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}', "[DONE]"]),
+    "/error/v1/completions": (200, ['{"choices": [{"text": "a"}]}', '{"error": {"message": "worker went away"}}',
+                                    "[DONE]"]),
+    "/busy/v1/completions": (429, "too many requests"),
+    "/cut/v1/completions": (200, ['{"choices": [{"text": "a"}]}']),
+    "/nousage/v1/completions": (200, ['{"choices": [{"text": "a"}]}', "[DONE]"]),
+}
+
+
+def test_the_http_driver_reads_streams_as_vllm_bench_serve_does():
+    """openai_driver against canned answers: vLLM's shape (a last usage chunk with no choices; a chunk
+    with empty text still an arrival; the usage's token count), an error event, a non-200, a stream cut
+    before [DONE], and one without a usage chunk; the latency ends at the last chunk with choices."""
+    import asyncio
+    import time as _time
+
+    from aiohttp import web
+
+    from splitserve.runtime.serving_bench import openai_driver
+    from splitserve.runtime.serving_bench.workloads import BenchRequest
+
+    async def answer(request):
+        status, body = SSE_CASES[request.path]
+        if status != 200:
+            return web.Response(status=status, text=body)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in body:
+            await response.write(f"data: {event}\n\n".encode())
+            await asyncio.sleep(0.02)
+        return response
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/{case}/v1/completions", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        records = {}
+        try:
+            for case in ("ok", "error", "busy", "cut", "nousage"):
+                target = openai_driver.OpenAITarget(f"http://127.0.0.1:{port}/{case}", "m", None)
+                rec = RequestRecord(0, "random", 3, 5, 0.0)
+                await openai_driver.run(target, [BenchRequest(3, 5, "random", token_ids=(5, 6, 7))], [rec], None,
+                                        None, Bar())
+                records[case] = rec
+        finally:
+            await runner.cleanup()
+        return records
+
+    started = _time.perf_counter()
+    records = asyncio.run(main())
+    assert _time.perf_counter() - started < 30
+    ok = records["ok"]
+    assert ok.success and ok.chunk_tokens == [1, 1, 3] and ok.output_tokens == 5 and ok.prompt_len == 7
+    assert ok.end_s == ok.chunk_s[-1] and len(ok.itl_s) == 2  # not the usage chunk nor [DONE]
+    assert records["error"].error == "error event: worker went away"
+    assert records["busy"].error == "HTTP 429: too many requests"
+    assert "before data: [DONE]" in records["cut"].error and "no usage chunk" in records["nousage"].error
+    assert openai_driver.spread(3, 2) == [1, 1, 0] and openai_driver.spread(0, 4) == []

@@ -365,12 +365,14 @@ def test_merged_runs_at_most_a_window_of_sequences_and_a_call_cancelled_under_it
 
     async def main():
         got = [place async for place, _ in openai_stream.merged([call(i) for i in range(200)], n=2)]
-        broken = openai_stream.merged([call(0), cancelled_under_it()])
-        with pytest.raises(SplitserveError) as e:
-            async for _ in broken:
-                pass
-        return got, e.value
+        errors = []
+        for streams in ([call(0), cancelled_under_it()], [cancelled_under_it()]):  # several, and the direct path
+            with pytest.raises(SplitserveError) as e:
+                async for _ in openai_stream.merged(streams):
+                    pass
+            errors.append(e.value)
+        return got, errors
 
-    got, error = asyncio.run(asyncio.wait_for(main(), 10))
+    got, errors = asyncio.run(asyncio.wait_for(main(), 10))
     assert sorted(got) == sorted(list(range(200)) * 3) and peak == openai_stream.WINDOW // 2
-    assert error.code is grpc.StatusCode.CANCELLED
+    assert [e.code for e in errors] == [grpc.StatusCode.CANCELLED] * 2

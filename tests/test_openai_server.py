@@ -432,6 +432,19 @@ def cmdline(pid: int) -> str:
         return f.read().decode()
 
 
+def test_launch_hands_its_tls_or_insecure_choice_to_the_openai_server_child():
+    from splitserve.runtime.openai_process import OpenAIServerProcess
+    from splitserve.runtime.tls import TLSConfig
+
+    tls = OpenAIServerProcess("0.0.0.0:5", "0.0.0.0", 8000, tls=TLSConfig("c.pem", "k.pem", "ca.pem")).cmd
+    assert tls[tls.index("--address") + 1] == "127.0.0.1:5"  # the name launch's certificate carries
+    assert [tls[tls.index(f) + 1] for f in ("--tls-cert", "--tls-key", "--tls-ca")] == ["c.pem", "k.pem", "ca.pem"]
+    assert "--allow-insecure" in OpenAIServerProcess("10.0.0.1:5", "0.0.0.0", 8000).cmd  # launch took it so
+    for host in ("127.0.0.1", "localhost", "::1"):
+        plain = OpenAIServerProcess(f"{host}:5", host, 8000).cmd
+        assert "--allow-insecure" not in plain and "--tls-cert" not in plain
+
+
 def test_plain_http_off_loopback_is_refused_as_for_every_listener():
     """Before any call to the router: a non-loopback --host needs --tls-cert/--tls-key or --allow-insecure."""
     cmd = [sys.executable, "-m", "splitserve.runtime.cli", "openai-server", "--address", "127.0.0.1:1", "--port", "0"]

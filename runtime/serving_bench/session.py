@@ -7,7 +7,7 @@ from splitserve.runtime.client import ModelInfo
 from splitserve.runtime.serving_bench.arrivals import parse_rates
 from splitserve.runtime.serving_bench.compare import CompareSpec, compare
 from splitserve.runtime.serving_bench.metrics import parse_goodput
-from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, served_model
+from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, model_card
 from splitserve.runtime.serving_bench.report import comparison_table, document, write_json
 from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
 from splitserve.runtime.serving_bench.workloads import MixedSpec, WorkloadSpec
@@ -21,7 +21,7 @@ def sweep_spec(args) -> SweepSpec:
                             random_output_len=args.random_output_len, range_ratio=args.random_range_ratio,
                             dataset_path=args.dataset_path, sharegpt_output_len=args.sharegpt_output_len,
                             sharegpt_max_output_len=args.sharegpt_max_output_len, mixed=mixed,
-                            tokenizer=args.tokenizer or args.model)
+                            tokenizer=args.tokenizer or args.model or "demo")
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     return SweepSpec(workload=workload, rates=tuple(parse_rates(args.request_rate)), burstiness=args.burstiness,
@@ -30,7 +30,7 @@ def sweep_spec(args) -> SweepSpec:
 
 
 def compare_spec(args) -> CompareSpec:
-    return CompareSpec(model=args.model, platform=args.platform, dtype=args.dtype,
+    return CompareSpec(model=args.model or "demo", platform=args.platform, dtype=args.dtype,
                        prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                        prefill_mesh=MeshConfig.parse(args.prefill_mesh), decode_mesh=MeshConfig.parse(args.decode_mesh),
                        colocated_mesh=MeshConfig.parse(args.colocated_mesh), page_size=args.page_size,
@@ -38,18 +38,25 @@ def compare_spec(args) -> CompareSpec:
                        warmup=args.warmup)
 
 
-def openai_target(args) -> OpenAITarget:
-    """--base-url's server, with the facts of --model's checkpoint."""
+def openai_target(base_url: str, model: str, served_name: str | None = None, echo=print) -> OpenAITarget:
+    """An OpenAI-compatible server, with the facts of the checkpoint it serves (`model`: a directory or
+    'demo'); the key is $OPENAI_API_KEY, else $SPLITSERVE_API_KEY."""
     import os
 
     from splitserve.models.metadata import load_metadata
+    from splitserve.runtime.auth import API_KEY_ENV
 
-    api_key = os.environ.get("OPENAI_API_KEY") or None
-    name = args.served_model_name or served_model(args.base_url, api_key)
-    cfg = load_metadata(args.model).config
-    info = ModelInfo(name, cfg.family, cfg.vocab_size, cfg.max_model_len, "", 0, list(cfg.eos_token_ids), [],
-                     "openai", False)
-    return OpenAITarget(args.base_url, name, info, api_key)
+    api_key = os.environ.get("OPENAI_API_KEY") or os.environ.get(API_KEY_ENV) or None
+    card = model_card(base_url, api_key)
+    cfg = load_metadata(model).config
+    context = cfg.max_model_len
+    if isinstance(card.get("max_model_len"), int) and card["max_model_len"] != context:
+        echo(f"warning: {base_url} serves a context of {card['max_model_len']} tokens, --model {model} has "
+             f"{context}; the workload keeps to the smaller")
+        context = min(context, card["max_model_len"])
+    info = ModelInfo(served_name or card["id"], cfg.family, cfg.vocab_size, context, "", 0,
+                     list(cfg.eos_token_ids), [], "openai", False)
+    return OpenAITarget(base_url, info.name, info, api_key)
 
 
 def run_session(args) -> int:
@@ -60,7 +67,13 @@ def run_session(args) -> int:
         docs, info = compare(stacks, spec, slos)
         extra = dict(comparison=_print_comparisons(docs, spec.rates))
     else:
-        docs, info = sweep(openai_target(args) if args.base_url else args.address, spec, slos)
+        target = args.address
+        if args.base_url:
+            if not args.model:
+                raise ValueError("--base-url needs --model: the checkpoint the server serves (a directory or 'demo'), "
+                                 "for its vocabulary, EOS ids and context")
+            target = openai_target(args.base_url, args.model, args.served_model_name)
+        docs, info = sweep(target, spec, slos)
         extra = {}
     if args.result_json:
         write_json(args.result_json, document(docs, config=vars(args), model_info=info, extra=extra))

@@ -1,6 +1,7 @@
 """What the OpenAI-compatible HTTP layer costs: one launched stack (`launch --openai-port`), the
 same workload sent through the SDK (gRPC, straight to the router) and through `openai-server`
-(HTTP, then the SDK), in alternating rounds, side by side.
+(HTTP, which then calls the router with the async SDK), side by side. Each round runs the SDK
+first and HTTP second.
 
     python scripts/bench/bench_openai_overhead.py [--model demo] [--num-prompts 64] [--input-len 128]
         [--output-len 64] [--max-concurrency 16] [--rounds 3] [--json-out F]
@@ -58,9 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--json-out")
     args = p.parse_args(argv)
 
-    from splitserve.models.metadata import load_metadata
-    from splitserve.runtime.client import ModelInfo
-    from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, served_model
+    from splitserve.runtime.serving_bench.session import openai_target
     from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
     from splitserve.runtime.serving_bench.workloads import WorkloadSpec
 
@@ -69,11 +68,7 @@ def main(argv=None) -> int:
                      num_warmups=args.max_concurrency)
     process, address, base_url = launch(args.model)
     try:
-        cfg = load_metadata(args.model).config
-        name = served_model(base_url)
-        info = ModelInfo(name, cfg.family, cfg.vocab_size, cfg.max_model_len, "", 0, list(cfg.eos_token_ids), [],
-                         "openai", False)
-        targets = {"SDK (gRPC)": address, "HTTP (openai-server)": OpenAITarget(base_url, name, info)}
+        targets = {"SDK (gRPC)": address, "HTTP (openai-server)": openai_target(base_url, args.model)}
         metrics: dict[str, list[dict]] = {label: [] for label in targets}
         for _ in range(args.rounds):
             for label, target in targets.items():
@@ -84,7 +79,11 @@ def main(argv=None) -> int:
                 metrics[label].append(doc["metrics"])
     finally:
         process.terminate()
-        process.wait(60)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     sdk, http = targets
     print(f"{args.num_prompts} random prompts of {args.input_len} tokens, {args.output_len} output tokens, "
           f"max concurrency {args.max_concurrency}, median of {args.rounds} rounds")
