@@ -1,14 +1,15 @@
 """What the OpenAI-compatible HTTP layer costs: one launched stack (`launch --openai-port`), the
 same workload sent through the SDK (gRPC, straight to the router) and through `openai-server`
-(HTTP, which then calls the router with the async SDK), side by side. Each round runs the SDK
-first and HTTP second.
+(HTTP, which then calls the router with the async SDK), side by side. Rounds alternate which
+path goes first (this machine's speed drifts by 10-30% over minutes), and the ratio column is the
+median of the rounds' own HTTP / SDK ratios.
 
     python scripts/bench/bench_openai_overhead.py [--model demo] [--num-prompts 64] [--input-len 128]
         [--output-len 64] [--max-concurrency 16] [--rounds 3] [--json-out F]
 
 Both paths use `splitserve bench`'s drivers (runtime/serving_bench: driver.py for the SDK,
 openai_driver.py for HTTP, which counts output tokens from the usage as `vllm bench serve` does).
-Prints the median of the rounds for each path and HTTP / SDK.
+Prints the median of the rounds for each path, and the median per-round ratio HTTP / SDK.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-concurrency", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
 
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
     try:
         targets = {"SDK (gRPC)": address, "HTTP (openai-server)": openai_target(base_url, args.model)}
         metrics: dict[str, list[dict]] = {label: [] for label in targets}
-        for _ in range(args.rounds):
-            for label, target in targets.items():
+        for round_ in range(args.rounds):
+            order = list(targets.items())
+            for label, target in order if round_ % 2 == 0 else reversed(order):
                 (doc,), _ = sweep(target, spec, {}, label=label, echo=lambda *_: None)
                 errors = [r["error"] for r in doc["requests"] if not r["success"]]
                 if errors:
@@ -87,12 +89,13 @@ def main(argv=None) -> int:
     sdk, http = targets
     print(f"{args.num_prompts} random prompts of {args.input_len} tokens, {args.output_len} output tokens, "
           f"max concurrency {args.max_concurrency}, median of {args.rounds} rounds")
-    print(f"| metric | {sdk} | {http} | HTTP / SDK |\n|---|---|---|---|")
+    print(f"| metric | {sdk} | {http} | HTTP / SDK (median of the rounds' ratios) |\n|---|---|---|---|")
     table = {}
     for row, key in ROWS:
         a, b = (statistics.median(m[key] for m in metrics[label]) for label in (sdk, http))
-        table[key] = dict(sdk=a, http=b, ratio=b / a)
-        print(f"| {row} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+        ratio = statistics.median(h[key] / s[key] for s, h in zip(metrics[sdk], metrics[http]))
+        table[key] = dict(sdk=a, http=b, ratio=ratio)
+        print(f"| {row} | {a:.2f} | {b:.2f} | {ratio:.2f}x |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), args=vars(args),
