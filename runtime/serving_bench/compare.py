@@ -90,12 +90,17 @@ def launched_stack(config: LaunchConfig, timeout_s: float = 900.0):
     try:
         yield _wait_ready(process, lines, time.monotonic() + timeout_s)
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM (launch drains and stops its children), then SIGKILL past `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _drain(stream, lines: collections.deque) -> None:

@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--json-out")
     args = p.parse_args(argv)
 
+    from splitserve.runtime.serving_bench.compare import stop_process
     from splitserve.runtime.serving_bench.session import openai_target
     from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
     from splitserve.runtime.serving_bench.workloads import WorkloadSpec
@@ -80,12 +81,7 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"{label}: {len(errors)} requests failed, e.g. {errors[0]}")
                 metrics[label].append(doc["metrics"])
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     sdk, http = targets
     print(f"{args.num_prompts} random prompts of {args.input_len} tokens, {args.output_len} output tokens, "
           f"max concurrency {args.max_concurrency}, median of {args.rounds} rounds")
