@@ -23,8 +23,8 @@ Serve OpenAI's completions and chat completions API over HTTP, in front of a run
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true gives server-sent
 events, with "stream_options": {"include_usage": true} a last chunk with the usage), GET /v1/models,
-GET /health. Bodies are read as vLLM reads them (its extra fields top_k, min_p, stop_token_ids,
-ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
+GET /health, GET /metrics (Prometheus). Bodies are read as vLLM reads them (its extra fields top_k,
+min_p, stop_token_ids, ignore_eos, repetition_penalty, ... are taken). Absent fields take splitserve's defaults:
 max_tokens 16 and greedy decoding (temperature 0), not OpenAI's temperature 1. Completions take
 several prompts in one body, echo (with max_tokens 0: the prompt alone) and vLLM's prompt_logprobs,
 as lm-evaluation-harness's local-completions scoring sends them. Logprobs name tokens by their text

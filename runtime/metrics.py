@@ -8,6 +8,8 @@ servers in one process) and serves it over HTTP at /metrics when given a port:
     prefill worker  WorkerMetrics   prefill queue time, queued requests, KV bytes/time/failures sent
     decode worker   WorkerMetrics   KV pages used and total, running and waiting requests, KV
                                     bytes/time/failures received
+    openai-server   HTTPMetrics     HTTP requests by handler and status, in flight, durations
+                                    (served at its own /metrics, as vLLM's API server does)
 
 Names follow vLLM's where one exists (`vllm:time_to_first_token_seconds` becomes
 `splitserve_time_to_first_token_seconds`), so existing dashboards need only the prefix changed.
@@ -49,6 +51,21 @@ class _CallbackGauges(Collector):
     def collect(self):
         for name, (doc, value) in self._read().items():
             yield GaugeMetricFamily(_name(name), doc, value=value)
+
+
+class HTTPMetrics:
+    """An HTTP server's requests, as prometheus-fastapi-instrumentator counts them for vLLM's API
+    server (`http_requests_total{handler, status}`, `http_request_duration_seconds`), prefixed."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(_name("http_requests"), "HTTP requests answered, by handler (path) and status.",
+                                ["handler", "status"], registry=r)
+        self.duration = Histogram(_name("http_request_duration_seconds"),
+                                  "Time from an HTTP request's arrival to the end of its answer (a stream's end).",
+                                  ["handler"], buckets=REQUEST_BUCKETS, registry=r)
+        self.in_flight = Gauge(_name("http_requests_in_flight"), "HTTP requests being answered.", registry=r)
 
 
 class RouterMetrics:

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server in front of a router, so that OpenAI's clients and tools work.
 
     POST /v1/completions, POST /v1/chat/completions   (streamed as server-sent events with "stream")
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /health, GET /metrics (Prometheus: HTTPMetrics, runtime/metrics.py)
 
 Bodies are read by runtime/openai_api.py (as vLLM reads them). Each prompt of a request is one
 Generate call through the async SDK, n sequences included, so the router's validation, admission
@@ -16,6 +16,7 @@ With an API key, /v1/ paths want `Authorization: Bearer KEY` (the same key the r
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -23,11 +24,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitserve.runtime import openai_api, openai_logprobs
 from splitserve.runtime.client import AsyncClient, sampling_kwargs
 from splitserve.runtime.client_types import Chunk, ModelInfo, SequencesBuilder, SplitserveError
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
+from splitserve.runtime.metrics import HTTPMetrics
 from splitserve.runtime.openai_stream import ChoiceCounts, StreamedChoices, merged
 
 HTTP_STATUS = {  # gRPC code -> HTTP status, as a client of vLLM's OpenAI server sees them
@@ -71,6 +74,7 @@ class OpenAIServer:
         self.name = served_name or model.name
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._created = int(time.time())
+        self.metrics = HTTPMetrics()
 
     def runner(self, shutdown_timeout_s: float = 60.0) -> web.AppRunner:
         """The app's runner. handler_cancellation: a client that disconnects cancels its handler, and so
@@ -80,12 +84,40 @@ class OpenAIServer:
                              shutdown_timeout=shutdown_timeout_s)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._auth])
+        app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._measure, self._auth])
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post(openai_api.COMPLETIONS, self.completions)
         app.router.add_post(openai_api.CHAT, self.chat_completions)
         return app
+
+    @web.middleware
+    async def _measure(self, request: web.Request, handler):
+        """Counts every request by its route (an unknown path is "other": the label set stays bounded) and
+        status; 499, as nginx logs it, for a client that went away before its answer ended."""
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "other"
+        started, status = time.perf_counter(), 500
+        self.metrics.in_flight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:  # aiohttp's own answers (404, 405)
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(handler=name, status=str(status)).inc()
+            self.metrics.duration.labels(handler=name).observe(time.perf_counter() - started)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Prometheus' text format, open as /health is (vLLM's /metrics is)."""
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):

@@ -376,3 +376,32 @@ def test_merged_runs_at_most_a_window_of_sequences_and_a_call_cancelled_under_it
     got, errors = asyncio.run(asyncio.wait_for(main(), 10))
     assert sorted(got) == sorted(list(range(200)) * 3) and peak == openai_stream.WINDOW // 2
     assert [e.code for e in errors] == [grpc.StatusCode.CANCELLED] * 2
+
+
+def test_metrics_count_requests_by_handler_and_status():
+    """/metrics (open, as /health): every request by its route and status, 401s and 404s included;
+    durations per route; nothing left in flight. Read back with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def get(base, path):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + path) as reply:
+                return reply.status, await reply.text()
+
+    auth = {"Authorization": "Bearer k"}
+    results = run(ANSWER, [lambda b: post(b, "/v1/completions", {"prompt": "x"}, headers=auth),
+                           lambda b: post(b, "/v1/completions", {"prompt": "x", "stream": True}, headers=auth),
+                           lambda b: post(b, "/v1/completions", {"prompt": "x", "max_tokens": -1}, headers=auth),
+                           lambda b: post(b, "/v1/chat/completions", {"messages": []}),  # no key: 401
+                           lambda b: get(b, "/v2/nothing"),
+                           lambda b: get(b, "/metrics")], api_key="k")
+    status, text = results[-1]
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    count = lambda handler, code: samples.get(  # noqa: E731
+        ("splitserve_http_requests_total", (("handler", handler), ("status", code))), 0)
+    assert count("/v1/completions", "200") == 2 and count("/v1/completions", "400") == 1
+    assert count("/v1/chat/completions", "401") == 1 and count("other", "404") == 1
+    assert samples[("splitserve_http_request_duration_seconds_count", (("handler", "/v1/completions"),))] == 3
+    assert samples[("splitserve_http_requests_in_flight", ())] == 1  # the /metrics request itself
