@@ -95,7 +95,8 @@ class OpenAIServer:
     @web.middleware
     async def _measure(self, request: web.Request, handler):
         """Counts every request by its route (an unknown path is "other": the label set stays bounded) and
-        status; 499, as nginx logs it, for a client that went away before its answer ended."""
+        status; 499, as nginx logs it, when the client went away and its handler was cancelled (a stream
+        whose write found the client gone ends normally, as 200: its status line went out)."""
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "other"
         started, status = time.perf_counter(), 500

@@ -387,6 +387,10 @@ def test_a_client_that_goes_away_frees_its_request_on_the_workers(stack, server,
     while any(s.running or s.free_pages != s.total_pages for s in stack.decode_stats()):
         assert time.monotonic() - left < 3.0, "the request kept running after its client went away"
         time.sleep(0.05)
+    if not streamed:  # its handler was cancelled: counted as 499 (the status line never went out)
+        with urllib.request.urlopen(server.removesuffix("/v1") + "/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert re.search(r'splitserve_http_requests_total\{handler="/v1/completions",status="499"\} [1-9]', text)
 
 
 def test_an_api_key_guards_the_v1_paths(stack, sdk):
