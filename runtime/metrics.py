@@ -54,8 +54,9 @@ class _CallbackGauges(Collector):
 
 
 class HTTPMetrics:
-    """An HTTP server's requests, as prometheus-fastapi-instrumentator counts them for vLLM's API
-    server (`http_requests_total{handler, status}`, `http_request_duration_seconds`), prefixed."""
+    """An HTTP server's requests. The names are those prometheus-fastapi-instrumentator gives vLLM's API
+    server (`http_requests_total{handler, status}`, `http_request_duration_seconds`), prefixed; the
+    labels differ: exact status codes, no method, "other" for a path or method no route takes."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()

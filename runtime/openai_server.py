@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from splitserve.runtime import openai_api, openai_logprobs
 from splitserve.runtime.client import AsyncClient, sampling_kwargs
@@ -95,8 +95,9 @@ class OpenAIServer:
     @web.middleware
     async def _measure(self, request: web.Request, handler):
         """Counts every request by its route (an unknown path is "other": the label set stays bounded) and
-        status; 499, as nginx logs it, when the client went away and its handler was cancelled (a stream
-        whose write found the client gone ends normally, as 200: its status line went out)."""
+        status; 499, as nginx logs it, when the handler was cancelled: its client went away (a stream whose
+        write found the client gone ends normally, as 200: its status line went out), or shutdown's
+        timeout ran out."""
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "other"
         started, status = time.perf_counter(), 500
@@ -118,7 +119,8 @@ class OpenAIServer:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         """Prometheus' text format, open as /health is (vLLM's /metrics is)."""
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))  # OpenMetrics when asked
+        return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):

@@ -383,9 +383,9 @@ def test_metrics_count_requests_by_handler_and_status():
     durations per route; nothing left in flight. Read back with prometheus_client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async def get(base, path):
+    async def get(base, path, headers=None):
         async with aiohttp.ClientSession() as session:
-            async with session.get(base + path) as reply:
+            async with session.get(base + path, headers=headers) as reply:
                 return reply.status, await reply.text()
 
     auth = {"Authorization": "Bearer k"}
@@ -394,6 +394,7 @@ def test_metrics_count_requests_by_handler_and_status():
                            lambda b: post(b, "/v1/completions", {"prompt": "x", "max_tokens": -1}, headers=auth),
                            lambda b: post(b, "/v1/chat/completions", {"messages": []}),  # no key: 401
                            lambda b: get(b, "/v2/nothing"),
+                           lambda b: get(b, "/v1/completions", auth),  # a wrong method: 405
                            lambda b: get(b, "/metrics")], api_key="k")
     status, text = results[-1]
     assert status == 200
@@ -403,5 +404,6 @@ def test_metrics_count_requests_by_handler_and_status():
         ("splitserve_http_requests_total", (("handler", handler), ("status", code))), 0)
     assert count("/v1/completions", "200") == 2 and count("/v1/completions", "400") == 1
     assert count("/v1/chat/completions", "401") == 1 and count("other", "404") == 1
+    assert count("other", "405") == 1
     assert samples[("splitserve_http_request_duration_seconds_count", (("handler", "/v1/completions"),))] == 3
     assert samples[("splitserve_http_requests_in_flight", ())] == 1  # the /metrics request itself
