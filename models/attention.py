@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from splitserve import pallas_kernels
@@ -58,3 +59,27 @@ def _flash(q, k, v, lengths, *, impl):
 
 def _paged(q, k_pages, v_pages, lengths, page_table, *, impl):
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table, impl=impl)
+
+
+def attention_after_prefix(q, k, v, prefix_lengths, lengths):
+    """Prompt tokens that follow a cached prefix attend over the prefix and themselves.
+
+    q [b, s, heads, hd]: row r's query i sits at position prefix_lengths[r] + i; k/v [b, w,
+    kv_heads, hd]: each row's whole prompt from position 0, valid below lengths[r] (prefix +
+    new tokens). Plain JAX on every platform: the kernels above have no query offset. It is the
+    reference's arithmetic (f32 softmax, GQA by grouping query heads, masked values zeroed), so
+    a prefix hit gives the logits a full prefill gives, to rounding.
+    """
+    batch, seq, heads, head_dim = q.shape
+    width, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q_bqkgh = q.reshape(batch, seq, kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k.astype(jnp.float32)) * head_dim**-0.5
+    query_pos = prefix_lengths[:, None] + jnp.arange(seq)[None, :]  # [b, q]
+    key_pos = jnp.arange(width)
+    valid = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+    scores = jnp.where(valid[:, None, None], scores, -1e30)
+    probs = jnp.where(valid[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
+    v_safe = jnp.where((key_pos[None, :] < lengths[:, None])[:, :, None, None], v.astype(jnp.float32), 0.0)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe)
+    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jax.sharding import Mesh
 
-from splitserve.models.attention import decode_attention, prefill_attention
+from splitserve.models.attention import attention_after_prefix, decode_attention, prefill_attention
 from splitserve.models.kv_cache import KVCache, slot_addresses, write_tokens
 
 
@@ -71,6 +71,53 @@ def prefill_layer(layer_graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh 
 
     x_btd = layer(x_btd, positions, attend)
     return x_btd, kv[0], kv[1]
+
+
+def prefill_layer_after_prefix(layer_graphdef: nnx.GraphDef, width: int, layer_params: nnx.State, x_btd: jax.Array,
+                               lengths: jax.Array, pool_k: jax.Array, pool_v: jax.Array, block_table: jax.Array,
+                               prefix_lengths: jax.Array):
+    """One decoder layer over the tokens that follow each row's cached prefix (prefix caching).
+
+    x [batch, seq, hidden] holds the new tokens, `lengths` of them per row; the prefix's K/V are
+    this layer's pages of the prefix pool [kv_heads, pages, block, head_dim] listed in
+    block_table i32[batch, blocks], `prefix_lengths` tokens per row (0: no prefix). Returns (x,
+    k, v) with k/v [batch, width, kv_heads, head_dim] the whole prompt's (prefix, then new), as a
+    full prefill of the prompt returns them.
+    """
+    layer = nnx.merge(layer_graphdef, layer_params)
+    seq = x_btd.shape[1]
+    positions = prefix_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    kv = []
+
+    def attend(q, k, v):
+        k = merge_prefix(gather_prefix(pool_k, block_table), k, prefix_lengths, width)
+        v = merge_prefix(gather_prefix(pool_v, block_table), v, prefix_lengths, width)
+        kv.extend((k, v))
+        return attention_after_prefix(q, k, v, prefix_lengths, prefix_lengths + lengths)
+
+    x_btd = layer(x_btd, positions, attend)
+    return x_btd, kv[0], kv[1]
+
+
+def gather_prefix(pool: jax.Array, block_table: jax.Array) -> jax.Array:
+    """pool [kv_heads, pages, block, head_dim], block_table i32[batch, blocks] -> [batch, blocks * block, kv_heads, head_dim]."""
+    g = pool[:, block_table]  # [kv_heads, batch, blocks, block, head_dim]
+    kv_heads, batch, blocks, block, head_dim = g.shape
+    return jnp.transpose(g, (1, 2, 3, 0, 4)).reshape(batch, blocks * block, kv_heads, head_dim)
+
+
+def merge_prefix(prefix: jax.Array, new: jax.Array, prefix_lengths: jax.Array, width: int) -> jax.Array:
+    """Each row's prompt from position 0: prefix [b, p, ...] below prefix_lengths[r], new [b, s, ...] after."""
+    batch = prefix.shape[0]
+    pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (batch, width))
+    from_prefix = pos < prefix_lengths[:, None]
+    prefix_idx = jnp.minimum(pos, prefix.shape[1] - 1)
+    new_idx = jnp.clip(pos - prefix_lengths[:, None], 0, new.shape[1] - 1)
+
+    def take(x, idx):
+        return jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+
+    return jnp.where(from_prefix[:, :, None, None], take(prefix, prefix_idx), take(new, new_idx))
 
 
 def prefill_logits(graphdef: nnx.GraphDef, params: nnx.State, x_btd: jax.Array, lengths: jax.Array) -> jax.Array:

@@ -1,0 +1,149 @@
+"""Prefix caching: the index's matching and eviction, and a prefill after a cached prefix equals a
+prefill of the whole prompt (first tokens, logits, every layer's K/V), on the demo model and on
+a transformers-saved GQA checkpoint whose head_dim is not a power of two."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from splitserve.runtime.prefix_index import PrefixIndex
+
+
+# -- the index -------------------------------------------------------------------------------
+def test_lookup_matches_whole_blocks_and_leaves_the_last_token():
+    index = PrefixIndex(num_pages=16, block_size=4)
+    prompt = list(range(100, 112))  # 3 blocks exactly
+    assert index.lookup(prompt).tokens == 0
+    new = index.store(prompt, set())
+    assert new.first_block == 0 and len(new.pages) == 3 and 0 not in new.pages
+    # The whole prompt again: 2 blocks, so its last token is computed.
+    assert index.lookup(prompt).tokens == 8
+    longer = index.lookup(prompt + [7, 7])
+    assert longer.tokens == 12 and list(longer.pages) == list(new.pages)
+    # A prompt that differs in block 2 matches only block 1; one that differs in block 1, nothing.
+    assert index.lookup(prompt[:4] + [0] + prompt[5:] + [1]).tokens == 4
+    assert index.lookup([0] + prompt[1:] + [1]).tokens == 0
+    # A block matches only after the same parent: block 2's tokens at the start are no hit.
+    assert index.lookup(prompt[4:] + [1]).tokens == 0
+
+
+def test_store_takes_only_new_blocks():
+    index = PrefixIndex(num_pages=16, block_size=4)
+    first = index.store(list(range(8)), set())
+    again = index.store(list(range(8)) + [9], set())  # a partial block is not stored
+    assert again is None
+    more = index.store(list(range(16)), set())
+    assert more.first_block == 2 and len(more.pages) == 2
+    assert set(more.pages).isdisjoint(first.pages)
+    assert len(index) == 4
+
+
+def test_eviction_is_least_recently_used_and_never_strands_a_block():
+    index = PrefixIndex(num_pages=5, block_size=2)  # 4 usable pages
+    a, b = [1, 1, 2, 2], [3, 3, 4, 4]
+    index.store(a, set())
+    index.store(b, set())
+    index.lookup(a + [0])  # a is now the most recent
+    index.store([5, 5, 6, 6], set())  # full: b's blocks go, leaf first
+    assert index.lookup(a + [0]).tokens == 4
+    assert index.lookup(b + [0]).tokens == 0
+    assert index.lookup([5, 5, 6, 6, 0]).tokens == 4
+    assert len(index) == 4
+    # Every stored block is reachable: evicting a parent took its children with it.
+    index.store([7, 7, 8, 8, 9, 9], set())
+    assert len(index) <= 4 and sorted(index._free + [blk.page for blk in index._by_id.values()]) == [1, 2, 3, 4]
+
+
+def test_store_never_evicts_a_page_it_is_about_to_write():
+    index = PrefixIndex(num_pages=3, block_size=2)  # 2 usable pages
+    written: set[int] = set()
+    first = index.store([1, 1, 2, 2], written)
+    assert len(first.pages) == 2 and written == set(first.pages)
+    assert index.store([3, 3, 4, 4], written) is None  # no page may be taken from the first row
+    assert index.lookup([1, 1, 2, 2, 0]).tokens == 4
+
+
+# -- a prefill after a cached prefix ---------------------------------------------------------
+def _runner(model, prefix_pages):
+    from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
+
+    return ModelRunner(model, RunnerConfig(num_pages=8, max_batch=8, decodes=False,
+                                           prefix_cache_pages=prefix_pages))
+
+
+def _prefill(runner, prompts, params=None):
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    params = params or [SamplingParams(max_tokens=4, logprobs=5) for _ in prompts]
+    (first, logprobs, _), ks, vs, lengths = runner.prefill_sampled(prompts, params, [0] * len(prompts))
+    kv = [(np.asarray(k)[row, :n], np.asarray(v)[row, :n]) for row, n in enumerate(lengths[: len(prompts)])
+          for k, v in zip(ks, vs)]
+    return first, logprobs, kv, list(lengths[: len(prompts)])
+
+
+def _assert_same_prefill(got, want, tolerance):
+    first, logprobs, kv, lengths = got
+    assert first == want[0] and lengths == want[3]
+    for a, b in zip(logprobs, want[1]):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        np.testing.assert_allclose([p for _, p in a.top], [p for _, p in b.top], atol=tolerance, rtol=0)
+    for (k, v), (wk, wv) in zip(kv, want[2]):
+        np.testing.assert_allclose(k, wk, atol=tolerance, rtol=0)
+        np.testing.assert_allclose(v, wv, atol=tolerance, rtol=0)
+
+
+def _check_model(model, vocab, tolerance):
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, vocab, 40).tolist()  # 2 whole blocks of 16 and a partial one
+    cached, plain = _runner(model, 64), _runner(model, 0)
+    # The first batch fills the cache; nothing is found yet.
+    warm = [system + rng.integers(3, vocab, 10).tolist(), rng.integers(3, vocab, 33).tolist()]
+    _assert_same_prefill(_prefill(cached, warm), _prefill(plain, warm), tolerance)
+    assert cached.prefix_hit_tokens == 0
+    # Ragged rows: a 32-token hit (the system prompt's whole blocks), a 48-token hit (the first
+    # prompt's 3 blocks), a row with no hit, and the second prompt again (32 cached, 1 new token).
+    batch = [system + rng.integers(3, vocab, 9).tolist(),
+             warm[0] + rng.integers(3, vocab, 20).tolist(),
+             rng.integers(3, vocab, 21).tolist(),
+             warm[1]]
+    _assert_same_prefill(_prefill(cached, batch), _prefill(plain, batch), tolerance)
+    assert cached.prefix_hit_tokens == 32 + 48 + 0 + 32
+    assert cached.prefix_queried_tokens == sum(map(len, warm + batch))
+
+
+def test_prefill_after_a_prefix_equals_the_whole_prefill_demo():
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+
+    _check_model(load_model("demo", make_mesh(MeshConfig(1))), 2048, 2e-5)
+
+
+def test_prefill_after_a_prefix_equals_the_whole_prefill_gqa3_hd40(hf_checkpoint):
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+
+    directory, torch_model = hf_checkpoint("qwen2_gqa3_hd40_llama3rope")
+    _check_model(load_model(str(directory), make_mesh(MeshConfig(1))), torch_model.config.vocab_size, 2e-5)
+
+
+def test_prompt_logprobs_rows_are_computed_whole_beside_a_hit():
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    cached, plain = _runner(model, 64), _runner(model, 0)
+    prompt = list(range(10, 60))
+    _prefill(cached, [prompt])
+    params = [SamplingParams(max_tokens=2, prompt_logprobs=2), SamplingParams(max_tokens=2)]
+    prompts = [prompt + [5], prompt + [6]]
+    queried, hits = cached.prefix_queried_tokens, cached.prefix_hit_tokens
+    (first, _, got), _, _, _ = cached.prefill_sampled(prompts, params, [0, 0])
+    (want_first, _, want), _, _, _ = plain.prefill_sampled(prompts, params, [0, 0])
+    assert cached.prefix_hit_tokens - hits == 48  # only the second row was looked up
+    assert cached.prefix_queried_tokens - queried == len(prompts[1])
+    assert first == want_first and got[1] is None and len(got[0]) == len(prompts[0]) - 1
+    for a, b in zip(got[0], want[0]):
+        assert a.rank == b.rank and [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert a.logprob == pytest.approx(b.logprob, abs=2e-5)
