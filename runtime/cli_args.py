@@ -14,3 +14,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+DEFAULT_PREFIX_CACHE_GIB = 0.25
+
+
+def add_prefix_cache_flags(p, which: str) -> None:
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help=f"keep the KV of recent prompts' whole blocks of --page-size tokens on {which}, so a "
+                        "prompt that starts like an earlier one (a system prompt, few-shot examples, a chat's "
+                        f"history) computes only the rest ({DEFAULT_PREFIX_CACHE_GIB} GiB per device unless "
+                        "--prefix-cache-gib says otherwise)")
+    p.add_argument("--prefix-cache-gib", type=float, metavar="GIB",
+                   help="memory per device for the prefix cache; turns it on (0: off)")
+
+
+def prefix_cache_gib(args, command: str) -> float:
+    """The prefix cache's GiB per device from the flags above (0: off)."""
+    if args.prefix_cache_gib is None:
+        return DEFAULT_PREFIX_CACHE_GIB if args.enable_prefix_caching else 0.0
+    if args.prefix_cache_gib < 0:
+        raise SystemExit(f"splitserve {command}: --prefix-cache-gib must be >= 0, got {args.prefix_cache_gib}")
+    if args.enable_prefix_caching and args.prefix_cache_gib == 0:
+        raise SystemExit(f"splitserve {command}: --enable-prefix-caching with --prefix-cache-gib 0 turns it on "
+                         "and off; give one of them")
+    return args.prefix_cache_gib
+
+

@@ -10,7 +10,7 @@ import json
 import sys
 
 from splitserve.runtime.batch_output import FORMATS
-from splitserve.runtime.cli_args import positive_int
+from splitserve.runtime.cli_args import add_prefix_cache_flags, positive_int, prefix_cache_gib
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
 
 DESCRIPTION = """\
@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="serving dtype (in-process; default auto)")
     p.add_argument("--mesh", help="mesh, e.g. tp=2 (in-process; default tp=1)")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (in-process; default JAX's choice)")
+    add_prefix_cache_flags(p, "this process (in-process)")
     p.add_argument("--output-format", choices=FORMATS, default="native",
                    help="native (default): {id, text, token_ids, finish_reason, prompt_tokens} lines; openai: the "
                         "OpenAI Batch API's output lines, {id, custom_id, response: {status_code, request_id, "
@@ -140,15 +141,21 @@ def _in_process_backend(args):
     from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
     from splitserve.runtime.in_process import load_for_serving
 
+    from splitserve.runtime.worker import prefix_cache_pages
+
     model = load_for_serving(args.model, mesh_config, args.dtype)
+    prefix_pages = prefix_cache_pages(prefix_cache_gib(args, "batch"), model, args.page_size, mesh_config.tp)
     engine = ColocatedEngine(model, EngineConfig(page_size=args.page_size, num_pages=args.num_pages,
                                                  max_batch=args.max_batch,
-                                                 max_prefill_batch=min(8, args.max_batch)))
+                                                 max_prefill_batch=min(8, args.max_batch),
+                                                 prefix_cache_pages=prefix_pages))
     return InProcessBackend(engine), lambda: None, model.name, model.tokenizer
 
 
 def _remote_backend(args):
     given = [f"--{k.replace('_', '-')}" for k in IN_PROCESS_DEFAULTS if getattr(args, k) is not None]
+    given += [flag for flag, on in (("--enable-prefix-caching", args.enable_prefix_caching),
+                                    ("--prefix-cache-gib", args.prefix_cache_gib is not None)) if on]
     if given:
         verb = "apply" if len(given) > 1 else "applies"
         raise ValueError(f"{', '.join(given)} {verb} only with --model (in-process)")

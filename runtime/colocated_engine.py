@@ -34,6 +34,7 @@ class EngineConfig:
     max_prefill_batch: int = 8
     max_prefill_tokens: int = 4096
     attention_impl: str = "auto"
+    prefix_cache_pages: int = 0  # prefix caching's pool, sink page included (RunnerConfig); 0: off
 
 
 class ColocatedEngine:
@@ -43,6 +44,7 @@ class ColocatedEngine:
         self.runner = ModelRunner(model, RunnerConfig(
             page_size=config.page_size, num_pages=config.num_pages, max_batch=config.max_batch,
             max_prefill_batch=config.max_prefill_batch, attention_impl=config.attention_impl,
+            prefix_cache_pages=config.prefix_cache_pages,
         ))
         self.allocator = PageAllocator(config.num_pages)
         self.scheduler = Scheduler(SchedulerConfig(

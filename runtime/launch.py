@@ -70,6 +70,7 @@ class LaunchConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on SIGTERM: for the router, then for each worker
     max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
     kv_transport: str = "socket"  # of the decode workers: see WorkerConfig.kv_transport
+    prefix_cache_gib: float = 0.0  # of the prefill (or colocated) workers: see WorkerConfig.prefix_cache_gib
     worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S  # for each worker to report SERVING
     openai_port: int | None = None  # an OpenAI-compatible HTTP server on host:openai_port (0: any)
     served_model_name: str | None = None  # the model name of that server (default: the router's)
@@ -215,6 +216,8 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
         cmd += ["--num-pages", str(config.num_pages)]
     if spec.role == "decode":  # its KV data socket takes any free port (each reservation names it)
         cmd += ["--kv-transport", config.kv_transport]
+    elif config.prefix_cache_gib:
+        cmd += ["--prefix-cache-gib", str(config.prefix_cache_gib)]
     if spec.metrics_port is not None:
         cmd += ["--metrics-port", str(spec.metrics_port)]
     if config.platform:

@@ -24,7 +24,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "splitserve"
@@ -51,6 +51,17 @@ class _CallbackGauges(Collector):
     def collect(self):
         for name, (doc, value) in self._read().items():
             yield GaugeMetricFamily(_name(name), doc, value=value)
+
+
+class _CallbackCounters(Collector):
+    """Counters whose totals come from a callback at scrape time: {name without _total: (help, value)}."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]):
+        self._read = read
+
+    def collect(self):
+        for name, (doc, value) in self._read().items():
+            yield CounterMetricFamily(_name(name), doc, value=value)
 
 
 class HTTPMetrics:
@@ -177,6 +188,17 @@ class WorkerMetrics:
     def watch_prefill(self, queued: Callable[[], int]) -> None:
         self.registry.register(_CallbackGauges(lambda: {
             "prefill_requests_queued": ("Prompts submitted and not yet prefilled.", queued())}))
+
+    def watch_prefix_cache(self, runner) -> None:
+        """Prefix caching's figures, in tokens as vLLM's prefix_cache_queries/hits count them."""
+        index = runner.prefix_index
+        self.registry.register(_CallbackCounters(lambda: {
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", runner.prefix_queried_tokens),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache (not computed again).",
+                                  runner.prefix_hit_tokens)}))
+        self.registry.register(_CallbackGauges(lambda: {
+            "prefix_cache_blocks": ("Prompt blocks held by the prefix cache.", len(index)),
+            "prefix_cache_blocks_total": ("Prompt blocks the prefix cache can hold.", index.capacity)}))
 
     def kv_transfer(self, direction: str, transport: str = "grpc") -> KVTransferTimer:
         return KVTransferTimer(self, direction, transport)

@@ -73,6 +73,9 @@ class WorkerConfig:
     # open too); "grpc" takes it through TransferKV only. Colocated workers keep KV in-process.
     kv_transport: str = "socket"
     kv_data_port: int = 0  # the KV data listener's port on `host`; 0: any free port
+    # Prefix caching on a prefill or colocated worker: memory per device for the KV of recent prompts'
+    # whole blocks (runtime/prefix_index.py); 0: off.
+    prefix_cache_gib: float = 0.0
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -83,6 +86,11 @@ class WorkerConfig:
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.prefix_cache_gib < 0:
+            raise ValueError(f"prefix_cache_gib must be >= 0, got {self.prefix_cache_gib}")
+        if self.prefix_cache_gib and self.role == "decode":
+            raise ValueError("prefix caching saves prefill work: it applies to prefill and colocated workers, "
+                             "not a decode worker")
 
 
 class Worker:
@@ -101,6 +109,7 @@ class Worker:
             page_size=config.page_size, num_pages=self._num_pages(model) if has_decode else 2,
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
             attention_impl=config.attention_impl, decodes=has_decode,
+            prefix_cache_pages=self._prefix_cache_pages(model),
         ))
         self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)
@@ -133,6 +142,8 @@ class Worker:
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
                                                 metrics=self.metrics, turns=turns)
             self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
+            if self.runner.prefix_index is not None:
+                self.metrics.watch_prefix_cache(self.runner)
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role,
                                page_size=config.page_size if has_decode else 0, **serves_with),
@@ -144,13 +155,19 @@ class Worker:
         cfg = model.config  # bytes of the model's own KV heads, as sent
         self._kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
 
+    def _page_bytes(self, model) -> int:
+        import jax.numpy as jnp
+
+        return pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, self.config.page_size,
+                                      model.config.head_dim, jnp.dtype(model.dtype).itemsize, self.config.mesh.tp)
+
+    def _prefix_cache_pages(self, model) -> int:
+        return prefix_cache_pages(self.config.prefix_cache_gib, model, self.config.page_size, self.config.mesh.tp)
+
     def _num_pages(self, model) -> int:
         if self.config.num_pages is not None:
             return self.config.num_pages
-        import jax.numpy as jnp
-
-        per_page = pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, self.config.page_size,
-                                          model.config.head_dim, jnp.dtype(model.dtype).itemsize, self.config.mesh.tp)
+        per_page = self._page_bytes(model)
         pages = int(self.config.kv_cache_gib * (1 << 30)) // per_page
         if pages < 2:
             raise ValueError(f"--kv-cache-gib {self.config.kv_cache_gib} holds {pages} pages of {per_page} bytes; "
@@ -222,6 +239,22 @@ def pages_bytes_per_device(num_layers: int, kv_heads: int, page_size: int, head_
                            tp: int) -> int:
     """Bytes one page (K and V, every layer) takes on each device: KV heads are sharded over tp."""
     return 2 * num_layers * (kv_heads // tp) * page_size * head_dim * itemsize
+
+
+def prefix_cache_pages(gib: float, model, page_size: int, tp: int) -> int:
+    """Pages of a prefix cache of `gib` per device (0: off), its sink page included."""
+    if not gib:
+        return 0
+    import jax.numpy as jnp
+
+    per_page = pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, page_size,
+                                      model.config.head_dim, jnp.dtype(model.dtype).itemsize, tp)
+    pages = int(gib * (1 << 30)) // per_page
+    if pages < 2:
+        raise ValueError(f"--prefix-cache-gib {gib} holds {pages} blocks of {per_page} bytes; need at least 2")
+    log.info("prefix cache: %d blocks of %d tokens (%.3f GiB per device)", pages - 1, page_size,
+             pages * per_page / (1 << 30))
+    return pages
 
 
 def serve_forever(worker: Worker) -> None:

@@ -147,3 +147,58 @@ def test_prompt_logprobs_rows_are_computed_whole_beside_a_hit():
     for a, b in zip(got[0], want[0]):
         assert a.rank == b.rank and [t for t, _ in a.top] == [t for t, _ in b.top]
         assert a.logprob == pytest.approx(b.logprob, abs=2e-5)
+
+
+def test_colocated_engine_with_prefix_caching_equals_without():
+    """In-process (as `splitserve batch` runs): prompts with shared starts in one batch and after it."""
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    rng = np.random.default_rng(2)
+    shots = rng.integers(3, 2048, 40).tolist()
+    prompts = [shots + rng.integers(3, 2048, n).tolist() for n in (3, 9, 30, 2)]
+    params = SamplingParams(max_tokens=10, ignore_eos=True, repetition_penalty=1.3)
+    plain = ColocatedEngine(model, EngineConfig(num_pages=64)).generate(prompts, params)
+    cached = ColocatedEngine(model, EngineConfig(num_pages=64, prefix_cache_pages=32))
+    first = cached.generate(prompts[:1], params)  # stores the shots' 2 whole blocks
+    rest = cached.generate(prompts[1:], params)
+    assert [c.token_ids for c in first + rest] == [c.token_ids for c in plain]
+    assert cached.runner.prefix_hit_tokens == 3 * 32
+
+
+# -- served: a launched stack with prefix caching ----------------------------------------------
+def test_disaggregated_stack_with_prefix_caching_equals_colocated_without(tmp_path):
+    """Prompts that share a long start, through a launched disaggregated stack whose prefill worker
+    caches prefixes: the tokens equal an in-process colocated engine's without a cache, and the
+    prefill worker's metrics count the hits."""
+    import os
+
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.sampling_params import SamplingParams
+    from stack import launched
+    from test_metrics import endpoints, scrape, value
+
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, 2048, 70).tolist()
+    prompts = [system + rng.integers(3, 2048, n).tolist() for n in (6, 1, 23)] + [system[:50]]
+    cases = [(p, dict(max_tokens=12, ignore_eos=True)) for p in prompts]
+    cases.append((prompts[2], dict(max_tokens=12, ignore_eos=True, temperature=0.8, top_p=0.9, seed=7)))
+
+    engine = ColocatedEngine(load_model("demo", make_mesh(MeshConfig(1))), EngineConfig(num_pages=64))
+    want = engine.generate([p for p, _ in cases], [SamplingParams(**s) for _, s in cases])
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
+    with launched("demo", "--enable-prefix-caching", "--metrics-port", "0", "--num-pages", "64") as stack:
+        got = [stack.generate(p, **s)[0] for p, s in cases]
+        prefill = scrape(endpoints(stack.lines)["prefill"][0])
+    assert got == [w.token_ids for w in want]
+    # Hits, in blocks of 16: none for the first prompt (it stores 4 blocks); the system prompt's 4
+    # for the next two (the third stores a fifth); 3 for the system prompt's first 50 tokens; 5
+    # for the third prompt again.
+    assert value(prefill, "prefix_cache_hits_total") == 0 + 64 + 64 + 48 + 80
+    assert value(prefill, "prefix_cache_queries_total") == sum(len(p) for p, _ in cases)
+    assert value(prefill, "prefix_cache_blocks") > 0
