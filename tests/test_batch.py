@@ -677,3 +677,28 @@ def test_echo_lines_show_the_prompt_before_the_answer_as_openai_server_does(tmp_
                                       for r in refusals.values())
     assert "needs the model's tokenizer" in OpenAIOutput("demo").refuses(parse_line(json.dumps(lines[1]), 1))
     assert OpenAIOutput("demo").refuses(parse_line(json.dumps(lines[0]), 1)) is None  # a text echoes as sent
+
+
+def test_the_mixed_file_again_through_a_prefix_cache(tmp_path, model, reference):
+    """Every kind of line (logprobs, prompt logprobs, penalties, stop strings, n) gives the same results
+    when its prompt's start comes from the prefix cache: the second pass finds the first's blocks."""
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+
+    engine = ColocatedEngine(model, EngineConfig(page_size=8, num_pages=256, max_batch=4, max_prefill_batch=4,
+                                                 prefix_cache_pages=256))
+    cases = mixed_lines()
+    src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
+    run_batch(src, tmp_path / "first.jsonl", InProcessBackend(engine), progress=False)
+    hits = engine.runner.prefix_hit_tokens
+    run_batch(src, tmp_path / "second.jsonl", InProcessBackend(engine), progress=False)
+    assert engine.runner.prefix_hit_tokens - hits >= 8 * 5  # whole blocks of at least five prompts
+    check_against_reference(read_output(tmp_path / "second.jsonl"), cases, reference)
+
+
+def test_prefix_caching_flags_are_for_in_process_runs(tmp_path):
+    from splitserve.runtime.cli_batch import main
+
+    src = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    for flags in (["--enable-prefix-caching"], ["--prefix-cache-gib", "0.1"]):
+        with pytest.raises(SystemExit, match=f"{flags[0]} applies only with --model"):
+            main(["--address", "127.0.0.1:1", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), *flags])

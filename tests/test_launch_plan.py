@@ -119,3 +119,32 @@ def test_worker_ports_are_picked_outside_the_ephemeral_range_and_never_twice():
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # each was free when handed out
+
+
+def test_prefix_caching_flags_reach_prefill_and_colocated_workers_only():
+    from splitserve.runtime.cli import build_parser
+    from splitserve.runtime.cli_serve import launch_config
+    from splitserve.runtime.worker import WorkerConfig
+
+    def launch(*flags):
+        return launch_config(build_parser().parse_args(["launch", "--platform", "cpu", *flags]))
+
+    assert launch().prefix_cache_gib == 0
+    assert launch("--enable-prefix-caching").prefix_cache_gib == 0.25
+    config = launch("--prefix-cache-gib", "0.5")
+    prefill, decode = plan_workers(config, 0)
+    cmd = worker_command(config, prefill)
+    assert cmd[cmd.index("--prefix-cache-gib") + 1] == "0.5"
+    assert "--prefix-cache-gib" not in worker_command(config, decode)
+    colocated = launch("--mode", "colocated", "--enable-prefix-caching")
+    cmd = worker_command(colocated, plan_workers(colocated, 0)[0])
+    assert cmd[cmd.index("--prefix-cache-gib") + 1] == "0.25"
+    assert "--prefix-cache-gib" not in worker_command(LaunchConfig(platform="cpu"), prefill)
+    with pytest.raises(SystemExit, match="turns it on and off"):
+        launch("--enable-prefix-caching", "--prefix-cache-gib", "0")
+    with pytest.raises(SystemExit, match=">= 0"):
+        launch("--prefix-cache-gib", "-1")
+    with pytest.raises(SystemExit):  # argparse: a decode worker has no such flag
+        build_parser().parse_args(["decode-worker", "--enable-prefix-caching"])
+    with pytest.raises(ValueError, match="not a decode worker"):
+        WorkerConfig(role="decode", prefix_cache_gib=0.5)
