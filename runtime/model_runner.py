@@ -254,8 +254,8 @@ class ModelRunner:
         tokens, lengths = _padded_rows(new_parts, batch, seq)
         width = self.padded_prompt_len(max(len(p) for p in prompts))
         prompt_tokens, prompt_lengths = _padded_rows(prompts, batch, width)
-        blocks = bucket(max(len(hit.pages) for hit in hits), minimum=1, maximum=self.max_pages_per_seq)
-        block_table = np.full((batch, blocks), SINK_PAGE, np.int32)
+        # The table covers the whole width, whatever the hits: one program per (batch, seq, width).
+        block_table = np.full((batch, -(-width // self.config.page_size)), SINK_PAGE, np.int32)
         prefix_lengths = np.zeros((batch,), np.int32)
         for row, hit in enumerate(hits):
             block_table[row, : len(hit.pages)] = hit.pages
