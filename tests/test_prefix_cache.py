@@ -119,6 +119,14 @@ def test_prefill_after_a_prefix_equals_the_whole_prefill_demo():
     _check_model(load_model("demo", make_mesh(MeshConfig(1))), 2048, 2e-5)
 
 
+def test_prefill_after_a_prefix_equals_the_whole_prefill_tp2():
+    """The pool is sharded over the KV heads like the cache; the gather and the attention follow."""
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+
+    _check_model(load_model("demo", make_mesh(MeshConfig(2))), 2048, 2e-5)
+
+
 def test_prefill_after_a_prefix_equals_the_whole_prefill_gqa3_hd40(hf_checkpoint):
     from splitserve.models.loader import load_model
     from splitserve.models.sharding import MeshConfig, make_mesh
