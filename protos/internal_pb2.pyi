@@ -66,7 +66,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform", "prefilled", "dropped_cancelled", "dropped_expired", "page_size", "dtype")
+    __slots__ = ("role", "free_pages", "total_pages", "running", "waiting", "mesh", "platform", "prefilled", "dropped_cancelled", "dropped_expired", "page_size", "dtype", "prefix_cache_block")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class WorkerStats(_message.Message):
     DROPPED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BLOCK_FIELD_NUMBER: _ClassVar[int]
     role: str
     free_pages: int
     total_pages: int
@@ -91,7 +92,8 @@ class WorkerStats(_message.Message):
     dropped_expired: int
     page_size: int
     dtype: str
-    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    prefix_cache_block: int
+    def __init__(self, role: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., mesh: _Optional[str] = ..., platform: _Optional[str] = ..., prefilled: _Optional[int] = ..., dropped_cancelled: _Optional[int] = ..., dropped_expired: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., prefix_cache_block: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling", "decode_address", "kv_data_address", "kv_ticket")

@@ -79,11 +79,12 @@ class KVSender:
 
 class PrefillService(internal_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, admission: Admission, *, mesh: str, platform: str,
-                 role: str = "prefill", page_size: int = 0, dtype: str = ""):
+                 role: str = "prefill", page_size: int = 0, dtype: str = "", prefix_cache_block: int = 0):
         self.engine = engine
         self.admission = admission
         self.mesh, self.platform, self.role = mesh, platform, role
         self.page_size, self.dtype = page_size, dtype  # reported by Stats
+        self.prefix_cache_block = prefix_cache_block
 
     def Run(self, request, context):
         with self.admission.admitted_or_abort(context):
@@ -127,7 +128,8 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         return internal_pb2.WorkerStats(role=self.role, mesh=self.mesh, platform=self.platform,
                                         page_size=self.page_size, dtype=self.dtype, running=engine.in_flight, prefilled=engine.prefilled,
                                         dropped_cancelled=engine.dropped_cancelled,
-                                        dropped_expired=engine.dropped_expired)
+                                        dropped_expired=engine.dropped_expired,
+                                        prefix_cache_block=self.prefix_cache_block)
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:

@@ -35,6 +35,7 @@ from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES, ChannelPool
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
+from splitserve.runtime.prefix_affinity import PrefixAffinity
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason, check_bias_ids, check_prompt_ids
 from splitserve.runtime.router_errors import RouterError, passed_through
@@ -64,6 +65,7 @@ class WorkerHandle:
     platform: str = ""
     page_size: int = 0  # 0: a prefill worker (holds no pages), or not heard from yet
     dtype: str = ""
+    prefix_cache_block: int = 0  # a prefill worker's prefix cache block in tokens; 0: none (or not heard from)
 
 
 # Prompt logprobs all ride on the stream's first message, with the prompt's ids: both must fit in
@@ -122,6 +124,7 @@ class Router:
             self.workers = self.prefill_workers + self.decode_workers
         self.health = WorkerHealth([w.address for w in self.workers], self.channels, on_up=self._refresh_address)
         self.pages = PageReservations(self.decode_workers, self.health, self._lock)
+        self.affinity = PrefixAffinity()
 
     def close(self) -> None:
         """Ends the token streams to the decode workers (what is still on them is released there)."""
@@ -142,6 +145,7 @@ class Router:
         with self._lock:
             worker.free_pages, worker.mesh, worker.platform = stats.free_pages, stats.mesh, stats.platform
             worker.page_size, worker.dtype = stats.page_size, stats.dtype
+            worker.prefix_cache_block = stats.prefix_cache_block
 
     def serves_with(self) -> tuple[int, str]:
         """(page size, dtype) the workers report: the decode side's pages; "" / 0 before any answered."""
@@ -312,7 +316,7 @@ class Router:
         if not candidates:
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no prefill worker is reachable (failed: {sorted(tried)}; down: {self.health.down()})")
-        worker = candidates[0]
+        worker = self.affinity.pick(prompt_ids, candidates)  # where the prompt's start may be cached
         request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                                               decode_address=decode.address if decode else "")
         if reservation is not None and reservation.kv_data_address:

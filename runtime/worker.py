@@ -146,7 +146,9 @@ class Worker:
                 self.metrics.watch_prefix_cache(self.runner)
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role,
-                               page_size=config.page_size if has_decode else 0, **serves_with),
+                               page_size=config.page_size if has_decode else 0,
+                               prefix_cache_block=config.page_size if self.runner.prefix_index is not None else 0,
+                               **serves_with),
                 self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
         self._sender = KVSender(self.channels, metrics=self.metrics,

@@ -1,0 +1,88 @@
+"""The router sends prompts that start alike to the prefill worker that ran the last such prompt,
+within a slack of load, and only among workers that cache prefixes."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from splitserve.runtime.prefix_affinity import PrefixAffinity
+
+
+@dataclasses.dataclass
+class Worker:
+    address: str
+    in_flight: int = 0
+    prefix_cache_block: int = 16
+
+
+def by_load(*workers):
+    return sorted(workers, key=lambda w: w.in_flight)
+
+
+def test_a_shared_start_stays_on_its_worker_within_the_slack():
+    a, b = Worker("a"), Worker("b")
+    affinity = PrefixAffinity(slack=2)
+    system = list(range(100, 130))
+    assert affinity.pick(system + [1], by_load(a, b)) is a
+    a.in_flight = 2  # b is less loaded, but within the slack
+    assert affinity.pick(system + [2], by_load(a, b)) is a
+    a.in_flight = 3  # past it: the least loaded takes it and is remembered
+    assert affinity.pick(system + [3], by_load(a, b)) is b
+    a.in_flight = b.in_flight = 0
+    assert affinity.pick(system + [4], by_load(a, b)) is b
+    # Another start goes by load alone.
+    b.in_flight = 1
+    assert affinity.pick(list(range(500, 540)), by_load(a, b)) is a
+
+
+def test_no_affinity_without_a_cache_or_a_whole_block():
+    a, b = Worker("a", prefix_cache_block=0), Worker("b", prefix_cache_block=0)
+    affinity = PrefixAffinity()
+    system = list(range(100, 130))
+    affinity.pick(system, by_load(a, b))
+    b.in_flight = 0
+    a.in_flight = 1
+    assert affinity.pick(system, by_load(a, b)) is b  # least loaded: no worker caches
+    a.prefix_cache_block = b.prefix_cache_block = 16
+    assert affinity.pick(system[:16], by_load(a, b)) is b  # 16 tokens: no whole block before the last token
+    # A remembered worker that stopped caching (restarted without it) is not preferred.
+    affinity.pick(system, by_load(a, b))  # remembered: b
+    b.prefix_cache_block, b.in_flight, a.in_flight = 0, 1, 0
+    assert affinity.pick(system, by_load(a, b)) is a
+
+
+def test_the_memory_is_bounded():
+    a, b = Worker("a"), Worker("b")
+    affinity = PrefixAffinity(max_entries=3)
+    for start in range(10):
+        affinity.pick([start] * 20, by_load(a, b))
+    assert len(affinity._last) == 3
+
+
+def test_launched_stack_sends_a_shared_start_to_one_prefill_worker(tmp_path):
+    """Two caching prefill workers, concurrent requests with one system prompt: every request goes
+    where the first one ran, so every one after it finds the system prompt there."""
+    import os
+
+    import numpy as np
+
+    from stack import launched
+    from test_metrics import endpoints, scrape, value
+
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 2048, 70).tolist()
+    os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
+    with launched("demo", "--prefill-workers", "2", "--enable-prefix-caching", "--metrics-port", "0",
+                  "--num-pages", "128") as stack:
+        stack.generate(system + [5, 6], max_tokens=2)
+        prompts = [system + rng.integers(3, 2048, 8).tolist() for _ in range(4)]
+        threads = [threading.Thread(target=stack.generate, args=(p,), kwargs=dict(max_tokens=2)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        pages = [scrape(url) for url in endpoints(stack.lines)["prefill"]]
+    hits = sorted(value(p, "prefix_cache_hits_total") for p in pages)
+    queried = sorted(value(p, "prefix_cache_queries_total") for p in pages)
+    assert hits == [0, 4 * 64] and queried == [0, 72 + 4 * 78]
