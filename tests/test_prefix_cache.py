@@ -4,6 +4,8 @@ a transformers-saved GQA checkpoint whose head_dim is not a power of two."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -178,10 +180,11 @@ def test_colocated_engine_with_prefix_caching_equals_without():
 
 
 # -- served: a launched stack with prefix caching ----------------------------------------------
-def test_disaggregated_stack_with_prefix_caching_equals_colocated_without(tmp_path):
-    """Prompts that share a long start, through a launched disaggregated stack whose prefill worker
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, mode):
+    """Prompts that share a long start, through a launched stack whose prefill (or colocated) worker
     caches prefixes: the tokens equal an in-process colocated engine's without a cache, and the
-    prefill worker's metrics count the hits."""
+    worker's metrics count the hits."""
     import os
 
     from splitserve.models.loader import load_model
@@ -189,7 +192,7 @@ def test_disaggregated_stack_with_prefix_caching_equals_colocated_without(tmp_pa
     from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
     from splitserve.runtime.sampling_params import SamplingParams
     from stack import launched
-    from test_metrics import endpoints, scrape, value
+    from test_metrics import scrape, value
 
     rng = np.random.default_rng(1)
     system = rng.integers(3, 2048, 70).tolist()
@@ -200,9 +203,11 @@ def test_disaggregated_stack_with_prefix_caching_equals_colocated_without(tmp_pa
     engine = ColocatedEngine(load_model("demo", make_mesh(MeshConfig(1))), EngineConfig(num_pages=64))
     want = engine.generate([p for p, _ in cases], [SamplingParams(**s) for _, s in cases])
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
-    with launched("demo", "--enable-prefix-caching", "--metrics-port", "0", "--num-pages", "64") as stack:
+    with launched("demo", "--mode", mode, "--enable-prefix-caching", "--metrics-port", "0",
+                  "--num-pages", "64") as stack:
         got = [stack.generate(p, **s)[0] for p, s in cases]
-        prefill = scrape(endpoints(stack.lines)["prefill"][0])
+        line = next(line for line in stack.lines if line.startswith("splitserve metrics:"))
+        prefill = scrape(re.search(r"(?:prefill|colocated) \S+ (http\S+/metrics)", line).group(1))
     assert got == [w.token_ids for w in want]
     # Hits, in blocks of 16: none for the first prompt (it stores 4 blocks); the system prompt's 4
     # for the next two (the third stores a fifth); 3 for the system prompt's first 50 tokens; 5
