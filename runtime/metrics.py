@@ -189,16 +189,14 @@ class WorkerMetrics:
         self.registry.register(_CallbackGauges(lambda: {
             "prefill_requests_queued": ("Prompts submitted and not yet prefilled.", queued())}))
 
-    def watch_prefix_cache(self, runner) -> None:
-        """Prefix caching's figures, in tokens as vLLM's prefix_cache_queries/hits count them."""
-        index = runner.prefix_index
+    def watch_prefix_cache(self, cache) -> None:
+        """`cache`: a PrefixCache (runtime/prefix_cache.py). Tokens, as vLLM's prefix_cache_queries/hits count them."""
         self.registry.register(_CallbackCounters(lambda: {
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", runner.prefix_queried_tokens),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache (not computed again).",
-                                  runner.prefix_hit_tokens)}))
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", cache.queried_tokens),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache (not computed again).", cache.hit_tokens)}))
         self.registry.register(_CallbackGauges(lambda: {
-            "prefix_cache_blocks": ("Prompt blocks held by the prefix cache.", len(index)),
-            "prefix_cache_blocks_total": ("Prompt blocks the prefix cache can hold.", index.capacity)}))
+            "prefix_cache_blocks": ("Prompt blocks held by the prefix cache.", len(cache.index)),
+            "prefix_cache_blocks_total": ("Prompt blocks the prefix cache can hold.", cache.index.capacity)}))
 
     def kv_transfer(self, direction: str, transport: str = "grpc") -> KVTransferTimer:
         return KVTransferTimer(self, direction, transport)

@@ -28,7 +28,7 @@ from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
 from splitserve.runtime.penalty_rows import PenaltyRows
-from splitserve.runtime.prefix_index import PrefixHit, PrefixIndex
+from splitserve.runtime.prefix_cache import PrefixCache
 from splitserve.runtime.prompt_logprobs import prompt_logprobs
 from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, bias_vector, sample
 
@@ -78,18 +78,12 @@ class RunnerConfig:
     fine_prompt_buckets: bool | None = None
     # Prefix caching: pages (of page_size tokens, including a sink page) of a device pool that keeps
     # the KV of recent prompts' whole blocks, so a prompt that starts like an earlier one computes
-    # only what follows (runtime/prefix_index.py). 0: off.
+    # only what follows (runtime/prefix_cache.py). 0: off.
     prefix_cache_pages: int = 0
 
 
 def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling, bias):
     return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths), bias=bias)
-
-
-def _logits_and_sample_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias):
-    # The logits of the last new token; the repetition penalty sees the whole prompt, prefix included.
-    logits = serving.prefill_logits(graphdef, params, x, lengths)
-    return sample(logits, sampling, prompt=(prompt_tokens, prompt_lengths), bias=bias)
 
 
 def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, bias, tokens, positions, page_table, active,
@@ -170,16 +164,8 @@ class ModelRunner:
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
-        self.prefix_index = self.prefix_pool = None
-        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up, and found
-        if config.prefix_cache_pages:
-            self.prefix_index = PrefixIndex(config.prefix_cache_pages, config.page_size)
-            pool_spec = dataclasses.replace(self.cache_spec, num_pages=config.prefix_cache_pages)
-            self.prefix_pool = allocate_cache(pool_spec, named_sharding(cache_axes, pool_spec.page_shape, model.mesh))
-            self._layer_after_prefix = jax.jit(functools.partial(serving.prefill_layer_after_prefix, layer_graphdef),
-                                               static_argnums=0)
-            self._first_tokens_after_prefix = jax.jit(functools.partial(_logits_and_sample_after_prefix,
-                                                                        model.graphdef))
+        self.prefix_cache = (PrefixCache(model, self.cache_spec, config.prefix_cache_pages, layer_graphdef, self._insert)
+                             if config.prefix_cache_pages else None)
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
         self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=(0, 1))
         self._set_bias_row = jax.jit(functools.partial(_set_bias_row, mesh), donate_argnums=0)
@@ -226,13 +212,13 @@ class ModelRunner:
 
         With prefix caching, rows whose prompt starts with cached blocks compute only the rest;
         k/v are still each row's whole prompt, as the KV handoff and the insert expect."""
-        hits = self._prefix_hits(prompts, sampling)
+        hits = self.prefix_cache.hits(prompts, sampling) if self.prefix_cache is not None else None
         if hits is None:
             first, ks, vs, lengths = self._prefill_whole(prompts, sampling, steps)
         else:
             first, ks, vs, lengths = self._prefill_after_prefix(prompts, hits, sampling, steps)
-        if self.prefix_index is not None:
-            self._store_prefixes(prompts, ks, vs)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(prompts, ks, vs)
         return first, ks, vs, lengths
 
     def _prefill_whole(self, prompts, sampling, steps):
@@ -249,29 +235,20 @@ class ModelRunner:
         return self._with_prompt_logprobs(first, x, tokens, sampling), tuple(ks), tuple(vs), lengths
 
     def _prefill_after_prefix(self, prompts, hits, sampling, steps):
+        cache = self.prefix_cache
         new_parts = [p[hit.tokens:] for p, hit in zip(prompts, hits)]
         batch, seq = self.prefill_shape([len(p) for p in new_parts])
         tokens, lengths = _padded_rows(new_parts, batch, seq)
         width = self.padded_prompt_len(max(len(p) for p in prompts))
         prompt_tokens, prompt_lengths = _padded_rows(prompts, batch, width)
-        # The table covers the whole width, whatever the hits: one program per (batch, seq, width).
-        block_table = np.full((batch, -(-width // self.config.page_size)), SINK_PAGE, np.int32)
-        prefix_lengths = np.zeros((batch,), np.int32)
-        for row, hit in enumerate(hits):
-            block_table[row, : len(hit.pages)] = hit.pages
-            prefix_lengths[row] = hit.tokens
+        table, prefix_lengths = cache.block_table(hits, batch, width)
         arrays = self._sampling_arrays(sampling, steps, batch)
         x = self._embed(self.model.params, tokens)
-        ks, vs = [], []
-        for layer_params, pool_k, pool_v in zip(self._layer_params, self.prefix_pool.k, self.prefix_pool.v):
-            x, k, v = self._layer_after_prefix(width, layer_params, x, lengths, pool_k, pool_v, block_table,
-                                               prefix_lengths)
-            ks.append(k)
-            vs.append(v)
-        first = self._first_tokens_after_prefix(self.model.params, x, lengths, prompt_tokens, prompt_lengths, arrays,
-                                                self.prefill_bias)
-        # Rows that ask for prompt logprobs were not looked up (_prefix_hits): x covers their whole prompt.
-        return self._with_prompt_logprobs(first, x, tokens, sampling), tuple(ks), tuple(vs), prompt_lengths
+        x, ks, vs = cache.layers(width, self._layer_params, x, lengths, table, prefix_lengths)
+        first = cache.first_tokens(self.model.params, x, lengths, prompt_tokens, prompt_lengths, arrays,
+                                   self.prefill_bias)
+        # Rows that ask for prompt logprobs were not looked up (PrefixCache.hits): x covers their whole prompt.
+        return self._with_prompt_logprobs(first, x, tokens, sampling), ks, vs, prompt_lengths
 
     def _sampling_arrays(self, sampling, steps, batch) -> SamplingArrays:
         for row, params in enumerate(sampling):
@@ -287,37 +264,6 @@ class ModelRunner:
         if any(p.prompt_logprobs is not None for p in sampling):
             first = dataclasses.replace(first, prompt=self._prompt_logprobs(self.model.params, x, tokens))
         return first
-
-    # -- prefix caching -------------------------------------------------------------------
-    def _prefix_hits(self, prompts, sampling) -> list[PrefixHit] | None:
-        """Each row's cached prefix, or None when caching is off or no row has one. A row that asks
-        for prompt logprobs is not looked up: those need every prompt token's logits."""
-        if self.prefix_index is None:
-            return None
-        hits = []
-        for prompt, params in zip(prompts, sampling):
-            if params.prompt_logprobs is not None:
-                hits.append(PrefixHit((), 0))
-                continue
-            hits.append(self.prefix_index.lookup(prompt))
-            self.prefix_queried_tokens += len(prompt)
-            self.prefix_hit_tokens += hits[-1].tokens
-        return hits if any(hit.tokens for hit in hits) else None
-
-    def _store_prefixes(self, prompts, ks, vs) -> None:
-        """Copies the whole blocks of these prompts that are not cached yet into the pool."""
-        batch, width = ks[0].shape[:2]
-        table = np.full((batch, -(-width // self.config.page_size)), SINK_PAGE, np.int32)
-        lengths = np.zeros((batch,), np.int32)
-        written: set[int] = set()  # pages this write fills: no row's store may evict them
-        for row, prompt in enumerate(prompts):
-            new = self.prefix_index.store(prompt, written)
-            if new is not None:
-                end = new.first_block + len(new.pages)
-                table[row, new.first_block:end] = new.pages
-                lengths[row] = end * self.config.page_size  # earlier blocks were cached: their slots go to the sink
-        if written:
-            self.prefix_pool = self._insert(self.prefix_pool, ks, vs, table, lengths)
 
     def insert(self, ks, vs, page_lists: list[list[int]], lengths: np.ndarray) -> None:
         # Only the pages the prompt's KV fills: the table width then follows the prompt bucket,

@@ -91,19 +91,19 @@ class PrefixIndex:
 
     def store(self, prompt, protected: set[int]) -> NewBlocks | None:
         """Takes the whole blocks of `prompt` that are not cached yet; evicts old entries for room but
-        never a page in `protected` (pages a caller is about to write: this call adds its own). None
-        when nothing new was taken."""
+        never a page in `protected` (pages a caller is about to write: this call adds its own) nor the
+        prompt's own cached blocks. None when nothing new was taken."""
         count = len(prompt) // self.block_size
         chain = self._chain(prompt, count)
+        self._touch(chain)
+        keep = protected | {b.page for b in chain}  # what eviction must leave alone
         first_new = len(chain)
         parent = chain[-1].node_id if chain else _ROOT
         new_pages = []
         for tokens in itertools.islice(self._blocks(prompt, count), first_new, None):
-            page = self._take_page(protected)
-            if page is None or (parent != _ROOT and parent not in self._by_id):
-                if page is not None:
-                    self._free.append(page)
-                break  # no room, or room was made by evicting this very chain
+            page = self._take_page(keep)
+            if page is None:
+                break  # no room: everything left is in use by this write
             block = _Block(next(self._ids), (parent, tokens), page)
             self._by_key[block.key] = block
             self._by_id[block.node_id] = block
@@ -111,6 +111,7 @@ class PrefixIndex:
                 self._by_id[parent].children.add(block.node_id)
             self._lru[block.node_id] = None
             chain.append(block)
+            keep.add(page)
             protected.add(page)
             new_pages.append(page)
             parent = block.node_id

@@ -142,12 +142,12 @@ class Worker:
             self.prefill_engine = PrefillEngine(self.runner, self._send_kv, max_prefill_batch=config.max_prefill_batch,
                                                 metrics=self.metrics, turns=turns)
             self.metrics.watch_prefill(lambda: self.prefill_engine.in_flight)
-            if self.runner.prefix_index is not None:
-                self.metrics.watch_prefix_cache(self.runner)
+            if self.runner.prefix_cache is not None:
+                self.metrics.watch_prefix_cache(self.runner.prefix_cache)
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role,
                                page_size=config.page_size if has_decode else 0,
-                               prefix_cache_block=config.page_size if self.runner.prefix_index is not None else 0,
+                               prefix_cache_block=config.page_size if self.runner.prefix_cache is not None else 0,
                                **serves_with),
                 self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))

@@ -689,9 +689,9 @@ def test_the_mixed_file_again_through_a_prefix_cache(tmp_path, model, reference)
     cases = mixed_lines()
     src = write_lines(tmp_path / "in.jsonl", [line for line, _ in cases])
     run_batch(src, tmp_path / "first.jsonl", InProcessBackend(engine), progress=False)
-    hits = engine.runner.prefix_hit_tokens
+    hits = engine.runner.prefix_cache.hit_tokens
     run_batch(src, tmp_path / "second.jsonl", InProcessBackend(engine), progress=False)
-    assert engine.runner.prefix_hit_tokens - hits >= 8 * 5  # whole blocks of at least five prompts
+    assert engine.runner.prefix_cache.hit_tokens - hits >= 8 * 5  # whole blocks of at least five prompts
     check_against_reference(read_output(tmp_path / "second.jsonl"), cases, reference)
 
 

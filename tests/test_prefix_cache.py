@@ -57,6 +57,21 @@ def test_eviction_is_least_recently_used_and_never_strands_a_block():
     assert len(index) <= 4 and sorted(index._free + [blk.page for blk in index._by_id.values()]) == [1, 2, 3, 4]
 
 
+def test_store_never_evicts_the_prompts_own_blocks():
+    index = PrefixIndex(num_pages=5, block_size=2)  # 4 usable pages
+    chat = [1, 1, 2, 2, 3, 3, 4, 4]
+    assert len(index.store(chat, set()).pages) == 4  # full
+    longer = chat + [5, 5, 6, 6, 7]
+    assert index.lookup(longer).tokens == 8
+    assert index.store(longer, set()) is None  # no room but its own blocks, which stay
+    assert index.lookup(longer).tokens == 8
+    tiny = PrefixIndex(num_pages=2, block_size=2)  # capacity 1
+    tiny.store([1, 1], set())
+    assert tiny.store([1, 1, 2, 2, 3], set()) is None and tiny.lookup([1, 1, 2]).tokens == 2
+    assert tiny.store([7, 7], set()).pages == (1,)  # another prompt evicts it
+    assert tiny.lookup([1, 1, 2]).tokens == 0 and tiny.lookup([7, 7, 0]).tokens == 2
+
+
 def test_store_never_evicts_a_page_it_is_about_to_write():
     index = PrefixIndex(num_pages=3, block_size=2)  # 2 usable pages
     written: set[int] = set()
@@ -102,7 +117,7 @@ def _check_model(model, vocab, tolerance):
     # The first batch fills the cache; nothing is found yet.
     warm = [system + rng.integers(3, vocab, 10).tolist(), rng.integers(3, vocab, 33).tolist()]
     _assert_same_prefill(_prefill(cached, warm), _prefill(plain, warm), tolerance)
-    assert cached.prefix_hit_tokens == 0
+    assert cached.prefix_cache.hit_tokens == 0
     # Ragged rows: a 32-token hit (the system prompt's whole blocks), a 48-token hit (the first
     # prompt's 3 blocks), a row with no hit, and the second prompt again (32 cached, 1 new token).
     batch = [system + rng.integers(3, vocab, 9).tolist(),
@@ -110,8 +125,8 @@ def _check_model(model, vocab, tolerance):
              rng.integers(3, vocab, 21).tolist(),
              warm[1]]
     _assert_same_prefill(_prefill(cached, batch), _prefill(plain, batch), tolerance)
-    assert cached.prefix_hit_tokens == 32 + 48 + 0 + 32
-    assert cached.prefix_queried_tokens == sum(map(len, warm + batch))
+    assert cached.prefix_cache.hit_tokens == 32 + 48 + 0 + 32
+    assert cached.prefix_cache.queried_tokens == sum(map(len, warm + batch))
 
 
 def test_prefill_after_a_prefix_equals_the_whole_prefill_demo():
@@ -148,11 +163,11 @@ def test_prompt_logprobs_rows_are_computed_whole_beside_a_hit():
     _prefill(cached, [prompt])
     params = [SamplingParams(max_tokens=2, prompt_logprobs=2), SamplingParams(max_tokens=2)]
     prompts = [prompt + [5], prompt + [6]]
-    queried, hits = cached.prefix_queried_tokens, cached.prefix_hit_tokens
+    queried, hits = cached.prefix_cache.queried_tokens, cached.prefix_cache.hit_tokens
     (first, _, got), _, _, _ = cached.prefill_sampled(prompts, params, [0, 0])
     (want_first, _, want), _, _, _ = plain.prefill_sampled(prompts, params, [0, 0])
-    assert cached.prefix_hit_tokens - hits == 48  # only the second row was looked up
-    assert cached.prefix_queried_tokens - queried == len(prompts[1])
+    assert cached.prefix_cache.hit_tokens - hits == 48  # only the second row was looked up
+    assert cached.prefix_cache.queried_tokens - queried == len(prompts[1])
     assert first == want_first and got[1] is None and len(got[0]) == len(prompts[0]) - 1
     for a, b in zip(got[0], want[0]):
         assert a.rank == b.rank and [t for t, _ in a.top] == [t for t, _ in b.top]
@@ -176,7 +191,7 @@ def test_colocated_engine_with_prefix_caching_equals_without():
     first = cached.generate(prompts[:1], params)  # stores the shots' 2 whole blocks
     rest = cached.generate(prompts[1:], params)
     assert [c.token_ids for c in first + rest] == [c.token_ids for c in plain]
-    assert cached.runner.prefix_hit_tokens == 3 * 32
+    assert cached.runner.prefix_cache.hit_tokens == 3 * 32
 
 
 # -- served: a launched stack with prefix caching ----------------------------------------------
@@ -215,3 +230,31 @@ def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, m
     assert value(prefill, "prefix_cache_hits_total") == 0 + 64 + 64 + 48 + 80
     assert value(prefill, "prefix_cache_queries_total") == sum(len(p) for p, _ in cases)
     assert value(prefill, "prefix_cache_blocks") > 0
+
+
+def test_a_full_pool_evicts_and_reuses_pages_and_stays_exact():
+    """A pool of 4 blocks: a chat that grows past it, a long prompt twice, a prompt_logprobs row
+    extending the oldest chain, new prompts evicting old ones. Every prefill equals the whole one
+    (the K/V read back from reused pages are the new blocks'), and nothing raises."""
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    cached, plain = _runner(model, 5), _runner(model, 0)
+    rng = np.random.default_rng(4)
+    chat = rng.integers(3, 2048, 40).tolist()
+    long_prompt = rng.integers(3, 2048, 100).tolist()
+    steps = []
+    for _ in range(4):  # a chat whose history grows by a turn each time
+        chat = chat + rng.integers(3, 2048, 20).tolist()
+        steps.append([chat])
+    steps += [[long_prompt], [long_prompt], [rng.integers(3, 2048, 70).tolist(), chat[:50]]]
+    for batch in steps:
+        _assert_same_prefill(_prefill(cached, batch), _prefill(plain, batch), 2e-5)
+    logprob_row = [SamplingParams(max_tokens=2, logprobs=5, prompt_logprobs=1)]
+    for batch in ([chat + [9]], [long_prompt + [8]]):
+        _assert_same_prefill(_prefill(cached, batch, logprob_row), _prefill(plain, batch, logprob_row), 2e-5)
+    assert cached.prefix_cache.hit_tokens > 0 and len(cached.prefix_cache.index) <= 4
+    pages = [b.page for b in cached.prefix_cache.index._by_id.values()]
+    assert sorted(pages + cached.prefix_cache.index._free) == [1, 2, 3, 4]
