@@ -68,6 +68,11 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
         count += 1
     _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner), runner.prefill_bias)
     count += 1
+    if runner.prefix_cache is not None:  # every prefill stores its prompts' new blocks in the pool
+        pool = runner.prefix_cache.pool
+        table = np.zeros((batch, -(-seq // runner.config.page_size)), np.int32)
+        _compile(runner._insert, pool, (k,) * len(pool.k), (v,) * len(pool.v), table, lengths)
+        count += 1
     if decode:
         layers = runner.cache_spec.num_layers
         table = runner.page_table([[1] * -(-seq // runner.config.page_size)] * batch, batch)

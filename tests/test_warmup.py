@@ -70,3 +70,18 @@ def test_cpu_prompt_buckets_are_fine_and_the_kernels_keep_powers_of_two(runner):
     assert [cpu.padded_prompt_len(n) for n in (1, 17, 25, 40, 49)] == [16, 24, 32, 48, 64]
     kernels = ModelRunner(runner.model, dataclasses.replace(runner.config, num_pages=2, attention_impl="tpu"))
     assert kernels.prompt_buckets() == [16, 32, 64] and kernels.padded_prompt_len(40) == 64
+
+
+def test_a_prefix_caching_prefill_worker_compiles_nothing_until_a_hit(runner):
+    """Every prefill stores its prompts' new blocks in the prefix pool: warm-up compiles that write
+    for every (batch, prompt) bucket. (A prefill after a cached prefix compiles on first use.)"""
+    cached = ModelRunner(runner.model, dataclasses.replace(runner.config, decodes=False, num_pages=2,
+                                                           prefix_cache_pages=16))
+    cached.warm_up(decode=False, full=True)
+    COMPILES.clear()
+    rng = np.random.default_rng(1)
+    for batch, n in ((1, 20), (2, 64), (1, 33), (2, 5)):
+        prompts = [list(rng.integers(3, 2000, size=n)) for _ in range(batch)]
+        cached.prefill(prompts, [SamplingParams(max_tokens=2)] * batch, [0] * batch)
+    assert cached.prefix_cache.hit_tokens == 0 and len(cached.prefix_cache.index) > 0
+    assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"
