@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -31,8 +32,8 @@ def prefix_cache_gib(args, command: str) -> float:
     """The prefix cache's GiB per device from the flags above (0: off)."""
     if args.prefix_cache_gib is None:
         return DEFAULT_PREFIX_CACHE_GIB if args.enable_prefix_caching else 0.0
-    if args.prefix_cache_gib < 0:
-        raise SystemExit(f"splitserve {command}: --prefix-cache-gib must be >= 0, got {args.prefix_cache_gib}")
+    if not (math.isfinite(args.prefix_cache_gib) and args.prefix_cache_gib >= 0):
+        raise SystemExit(f"splitserve {command}: --prefix-cache-gib must be a number >= 0, got {args.prefix_cache_gib}")
     if args.enable_prefix_caching and args.prefix_cache_gib == 0:
         raise SystemExit(f"splitserve {command}: --enable-prefix-caching with --prefix-cache-gib 0 turns it on "
                          "and off; give one of them")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import threading
 import time
@@ -86,8 +87,8 @@ class WorkerConfig:
             raise ValueError(f"warmup must be 'full' or 'minimal', got {self.warmup!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-        if self.prefix_cache_gib < 0:
-            raise ValueError(f"prefix_cache_gib must be >= 0, got {self.prefix_cache_gib}")
+        if not (math.isfinite(self.prefix_cache_gib) and self.prefix_cache_gib >= 0):
+            raise ValueError(f"prefix_cache_gib must be a number >= 0, got {self.prefix_cache_gib}")
         if self.prefix_cache_gib and self.role == "decode":
             raise ValueError("prefix caching saves prefill work: it applies to prefill and colocated workers, "
                              "not a decode worker")
@@ -252,8 +253,9 @@ def prefix_cache_pages(gib: float, model, page_size: int, tp: int) -> int:
     per_page = pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, page_size,
                                       model.config.head_dim, jnp.dtype(model.dtype).itemsize, tp)
     pages = int(gib * (1 << 30)) // per_page
-    if pages < 2:
-        raise ValueError(f"--prefix-cache-gib {gib} holds {pages} blocks of {per_page} bytes; need at least 2")
+    if pages < 2:  # one is the sink
+        raise ValueError(f"--prefix-cache-gib {gib} holds {max(pages - 1, 0)} blocks of {per_page} bytes "
+                         f"({page_size} tokens each); give at least {2 * per_page / (1 << 30):.6f}")
     log.info("prefix cache: %d blocks of %d tokens (%.3f GiB per device)", pages - 1, page_size,
              pages * per_page / (1 << 30))
     return pages

@@ -142,8 +142,9 @@ def test_prefix_caching_flags_reach_prefill_and_colocated_workers_only():
     assert "--prefix-cache-gib" not in worker_command(LaunchConfig(platform="cpu"), prefill)
     with pytest.raises(SystemExit, match="turns it on and off"):
         launch("--enable-prefix-caching", "--prefix-cache-gib", "0")
-    with pytest.raises(SystemExit, match=">= 0"):
-        launch("--prefix-cache-gib", "-1")
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit, match="a number >= 0"):
+            launch("--prefix-cache-gib", bad)
     with pytest.raises(SystemExit):  # argparse: a decode worker has no such flag
         build_parser().parse_args(["decode-worker", "--enable-prefix-caching"])
     with pytest.raises(ValueError, match="not a decode worker"):

@@ -81,6 +81,35 @@ def test_store_never_evicts_a_page_it_is_about_to_write():
     assert index.lookup([1, 1, 2, 2, 0]).tokens == 4
 
 
+# -- the attention after a cached prefix ----------------------------------------------------
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 40), (8, 2, 64), (6, 1, 16)])
+def test_attention_after_a_prefix_equals_the_reference_rows_of_a_whole_prompt(heads, kv_heads, head_dim):
+    """Ragged prefixes and prompts, a new part longer than one query chunk, NaN past each prompt."""
+    import jax.numpy as jnp
+
+    from splitserve.models.attention import QUERY_CHUNK, attention_after_prefix
+    from splitserve.pallas_kernels.reference import flash_attention_reference
+
+    rng = np.random.default_rng(heads)
+    prefixes, totals = [0, 48, 16], [70, 48 + QUERY_CHUNK + 37, 17]
+    width, seq = 48 + QUERY_CHUNK + 40, QUERY_CHUNK + 40
+    q_full = rng.standard_normal((3, width, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((3, width, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((3, width, kv_heads, head_dim)).astype(np.float32)
+    for row, total in enumerate(totals):
+        k[row, total:] = v[row, total:] = np.nan
+    want = np.asarray(flash_attention_reference(jnp.asarray(q_full), jnp.asarray(np.nan_to_num(k)),
+                                                jnp.asarray(np.nan_to_num(v)), lengths=jnp.asarray(totals)))
+    q_new = np.zeros((3, seq, heads, head_dim), np.float32)
+    for row, (p, total) in enumerate(zip(prefixes, totals)):
+        q_new[row, : total - p] = q_full[row, p:total]
+    got = np.asarray(attention_after_prefix(jnp.asarray(q_new), jnp.asarray(k), jnp.asarray(v),
+                                            jnp.asarray(prefixes, jnp.int32), jnp.asarray(totals, jnp.int32)))
+    for row, (p, total) in enumerate(zip(prefixes, totals)):
+        np.testing.assert_allclose(got[row, : total - p], want[row, p:total], atol=2e-5, rtol=1e-5)
+    assert np.isfinite(got).all()
+
+
 # -- a prefill after a cached prefix ---------------------------------------------------------
 def _runner(model, prefix_pages):
     from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
@@ -144,12 +173,28 @@ def test_prefill_after_a_prefix_equals_the_whole_prefill_tp2():
     _check_model(load_model("demo", make_mesh(MeshConfig(2))), 2048, 2e-5)
 
 
-def test_prefill_after_a_prefix_equals_the_whole_prefill_gqa3_hd40(hf_checkpoint):
+def test_prefill_after_a_prefix_equals_the_whole_prefill_gqa3_hd40_tp2(hf_checkpoint):
+    """3 KV heads on tp=2: the serving layout repeats them per shard, and the pool holds that layout."""
     from splitserve.models.loader import load_model
     from splitserve.models.sharding import MeshConfig, make_mesh
 
     directory, torch_model = hf_checkpoint("qwen2_gqa3_hd40_llama3rope")
-    _check_model(load_model(str(directory), make_mesh(MeshConfig(1))), torch_model.config.vocab_size, 2e-5)
+    model = load_model(str(directory), make_mesh(MeshConfig(2)))
+    assert not model.layout.is_identity
+    _check_model(model, torch_model.config.vocab_size, 2e-5)
+
+
+def test_a_prefix_cache_too_small_for_one_block_is_refused():
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.worker import prefix_cache_pages
+
+    model = load_model("demo", make_mesh(MeshConfig(1)))
+    assert prefix_cache_pages(0, model, 16, 1) == 0
+    per_page = 2 * 4 * 4 * 16 * 32 * 4  # K and V, 4 layers, 4 KV heads, 16 tokens, head_dim 32, f32
+    assert prefix_cache_pages(3 * per_page / (1 << 30), model, 16, 1) == 3
+    with pytest.raises(ValueError, match="holds 0 blocks"):
+        prefix_cache_pages(1.5 * per_page / (1 << 30), model, 16, 1)
 
 
 def test_prompt_logprobs_rows_are_computed_whole_beside_a_hit():
