@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.runtime.cli_args import positive_int
+from splitserve.runtime.cli_args import add_prefix_cache_flags, positive_int
 
 DESCRIPTION = """\
 Benchmark a running router (--address) or compare a colocated and a disaggregated stack on
@@ -17,7 +17,8 @@ the same devices (--compare), with the metrics of `vllm bench serve`: TTFT, TPOT
 p50/p90/p99), request and token throughput, and goodput (requests/s meeting every --goodput SLO).
 
 Workloads (--dataset), every request sent with ignore_eos so it yields its output length:
-  random    random token-id prompts; lengths uniform in [L*(1-r), L*(1+r)], r = --random-range-ratio
+  random    random token-id prompts; lengths uniform in [L*(1-r), L*(1+r)], r = --random-range-ratio;
+            --random-prefix-len P puts one random P-token start before every prompt (prefix caching)
   sharegpt  --dataset-path FILE: first human turn as the text prompt, output = tokens of the
             first gpt reply (capped by --sharegpt-max-output-len); filtered as vLLM does
   mixed     short chats plus a fraction (--mixed-long-fraction, default 0.1) of long prompts
@@ -55,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--num-prompts", type=int, default=100, help="requests per run (default 100)")
     w.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens (default 1024)")
     w.add_argument("--random-output-len", type=int, default=128, help="random: output tokens (default 128)")
+    w.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random: tokens every prompt starts with, before its own --random-input-len (a shared "
+                        "system prompt, as vLLM's; default 0)")
     w.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="spread of every random/mixed length: uniform in [L*(1-r), L*(1+r)], 0 <= r < 1 (default 0)")
     w.add_argument("--sharegpt-output-len", type=int, help="sharegpt: fixed output length instead of the reply's")
@@ -91,6 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-batch", type=positive_int, default=32, help="decode batch per worker (default 32)")
     c.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     c.add_argument("--num-pages", type=positive_int, help="KV pages per worker (default: from --kv-cache-gib)")
+    add_prefix_cache_flags(c, "both stacks' prefill (or colocated) workers")
     c.add_argument("--warmup", choices=["full", "minimal"], default="full",
                    help="what the workers compile before serving (as `launch --warmup`; minimal: faster start, "
                         "use --num-warmups to compile the workload's shapes before measuring)")

@@ -129,6 +129,19 @@ def test_random_requests_are_token_ids_in_the_vocab_without_eos():
                         max_model_len=100)
 
 
+def test_a_random_prefix_is_shared_by_every_prompt_before_its_own_tokens():
+    rng = np.random.default_rng(2)
+    reqs = random_requests(20, rng, input_len=10, output_len=4, range_ratio=0.5, vocab_size=50,
+                           eos_token_ids=[2], max_model_len=64, prefix_len=30)
+    prefix = reqs[0].token_ids[:30]
+    assert all(r.token_ids[:30] == prefix and len(r.token_ids) == r.prompt_len for r in reqs)
+    assert all(35 <= r.prompt_len <= 45 for r in reqs) and 2 not in prefix
+    assert len({r.token_ids[30:] for r in reqs}) == 20  # each prompt's own part differs
+    with pytest.raises(ValueError, match="over the model's context of 64"):
+        random_requests(5, rng, input_len=30, output_len=4, range_ratio=0.0, vocab_size=50, eos_token_ids=[2],
+                        max_model_len=64, prefix_len=31)
+
+
 def test_mixed_workload_has_the_asked_fraction_of_long_prompts():
     spec = MixedSpec(long_fraction=0.1, short_input_len=32, short_output_len=16, long_output_len=8)
     reqs = mixed_requests(100, np.random.default_rng(2), spec, range_ratio=0.0, vocab_size=50, eos_token_ids=[2],
@@ -270,6 +283,9 @@ def test_compare_puts_both_stacks_on_the_same_devices(monkeypatch):
         assert launch_config(build_parser().parse_args(["launch", *launch_flags(config)])) == config
     (_, quick), _ = CompareSpec(warmup="minimal").stacks()  # `bench --compare --warmup minimal`
     assert build_parser().parse_args(["launch", *launch_flags(quick)]).warmup == "minimal"
+    for config in (stack for _, stack in CompareSpec(platform="cpu", prefix_cache_gib=0.5).stacks()):
+        assert config.prefix_cache_gib == 0.5  # `bench --compare --enable-prefix-caching`: both stacks cache
+        assert launch_config(build_parser().parse_args(["launch", *launch_flags(config)])) == config
 
 
 def test_bad_flags_are_one_line_errors():
@@ -279,6 +295,10 @@ def test_bad_flags_are_one_line_errors():
         cli_bench.main(["--address", "127.0.0.1:1", "--goodput", "itl:5"])
     with pytest.raises(SystemExit, match="cannot reach 127.0.0.1:1: UNAVAILABLE"):
         cli_bench.main(["--address", "127.0.0.1:1"])
+    with pytest.raises(SystemExit, match="--random-prefix-len applies to --dataset random, not mixed"):
+        cli_bench.main(["--address", "127.0.0.1:1", "--dataset", "mixed", "--random-prefix-len", "8"])
+    with pytest.raises(SystemExit, match="set up the --compare stacks"):
+        cli_bench.main(["--address", "127.0.0.1:1", "--enable-prefix-caching"])
     with pytest.raises(SystemExit, match="--base-url needs --model"):
         cli_bench.main(["--base-url", "http://127.0.0.1:1"])
     with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:1/v1/models"):

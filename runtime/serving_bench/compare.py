@@ -43,6 +43,7 @@ class CompareSpec:
     kv_cache_gib: float = 1.0
     num_pages: int | None = None
     warmup: str = "full"  # what each worker compiles before serving (LaunchConfig.warmup)
+    prefix_cache_gib: float = 0.0  # prefix caching on both stacks' prefill (or colocated) workers; 0: off
 
     @property
     def devices(self) -> int:
@@ -55,7 +56,7 @@ class CompareSpec:
                              f"tp={self.colocated_mesh.tp}")
         common = dict(model=self.model, port=0, platform=self.platform, dtype=self.dtype, page_size=self.page_size,
                       max_batch=self.max_batch, kv_cache_gib=self.kv_cache_gib, num_pages=self.num_pages,
-                      warmup=self.warmup)
+                      warmup=self.warmup, prefix_cache_gib=self.prefix_cache_gib)
         colocated = LaunchConfig(mode="colocated", decode_workers=self.devices // self.colocated_mesh.tp,
                                  decode_mesh=self.colocated_mesh, **common)
         disaggregated = LaunchConfig(mode="disaggregated", prefill_workers=self.prefill_workers,
@@ -74,6 +75,8 @@ def launch_flags(config: LaunchConfig) -> list[str]:
         flags += ["--prefill-workers", str(config.prefill_workers), "--prefill-mesh", f"tp={config.prefill_mesh.tp}"]
     if config.num_pages is not None:
         flags += ["--num-pages", str(config.num_pages)]
+    if config.prefix_cache_gib:
+        flags += ["--prefix-cache-gib", str(config.prefix_cache_gib)]
     if config.platform:
         flags += ["--platform", config.platform]
     return flags

@@ -7,6 +7,7 @@ from splitserve.runtime.client import ModelInfo
 from splitserve.runtime.serving_bench.arrivals import parse_rates
 from splitserve.runtime.serving_bench.compare import CompareSpec, compare
 from splitserve.runtime.serving_bench.metrics import parse_goodput
+from splitserve.runtime.cli_args import prefix_cache_gib
 from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, model_card
 from splitserve.runtime.serving_bench.report import comparison_table, document, write_json
 from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
@@ -18,7 +19,8 @@ def sweep_spec(args) -> SweepSpec:
                       short_output_len=args.mixed_short_output_len, long_input_len=args.mixed_long_input_len,
                       long_output_len=args.mixed_long_output_len)
     workload = WorkloadSpec(dataset=args.dataset, num_prompts=args.num_prompts, random_input_len=args.random_input_len,
-                            random_output_len=args.random_output_len, range_ratio=args.random_range_ratio,
+                            random_output_len=args.random_output_len, random_prefix_len=args.random_prefix_len,
+                            range_ratio=args.random_range_ratio,
                             dataset_path=args.dataset_path, sharegpt_output_len=args.sharegpt_output_len,
                             sharegpt_max_output_len=args.sharegpt_max_output_len, mixed=mixed,
                             tokenizer=args.tokenizer or args.model or "demo")
@@ -35,7 +37,7 @@ def compare_spec(args) -> CompareSpec:
                        prefill_mesh=MeshConfig.parse(args.prefill_mesh), decode_mesh=MeshConfig.parse(args.decode_mesh),
                        colocated_mesh=MeshConfig.parse(args.colocated_mesh), page_size=args.page_size,
                        max_batch=args.max_batch, kv_cache_gib=args.kv_cache_gib, num_pages=args.num_pages,
-                       warmup=args.warmup)
+                       warmup=args.warmup, prefix_cache_gib=prefix_cache_gib(args, "bench"))
 
 
 def openai_target(base_url: str, model: str, served_name: str | None = None, echo=print) -> OpenAITarget:
@@ -62,6 +64,9 @@ def openai_target(base_url: str, model: str, served_name: str | None = None, ech
 def run_session(args) -> int:
     slos = parse_goodput(args.goodput)
     spec = sweep_spec(args)
+    if not args.compare and (args.enable_prefix_caching or args.prefix_cache_gib is not None):
+        raise ValueError("--enable-prefix-caching and --prefix-cache-gib set up the --compare stacks; for a "
+                         "running stack, give them to its `splitserve launch`")
     if args.compare:
         stacks = compare_spec(args)
         docs, info = compare(stacks, spec, slos)

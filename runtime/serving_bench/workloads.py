@@ -93,11 +93,15 @@ def _check_fits(input_lens: np.ndarray, output_lens: np.ndarray, max_model_len: 
 
 def random_requests(n: int, rng: np.random.Generator, *, input_len: int, output_len: int, range_ratio: float,
                     vocab_size: int, eos_token_ids: list[int], max_model_len: int,
-                    kind: str = "random") -> list[BenchRequest]:
+                    kind: str = "random", prefix_len: int = 0) -> list[BenchRequest]:
+    """`prefix_len`: tokens every prompt starts with (vLLM's --random-prefix-len), before its own
+    `input_len` (spread); one random prefix per workload."""
+    prefix = random_token_ids(rng, prefix_len, vocab_size, eos_token_ids)
     input_lens = spread_lengths(rng, input_len, range_ratio, n)
     output_lens = spread_lengths(rng, output_len, range_ratio, n)
-    _check_fits(input_lens, output_lens, max_model_len, f"{kind} requests")
-    return [BenchRequest(int(i), int(o), kind, token_ids=random_token_ids(rng, int(i), vocab_size, eos_token_ids))
+    _check_fits(input_lens + prefix_len, output_lens, max_model_len, f"{kind} requests")
+    return [BenchRequest(prefix_len + int(i), int(o), kind,
+                         token_ids=prefix + random_token_ids(rng, int(i), vocab_size, eos_token_ids))
             for i, o in zip(input_lens, output_lens)]
 
 
@@ -178,6 +182,7 @@ class WorkloadSpec:
     num_prompts: int = 100
     random_input_len: int = 1024
     random_output_len: int = 128
+    random_prefix_len: int = 0  # random: tokens every prompt starts with (a shared system prompt)
     range_ratio: float = 0.0
     dataset_path: str | None = None
     sharegpt_output_len: int | None = None
@@ -192,6 +197,10 @@ class WorkloadSpec:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE (ShareGPT-format JSON)")
         if self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if self.random_prefix_len < 0:
+            raise ValueError(f"--random-prefix-len must be >= 0, got {self.random_prefix_len}")
+        if self.random_prefix_len and self.dataset != "random":
+            raise ValueError(f"--random-prefix-len applies to --dataset random, not {self.dataset}")
         _check_lengths(random_input_len=self.random_input_len, random_output_len=self.random_output_len,
                        sharegpt_output_len=self.sharegpt_output_len,
                        sharegpt_max_output_len=self.sharegpt_max_output_len)
@@ -214,4 +223,5 @@ def build_workload(spec: WorkloadSpec, *, seed: int, vocab_size: int, eos_token_
                   max_model_len=max_model_len)
     if spec.dataset == "mixed":
         return mixed_requests(n, rng, spec.mixed, **common)
-    return random_requests(n, rng, input_len=spec.random_input_len, output_len=spec.random_output_len, **common)
+    return random_requests(n, rng, input_len=spec.random_input_len, output_len=spec.random_output_len,
+                           prefix_len=spec.random_prefix_len, **common)
