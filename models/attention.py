@@ -61,8 +61,9 @@ def _paged(q, k_pages, v_pages, lengths, page_table, *, impl):
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table, impl=impl)
 
 
-# Queries per step of attention_after_prefix: its scores are [batch, heads, chunk, prompt] in f32, so
-# a long prompt after a long prefix stays within memory (32 heads x 256 x 16k tokens: 0.5 GiB).
+# Queries per step of attention_after_prefix: its f32 scores are [batch, heads, chunk, prompt] (about 3x
+# that with temporaries), whatever the new tokens' count. 32 heads x 256 x 16k tokens is 0.5 GiB a batch
+# row; the prefill engine's token budget bounds batch x prompt.
 QUERY_CHUNK = 256
 _HIGHEST = jax.lax.Precision.HIGHEST  # f32 products, as the reference: no TF32 or bf16 passes on GPU/TPU
 

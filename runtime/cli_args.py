@@ -15,6 +15,8 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
 DEFAULT_PREFIX_CACHE_GIB = 0.25
 
 
@@ -38,5 +40,3 @@ def prefix_cache_gib(args, command: str) -> float:
         raise SystemExit(f"splitserve {command}: --enable-prefix-caching with --prefix-cache-gib 0 turns it on "
                          "and off; give one of them")
     return args.prefix_cache_gib
-
-

@@ -216,14 +216,15 @@ def run_worker(args) -> int:
     configure_jax(args.platform, cpu_devices=args.mesh.tp)
     from splitserve.runtime.worker import Worker, WorkerConfig, serve_forever
 
-    kv = dict(kv_transport=args.kv_transport, kv_data_port=args.kv_data_port) if args.role == "decode" else {}
-    if args.role != "decode":
-        kv["prefix_cache_gib"] = prefix_cache_gib(args, command)
+    if args.role == "decode":
+        role_options = dict(kv_transport=args.kv_transport, kv_data_port=args.kv_data_port)
+    else:
+        role_options = dict(prefix_cache_gib=prefix_cache_gib(args, command))
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
                           warmup=args.warmup, metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout_s,
-                          **kv)
+                          **role_options)
     serve_forever(Worker(config))
     return 0
 

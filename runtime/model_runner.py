@@ -237,9 +237,12 @@ class ModelRunner:
     def _prefill_after_prefix(self, prompts, hits, sampling, steps):
         cache = self.prefix_cache
         new_parts = [p[hit.tokens:] for p, hit in zip(prompts, hits)]
-        batch, seq = self.prefill_shape([len(p) for p in new_parts])
+        batch, _ = self.prefill_shape([len(p) for p in new_parts])
+        # Power-of-two buckets only: these programs compile on first use (pairs of new tokens and
+        # prompt lengths are too many to warm), so fewer shapes beat less padding of the few new tokens.
+        seq, width = (bucket(n, minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
+                      for n in (max(len(p) for p in new_parts), max(len(p) for p in prompts)))
         tokens, lengths = _padded_rows(new_parts, batch, seq)
-        width = self.padded_prompt_len(max(len(p) for p in prompts))
         prompt_tokens, prompt_lengths = _padded_rows(prompts, batch, width)
         table, prefix_lengths = cache.block_table(hits, batch, width)
         arrays = self._sampling_arrays(sampling, steps, batch)

@@ -25,7 +25,7 @@ from splitserve.runtime.sampling import sample
 CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
-def _logits_and_sample(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias):
+def _logits_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias):
     # The logits of the last new token; the repetition penalty sees the whole prompt, prefix included.
     logits = serving.prefill_logits(graphdef, params, x, lengths)
     return sample(logits, sampling, prompt=(prompt_tokens, prompt_lengths), bias=bias)
@@ -40,7 +40,7 @@ class PrefixCache:
         self.pool = allocate_cache(spec, named_sharding(CACHE_AXES, spec.page_shape, model.mesh))
         self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
         self._layer = jax.jit(functools.partial(serving.prefill_layer_after_prefix, layer_graphdef), static_argnums=0)
-        self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
+        self._first_tokens = jax.jit(functools.partial(_logits_after_prefix, model.graphdef))
         self._insert = insert
 
     def hits(self, prompts, sampling) -> list[PrefixHit] | None:
@@ -91,6 +91,6 @@ class PrefixCache:
                     end = new.first_block + len(new.pages)
                     table[row, new.first_block:end] = new.pages
                     lengths[row] = end * self.page_size  # earlier blocks were cached: their slots go to the sink
-        finally:  # whatever the index took must hold its tokens' K/V, even if a later row failed
+        finally:  # the rows the index took before any failure must hold their tokens' K/V (it undoes the failed row)
             if written:
                 self.pool = self._insert(self.pool, ks, vs, table, lengths)

@@ -4,7 +4,7 @@ A prompt is cut into blocks of `block_size` tokens. A block is known by its pare
 own tokens, so a block matches only when the whole prompt before it matches too (vLLM's chained
 block hashes; here the key holds the tokens themselves, so two different prefixes never share an
 entry however their hashes would collide). Each cached block owns one page of the device pool
-(models/prefix_pool.py); page 0 is the pool's sink and never handed out.
+(runtime/prefix_cache.py); page 0 is the pool's sink and never handed out.
 
 Eviction is least recently used. Using a chain touches its blocks from the last to the first, so
 a parent is always more recent than its children and the oldest entry is a leaf; evicting an entry
@@ -100,21 +100,27 @@ class PrefixIndex:
         first_new = len(chain)
         parent = chain[-1].node_id if chain else _ROOT
         new_pages = []
-        for tokens in itertools.islice(self._blocks(prompt, count), first_new, None):
-            page = self._take_page(keep)
-            if page is None:
-                break  # no room: everything left is in use by this write
-            block = _Block(next(self._ids), (parent, tokens), page)
-            self._by_key[block.key] = block
-            self._by_id[block.node_id] = block
-            if parent != _ROOT:
-                self._by_id[parent].children.add(block.node_id)
-            self._lru[block.node_id] = None
-            chain.append(block)
-            keep.add(page)
-            protected.add(page)
-            new_pages.append(page)
-            parent = block.node_id
+        try:
+            for tokens in itertools.islice(self._blocks(prompt, count), first_new, None):
+                page = self._take_page(keep)
+                if page is None:
+                    break  # no room: everything left is in use by this write
+                block = _Block(next(self._ids), (parent, tokens), page)
+                self._by_key[block.key] = block
+                self._by_id[block.node_id] = block
+                if parent != _ROOT:
+                    self._by_id[parent].children.add(block.node_id)
+                self._lru[block.node_id] = None
+                chain.append(block)
+                keep.add(page)
+                protected.add(page)
+                new_pages.append(page)
+                parent = block.node_id
+        except BaseException:  # the caller will not write these pages: no entry may claim them
+            if len(chain) > first_new:
+                self._evict(chain[first_new].node_id)
+            protected.difference_update(new_pages)
+            raise
         self._touch(chain)
         return NewBlocks(first_new, tuple(new_pages)) if new_pages else None
 

@@ -154,7 +154,8 @@ class Router:
             dtype = next((w.dtype for w in self.decode_workers + self.prefill_workers if w.dtype), "")
         return page_size, dtype
 
-    def _refresh_address(self, address: str) -> None:  # a restarted worker: its page count starts afresh
+    def _refresh_address(self, address: str) -> None:  # a restarted worker: its pages and its cache start afresh
+        self.affinity.forget(address)
         for worker in self.workers:
             if worker.address == address:
                 self._refresh(worker)
@@ -306,8 +307,8 @@ class Router:
 
     def _prefill(self, request_id: str, prompt_ids: list[int], sampling, reservation: Reservation | None,
                  tried: set[str], scope: CallScope) -> internal_pb2.PrefillResponse:
-        """Runs the prefill on the least-loaded prefill worker not in `tried` (colocated: on the
-        worker that holds the reservation); on UNAVAILABLE marks it down, adds it to `tried` and
+        """Runs the prefill on the least-loaded prefill worker not in `tried`, or where the prompt's start
+        is cached (runtime/prefix_affinity.py); colocated: on the worker that holds the reservation. On UNAVAILABLE marks it down, adds it to `tried` and
         raises _PrefillUnavailable."""
         candidates = self._by_load(tried)
         decode = reservation.worker if reservation is not None else None
@@ -316,12 +317,12 @@ class Router:
         if not candidates:
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no prefill worker is reachable (failed: {sorted(tried)}; down: {self.health.down()})")
-        worker = self.affinity.pick(prompt_ids, candidates)  # where the prompt's start may be cached
         request = internal_pb2.PrefillRequest(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling,
                                               decode_address=decode.address if decode else "")
         if reservation is not None and reservation.kv_data_address:
             request.kv_data_address, request.kv_ticket = reservation.kv_data_address, reservation.kv_ticket
-        with self._lock:
+        with self._lock:  # chosen and counted at once, so a burst sees each other's choices
+            worker = self.affinity.pick(prompt_ids, candidates)  # where the prompt's start may be cached
             worker.in_flight += 1
         try:
             call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))

@@ -148,7 +148,10 @@ class Worker:
             internal_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillService(self.prefill_engine, self.admission, mesh=mesh, platform=platform, role=config.role,
                                page_size=config.page_size if has_decode else 0,
-                               prefix_cache_block=config.page_size if self.runner.prefix_cache is not None else 0,
+                               # the router routes by it among prefill workers; a colocated worker prefills
+                               # where its pages are reserved, so it reports none
+                               prefix_cache_block=(config.page_size if self.runner.prefix_cache is not None
+                                                   and config.role == "prefill" else 0),
                                **serves_with),
                 self.server)
             self.threads.append(threading.Thread(target=self.prefill_engine.run_forever, name="prefill", daemon=True))
@@ -158,19 +161,13 @@ class Worker:
         cfg = model.config  # bytes of the model's own KV heads, as sent
         self._kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
 
-    def _page_bytes(self, model) -> int:
-        import jax.numpy as jnp
-
-        return pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, self.config.page_size,
-                                      model.config.head_dim, jnp.dtype(model.dtype).itemsize, self.config.mesh.tp)
-
     def _prefix_cache_pages(self, model) -> int:
         return prefix_cache_pages(self.config.prefix_cache_gib, model, self.config.page_size, self.config.mesh.tp)
 
     def _num_pages(self, model) -> int:
         if self.config.num_pages is not None:
             return self.config.num_pages
-        per_page = self._page_bytes(model)
+        per_page = page_bytes(model, self.config.page_size, self.config.mesh.tp)
         pages = int(self.config.kv_cache_gib * (1 << 30)) // per_page
         if pages < 2:
             raise ValueError(f"--kv-cache-gib {self.config.kv_cache_gib} holds {pages} pages of {per_page} bytes; "
@@ -248,10 +245,7 @@ def prefix_cache_pages(gib: float, model, page_size: int, tp: int) -> int:
     """Pages of a prefix cache of `gib` per device (0: off), its sink page included."""
     if not gib:
         return 0
-    import jax.numpy as jnp
-
-    per_page = pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, page_size,
-                                      model.config.head_dim, jnp.dtype(model.dtype).itemsize, tp)
+    per_page = page_bytes(model, page_size, tp)
     pages = int(gib * (1 << 30)) // per_page
     if pages < 2:  # one is the sink
         raise ValueError(f"--prefix-cache-gib {gib} holds {max(pages - 1, 0)} blocks of {per_page} bytes "
@@ -259,6 +253,14 @@ def prefix_cache_pages(gib: float, model, page_size: int, tp: int) -> int:
     log.info("prefix cache: %d blocks of %d tokens (%.3f GiB per device)", pages - 1, page_size,
              pages * per_page / (1 << 30))
     return pages
+
+
+def page_bytes(model, page_size: int, tp: int) -> int:
+    """Bytes one page of `model`'s KV takes on each device."""
+    import jax.numpy as jnp
+
+    return pages_bytes_per_device(model.config.num_layers, model.layout.num_kv_heads, page_size,
+                                  model.config.head_dim, jnp.dtype(model.dtype).itemsize, tp)
 
 
 def serve_forever(worker: Worker) -> None:

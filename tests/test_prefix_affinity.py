@@ -3,8 +3,8 @@ within a slack of load, and only among workers that cache prefixes."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import threading
 
 from splitserve.runtime.prefix_affinity import PrefixAffinity
 
@@ -23,7 +23,7 @@ def by_load(*workers):
 def test_a_shared_start_stays_on_its_worker_within_the_slack():
     a, b = Worker("a"), Worker("b")
     affinity = PrefixAffinity(slack=2)
-    system = list(range(100, 130))
+    system = list(range(100, 148))  # 3 blocks
     assert affinity.pick(system + [1], by_load(a, b)) is a
     a.in_flight = 2  # b is less loaded, but within the slack
     assert affinity.pick(system + [2], by_load(a, b)) is a
@@ -36,12 +36,23 @@ def test_a_shared_start_stays_on_its_worker_within_the_slack():
     assert affinity.pick(list(range(500, 540)), by_load(a, b)) is a
 
 
+def test_a_match_shorter_than_half_the_prompt_goes_by_load():
+    """Every chat starts with the same template block: that alone must not pile chats onto one worker."""
+    a, b = Worker("a"), Worker("b")
+    affinity = PrefixAffinity()
+    template = list(range(16))
+    assert affinity.pick(template + list(range(100, 148)), by_load(a, b)) is a  # 4 blocks remembered on a
+    a.in_flight = 1
+    assert affinity.pick(template + list(range(200, 248)), by_load(a, b)) is b  # 1 of 4 blocks: by load
+    a.in_flight, b.in_flight = 1, 0
+    assert affinity.pick(template + list(range(100, 132)) + [7] * 17, by_load(a, b)) is a  # 3 of 4: a
+
+
 def test_no_affinity_without_a_cache_or_a_whole_block():
     a, b = Worker("a", prefix_cache_block=0), Worker("b", prefix_cache_block=0)
     affinity = PrefixAffinity()
     system = list(range(100, 130))
     affinity.pick(system, by_load(a, b))
-    b.in_flight = 0
     a.in_flight = 1
     assert affinity.pick(system, by_load(a, b)) is b  # least loaded: no worker caches
     a.prefix_cache_block = b.prefix_cache_block = 16
@@ -52,12 +63,26 @@ def test_no_affinity_without_a_cache_or_a_whole_block():
     assert affinity.pick(system, by_load(a, b)) is a
 
 
+def test_a_failover_is_remembered_and_a_restarted_worker_forgotten():
+    a, b = Worker("a"), Worker("b")
+    affinity = PrefixAffinity()
+    system = list(range(100, 148))
+    assert affinity.pick(system + [1], by_load(a, b)) is a
+    assert affinity.pick(system + [2], [b]) is b  # a failed: the retry runs on b, which now holds the start
+    assert affinity.pick(system + [3], by_load(a, b)) is b
+    affinity.forget("b")  # b restarted with an empty cache
+    a.in_flight = 1
+    assert affinity.pick(system + [4], by_load(a, b)) is b  # by load; and remembered again
+    affinity.pick(system + [5], by_load(a, b))
+    assert set(affinity._worker_of.values()) == {"b"}
+
+
 def test_the_memory_is_bounded():
     a, b = Worker("a"), Worker("b")
     affinity = PrefixAffinity(max_entries=3)
     for start in range(10):
         affinity.pick([start] * 20, by_load(a, b))
-    assert len(affinity._last) == 3
+    assert len(affinity._worker_of) == 3
 
 
 def test_launched_stack_sends_a_shared_start_to_one_prefill_worker(tmp_path):
@@ -77,11 +102,9 @@ def test_launched_stack_sends_a_shared_start_to_one_prefill_worker(tmp_path):
                   "--num-pages", "128") as stack:
         stack.generate(system + [5, 6], max_tokens=2)
         prompts = [system + rng.integers(3, 2048, 8).tolist() for _ in range(4)]
-        threads = [threading.Thread(target=stack.generate, args=(p,), kwargs=dict(max_tokens=2)) for p in prompts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # at once, so the least loaded would alternate
+            for done in [pool.submit(stack.generate, p, max_tokens=2) for p in prompts]:
+                done.result(timeout=120)
         pages = [scrape(url) for url in endpoints(stack.lines)["prefill"]]
     hits = sorted(value(p, "prefix_cache_hits_total") for p in pages)
     queried = sorted(value(p, "prefix_cache_queries_total") for p in pages)

@@ -72,6 +72,27 @@ def test_store_never_evicts_the_prompts_own_blocks():
     assert tiny.lookup([1, 1, 2]).tokens == 0 and tiny.lookup([7, 7, 0]).tokens == 2
 
 
+def test_a_store_that_fails_midway_leaves_no_entry_for_its_pages(monkeypatch):
+    index = PrefixIndex(num_pages=8, block_size=2)
+    index.store([1, 1], set())
+    taken = index._take_page
+    calls = []
+
+    def failing(keep):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return taken(keep)
+
+    monkeypatch.setattr(index, "_take_page", failing)
+    written: set[int] = set()
+    with pytest.raises(RuntimeError, match="injected"):
+        index.store([1, 1, 2, 2, 3, 3], written)
+    assert written == set() and len(index) == 1  # the block it took is undone; the earlier one stays
+    assert index.lookup([1, 1, 2, 2, 3]).tokens == 2
+    assert sorted(index._free + [b.page for b in index._by_id.values()]) == list(range(1, 8))
+
+
 def test_store_never_evicts_a_page_it_is_about_to_write():
     index = PrefixIndex(num_pages=3, block_size=2)  # 2 usable pages
     written: set[int] = set()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from splitserve.models.mesh_config import MeshConfig
+from splitserve.runtime.cli_args import prefix_cache_gib
 from splitserve.runtime.client import ModelInfo
 from splitserve.runtime.serving_bench.arrivals import parse_rates
 from splitserve.runtime.serving_bench.compare import CompareSpec, compare
 from splitserve.runtime.serving_bench.metrics import parse_goodput
-from splitserve.runtime.cli_args import prefix_cache_gib
 from splitserve.runtime.serving_bench.openai_driver import OpenAITarget, model_card
 from splitserve.runtime.serving_bench.report import comparison_table, document, write_json
 from splitserve.runtime.serving_bench.sweep import SweepSpec, sweep
