@@ -238,10 +238,12 @@ class ModelRunner:
         cache = self.prefix_cache
         new_parts = [p[hit.tokens:] for p, hit in zip(prompts, hits)]
         batch, _ = self.prefill_shape([len(p) for p in new_parts])
-        # Power-of-two buckets only: these programs compile on first use (pairs of new tokens and
-        # prompt lengths are too many to warm), so fewer shapes beat less padding of the few new tokens.
-        seq, width = (bucket(n, minimum=self.config.min_prefill_bucket, maximum=self.max_model_len)
-                      for n in (max(len(p) for p in new_parts), max(len(p) for p in prompts)))
+        # New tokens in power-of-two buckets: these programs compile on first use (pairs of new tokens
+        # and prompt lengths are too many to warm), and padding the few new tokens costs little. The
+        # prompt's width keeps the platform's buckets: attention and the K/V out span all of it.
+        seq = bucket(max(len(p) for p in new_parts), minimum=self.config.min_prefill_bucket,
+                     maximum=self.max_model_len)
+        width = self.padded_prompt_len(max(len(p) for p in prompts))
         tokens, lengths = _padded_rows(new_parts, batch, seq)
         prompt_tokens, prompt_lengths = _padded_rows(prompts, batch, width)
         table, prefix_lengths = cache.block_table(hits, batch, width)
