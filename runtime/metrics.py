@@ -42,26 +42,17 @@ def _name(name: str) -> str:
     return f"{PREFIX}_{name}"
 
 
-class _CallbackGauges(Collector):
-    """Gauges whose values come from a callback at scrape time: {name: (help, value)}."""
+class _Callback(Collector):
+    """Metrics whose values come from a callback at scrape time: {name: (help, value)}; gauges, or
+    counters (`family=CounterMetricFamily`, names without _total) for totals kept elsewhere."""
 
-    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]):
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]], family=GaugeMetricFamily):
         self._read = read
+        self._family = family
 
     def collect(self):
         for name, (doc, value) in self._read().items():
-            yield GaugeMetricFamily(_name(name), doc, value=value)
-
-
-class _CallbackCounters(Collector):
-    """Counters whose totals come from a callback at scrape time: {name without _total: (help, value)}."""
-
-    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]]):
-        self._read = read
-
-    def collect(self):
-        for name, (doc, value) in self._read().items():
-            yield CounterMetricFamily(_name(name), doc, value=value)
+            yield self._family(_name(name), doc, value=value)
 
 
 class HTTPMetrics:
@@ -183,18 +174,18 @@ class WorkerMetrics:
                 "decode_requests_running": ("Requests in the decode batch.", s["running"]),
                 "decode_requests_waiting": ("Requests holding pages that are not decoding yet.", s["waiting"]),
             }
-        self.registry.register(_CallbackGauges(read))
+        self.registry.register(_Callback(read))
 
     def watch_prefill(self, queued: Callable[[], int]) -> None:
-        self.registry.register(_CallbackGauges(lambda: {
+        self.registry.register(_Callback(lambda: {
             "prefill_requests_queued": ("Prompts submitted and not yet prefilled.", queued())}))
 
     def watch_prefix_cache(self, cache) -> None:
         """`cache`: a PrefixCache (runtime/prefix_cache.py). Tokens, as vLLM's prefix_cache_queries/hits count them."""
-        self.registry.register(_CallbackCounters(lambda: {
+        self.registry.register(_Callback(family=CounterMetricFamily, read=lambda: {
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", cache.queried_tokens),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache (not computed again).", cache.hit_tokens)}))
-        self.registry.register(_CallbackGauges(lambda: {
+        self.registry.register(_Callback(lambda: {
             "prefix_cache_blocks": ("Prompt blocks held by the prefix cache.", len(cache.index)),
             "prefix_cache_blocks_total": ("Prompt blocks the prefix cache can hold.", cache.index.capacity)}))
 

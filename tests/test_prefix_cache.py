@@ -324,3 +324,24 @@ def test_a_full_pool_evicts_and_reuses_pages_and_stays_exact():
     assert cached.prefix_cache.hit_tokens > 0 and len(cached.prefix_cache.index) <= 4
     pages = [b.page for b in cached.prefix_cache.index._by_id.values()]
     assert sorted(pages + cached.prefix_cache.index._free) == [1, 2, 3, 4]
+
+
+def test_prefix_cache_metrics_are_counters_and_gauges_read_at_scrape_time():
+    import types
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from splitserve.runtime.metrics import WorkerMetrics
+
+    cache = types.SimpleNamespace(queried_tokens=0, hit_tokens=0, index=PrefixIndex(num_pages=9, block_size=4))
+    metrics = WorkerMetrics()
+    metrics.watch_prefix_cache(cache)
+    cache.queried_tokens, cache.hit_tokens = 120, 48
+    cache.index.store(list(range(12)), set())
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    assert families["splitserve_prefix_cache_queries"].type == "counter"
+    assert families["splitserve_prefix_cache_queries"].samples[0].value == 120
+    assert families["splitserve_prefix_cache_hits"].samples[0].value == 48
+    assert families["splitserve_prefix_cache_blocks"].samples[0].value == 3
+    assert families["splitserve_prefix_cache_blocks_total"].samples[0].value == 8
