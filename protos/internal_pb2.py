@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitserve/protos/internal.proto\x12\x16splitserve.internal.v1\"\x93\x04\n\x10ResolvedSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\r \x01(\x02\x12K\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x37.splitserve.internal.v1.ResolvedSampling.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x0e\n\x0cStatsRequest\"\x8b\x02\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x13\n\x0btotal_pages\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x11\n\tprefilled\x18\x08 \x01(\x04\x12\x19\n\x11\x64ropped_cancelled\x18\t \x01(\x04\x12\x17\n\x0f\x64ropped_expired\x18\n \x01(\x04\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x1a\n\x12prefix_cache_block\x18\r \x01(\r\"\xb8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12:\n\x08sampling\x18\x03 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x17\n\x0fkv_data_address\x18\x05 \x01(\t\x12\x11\n\tkv_ticket\x18\x06 \x01(\x0c\"\xa5\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12=\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x02\"Q\n\x0fReserveResponse\x12\x12\n\nfree_pages\x18\x01 \x01(\r\x12\x17\n\x0fkv_data_address\x18\x02 \x01(\t\x12\x11\n\tkv_ticket\x18\x03 \x01(\x0c\"\x90\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\tJ\x04\x08\x07\x10\x08R\x0b\x66irst_token\"\x92\x01\n\tKVPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x15\n\rkv_head_count\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"D\n\tKVTrailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\"\xb1\x01\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .splitserve.internal.v1.KVHeaderH\x00\x12\x34\n\x07payload\x18\x02 \x01(\x0b\x32!.splitserve.internal.v1.KVPayloadH\x00\x12\x34\n\x07trailer\x18\x03 \x01(\x0b\x32!.splitserve.internal.v1.KVTrailerH\x00\x42\x06\n\x04kind\",\n\x12TransferKVResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"s\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x08sampling\x18\x02 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\"q\n\x0c\x44\x65\x63odeTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x37\n\x08logprobs\x18\x03 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\"\xa9\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x37\n\x08logprobs\x18\x06 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\"E\n\nTokenBatch\x12\x37\n\x08requests\x18\x01 \x03(\x0b\x32%.splitserve.internal.v1.RequestTokens\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\x07Prefill\x12V\n\x03Run\x12&.splitserve.internal.v1.PrefillRequest\x1a\'.splitserve.internal.v1.PrefillResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStats2\xaa\x04\n\x06\x44\x65\x63ode\x12Z\n\x07Reserve\x12&.splitserve.internal.v1.ReserveRequest\x1a\'.splitserve.internal.v1.ReserveResponse\x12[\n\nTransferKV\x12\x1f.splitserve.internal.v1.KVChunk\x1a*.splitserve.internal.v1.TransferKVResponse(\x01\x12W\n\x06Stream\x12%.splitserve.internal.v1.DecodeRequest\x1a$.splitserve.internal.v1.DecodeTokens0\x01\x12^\n\rStreamBatched\x12%.splitserve.internal.v1.DecodeRequest\x1a\".splitserve.internal.v1.TokenBatch(\x01\x30\x01\x12Z\n\x07Release\x12&.splitserve.internal.v1.ReleaseRequest\x1a\'.splitserve.internal.v1.ReleaseResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitserve/protos/internal.proto\x12\x16splitserve.internal.v1\"\x93\x04\n\x10ResolvedSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\r \x01(\x02\x12K\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x37.splitserve.internal.v1.ResolvedSampling.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x0e\n\x0cStatsRequest\"\x8b\x02\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nfree_pages\x18\x02 \x01(\r\x12\x13\n\x0btotal_pages\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x11\n\tprefilled\x18\x08 \x01(\x04\x12\x19\n\x11\x64ropped_cancelled\x18\t \x01(\x04\x12\x17\n\x0f\x64ropped_expired\x18\n \x01(\x04\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x1a\n\x12prefix_cache_block\x18\r \x01(\r\"\xb8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12:\n\x08sampling\x18\x03 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x17\n\x0fkv_data_address\x18\x05 \x01(\t\x12\x11\n\tkv_ticket\x18\x06 \x01(\x0c\"\xbc\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12=\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\x12>\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07lease_s\x18\x03 \x01(\x02\"Q\n\x0fReserveResponse\x12\x12\n\nfree_pages\x18\x01 \x01(\r\x12\x17\n\x0fkv_data_address\x18\x02 \x01(\t\x12\x11\n\tkv_ticket\x18\x03 \x01(\x0c\"\x90\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\tJ\x04\x08\x07\x10\x08R\x0b\x66irst_token\"\x92\x01\n\tKVPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x10\n\x08is_value\x18\x02 \x01(\x08\x12\x15\n\rkv_head_start\x18\x03 \x01(\r\x12\x15\n\rkv_head_count\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"D\n\tKVTrailer\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\"\xb1\x01\n\x07KVChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .splitserve.internal.v1.KVHeaderH\x00\x12\x34\n\x07payload\x18\x02 \x01(\x0b\x32!.splitserve.internal.v1.KVPayloadH\x00\x12\x34\n\x07trailer\x18\x03 \x01(\x0b\x32!.splitserve.internal.v1.KVTrailerH\x00\x42\x06\n\x04kind\",\n\x12TransferKVResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"s\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12:\n\x08sampling\x18\x02 \x01(\x0b\x32(.splitserve.internal.v1.ResolvedSampling\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\"q\n\x0c\x44\x65\x63odeTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x37\n\x08logprobs\x18\x03 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\"\xa9\x01\n\rRequestTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x37\n\x08logprobs\x18\x06 \x03(\x0b\x32%.splitserve.internal.v1.TokenLogprobs\"E\n\nTokenBatch\x12\x37\n\x08requests\x18\x01 \x03(\x0b\x32%.splitserve.internal.v1.RequestTokens\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb5\x01\n\x07Prefill\x12V\n\x03Run\x12&.splitserve.internal.v1.PrefillRequest\x1a\'.splitserve.internal.v1.PrefillResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStats2\xaa\x04\n\x06\x44\x65\x63ode\x12Z\n\x07Reserve\x12&.splitserve.internal.v1.ReserveRequest\x1a\'.splitserve.internal.v1.ReserveResponse\x12[\n\nTransferKV\x12\x1f.splitserve.internal.v1.KVChunk\x1a*.splitserve.internal.v1.TransferKVResponse(\x01\x12W\n\x06Stream\x12%.splitserve.internal.v1.DecodeRequest\x1a$.splitserve.internal.v1.DecodeTokens0\x01\x12^\n\rStreamBatched\x12%.splitserve.internal.v1.DecodeRequest\x1a\".splitserve.internal.v1.TokenBatch(\x01\x30\x01\x12Z\n\x07Release\x12&.splitserve.internal.v1.ReleaseRequest\x1a\'.splitserve.internal.v1.ReleaseResponse\x12R\n\x05Stats\x12$.splitserve.internal.v1.StatsRequest\x1a#.splitserve.internal.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=974
   _globals['_PREFILLREQUEST']._serialized_end=1158
   _globals['_PREFILLRESPONSE']._serialized_start=1161
-  _globals['_PREFILLRESPONSE']._serialized_end=1326
-  _globals['_RESERVEREQUEST']._serialized_start=1328
-  _globals['_RESERVEREQUEST']._serialized_end=1401
-  _globals['_RESERVERESPONSE']._serialized_start=1403
-  _globals['_RESERVERESPONSE']._serialized_end=1484
-  _globals['_KVHEADER']._serialized_start=1487
-  _globals['_KVHEADER']._serialized_end=1631
-  _globals['_KVPAYLOAD']._serialized_start=1634
-  _globals['_KVPAYLOAD']._serialized_end=1780
-  _globals['_KVTRAILER']._serialized_start=1782
-  _globals['_KVTRAILER']._serialized_end=1850
-  _globals['_KVCHUNK']._serialized_start=1853
-  _globals['_KVCHUNK']._serialized_end=2030
-  _globals['_TRANSFERKVRESPONSE']._serialized_start=2032
-  _globals['_TRANSFERKVRESPONSE']._serialized_end=2076
-  _globals['_DECODEREQUEST']._serialized_start=2078
-  _globals['_DECODEREQUEST']._serialized_end=2193
-  _globals['_DECODETOKENS']._serialized_start=2195
-  _globals['_DECODETOKENS']._serialized_end=2308
-  _globals['_REQUESTTOKENS']._serialized_start=2311
-  _globals['_REQUESTTOKENS']._serialized_end=2480
-  _globals['_TOKENBATCH']._serialized_start=2482
-  _globals['_TOKENBATCH']._serialized_end=2551
-  _globals['_RELEASEREQUEST']._serialized_start=2553
-  _globals['_RELEASEREQUEST']._serialized_end=2589
-  _globals['_RELEASERESPONSE']._serialized_start=2591
-  _globals['_RELEASERESPONSE']._serialized_end=2626
-  _globals['_PREFILL']._serialized_start=2629
-  _globals['_PREFILL']._serialized_end=2810
-  _globals['_DECODE']._serialized_start=2813
-  _globals['_DECODE']._serialized_end=3367
+  _globals['_PREFILLRESPONSE']._serialized_end=1349
+  _globals['_RESERVEREQUEST']._serialized_start=1351
+  _globals['_RESERVEREQUEST']._serialized_end=1424
+  _globals['_RESERVERESPONSE']._serialized_start=1426
+  _globals['_RESERVERESPONSE']._serialized_end=1507
+  _globals['_KVHEADER']._serialized_start=1510
+  _globals['_KVHEADER']._serialized_end=1654
+  _globals['_KVPAYLOAD']._serialized_start=1657
+  _globals['_KVPAYLOAD']._serialized_end=1803
+  _globals['_KVTRAILER']._serialized_start=1805
+  _globals['_KVTRAILER']._serialized_end=1873
+  _globals['_KVCHUNK']._serialized_start=1876
+  _globals['_KVCHUNK']._serialized_end=2053
+  _globals['_TRANSFERKVRESPONSE']._serialized_start=2055
+  _globals['_TRANSFERKVRESPONSE']._serialized_end=2099
+  _globals['_DECODEREQUEST']._serialized_start=2101
+  _globals['_DECODEREQUEST']._serialized_end=2216
+  _globals['_DECODETOKENS']._serialized_start=2218
+  _globals['_DECODETOKENS']._serialized_end=2331
+  _globals['_REQUESTTOKENS']._serialized_start=2334
+  _globals['_REQUESTTOKENS']._serialized_end=2503
+  _globals['_TOKENBATCH']._serialized_start=2505
+  _globals['_TOKENBATCH']._serialized_end=2574
+  _globals['_RELEASEREQUEST']._serialized_start=2576
+  _globals['_RELEASEREQUEST']._serialized_end=2612
+  _globals['_RELEASERESPONSE']._serialized_start=2614
+  _globals['_RELEASERESPONSE']._serialized_end=2649
+  _globals['_PREFILL']._serialized_start=2652
+  _globals['_PREFILL']._serialized_end=2833
+  _globals['_DECODE']._serialized_start=2836
+  _globals['_DECODE']._serialized_end=3390
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,7 @@
 """The two shapes of a batch output line: splitserve's own, and the OpenAI Batch API's.
 
     native  {"id", "text", "token_ids", "finish_reason", "prompt_tokens"[, "logprobs"][, "prompt_logprobs"]
-             [, "stop_reason"]}
+             [, "stop_reason"][, "cached_prompt_tokens": prompt tokens a prefix cache gave, when some]}
             or  {"id", "error"}
     openai  {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <completion>},
              "error": null}
@@ -57,6 +57,8 @@ class NativeOutput:
             line["prompt_logprobs"] = [lp.to_json_dict() for lp in completion.prompt_logprobs]
         if completion.stop_reason is not None:
             line["stop_reason"] = completion.stop_reason
+        if completion.cached_prompt_tokens:
+            line["cached_prompt_tokens"] = completion.cached_prompt_tokens
         return line
 
     def error(self, request_id, message: str) -> dict:

@@ -46,6 +46,7 @@ class Chunk:
     index: int = 0  # which of the request's n sequences (stream(n=...)) this chunk continues
     # On a sequence's first chunk, when the request asked: one per prompt token after the first.
     prompt_logprobs: list[TokenLogprobs] | None = None
+    cached_prompt_tokens: int = 0  # on a sequence's first chunk: prompt tokens taken from a prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,8 @@ def chunk_from_proto(msg: serving_pb2.GenerateResponse) -> Chunk:
     return Chunk(list(msg.token_ids), msg.text, msg.finish_reason or None, list(msg.prompt_token_ids),
                  [TokenLogprobs.from_proto(lp) for lp in msg.logprobs] if msg.logprobs else None,
                  getattr(msg, which) if which else None, msg.index,
-                 [TokenLogprobs.from_proto(lp) for lp in msg.prompt_logprobs] if msg.prompt_logprobs else None)
+                 [TokenLogprobs.from_proto(lp) for lp in msg.prompt_logprobs] if msg.prompt_logprobs else None,
+                 msg.cached_prompt_tokens)
 
 
 class SequencesBuilder:
@@ -182,6 +184,7 @@ class CompletionBuilder:
         self.logprobs: list[TokenLogprobs] | None = None
         self.stop_reason: str | int | None = None
         self.prompt_logprobs: list[TokenLogprobs] | None = [] if prompt_logprobs_asked else None
+        self.cached_prompt_tokens = 0
 
     def add(self, chunk: Chunk, now_s: float) -> None:
         if self.first_s is None and chunk.token_ids:
@@ -196,9 +199,11 @@ class CompletionBuilder:
             self.stop_reason = chunk.stop_reason
         if chunk.prompt_logprobs is not None:
             self.prompt_logprobs = chunk.prompt_logprobs
+        self.cached_prompt_tokens = self.cached_prompt_tokens or chunk.cached_prompt_tokens
 
     def build(self, end_s: float) -> Completion:
         first = self.first_s if self.first_s is not None else end_s
         return Completion(text="".join(self.text), token_ids=self.tokens, prompt_token_ids=self.prompt_ids,
                           finish_reason=self.finish_reason, ttft_s=first - self.start_s, latency_s=end_s - self.start_s,
-                          logprobs=self.logprobs, stop_reason=self.stop_reason, prompt_logprobs=self.prompt_logprobs)
+                          logprobs=self.logprobs, stop_reason=self.stop_reason, prompt_logprobs=self.prompt_logprobs,
+                          cached_prompt_tokens=self.cached_prompt_tokens)

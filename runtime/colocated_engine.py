@@ -101,8 +101,9 @@ class ColocatedEngine:
         (tokens, logprobs, prompt_logprobs), ks, vs, lengths = self.runner.prefill_sampled(
             [r.prompt_ids for r in requests], [r.params for r in requests], [0] * len(requests))
         self.runner.insert(ks, vs, [r.pages for r in requests], lengths)
-        for request, entries in zip(requests, prompt_logprobs):
+        for request, entries, cached in zip(requests, prompt_logprobs, self.runner.last_cached_tokens):
             request.prompt_logprobs = entries
+            request.cached_prompt_tokens = cached
         return tokens, logprobs
 
     def _run_decode(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -156,5 +157,5 @@ class ColocatedEngine:
             finish_reason=r.finish_reason.value, ttft_s=(r.first_token_s or r.arrival_s) - r.arrival_s,
             latency_s=(r.finish_s or r.arrival_s) - r.arrival_s,
             logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None, stop_reason=r.stop_reason,
-            prompt_logprobs=r.prompt_logprobs,
+            prompt_logprobs=r.prompt_logprobs, cached_prompt_tokens=r.cached_prompt_tokens,
         )

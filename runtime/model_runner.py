@@ -166,6 +166,9 @@ class ModelRunner:
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self.prefix_cache = (PrefixCache(model, self.cache_spec, config.prefix_cache_pages, layer_graphdef, self._insert)
                              if config.prefix_cache_pages else None)
+        # Per row of the latest prefill: its prompt tokens taken from the prefix cache (the answer's
+        # cached_prompt_tokens). Read by the one thread that prefills, right after its prefill.
+        self.last_cached_tokens: list[int] = []
         self._decode = jax.jit(functools.partial(_decode_and_sample, model.graphdef, impl, mesh), donate_argnums=(1, 2))
         self._zero_rows = jax.jit(functools.partial(_zero_rows, mesh), donate_argnums=(0, 1))
         self._set_bias_row = jax.jit(functools.partial(_set_bias_row, mesh), donate_argnums=0)
@@ -213,6 +216,7 @@ class ModelRunner:
         With prefix caching, rows whose prompt starts with cached blocks compute only the rest;
         k/v are still each row's whole prompt, as the KV handoff and the insert expect."""
         hits = self.prefix_cache.hits(prompts, sampling) if self.prefix_cache is not None else None
+        self.last_cached_tokens = [hit.tokens for hit in hits] if hits is not None else [0] * len(prompts)
         if hits is None:
             first, ks, vs, lengths = self._prefill_whole(prompts, sampling, steps)
         else:

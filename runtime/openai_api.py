@@ -213,9 +213,14 @@ def response_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` when a prefix cache gave some (as vLLM
+    reports them, absent otherwise)."""
+    d = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        d["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return d
 
 
 def echo_text(prompt: Prompt, prompt_ids: list[int] | tuple[int, ...], token_text: TokenText) -> str:
@@ -237,7 +242,8 @@ def completion_body(chat: bool, model: str, groups: list[list[Completion]], toke
     body = {"id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage(sum(len(g[0].prompt_token_ids) for g in groups),
-                           sum(len(c.token_ids) for g in groups for c in g))}
+                           sum(len(c.token_ids) for g in groups for c in g),
+                           sum(g[0].cached_prompt_tokens for g in groups))}
     first = groups[0][0]
     if chat and first.prompt_logprobs is not None:  # vLLM's chat has them once, beside the choices
         body["prompt_logprobs"] = prompt_logprobs_json(first.prompt_token_ids, first.prompt_logprobs, text)
@@ -289,9 +295,9 @@ class StreamChunks:
             choice["stop_reason"] = stop_reason
         return self._chunk([choice])
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         chunk = self._chunk([])
-        chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        chunk["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
         return chunk
 
     def _chunk(self, choices: list[dict]) -> dict:

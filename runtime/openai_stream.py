@@ -91,6 +91,7 @@ class ChoiceCounts:
         # its prompt logprobs: both come on its call's first chunk only.
         self.prompt_ids: dict[int, list[int]] = {}
         self.prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
+        self.cached_tokens: dict[int, int] = {}  # each prompt's first sequence's, as the usage counts prompts once
         self.completion_tokens = 0
 
     def add(self, prompt: int, chunk: Chunk) -> tuple[int, bool]:
@@ -99,6 +100,8 @@ class ChoiceCounts:
         first = index not in self.started
         self.started.add(index)
         self.prompt_ids.setdefault(prompt, chunk.prompt_token_ids)
+        if chunk.index == 0 and chunk.cached_prompt_tokens:
+            self.cached_tokens[prompt] = chunk.cached_prompt_tokens
         if chunk.prompt_logprobs is not None:
             self.prompt_logprobs.setdefault(prompt, chunk.prompt_logprobs)
         self.completion_tokens += len(chunk.token_ids)
@@ -109,9 +112,10 @@ class ChoiceCounts:
     def all_ended(self) -> bool:
         return len(self.ended) == self.choices
 
-    def usage(self) -> tuple[int, int]:
-        """(prompt tokens, each prompt once; completion tokens)."""
-        return sum(len(ids) for ids in self.prompt_ids.values()), self.completion_tokens
+    def usage(self) -> tuple[int, int, int]:
+        """(prompt tokens, each prompt once; completion tokens; cached prompt tokens)."""
+        return (sum(len(ids) for ids in self.prompt_ids.values()), self.completion_tokens,
+                sum(self.cached_tokens.values()))
 
 
 class StreamedChoices:

@@ -56,6 +56,7 @@ class PrefillJob:
     kv_ticket: bytes = dataclasses.field(default=b"", repr=False)  # admits this request's KV there, once
     first_logprobs: TokenLogprobs | None = None  # set before first_token's result when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs] | None = None  # likewise, when params.prompt_logprobs is set
+    cached_tokens: int = 0  # likewise: prompt tokens found in the prefix cache
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -194,6 +195,8 @@ class PrefillEngine:
         """Dispatches the batch, hands each row's KV to a sender at once, and waits for the first tokens."""
         first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
                                                      [0] * len(live))
+        for job, cached in zip(live, self.runner.last_cached_tokens):
+            job.cached_tokens = cached
         host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
         for row, job in enumerate(live):
             if job.decode_address:

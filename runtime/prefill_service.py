@@ -121,6 +121,7 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
             response.first_logprobs.CopyFrom(job.first_logprobs.to_proto(internal_pb2.TokenLogprobs))
         for entry in job.prompt_logprobs or ():
             response.prompt_logprobs.append(entry.to_proto(internal_pb2.TokenLogprobs))
+        response.cached_tokens = job.cached_tokens
         return response
 
     def Stats(self, request, context):

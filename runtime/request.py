@@ -49,6 +49,7 @@ class Request:
     finish_s: float | None = None
     output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs] | None = None  # from the prefill, when params.prompt_logprobs is set
+    cached_prompt_tokens: int = 0  # from the prefill: prompt tokens found in the prefix cache
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
 
     @property
@@ -89,15 +90,19 @@ class Completion:
     stop_reason: str | int | None = None
     # One per prompt token after the first, when the request asked (runtime/prompt_logprobs.py).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (runtime/prefix_cache.py)
 
     def to_json_dict(self) -> dict:
         """The fields as JSON values; "logprobs" and "prompt_logprobs" only when the request asked
-        for them, "stop_reason" only when a stop string or stop token id ended it."""
-        optional = ("logprobs", "stop_reason", "prompt_logprobs")
+        for them, "stop_reason" only when a stop string or stop token id ended it, "cached_prompt_tokens"
+        only when a prefix cache gave some."""
+        optional = ("logprobs", "stop_reason", "prompt_logprobs", "cached_prompt_tokens")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in optional}
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 d[name] = [lp.to_json_dict() for lp in getattr(self, name)]
         if self.stop_reason is not None:
             d["stop_reason"] = self.stop_reason
+        if self.cached_prompt_tokens:
+            d["cached_prompt_tokens"] = self.cached_prompt_tokens
         return d

@@ -89,6 +89,7 @@ class RouterEvent:
     stop_reason: str | int | None = None  # on the last event: the stop string or stop token id that ended it
     # On the first event, when asked: one per prompt token after the first (runtime/prompt_logprobs.py).
     prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    cached_prompt_tokens: int = 0  # on the first event: prompt tokens the prefill found in its prefix cache
 
 
 @dataclasses.dataclass
@@ -207,7 +208,8 @@ class Router:
             event = self._event(first.first_token, progress, text,
                                 logprobs=first.first_logprobs if first.HasField("first_logprobs") else None)
             yield dataclasses.replace(event, prompt_logprobs=[TokenLogprobs.from_proto(lp)
-                                                              for lp in first.prompt_logprobs])
+                                                              for lp in first.prompt_logprobs],
+                                      cached_prompt_tokens=first.cached_tokens)
             if event.finish_reason:
                 return
             penalised_prompt = prompt_ids if params.repetition_penalty != 1.0 else []  # only then does decode need it
@@ -345,5 +347,5 @@ def _joined(events: list[RouterEvent]) -> RouterEvent:
         return events[0]
     return RouterEvent([t for e in events for t in e.token_ids], "".join(e.text for e in events),
                        events[-1].finish_reason, [lp for e in events for lp in e.logprobs], events[-1].stop_reason,
-                       [lp for e in events for lp in e.prompt_logprobs])
+                       [lp for e in events for lp in e.prompt_logprobs], sum(e.cached_prompt_tokens for e in events))
 

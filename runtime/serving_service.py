@@ -140,7 +140,8 @@ def _response(event, prompt_ids: list[int], request_id: str, index: int) -> serv
                                        prompt_token_ids=prompt_ids, request_id=request_id, index=index,
                                        logprobs=[lp.to_proto(serving_pb2.TokenLogprobs) for lp in event.logprobs],
                                        prompt_logprobs=[lp.to_proto(serving_pb2.TokenLogprobs)
-                                                        for lp in event.prompt_logprobs])
+                                                        for lp in event.prompt_logprobs],
+                                       cached_prompt_tokens=event.cached_prompt_tokens)
     if isinstance(event.stop_reason, str):
         msg.stop_string = event.stop_reason
     elif event.stop_reason is not None:

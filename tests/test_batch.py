@@ -692,7 +692,12 @@ def test_the_mixed_file_again_through_a_prefix_cache(tmp_path, model, reference)
     hits = engine.runner.prefix_cache.hit_tokens
     run_batch(src, tmp_path / "second.jsonl", InProcessBackend(engine), progress=False)
     assert engine.runner.prefix_cache.hit_tokens - hits >= 8 * 5  # whole blocks of at least five prompts
-    check_against_reference(read_output(tmp_path / "second.jsonl"), cases, reference)
+    second = read_output(tmp_path / "second.jsonl")
+    check_against_reference(second, cases, reference)
+    # Each line says what it took from the cache.
+    for name, found in (("first", hits), ("second", engine.runner.prefix_cache.hit_tokens - hits)):
+        lines = read_output(tmp_path / f"{name}.jsonl").values()
+        assert sum(r.get("cached_prompt_tokens", 0) for r in lines) == found
 
 
 def test_prefix_caching_flags_are_for_in_process_runs(tmp_path):

@@ -258,6 +258,8 @@ def test_colocated_engine_with_prefix_caching_equals_without():
     rest = cached.generate(prompts[1:], params)
     assert [c.token_ids for c in first + rest] == [c.token_ids for c in plain]
     assert cached.runner.prefix_cache.hit_tokens == 3 * 32
+    assert [c.cached_prompt_tokens for c in first + rest] == [0, 32, 32, 32]
+    assert [c.cached_prompt_tokens for c in plain] == [0] * 4
 
 
 # -- served: a launched stack with prefix caching ----------------------------------------------
@@ -270,6 +272,7 @@ def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, m
 
     from splitserve.models.loader import load_model
     from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.client import Client
     from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
     from splitserve.runtime.sampling_params import SamplingParams
     from stack import launched
@@ -285,8 +288,9 @@ def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, m
     want = engine.generate([p for p, _ in cases], [SamplingParams(**s) for _, s in cases])
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
     with launched("demo", "--mode", mode, "--enable-prefix-caching", "--metrics-port", "0",
-                  "--num-pages", "64") as stack:
-        got = [stack.generate(p, **s)[0] for p, s in cases]
+                  "--num-pages", "64") as stack, Client(stack.address, timeout=120) as client:
+        answers = [client.generate(token_ids=p, **s) for p, s in cases]
+        got = [a.token_ids for a in answers]
         line = next(line for line in stack.lines if line.startswith("splitserve metrics:"))
         prefill = scrape(re.search(r"(?:prefill|colocated) \S+ (http\S+/metrics)", line).group(1))
     assert got == [w.token_ids for w in want]
@@ -294,6 +298,7 @@ def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, m
     # for the next two (the third stores a fifth); 3 for the system prompt's first 50 tokens; 5
     # for the third prompt again.
     assert value(prefill, "prefix_cache_hits_total") == 0 + 64 + 64 + 48 + 80
+    assert [a.cached_prompt_tokens for a in answers] == [0, 64, 64, 48, 80]  # each answer says its own
     assert value(prefill, "prefix_cache_queries_total") == sum(len(p) for p, _ in cases)
     assert value(prefill, "prefix_cache_blocks") > 0
 
@@ -345,3 +350,27 @@ def test_prefix_cache_metrics_are_counters_and_gauges_read_at_scrape_time():
     assert families["splitserve_prefix_cache_hits"].samples[0].value == 48
     assert families["splitserve_prefix_cache_blocks"].samples[0].value == 3
     assert families["splitserve_prefix_cache_blocks_total"].samples[0].value == 8
+
+
+def test_openai_usage_reports_cached_prompt_tokens_as_vllm_does():
+    from splitserve.runtime import openai_api
+    from splitserve.runtime.client_types import Chunk
+    from splitserve.runtime.openai_stream import ChoiceCounts
+    from splitserve.runtime.request import Completion
+
+    def completion(cached):
+        return Completion(text="x", token_ids=[5, 6], prompt_token_ids=list(range(40)), finish_reason="length",
+                          ttft_s=0.1, latency_s=0.2, cached_prompt_tokens=cached)
+
+    # Two prompts with n=2: the usage counts each prompt once, and its first sequence's cached tokens.
+    body = openai_api.completion_body(False, "m", [[completion(32), completion(16)], [completion(16), completion(0)]])
+    assert body["usage"] == {"prompt_tokens": 80, "completion_tokens": 8, "total_tokens": 88,
+                             "prompt_tokens_details": {"cached_tokens": 48}}
+    assert "prompt_tokens_details" not in openai_api.completion_body(False, "m", [[completion(0)]])["usage"]
+    assert completion(32).to_json_dict()["cached_prompt_tokens"] == 32
+    assert "cached_prompt_tokens" not in completion(0).to_json_dict()
+    counts = ChoiceCounts(prompts=2, n=2)
+    counts.add(0, Chunk([5], "a", None, list(range(40)), index=0, cached_prompt_tokens=32))
+    counts.add(0, Chunk([5], "a", None, [], index=1, cached_prompt_tokens=16))
+    counts.add(1, Chunk([5], "a", None, list(range(24)), index=0, cached_prompt_tokens=16))
+    assert counts.usage() == (64, 3, 48)
