@@ -374,3 +374,35 @@ def test_openai_usage_reports_cached_prompt_tokens_as_vllm_does():
     counts.add(0, Chunk([5], "a", None, [], index=1, cached_prompt_tokens=16))
     counts.add(1, Chunk([5], "a", None, list(range(24)), index=0, cached_prompt_tokens=16))
     assert counts.usage() == (64, 3, 48)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa3_hd40_llama3rope", "llama_bias_mqa_hd24"])
+def test_a_prefix_hit_matches_transformers_on_the_whole_prompt(hf_checkpoint, name):
+    """Against something we did not write: after a hit, the first token's log-probabilities equal
+    transformers' log-softmax at the whole prompt's last position, and greedy decoding equals
+    transformers' generate() on the whole prompt."""
+    import torch
+
+    from hf_checkpoints import hf_greedy
+    from splitserve.models.loader import load_model
+    from splitserve.models.sharding import MeshConfig, make_mesh
+    from splitserve.runtime.colocated_engine import ColocatedEngine, EngineConfig
+    from splitserve.runtime.sampling_params import SamplingParams
+
+    directory, torch_model = hf_checkpoint(name)
+    vocab = torch_model.config.vocab_size
+    model = load_model(str(directory), make_mesh(MeshConfig(1)))
+    engine = ColocatedEngine(model, EngineConfig(num_pages=64, prefix_cache_pages=16))
+    rng = np.random.default_rng(5)
+    system = rng.integers(3, vocab, 50).tolist()
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=5)
+    engine.generate([system + rng.integers(3, vocab, 4).tolist()], params)  # stores the system prompt's blocks
+    prompt = system + rng.integers(3, vocab, 11).tolist()
+    (got,) = engine.generate([prompt], params)
+    assert got.cached_prompt_tokens == 48
+    with torch.no_grad():
+        want = torch.log_softmax(torch_model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+    top = np.argsort(-want)[:5]
+    assert [t for t, _ in got.logprobs[0].top] == top.tolist()
+    np.testing.assert_allclose([p for _, p in got.logprobs[0].top], want[top], atol=1e-4)
+    assert got.token_ids == hf_greedy(torch_model, prompt, 8)
