@@ -89,9 +89,11 @@ class SlowRunner:
         self.release = threading.Event()
         self.started = threading.Event()
         self.ran: list[list[int]] = []
+        self.last_cached_tokens: list[int] = []  # as ModelRunner: no prefix cache here
 
     def prefill_async(self, prompts, sampling, steps):
         self.ran += prompts
+        self.last_cached_tokens = [0] * len(prompts)
         self.started.set()
         assert self.release.wait(30), "test never released the runner"
         return _HostTokens([len(p) for p in prompts]), [], [], None
