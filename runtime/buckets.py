@@ -6,6 +6,8 @@ Powers of two by default. `fine=True` adds the midpoint 1.5 x 2^k between powers
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     n = max(n, minimum)
@@ -27,3 +29,14 @@ def all_buckets(*, minimum: int, maximum: int, fine: bool = False) -> list[int]:
             sizes.append(b * 3 // 2)
         b *= 2
     return sizes + [maximum]
+
+
+def padded_rows(rows: list[list[int]], batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows padded to a (batch, seq) bucket: (i32[batch, seq] ids, zero-padded; i32[batch]
+    lengths, 1 for padding rows)."""
+    tokens = np.zeros((batch, seq), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for row, ids in enumerate(rows):
+        tokens[row, : len(ids)] = ids
+        lengths[row] = len(ids)
+    return tokens, lengths

@@ -23,7 +23,7 @@ from splitserve.models.attention import model_attention_impl
 from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, insert_prefill
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
-from splitserve.runtime.buckets import all_buckets, bucket
+from splitserve.runtime.buckets import all_buckets, bucket, padded_rows
 from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
@@ -112,16 +112,6 @@ def _replicated(x, mesh):
     # The counts keep one layout from step to step: a layout the compiler picked for an output
     # would not match the one the warm-up compiled for, and the next step would compile again.
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
-
-
-def _padded_rows(rows: list[list[int]], batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i32[batch, seq] token ids, zero-padded; i32[batch] lengths, 1 for padding rows)."""
-    tokens = np.zeros((batch, seq), np.int32)
-    lengths = np.ones((batch,), np.int32)
-    for row, ids in enumerate(rows):
-        tokens[row, : len(ids)] = ids
-        lengths[row] = len(ids)
-    return tokens, lengths
 
 
 class ModelRunner:
@@ -227,7 +217,7 @@ class ModelRunner:
 
     def _prefill_whole(self, prompts, sampling, steps):
         batch, seq = self.prefill_shape([len(p) for p in prompts])
-        tokens, lengths = _padded_rows(prompts, batch, seq)
+        tokens, lengths = padded_rows(prompts, batch, seq)
         arrays = self._sampling_arrays(sampling, steps, batch)
         x = self._embed(self.model.params, tokens)
         ks, vs = [], []
@@ -248,8 +238,8 @@ class ModelRunner:
         seq = bucket(max(len(p) for p in new_parts), minimum=self.config.min_prefill_bucket,
                      maximum=self.max_model_len)
         width = self.padded_prompt_len(max(len(p) for p in prompts))
-        tokens, lengths = _padded_rows(new_parts, batch, seq)
-        prompt_tokens, prompt_lengths = _padded_rows(prompts, batch, width)
+        tokens, lengths = padded_rows(new_parts, batch, seq)
+        prompt_tokens, prompt_lengths = padded_rows(prompts, batch, width)
         table, prefix_lengths = cache.block_table(hits, batch, width)
         arrays = self._sampling_arrays(sampling, steps, batch)
         x = self._embed(self.model.params, tokens)
