@@ -165,6 +165,11 @@ class DecodeStub:
                 request_serializer=splitserve_dot_protos_dot_internal__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_internal__pb2.ReserveResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/splitserve.internal.v1.Decode/Renew',
+                request_serializer=splitserve_dot_protos_dot_internal__pb2.RenewRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_internal__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.TransferKV = channel.stream_unary(
                 '/splitserve.internal.v1.Decode/TransferKV',
                 request_serializer=splitserve_dot_protos_dot_internal__pb2.KVChunk.SerializeToString,
@@ -199,6 +204,14 @@ class DecodeServicer:
 
     def Reserve(self, request, context):
         """Reserves pages for prompt + max_tokens under a lease: freed if no KV arrives in time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Extends a reservation's lease (and its KV data ticket, if not yet used) while its prompt waits
+        for a prefill worker. NOT_FOUND once the reservation is gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,6 +262,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=splitserve_dot_protos_dot_internal__pb2.ReserveRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_internal__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=splitserve_dot_protos_dot_internal__pb2.RenewRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_internal__pb2.RenewResponse.SerializeToString,
             ),
             'TransferKV': grpc.stream_unary_rpc_method_handler(
                     servicer.TransferKV,
@@ -305,6 +323,33 @@ class Decode:
             '/splitserve.internal.v1.Decode/Reserve',
             splitserve_dot_protos_dot_internal__pb2.ReserveRequest.SerializeToString,
             splitserve_dot_protos_dot_internal__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.internal.v1.Decode/Renew',
+            splitserve_dot_protos_dot_internal__pb2.RenewRequest.SerializeToString,
+            splitserve_dot_protos_dot_internal__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

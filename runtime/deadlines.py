@@ -102,10 +102,20 @@ class CallScope:
                 if call.cancel in self._hooks:
                     self._hooks.remove(call.cancel)
 
-    def result(self, call: grpc.Future):
-        """call.result(), cancelled with this scope; CallCancelled if that happened."""
+    def result(self, call: grpc.Future, *, every_s: float | None = None,
+               while_waiting: Callable[[], object] | None = None):
+        """call.result(), cancelled with this scope; CallCancelled if that happened.
+        `while_waiting()` runs each `every_s` seconds until the call ends; what it raises cancels the call."""
         with self.cancelling(call):
             try:
-                return call.result()
+                while True:
+                    try:
+                        return call.result(timeout=every_s if while_waiting is not None else None)
+                    except grpc.FutureTimeoutError:
+                        try:
+                            while_waiting()
+                        except BaseException:
+                            call.cancel()
+                            raise
             except grpc.FutureCancelledError:
                 raise CallCancelled("the client cancelled the request") from None

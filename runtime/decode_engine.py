@@ -83,6 +83,11 @@ class DecodeEngine:
             self._lock.notify()
             return self.scheduler.allocator.free_count
 
+    def renew(self, request_id: str, lease_s: float) -> None:
+        """Extends the reservation's lease (the loop's next wake-up can only move later, so no notify)."""
+        with self._lock:
+            self.scheduler.renew(request_id, lease_s)
+
     def claim_kv(self, request_id: str) -> None:
         """A transfer for the request begins; raises UnknownRequest (or ValueError) unless one is expected."""
         with self._lock:

@@ -5,6 +5,7 @@ A request's life on a decode worker:
     reserve() ── pages held under a lease ──┬─ kv_arrived()  ─┐
                                             └─ stream_opened() ┴─► ready ─► running ─► finished
     lease expires before both arrive ─► pages freed, later KV or stream for it is refused
+    renew() while the prompt waits for prefill ─► the lease runs on from now
 
 Each step, schedule() admits ready requests (their KV gets inserted into their pages) up
 to max_batch and lists the running ones to decode. finish() and release() free pages at
@@ -91,6 +92,14 @@ class DecodeScheduler:
         slot = DecodeSlot(request_id, pages, num_tokens, self.clock() + lease_s)
         self.slots[request_id] = slot
         return slot
+
+    def renew(self, request_id: str, lease_s: float) -> None:
+        """The lease runs `lease_s` from now (never shorter than it was). Raises UnknownRequest
+        once the reservation is gone."""
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        slot = self._slot(request_id)
+        slot.lease_deadline = max(slot.lease_deadline, self.clock() + lease_s)
 
     def kv_arrived(self, request_id: str, kv: Any, prompt_len: int, first_token: int) -> None:
         slot = self._slot(request_id)

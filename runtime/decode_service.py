@@ -32,6 +32,8 @@ class KVDataSocket(Protocol):
 
     def issue_ticket(self, request_id: str, lease_s: float) -> bytes: ...
 
+    def renew_ticket(self, request_id: str, lease_s: float) -> None: ...
+
 
 class DecodeService(internal_pb2_grpc.DecodeServicer):
     """`kv_data`: the worker's KV data socket; None (--kv-transport grpc): KV comes through TransferKV only."""
@@ -70,6 +72,17 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
         # A ticket per reservation, valid for its lease: the only key to the data socket.
         return internal_pb2.ReserveResponse(free_pages=free, kv_data_address=self.kv_data.address,
                                             kv_ticket=self.kv_data.issue_ticket(request.request_id, lease))
+
+    def Renew(self, request, context):
+        """Not behind the drain's admission: a held reservation's life goes on while the worker drains."""
+        lease = request.lease_s if request.lease_s > 0 else DEFAULT_LEASE_S
+        try:
+            self.engine.renew(request.request_id, lease)
+        except UnknownRequest as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if self.kv_data is not None:
+            self.kv_data.renew_ticket(request.request_id, lease)
+        return internal_pb2.RenewResponse()
 
     def TransferKV(self, request_iterator, context):
         """`request_iterator` yields raw KVChunk frames (see add_decode_service)."""
@@ -187,6 +200,8 @@ def add_decode_service(server: grpc.Server, servicer: DecodeService) -> None:
     handlers = {
         "Reserve": grpc.unary_unary_rpc_method_handler(
             servicer.Reserve, pb.ReserveRequest.FromString, pb.ReserveResponse.SerializeToString),
+        "Renew": grpc.unary_unary_rpc_method_handler(
+            servicer.Renew, pb.RenewRequest.FromString, pb.RenewResponse.SerializeToString),
         "TransferKV": grpc.stream_unary_rpc_method_handler(
             servicer.TransferKV, None, pb.TransferKVResponse.SerializeToString),
         "Stream": grpc.unary_stream_rpc_method_handler(

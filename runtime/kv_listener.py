@@ -103,6 +103,9 @@ class KVListener:
     def issue_ticket(self, request_id: str, lease_s: float) -> bytes:
         return self.tickets.issue(request_id, lease_s)
 
+    def renew_ticket(self, request_id: str, lease_s: float) -> None:
+        self.tickets.renew(request_id, lease_s)
+
     def close(self, grace_s: float = 5.0) -> None:
         """Stops accepting; waits up to grace_s for the connections in flight."""
         self._closing.set()

@@ -60,6 +60,18 @@ class TicketBook:
             self._entries[request_id] = _Entry(ticket, now + lease_s)
         return ticket
 
+    def renew(self, request_id: str, lease_s: float) -> bool:
+        """An unused ticket of `request_id` stays good for `lease_s` from now (never shorter than it
+        was), as its reservation's lease does; False if there is none (used, expired and dropped, or
+        never issued: a transfer already underway keeps the limit it had)."""
+        with self._lock:
+            entry = self._entries.get(request_id)
+            if entry is None:
+                return False
+            self._entries[request_id] = dataclasses.replace(
+                entry, expires_at=max(entry.expires_at, self.clock() + lease_s))
+            return True
+
     def redeem(self, request_id: str, ticket: bytes) -> float:
         """Uses up the ticket; returns when its lease ends (on the book's clock). Raises TicketRefused."""
         with self._lock:

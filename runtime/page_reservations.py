@@ -4,6 +4,10 @@ A request reserves pages for prompt + max_tokens on the decode worker with most 
 before its prefill starts, so the KV that prefill sends always has somewhere to land. While every
 worker is full, requests wait here (at most MAX_WAITING_FOR_PAGES of them, each at most
 WAIT_FOR_PAGES_S), woken whenever a reservation is released.
+
+A reservation holds its pages for a lease of RESERVE_LEASE_S, so that pages whose router died are
+freed; the router renews it every RENEW_EVERY_S while the prompt waits in a prefill queue, which
+may take longer than a lease when many long prompts arrive at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESERVE_LEASE_S = 30.0
+RENEW_EVERY_S = RESERVE_LEASE_S / 3  # two renewals may fail or come late before the lease ends
 RPC_TIMEOUT_S = 30.0
 MAX_WAITING_FOR_PAGES = 512  # requests queued for decode pages; past it, RESOURCE_EXHAUSTED at once
 WAIT_FOR_PAGES_S = 120.0
@@ -88,6 +93,18 @@ class PageReservations:
             worker.in_flight -= 1
             worker.free_pages += 1  # a hint until the next reservation reports the real count
             self._room.notify_all()
+
+    def renew(self, reservation: Reservation, request_id: str) -> None:
+        """Extends the lease; raises RouterError once the decode worker no longer holds it."""
+        try:
+            reservation.worker.decode.Renew(internal_pb2.RenewRequest(request_id=request_id, lease_s=RESERVE_LEASE_S),
+                                            timeout=RENEW_EVERY_S)
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.UNAVAILABLE:
+                self._health.mark_down(reservation.worker.address, f"Renew: {e.details()}")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                              f"the decode worker {reservation.worker.address} lost the request's KV pages "
+                              f"while it waited for prefill: {e.details()}") from e
 
     def _by_free_pages(self) -> list[WorkerHandle]:
         with self._lock:

@@ -6,7 +6,8 @@ One request, disaggregated:
                         the reply may name the worker's KV data socket and a one-time ticket
     2. Prefill/Run      on the least-loaded prefill worker, with that address and ticket; returns
                         the FIRST token (TTFT); the prefill worker streams the KV to the decode
-                        worker meanwhile (over the data socket, else through TransferKV)
+                        worker meanwhile (over the data socket, else through TransferKV). While
+                        the prompt queues there, Decode/Renew keeps the reservation's lease going
     3. Decode/StreamBatched  the remaining tokens, once the KV has arrived: one call per decode
                         worker carries every request's tokens, a message per decode step
                         (runtime/token_feed.py)
@@ -34,7 +35,7 @@ from splitserve.protos import internal_pb2, internal_pb2_grpc
 from splitserve.runtime.deadlines import CallCancelled, CallScope
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES, ChannelPool
 from splitserve.runtime.logprobs import TokenLogprobs
-from splitserve.runtime.page_reservations import RPC_TIMEOUT_S, PageReservations, Reservation
+from splitserve.runtime.page_reservations import RENEW_EVERY_S, PageReservations, Reservation
 from splitserve.runtime.prefix_affinity import PrefixAffinity
 from splitserve.runtime.proto_convert import sampling_to_internal
 from splitserve.runtime.request import FinishReason, check_bias_ids, check_prompt_ids
@@ -67,6 +68,12 @@ class WorkerHandle:
     dtype: str = ""
     prefix_cache_block: int = 0  # a prefill worker's prefix cache block in tokens; 0: none (or not heard from)
 
+
+# How long a Prefill/Run may take, queue included, when the client set no shorter deadline. A backstop
+# for a worker that never answers, not a limit on the queue: with up to 1024 queued prompts each, a
+# prefill worker may hold many minutes of work, and requests queued behind it still complete (as in
+# vLLM, whose queue has no timeout). A dead or silent worker ends the call much sooner (keepalive).
+PREFILL_TIMEOUT_S = 3600.0
 
 # Prompt logprobs all ride on the stream's first message, with the prompt's ids: both must fit in
 # one message of the public API (less a margin for its other fields).
@@ -327,8 +334,12 @@ class Router:
             worker = self.affinity.pick(prompt_ids, candidates)  # where the prompt's start may be cached
             worker.in_flight += 1
         try:
-            call = worker.prefill.Run.future(request, timeout=scope.timeout(RPC_TIMEOUT_S))
-            return scope.result(call)  # a client cancel cancels the Run
+            call = worker.prefill.Run.future(request, timeout=scope.timeout(PREFILL_TIMEOUT_S))
+            if reservation is None:
+                return scope.result(call)  # a client cancel cancels the Run
+            # The decode pages stay reserved however long the prompt queues; a renewal that fails cancels the Run.
+            return scope.result(call, every_s=RENEW_EVERY_S,
+                                while_waiting=lambda: self.pages.renew(reservation, request_id))
         except grpc.RpcError as e:
             if e.code() is not grpc.StatusCode.UNAVAILABLE:
                 raise

@@ -75,6 +75,31 @@ def test_batch_limit_and_out_of_pages():
     assert [s.request_id for s in sched.schedule().admit] == ["b"]
 
 
+
+def test_renewing_a_lease_keeps_the_reservation_past_its_first_deadline():
+    sched, clock = make()
+    sched.reserve("queued", 10, lease_s=2)
+    sched.reserve("forgotten", 10, lease_s=2)
+    expired = []
+    for _ in range(3):  # the router renews while the prompt waits for a prefill worker
+        clock.now += 1.5
+        sched.renew("queued", lease_s=2)
+        expired += sched.expire_leases()
+    assert expired == ["forgotten"] and clock.now > 104  # twice its first lease
+    sched.renew("queued", lease_s=0.5)  # a shorter renewal never cuts the lease
+    clock.now += 1.9
+    assert sched.expire_leases() == []
+    sched.kv_arrived("queued", "KV", 6, 1)  # still reserved: its KV is taken
+    clock.now += 5
+    assert sched.expire_leases() == ["queued"]  # renewals stopped (a router gone): the pages come back
+    assert sched.allocator.free_count == 16
+    with pytest.raises(UnknownRequest):
+        sched.renew("queued", lease_s=2)
+    sched.reserve("x", 10, lease_s=2)
+    with pytest.raises(ValueError, match="lease_s"):
+        sched.renew("x", lease_s=0)
+
+
 def test_release_frees_at_once_and_is_idempotent():
     sched, _ = make()
     sched.reserve("a", 10, 5)

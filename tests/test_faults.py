@@ -277,6 +277,74 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
           f"{len(dying.request_ids)} failed attempt, {total} of {total} decode pages free after")
 
 
+class QueuedPrefill(internal_pb2_grpc.PrefillServicer):
+    """A prefill worker with a long queue: each Run waits `wait_s`, then runs on a real worker, unless
+    the router cancelled it meanwhile. `during_wait(request)` runs as the wait begins."""
+
+    def __init__(self, channels: ChannelPool, real: str, wait_s: float, during_wait=None):
+        self.real, self.wait_s, self.during_wait = internal_pb2_grpc.PrefillStub(channels.get(real)), wait_s, during_wait
+        self.cancelled: list[str] = []
+
+    def Run(self, request, context):
+        if self.during_wait is not None:
+            self.during_wait(request)
+        time.sleep(self.wait_s)
+        if not context.is_active():
+            self.cancelled.append(request.request_id)
+            return internal_pb2.PrefillResponse()
+        return self.real.Run(request, timeout=30)
+
+
+@pytest.mark.parametrize("case", ["renewed", "not renewed", "reservation lost"])
+def test_a_prompt_queued_past_its_lease_keeps_its_decode_pages(two_prefillers, monkeypatch, case):
+    """The router renews the decode reservation while the prompt waits for prefill (three leases
+    here). Without the renewals the lease ends first and the request fails, as it did before; a
+    renewal that finds the reservation gone fails the request and cancels its queued prefill."""
+    from splitserve.models.metadata import load_metadata
+    from splitserve.runtime import page_reservations, router as router_module
+    from splitserve.runtime.router import Router, RouterError
+
+    stack = two_prefillers
+    decode = addresses(stack, "decode")[0]
+    decode_stub = internal_pb2_grpc.DecodeStub(stack.worker_channel(decode))
+    p = prompt(11, length=30)
+    want = stack.generate(p, max_tokens=24, ignore_eos=True)[0]
+    monkeypatch.setattr(page_reservations, "RESERVE_LEASE_S", 1.0)
+    monkeypatch.setattr(page_reservations, "RENEW_EVERY_S", 0.25)  # a renewal's own timeout
+    monkeypatch.setattr(router_module, "RENEW_EVERY_S", 60.0 if case == "not renewed" else 0.25)
+    lose = (lambda r: decode_stub.Release(internal_pb2.ReleaseRequest(request_id=r.request_id), timeout=5)
+            if case == "reservation lost" else None)
+    channels = ChannelPool(token=stack.internal_token())
+    queued = QueuedPrefill(channels, addresses(stack, "prefill")[0], wait_s=3.0, during_wait=lose)
+    server = make_server()
+    internal_pb2_grpc.add_PrefillServicer_to_server(queued, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        router = Router(load_metadata("demo"), prefill=[f"127.0.0.1:{port}"], decode=[decode], colocated=[],
+                        channels=channels)
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        if case == "renewed":
+            events = list(router.generate(p, params))
+            assert [t for e in events for t in e.token_ids] == want and events[-1].finish_reason == "length"
+        elif case == "not renewed":
+            with pytest.raises(RouterError, match="no reservation"):  # the decode worker dropped it
+                list(router.generate(p, params))
+        else:
+            with pytest.raises(RouterError, match="lost the request's KV pages") as e:
+                list(router.generate(p, params))
+            assert e.value.code is grpc.StatusCode.UNAVAILABLE
+            wait_for(lambda: len(queued.cancelled) == 1, 5, "the queued prefill is cancelled")
+        router.close()
+    finally:
+        server.stop(0)
+        channels.close()
+    with pytest.raises(grpc.RpcError) as e:
+        decode_stub.Renew(internal_pb2.RenewRequest(request_id="never-reserved", lease_s=5), timeout=5)
+    assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    total = decode_stats(stack, decode).total_pages
+    wait_for(lambda: decode_stats(stack, decode).free_pages == total, 5, "every reserved page is free again")
+
 def test_sigkill_of_a_prefill_worker_is_retried_transparently(two_prefillers):
     stack = two_prefillers
     victim = addresses(stack, "prefill")[0]  # first in the router's list: it gets the first request

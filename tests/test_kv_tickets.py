@@ -49,3 +49,17 @@ def test_a_wrong_ticket_is_refused_and_the_right_one_still_works():
         book.redeem("a", bytes(len(ticket)))
     assert not isinstance(e.value, TicketExpired)
     assert book.redeem("a", ticket) == 105.0
+
+
+def test_renewing_an_unused_ticket_extends_it_and_a_used_one_is_not_revived():
+    clock = Clock()
+    book = TicketBook(clock)
+    ticket = book.issue("queued", lease_s=2)
+    clock.now += 1.5
+    assert book.renew("queued", lease_s=2) is True
+    clock.now += 1.5  # past the first lease, within the renewed one
+    assert book.redeem("queued", ticket) == 103.5
+    assert book.renew("queued", lease_s=2) is False  # used: nothing to renew
+    with pytest.raises(TicketRefused):
+        book.redeem("queued", ticket)
+    assert book.renew("never-issued", lease_s=2) is False
