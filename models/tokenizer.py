@@ -42,6 +42,10 @@ class Tokenizer:
         path = Path(model_dir) / "tokenizer.json"
         return cls.from_file(path) if path.exists() else None
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token table from)."""
+        return self._tok.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

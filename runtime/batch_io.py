@@ -27,11 +27,11 @@ import json
 from pathlib import Path
 
 from splitserve.runtime import openai_api
-from splitserve.runtime.request_fields import (SAMPLING_FIELDS, chat_messages, reject_unknown, sampling_params,
-                                               text_field, token_ids_field)
+from splitserve.runtime.request_fields import (SAMPLING_FIELDS, STRUCTURED_FIELDS, chat_messages, reject_unknown,
+                                               sampling_params, text_field, token_ids_field)
 from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
 
-NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS
+NATIVE_FIELDS = ("id", "prompt", "prompt_token_ids", "messages") + SAMPLING_FIELDS + STRUCTURED_FIELDS
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 
 

@@ -10,7 +10,9 @@ from splitserve.models.chat_template import check_messages
 from splitserve.protos import serving_pb2
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.request import Completion
+from splitserve.runtime.proto_convert import structured_to_proto
 from splitserve.runtime.sampling_params import INT32_MAX, bias_pairs, token_id
+from splitserve.runtime.structured_outputs import structured_outputs as parse_structured_outputs
 
 __all__ = ["Completion", "Chunk", "ModelInfo", "TokenLogprobs", "WorkerInfo", "SplitserveError", "build_request"]
 
@@ -83,8 +85,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   include_stop_str_in_output: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                   truncate_prompt_tokens: int | None = None, n: int = 1, min_p: float = 0.0,
-                  logit_bias=None, allowed_token_ids=None, prompt_logprobs: int | None = None
-                  ) -> serving_pb2.GenerateRequest:
+                  logit_bias=None, allowed_token_ids=None, prompt_logprobs: int | None = None,
+                  structured_outputs=None) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -128,6 +130,9 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids (or None), "
                              f"got {allowed_token_ids!r}")
         sampling.allowed_token_ids.extend(token_id(t, "allowed_token_ids") for t in allowed_token_ids)
+    # A StructuredOutputs or a dict of its fields (json: a schema, as a dict or JSON text); the
+    # router compiles it, and answers INVALID_ARGUMENT with llguidance's message if it does not.
+    structured_to_proto(parse_structured_outputs(structured_outputs), sampling)
     request = serving_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
     if prompt is not None:
         request.text = prompt

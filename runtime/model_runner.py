@@ -24,9 +24,11 @@ from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, i
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import all_buckets, bucket, padded_rows
+from splitserve.runtime.grammar_masks import GrammarMasks
 from splitserve.runtime.host_kv import BatchHostKV, RowLayers
 from splitserve.runtime.host_staging import StagingPool
-from splitserve.runtime.kv_wire import expand_to_serving_heads, select_original_heads
+from splitserve.runtime.kv_wire import expand_to_serving_heads
+from splitserve.runtime.mask_rows import DeviceMasks
 from splitserve.runtime.penalty_rows import PenaltyRows
 from splitserve.runtime.prefix_cache import PrefixCache
 from splitserve.runtime.prompt_logprobs import prompt_logprobs
@@ -82,17 +84,18 @@ class RunnerConfig:
     prefix_cache_pages: int = 0
 
 
-def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling, bias):
-    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths), bias=bias)
+def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling, bias, masks):
+    return sample(serving.prefill_logits(graphdef, params, x, lengths), sampling, prompt=(tokens, lengths), bias=bias,
+                  masks=masks)
 
 
-def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, bias, tokens, positions, page_table, active,
+def _decode_and_sample(graphdef, impl, mesh, params, cache, counts, bias, masks, tokens, positions, page_table, active,
                        sampling):
     # Each input token is its request's newest generated one: counted for the penalties before
     # they apply (rows without a penalty row are dropped), a handful of scalar adds in place.
     counts = counts.at[sampling.penalty_row, tokens].add(1, mode="drop")
     logits, cache = serving.decode_step(graphdef, params, cache, tokens, positions, page_table, active, impl, mesh)
-    return sample(logits, sampling, counts, bias=bias), cache, _replicated(counts, mesh)
+    return sample(logits, sampling, counts, bias=bias, masks=masks), cache, _replicated(counts, mesh)
 
 
 def _zero_rows(mesh, counts, bias, rows):
@@ -140,6 +143,9 @@ class ModelRunner:
         self.logit_bias = jax.device_put(jnp.zeros((rows, cfg.vocab_size), jnp.float32), replicated)
         self.prefill_bias = jax.device_put(jnp.zeros((config.max_prefill_batch, cfg.vocab_size), jnp.float32),
                                            replicated)
+        # Structured outputs: each constrained request's grammar, and its token mask rows on the device.
+        self.grammar = GrammarMasks(model.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        self.masks = DeviceMasks(model.mesh, rows, config.max_prefill_batch, self.grammar.words)
         impl = config.attention_impl
         self.fine_widths = (model_attention_impl(impl) == "reference" if config.fine_page_table_widths is None
                             else config.fine_page_table_widths)
@@ -225,7 +231,7 @@ class ModelRunner:
             x, k, v = self._layer(layer_params, x, lengths)
             ks.append(k)
             vs.append(v)
-        first = self._first_tokens(self.model.params, x, tokens, lengths, arrays, self.prefill_bias)
+        first = self._first_tokens(self.model.params, x, tokens, lengths, arrays, self.prefill_bias, self.masks.prefill)
         return self._with_prompt_logprobs(first, x, tokens, sampling), tuple(ks), tuple(vs), lengths
 
     def _prefill_after_prefix(self, prompts, hits, sampling, steps):
@@ -245,7 +251,7 @@ class ModelRunner:
         x = self._embed(self.model.params, tokens)
         x, ks, vs = cache.layers(width, self._layer_params, x, lengths, table, prefix_lengths)
         first = cache.first_tokens(self.model.params, x, lengths, prompt_tokens, prompt_lengths, arrays,
-                                   self.prefill_bias)
+                                   self.prefill_bias, self.masks.prefill)
         # Rows that ask for prompt logprobs were not looked up (PrefixCache.hits): x covers their whole prompt.
         return self._with_prompt_logprobs(first, x, tokens, sampling), ks, vs, prompt_lengths
 
@@ -256,6 +262,7 @@ class ModelRunner:
                     raise ValueError(f"a prefill batch with logit biases holds at most {self.config.max_prefill_batch}")
                 self.prefill_bias = self._set_bias_row(self.prefill_bias, np.int32(row),
                                                        bias_vector(params, self.model.config.vocab_size))
+        self.masks.write_prefill(self.grammar.first_masks(sampling))
         return SamplingArrays.build(sampling, steps, batch, self.model.config.eos_token_ids,
                                     bias_rows=list(range(len(sampling))))
 
@@ -289,8 +296,8 @@ class ModelRunner:
     def decode_step(self, inputs: tuple) -> Sampled:
         """Runs one compiled decode step on `decode_inputs(...)`; returns the sampled tokens (a Sampled
         of device arrays) without waiting for them (the cache and the penalty counts are updated in place)."""
-        next_tokens, self.cache, self.penalty_counts = self._decode(self.model.params, self.cache,
-                                                                    self.penalty_counts, self.logit_bias, *inputs)
+        next_tokens, self.cache, self.penalty_counts = self._decode(self.model.params, self.cache, self.penalty_counts,
+                                                                    self.logit_bias, self.masks.decode, *inputs)
         return next_tokens
 
     def decode_inputs(self, tokens: list[int], positions: list[int], page_lists: list[list[int]],
@@ -301,6 +308,7 @@ class ModelRunner:
         rows, fresh = self.penalty_rows.rows_for(request_ids, sampling, steps)
         self._ready_fresh_rows([rows[i] for i in fresh], [sampling[i] for i in fresh],
                                [None if prompts is None else prompts[i] for i in fresh])
+        self.masks.write_decode(rows, self.grammar.step_masks(request_ids, sampling, steps, tokens))
         n = len(tokens)
         batch = bucket(n, minimum=min(self.config.min_decode_batch, self.config.max_batch),
                        maximum=max(self.config.max_batch, n))

@@ -23,8 +23,8 @@ import uuid
 
 from splitserve.runtime.openai_logprobs import ChoiceLogprobs, TokenText, joined, prompt_logprobs_json
 from splitserve.runtime.request import Completion
-from splitserve.runtime.request_fields import (SAMPLING_FIELDS, chat_messages, is_int, reject_unknown,
-                                               sampling_params, text_field)
+from splitserve.runtime.request_fields import (SAMPLING_FIELDS, STRUCTURED_FIELDS, chat_messages, is_int,
+                                               reject_unknown, sampling_params, text_field)
 from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -32,11 +32,10 @@ URLS = (COMPLETIONS, CHAT)
 # Fields that change nothing here (bookkeeping of OpenAI's platform), taken and ignored as vLLM does.
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 # Features not served here, taken only at the value that leaves them off (clients send those).
-OFF_VALUES = {"best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},),
-              "tools": ([],), "tool_choice": ("none",)}
+OFF_VALUES = {"best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",)}
 CHAT_OFF_VALUES = {"echo": (False,)}  # chat's echo (of the last message) is not served; completions' is
 BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "stream", "stream_options",
-               "top_logprobs", "echo") + SAMPLING_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
+               "top_logprobs", "echo") + SAMPLING_FIELDS + STRUCTURED_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
 MAX_PROMPTS = 1024  # prompts in one completions body: a bound on what one body holds
 
 Prompt = str | tuple[int, ...]  # a text, or token ids

@@ -2,9 +2,10 @@
 
 presence_penalty and frequency_penalty need, per request, how often each vocabulary id has been
 generated so far; repetition_penalty also which ids are in the prompt; logit_bias and
-allowed_token_ids a bias per id. Those live on the device ([rows, vocab] int32 counts, updated
-inside the decode step, and [rows, vocab] f32 biases; runtime/sampling.py), one row of each per
-request that asks for any of them; this module hands the rows out. A decode
+allowed_token_ids a bias per id; structured outputs a token mask per step. Those live on the
+device ([rows, vocab] int32 counts, updated inside the decode step, [rows, vocab] f32 biases and
+[rows, vocab / 32] i32 masks; runtime/sampling.py), one row of each per request that asks for any
+of them; this module hands the rows out. A decode
 step lists every running request (DecodeEngine and ColocatedEngine both do), so a request that
 no longer appears has finished or been released, and its row is free for the next one. A
 request at its first decode step (step 1: only the prefill's token is out) gets a fresh row even
@@ -29,7 +30,7 @@ class PenaltyRows:
         """(each request's row, or None for all when no request of the step has a penalty;
         the positions in the step of the requests whose rows are fresh: the caller zeroes those rows,
         or sets their prompt flags, before the step uses them)."""
-        wanted = [p.penalised or p.biased for p in params]
+        wanted = [p.penalised or p.biased or p.structured_outputs is not None for p in params]
         if request_ids is None:
             if any(wanted):
                 raise ValueError("penalties and logit biases need the request ids of the decode step")

@@ -25,10 +25,10 @@ from splitserve.runtime.sampling import sample
 CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
-def _logits_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias):
+def _logits_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias, masks):
     # The logits of the last new token; the repetition penalty sees the whole prompt, prefix included.
     logits = serving.prefill_logits(graphdef, params, x, lengths)
-    return sample(logits, sampling, prompt=(prompt_tokens, prompt_lengths), bias=bias)
+    return sample(logits, sampling, prompt=(prompt_tokens, prompt_lengths), bias=bias, masks=masks)
 
 
 class PrefixCache:
@@ -75,8 +75,8 @@ class PrefixCache:
             vs.append(v)
         return x, tuple(ks), tuple(vs)
 
-    def first_tokens(self, params, x, lengths, prompt_tokens, prompt_lengths, arrays, bias):
-        return self._first_tokens(params, x, lengths, prompt_tokens, prompt_lengths, arrays, bias)
+    def first_tokens(self, params, x, lengths, prompt_tokens, prompt_lengths, arrays, bias, masks):
+        return self._first_tokens(params, x, lengths, prompt_tokens, prompt_lengths, arrays, bias, masks)
 
     def store(self, prompts, ks, vs) -> None:
         """Copies the whole blocks of these prompts that are not cached yet into the pool."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from splitserve.protos import internal_pb2, serving_pb2
 from splitserve.runtime.sampling_params import SamplingParams
+from splitserve.runtime.structured_outputs import StructuredOutputs
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -29,18 +30,42 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         n=msg.n if msg.HasField("n") else 1,
         logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured_outputs=structured_from_proto(msg),
     )
+
+
+def structured_from_proto(msg) -> StructuredOutputs | None:
+    """The structured_outputs field of a public SamplingParams or an internal ResolvedSampling."""
+    if not msg.HasField("structured_outputs"):
+        return None
+    so = msg.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs is set but names none of json, json_object, regex, choice, grammar")
+    return StructuredOutputs(**{kind: tuple(so.choice.choices) if kind == "choice" else getattr(so, kind)})
+
+
+def structured_to_proto(so: StructuredOutputs | None, target) -> None:
+    """Sets target.structured_outputs (a public or internal message) from `so` (None: leaves it unset)."""
+    if so is None:
+        return
+    if so.choice is not None:
+        target.structured_outputs.choice.choices.extend(so.choice)
+    else:
+        setattr(target.structured_outputs, so.kind, getattr(so, so.kind))
 
 
 def sampling_to_internal(p: SamplingParams) -> internal_pb2.ResolvedSampling:
     assert p.seed is not None, "resolve the seed (SamplingParams.with_seed) before sending"
-    return internal_pb2.ResolvedSampling(
+    msg = internal_pb2.ResolvedSampling(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
         logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias),
         allowed_token_ids=list(p.allowed_token_ids or ()), prompt_logprobs=p.prompt_logprobs,
     )
+    structured_to_proto(p.structured_outputs, msg)
+    return msg
 
 
 def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams:
@@ -52,4 +77,5 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured_outputs=structured_from_proto(msg),
     )

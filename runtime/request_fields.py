@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 
 from splitserve.runtime.sampling_params import SamplingParams, check_text
+from splitserve.runtime.structured_outputs import StructuredOutputs, structured_outputs
 
 DEFAULT_MAX_TOKENS = 16
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n", "logit_bias",
                    "allowed_token_ids", "prompt_logprobs")
+# Structured outputs, under every name vLLM takes them by: its structured_outputs object, the older
+# guided_* fields, and OpenAI's response_format. A request names at most one.
+STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar")
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}  # type -> key
 
 
@@ -123,8 +129,43 @@ def sampling_params(fields: dict) -> SamplingParams:
         if not isinstance(allowed, list) or not all(is_int(t) for t in allowed):
             raise ValueError(f"allowed_token_ids must be a list of integers, got {json.dumps(allowed)[:80]}")
         kw["allowed_token_ids"] = tuple(allowed)
+    if (structured := structured_field(fields)) is not None:
+        kw["structured_outputs"] = structured
     kw.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     return SamplingParams(**kw)
+
+
+def structured_field(fields: dict) -> StructuredOutputs | None:
+    """The request's structured outputs, from whichever of STRUCTURED_FIELDS it sets (null: absent)."""
+    given = [k for k in STRUCTURED_FIELDS if fields.get(k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} each set structured outputs: give one")
+    if not given:
+        return None
+    key, value = given[0], fields[given[0]]
+    if key == "structured_outputs":
+        return structured_outputs(value)
+    if key == "response_format":
+        return _response_format(value)
+    return StructuredOutputs(**{GUIDED[key]: value})
+
+
+def _response_format(value) -> StructuredOutputs | None:
+    """OpenAI's response_format: {"type": "text"} (free text), {"type": "json_object"}, or
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise ValueError("response_format json_schema must be {\"json_schema\": {\"name\": ..., \"schema\": "
+                             "{...}}}")
+        return StructuredOutputs(json=spec["schema"])
+    raise ValueError(f"response_format must have type text, json_object or json_schema, got "
+                     f"{json.dumps(value)[:80]}")
 
 
 def is_int(value) -> bool:

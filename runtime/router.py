@@ -184,6 +184,10 @@ class Router:
         try:
             check_prompt_ids(prompt_ids, cfg.vocab_size)
             check_bias_ids(params, cfg.vocab_size, cfg.eos_token_ids)
+            if params.structured_outputs is not None:
+                if self.metadata.tokenizer is None:
+                    raise ValueError("structured outputs need the model's tokenizer, and this model has none")
+                params.structured_outputs.check()
         except ValueError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if params.prompt_logprobs is not None and (size := first_message_bytes(len(prompt_ids), params)) > \

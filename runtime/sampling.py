@@ -17,6 +17,10 @@ logit_bias and allowed_token_ids: a request that sets either has a row of bias v
 vocab] f32 on the device, -inf where allowed_token_ids leaves an id out), written once when the
 request starts (bias_vector) and added first, as vLLM does, so greedy requests see it too.
 
+Structured outputs: a constrained row has a row of token bitmasks ([rows, vocab / 32] i32 on the
+device, written before each step from the request's grammar: runtime/grammar_masks.py); ids whose
+bit is clear get -inf first, with the bias, so nothing outside the grammar can be sampled.
+
 logprobs: rows that ask get the log-softmax of the raw logits (runtime/logprobs.py) for the
 sampled token and the MAX_LOGPROBS most likely; computed only when some row of the step asks.
 """
@@ -62,15 +66,19 @@ class SamplingArrays:
     repetition: np.ndarray  # f32[batch]: repetition_penalty (1: off)
     penalty_row: np.ndarray  # i32[batch]: the row's counts row (runtime/penalty_rows.py); out of range: none
     bias_row: np.ndarray  # i32[batch]: the row's logit bias row; NO_ID: none
+    grammar_row: np.ndarray  # i32[batch]: the row's token mask row (structured outputs); NO_ID: none
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int], batch: int,
               eos_token_ids: tuple[int, ...] = (), penalty_rows: list[int] | None = None,
               bias_rows: list[int] | None = None) -> "SamplingArrays":
-        """`bias_rows`: each biased request's row of the bias array the step gets (unbiased ones: ignored)."""
+        """`bias_rows`: each biased (or constrained) request's row of the bias (and mask) arrays the step
+        gets (the others: ignored)."""
         pad = batch - len(params)
         rows = list(penalty_rows) if penalty_rows is not None else [NO_ID] * len(params)
         biased = [row if p.biased else NO_ID for row, p in zip(bias_rows or [NO_ID] * len(params), params)]
+        masked = [row if p.structured_outputs is not None else NO_ID
+                  for row, p in zip(bias_rows or [NO_ID] * len(params), params)]
         held_back = np.full((batch, held_back_width(eos_token_ids)), NO_ID, np.int32)
         for row, (p, step) in enumerate(zip(params, steps)):
             if step < p.min_tokens:
@@ -90,12 +98,14 @@ class SamplingArrays:
             repetition=np.array([p.repetition_penalty for p in params] + [1.0] * pad, np.float32),
             penalty_row=np.array(rows + [NO_ID] * pad, np.int32),
             bias_row=np.array(biased + [NO_ID] * pad, np.int32),
+            grammar_row=np.array(masked + [NO_ID] * pad, np.int32),
         )
 
 
 jax.tree_util.register_dataclass(
     SamplingArrays, data_fields=["temperature", "top_k", "top_p", "min_p", "seed", "step", "held_back", "logprobs",
-                                 "presence", "frequency", "repetition", "penalty_row", "bias_row"],
+                                 "presence", "frequency", "repetition", "penalty_row", "bias_row",
+                                 "grammar_row"],
     meta_fields=[]
 )
 
@@ -162,10 +172,12 @@ jax.tree_util.register_dataclass(Sampled, data_fields=["tokens", "logprob", "top
 
 
 def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None,
-           prompt: tuple[jax.Array, jax.Array] | None = None, bias: jax.Array | None = None) -> Sampled:
+           prompt: tuple[jax.Array, jax.Array] | None = None, bias: jax.Array | None = None,
+           masks: jax.Array | None = None) -> Sampled:
     """f32[batch, vocab] -> Sampled. Temperature 0 rows are greedy (argmax).
 
     `bias`: f32[rows, vocab], the logit bias rows that s.bias_row points into (None: no bias).
+    `masks`: i32[rows, ceil(vocab / 32)], the token bitmasks that s.grammar_row points into (None: none).
 
     Penalties need one of: `counts`, i32[rows, vocab], each penalised row's generated tokens and
     prompt flags (decode, rows picked by s.penalty_row); or `prompt`, (i32[batch, seq] padded
@@ -181,8 +193,12 @@ def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None
         adjust |= jnp.any(s.repetition != 1)
     if bias is not None:
         adjust |= jnp.any(s.bias_row != NO_ID)
+    if masks is not None:
+        adjust |= jnp.any(s.grammar_row != NO_ID)
 
     def adjusted(x):
+        if masks is not None:  # the grammar first: nothing outside it, whatever the bias says
+            x = jnp.where(_mask_bits(masks, s.grammar_row, x.shape[-1]), x, -jnp.inf)
         if bias is not None:  # vLLM's order: allowed ids and logit bias, min_tokens, then penalties
             x = x + jnp.take(bias, s.bias_row, axis=0, mode="fill", fill_value=0)
         x = x + _held_back_mask(x.shape, s.held_back)
@@ -199,6 +215,13 @@ def sample(logits: jax.Array, s: SamplingArrays, counts: jax.Array | None = None
     logprob, top_ids, top = jax.lax.cond(jnp.any(s.logprobs), lambda x: _logprobs(x, tokens, k), lambda x: none,
                                          logits)
     return Sampled(tokens, logprob, top_ids, top)
+
+
+def _mask_bits(masks: jax.Array, rows: jax.Array, vocab: int) -> jax.Array:
+    """bool[batch, vocab]: each row's allowed ids from its bitmask row (rows out of range: all allowed)."""
+    words = jnp.take(masks, rows, axis=0, mode="fill", fill_value=-1)  # -1: every bit set
+    ids = jnp.arange(vocab)
+    return (jnp.take(words, ids // 32, axis=1) >> (ids % 32)) & 1 == 1
 
 
 def bias_vector(params: SamplingParams, vocab_size: int) -> np.ndarray:

@@ -10,6 +10,8 @@ import operator
 import secrets
 from collections.abc import Mapping
 
+from splitserve.runtime.structured_outputs import StructuredOutputs, structured_outputs
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 # Each generated token is checked against every stop id, on the decode step's thread: a request
@@ -84,9 +86,16 @@ class SamplingParams:
     # As vLLM's prompt_logprobs: N in [0, MAX_LOGPROBS]: each prompt token's logprob given the tokens
     # before it (all but the first), and the N most likely there. None: not computed.
     prompt_logprobs: int | None = None
+    # As vLLM's structured_outputs: the output held to a JSON schema, a regex, a choice or a grammar
+    # (runtime/structured_outputs.py). A dict of its fields is taken. None: free text.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "structured_outputs", structured_outputs(self.structured_outputs))
+        if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
+            # Once the grammar is complete only EOS may follow: neither could hold it back.
+            raise ValueError("structured outputs cannot be combined with ignore_eos or min_tokens")
         object.__setattr__(self, "logit_bias", bias_pairs(self.logit_bias))
         if self.allowed_token_ids is not None:
             if isinstance(self.allowed_token_ids, (str, bytes)):  # not its characters

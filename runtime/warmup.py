@@ -37,7 +37,7 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
         for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
             for width in widths if full else widths[:1]:
                 _compile(runner._decode, runner.model.params, runner.cache, runner.penalty_counts,
-                         runner.logit_bias, np.zeros(batch, np.int32),
+                         runner.logit_bias, runner.masks.decode, np.zeros(batch, np.int32),
                          np.zeros(batch, np.int32), np.zeros((batch, width), np.int32), np.ones(batch, bool),
                          _sampling(batch, runner))
                 count += 1
@@ -54,6 +54,11 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
     for bias in biases:
         _compile(runner._set_bias_row, bias, np.int32(0), np.zeros(bias.shape[1], np.float32))
         count += 1
+    # Writing the token masks of structured outputs: the prefill's rows, and the decoding requests'.
+    for masks in [runner.masks.prefill] + ([runner.masks.decode] if decode else []):
+        if masks is runner.masks.prefill or masks.shape != runner.masks.prefill.shape:
+            _compile(runner.masks.set_rows, masks, np.zeros(masks.shape[0], np.int32), np.zeros(masks.shape, np.int32))
+            count += 1
     return count
 
 
@@ -66,7 +71,8 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
         seen.append(x)
         x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
         count += 1
-    _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner), runner.prefill_bias)
+    _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner), runner.prefill_bias,
+             runner.masks.prefill)
     count += 1
     if runner.prefix_cache is not None:  # every prefill stores its prompts' new blocks in the pool
         pool = runner.prefix_cache.pool
