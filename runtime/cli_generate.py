@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
                    help="add BIAS (in [-100, 100]) to token ID's logit before sampling (repeatable)")
     p.add_argument("--allowed-token-ids", type=_token_ids, metavar="IDS",
                    help="sample only these token ids, e.g. 5,9,42")
+    p.add_argument("--structured-outputs", type=_structured_outputs, metavar="JSON",
+                   help='hold the output to a spec, as vLLM\'s structured_outputs: one of {"json": SCHEMA}, '
+                        '{"json_object": true}, {"regex": "..."}, {"choice": [...]}, {"grammar": "LARK"}')
     p.add_argument("--truncate-prompt-tokens", type=int, metavar="K",
                    help="keep only the prompt's last K tokens (-1: at most the model's context length)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache page size in tokens (default 16)")
@@ -144,7 +147,16 @@ def _more_sampling(args) -> dict:
     return dict(min_p=args.min_p, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, truncate_prompt_tokens=args.truncate_prompt_tokens,
                 logit_bias=_logit_bias(args.logit_bias), allowed_token_ids=args.allowed_token_ids,
-                prompt_logprobs=args.prompt_logprobs)
+                prompt_logprobs=args.prompt_logprobs, structured_outputs=args.structured_outputs)
+
+
+def _structured_outputs(text: str):
+    from splitserve.runtime.structured_outputs import structured_outputs
+
+    try:
+        return structured_outputs(json.loads(text))
+    except ValueError as e:  # JSON's errors are ValueErrors too
+        raise argparse.ArgumentTypeError(f"not a structured outputs spec: {e}") from None
 
 
 def _logit_bias(pairs: list[str]) -> dict[int, float]:

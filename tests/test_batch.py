@@ -327,7 +327,20 @@ def mixed_lines():
                   ("ok", transformers_chat_ids(json.dumps(CHAT)), SamplingParams(max_tokens=4, logprobs=2))))
     cases.append(({"id": "min", "prompt": "The weather today is", "max_tokens": 20, "stop": ["ady"], "min_tokens": 9},
                   ("ok", "The weather today is", SamplingParams(max_tokens=20, stop=("ady",), min_tokens=9))))
+    choice = {"choice": ["sunny", "rainy and cold"]}
+    cases.append(({"id": "so", "prompt": "The weather today is", "max_tokens": 12, "temperature": 1.0, "seed": 5,
+                   "structured_outputs": choice},
+                  ("ok", "The weather today is", SamplingParams(max_tokens=12, temperature=1.0, seed=5,
+                                                                structured_outputs=choice))))
+    schema = {"type": "object", "properties": {"day": {"type": "integer"}}, "required": ["day"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    cases.append(({"custom_id": "oa5", "url": "/v1/chat/completions",
+                   "body": {"messages": list(CHAT), "max_tokens": 16,
+                            "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}}}},
+                  ("ok", transformers_chat_ids(json.dumps(CHAT)),
+                   SamplingParams(max_tokens=16, structured_outputs={"json": schema}))))
     cases += [
+        ({"id": "sox", "prompt": "x", "guided_regex": "[a"}, ("error", "sox", "unclosed character class")),
         ('{"id": "broken", "prompt": ', ("error", "line-{n}", "invalid JSON")),
         ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
         ({"id": "mp", "prompt": "x", "min_p": 2}, ("error", "mp", "min_p must be in [0, 1]")),

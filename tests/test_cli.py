@@ -64,6 +64,10 @@ def test_generate_streams_demo_text(cache):
     result = run_cli("generate", "Once upon a time", "--max-tokens", "8", cache=cache)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+    chosen = run_cli("generate", "Once upon a time", "--max-tokens", "8", "--temperature", "1",
+                     "--structured-outputs", '{"choice": ["north wind", "south"]}', cache=cache)
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() in ("north wind", "south")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -78,6 +82,8 @@ def test_generate_streams_demo_text(cache):
     (["generate", "hi", "--logit-bias", "5"], "--logit-bias takes ID=BIAS (e.g. 42=-100), got '5'"),
     (["generate", "hi", "--logit-bias", "5=-101"], "logit_bias values must be in [-100, 100]"),
     (["generate", "hi", "--allowed-token-ids", "7,99999"], "outside the vocabulary"),
+    (["generate", "hi", "--structured-outputs", '{"regexp": "a"}'], "unknown structured_outputs field regexp"),
+    (["generate", "hi", "--structured-outputs", '{"regex": "[a"}'], "unclosed character class"),
     (["generate", "hi", "--allowed-token-ids", "7,x"], "--allowed-token-ids: must be comma-separated integers"),
     (["generate", "hi", "--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
     (["generate", "hi", "--truncate-prompt-tokens", "0"], "truncate_prompt_tokens must be -1"),

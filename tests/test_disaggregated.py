@@ -1,6 +1,8 @@
 """End to end through real processes on loopback: router + prefill + decode workers."""
 
 import concurrent.futures
+import json
+import re
 import threading
 import time
 
@@ -334,11 +336,36 @@ def test_an_overlong_request_id_is_invalid_argument(demo_stack):
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "request_id is 257 bytes" in err.value.details()
 
 
+STRUCTURED = {"regex": r"[0-9]{2,4}(-[a-z]{1,6}){1,3}", "json": json.dumps(
+    {"type": "object", "properties": {"id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string",
+     "maxLength": 6}, "maxItems": 2}}, "required": ["id", "tags"], "additionalProperties": False,
+     "x-guidance": {"whitespace_flexible": False}})}
+
+
+def _structured(stack) -> list[tuple[list[int], str]]:
+    """Sampled (temperature 1, fixed seeds) under a regex and a JSON schema, through the SDK."""
+    from splitserve.runtime.client import Client
+
+    with Client(stack.address) as client:
+        return [(c.token_ids, c.text) for kind, spec in STRUCTURED.items() for seed in (1, 2)
+                for c in [client.generate("The kitchen", max_tokens=60, temperature=1.0, seed=seed,
+                                          structured_outputs={kind: spec})]]
+
+
 def test_colocated_mode_equals_disaggregated(demo_stack):
+    """Token for token, free and with structured outputs (whose first token's mask is the prefill
+    worker's, the rest the decode worker's); the structured ones parse."""
     prompt = prompts_for(2048, (17,), seed=9)[0]
     want = demo_stack.generate(prompt, max_tokens=12, ignore_eos=True)[0]
+    want_structured = _structured(demo_stack)
+    for (_, text), kind in zip(want_structured, [k for k in STRUCTURED for _ in (1, 2)]):
+        assert re.fullmatch(STRUCTURED["regex"], text) if kind == "regex" else isinstance(json.loads(text)["id"], int)
+    with pytest.raises(grpc.RpcError) as err:
+        demo_stack.generate([5, 6], max_tokens=4, structured_outputs={"regex": "[0-9"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "unclosed character class" in err.value.details()
     with launched("demo", "--mode", "colocated", "--kv-cache-gib", "0.05") as stack:
         assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
+        assert _structured(stack) == want_structured
         assert [w.role for w in stack.workers()] == ["colocated"]
         # Pool sized from the budget: a demo page (K+V, 4 layers, 4 KV heads, 16 tokens,
         # head_dim 32, f32) is 64 KiB, so 0.05 GiB holds 819 pages, one of them the sink.

@@ -120,14 +120,15 @@ def test_malformed_http_bodies_get_openai_errors():
         lambda b: post(b, "/v1/completions", data=deep, headers={"Content-Type": "application/json"}),
         lambda b: post(b, "/v1/completions", data=b" " * (PUBLIC_MAX_MESSAGE_BYTES + 1),
                        headers={"Content-Type": "application/json"}),
-        lambda b: post(b, "/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}),
+        lambda b: post(b, "/v1/completions", {"prompt": "x", "tools": [{"type": "function",
+                                                                        "function": {"name": "f"}}]}),
         lambda b: post(b, "/v1/completions", {"prompt": "x", "echo": False, "store": True, "user": "u",
                                               "messages": None}),
     ])
     assert [status for status, _ in results] == [400, 400, 400, 413, 400, 200]
     assert all(body["error"]["code"] == status for status, body in results[:5])
     assert "not valid JSON" in results[0][1]["error"]["message"]
-    assert "response_format" in results[4][1]["error"]["message"]
+    assert "tools" in results[4][1]["error"]["message"]
 
 
 def test_the_api_key_is_checked_on_every_v1_path():

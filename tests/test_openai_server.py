@@ -104,6 +104,36 @@ def test_chat_completions_equal_the_sdk_and_stop_as_vllm(oai, sdk):
     assert choice.model_extra["stop_reason"] == words[2] == expect.stop_reason
 
 
+
+def test_structured_outputs_as_openai_and_vllm_clients_ask_for_them(oai, sdk):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's structured_outputs /
+    guided_choice, streamed or not: each answer parses, and equals the SDK's for the same spec."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False,
+              "x-guidance": {"whitespace_flexible": False}}
+    got = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=48, temperature=0.9, seed=4,
+                                      response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "place", "schema": schema}})
+    content = got.choices[0].message.content
+    jsonschema.validate(json.loads(content), schema)
+    assert got.choices[0].finish_reason == "stop"
+    assert content == sdk.generate(messages=CHAT, max_tokens=48, temperature=0.9, seed=4,
+                                   structured_outputs={"json": schema}).text
+    any_object = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=48, temperature=0.9, seed=2,
+                                             response_format={"type": "json_object"}).choices[0]
+    text = any_object.message.content  # any object: a random model may not close it within max_tokens
+    assert isinstance(json.loads(text), dict) if any_object.finish_reason == "stop" else text.startswith("{")
+    choices = ["red", "green", "blue"]
+    for body in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
+        streamed = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3,
+                                          stream=True, extra_body=body)
+        assert "".join(chunk.choices[0].text for chunk in streamed) in choices
+    with pytest.raises(openai.BadRequestError, match="unclosed character class"):
+        oai.completions.create(model="demo", prompt=PROMPT, max_tokens=8, extra_body={"guided_regex": "[a-"})
+
 def test_streamed_completions_and_chat_with_usage(oai, sdk):
     want = sdk.generate(PROMPT, max_tokens=12, ignore_eos=True)
     chunks = list(oai.completions.create(model="demo", prompt=PROMPT, max_tokens=12, stream=True,
