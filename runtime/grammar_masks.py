@@ -46,6 +46,7 @@ class GrammarMasks:
         self._tokenizer = tokenizer
         self._eos = tuple(eos_token_ids)
         self._ll_tokenizer = None  # built on first use (tens of ms for a 128k vocabulary)
+        self._executor = None  # llguidance's thread pool for the masks of a step, made on first use
         self._lock = threading.Lock()  # gRPC threads check requests while the engine thread steps
         self._specs: dict[StructuredOutputs, str] = {}
         self._matchers: dict[str, object] = {}  # request id -> its llguidance LLMatcher
@@ -80,10 +81,10 @@ class GrammarMasks:
             return [None] * len(params)
         if request_ids is None:
             raise ValueError("structured outputs need the request ids of the decode step")
-        masks = []
+        matchers = []
         for request_id, p, step, token in zip(request_ids, params, steps, tokens):
             if p.structured_outputs is None:
-                masks.append(None)
+                matchers.append(None)
                 continue
             matcher = self._matchers.get(request_id)
             if matcher is None or step <= 1:  # new, or a new request under a reused id
@@ -91,8 +92,8 @@ class GrammarMasks:
             if not matcher.consume_token(int(token)):
                 log.error("request %s: token %d is outside its grammar (%s); it ends", request_id, token,
                           matcher.get_error())
-            masks.append(self._mask(matcher))
-        return masks
+            matchers.append(matcher)
+        return self._masks(matchers)
 
     def _matcher(self, spec: StructuredOutputs):
         from llguidance import LLMatcher
@@ -103,11 +104,21 @@ class GrammarMasks:
         return matcher
 
     def _mask(self, matcher) -> np.ndarray:
-        if matcher.is_stopped() or matcher.is_error():
-            return self.eos_only
-        mask = np.zeros((1, self.words), np.int32)
-        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-        return mask[0]
+        return self._masks([matcher])[0]
+
+    def _masks(self, matchers: list) -> list[np.ndarray | None]:
+        """Each matcher's next mask (None for None), computed on llguidance's own threads, outside the GIL."""
+        from llguidance import LLExecutor
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        masks = np.zeros((len(matchers), self.words), np.int32)
+        live = [(m, row) for row, m in enumerate(matchers) if m is not None and not (m.is_stopped() or m.is_error())]
+        if live:
+            if self._executor is None:
+                self._executor = LLExecutor()
+            fill_next_token_bitmask_par(self._executor, live, masks)
+        return [None if m is None else masks[row] if not (m.is_stopped() or m.is_error()) else self.eos_only
+                for row, m in enumerate(matchers)]
 
     def _spec(self, spec: StructuredOutputs) -> str:
         with self._lock:
