@@ -108,9 +108,11 @@ class CallScope:
         `while_waiting()` runs each `every_s` seconds until the call ends; what it raises cancels the call."""
         with self.cancelling(call):
             try:
+                if while_waiting is None:
+                    return call.result()
                 while True:
                     try:
-                        return call.result(timeout=every_s if while_waiting is not None else None)
+                        return call.result(timeout=every_s)
                     except grpc.FutureTimeoutError:
                         try:
                             while_waiting()

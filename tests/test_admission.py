@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -112,6 +113,36 @@ def test_cancel_reaches_the_call_in_flight_and_only_while_it_is():
     with scope.cancelling(late):  # a call started after the cancel is cancelled at once
         assert late.cancelled.is_set()
 
+
+
+class SlowCall(FakeCall):
+    """Answers `after_s` after it was made, unless cancelled; waits as grpc.Future.result(timeout) does."""
+
+    def __init__(self, after_s: float):
+        super().__init__()
+        self.done_at = time.monotonic() + after_s
+
+    def result(self, timeout=None):
+        left = self.done_at - time.monotonic()
+        if self.cancelled.wait(min(left, timeout) if timeout is not None else left):
+            raise grpc.FutureCancelledError()
+        if time.monotonic() < self.done_at:
+            raise grpc.FutureTimeoutError()
+        return "finished"
+
+
+def test_while_waiting_runs_until_the_call_answers_and_what_it_raises_cancels_the_call():
+    ticks = []
+    assert CallScope().result(SlowCall(0.35), every_s=0.05, while_waiting=lambda: ticks.append(1)) == "finished"
+    assert 4 <= len(ticks) <= 8  # about one each 0.05 s of the 0.35 s wait
+
+    def lost():
+        raise RuntimeError("the reservation is gone")
+
+    call = SlowCall(5.0)
+    with pytest.raises(RuntimeError, match="reservation is gone"):
+        CallScope().result(call, every_s=0.05, while_waiting=lost)
+    assert call.cancelled.is_set()
 
 @pytest.mark.parametrize("command", ["launch", "router"])
 def test_a_bad_limit_flag_exits_with_a_one_line_reason(command):
