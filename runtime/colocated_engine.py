@@ -61,7 +61,8 @@ class ColocatedEngine:
         prompt_ids = params.truncated(prompt_ids, self.model.config.max_model_len)
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         check_bias_ids(params, self.model.config.vocab_size, self.model.config.eos_token_ids)
-        self.runner.grammar.check(params)
+        if params.structured_outputs is not None:
+            self.runner.grammar.check(params)
         request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params.with_seed())
         self.scheduler.add(request)
         self._requests[request.request_id] = request

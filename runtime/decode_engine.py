@@ -105,7 +105,8 @@ class DecodeEngine:
         check_prompt_ids(prompt_ids, self.runner.model.config.vocab_size, may_be_empty=True)
         config = self.runner.model.config
         check_bias_ids(params, config.vocab_size, config.eos_token_ids)  # the step builds its bias row from them
-        self.runner.grammar.check(params)  # and its token masks from this
+        if params.structured_outputs is not None:
+            self.runner.grammar.check(params)  # and its token masks from this
         with self._lock:
             self.scheduler.stream_opened(request_id, params, prompt_ids)
             out = self._outputs[request_id] = QueueOutput() if out is None else out

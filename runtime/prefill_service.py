@@ -100,7 +100,8 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
         try:
             params = sampling_from_internal(request.sampling)
             check_bias_ids(params, vocab, self.engine.runner.model.config.eos_token_ids)
-            self.engine.runner.grammar.check(params)
+            if params.structured_outputs is not None:
+                self.engine.runner.grammar.check(params)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         job = PrefillJob(request.request_id, list(request.prompt_ids), params, request.decode_address,
