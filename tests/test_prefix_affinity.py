@@ -1,9 +1,10 @@
 """The router sends prompts that start alike to the prefill worker that ran the last such prompt,
-within a slack of load, and only among workers that cache prefixes."""
+within a slack of load, and only among workers that cache prefixes. On a launched stack with two
+caching prefill workers: test_launched_stack_with_prefix_caching_equals_colocated_without in
+tests/test_prefix_cache.py."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 
 from splitserve.runtime.prefix_affinity import PrefixAffinity
@@ -84,28 +85,3 @@ def test_the_memory_is_bounded():
         affinity.pick([start] * 20, by_load(a, b))
     assert len(affinity._worker_of) == 3
 
-
-def test_launched_stack_sends_a_shared_start_to_one_prefill_worker(tmp_path):
-    """Two caching prefill workers, concurrent requests with one system prompt: every request goes
-    where the first one ran, so every one after it finds the system prompt there."""
-    import os
-
-    import numpy as np
-
-    from stack import launched
-    from test_metrics import endpoints, scrape, value
-
-    rng = np.random.default_rng(3)
-    system = rng.integers(3, 2048, 70).tolist()
-    os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
-    with launched("demo", "--prefill-workers", "2", "--enable-prefix-caching", "--metrics-port", "0",
-                  "--num-pages", "128") as stack:
-        stack.generate(system + [5, 6], max_tokens=2)
-        prompts = [system + rng.integers(3, 2048, 8).tolist() for _ in range(4)]
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # at once, so the least loaded would alternate
-            for done in [pool.submit(stack.generate, p, max_tokens=2) for p in prompts]:
-                done.result(timeout=120)
-        pages = [scrape(url) for url in endpoints(stack.lines)["prefill"]]
-    hits = sorted(value(p, "prefix_cache_hits_total") for p in pages)
-    queried = sorted(value(p, "prefix_cache_queries_total") for p in pages)
-    assert hits == [0, 4 * 64] and queried == [0, 72 + 4 * 78]

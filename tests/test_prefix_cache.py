@@ -265,9 +265,12 @@ def test_colocated_engine_with_prefix_caching_equals_without():
 # -- served: a launched stack with prefix caching ----------------------------------------------
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
 def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, mode):
-    """Prompts that share a long start, through a launched stack whose prefill (or colocated) worker
-    caches prefixes: the tokens equal an in-process colocated engine's without a cache, and the
-    worker's metrics count the hits."""
+    """Prompts that share a long start, through a launched stack whose prefill (or colocated) workers
+    cache prefixes: the tokens equal an in-process colocated engine's without a cache, and the
+    workers' metrics count the hits. Disaggregated, with two caching prefill workers: every prompt
+    that shares the start goes where the first one ran (runtime/prefix_affinity.py), also when
+    four come at once, so the least loaded worker would alternate."""
+    import concurrent.futures
     import os
 
     from splitserve.models.loader import load_model
@@ -283,25 +286,31 @@ def test_launched_stack_with_prefix_caching_equals_colocated_without(tmp_path, m
     prompts = [system + rng.integers(3, 2048, n).tolist() for n in (6, 1, 23)] + [system[:50]]
     cases = [(p, dict(max_tokens=12, ignore_eos=True)) for p in prompts]
     cases.append((prompts[2], dict(max_tokens=12, ignore_eos=True, temperature=0.8, top_p=0.9, seed=7)))
+    at_once = [system + rng.integers(3, 2048, 8).tolist() for _ in range(4)]
 
     engine = ColocatedEngine(load_model("demo", make_mesh(MeshConfig(1))), EngineConfig(num_pages=64))
     want = engine.generate([p for p, _ in cases], [SamplingParams(**s) for _, s in cases])
     os.environ["SPLITSERVE_CACHE"] = str(tmp_path / "cache")
+    workers = ("--prefill-workers", "2") if mode == "disaggregated" else ()
     with launched("demo", "--mode", mode, "--enable-prefix-caching", "--metrics-port", "0",
-                  "--num-pages", "64") as stack, Client(stack.address, timeout=120) as client:
+                  "--num-pages", "64", *workers) as stack, Client(stack.address, timeout=120) as client:
         answers = [client.generate(token_ids=p, **s) for p, s in cases]
-        got = [a.token_ids for a in answers]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            concurrent_answers = list(pool.map(lambda p: client.generate(token_ids=p, max_tokens=2), at_once))
         line = next(line for line in stack.lines if line.startswith("splitserve metrics:"))
-        prefill = scrape(re.search(r"(?:prefill|colocated) \S+ (http\S+/metrics)", line).group(1))
-    assert got == [w.token_ids for w in want]
+        pages = [scrape(url) for url in re.findall(r"(?:prefill|colocated) \S+ (http\S+/metrics)", line)]
+    assert [a.token_ids for a in answers] == [w.token_ids for w in want]
     # Hits, in blocks of 16: none for the first prompt (it stores 4 blocks); the system prompt's 4
     # for the next two (the third stores a fifth); 3 for the system prompt's first 50 tokens; 5
-    # for the third prompt again.
-    assert value(prefill, "prefix_cache_hits_total") == 0 + 64 + 64 + 48 + 80
+    # for the third prompt again; then the system prompt's 4 for each of the four at once.
     assert [a.cached_prompt_tokens for a in answers] == [0, 64, 64, 48, 80]  # each answer says its own
-    assert value(prefill, "prefix_cache_queries_total") == sum(len(p) for p, _ in cases)
-    assert value(prefill, "prefix_cache_blocks") > 0
-
+    assert [a.cached_prompt_tokens for a in concurrent_answers] == [64] * 4
+    hits = sorted(value(p, "prefix_cache_hits_total") for p in pages)
+    queried = sorted(value(p, "prefix_cache_queries_total") for p in pages)
+    assert hits[-1] == 0 + 64 + 64 + 48 + 80 + 4 * 64 and sum(hits[:-1]) == 0  # all on one worker
+    assert queried[-1] == sum(len(p) for p, _ in cases) + 4 * 78 and sum(queried[:-1]) == 0
+    assert len(pages) == (2 if mode == "disaggregated" else 1)
+    assert max(value(p, "prefix_cache_blocks") for p in pages) > 0
 
 def test_a_full_pool_evicts_and_reuses_pages_and_stays_exact():
     """A pool of 4 blocks: a chat that grows past it, a long prompt twice, a prompt_logprobs row
