@@ -114,5 +114,6 @@ def structured_outputs(value) -> StructuredOutputs | None:
     fields = {k: v for k, v in value.items() if v is not None}
     if "json" in fields and not isinstance(fields["json"], str):  # a schema object: serialised as given
         if not isinstance(fields["json"], (Mapping, bool)):
-            raise ValueError(f"structured_outputs.json must be a JSON schema (object or text), got {fields['json']!r:.80}")
+            raise ValueError(f"structured_outputs.json must be a JSON schema (object or text), "
+                             f"got {fields['json']!r:.80}")
     return StructuredOutputs(**fields)

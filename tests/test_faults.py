@@ -297,8 +297,8 @@ class QueuedPrefill(internal_pb2_grpc.PrefillServicer):
 
 @pytest.mark.parametrize("case", ["renewed", "not renewed", "reservation lost"])
 def test_a_prompt_queued_past_its_lease_keeps_its_decode_pages(two_prefillers, monkeypatch, case):
-    """The router renews the decode reservation while the prompt waits for prefill (three leases
-    here). Without the renewals the lease ends first and the request fails, as it did before; a
+    """The router renews the decode reservation while the prompt waits for prefill (over three
+    leases here). Without the renewals the lease ends first and the request fails, as it did before; a
     renewal that finds the reservation gone fails the request and cancels its queued prefill."""
     from splitserve.models.metadata import load_metadata
     from splitserve.runtime import page_reservations, router as router_module
@@ -309,13 +309,13 @@ def test_a_prompt_queued_past_its_lease_keeps_its_decode_pages(two_prefillers, m
     decode_stub = internal_pb2_grpc.DecodeStub(stack.worker_channel(decode))
     p = prompt(11, length=30)
     want = stack.generate(p, max_tokens=24, ignore_eos=True)[0]
-    monkeypatch.setattr(page_reservations, "RESERVE_LEASE_S", 1.0)
-    monkeypatch.setattr(page_reservations, "RENEW_EVERY_S", 0.25)  # a renewal's own timeout
-    monkeypatch.setattr(router_module, "RENEW_EVERY_S", 60.0 if case == "not renewed" else 0.25)
+    monkeypatch.setattr(page_reservations, "RESERVE_LEASE_S", 0.6)
+    monkeypatch.setattr(page_reservations, "RENEW_EVERY_S", 0.2)  # a renewal's own timeout
+    monkeypatch.setattr(router_module, "RENEW_EVERY_S", 60.0 if case == "not renewed" else 0.2)
     lose = (lambda r: decode_stub.Release(internal_pb2.ReleaseRequest(request_id=r.request_id), timeout=5)
             if case == "reservation lost" else None)
     channels = ChannelPool(token=stack.internal_token())
-    queued = QueuedPrefill(channels, addresses(stack, "prefill")[0], wait_s=3.0, during_wait=lose)
+    queued = QueuedPrefill(channels, addresses(stack, "prefill")[0], wait_s=2.0, during_wait=lose)
     server = make_server()
     internal_pb2_grpc.add_PrefillServicer_to_server(queued, server)
     port = server.add_insecure_port("127.0.0.1:0")
