@@ -156,3 +156,19 @@ def test_constrained_rows_leave_the_others_alone(demo, engine):
     with pytest.raises(ValueError, match="unclosed"):
         engine.add_request(ids, SamplingParams(structured_outputs={"regex": "[a"}))  # refused before any step
     assert np.all(np.isfinite([len(o.token_ids) for o in outs]))
+
+
+def test_a_prefix_cache_hit_samples_its_first_token_under_the_mask(demo, engine):
+    """The first token of a prompt whose start came from the prefix cache is sampled by another
+    program (runtime/prefix_cache.py): it takes the mask too, and the tokens equal a cacheless engine's."""
+    start = demo.tokenizer.encode("The kitchen was warm and the bread was fresh, and outside the snow fell " * 2)
+    prompts = [start + demo.tokenizer.encode(f" Day {i}:", add_special_tokens=False) for i in range(3)]
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=i, structured_outputs=SPECS[kind])
+              for i, kind in enumerate(("choice", "regex", "grammar"))]
+    cached = ColocatedEngine(demo, EngineConfig(page_size=8, num_pages=256, max_batch=4, prefix_cache_pages=64))
+    first = cached.generate(prompts[:1], params[:1])
+    rest = cached.generate(prompts[1:], params[1:])
+    assert [c.cached_prompt_tokens > 0 for c in first + rest] == [False, True, True]
+    assert [c.token_ids for c in first + rest] == [c.token_ids for c in engine.generate(prompts, params)]
+    for kind, out in zip(("choice", "regex", "grammar"), first + rest):
+        _check(kind, out.text)

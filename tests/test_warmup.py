@@ -37,17 +37,19 @@ def test_serving_after_full_warm_up_compiles_nothing(runner):
     COMPILES.clear()
     rng = np.random.default_rng(0)
     greedy = SamplingParams(max_tokens=4)
-    # min_tokens, logprobs and penalties take other branches of the same programs (and a zeroing
-    # of penalty rows, or a setting of prompt flags): served too, they must not compile either.
+    # min_tokens, logprobs, penalties and structured outputs take other branches of the same
+    # programs (and a zeroing of penalty rows, a setting of prompt flags, a write of token masks):
+    # served too, they must not compile either.
     featured = [SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(5,), logprobs=3, frequency_penalty=1.0),
                 SamplingParams(max_tokens=4, logprobs=0, repetition_penalty=1.3, logit_bias={7: 2.0}),
-                SamplingParams(max_tokens=4, allowed_token_ids=(5, 9, 11))]
+                SamplingParams(max_tokens=4, allowed_token_ids=(5, 9, 11)),
+                SamplingParams(max_tokens=4, structured_outputs={"regex": "[a-z ]+"})]
     next_page = 1
-    for step in range(6):
+    for step in range(8):
         batch = int(rng.integers(1, 3))
         lengths = [int(n) for n in rng.integers(1, 61, size=batch)]
         prompts = [list(rng.integers(3, 2000, size=n)) for n in lengths]
-        params = [featured[step // 2 % 3] if step % 2 else greedy] + [greedy] * (batch - 1)
+        params = [featured[step // 2 % 4] if step % 2 else greedy] + [greedy] * (batch - 1)
         first, ks, vs, _ = runner.prefill(prompts, params, [0] * batch)
         pages = []
         for n in lengths:
