@@ -7,11 +7,13 @@ The prefill dispatches each layer as its own device computation (model_runner), 
 K/V is ready while layer i+1 still runs. `BatchHostKV`, on first use, starts every layer's
 device-to-host copy (queued behind its computation) and hands out host arrays per layer, each
 copied once and shared by all rows of the batch. `RowLayers` is the lazy per-layer sequence
-that kv_wire.kv_chunks reads: indexing layer i waits for layer i only.
+that kv_wire.kv_chunks reads: indexing layer i waits for layer i only. `PrefilledRow` is one row
+of a prefill batch's K/V as the prefill engine hands it to a sender (or a colocated insert).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -61,3 +63,20 @@ class RowLayers(Sequence):
             raise IndexError(index)
         x = self.batch.layer(self.which, index)[self.row, : self.length]
         return x if self._identity else select_original_heads(x, self.kv_source)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefilledRow:
+    """One row of a prefill batch's K/V, still on the device (serving head layout)."""
+
+    ks: tuple  # per layer [batch, padded_seq, serving_kv_heads, head_dim]
+    vs: tuple
+    row: int
+    length: int
+    host: BatchHostKV | None = None  # shared by the batch's rows whose KV leaves this device
+
+    def host_layers(self, kv_source) -> tuple[RowLayers, RowLayers]:
+        """This row's K and V per layer, copied to the host lazily (BatchHostKV, RowLayers above)."""
+        host = self.host or BatchHostKV(self.ks, self.vs)
+        return (RowLayers(host, 0, self.row, self.length, kv_source),
+                RowLayers(host, 1, self.row, self.length, kv_source))

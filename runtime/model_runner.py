@@ -25,7 +25,7 @@ from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import all_buckets, bucket, padded_rows
 from splitserve.runtime.grammar_masks import GrammarMasks
-from splitserve.runtime.host_kv import BatchHostKV, RowLayers
+from splitserve.runtime.host_kv import PrefilledRow
 from splitserve.runtime.host_staging import StagingPool
 from splitserve.runtime.kv_wire import expand_to_serving_heads
 from splitserve.runtime.mask_rows import DeviceMasks
@@ -35,23 +35,6 @@ from splitserve.runtime.prompt_logprobs import prompt_logprobs
 from splitserve.runtime.sampling import IN_PROMPT, Sampled, SamplingArrays, bias_vector, sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefilledRow:
-    """One row of a prefill batch's K/V, still on the device (serving head layout)."""
-
-    ks: tuple  # per layer [batch, padded_seq, serving_kv_heads, head_dim]
-    vs: tuple
-    row: int
-    length: int
-    host: BatchHostKV | None = None  # shared by the batch's rows whose KV leaves this device
-
-    def host_layers(self, kv_source) -> tuple[RowLayers, RowLayers]:
-        """This row's K and V per layer, copied to the host lazily (see runtime/host_kv.py)."""
-        host = self.host or BatchHostKV(self.ks, self.vs)
-        return (RowLayers(host, 0, self.row, self.length, kv_source),
-                RowLayers(host, 1, self.row, self.length, kv_source))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,10 +30,10 @@ from typing import Callable
 
 from splitserve.runtime.deadlines import DeadlinePassed
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
-from splitserve.runtime.host_kv import BatchHostKV
+from splitserve.runtime.host_kv import BatchHostKV, PrefilledRow
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.metrics import WorkerMetrics
-from splitserve.runtime.model_runner import ModelRunner, PrefilledRow
+from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

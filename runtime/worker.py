@@ -36,7 +36,8 @@ from splitserve.runtime.grpc_common import ChannelPool, add_health, make_server
 from splitserve.runtime.kv_listener import KVListener, KVListenerConfig
 from splitserve.runtime.kv_receive import KVReceiver
 from splitserve.runtime.metrics import MetricsEndpoint, WorkerMetrics
-from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
+from splitserve.runtime.host_kv import PrefilledRow
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.prefill_engine import PrefillEngine, PrefillJob
 from splitserve.runtime.prefill_service import KVSender, PrefillService
 from splitserve.runtime.platform_setup import stop_on_signals

@@ -10,7 +10,8 @@ import pytest
 
 from splitserve.models.loader import load_model
 from splitserve.models.sharding import MeshConfig, make_mesh
-from splitserve.runtime.model_runner import ModelRunner, PrefilledRow, RunnerConfig
+from splitserve.runtime.host_kv import PrefilledRow
+from splitserve.runtime.model_runner import ModelRunner, RunnerConfig
 from splitserve.runtime.sampling_params import SamplingParams
 
 # A program compiled, or read from JAX's persistent compile cache (conftest turns it on): either way
