@@ -285,7 +285,7 @@ def test_storm_of_streams_with_cancels_and_deadlines_leaks_nothing(disaggregated
 
 
 # -- fuzzed Generate requests ---------------------------------------------------------------------
-FUZZ_CASES = 1500
+FUZZ_CASES = 600  # a fresh draw every run (database=None); 1500 took 46 s of CI, near its 30-minute budget
 
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32),
                    st.sampled_from([0.0, -0.0, 1.0, 1e-45, -1.0, 3.4e38]))
