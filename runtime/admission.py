@@ -7,9 +7,9 @@ limit a new call is refused at once with RESOURCE_EXHAUSTED, never queued: a cli
 told "busy" can back off or go to another replica, where one queued behind a long backlog
 only learns it when its deadline has passed. (TGI's --max-concurrent-requests works the same.)
 
-Every queue behind the router is bounded too: decode pages (runtime/page_reservations.py waits for them,
-up to MAX_WAITING_FOR_PAGES), each prefill worker's queue (runtime/prefill_engine.py), each
-decode worker's reservations (by its page pool).
+Every queue behind the router is bounded too: the line for decode pages (runtime/page_reservations.py,
+by this limit), each prefill worker's queue (runtime/prefill_engine.py), each decode worker's
+reservations (by its page pool).
 """
 
 from __future__ import annotations

@@ -2,8 +2,13 @@
 
 A request reserves pages for prompt + max_tokens on the decode worker with most free pages,
 before its prefill starts, so the KV that prefill sends always has somewhere to land. While every
-worker is full, requests wait here (at most MAX_WAITING_FOR_PAGES of them, each at most
-WAIT_FOR_PAGES_S), woken whenever a reservation is released.
+worker is full, requests wait here in arrival order (as vLLM's waiting queue serves them): only
+the first in line asks the workers again, when a reservation is released (or every
+HEAD_RETRY_S, for pages freed by a lease running out), and once it has its pages the next one
+asks at once. Asking in turn keeps the Reserve calls to about one per release however many wait;
+when each waiter polled on its own every 50 ms, 50 waiters sent ~1000 calls a second. How many wait is
+bounded by the router's admission limit (runtime/admission.py), how long by the client's
+deadline, and by WAIT_FOR_PAGES_S for a client without one.
 
 A reservation holds its pages for a lease of RESERVE_LEASE_S, so that pages whose router died are
 freed; the router renews it every RENEW_EVERY_S while the prompt waits in a prefill queue, which
@@ -12,6 +17,7 @@ may take longer than a lease when many long prompts arrive at once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -34,8 +40,8 @@ log = logging.getLogger(__name__)
 RESERVE_LEASE_S = 30.0
 RENEW_EVERY_S = RESERVE_LEASE_S / 3  # two renewals may fail or come late before the lease ends
 RPC_TIMEOUT_S = 30.0
-MAX_WAITING_FOR_PAGES = 512  # requests queued for decode pages; past it, RESOURCE_EXHAUSTED at once
-WAIT_FOR_PAGES_S = 120.0
+WAIT_FOR_PAGES_S = 3600.0  # a backstop, as Prefill/Run's (runtime/router.py)
+HEAD_RETRY_S = 0.25  # the first in line asks again this often without a release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,51 +54,78 @@ class Reservation:
     kv_ticket: bytes = dataclasses.field(default=b"", repr=False)
 
 
+class _Waiter:
+    """A request in line for pages. Its event is set when it should look again: it became first
+    in line, pages were released, or its call was cancelled (`cancel`, run by CallScope)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def cancel(self) -> None:
+        self.event.set()
+
+
 class PageReservations:
-    """`lock` guards the workers' `free_pages` and `in_flight` (the router takes it too)."""
+    """`lock` guards the workers' `free_pages` and `in_flight` (the router takes it too) and the line."""
 
     def __init__(self, decode_workers: list[WorkerHandle], health: WorkerHealth, lock: threading.Lock):
         self._workers = decode_workers
         self._health = health
         self._lock = lock
-        self._room = threading.Condition(lock)  # notified whenever a reservation is released
-        self._waiting = 0
+        self._line: collections.deque[_Waiter] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests in line for pages."""
+        with self._lock:
+            return len(self._line)
 
     def reserve(self, request_id: str, num_tokens: int, scope: CallScope) -> Reservation:
-        """Reserves on the decode worker with most free pages; queues (bounded) while all are full."""
+        """Reserves on the decode worker with most free pages; while all are full, waits its turn."""
+        if not self.waiting:  # nobody in line: ask now, beside the other requests arriving
+            reservation, _ = self._try_reserve(request_id, num_tokens, scope)
+            if reservation is not None:
+                return reservation
+        waiter = _Waiter()
+        with self._lock:
+            self._line.append(waiter)
         deadline = time.monotonic() + WAIT_FOR_PAGES_S
-        waiting = False
         try:
-            while True:
-                scope.check()  # cancelled or past its deadline: stop waiting now
-                reservation, full = self._try_reserve(request_id, num_tokens, scope)
-                if reservation is not None:
-                    return reservation
-                with self._room:
-                    if not waiting:
-                        if self._waiting >= MAX_WAITING_FOR_PAGES:
+            with scope.cancelling(waiter):
+                while True:
+                    scope.check()  # cancelled or past its deadline: leave the line now
+                    with self._lock:
+                        first = self._line[0] is waiter
+                    if first:
+                        reservation, full = self._try_reserve(request_id, num_tokens, scope)
+                        if reservation is not None:
+                            return reservation
+                        if time.monotonic() > deadline:
                             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"{self._waiting} requests already wait for KV pages")
-                        self._waiting += 1
-                        waiting = True
-                    if time.monotonic() > deadline:
-                        raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                          f"no decode worker had room within {WAIT_FOR_PAGES_S:.0f}s: {full}")
-                    self._room.wait(0.05)
+                                              f"no decode worker had room within {WAIT_FOR_PAGES_S:.0f}s: {full}")
+                    # Not first: woken when it is, or cancelled; the timeout only looks at the deadlines.
+                    timeout = HEAD_RETRY_S if first else 1.0
+                    if (left := scope.remaining()) is not None:
+                        timeout = max(0.0, min(timeout, left))
+                    waiter.event.wait(timeout)
+                    waiter.event.clear()
         finally:
-            if waiting:
-                with self._room:
-                    self._waiting -= 1
+            with self._lock:
+                was_first = self._line[0] is waiter
+                self._line.remove(waiter)
+                if was_first and self._line:
+                    self._line[0].event.set()  # the next in line asks at once: there may be room for it too
 
     def release(self, worker: WorkerHandle, request_id: str) -> None:
         try:
             worker.decode.Release(internal_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
         except grpc.RpcError as e:
             log.warning("release of %s on %s failed: %s", request_id, worker.address, e.code())
-        with self._room:
+        with self._lock:
             worker.in_flight -= 1
             worker.free_pages += 1  # a hint until the next reservation reports the real count
-            self._room.notify_all()
+            if self._line:
+                self._line[0].event.set()
 
     def renew(self, reservation: Reservation, request_id: str) -> None:
         """Extends the lease; raises RouterError once the decode worker no longer holds it."""
