@@ -111,7 +111,7 @@ def test_sigkill_of_a_decode_worker_ends_its_streams_and_launch_restarts_it(two_
     stack = two_decoders
     victim, survivor = addresses(stack, "decode")
     victim_pid = stack.worker_pid(victim)
-    streams = [BackgroundStream(stack, prompt(i), max_tokens=600) for i in range(6)]
+    streams = [BackgroundStream(stack, prompt(i), max_tokens=300) for i in range(6)]
     wait_for(lambda: all(s.result.tokens >= 3 for s in streams), 60, "every stream got its first tokens")
     on_victim = decode_stats(stack, victim).running
     assert on_victim and decode_stats(stack, survivor).running == len(streams) - on_victim
@@ -123,7 +123,7 @@ def test_sigkill_of_a_decode_worker_ends_its_streams_and_launch_restarts_it(two_
     # Every stream on the dead worker ends at once with UNAVAILABLE; the others finish normally.
     assert len(lost) == on_victim
     assert all(r.code is grpc.StatusCode.UNAVAILABLE and r.ended_at - killed_at < 5 for r in lost), lost
-    assert all(r.reason == "length" and r.tokens == 600 for r in results if r.code is None)
+    assert all(r.reason == "length" and r.tokens == 300 for r in results if r.code is None)
     # New requests go to the survivor while the victim is down.
     for i in range(4):
         assert stack.generate(prompt(100 + i), max_tokens=8, ignore_eos=True)[2] == "length"
@@ -255,7 +255,8 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
     decode = addresses(stack, "decode")[0]
     real_prefill = addresses(stack, "prefill")[0]
     p = prompt(7, length=30)
-    want = stack.generate(p, max_tokens=400, ignore_eos=True)[0]
+    # 150 tokens take over a second here, so the retry still decodes when a "cut_late" cut comes (0.5 s).
+    want = stack.generate(p, max_tokens=150, ignore_eos=True)[0]
     channels = ChannelPool(token=stack.internal_token())
     dying = DyingPrefill(channels, order, transport)
     server = make_server()
@@ -265,7 +266,7 @@ def test_prefill_dying_mid_transfer_is_retried_with_a_fresh_reservation(two_pref
     try:  # the dying worker comes first, so the router tries it first
         router = Router(load_metadata("demo"), prefill=[f"127.0.0.1:{port}", real_prefill], decode=[decode],
                         colocated=[], channels=channels)
-        events = list(router.generate(p, SamplingParams(max_tokens=400, ignore_eos=True)))
+        events = list(router.generate(p, SamplingParams(max_tokens=150, ignore_eos=True)))
     finally:
         server.stop(0)
         channels.close()

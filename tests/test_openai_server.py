@@ -441,7 +441,7 @@ def test_an_api_key_guards_the_v1_paths(stack, sdk):
 def test_launch_serves_the_openai_api_beside_its_router(sdk):
     """`launch --openai-port 0`: the server is a child of launch, listening before "ready", stopped with it.
     SIGTERM while an HTTP stream is in flight: the stream still ends whole, then launch exits 0."""
-    want = sdk.generate(PROMPT, max_tokens=400, ignore_eos=True)
+    want = sdk.generate(PROMPT, max_tokens=150, ignore_eos=True)
     with launched("demo", "--mode", "colocated", "--num-pages", "128", "--page-size", "8", "--openai-port", "0",
                   "--served-model-name", "demo") as stack:
         url = re.search(r"openai-server on (http://\S+/v1)", "".join(stack.lines)).group(1)
@@ -449,7 +449,7 @@ def test_launch_serves_the_openai_api_beside_its_router(sdk):
             got = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
             assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=8, ignore_eos=True).text
             server_pid = next(pid for pid in stack.worker_pids() if "openai-server" in cmdline(pid))
-            chunks = iter(client.completions.create(model="demo", prompt=PROMPT, max_tokens=400, stream=True,
+            chunks = iter(client.completions.create(model="demo", prompt=PROMPT, max_tokens=150, stream=True,
                                                     extra_body={"ignore_eos": True}))
             texts = [next(chunks).choices[0].text]
             stack.process.send_signal(signal.SIGTERM)
