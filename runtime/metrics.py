@@ -96,6 +96,13 @@ class RouterMetrics:
                              registry=r)
         self.waiting = Gauge(_name("num_requests_waiting"), "Requests admitted that have no first token yet.",
                              registry=r)
+        self.waiting_for_pages = Gauge(_name("num_requests_waiting_for_kv_pages"),
+                                       "Requests in line for decode KV pages (every decode worker was full).",
+                                       registry=r)
+
+    def follow_page_line(self, count: Callable[[], int]) -> None:
+        """`waiting_for_pages` reads `count()` (runtime/page_reservations.py) at each scrape."""
+        self.waiting_for_pages.set_function(count)
 
     def start_request(self) -> RequestTimer:
         return RequestTimer(self)

@@ -48,6 +48,7 @@ class RouterServer:
         self.router.health.on_change = self._follow_workers
         self.admission = AdmissionGate(admission)
         self.metrics = RouterMetrics()
+        self.metrics.follow_page_line(lambda: self.router.pages.waiting)
         add_serving_service(self.server, ServingService(
             self.router, lifecycle=self.lifecycle, admission=self.admission, metrics=self.metrics))
         service_names = (serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name,

@@ -122,6 +122,38 @@ def test_decode_pages_in_use_show_while_a_request_runs(metrics_stack):
     assert value(during, "kv_cache_usage_perc") == pytest.approx(pages / metrics_stack.decode_stats()[0].total_pages)
 
 
+def test_requests_in_line_for_decode_pages_show_until_they_leave(metrics_stack):
+    """A holder takes 51 of the 64 pages; a second request (38 pages) waits in line, and the router's
+    gauge counts it until its cancel takes it out."""
+    url = endpoints(metrics_stack.lines)["router"][0]
+
+    def request(max_tokens):
+        return serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=[1, 2, 3]),
+                                           sampling=serving_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+    def in_line(want):
+        deadline = time.monotonic() + 10
+        while (got := value(scrape(url), "num_requests_waiting_for_kv_pages")) != want:
+            assert time.monotonic() < deadline, f"{got} in line, not {want}"
+            time.sleep(0.05)
+
+    holder = metrics_stack.serving.Generate(request(400))
+    next(holder)
+    waiter = metrics_stack.serving.Generate(request(300))
+    try:
+        in_line(1)
+        waiter.cancel()
+        in_line(0)
+    finally:
+        waiter.cancel()
+        holder.cancel()
+    decode = endpoints(metrics_stack.lines)["decode"][0]
+    deadline = time.monotonic() + 10
+    while value(scrape(decode), "kv_pages_used"):  # the next test starts from an idle stack
+        assert time.monotonic() < deadline, "the holder's pages were not freed"
+        time.sleep(0.05)
+
+
 def test_request_timer_observes_once_per_event():
     metrics = RouterMetrics()
     timer = metrics.start_request()
