@@ -49,15 +49,21 @@ def gpu_fallback(impl: str, page_size: int | None) -> str:
     return impl
 
 
-def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="auto"):
-    """Prefill attention. q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim]."""
-    check_flash_args(q, k, v, lengths, sm_scale, impl, causal)
+def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="auto", q_offsets=None):
+    """Prefill attention. q [batch, q_seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim].
+
+    `q_offsets` i32[batch] (optional): row r's query i sits at position q_offsets[r] + i of its
+    keys, as for the tokens after a cached prefix; keys are valid below `lengths`. Without it,
+    q_seq == seq and queries start at position 0.
+    """
+    check_flash_args(q, k, v, lengths, sm_scale, impl, causal, q_offsets)
     impl = resolve_impl(impl)
+    kwargs = dict(causal=causal, sm_scale=sm_scale, q_offsets=q_offsets)
     if impl == "tpu":
-        return flash_attention_tpu(q, k, v, lengths, causal=causal, sm_scale=sm_scale)
+        return flash_attention_tpu(q, k, v, lengths, **kwargs)
     if impl == "gpu":
-        return flash_attention_gpu(q, k, v, lengths, causal=causal, sm_scale=sm_scale)
-    return flash_attention_reference(q, k, v, lengths=lengths, causal=causal, sm_scale=sm_scale)
+        return flash_attention_gpu(q, k, v, lengths, **kwargs)
+    return flash_attention_reference(q, k, v, lengths=lengths, **kwargs)
 
 
 def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, sm_scale=None, impl="auto"):

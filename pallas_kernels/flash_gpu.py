@@ -7,11 +7,12 @@ its KV head (h // group, so GQA needs no repeated K/V) in `block_k` steps with a
 softmax in f32, in base 2 (scores are pre-multiplied by log2(e): exp2 lowers to the fast
 hardware instruction, where exp lowers to libdevice's accurate and slower expf):
 
-    hi = min(length, end of the q tile)        # causal + ragged upper bound
+    hi = min(length, end of the q tile)        # causal + ragged upper bound (0 past the length)
     for blocks wholly below the diagonal and the length: no masks   (fast loop)
     for the remaining blocks up to hi:           masks on scores AND V rows
 
-Triton wants power-of-two tile dims, so head_dim is padded to one (>= 16 for
+Row b's query i sits at key position q_offsets[b] + i (0 for a whole prompt; the cached
+prefix's length for the tokens after it). Triton wants power-of-two tile dims, so head_dim is padded to one (>= 16 for
 tl.dot), and seq to a multiple of both blocks, inside the wrapper.
 """
 
@@ -53,9 +54,10 @@ def _dot(a, b, *, trans_b=False):
 
 def _flash_kernel(
     lengths_ref,  # i32[1]
+    offsets_ref,  # i32[1], the row's first query position
     q_ref,  # [block_q, head_dim]
-    k_ref,  # [seq, head_dim]
-    v_ref,  # [seq, head_dim]
+    k_ref,  # [seq_pad, head_dim]
+    v_ref,  # [seq_pad, head_dim]
     o_ref,  # [block_q, head_dim]
     *,
     causal: bool,
@@ -65,7 +67,7 @@ def _flash_kernel(
 ):
     qi = _q_block(pl.program_id(2), pl.num_programs(2))
     length = lengths_ref[0]
-    q_start = qi * block_q
+    q_start = offsets_ref[0] + qi * block_q
     q = q_ref[...]
     head_dim = q.shape[-1]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
@@ -94,7 +96,8 @@ def _flash_kernel(
         return acc * alpha[:, None] + pv, m_next, l_next
 
     hi = jnp.minimum(length, q_start + block_q) if causal else length
-    num_blocks = pl.cdiv(hi, block_k)
+    # A tile wholly past the length (bucket padding) is padding: it reads nothing.
+    num_blocks = jnp.where(q_start < length, pl.cdiv(hi, block_k), 0)
     # Blocks that end at or before both the length and the first query row need no mask.
     safe_end = jnp.minimum(length, q_start + 1) if causal else length
     num_unmasked = jnp.minimum(safe_end // block_k, num_blocks)
@@ -120,22 +123,23 @@ def _flash_kernel(
     ),
 )
 def flash_attention_gpu(
-    q: jax.Array,  # [batch, seq, heads, head_dim]
+    q: jax.Array,  # [batch, q_seq, heads, head_dim]
     k: jax.Array,  # [batch, seq, kv_heads, head_dim]
     v: jax.Array,  # [batch, seq, kv_heads, head_dim]
     lengths: jax.Array | None = None,  # i32[batch]
     *,
     causal: bool = True,
     sm_scale: float | None = None,
+    q_offsets: jax.Array | None = None,  # i32[batch]; None: zeros (q_seq == seq)
     block_q: int = 64,
     block_k: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,  # 3 beat 2 with 64x64 blocks in both H200 runs (7% and 2%, RESULTS.md)
     interpret=None,
-) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
+) -> jax.Array:  # [batch, q_seq, heads, head_dim], q.dtype
     """GPU flash attention; block sizes must be powers of two >= 16."""
-    batch, seq, heads, head_dim = q.shape
-    group = heads // k.shape[2]
+    batch, q_seq, heads, head_dim = q.shape
+    seq, group = k.shape[1], heads // k.shape[2]
     scale = default_scale(head_dim, sm_scale)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
@@ -143,15 +147,18 @@ def flash_attention_gpu(
     if lengths is None:
         lengths = jnp.full((batch,), seq, jnp.int32)
     lengths = jnp.clip(lengths, 0, seq).astype(jnp.int32)
+    if q_offsets is None:
+        q_offsets = jnp.zeros((batch,), jnp.int32)
+    q_offsets = jnp.maximum(q_offsets, 0).astype(jnp.int32)
 
-    block_q = min(block_q, max(16, next_power_of_2(seq)))
+    block_q = min(block_q, max(16, next_power_of_2(q_seq)))
     block_k = min(block_k, max(16, next_power_of_2(seq)))
-    seq_pad = round_up(seq, math.lcm(block_q, block_k))
-    num_q_blocks = seq_pad // block_q
+    q_pad, seq_pad = round_up(q_seq, block_q), round_up(seq, block_k)
+    num_q_blocks = q_pad // block_q
     dim_pad = max(16, next_power_of_2(head_dim))
 
-    def prep(x):  # [batch, seq_pad, n, dim_pad], zero padded
-        return pad_axis(pad_axis(x, 1, seq_pad), 3, dim_pad)
+    def prep(x, length):  # [batch, length, n, dim_pad], zero padded
+        return pad_axis(pad_axis(x, 1, length), 3, dim_pad)
 
     kernel = functools.partial(
         _flash_kernel, causal=causal, sm_scale=scale, block_q=block_q, block_k=block_k
@@ -161,13 +168,14 @@ def flash_attention_gpu(
         grid=(heads, batch, num_q_blocks),
         in_specs=[
             pl.BlockSpec((1,), lambda h, b, i: (b,)),
+            pl.BlockSpec((1,), lambda h, b, i: (b,)),
             pl.BlockSpec((None, block_q, None, dim_pad), lambda h, b, i: (b, _q_block(i, num_q_blocks), h, 0)),
             pl.BlockSpec((None, seq_pad, None, dim_pad), lambda h, b, i: (b, 0, h // group, 0)),
             pl.BlockSpec((None, seq_pad, None, dim_pad), lambda h, b, i: (b, 0, h // group, 0)),
         ],
         out_specs=pl.BlockSpec((None, block_q, None, dim_pad), lambda h, b, i: (b, _q_block(i, num_q_blocks), h, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, seq_pad, heads, dim_pad), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, q_pad, heads, dim_pad), q.dtype),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret_arg(interpret),
-    )(lengths, prep(q), prep(k), prep(v))
-    return out[:, :seq, :, :head_dim]
+    )(lengths, q_offsets, prep(q, q_pad), prep(k, seq_pad), prep(v, seq_pad))
+    return out[:, :q_seq, :, :head_dim]

@@ -1,6 +1,8 @@
 """Causal prefill attention for TPU (Pallas Mosaic): online softmax over K/V blocks.
 
-Grid: (batch, heads, q_blocks, k_blocks), the k axis innermost and sequential.
+Grid: (batch, heads, q_blocks, k_blocks), the k axis innermost and sequential. Row b's
+query i sits at key position q_offsets[b] + i (0 for a whole prompt; the cached prefix's
+length for the tokens after it).
 
     for each (b, h, qi):                 # parallel
         m, l, acc = MASK, 0, 0           # f32 scratch, live across the k axis
@@ -13,14 +15,13 @@ Grid: (batch, heads, q_blocks, k_blocks), the k axis innermost and sequential.
 GQA: query head h reads K/V head h // group through the BlockSpec index_map, so
 repeated K/V are never materialised. Skipped blocks are also not fetched: the K/V
 index_map clamps kj to the last block the (b, qi) tile needs, and the pipeline does
-not re-copy a block whose index did not change. `lengths` arrives by scalar
-prefetch (SMEM) so both the index_maps and the kernel can read it.
+not re-copy a block whose index did not change. `lengths` and `q_offsets` arrive by
+scalar prefetch (SMEM) so both the index_maps and the kernel can read them.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +42,19 @@ from splitserve.pallas_kernels._util import (
 _LANES = 128  # m and l live lane-wide, [block_q, 128], the layout Mosaic likes.
 
 
-def _last_k_block(length, qi, *, block_q, block_k, causal):
-    """Index of the last K block that query block `qi` of a row of `length` needs."""
+def _last_k_block(length, q_first, *, block_q, block_k, causal):
+    """Index of the last K block that the query block whose first position is `q_first` needs."""
     # lax.div truncates; the operands are non-negative, so it is floor division
     # without the sign fix-up that `//` lowers to.
     last = lax.div(jnp.maximum(length - 1, 0), block_k)
     if causal:
-        last = jnp.minimum(last, lax.div(qi * block_q + block_q - 1, block_k))
+        last = jnp.minimum(last, lax.div(q_first + block_q - 1, block_k))
     return last
 
 
 def _flash_kernel(
     lengths_ref,  # SMEM i32[batch]
+    offsets_ref,  # SMEM i32[batch], each row's first query position
     q_ref,  # [block_q, head_dim]
     k_ref,  # [block_k, head_dim]
     v_ref,  # [block_k, head_dim]
@@ -68,7 +70,7 @@ def _flash_kernel(
 ):
     b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     length = lengths_ref[b]
-    q_start, k_start = qi * block_q, kj * block_k
+    q_start, k_start = offsets_ref[b] + qi * block_q, kj * block_k
 
     @pl.when(kj == 0)
     def _init():
@@ -136,24 +138,25 @@ def _flash_kernel(
     jax.jit, static_argnames=("causal", "sm_scale", "block_q", "block_k", "interpret")
 )
 def flash_attention_tpu(
-    q: jax.Array,  # [batch, seq, heads, head_dim]
+    q: jax.Array,  # [batch, q_seq, heads, head_dim]
     k: jax.Array,  # [batch, seq, kv_heads, head_dim]
     v: jax.Array,  # [batch, seq, kv_heads, head_dim]
     lengths: jax.Array | None = None,  # i32[batch]
     *,
     causal: bool = True,
     sm_scale: float | None = None,
+    q_offsets: jax.Array | None = None,  # i32[batch]; None: zeros (q_seq == seq)
     block_q: int = 128,
     block_k: int = 128,
     interpret=None,
-) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
+) -> jax.Array:  # [batch, q_seq, heads, head_dim], q.dtype
     """TPU flash attention. `block_q`/`block_k` must be multiples of 8 (Mosaic tiling).
 
     `interpret`: None/False compiles for TPU; True or pltpu.InterpretParams() runs
     the kernel in Pallas's interpreter (CPU).
     """
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    batch, q_seq, heads, head_dim = q.shape
+    seq, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = default_scale(head_dim, sm_scale)
     if block_q % 8 or block_k % 8:
@@ -161,26 +164,28 @@ def flash_attention_tpu(
     if lengths is None:
         lengths = jnp.full((batch,), seq, jnp.int32)
     lengths = jnp.clip(lengths, 0, seq)
+    if q_offsets is None:
+        q_offsets = jnp.zeros((batch,), jnp.int32)
+    q_offsets = jnp.maximum(q_offsets, 0)
 
-    # Short sequences get one block; otherwise pad seq to a multiple of both blocks.
-    block_q = min(block_q, round_up(seq, 8))
+    # Short sequences get one block; otherwise pad each to a multiple of its block.
+    block_q = min(block_q, round_up(q_seq, 8))
     block_k = min(block_k, round_up(seq, 8))
-    seq_pad = round_up(seq, math.lcm(block_q, block_k))
     dim_pad = round_up(head_dim, _LANES)
 
-    def prep(x):  # [batch, seq, n, head_dim] -> [batch, n, seq_pad, dim_pad]
-        x = pad_axis(pad_axis(x, 1, seq_pad), 3, dim_pad)
+    def prep(x, block):  # [batch, s, n, head_dim] -> [batch, n, s_pad, dim_pad]
+        x = pad_axis(pad_axis(x, 1, round_up(x.shape[1], block)), 3, dim_pad)
         return jnp.swapaxes(x, 1, 2)
 
-    q_bhsd, k_bhsd, v_bhsd = prep(q), prep(k), prep(v)
-    num_q_blocks, num_k_blocks = seq_pad // block_q, seq_pad // block_k
+    q_bhsd, k_bhsd, v_bhsd = prep(q, block_q), prep(k, block_k), prep(v, block_k)
+    num_q_blocks, num_k_blocks = q_bhsd.shape[2] // block_q, k_bhsd.shape[2] // block_k
 
-    def q_map(b, h, qi, kj, lengths_ref):
+    def q_map(b, h, qi, kj, lengths_ref, offsets_ref):
         return b, h, qi, 0
 
-    def kv_map(b, h, qi, kj, lengths_ref):
+    def kv_map(b, h, qi, kj, lengths_ref, offsets_ref):
         last = _last_k_block(
-            lengths_ref[b], qi, block_q=block_q, block_k=block_k, causal=causal
+            lengths_ref[b], offsets_ref[b] + qi * block_q, block_q=block_q, block_k=block_k, causal=causal
         )
         return b, lax.div(h, group), jnp.minimum(kj, last), 0
 
@@ -190,7 +195,7 @@ def flash_attention_tpu(
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(batch, heads, num_q_blocks, num_k_blocks),
             in_specs=[
                 pl.BlockSpec((None, None, block_q, dim_pad), q_map),
@@ -209,5 +214,5 @@ def flash_attention_tpu(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=interpret_arg(interpret),
-    )(lengths.astype(jnp.int32), q_bhsd, k_bhsd, v_bhsd)
-    return jnp.swapaxes(out, 1, 2)[:, :seq, :, :head_dim]
+    )(lengths.astype(jnp.int32), q_offsets.astype(jnp.int32), q_bhsd, k_bhsd, v_bhsd)
+    return jnp.swapaxes(out, 1, 2)[:, :q_seq, :, :head_dim]

@@ -17,38 +17,41 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def flash_attention_reference(
-    q: jax.Array,  # [batch, seq, heads, head_dim]
+    q: jax.Array,  # [batch, q_seq, heads, head_dim]
     k: jax.Array,  # [batch, seq, kv_heads, head_dim]
     v: jax.Array,  # [batch, seq, kv_heads, head_dim]
     *,
     lengths: jax.Array | None = None,  # i32[batch]
     causal: bool = True,
     sm_scale: float | None = None,
-) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    q_offsets: jax.Array | None = None,  # i32[batch]; None: q_seq == seq, queries from position 0
+) -> jax.Array:  # [batch, q_seq, heads, head_dim], q.dtype
+    batch, q_seq, heads, head_dim = q.shape
+    seq, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
 
-    q_btkgh = q.reshape(batch, seq, kv_heads, group, head_dim).astype(jnp.float32)
+    q_btkgh = q.reshape(batch, q_seq, kv_heads, group, head_dim).astype(jnp.float32)
     k_f32 = k.astype(jnp.float32)
     scores = jnp.einsum("bqkgh,bskh->bkgqs", q_btkgh, k_f32, precision=_HIGHEST) * scale
 
     key_pos = jnp.arange(seq)
-    valid_qs = jnp.ones((seq, seq), dtype=bool)
+    starts = jnp.zeros((batch,), jnp.int32) if q_offsets is None else q_offsets
+    query_pos = starts[:, None] + jnp.arange(q_seq)[None, :]  # [batch, q]
+    valid = jnp.ones((batch, q_seq, seq), dtype=bool)
     if causal:
-        valid_qs = key_pos[None, :] <= key_pos[:, None]
+        valid = key_pos[None, None, :] <= query_pos[:, :, None]
     valid_bs = jnp.ones((batch, seq), dtype=bool)
     if lengths is not None:
         valid_bs = key_pos[None, :] < lengths[:, None]
-    valid = valid_qs[None, :, :] & valid_bs[:, None, :]  # [batch, q, s]
+    valid = valid & valid_bs[:, None, :]  # [batch, q, s]
 
     scores = jnp.where(valid[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(valid[:, None, None], probs, 0.0)
     v_safe = jnp.where(valid_bs[:, :, None, None], v.astype(jnp.float32), 0.0)
     out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe, precision=_HIGHEST)
-    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
+    return out.reshape(batch, q_seq, heads, head_dim).astype(q.dtype)
 
 
 def paged_attention_reference(

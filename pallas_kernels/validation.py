@@ -65,8 +65,9 @@ def _check_sm_scale(sm_scale):
         raise ValueError(f"sm_scale must be finite, got {sm_scale}")
 
 
-def check_flash_args(q, k, v, lengths, sm_scale, impl, causal=True) -> None:
-    """q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; lengths: i32[batch]."""
+def check_flash_args(q, k, v, lengths, sm_scale, impl, causal=True, q_offsets=None) -> None:
+    """q: [batch, q_seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; lengths, q_offsets:
+    i32[batch]. Without q_offsets the queries are the keys' positions, so q_seq must equal seq."""
     check_impl(impl)
     if not isinstance(causal, bool):  # "no" would run causal, None non-causal
         raise TypeError(f"causal must be True or False, got {causal!r}")
@@ -74,24 +75,31 @@ def check_flash_args(q, k, v, lengths, sm_scale, impl, causal=True) -> None:
     q_shape, q_dtype = _shape_dtype("q", q)
     _check_rank("q", q_shape, 4, layout)
     _check_float("q", q_dtype)
-    batch, seq, heads, head_dim = q_shape
+    batch, q_seq, heads, head_dim = q_shape
     kv_layout = "[batch, seq, kv_heads, head_dim]"
     for name, x in (("k", k), ("v", v)):
         shape, dtype = _shape_dtype(name, x)
         _check_rank(name, shape, 4, kv_layout)
         _check_float(name, dtype, q_dtype)
-        if (shape[0], shape[1], shape[3]) != (batch, seq, head_dim):
+        if q_offsets is None and (shape[0], shape[1], shape[3]) != (batch, q_seq, head_dim):
             raise ValueError(
-                f"{name} shape {shape} must be [batch={batch}, seq={seq}, kv_heads, "
+                f"{name} shape {shape} must be [batch={batch}, seq={q_seq}, kv_heads, "
+                f"head_dim={head_dim}] to match q {q_shape} (a q shorter than k/v needs q_offsets)"
+            )
+        if (shape[0], shape[3]) != (batch, head_dim):
+            raise ValueError(
+                f"{name} shape {shape} must be [batch={batch}, seq, kv_heads, "
                 f"head_dim={head_dim}] to match q {q_shape}"
             )
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k shape {tuple(k.shape)} and v shape {tuple(v.shape)} must be equal")
     _check_heads(heads, k.shape[2], head_dim)
-    if seq < 1:
-        raise ValueError(f"seq must be at least 1, got {seq}")
+    if q_seq < 1 or k.shape[1] < 1:
+        raise ValueError(f"q and k/v need at least 1 position, got q {q_shape} and k/v {tuple(k.shape)}")
     if lengths is not None:
         _check_int32("lengths", lengths, (batch,))
+    if q_offsets is not None:
+        _check_int32("q_offsets", q_offsets, (batch,))
     _check_sm_scale(sm_scale)
 
 

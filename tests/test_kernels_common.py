@@ -31,10 +31,11 @@ GPU_INTERPRET = None if ON_GPU else True
 # ---------------------------------------------------------------- numpy references
 
 
-def flash_numpy(q, k, v, lengths, *, causal=True, sm_scale=None):
-    """float64 attention. q [b, s, h, d], k/v [b, s, kvh, d] -> [b, s, h, d] (NaN rows past length)."""
+def flash_numpy(q, k, v, lengths, *, causal=True, sm_scale=None, q_offsets=None):
+    """float64 attention. q [b, q_seq, h, d], k/v [b, s, kvh, d] -> [b, q_seq, h, d]; row b's query i
+    sits at position q_offsets[b] + i (0 + i without offsets); NaN where that is past the length."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    batch, seq, heads, head_dim = q.shape
+    batch, q_seq, heads, head_dim = q.shape
     group = heads // k.shape[2]
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     k = np.repeat(k, group, axis=2)
@@ -42,8 +43,9 @@ def flash_numpy(q, k, v, lengths, *, causal=True, sm_scale=None):
     out = np.full(q.shape, np.nan)
     for b in range(batch):
         n = int(lengths[b])
-        for i in range(n):
-            keys = i + 1 if causal else n
+        first = 0 if q_offsets is None else int(q_offsets[b])
+        for i in range(max(0, min(q_seq, n - first))):
+            keys = first + i + 1 if causal else n
             s = np.einsum("hd,thd->ht", q[b, i], k[b, :keys]) * scale
             p = np.exp(s - s.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)

@@ -120,14 +120,15 @@ def test_flash_without_lengths_and_custom_scale():
 
 def test_last_k_block_skips_masked_blocks():
     """The K/V index_map stops at the last block a q tile needs (so later ones are not copied)."""
-    last = lambda length, qi, causal: int(  # noqa: E731
-        _last_k_block(jnp.int32(length), jnp.int32(qi), block_q=16, block_k=8, causal=causal)
+    last = lambda length, q_first, causal: int(  # noqa: E731
+        _last_k_block(jnp.int32(length), jnp.int32(q_first), block_q=16, block_k=8, causal=causal)
     )
     assert last(64, 0, True) == 1  # q rows 0..15 need keys 0..15: blocks 0, 1
-    assert last(64, 1, True) == 3
-    assert last(20, 3, True) == 2  # keys 0..19 only
+    assert last(64, 16, True) == 3
+    assert last(64, 21, True) == 4  # a q offset: rows at 21..36 need keys up to 36
+    assert last(20, 48, True) == 2  # keys 0..19 only
     assert last(64, 0, False) == 7
-    assert last(0, 2, True) == 0  # empty row: clamp to block 0, never negative
+    assert last(0, 32, True) == 0  # empty row: clamp to block 0, never negative
 
 
 def test_public_flash_dispatch():

@@ -46,6 +46,11 @@ FLASH_ERRORS = [
      "lengths dtype must be int32"),
     (dict(lengths=jnp.array([8, 8, 8], jnp.int32)), "lengths must have shape (2,), got (3,)"),
     (dict(impl="triton"), "impl must be one of ('auto', 'tpu', 'gpu', 'xla', 'reference'), got 'triton'"),
+    (dict(q=(2, 4, 4, 64)), "to match q (2, 4, 4, 64) (a q shorter than k/v needs q_offsets)"),
+    (dict(q=(2, 4, 4, 64), q_offsets=jnp.array([0.0, 4.0])), "q_offsets dtype must be int32, got float32"),
+    (dict(q=(2, 4, 4, 64), q_offsets=jnp.array([4], jnp.int32)), "q_offsets must have shape (2,), got (1,)"),
+    (dict(q_offsets=jnp.array([0, 4], jnp.int32), kv=(3, 8, 2, 64)),
+     "k shape (3, 8, 2, 64) must be [batch=2, seq, kv_heads, head_dim=64]"),
 ]
 
 
