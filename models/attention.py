@@ -61,49 +61,40 @@ def _paged(q, k_pages, v_pages, lengths, page_table, *, impl):
     return pallas_kernels.paged_attention(q, k_pages, v_pages, lengths, page_table, impl=impl)
 
 
-# Queries per step of attention_after_prefix: its f32 scores are [batch, heads, chunk, prompt] (about 3x
-# that with temporaries), whatever the new tokens' count. 32 heads x 256 x 16k tokens is 0.5 GiB a batch
-# row; the prefill engine's token budget bounds batch x prompt.
+# Queries per step of the plain-JAX attention_after_prefix: its f32 scores are [batch, heads, chunk,
+# prompt] (about 3x that with temporaries), whatever the new tokens' count. 32 heads x 256 x 16k tokens
+# is 0.5 GiB a batch row; the prefill engine's token budget bounds batch x prompt.
 QUERY_CHUNK = 256
-_HIGHEST = jax.lax.Precision.HIGHEST  # f32 products, as the reference: no TF32 or bf16 passes on GPU/TPU
 
 
-def attention_after_prefix(q, k, v, prefix_lengths, lengths):
+def attention_after_prefix(q, k, v, prefix_lengths, lengths, *, impl: str = "reference", mesh: Mesh | None = None):
     """Prompt tokens that follow a cached prefix attend over the prefix and themselves.
 
     q [b, s, heads, hd]: row r's query i sits at position prefix_lengths[r] + i; k/v [b, w,
     kv_heads, hd]: each row's whole prompt from position 0, valid below lengths[r] (prefix +
-    new tokens). Plain JAX on every platform: the kernels above have no query offset. It is the
-    reference's arithmetic (f32 softmax at full precision, GQA by grouping query heads, masked
-    values zeroed), so a prefix hit gives the logits a full prefill gives, to rounding; queries
-    go QUERY_CHUNK at a time.
+    new tokens). The kernels take the prefix's length as their query offset (per tensor-parallel
+    shard, as prefill_attention); elsewhere it is the reference's arithmetic, QUERY_CHUNK queries
+    at a time. Either way a prefix hit gives the logits a full prefill gives, to rounding.
     """
+    impl = model_attention_impl(impl)
+    if impl in ("tpu", "gpu"):
+        heads = P(None, None, "tp", None)
+        fn = functools.partial(_flash_after_prefix, impl=impl)
+        return _per_shard(fn, mesh, (heads, heads, heads, P(None), P(None)), heads)(q, k, v, prefix_lengths, lengths)
     batch, seq, heads, head_dim = q.shape
     if seq <= QUERY_CHUNK:
-        return _attend_from(q, k, v, prefix_lengths, lengths)
+        return _flash_after_prefix(q, k, v, prefix_lengths, lengths, impl="reference")
     chunks = -(-seq // QUERY_CHUNK)
     q = jnp.pad(q, ((0, 0), (0, chunks * QUERY_CHUNK - seq), (0, 0), (0, 0)))
     q_chunks = jnp.swapaxes(q.reshape(batch, chunks, QUERY_CHUNK, heads, head_dim), 0, 1)
 
     def one_chunk(args):
         index, q_chunk = args
-        return _attend_from(q_chunk, k, v, prefix_lengths + index * QUERY_CHUNK, lengths)
+        return _flash_after_prefix(q_chunk, k, v, prefix_lengths + index * QUERY_CHUNK, lengths, impl="reference")
 
     out = jax.lax.map(one_chunk, (jnp.arange(chunks, dtype=jnp.int32), q_chunks))
     return jnp.swapaxes(out, 0, 1).reshape(batch, chunks * QUERY_CHUNK, heads, head_dim)[:, :seq]
 
 
-def _attend_from(q, k, v, query_start, lengths):
-    """q [b, s, heads, hd] at positions query_start[r] + i, over k/v [b, w, kv_heads, hd] valid below lengths."""
-    batch, seq, heads, head_dim = q.shape
-    width, kv_heads = k.shape[1], k.shape[2]
-    q_bqkgh = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_bqkgh, k.astype(jnp.float32), precision=_HIGHEST) * head_dim**-0.5
-    query_pos = query_start[:, None] + jnp.arange(seq)[None, :]  # [b, q]
-    key_pos = jnp.arange(width)
-    valid = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
-    scores = jnp.where(valid[:, None, None], scores, -1e30)
-    probs = jnp.where(valid[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
-    v_safe = jnp.where((key_pos[None, :] < lengths[:, None])[:, :, None, None], v.astype(jnp.float32), 0.0)
-    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_safe, precision=_HIGHEST)
-    return out.reshape(batch, seq, heads, head_dim).astype(q.dtype)
+def _flash_after_prefix(q, k, v, query_start, lengths, *, impl):
+    return pallas_kernels.flash_attention(q, k, v, lengths=lengths, causal=True, impl=impl, q_offsets=query_start)

@@ -73,9 +73,9 @@ def prefill_layer(layer_graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh 
     return x_btd, kv[0], kv[1]
 
 
-def prefill_layer_after_prefix(layer_graphdef: nnx.GraphDef, width: int, layer_params: nnx.State, x_btd: jax.Array,
-                               lengths: jax.Array, pool_k: jax.Array, pool_v: jax.Array, block_table: jax.Array,
-                               prefix_lengths: jax.Array):
+def prefill_layer_after_prefix(layer_graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None, width: int,
+                               layer_params: nnx.State, x_btd: jax.Array, lengths: jax.Array, pool_k: jax.Array,
+                               pool_v: jax.Array, block_table: jax.Array, prefix_lengths: jax.Array):
     """One decoder layer over the tokens that follow each row's cached prefix (prefix caching).
 
     x [batch, seq, hidden] holds the new tokens, `lengths` of them per row; the prefix's K/V are
@@ -93,7 +93,7 @@ def prefill_layer_after_prefix(layer_graphdef: nnx.GraphDef, width: int, layer_p
         k = merge_prefix(gather_prefix(pool_k, block_table), k, prefix_lengths, width)
         v = merge_prefix(gather_prefix(pool_v, block_table), v, prefix_lengths, width)
         kv.extend((k, v))
-        return attention_after_prefix(q, k, v, prefix_lengths, prefix_lengths + lengths)
+        return attention_after_prefix(q, k, v, prefix_lengths, prefix_lengths + lengths, impl=attention_impl, mesh=mesh)
 
     x_btd = layer(x_btd, positions, attend)
     return x_btd, kv[0], kv[1]

@@ -143,8 +143,8 @@ class ModelRunner:
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
-        self.prefix_cache = (PrefixCache(model, self.cache_spec, config.prefix_cache_pages, layer_graphdef, self._insert)
-                             if config.prefix_cache_pages else None)
+        self.prefix_cache = (PrefixCache(model, self.cache_spec, config.prefix_cache_pages, layer_graphdef, self._insert,
+                                         impl) if config.prefix_cache_pages else None)
         # Per row of the latest prefill: its prompt tokens taken from the prefix cache (the answer's
         # cached_prompt_tokens). Read by the one thread that prefills, right after its prefill.
         self.last_cached_tokens: list[int] = []

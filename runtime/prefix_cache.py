@@ -32,14 +32,16 @@ def _logits_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_len
 
 
 class PrefixCache:
-    def __init__(self, model, cache_spec: KVCacheSpec, pages: int, layer_graphdef, insert):
-        """`insert`: the runner's jitted insert_prefill (the pool is donated to it)."""
+    def __init__(self, model, cache_spec: KVCacheSpec, pages: int, layer_graphdef, insert, attention_impl: str):
+        """`insert`: the runner's jitted insert_prefill (the pool is donated to it); `attention_impl`: the
+        runner's, so a hit's attention runs the kernels a whole prefill runs."""
         self.index = PrefixIndex(pages, cache_spec.page_size)
         self.page_size = cache_spec.page_size
         spec = dataclasses.replace(cache_spec, num_pages=pages)
         self.pool = allocate_cache(spec, named_sharding(CACHE_AXES, spec.page_shape, model.mesh))
         self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
-        self._layer = jax.jit(functools.partial(serving.prefill_layer_after_prefix, layer_graphdef), static_argnums=0)
+        self._layer = jax.jit(functools.partial(serving.prefill_layer_after_prefix, layer_graphdef, attention_impl,
+                                                model.mesh), static_argnums=0)
         self._first_tokens = jax.jit(functools.partial(_logits_after_prefix, model.graphdef))
         self._insert = insert
 

@@ -19,6 +19,9 @@ median time over `--reps` runs after warm-up is reported as
   prefill (flash_attention)  achieved rate = causal FLOPs / time (2 x batch x heads x seq^2 x
                              head_dim: QK^T and PV over the lower triangle), and its fraction of
                              the matmul rate
+  prefill+prefix             the last --prefix-new-tokens of that prompt (default seq / 8) after a
+                             cached prefix of the rest: `flash_attention(..., q_offsets=)`; FLOPs
+                             2 x batch x heads x (seq^2 - prefix^2) x head_dim
 Implementations, by platform:
   gpu  decode:  ours ("gpu", Pallas), the reference under XLA, JAX's own Pallas GPU paged
                 attention where the installed JAX has it
@@ -26,6 +29,8 @@ Implementations, by platform:
   tpu  decode:  ours ("tpu"), the reference;  prefill: ours ("tpu"), the reference
   cpu  decode:  "xla" (what the model runs on a CPU), the reference
        prefill: the reference, jax.nn.dot_product_attention (XLA)
+  all  prefill+prefix: ours on gpu/tpu, the reference, and the model's plain-JAX path (queries in
+                chunks, models/attention.py), which the model runs on a CPU
 A peer that fails (not installed, shape unsupported) is listed with its error, not skipped
 silently. The table is printed; `--json-out` writes every figure.
 """
@@ -73,6 +78,7 @@ class BenchConfig:
     matmul_n: int
     tune: bool = False  # also time DECODE_GPU_VARIANTS / FLASH_GPU_VARIANTS (GPU only)
     skewed_contexts: tuple[int, ...] = ()
+    prefix_new_tokens: int = 0  # the prefill+prefix shape's new tokens (0: no such shape)
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -80,6 +86,9 @@ class BenchConfig:
         if min(self.decode_batch, self.prefill_batch, self.prefill_seq, self.page_size, self.reps, *self.contexts,
                *self.skewed_contexts) < 1:
             raise ValueError("batch sizes, lengths, page size and reps must be >= 1")
+        if not 0 <= self.prefix_new_tokens < self.prefill_seq:
+            raise ValueError(f"--prefix-new-tokens must be in [0, prefill seq {self.prefill_seq}), "
+                             f"got {self.prefix_new_tokens}")
 
 
 @dataclasses.dataclass
@@ -155,6 +164,20 @@ def prefill_impls(platform: str, tune: bool = False) -> dict[str, Callable]:
     return impls
 
 
+def prefix_impls(platform: str) -> dict[str, Callable]:
+    from splitserve.models.attention import attention_after_prefix
+    from splitserve.pallas_kernels import flash_attention
+
+    def ours(impl):
+        return lambda q, k, v, lengths, offsets: flash_attention(q, k, v, lengths=lengths, q_offsets=offsets, impl=impl)
+
+    impls = {"reference (XLA)": ours("reference"),
+             "query chunks (XLA)": lambda q, k, v, lengths, offsets: attention_after_prefix(q, k, v, offsets, lengths)}
+    if platform in ("gpu", "tpu"):
+        impls = {f"splitserve {platform}": ours(platform), **impls}
+    return impls
+
+
 def _jax_mosaic_gpu_attention(q, k, v, lengths=None):
     """JAX's own Mosaic GPU (Hopper, warpgroup) flash attention; full lengths only."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
@@ -210,6 +233,11 @@ def decode_bytes(cfg: BenchConfig, context: int, skewed: bool = False) -> int:
 
 def prefill_flops(cfg: BenchConfig) -> float:
     return 2.0 * cfg.prefill_batch * cfg.heads * cfg.prefill_seq**2 * cfg.head_dim
+
+
+def prefix_flops(cfg: BenchConfig) -> float:
+    prefix = cfg.prefill_seq - cfg.prefix_new_tokens
+    return 2.0 * cfg.prefill_batch * cfg.heads * (cfg.prefill_seq**2 - prefix**2) * cfg.head_dim
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -272,6 +300,12 @@ def run(cfg: BenchConfig) -> tuple[dict, list[Row]]:
     shape = f"b={cfg.prefill_batch} seq={cfg.prefill_seq} h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim} causal"
     rows += run_shape("prefill", shape, prefill_impls(cfg.platform, cfg.tune), inputs, reference_out, prefill_flops(cfg),
                       ceilings["matmul_tflops"], cfg.reps)
+    if cfg.prefix_new_tokens:  # the prompt's last tokens, after a cached prefix of the rest
+        new = cfg.prefix_new_tokens
+        offsets = jnp.full((cfg.prefill_batch,), cfg.prefill_seq - new, jnp.int32)
+        shape = f"b={cfg.prefill_batch} new={new} after {cfg.prefill_seq - new} h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim}"
+        rows += run_shape("prefill+prefix", shape, prefix_impls(cfg.platform), (q[:, -new:], k, v, lengths, offsets),
+                          reference_out[:, -new:], prefix_flops(cfg), ceilings["matmul_tflops"], cfg.reps)
     return ceilings, rows
 
 
@@ -303,6 +337,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
                         "(default: none; CPU 1024)")
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--prefill-seq", type=int, help="prefill tokens (default 4096; CPU 512)")
+    p.add_argument("--prefix-new-tokens", type=int,
+                   help="new tokens after a cached prefix, the prefill+prefix shape (default seq / 8; 0: none)")
     p.add_argument("--heads", type=int)
     p.add_argument("--kv-heads", type=int)
     p.add_argument("--head-dim", type=int)
@@ -334,6 +370,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
             head_dim=args.head_dim or head_dim, page_size=args.page_size, reps=args.reps,
             copy_mib=args.copy_mib or (512 if small else 2048), matmul_n=args.matmul_n or (2048 if small else 8192),
             tune=args.tune, skewed_contexts=tuple(skewed if args.skewed_contexts is None else args.skewed_contexts),
+            prefix_new_tokens=(args.prefill_seq or seq) // 8 if args.prefix_new_tokens is None else args.prefix_new_tokens,
         ), args.json_out
     except ValueError as e:
         p.error(str(e))

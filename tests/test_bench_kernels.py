@@ -25,6 +25,9 @@ def test_cpu_run_writes_every_figure(tmp_path, capsys):
     prefill = [r for r in rows if r["kernel"] == "prefill"]
     assert {r["impl"] for r in decode} == {"splitserve xla", "reference (XLA)"}
     assert len(decode) == 6 and len(prefill) == 2
+    prefix = [r for r in rows if r["kernel"] == "prefill+prefix"]  # the last 48 / 8 tokens after 42
+    assert {r["impl"] for r in prefix} == {"reference (XLA)", "query chunks (XLA)"}
+    assert {r["shape"] for r in prefix} == {"b=1 new=6 after 42 h=4/2 d=16"}
     for r in rows:
         assert r["error"] is None, r
         assert r["ms"] > 0 and r["achieved"] > 0 and r["of_ceiling"] > 0
@@ -44,6 +47,8 @@ def test_work_formulas():
     assert bench_kernels.decode_bytes(cfg, 100) == 3 * 100 * 2 * 16 * 2 * 4 + 2 * 3 * 4 * 16 * 4
     # Causal: QK^T and PV over half of the 48 x 48 scores, 2 FLOPs per multiply-add: 2 x 1 x 4 x 48^2 x 16.
     assert bench_kernels.prefill_flops(cfg) == 2 * 1 * 4 * 48**2 * 16
+    # After a prefix: the whole triangle less the prefix's own, 48^2 - 42^2.
+    assert bench_kernels.prefix_flops(cfg) == 2 * 1 * 4 * (48**2 - 42**2) * 16
     # Skewed: row 0 of 3 holds 64 tokens, rows 1 and 2 hold 64 / 8.
     assert list(bench_kernels.decode_lengths(cfg, 64, skewed=True)) == [64, 8, 8]
     assert bench_kernels.decode_bytes(cfg, 64, skewed=True) == (64 + 8 + 8) * 2 * 16 * 2 * 4 + 2 * 3 * 4 * 16 * 4
@@ -69,6 +74,9 @@ def test_bad_config_is_a_usage_error(capsys):
         bench_kernels.parse_args(TINY + ["--kv-heads", "3"])
     assert e.value.code == 2
     assert "heads (4) must be a multiple of kv_heads (3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(TINY + ["--prefix-new-tokens", "48"])  # no prefix left
+    assert "--prefix-new-tokens must be in [0, prefill seq 48), got 48" in capsys.readouterr().err
 
 
 def test_our_variants_are_compared_with_the_peers_only():

@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit, its o
 }
 
 [ -n "${SKIP_TESTS:-}" ] || step tests "${TESTS_S:-150}" env SPLITSERVE_TEST_PLATFORM=cuda $PY -m pytest -q -p no:cacheprovider \
-  ${TESTS_FILES:-tests/test_kernels_paged.py tests/test_kernels_flash.py tests/test_model_kernels.py} \
+  ${TESTS_FILES:-tests/test_kernels_paged.py tests/test_kernels_flash.py tests/test_kernels_offsets.py tests/test_model_kernels.py} \
   -k "${TESTS_K:-gpu or custom_scale}"
 # shellcheck disable=SC2086  # KERNELS_ARGS is a list of flags
 [ -n "${SKIP_KERNELS:-}" ] || step kernels "${KERNELS_S:-200}" $PY scripts/bench_kernels.py ${KERNELS_ARGS:---tune} --json-out "$OUT/kernels_gpu.json"
