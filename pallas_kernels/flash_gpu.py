@@ -149,7 +149,7 @@ def flash_attention_gpu(
     lengths = jnp.clip(lengths, 0, seq).astype(jnp.int32)
     if q_offsets is None:
         q_offsets = jnp.zeros((batch,), jnp.int32)
-    q_offsets = jnp.maximum(q_offsets, 0).astype(jnp.int32)
+    q_offsets = jnp.clip(q_offsets, 0, seq).astype(jnp.int32)  # past seq every query is padding; no int32 overflow
 
     block_q = min(block_q, max(16, next_power_of_2(q_seq)))
     block_k = min(block_k, max(16, next_power_of_2(seq)))

@@ -43,13 +43,14 @@ _LANES = 128  # m and l live lane-wide, [block_q, 128], the layout Mosaic likes.
 
 
 def _last_k_block(length, q_first, *, block_q, block_k, causal):
-    """Index of the last K block that the query block whose first position is `q_first` needs."""
+    """Index of the last K block that the query block whose first position is `q_first` needs (0 for
+    a block wholly past the length: it computes nothing, so it must not fetch the row's K/V either)."""
     # lax.div truncates; the operands are non-negative, so it is floor division
     # without the sign fix-up that `//` lowers to.
     last = lax.div(jnp.maximum(length - 1, 0), block_k)
     if causal:
         last = jnp.minimum(last, lax.div(q_first + block_q - 1, block_k))
-    return last
+    return jnp.where(q_first < length, last, 0)
 
 
 def _flash_kernel(
@@ -166,7 +167,7 @@ def flash_attention_tpu(
     lengths = jnp.clip(lengths, 0, seq)
     if q_offsets is None:
         q_offsets = jnp.zeros((batch,), jnp.int32)
-    q_offsets = jnp.maximum(q_offsets, 0)
+    q_offsets = jnp.clip(q_offsets, 0, seq)  # past seq every query is padding; no int32 overflow in the index maths
 
     # Short sequences get one block; otherwise pad each to a multiple of its block.
     block_q = min(block_q, round_up(q_seq, 8))

@@ -36,7 +36,8 @@ def flash_attention_reference(
     scores = jnp.einsum("bqkgh,bskh->bkgqs", q_btkgh, k_f32, precision=_HIGHEST) * scale
 
     key_pos = jnp.arange(seq)
-    starts = jnp.zeros((batch,), jnp.int32) if q_offsets is None else q_offsets
+    # Offsets clipped as the kernels clip them: past seq every query is padding, below 0 counts as 0.
+    starts = jnp.zeros((batch,), jnp.int32) if q_offsets is None else jnp.clip(q_offsets, 0, seq)
     query_pos = starts[:, None] + jnp.arange(q_seq)[None, :]  # [batch, q]
     valid = jnp.ones((batch, q_seq, seq), dtype=bool)
     if causal:

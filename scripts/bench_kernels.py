@@ -303,7 +303,8 @@ def run(cfg: BenchConfig) -> tuple[dict, list[Row]]:
     if cfg.prefix_new_tokens:  # the prompt's last tokens, after a cached prefix of the rest
         new = cfg.prefix_new_tokens
         offsets = jnp.full((cfg.prefill_batch,), cfg.prefill_seq - new, jnp.int32)
-        shape = f"b={cfg.prefill_batch} new={new} after {cfg.prefill_seq - new} h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim}"
+        shape = (f"b={cfg.prefill_batch} new={new} after {cfg.prefill_seq - new} "
+                 f"h={cfg.heads}/{cfg.kv_heads} d={cfg.head_dim}")
         rows += run_shape("prefill+prefix", shape, prefix_impls(cfg.platform), (q[:, -new:], k, v, lengths, offsets),
                           reference_out[:, -new:], prefix_flops(cfg), ceilings["matmul_tflops"], cfg.reps)
     return ceilings, rows
@@ -370,7 +371,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path | None]:
             head_dim=args.head_dim or head_dim, page_size=args.page_size, reps=args.reps,
             copy_mib=args.copy_mib or (512 if small else 2048), matmul_n=args.matmul_n or (2048 if small else 8192),
             tune=args.tune, skewed_contexts=tuple(skewed if args.skewed_contexts is None else args.skewed_contexts),
-            prefix_new_tokens=(args.prefill_seq or seq) // 8 if args.prefix_new_tokens is None else args.prefix_new_tokens,
+            prefix_new_tokens=((args.prefill_seq or seq) // 8 if args.prefix_new_tokens is None
+                               else args.prefix_new_tokens),
         ), args.json_out
     except ValueError as e:
         p.error(str(e))

@@ -126,7 +126,8 @@ def test_last_k_block_skips_masked_blocks():
     assert last(64, 0, True) == 1  # q rows 0..15 need keys 0..15: blocks 0, 1
     assert last(64, 16, True) == 3
     assert last(64, 21, True) == 4  # a q offset: rows at 21..36 need keys up to 36
-    assert last(20, 48, True) == 2  # keys 0..19 only
+    assert last(20, 16, True) == 2  # keys 0..19 only
+    assert last(20, 48, False) == 0  # a q tile wholly past the length fetches nothing more
     assert last(64, 0, False) == 7
     assert last(0, 32, True) == 0  # empty row: clamp to block 0, never negative
 

@@ -99,6 +99,22 @@ def test_offsets_of_zero_are_a_whole_prompt():
         np.testing.assert_array_equal(with_offsets, np.asarray(kernel(q, k, v, lens, **kw))[valid])
 
 
+def test_offsets_out_of_range_are_clipped_alike():
+    """Below 0 counts as 0; past seq (up to int32's end) every query is padding (its output is
+    unspecified) and no kernel reads outside k/v: the TPU interpreter raises on an out-of-bounds
+    block, which an offset near 2**31 made before the clip."""
+    (q, k, v, lens, _), _ = offset_inputs(np.random.default_rng(7), batch=2, q_seq=16, seq=32, heads=2, kv_heads=2,
+                                          head_dim=32, offsets=[0, 0], lengths=[32, 32], dtype="float32")
+    offs = jnp.asarray([-3, 2**31 - 4], jnp.int32)
+    ref = np.asarray(flash_attention_reference(q, k, v, lengths=lens, q_offsets=offs))
+    want = np.asarray(flash_attention_reference(q, k, v, lengths=lens, q_offsets=jnp.asarray([0, 32], jnp.int32)))
+    np.testing.assert_array_equal(ref, want)
+    for out in (flash_attention_tpu(q, k, v, lens, q_offsets=offs, block_q=8, block_k=8,
+                                    interpret=pltpu.InterpretParams()),
+                flash_attention_gpu(q, k, v, lens, q_offsets=offs, interpret=GPU_INTERPRET)):
+        assert rel_err(np.asarray(out)[:1], ref[:1].astype(np.float64)) < TOL["float32"]
+
+
 def test_public_flash_with_offsets():
     (q, k, v, lens, offs), (q64, k64, v64) = offset_inputs(
         np.random.default_rng(6), batch=2, q_seq=8, seq=32, heads=4, kv_heads=2, head_dim=64,
