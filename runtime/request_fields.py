@@ -61,7 +61,8 @@ def chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
 def _text_part(part, where: str) -> str:
     if isinstance(part, str):
         return part
-    key = TEXT_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+    kind = part.get("type") if isinstance(part, dict) else None
+    key = TEXT_PARTS.get(kind) if isinstance(kind, str) else None  # a list or object "type" is no part either
     if key is None or not isinstance(part.get(key), str):
         raise ValueError(f"{where}: only text parts are supported ({', '.join(TEXT_PARTS)} types, or strings)")
     return part[key]
