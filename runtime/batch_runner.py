@@ -107,6 +107,7 @@ class _Sequences:
 
     request: BatchRequest
     completions: list[Completion | None]
+    error: str | None = None  # a sequence that stopped unfinished makes the line an error line
 
 
 class Backend(Protocol):
@@ -171,8 +172,12 @@ class InProcessBackend:
                 if event.finish_reason is not None:
                     sequences, index = in_flight.pop(event.request_id)
                     sequences.completions[index] = self.engine.release(event.request_id)
+                    sequences.error = sequences.error or event.error
                     if all(c is not None for c in sequences.completions):
-                        recorder.completed(sequences.request, sequences.completions)
+                        if sequences.error:
+                            recorder.error(sequences.request.id, sequences.request.line, sequences.error)
+                        else:
+                            recorder.completed(sequences.request, sequences.completions)
 
     def _fill(self, queue: collections.deque, in_flight: dict, recorder: Recorder) -> None:
         while queue and len(in_flight) < self.max_in_flight:

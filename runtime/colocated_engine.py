@@ -96,7 +96,7 @@ class ColocatedEngine:
         if plan.prefill:
             events += self._emit(plan.prefill, *self._run_prefill(plan.prefill))
         if plan.decode:
-            events += self._emit(plan.decode, *self._run_decode(plan.decode))
+            events += self._emit(plan.decode, *self._run_decode(plan.decode), self.runner.grammar.take_failed())
         return events
 
     def _run_prefill(self, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
@@ -119,11 +119,18 @@ class ColocatedEngine:
             prompts=[r.prompt_ids for r in requests],
         )
 
-    def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]
-              ) -> list[TokenEvent]:
+    def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None],
+              failed: dict[str, str] | None = None) -> list[TokenEvent]:
+        """`failed`: requests whose structured output failed in this step; they end with its error."""
         now = time.perf_counter()
         events = []
         for request, token, token_logprobs in zip(requests, tokens, logprobs):
+            if failed and request.request_id in failed:
+                request.finish_s = now
+                self.scheduler.finish(request, FinishReason.ABORT)
+                events.append(TokenEvent(request.request_id, token, "", FinishReason.ABORT,
+                                         error=failed[request.request_id]))
+                continue
             request.output_ids.append(token)
             if token_logprobs is not None:
                 request.output_logprobs.append(token_logprobs)

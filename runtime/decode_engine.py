@@ -30,7 +30,7 @@ from splitserve.runtime.decode_scheduler import DecodeScheduler, DecodeSlot
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
 from splitserve.runtime.model_runner import ModelRunner
 from splitserve.runtime.page_allocator import PageAllocator
-from splitserve.runtime.request import check_bias_ids, check_prompt_ids
+from splitserve.runtime.request import FinishReason, check_bias_ids, check_prompt_ids
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.stop_rules import finish_reason_after_token
 
@@ -40,7 +40,12 @@ END = None  # queued after the last token of a stream
 
 
 class StreamError(Exception):
-    """Queued to a stream whose request can no longer be decoded (lease expired, bad KV)."""
+    """Queued to a stream whose request can no longer be decoded (lease expired, bad KV; its
+    structured output failed: INVALID_ARGUMENT). `code`: the grpc.StatusCode name the call ends with."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE"):
+        super().__init__(message)
+        self.code = code
 
 
 class StreamOutput(Protocol):
@@ -183,16 +188,26 @@ class DecodeEngine:
                 request_ids=[s.request_id for s in plan.decode],
                 prompts=[s.prompt_ids for s in plan.decode],
             )
+            failed = self.runner.grammar.take_failed()
         self.steps += 1
-        self._emit(plan.decode, tokens, logprobs)
+        self._emit(plan.decode, tokens, logprobs, failed)
         return True
 
-    def _emit(self, slots: list[DecodeSlot], tokens: list[int], logprobs: list) -> None:
+    def _emit(self, slots: list[DecodeSlot], tokens: list[int], logprobs: list, failed: dict[str, str]) -> None:
+        """`failed`: requests whose structured output failed in this step (their token is not theirs)."""
         with self._lock:
             flushes = set()  # one per batched call (its outputs share one flush), one per own queue
             for slot, token, token_logprobs in zip(slots, tokens, logprobs):
                 if slot.request_id not in self.scheduler.slots:
                     continue  # released while the step ran: its pages are already free
+                if slot.request_id in failed:
+                    self.scheduler.finish(slot, FinishReason.ABORT)
+                    out = self._outputs.pop(slot.request_id, None)
+                    if out is not None:
+                        why = f"request {slot.request_id}: {failed[slot.request_id]}"
+                        out.put(StreamError(why, "INVALID_ARGUMENT"))
+                        flushes.add(out.flush)
+                    continue
                 slot.output_ids.append(token)
                 reason = finish_reason_after_token(slot, self.eos_token_ids)
                 out = self._outputs.get(slot.request_id)

@@ -108,7 +108,7 @@ class DecodeService(internal_pb2_grpc.DecodeServicer):
             if item is END:
                 return
             if isinstance(item, StreamError):
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+                context.abort(getattr(grpc.StatusCode, item.code), str(item))
             token, reason, logprobs = item
             message = internal_pb2.DecodeTokens(token_ids=[token], finish_reason=reason.value if reason else "")
             if logprobs is not None:

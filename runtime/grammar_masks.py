@@ -50,6 +50,7 @@ class GrammarMasks:
         self._lock = threading.Lock()  # gRPC threads check requests while the engine thread steps
         self._specs: dict[StructuredOutputs, str] = {}
         self._matchers: dict[str, object] = {}  # request id -> its llguidance LLMatcher
+        self.failed: dict[str, str] = {}  # request id -> why its matcher failed, until take_failed()
         self.eos_only = np.zeros(self.words, np.int32)
         for token in self._eos:
             self.eos_only[token // 32] |= np.int32(np.uint32(1 << (token % 32)).view(np.int32))
@@ -90,10 +91,18 @@ class GrammarMasks:
             if matcher is None or step <= 1:  # new, or a new request under a reused id
                 matcher = self._matchers[request_id] = self._matcher(p.structured_outputs)
             if not matcher.consume_token(int(token)):
-                log.error("request %s: token %d is outside its grammar (%s); it ends", request_id, token,
-                          matcher.get_error())
+                why = matcher.get_error()
+                log.error("request %s: token %d is outside its grammar (%s); it ends", request_id, token, why)
+                self.failed[request_id] = (f"structured_outputs.{p.structured_outputs.kind}: the output left its "
+                                           f"grammar at token {step}: {why.split(chr(10))[0]}")
             matchers.append(matcher)
         return self._masks(matchers)
+
+    def take_failed(self) -> dict[str, str]:
+        """Requests whose matcher failed in the latest step_masks (llguidance gave up: a lexer grown
+        too complex, say), and why; the engine ends them with that error. Their row's mask was EOS only."""
+        failed, self.failed = self.failed, {}
+        return failed
 
     def _matcher(self, spec: StructuredOutputs):
         from llguidance import LLMatcher

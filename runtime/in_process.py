@@ -17,11 +17,14 @@ def load_for_serving(model_path: str, mesh_config: MeshConfig, dtype: str = "aut
 
 def generate_stream(engine: ColocatedEngine, prompt_ids: list[int],
                     params: SamplingParams) -> Iterator[tuple[str, Completion | None]]:
-    """Yields (text delta, None) per token, then ("", Completion) once finished."""
+    """Yields (text delta, None) per token, then ("", Completion) once finished; raises ValueError
+    if the request stopped unfinished (its structured output failed)."""
     request_id = engine.add_request(prompt_ids, params)
     try:
         while not engine.is_finished(request_id):
             for event in engine.step():
+                if event.request_id == request_id and event.error:
+                    raise ValueError(event.error)
                 if event.request_id == request_id and event.text_delta:
                     yield event.text_delta, None
     finally:

@@ -75,6 +75,7 @@ class TokenEvent:
     text_delta: str
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for them
+    error: str | None = None  # why it stopped unfinished (ABORT; its structured output failed); no token then
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,7 @@ class BatchedCall:
                 entry.error_code, entry.error = "CANCELLED", f"request {request_id} was released"
                 self._ended(request_id)
             elif isinstance(item, StreamError):
-                entry.error_code, entry.error = "UNAVAILABLE", str(item)
+                entry.error_code, entry.error = item.code, str(item)
                 self._ended(request_id)
             else:
                 token, reason, logprobs = item

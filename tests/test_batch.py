@@ -128,6 +128,8 @@ def test_chat_messages_are_read_as_vllm_reads_them():
                              {"role": "user", "content": "no"})
     for message, error in [({"role": "assistant", "content": "", "tool_calls": []}, "unknown field"),
                            ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "only text parts"),
+                           ({"role": "user", "content": [{"type": ["text"], "text": "a"}]}, "only text parts"),
+                           ({"role": "user", "content": [{"type": {"a": 1}, "text": "a"}]}, "only text parts"),
                            ({"role": "user", "content": "x", "name": 3}, "name must be a string")]:
         with pytest.raises(ValueError, match=error):
             parse_line(json.dumps({"id": "n", "messages": [message]}), 1)
@@ -341,6 +343,9 @@ def mixed_lines():
                    SamplingParams(max_tokens=16, structured_outputs={"json": schema}))))
     cases += [
         ({"id": "sox", "prompt": "x", "guided_regex": "[a"}, ("error", "sox", "unclosed character class")),
+        # accepted, then llguidance gives up while decoding: an error line, not a "stop" that breaks the spec
+        ({"id": "sol", "prompt": "x", "guided_regex": "(a{1000}){1000}"},
+         ("error", "sol", "the output left its grammar at token 2")),
         ('{"id": "broken", "prompt": ', ("error", "line-{n}", "invalid JSON")),
         ({"id": "tp", "prompt": "x", "top_p": 2}, ("error", "tp", "top_p must be in (0, 1]")),
         ({"id": "mp", "prompt": "x", "min_p": 2}, ("error", "mp", "min_p must be in [0, 1]")),

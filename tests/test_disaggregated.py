@@ -351,6 +351,16 @@ def _structured(stack) -> list[tuple[list[int], str]]:
                                           structured_outputs={kind: spec})]]
 
 
+def _assert_a_grammar_failing_midway_is_an_error(stack):
+    """llguidance accepts the spec, then its lexer gives up after two tokens on the decode worker:
+    the call fails with why, not a "stop" whose text breaks the spec, and the worker serves on."""
+    with pytest.raises(grpc.RpcError) as err:
+        stack.generate([5, 6], max_tokens=8, structured_outputs={"regex": "(a{1000}){1000}"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs.regex: the output left its grammar at token 2" in err.value.details()
+    assert len(stack.generate([5, 6], max_tokens=3, ignore_eos=True)[0]) == 3
+
+
 def test_colocated_mode_equals_disaggregated(demo_stack):
     """Token for token, free and with structured outputs (whose first token's mask is the prefill
     worker's, the rest the decode worker's); the structured ones parse."""
@@ -362,9 +372,11 @@ def test_colocated_mode_equals_disaggregated(demo_stack):
     with pytest.raises(grpc.RpcError) as err:
         demo_stack.generate([5, 6], max_tokens=4, structured_outputs={"regex": "[0-9"})
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "unclosed character class" in err.value.details()
+    _assert_a_grammar_failing_midway_is_an_error(demo_stack)
     with launched("demo", "--mode", "colocated", "--kv-cache-gib", "0.05") as stack:
         assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
         assert _structured(stack) == want_structured
+        _assert_a_grammar_failing_midway_is_an_error(stack)
         assert [w.role for w in stack.workers()] == ["colocated"]
         # Pool sized from the budget: a demo page (K+V, 4 layers, 4 KV heads, 16 tokens,
         # head_dim 32, f32) is 64 KiB, so 0.05 GiB holds 819 pages, one of them the sink.

@@ -106,6 +106,41 @@ def test_a_choice_allows_exactly_the_tokens_that_start_a_choice(demo):
     assert masks.step_masks(["other"], [SamplingParams()], [1], [5]) == [None]  # "r" is gone, nothing else is masked
 
 
+# llguidance accepts this regex, then gives up after two "a"s: its lexer grows too complex.
+FAILS_LATER = {"regex": "(a{1000}){1000}"}
+
+
+def test_a_matcher_that_fails_midway_is_reported_once_and_masks_eos(demo):
+    masks = GrammarMasks(demo.tokenizer, demo.config.vocab_size, demo.config.eos_token_ids)
+    params = SamplingParams(structured_outputs=FAILS_LATER)
+    masks.check(params)  # nothing to refuse up front
+    a = demo.tokenizer.encode("a", add_special_tokens=False)
+    assert allowed_ids(masks.first_masks([params])[0], demo.config.vocab_size).tolist() == a
+    masks.step_masks(["r"], [params], [1], a)
+    assert masks.take_failed() == {}
+    step = masks.step_masks(["r", "free"], [params, SamplingParams()], [2, 2], a + [5])
+    assert masks.take_failed() == {"r": "structured_outputs.regex: the output left its grammar at token 2: "
+                                        "lexer error: too many expressions constructed"}
+    assert set(allowed_ids(step[0], demo.config.vocab_size).tolist()) == set(demo.config.eos_token_ids)
+    assert step[1] is None and masks.take_failed() == {}  # taken once
+
+
+def test_the_engine_ends_a_request_whose_grammar_fails_with_its_error(demo, engine):
+    """Not a "stop" whose text breaks the spec: the request ends with the error, its pages are
+    free, and the requests beside it finish as before."""
+    from splitserve.runtime.in_process import generate_stream
+
+    prompt = demo.tokenizer.encode("The kitchen was warm")
+    free_pages = engine.scheduler.allocator.free_count
+    with pytest.raises(ValueError, match="the output left its grammar at token 2: lexer error"):
+        list(generate_stream(engine, prompt, SamplingParams(max_tokens=8, structured_outputs=FAILS_LATER)))
+    assert engine.scheduler.allocator.free_count == free_pages and not engine.has_unfinished()
+    fails, free = engine.generate([prompt, prompt], [SamplingParams(max_tokens=8, structured_outputs=FAILS_LATER),
+                                                     SamplingParams(max_tokens=8, ignore_eos=True)])
+    assert fails.finish_reason == "abort" and fails.text == "aa"
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+
+
 # -- the engine -------------------------------------------------------------------------------
 def _check(kind: str, text: str) -> None:
     if kind == "json":
