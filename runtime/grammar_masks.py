@@ -39,6 +39,15 @@ def allowed_ids(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     return ids[(mask[ids // 32] >> (ids % 32)) & 1 == 1]
 
 
+def nothing_allowed(mask: np.ndarray, allowed_token_ids: Sequence[int] | None) -> bool:
+    """Whether a row's mask and its allowed_token_ids (if any) leave no token to sample: the
+    sampler would see only -inf logits."""
+    if not allowed_token_ids:
+        return False
+    ids = np.asarray(allowed_token_ids, np.int64)
+    return not np.any((mask.view(np.uint32)[ids // 32] >> (ids % 32).astype(np.uint32)) & 1)
+
+
 class GrammarMasks:
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_token_ids: Sequence[int]):
         self.vocab_size = vocab_size
@@ -59,11 +68,15 @@ class GrammarMasks:
         """Raises ValueError unless the request's structured outputs (if any) can be served here:
         the model has a tokenizer, and the spec compiles against it. Workers call it on arrival,
         so that a bad spec is refused there and never reaches a step."""
-        if params.structured_outputs is not None:
+        spec = params.structured_outputs
+        if spec is not None:
             try:
-                self._matcher(params.structured_outputs)
+                matcher = self._matcher(spec)
             except (RuntimeError, TypeError) as e:  # llguidance's own errors, as a bad request
-                raise ValueError(f"structured_outputs.{params.structured_outputs.kind}: {e}") from None
+                raise ValueError(f"structured_outputs.{spec.kind}: {e}") from None
+            if params.allowed_token_ids and nothing_allowed(self._mask(matcher), params.allowed_token_ids):
+                raise ValueError(f"structured_outputs.{spec.kind} and allowed_token_ids leave no token to sample: "
+                                 f"none of the allowed ids can begin the output")
 
     def first_masks(self, params: Sequence[SamplingParams]) -> list[np.ndarray | None]:
         """A prefill's rows: the mask of the first token (a fresh matcher's), None where unconstrained."""
@@ -96,7 +109,14 @@ class GrammarMasks:
                 self.failed[request_id] = (f"structured_outputs.{p.structured_outputs.kind}: the output left its "
                                            f"grammar at token {step}: {why.split(chr(10))[0]}")
             matchers.append(matcher)
-        return self._masks(matchers)
+        masks = self._masks(matchers)
+        for request_id, p, step, mask in zip(request_ids, params, steps, masks):
+            if mask is not None and request_id not in self.failed and nothing_allowed(mask, p.allowed_token_ids):
+                done = np.array_equal(mask, self.eos_only)
+                complete = " (the output is complete, and EOS is not allowed)" if done else ""
+                self.failed[request_id] = (f"structured_outputs.{p.structured_outputs.kind} and allowed_token_ids leave "
+                                           f"no token to sample after {step} output tokens{complete}")
+        return masks
 
     def take_failed(self) -> dict[str, str]:
         """Requests whose matcher failed in the latest step_masks (llguidance gave up: a lexer grown

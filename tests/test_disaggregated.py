@@ -358,6 +358,10 @@ def _assert_a_grammar_failing_midway_is_an_error(stack):
         stack.generate([5, 6], max_tokens=8, structured_outputs={"regex": "(a{1000}){1000}"})
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "structured_outputs.regex: the output left its grammar at token 2" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # complete, and EOS not allowed: nothing left to sample
+        stack.generate([5, 6], max_tokens=8, allowed_token_ids=[67, 68, 69], structured_outputs={"regex": "[a-c]{3}"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "leave no token to sample after 3 output tokens" in err.value.details()
     assert len(stack.generate([5, 6], max_tokens=3, ignore_eos=True)[0]) == 3
 
 

@@ -141,6 +141,26 @@ def test_the_engine_ends_a_request_whose_grammar_fails_with_its_error(demo, engi
     assert free.finish_reason == "length" and len(free.token_ids) == 8
 
 
+def test_allowed_token_ids_that_leave_the_grammar_nothing_are_an_error_not_unk(demo, engine):
+    """The sampler would see only -inf logits and take id 0 (<unk>) again and again: refused up front
+    when no allowed id can begin the output; an error once the output is complete and EOS is not allowed."""
+    from splitserve.runtime.in_process import generate_stream
+
+    abc = [demo.tokenizer.encode(c, add_special_tokens=False)[0] for c in "abc"]
+    prompt = demo.tokenizer.encode("The kitchen was warm")
+    regex = {"regex": "[a-c]{3}"}
+    with pytest.raises(ValueError, match="leave no token to sample: none of the allowed ids can begin the output"):
+        engine.add_request(prompt, SamplingParams(max_tokens=8, allowed_token_ids=(5, 6, 7), structured_outputs=regex))
+    with_eos = SamplingParams(max_tokens=8, allowed_token_ids=(*abc, *demo.config.eos_token_ids), structured_outputs=regex)
+    (out,) = engine.generate([prompt], with_eos)
+    assert out.finish_reason == "stop" and re.fullmatch("[a-c]{3}", out.text)
+    with pytest.raises(ValueError, match="leave no token to sample after 3 output tokens "
+                                         r"\(the output is complete, and EOS is not allowed\)"):
+        list(generate_stream(engine, prompt, SamplingParams(max_tokens=8, allowed_token_ids=tuple(abc),
+                                                            structured_outputs=regex)))
+    assert not engine.has_unfinished()
+
+
 # -- the engine -------------------------------------------------------------------------------
 def _check(kind: str, text: str) -> None:
     if kind == "json":
