@@ -215,7 +215,8 @@ class Client:
             2048
         """
         try:
-            reply = self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout or self._opts.timeout,
+            wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
+            reply = self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=wait,
                                          metadata=self._opts.metadata)
         except grpc.RpcError as e:
             raise SplitserveError.from_rpc(e) from None
@@ -308,7 +309,8 @@ class AsyncClient:
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         try:
-            reply = await self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=timeout or self._opts.timeout,
+            wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
+            reply = await self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=wait,
                                                metadata=self._opts.metadata)
         except grpc.RpcError as e:
             raise SplitserveError.from_rpc(e) from None

@@ -240,6 +240,9 @@ def test_model_info_and_health(stack):
     with Client(stack.address) as client:
         info = client.model_info()
         assert client.health() == "SERVING"
+        with pytest.raises(SplitserveError) as err:  # 0 s is a deadline, as generate's (it was no deadline)
+            client.model_info(timeout=0)
+        assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     # The page size and dtype are the workers' own (Stats), not flags given to the router.
     assert (info.family, info.vocab_size, info.max_model_len, info.page_size) == ("llama", 2048, 2048, 8)
     assert info.dtype == "float32"
