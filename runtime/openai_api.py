@@ -87,8 +87,12 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     model = fields.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"{where}model must be a string, got {json.dumps(model)}")
+    sent_as = {}  # fields read under another name: their errors name the field sent
     if "max_completion_tokens" in fields:  # the newer name wins, as in vLLM's chat path
         fields["max_tokens"] = fields["max_completion_tokens"]
+        sent_as["max_tokens"] = "max_completion_tokens"
+    if chat and fields.get("top_logprobs") is not None:
+        sent_as["logprobs"] = "top_logprobs"
     _logprobs_as_vllm_reads_them(fields, chat, where)
     echo, echo_only = _echo(fields, chat, where)
     _prompt_logprobs_as_vllm_reads_them(fields, stream, echo, where)
@@ -105,8 +109,13 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
         if "prompt" not in fields:
             raise ValueError(f"missing {where}prompt")
         prompts = _completion_prompts(fields["prompt"], where)
-    return OpenAIRequest(chat, sampling_params(fields), prompts, messages, model, stream, include_usage, echo,
-                         echo_only)
+    try:
+        params = sampling_params(fields)
+    except ValueError as e:
+        message = str(e)
+        field = message.split(" ", 1)[0]
+        raise ValueError(sent_as[field] + message[len(field):] if field in sent_as else message) from None
+    return OpenAIRequest(chat, params, prompts, messages, model, stream, include_usage, echo, echo_only)
 
 
 def _echo(fields: dict, chat: bool, where: str) -> tuple[bool, bool]:

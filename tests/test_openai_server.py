@@ -500,6 +500,16 @@ def test_bodies_are_read_as_vllm_reads_them():
     body = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": ["hi"], "max_completion_tokens": 5,
                                                           "max_tokens": 9, "top_k": 3, "seed": None})
     assert body.prompt == "hi" and body.params.max_tokens == 5 and body.params.top_k == 3 and not body.chat
+    for url, fields, message in [  # errors name the field sent, not the one it is read as
+            (openai_api.COMPLETIONS, {"prompt": "x", "max_completion_tokens": "5"},
+             'max_completion_tokens must be an integer, got "5"'),
+            (openai_api.COMPLETIONS, {"prompt": "x", "max_completion_tokens": 0, "max_tokens": 5},
+             "max_completion_tokens must be >= 1, got 0"),
+            (openai_api.CHAT, {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+             "top_logprobs must be in [0, 20] (or unset), got 21")]:
+        with pytest.raises(ValueError) as err:
+            openai_api.parse_body(url, fields)
+        assert str(err.value) == message
     assert openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": [[4, 5]]}).prompt_token_ids == (4, 5)
     chat = openai_api.parse_body(openai_api.CHAT, {"messages": CHAT, "stream": True, "logprobs": True,
                                                    "top_logprobs": 2, "stream_options": {},
