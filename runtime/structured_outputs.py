@@ -38,7 +38,8 @@ class StructuredOutputs:
         if isinstance(self.json, (Mapping, bool)):  # a schema may be `true` too
             object.__setattr__(self, "json", json.dumps(self.json))
         if self.choice is not None:
-            if isinstance(self.choice, (str, bytes)) or not all(isinstance(c, str) for c in self.choice):
+            # A string's characters or an object's keys are no list of choices.
+            if not isinstance(self.choice, (list, tuple)) or not all(isinstance(c, str) for c in self.choice):
                 raise ValueError(f"structured_outputs.choice must be a list of strings, got {self.choice!r:.80}")
             object.__setattr__(self, "choice", tuple(self.choice))
             if not 1 <= len(self.choice) <= MAX_CHOICES or not all(self.choice):

@@ -45,6 +45,7 @@ def test_a_spec_names_exactly_one_kind_and_bad_ones_say_why():
     assert StructuredOutputs(choice=["a", "b"]).choice == ("a", "b")
     for kwargs, message in [({}, "exactly one"), ({"regex": "a", "choice": ["b"]}, "regex, choice"),
                             ({"json": "{"}, "not valid JSON"), ({"choice": "ab"}, "list of strings"),
+                            ({"choice": {"yes": 1, "no": 2}}, "list of strings"), ({"choice": 3}, "list of strings"),
                             ({"choice": []}, "1 to"), ({"regex": ""}, "non-empty"), ({"json_object": 1}, "boolean"),
                             ({"regex": "x" * (300 << 10)}, "over the")]:
         with pytest.raises(ValueError, match=message):
