@@ -86,10 +86,13 @@ class ModelConfig:
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
-    # transformers >= 5 writes `rope_parameters`; older files have `rope_theta` + `rope_scaling`.
+    # transformers >= 5 writes `rope_parameters`; older files have `rope_theta` + `rope_scaling`. A
+    # file with both is read as transformers reads it: the legacy rope_scaling over rope_parameters.
     params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params.update({k: v for k, v in scaling.items() if k not in params})
+    scaling = dict(hf.get("rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    params.update(scaling)
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     return RopeConfig(
@@ -102,12 +105,14 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _as_id_tuple(value) -> tuple[int, ...]:
+def _as_id_tuple(value, name: str = "eos_token_id") -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
-    return tuple(int(v) for v in value)
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} must be a token id or a list of them, got {json.dumps(value)[:80]}")
+    return tuple(value)
 
 
 SERVING_DTYPES = ("float32", "bfloat16")  # what the attention kernels take
@@ -168,6 +173,9 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
         max_len = int(sliding)
     attention_bias = bool(hf.get("attention_bias", False))
     eos = _as_id_tuple((generation_config or {}).get("eos_token_id")) or _as_id_tuple(hf.get("eos_token_id"))
+    outside = [t for t in eos if not 0 <= t < int(hf["vocab_size"])]
+    if outside:
+        raise ValueError(f"eos_token_id {outside} is outside the vocabulary (vocab_size {hf['vocab_size']})")
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return ModelConfig(
         family=family,
@@ -199,7 +207,22 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json; is it an HF model directory?")
-    hf = json.loads(config_path.read_text())
+    hf = _json_object(config_path)
     gen_path = model_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
-    return config_from_hf(hf, gen)
+    gen = _json_object(gen_path) if gen_path.exists() else None
+    try:
+        return config_from_hf(hf, gen)
+    except KeyError as e:
+        raise ValueError(f"{config_path} has no {e} field") from None
+    except (TypeError, AttributeError, ZeroDivisionError) as e:  # a field of the wrong type, or 0 heads
+        raise ValueError(f"{config_path}: a field has the wrong type or value ({e})") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value

@@ -102,7 +102,8 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
         put(attn.q_proj, proj_in(p + "self_attn.q_proj.weight", cfg.num_heads, layout.q_source))
         put(attn.k_proj, proj_in(p + "self_attn.k_proj.weight", cfg.num_kv_heads, layout.kv_source))
         put(attn.v_proj, proj_in(p + "self_attn.v_proj.weight", cfg.num_kv_heads, layout.kv_source))
-        o = reader.get(p + "self_attn.o_proj.weight").T.reshape(cfg.num_heads, hd, d)
+        o = _shaped(reader.get(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight",
+                    (d, cfg.num_heads * hd)).T.reshape(cfg.num_heads, hd, d)
         put(attn.o_proj, select_heads(o, layout.q_source, axis=0))
         if cfg.qkv_bias:
             put(attn.q_bias, bias_in(p + "self_attn.q_proj.bias", cfg.num_heads, layout.q_source))
@@ -119,6 +120,11 @@ def _load_hf_weights(model: Decoder, reader: SafetensorsReader, cfg: ModelConfig
             for proj, attr in (("gate_proj", "gate_bias"), ("up_proj", "up_bias"), ("down_proj", "down_bias")):
                 put(getattr(layer.mlp, attr), reader.get(f"{p}mlp.{proj}.bias"))
     put(model.final_norm.weight, reader.get("model.norm.weight"))
+    unused = sorted(n for n in reader.names() if n.startswith("model.layers.")
+                    and int(n.split(".")[2]) >= cfg.num_layers)
+    if unused:  # a config that names fewer layers than the weights hold: serving them would cut the model
+        raise ValueError(f"the checkpoint holds layers past config.json's num_hidden_layers={cfg.num_layers} "
+                         f"({unused[0]}, {len(unused)} tensors in all); set num_hidden_layers to match the weights")
     if not cfg.tie_word_embeddings:
         put(model.lm_head, reader.get("lm_head.weight").T)
     elif "lm_head.weight" in reader and not np.array_equal(reader.get("lm_head.weight"),

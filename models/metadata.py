@@ -40,10 +40,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         model_dir = resolve_model_dir(path)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
-    try:
-        tokenizer = Tokenizer.maybe_load(model_dir)
-    except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors: a corrupt tokenizer.json
-        raise ValueError(f"{path}: tokenizer.json does not load: {e}") from None
+    tokenizer = Tokenizer.maybe_load(model_dir)  # ValueError naming the file when it does not load
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer.json there")
     return tokenizer

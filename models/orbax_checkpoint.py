@@ -20,6 +20,7 @@ Loading onto a mesh:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -132,6 +133,16 @@ def load_orbax_model(model_dir: Path, mesh: Mesh, *, dtype: str = "auto") -> Loa
                        jdtype, name=marker["name"], chat_template=ChatTemplate.maybe_load(model_dir))
 
 
+@contextlib.contextmanager
+def _damaged_files_named(path: Path):
+    """TensorStore reports a truncated or missing data file as a bare Exception: a ValueError naming the checkpoint."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - tensorstore's and orbax's own errors
+        why = str(e).splitlines()[0].split(" See full TensorStore details")[0][:300]
+        raise ValueError(f"{path}: the Orbax checkpoint does not restore ({why})") from None
+
+
 def _restore_sharded(path: Path, params: nnx.State, mesh: Mesh, dtype) -> None:
     """Fills abstract `params` in place, each array restored directly into its sharding."""
 
@@ -141,7 +152,7 @@ def _restore_sharded(path: Path, params: nnx.State, mesh: Mesh, dtype) -> None:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     targets = nnx.to_pure_dict(jax.tree.map(target, params, is_leaf=_is_var))
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer() as checkpointer, _damaged_files_named(path):
         restored = checkpointer.restore(path, targets)
     nnx.replace_by_pure_dict(params, restored)
 
@@ -153,7 +164,7 @@ def _restore_remapped(path: Path, params: nnx.State, config: ModelConfig, layout
                                       dtype))[1]
     restore_args = _str_keys(nnx.to_pure_dict(
         jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored, is_leaf=_is_var)))
-    with ocp.PyTreeCheckpointer() as checkpointer:  # Orbax stores layer indices as str keys
+    with ocp.PyTreeCheckpointer() as checkpointer, _damaged_files_named(path):  # layer indices as str keys
         host = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     for keys, var in nnx.to_flat_state(params):
         array = host

@@ -40,7 +40,12 @@ class Tokenizer:
     @classmethod
     def maybe_load(cls, model_dir: str | Path) -> "Tokenizer | None":
         path = Path(model_dir) / "tokenizer.json"
-        return cls.from_file(path) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return cls.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for a corrupt file
+            raise ValueError(f"{path} does not load: {e}") from None
 
     def to_json(self) -> str:
         """The tokenizer.json text (what llguidance builds its token table from)."""

@@ -99,3 +99,55 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
     _rewrite(tmp_path, lambda t: t.update({name: t[name][:32].copy()}))
     with pytest.raises(ValueError, match=f"tensor '{name}' has shape \\(32, 64\\), but config.json implies \\(64, 64\\)"):
         _load(tmp_path)
+
+
+def test_an_o_proj_of_the_wrong_shape_but_the_right_size_is_named(tmp_path):
+    """It was reshaped as it came: served as a wrong model without a word."""
+    build_checkpoint("llama2_mha_tied", tmp_path)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _rewrite(tmp_path, lambda t: t.update({name: t[name].reshape(32, 128).copy()}))
+    with pytest.raises(ValueError, match=f"tensor '{name}' has shape \\(32, 128\\), but config.json implies \\(64, 64\\)"):
+        _load(tmp_path)
+
+
+def test_layers_past_num_hidden_layers_are_refused_not_dropped(tmp_path):
+    build_checkpoint("llama2_mha_tied", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=config["num_hidden_layers"] - 1)))
+    with pytest.raises(ValueError, match="holds layers past config.json's num_hidden_layers=1 "
+                                         "\\(model.layers.1.input_layernorm.weight, 9 tensors in all\\)"):
+        _load(tmp_path)
+
+
+def test_a_legacy_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it():
+    """transformers 5 writes rope_parameters; a rope_scaling beside it wins there, and was ignored here."""
+    linear = config_from_hf(dict(BASE, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                 rope_scaling={"type": "linear", "factor": 4.0}))
+    assert (linear.rope.rope_type, linear.rope.factor, linear.rope.theta) == ("linear", 4.0, 5e5)
+    with pytest.raises(ValueError, match="yarn"):
+        config_from_hf(dict(BASE, rope_parameters={"rope_type": "default"},
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", "[1, 2]", "config.json: must hold a JSON object, got list"),
+    ("config.json", "{not json", "config.json: not JSON"),
+    ("config.json", None, "config.json has no 'hidden_size' field"),
+    ("generation_config.json", '{"eos_token_id": 99999}', "eos_token_id \\[99999\\] is outside the vocabulary"),
+    ("generation_config.json", '{"eos_token_id": "</s>"}', "eos_token_id must be a token id or a list of them"),
+    ("model.safetensors", b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "tensor 'model.embed_tokens.weight' is missing"),
+    ("model.safetensors", b"", "model.safetensors: not a readable safetensors file"),
+    ("tokenizer.json", "{not json", "tokenizer.json does not load"),
+])
+def test_a_damaged_checkpoint_file_is_a_one_line_error_naming_it(tmp_path, file, content, message):
+    """Each was a KeyError, TypeError, SafetensorError or bare Exception traceback from `generate`."""
+    build_checkpoint("llama2_mha_tied", tmp_path)
+    path = tmp_path / file
+    if content is None:  # a required field left out
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "hidden_size"}))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        _load(tmp_path)

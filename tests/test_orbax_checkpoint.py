@@ -118,3 +118,18 @@ def test_refuses_nonempty_out_dir_and_reconversion(converted, tmp_path):
         orbax_checkpoint.convert_to_orbax(str(hf_dir), tmp_path)
     with pytest.raises(ValueError, match="already"):
         orbax_checkpoint.convert_to_orbax(str(out), tmp_path / "again")
+
+
+def test_a_truncated_data_file_is_a_value_error_naming_the_checkpoint(converted, tmp_path):
+    """TensorStore raised a bare Exception (hundreds of lines from `generate`), on both restore paths."""
+    import shutil
+
+    _, out = converted
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    data = max((p for p in (damaged / "params").rglob("*") if p.is_file() and "/d/" in str(p)),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+    for tp in (1, 2):  # the sharded restore, and (qwen2's 1 KV head on tp=2) the host remap
+        with pytest.raises(ValueError, match="the Orbax checkpoint does not restore"):
+            load_model(str(damaged), make_mesh(MeshConfig(tp=tp)))
