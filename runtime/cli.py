@@ -44,7 +44,10 @@ def _run_convert(args) -> int:
     out = Path(args.out_dir)
     if out.exists():
         raise SystemExit(f"splitserve convert: {out} already exists; choose a new directory")
-    convert_to_orbax(args.model, out, dtype=args.dtype)
+    try:
+        convert_to_orbax(args.model, out, dtype=args.dtype)
+    except (OSError, ValueError) as e:  # no such model, a checkpoint it cannot read, an output it cannot write
+        raise SystemExit(f"splitserve convert: {e}") from None
     print(f"wrote Orbax checkpoint to {out}")
     return 0
 

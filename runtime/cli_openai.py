@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splitserve.runtime.cli_args import port
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
 
 DESCRIPTION = """\
@@ -42,7 +43,7 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", required=True, help="HOST:PORT of the router")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: any free port)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000; 0: any free port)")
     p.add_argument("--served-model-name", help="the model name requests give and responses report "
                    "(default: the router's)")
     p.add_argument("--tokenizer", metavar="MODEL", help="the model's directory (HF or Orbax) or 'demo', for "

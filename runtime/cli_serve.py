@@ -13,7 +13,7 @@ import os
 from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
-from splitserve.runtime.cli_args import add_prefix_cache_flags, positive_int, prefix_cache_gib
+from splitserve.runtime.cli_args import add_prefix_cache_flags, port, positive_int, prefix_cache_gib
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -47,7 +47,7 @@ def _add_model_flags(p, host_help: str = "address to listen on", *, runs_model: 
         p.add_argument("--warmup", choices=WARMUPS, default="full",
                        help="before serving, compile every bucketed shape (full, default) or only the smallest "
                             "prompt and context lengths (minimal: faster start, longer shapes compile on first use)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=port, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-cert); "
                         "0 = any free port; default: off. Under launch: the router's port, and every worker "
                         "gets a free port of its own on 127.0.0.1 (all printed at start)")
@@ -115,7 +115,7 @@ def _add_drain_flag(p, what: str) -> None:
 
 def _add_worker_flags(p) -> None:
     _add_model_flags(p)
-    p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    p.add_argument("--port", type=port, default=0, help="port to listen on (default: any free port)")
     p.add_argument("--mesh", type=_mesh, default=MeshConfig(), help="this worker's mesh, e.g. tp=2")
     p.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="JAX platform (default: JAX's choice)")
     p.add_argument("--num-pages", type=positive_int, help="KV pages in the pool (default: as many as --kv-cache-gib holds)")
@@ -139,7 +139,7 @@ def add_parsers(sub) -> None:
         _add_worker_flags(p)
         if role == "decode":
             _add_kv_transport_flag(p)
-            p.add_argument("--kv-data-port", type=int, default=0, metavar="PORT",
+            p.add_argument("--kv-data-port", type=port, default=0, metavar="PORT",
                            help="port of the KV data socket on --host (default 0: any free port; each "
                                 "reservation tells senders where it is)")
         if role != "decode":
@@ -151,7 +151,7 @@ def add_parsers(sub) -> None:
     r = sub.add_parser("router", help="run the router in front of running workers",
                        description="Run the public Serving API in front of workers started elsewhere.")
     _add_model_flags(r, runs_model=False)
-    r.add_argument("--port", type=int, default=50051, help="public port (default 50051)")
+    r.add_argument("--port", type=port, default=50051, help="public port (default 50051)")
     r.add_argument("--prefill", type=_addresses, default=[], help="prefill worker addresses, comma-separated")
     r.add_argument("--decode", type=_addresses, default=[], help="decode worker addresses, comma-separated")
     r.add_argument("--colocated", type=_addresses, default=[], help="colocated worker addresses, comma-separated")
@@ -165,7 +165,7 @@ def add_parsers(sub) -> None:
                         description="Start the whole stack on this host: a router and worker processes, "
                                     "each on its own devices. Prints 'splitserve ready on HOST:PORT'.")
     _add_model_flags(lp, "address the router listens on; workers always listen on 127.0.0.1")
-    lp.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    lp.add_argument("--port", type=port, default=50051, help="router port (default 50051)")
     lp.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated")
     lp.add_argument("--prefill-workers", type=int, help="prefill worker processes (default 1; "
                     "disaggregated mode only)")
@@ -187,7 +187,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS, metavar="N",
                     help="a worker that dies is restarted (same port and flags, backoff 1 s doubling to 30 s); "
                          f"after N restarts in a row launch gives up and exits 1 (default {DEFAULT_MAX_RESTARTS})")
-    lp.add_argument("--openai-port", type=int, metavar="PORT",
+    lp.add_argument("--openai-port", type=port, metavar="PORT",
                     help="also serve the OpenAI-compatible HTTP API (as `splitserve openai-server`) on --host:PORT "
                          "(0: any free port); it prints where it listens")
     lp.add_argument("--served-model-name", help="with --openai-port: the model name of the HTTP API "
@@ -225,7 +225,11 @@ def run_worker(args) -> int:
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
                           warmup=args.warmup, metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout_s,
                           **role_options)
-    serve_forever(Worker(config))
+    try:
+        worker = Worker(config)
+    except (OSError, ValueError) as e:  # a model it cannot load, a cache it cannot size
+        raise SystemExit(f"splitserve {command}: {e}") from None
+    serve_forever(worker)
     return 0
 
 
@@ -263,8 +267,15 @@ def run_router(args) -> int:
 def run_launch(args) -> int:
     _logging()
     from splitserve.runtime.launch import run_launch as launch
+    from splitserve.runtime.supervisor import WorkerDied
 
-    return launch(launch_config(args))
+    config = launch_config(args)
+    try:
+        return launch(config)
+    except WorkerDied as e:  # at start-up: the worker printed its own error above
+        raise SystemExit(f"splitserve launch: {e}") from None
+    except (OSError, ValueError) as e:  # the router's: a model path it cannot read, a port in use
+        raise SystemExit(f"splitserve launch: {e}") from None
 
 
 def launch_config(args):

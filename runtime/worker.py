@@ -270,7 +270,10 @@ def serve_forever(worker: Worker) -> None:
     # Threads that wake together (a first token's reply and its KV sender) would otherwise wait
     # up to Python's 5 ms GIL switch interval for each other: that showed up in TTFT.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    worker.start()
+    try:
+        worker.start()
+    except OSError as e:  # its port is taken
+        raise SystemExit(f"splitserve {worker.config.role}-worker: {e}") from None
     stop.serving()
     log.warning("splitserve %s worker ready on %s", worker.config.role, worker.address)
     stop.wait()

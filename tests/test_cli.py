@@ -106,6 +106,12 @@ def test_generate_streams_demo_text(cache):
     (["launch", "--worker-start-timeout-s", "nan"], "worker_start_timeout_s must be > 0"),
     (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
+    # gRPC wrapped these (70000 listened on 4464, -1 on 65535); the HTTP ones crashed after start-up.
+    (["launch", "--port", "70000"], "--port: must be in [0, 65535], got 70000"),
+    (["router", "--colocated", "a:1", "--metrics-port", "-1"], "--metrics-port: must be in [0, 65535], got -1"),
+    # Tracebacks before: a checkpoint that does not load is one line naming it.
+    (["convert", "/nope/model", "out-dir"], "splitserve convert: model path '/nope/model' is not a directory"),
+    (["colocated-worker", "--model", "/nope/model"], "splitserve colocated-worker: model path '/nope/model'"),
     (["generate", "hi", "--model", "/nope/model"], "/nope/model"),
     (["generate", "hi", "--address", "127.0.0.1:1", "--seed", "-1"], "seed must be in [0, "),
     # It sized a KV cache for 2**31 tokens first (a 1 TB allocation, out of memory) before checking.
