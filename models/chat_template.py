@@ -30,6 +30,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from splitserve.models.config import read_json_object
+
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -133,12 +135,7 @@ def _special_tokens(config: dict, tokens_map: dict) -> dict[str, str]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return value
+    return read_json_object(path) if path.exists() else {}
 
 
 @functools.lru_cache(maxsize=8)

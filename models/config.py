@@ -207,9 +207,9 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json; is it an HF model directory?")
-    hf = _json_object(config_path)
+    hf = read_json_object(config_path)
     gen_path = model_dir / "generation_config.json"
-    gen = _json_object(gen_path) if gen_path.exists() else None
+    gen = read_json_object(gen_path) if gen_path.exists() else None
     try:
         return config_from_hf(hf, gen)
     except KeyError as e:
@@ -218,9 +218,10 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(f"{config_path}: a field has the wrong type or value ({e})") from None
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model directory's JSON file that must hold an object; ValueError naming the file otherwise."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(value, dict):
