@@ -84,14 +84,25 @@ def prefill_layer_after_prefix(layer_graphdef: nnx.GraphDef, attention_impl: str
     k, v) with k/v [batch, width, kv_heads, head_dim] the whole prompt's (prefix, then new), as a
     full prefill of the prompt returns them.
     """
+    return prefill_layer_after_kv(layer_graphdef, attention_impl, mesh, width, layer_params, x_btd, lengths,
+                                  gather_prefix(pool_k, block_table), gather_prefix(pool_v, block_table),
+                                  prefix_lengths)
+
+
+def prefill_layer_after_kv(layer_graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None, width: int,
+                           layer_params: nnx.State, x_btd: jax.Array, lengths: jax.Array, prefix_k: jax.Array | None,
+                           prefix_v: jax.Array | None, prefix_lengths: jax.Array):
+    """As prefill_layer_after_prefix, with the prefix's K/V given as arrays [batch, >= prefix, kv_heads,
+    head_dim] (chunked prefill: the K/V the earlier chunks returned). None: no prefix (prefix_lengths 0)."""
     layer = nnx.merge(layer_graphdef, layer_params)
     seq = x_btd.shape[1]
     positions = prefix_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
     kv = []
 
     def attend(q, k, v):
-        k = merge_prefix(gather_prefix(pool_k, block_table), k, prefix_lengths, width)
-        v = merge_prefix(gather_prefix(pool_v, block_table), v, prefix_lengths, width)
+        # With no prefix every position comes from the new tokens, so they stand in as the prefix.
+        k = merge_prefix(k if prefix_k is None else prefix_k, k, prefix_lengths, width)
+        v = merge_prefix(v if prefix_v is None else prefix_v, v, prefix_lengths, width)
         kv.extend((k, v))
         return attention_after_prefix(q, k, v, prefix_lengths, prefix_lengths + lengths, impl=attention_impl, mesh=mesh)
 

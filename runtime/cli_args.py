@@ -8,12 +8,21 @@ import math
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (sizes and counts: a page size of 0 would divide by zero deep inside)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (0: off)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
 
 
@@ -39,6 +48,13 @@ def add_prefix_cache_flags(p, which: str) -> None:
                         "--prefix-cache-gib says otherwise)")
     p.add_argument("--prefix-cache-gib", type=float, metavar="GIB",
                    help="memory per device for the prefix cache; turns it on (0: off)")
+
+
+def add_prefill_chunk_flag(p) -> None:
+    p.add_argument("--prefill-chunk-tokens", type=non_negative_int, default=0, metavar="N",
+                   help="chunked prefill: a prompt longer than N tokens is prefilled N tokens at a time, and "
+                        "other prompts (and, colocated, decode steps) run between its chunks, so one long "
+                        "prompt does not stall them (default 0: off)")
 
 
 def prefix_cache_gib(args, command: str) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.runtime.cli_args import add_prefix_cache_flags, positive_int
+from splitserve.runtime.cli_args import add_prefill_chunk_flag, add_prefix_cache_flags, positive_int
 
 DESCRIPTION = """\
 Benchmark a running router (--address) or compare a colocated and a disaggregated stack on
@@ -96,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory per device (default 1.0)")
     c.add_argument("--num-pages", type=positive_int, help="KV pages per worker (default: from --kv-cache-gib)")
     add_prefix_cache_flags(c, "both stacks' prefill (or colocated) workers")
+    add_prefill_chunk_flag(c)
     c.add_argument("--warmup", choices=["full", "minimal"], default="full",
                    help="what the workers compile before serving (as `launch --warmup`; minimal: faster start, "
                         "use --num-warmups to compile the workload's shapes before measuring)")

@@ -13,7 +13,7 @@ import os
 from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
-from splitserve.runtime.cli_args import add_prefix_cache_flags, port, positive_int, prefix_cache_gib
+from splitserve.runtime.cli_args import add_prefill_chunk_flag, add_prefix_cache_flags, port, positive_int, prefix_cache_gib
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -144,6 +144,7 @@ def add_parsers(sub) -> None:
                                 "reservation tells senders where it is)")
         if role != "decode":
             add_prefix_cache_flags(p, "this worker")
+            add_prefill_chunk_flag(p)
         _add_drain_flag(p, "the reservations, prefills and KV transfers it holds")
         _add_security_flags(p, api_key=False, internal_token=True)
         p.set_defaults(run=run_worker, role=role)
@@ -181,6 +182,7 @@ def add_parsers(sub) -> None:
     lp.add_argument("--max-batch", type=positive_int, default=32, help="decode batch per worker (default 32)")
     _add_kv_transport_flag(lp)
     add_prefix_cache_flags(lp, "each prefill (or colocated) worker")
+    add_prefill_chunk_flag(lp)
     _add_admission_flags(lp)
     _add_worker_start_flag(lp)
     _add_drain_flag(lp, "the requests in flight (the router first, then each worker)")
@@ -219,7 +221,8 @@ def run_worker(args) -> int:
     if args.role == "decode":
         role_options = dict(kv_transport=args.kv_transport, kv_data_port=args.kv_data_port)
     else:
-        role_options = dict(prefix_cache_gib=prefix_cache_gib(args, command))
+        role_options = dict(prefix_cache_gib=prefix_cache_gib(args, command),
+                            prefill_chunk_tokens=args.prefill_chunk_tokens)
     config = WorkerConfig(role=args.role, model=args.model, host=args.host, port=args.port, mesh=args.mesh,
                           dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                           kv_cache_gib=args.kv_cache_gib, max_batch=args.max_batch, security=security,
@@ -304,6 +307,7 @@ def launch_config(args):
                               warmup=args.warmup, admission=admission, metrics_port=args.metrics_port,
                               drain_timeout_s=args.drain_timeout_s, max_restarts=args.max_restarts,
                               kv_transport=args.kv_transport, prefix_cache_gib=prefix_cache_gib(args, "launch"),
+                              prefill_chunk_tokens=args.prefill_chunk_tokens,
                               worker_start_timeout_s=args.worker_start_timeout_s, openai_port=args.openai_port,
                               served_model_name=args.served_model_name)
     except ValueError as e:

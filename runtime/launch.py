@@ -71,6 +71,7 @@ class LaunchConfig:
     max_restarts: int = DEFAULT_MAX_RESTARTS  # of one worker in a row, before launch gives up
     kv_transport: str = "socket"  # of the decode workers: see WorkerConfig.kv_transport
     prefix_cache_gib: float = 0.0  # of the prefill (or colocated) workers: see WorkerConfig.prefix_cache_gib
+    prefill_chunk_tokens: int = 0  # of the prefill (or colocated) workers: see WorkerConfig.prefill_chunk_tokens
     worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S  # for each worker to report SERVING
     openai_port: int | None = None  # an OpenAI-compatible HTTP server on host:openai_port (0: any)
     served_model_name: str | None = None  # the model name of that server (default: the router's)
@@ -88,6 +89,8 @@ class LaunchConfig:
             raise ValueError(f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {self.prefill_chunk_tokens}")
         if self.kv_transport not in ("socket", "grpc"):
             raise ValueError(f"kv_transport must be socket or grpc, got {self.kv_transport!r}")
         if self.tls.enabled and not self.tls.mutual:
@@ -216,8 +219,11 @@ def worker_command(config: LaunchConfig, spec: WorkerSpec) -> list[str]:
         cmd += ["--num-pages", str(config.num_pages)]
     if spec.role == "decode":  # its KV data socket takes any free port (each reservation names it)
         cmd += ["--kv-transport", config.kv_transport]
-    elif config.prefix_cache_gib:
-        cmd += ["--prefix-cache-gib", str(config.prefix_cache_gib)]
+    else:
+        if config.prefix_cache_gib:
+            cmd += ["--prefix-cache-gib", str(config.prefix_cache_gib)]
+        if config.prefill_chunk_tokens:
+            cmd += ["--prefill-chunk-tokens", str(config.prefill_chunk_tokens)]
     if spec.metrics_port is not None:
         cmd += ["--metrics-port", str(spec.metrics_port)]
     if config.platform:

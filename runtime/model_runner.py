@@ -24,6 +24,7 @@ from splitserve.models.kv_cache import SINK_PAGE, KVCacheSpec, allocate_cache, i
 from splitserve.models.loader import LoadedModel
 from splitserve.models.sharding import named_sharding
 from splitserve.runtime.buckets import all_buckets, bucket, padded_rows
+from splitserve.runtime.chunked_prefill import ChunkedPrefill
 from splitserve.runtime.grammar_masks import GrammarMasks
 from splitserve.runtime.host_kv import PrefilledRow
 from splitserve.runtime.host_staging import StagingPool
@@ -65,6 +66,9 @@ class RunnerConfig:
     # the KV of recent prompts' whole blocks, so a prompt that starts like an earlier one computes
     # only what follows (runtime/prefix_cache.py). 0: off.
     prefix_cache_pages: int = 0
+    # Chunked prefill: prompts longer than this many tokens are prefilled in chunks of it, giving the
+    # device to other work in between (runtime/chunked_prefill.py). 0: off.
+    prefill_chunk_tokens: int = 0
 
 
 def _logits_and_sample(graphdef, params, x, tokens, lengths, sampling, bias, masks):
@@ -137,14 +141,16 @@ class ModelRunner:
         mesh = model.mesh
         # Prefill runs as separate jits per stage, one compiled layer for every layer, so each
         # layer's K/V is a separate device array, ready (and sendable) while later layers compute.
-        layer_graphdef, self._layer_params = serving.split_layers(model.graphdef, model.params)
-        self._embed = jax.jit(functools.partial(serving.prefill_embed, model.graphdef))
+        layer_graphdef, self.layer_params = serving.split_layers(model.graphdef, model.params)
+        self.embed = jax.jit(functools.partial(serving.prefill_embed, model.graphdef))
         self._layer = jax.jit(functools.partial(serving.prefill_layer, layer_graphdef, impl, mesh))
         self._first_tokens = jax.jit(functools.partial(_logits_and_sample, model.graphdef))
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, model.graphdef))
         self._insert = jax.jit(insert_prefill, donate_argnums=0)
         self.prefix_cache = (PrefixCache(model, self.cache_spec, config.prefix_cache_pages, layer_graphdef, self._insert,
                                          impl) if config.prefix_cache_pages else None)
+        self.chunked = (ChunkedPrefill(self, layer_graphdef, config.prefill_chunk_tokens)
+                        if config.prefill_chunk_tokens else None)
         # Per row of the latest prefill: its prompt tokens taken from the prefix cache (the answer's
         # cached_prompt_tokens). Read by the one thread that prefills, right after its prefill.
         self.last_cached_tokens: list[int] = []
@@ -207,10 +213,10 @@ class ModelRunner:
     def _prefill_whole(self, prompts, sampling, steps):
         batch, seq = self.prefill_shape([len(p) for p in prompts])
         tokens, lengths = padded_rows(prompts, batch, seq)
-        arrays = self._sampling_arrays(sampling, steps, batch)
-        x = self._embed(self.model.params, tokens)
+        arrays = self.sampling_arrays(sampling, steps, batch)
+        x = self.embed(self.model.params, tokens)
         ks, vs = [], []
-        for layer_params in self._layer_params:
+        for layer_params in self.layer_params:
             x, k, v = self._layer(layer_params, x, lengths)
             ks.append(k)
             vs.append(v)
@@ -230,15 +236,15 @@ class ModelRunner:
         tokens, lengths = padded_rows(new_parts, batch, seq)
         prompt_tokens, prompt_lengths = padded_rows(prompts, batch, width)
         table, prefix_lengths = cache.block_table(hits, batch, width)
-        arrays = self._sampling_arrays(sampling, steps, batch)
-        x = self._embed(self.model.params, tokens)
-        x, ks, vs = cache.layers(width, self._layer_params, x, lengths, table, prefix_lengths)
+        arrays = self.sampling_arrays(sampling, steps, batch)
+        x = self.embed(self.model.params, tokens)
+        x, ks, vs = cache.layers(width, self.layer_params, x, lengths, table, prefix_lengths)
         first = cache.first_tokens(self.model.params, x, lengths, prompt_tokens, prompt_lengths, arrays,
                                    self.prefill_bias, self.masks.prefill)
         # Rows that ask for prompt logprobs were not looked up (PrefixCache.hits): x covers their whole prompt.
         return self._with_prompt_logprobs(first, x, tokens, sampling), ks, vs, prompt_lengths
 
-    def _sampling_arrays(self, sampling, steps, batch) -> SamplingArrays:
+    def sampling_arrays(self, sampling, steps, batch) -> SamplingArrays:
         for row, params in enumerate(sampling):
             if params.biased:
                 if row >= self.config.max_prefill_batch:

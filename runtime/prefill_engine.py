@@ -11,6 +11,11 @@
 The senders start before the prefill has finished, so the transfer of early layers overlaps
 the later layers, and the rest of it overlaps the next batch; it never delays a first token.
 
+Chunked prefill (RunnerConfig.prefill_chunk_tokens): a longer prompt waits in a queue of its own
+and is prefilled alone, one chunk per turn (runtime/chunked_prefill.py). While it runs, its chunks
+alternate with batches of the short prompts that arrived meanwhile, and on a colocated worker each
+chunk is one device turn, so decode steps run in between too.
+
 Backpressure: the queue holds at most `max_queued` jobs; submit() past that raises
 PrefillQueueFull at once (the service answers RESOURCE_EXHAUSTED). A job whose caller
 cancelled, or whose deadline passed while it waited, is dropped when a batch is formed and
@@ -26,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Generator
 
 from splitserve.runtime.deadlines import DeadlinePassed
 from splitserve.runtime.device_turns import DeviceTurns, no_turns
@@ -71,6 +76,13 @@ class PrefillQueueFull(Exception):
 SendKV = Callable[[PrefillJob, PrefilledRow], None]
 
 
+@dataclasses.dataclass
+class _Chunking:
+    """A long prompt being prefilled in chunks: its job, and the steps left (None until it starts)."""
+    job: PrefillJob
+    steps: Generator | None = None
+
+
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, send_kv: SendKV, *, max_prefill_batch: int,
                  max_prefill_tokens: int = 8192, sender_threads: int = 4, max_queued: int = DEFAULT_MAX_QUEUED,
@@ -89,7 +101,10 @@ class PrefillEngine:
         self.max_queued = max_queued
         self.clock = clock
         self._lock = threading.Condition()
-        self._jobs: collections.deque[PrefillJob] = collections.deque()  # FIFO, at most max_queued
+        self._jobs: collections.deque[PrefillJob] = collections.deque()  # FIFO
+        self._long_jobs: collections.deque[PrefillJob] = collections.deque()  # to prefill in chunks; FIFO
+        self._chunking: _Chunking | None = None  # the long prompt being prefilled, at most one
+        self._chunk_went_last = False  # alternation: a chunk, a batch of short prompts, a chunk, ...
         self._stopping = False
         self._senders = concurrent.futures.ThreadPoolExecutor(sender_threads, thread_name_prefix="kv-send")
         self._running = 0  # jobs taken off the queue whose first token is not out yet
@@ -102,15 +117,17 @@ class PrefillEngine:
     def in_flight(self) -> int:
         """Jobs queued or being prefilled."""
         with self._lock:
-            return len(self._jobs) + self._running
+            return len(self._jobs) + len(self._long_jobs) + self._running
 
     def submit(self, job: PrefillJob) -> concurrent.futures.Future:
         """Queues the job; raises PrefillQueueFull at once when max_queued jobs already wait."""
+        chunked = self.runner.chunked is not None and self.runner.chunked.wants(job.prompt_ids, job.params)
         with self._lock:
-            if len(self._jobs) >= self.max_queued:
-                raise PrefillQueueFull(f"prefill queue is full: {len(self._jobs)} requests wait "
+            waiting = len(self._jobs) + len(self._long_jobs)
+            if waiting >= self.max_queued:
+                raise PrefillQueueFull(f"prefill queue is full: {waiting} requests wait "
                                        f"(the limit is {self.max_queued})")
-            self._jobs.append(job)
+            (self._long_jobs if chunked else self._jobs).append(job)
             self._lock.notify()
         return job.first_token
 
@@ -129,36 +146,58 @@ class PrefillEngine:
 
     def run_forever(self) -> None:
         try:
-            while (batch := self._next_batch()) is not None:
-                self._prefill(batch)
+            while (work := self._next_work()) is not None:
+                if isinstance(work, _Chunking):
+                    self._prefill_chunk(work)
+                else:
+                    self._prefill(work)
         except Exception:  # noqa: BLE001 - a dead engine must take the worker down
             log.exception("prefill engine loop crashed; exiting")
             os._exit(1)
 
-    def _next_batch(self) -> list[PrefillJob] | None:
-        """The next jobs to run, oldest first, within the batch and token limits; None once stopped.
+    def _next_work(self) -> list[PrefillJob] | _Chunking | None:
+        """A batch of short prompts, or the long prompt whose next chunk is due; None once stopped.
 
-        Each job taken is marked running (it can no longer be cancelled); cancelled and expired
-        jobs are dropped here, so they never take a place in a batch.
+        Oldest first; a long prompt starts when it is older than every waiting short one, and
+        while it runs it alternates with batches of them. Each job taken is marked running (it can
+        no longer be cancelled); cancelled and expired jobs are dropped here, never reaching the device.
         """
         with self._lock:
-            batch, tokens = [], 0
-            while not batch:
-                while not self._jobs:
-                    if self._stopping:
-                        return None
-                    self._lock.wait()
+            while True:
                 now = self.clock()
-                while self._jobs and len(batch) < self.max_prefill_batch:
-                    job = self._jobs[0]
-                    if batch and tokens + len(job.prompt_ids) > self.max_prefill_tokens:
-                        break  # starts the next batch
-                    self._jobs.popleft()
+                if self._chunking is None and self._long_jobs and (
+                        not self._jobs or self._long_jobs[0].submitted_at <= self._jobs[0].submitted_at):
+                    job = self._long_jobs.popleft()
                     if self._take(job, now):
-                        batch.append(job)
-                        tokens += len(job.prompt_ids)
-            self._running += len(batch)
-            return batch
+                        self._chunking = _Chunking(job)
+                        self._running += 1
+                    continue
+                if self._chunking is not None and (not self._jobs or not self._chunk_went_last):
+                    self._chunk_went_last = True
+                    return self._chunking
+                if self._jobs:
+                    batch = self._take_batch(now)
+                    if batch:
+                        self._chunk_went_last = False
+                        self._running += len(batch)
+                        return batch
+                    continue  # all of them were dropped
+                if self._stopping:
+                    return None
+                self._lock.wait()
+
+    def _take_batch(self, now: float) -> list[PrefillJob]:
+        """Short prompts off the queue within the batch and token limits (the lock is held)."""
+        batch, tokens = [], 0
+        while self._jobs and len(batch) < self.max_prefill_batch:
+            job = self._jobs[0]
+            if batch and tokens + len(job.prompt_ids) > self.max_prefill_tokens:
+                break  # starts the next batch
+            self._jobs.popleft()
+            if self._take(job, now):
+                batch.append(job)
+                tokens += len(job.prompt_ids)
+        return batch
 
     def _take(self, job: PrefillJob, now: float) -> bool:
         """True if the job is to run (now marked running); else it is dropped and counted."""
@@ -191,12 +230,44 @@ class PrefillEngine:
         for job, token in zip(live, tokens):
             job.first_token.set_result(token)
 
+    def _prefill_chunk(self, chunking: _Chunking) -> None:
+        """The long prompt's next chunk, in one device turn; after the last, its first token."""
+        job = chunking.job
+        if chunking.steps is None:
+            with self._lock:
+                self.prefilled += 1
+            self.metrics.prefill_queue_time.observe(time.perf_counter() - job.submitted_at)
+            chunking.steps = self.runner.chunked.run(job.prompt_ids, job.params, 0)
+        try:
+            with self._device_turn():
+                try:
+                    next(chunking.steps)
+                    return  # more chunks to go
+                except StopIteration as last:
+                    first, ks, vs, job.cached_tokens = last.value
+                    tokens = self._hand_over([job], first, ks, vs)
+        except Exception as e:  # noqa: BLE001 - as _prefill
+            job.first_token.set_exception(e)
+            self._chunking_ended()
+            raise
+        self._chunking_ended()
+        job.first_token.set_result(tokens[0])
+
+    def _chunking_ended(self) -> None:
+        with self._lock:
+            self._chunking = None
+            self._running -= 1
+
     def _run_on_device(self, live: list[PrefillJob]) -> list[int]:
         """Dispatches the batch, hands each row's KV to a sender at once, and waits for the first tokens."""
         first, ks, vs, _ = self.runner.prefill_async([j.prompt_ids for j in live], [j.params for j in live],
                                                      [0] * len(live))
         for job, cached in zip(live, self.runner.last_cached_tokens):
             job.cached_tokens = cached
+        return self._hand_over(live, first, ks, vs)
+
+    def _hand_over(self, live: list[PrefillJob], first, ks, vs) -> list[int]:
+        """Hands each row's K/V (device arrays, maybe still computing) to a sender; waits for the first tokens."""
         host = BatchHostKV(ks, vs) if any(j.decode_address for j in live) else None
         for row, job in enumerate(live):
             if job.decode_address:

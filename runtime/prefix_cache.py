@@ -25,8 +25,8 @@ from splitserve.runtime.sampling import sample
 CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
-def _logits_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias, masks):
-    # The logits of the last new token; the repetition penalty sees the whole prompt, prefix included.
+def first_tokens_after_prefix(graphdef, params, x, lengths, prompt_tokens, prompt_lengths, sampling, bias, masks):
+    # The last new token's logits, sampled; the repetition penalty sees the whole prompt, prefix included.
     logits = serving.prefill_logits(graphdef, params, x, lengths)
     return sample(logits, sampling, prompt=(prompt_tokens, prompt_lengths), bias=bias, masks=masks)
 
@@ -42,7 +42,7 @@ class PrefixCache:
         self.queried_tokens = self.hit_tokens = 0  # prompt tokens looked up, and found
         self._layer = jax.jit(functools.partial(serving.prefill_layer_after_prefix, layer_graphdef, attention_impl,
                                                 model.mesh), static_argnums=0)
-        self._first_tokens = jax.jit(functools.partial(_logits_after_prefix, model.graphdef))
+        self._first_tokens = jax.jit(functools.partial(first_tokens_after_prefix, model.graphdef))
         self._insert = insert
 
     def hits(self, prompts, sampling) -> list[PrefixHit] | None:

@@ -32,6 +32,10 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
     for batch in all_buckets(minimum=1, maximum=cfg.max_prefill_batch):
         for seq in seqs if full else seqs[:1]:
             count += _compile_prefill(runner, batch, seq, decode)
+    if runner.chunked is not None and full:
+        for width in seqs:
+            if width > runner.chunked.chunk_tokens:
+                count += _compile_chunked(runner, width)
     if decode:
         widths = runner.page_table_widths()
         for batch in all_buckets(minimum=min(cfg.min_decode_batch, cfg.max_batch), maximum=cfg.max_batch):
@@ -65,11 +69,11 @@ def compile_all(runner, *, decode: bool, full: bool = True) -> int:
 def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
     params = runner.model.params
     tokens, lengths = np.zeros((batch, seq), np.int32), np.ones((batch,), np.int32)
-    x = _compile(runner._embed, params, tokens)
+    x = _compile(runner.embed, params, tokens)
     count, seen = 1, []
     while x not in seen:  # the first layer is fed by the embedding, the others by a layer
         seen.append(x)
-        x, k, v = _compile(runner._layer, runner._layer_params[0], x, lengths)
+        x, k, v = _compile(runner._layer, runner.layer_params[0], x, lengths)
         count += 1
     _compile(runner._first_tokens, params, x, tokens, lengths, _sampling(batch, runner), runner.prefill_bias,
              runner.masks.prefill)
@@ -89,6 +93,39 @@ def _compile_prefill(runner, batch: int, seq: int, decode: bool) -> int:
             _compile(runner._insert, runner.cache, (host,) * layers, (host,) * layers, table, lengths)
             count += 1
     return count
+
+
+def _compile_chunked(runner, width: int) -> int:
+    """The chunks of a prompt padded to `width` (runtime/chunked_prefill.py): its first chunk at every
+    length up to a chunk, with no prefix; every later chunk (exactly a chunk) after the earlier ones;
+    the first token after the last. (The embedding of each chunk is a batch-1 prefill's.)"""
+    chunked, params = runner.chunked, runner.model.params
+    full = runner.padded_prompt_len(chunked.chunk_tokens)
+    prefix_lengths, count = np.zeros((1,), np.int32), 0
+    for seq in runner.prompt_buckets():
+        if seq > full:
+            break
+        tokens, lengths = np.zeros((1, seq), np.int32), np.ones((1,), np.int32)
+        x, seen = _compile(runner.embed, params, tokens), []
+        while x not in seen:
+            seen.append(x)
+            x, k, v = _compile(chunked.layer, width, runner.layer_params[0], x, lengths, None, None, prefix_lengths)
+            count += 1
+    # A later chunk's layer takes x from the embedding or a layer, and K/V from the chunk before
+    # (either kind of layer): every combination of their layouts, until no new one appears.
+    xs, kvs, compiled, outs = [_compile(runner.embed, params, tokens)], [(k, v)], [], []
+    while new := [(x, kv) for x in xs for kv in kvs if (x, kv) not in compiled]:
+        for x, (k, v) in new:
+            compiled.append((x, (k, v)))
+            out, k_out, v_out = _compile(chunked.layer, width, runner.layer_params[0], x, lengths, k, v, prefix_lengths)
+            outs += [out] if out not in outs else []
+            xs += [out] if out not in xs else []
+            kvs += [(k_out, v_out)] if (k_out, v_out) not in kvs else []
+    prompt = np.zeros((1, width), np.int32)
+    for x in outs:  # the last layer's
+        _compile(chunked.first_tokens, params, x, lengths, prompt, lengths, _sampling(1, runner), runner.prefill_bias,
+                 runner.masks.prefill)
+    return count + len(compiled) + len(outs)
 
 
 def _sampling(batch: int, runner) -> SamplingArrays:

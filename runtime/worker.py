@@ -78,6 +78,9 @@ class WorkerConfig:
     # Prefix caching on a prefill or colocated worker: memory per device for the KV of recent prompts'
     # whole blocks (runtime/prefix_index.py); 0: off.
     prefix_cache_gib: float = 0.0
+    # Chunked prefill on a prefill or colocated worker: prompts longer than this are prefilled in
+    # chunks of it, other work running in between (runtime/chunked_prefill.py); 0: off.
+    prefill_chunk_tokens: int = 0
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -93,6 +96,10 @@ class WorkerConfig:
         if self.prefix_cache_gib and self.role == "decode":
             raise ValueError("prefix caching saves prefill work: it applies to prefill and colocated workers, "
                              "not a decode worker")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {self.prefill_chunk_tokens}")
+        if self.prefill_chunk_tokens and self.role == "decode":
+            raise ValueError("chunked prefill applies to prefill and colocated workers, not a decode worker")
 
 
 class Worker:
@@ -111,7 +118,7 @@ class Worker:
             page_size=config.page_size, num_pages=self._num_pages(model) if has_decode else 2,
             max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
             attention_impl=config.attention_impl, decodes=has_decode,
-            prefix_cache_pages=self._prefix_cache_pages(model),
+            prefix_cache_pages=self._prefix_cache_pages(model), prefill_chunk_tokens=config.prefill_chunk_tokens,
         ))
         self.server = make_server(interceptors=config.security.worker_interceptors())
         self.health = add_health(self.server)

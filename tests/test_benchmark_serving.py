@@ -283,8 +283,10 @@ def test_compare_puts_both_stacks_on_the_same_devices(monkeypatch):
         assert launch_config(build_parser().parse_args(["launch", *launch_flags(config)])) == config
     (_, quick), _ = CompareSpec(warmup="minimal").stacks()  # `bench --compare --warmup minimal`
     assert build_parser().parse_args(["launch", *launch_flags(quick)]).warmup == "minimal"
-    for config in (stack for _, stack in CompareSpec(platform="cpu", prefix_cache_gib=0.5).stacks()):
+    for config in (stack for _, stack in CompareSpec(platform="cpu", prefix_cache_gib=0.5,
+                                                     prefill_chunk_tokens=256).stacks()):
         assert config.prefix_cache_gib == 0.5  # `bench --compare --enable-prefix-caching`: both stacks cache
+        assert config.prefill_chunk_tokens == 256  # `--prefill-chunk-tokens 256`: both stacks chunk
         assert launch_config(build_parser().parse_args(["launch", *launch_flags(config)])) == config
 
 

@@ -78,7 +78,7 @@ def test_a_failed_prefill_fails_its_requests_and_gives_its_turn_back(runner):
     engine.submit(job)
     try:
         with pytest.raises(RuntimeError, match="device lost"):  # run_forever would now exit the process
-            engine._prefill(engine._next_batch())
+            engine._prefill(engine._next_work())
     finally:
         runner.prefill_async = real
     with pytest.raises(RuntimeError, match="device lost"):

@@ -26,17 +26,17 @@ def prompts_for(vocab, lengths=PROMPT_LENGTHS, seed=0):
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("name, prefill_tp, decode_tp", [
-    ("llama3_gqa3_hd40_ropescale", 2, 4),   # decode tp 4 > 3 KV heads
-    ("qwen2_bias_mqa_tied", 4, 2),          # 1 KV head: replicated on both meshes
+@pytest.mark.parametrize("name, prefill_tp, decode_tp, chunk_tokens", [
+    ("llama3_gqa3_hd40_ropescale", 2, 4, 16),  # decode tp 4 > 3 KV heads; prompts of 23 and 70 in chunks
+    ("qwen2_bias_mqa_tied", 4, 2, 0),          # 1 KV head: replicated on both meshes
 ])  # Every family meets transformers in-process (test_model_parity); the demo stacks below are tp 1 -> 1.
-def test_disaggregated_greedy_equals_transformers(hf_checkpoint, name, prefill_tp, decode_tp):
+def test_disaggregated_greedy_equals_transformers(hf_checkpoint, name, prefill_tp, decode_tp, chunk_tokens):
     """(The colocated engine meets transformers on these checkpoints in test_model_parity.)"""
     directory, torch_model = hf_checkpoint(name)
     prompts = prompts_for(torch_model.config.vocab_size)
     expected = [hf_greedy(torch_model, p, 16) for p in prompts]
     with launched(str(directory), "--prefill-mesh", f"tp={prefill_tp}", "--decode-mesh", f"tp={decode_tp}",
-                  "--num-pages", "64") as stack:
+                  "--num-pages", "64", "--prefill-chunk-tokens", str(chunk_tokens)) as stack:
         for prompt, want in zip(prompts, expected):
             tokens, _, reason = stack.generate(prompt, max_tokens=16, ignore_eos=True)
             assert tokens == want and reason == "length"
@@ -367,7 +367,8 @@ def _assert_a_grammar_failing_midway_is_an_error(stack):
 
 def test_colocated_mode_equals_disaggregated(demo_stack):
     """Token for token, free and with structured outputs (whose first token's mask is the prefill
-    worker's, the rest the decode worker's); the structured ones parse."""
+    worker's, the rest the decode worker's); the structured ones parse. The colocated side prefills
+    in chunks."""
     prompt = prompts_for(2048, (17,), seed=9)[0]
     want = demo_stack.generate(prompt, max_tokens=12, ignore_eos=True)[0]
     want_structured = _structured(demo_stack)
@@ -377,7 +378,8 @@ def test_colocated_mode_equals_disaggregated(demo_stack):
         demo_stack.generate([5, 6], max_tokens=4, structured_outputs={"regex": "[0-9"})
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "unclosed character class" in err.value.details()
     _assert_a_grammar_failing_midway_is_an_error(demo_stack)
-    with launched("demo", "--mode", "colocated", "--kv-cache-gib", "0.05") as stack:
+    # Chunked prefill on this side (17-token prompts in chunks of 1 and 16, with decode steps between).
+    with launched("demo", "--mode", "colocated", "--kv-cache-gib", "0.05", "--prefill-chunk-tokens", "16") as stack:
         assert stack.generate(prompt, max_tokens=12, ignore_eos=True)[0] == want
         assert _structured(stack) == want_structured
         _assert_a_grammar_failing_midway_is_an_error(stack)

@@ -149,3 +149,29 @@ def test_prefix_caching_flags_reach_prefill_and_colocated_workers_only():
         build_parser().parse_args(["decode-worker", "--enable-prefix-caching"])
     with pytest.raises(ValueError, match="not a decode worker"):
         WorkerConfig(role="decode", prefix_cache_gib=0.5)
+
+
+def test_prefill_chunk_flag_reaches_prefill_and_colocated_workers_only():
+    from splitserve.runtime.cli import build_parser
+    from splitserve.runtime.cli_serve import launch_config
+
+    def launch(*flags):
+        return launch_config(build_parser().parse_args(["launch", "--platform", "cpu", *flags]))
+
+    assert launch().prefill_chunk_tokens == 0
+    config = launch("--prefill-chunk-tokens", "256")
+    prefill, decode = plan_workers(config, 0)
+    cmd = worker_command(config, prefill)
+    assert cmd[cmd.index("--prefill-chunk-tokens") + 1] == "256"
+    assert "--prefill-chunk-tokens" not in worker_command(config, decode)
+    colocated = launch("--mode", "colocated", "--prefill-chunk-tokens", "512")
+    cmd = worker_command(colocated, plan_workers(colocated, 0)[0])
+    assert cmd[cmd.index("--prefill-chunk-tokens") + 1] == "512"
+    assert "--prefill-chunk-tokens" not in worker_command(launch(), prefill)
+    args = build_parser().parse_args(["prefill-worker", "--prefill-chunk-tokens", "64"])
+    assert args.prefill_chunk_tokens == 64
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(SystemExit):  # argparse: an integer >= 0
+            launch("--prefill-chunk-tokens", bad)
+    with pytest.raises(SystemExit):  # a decode worker has no such flag
+        build_parser().parse_args(["decode-worker", "--prefill-chunk-tokens", "64"])

@@ -90,6 +90,7 @@ class SlowRunner:
         self.started = threading.Event()
         self.ran: list[list[int]] = []
         self.last_cached_tokens: list[int] = []  # as ModelRunner: no prefix cache here
+        self.chunked = None  # nor chunked prefill
 
     def prefill_async(self, prompts, sampling, steps):
         self.ran += prompts

@@ -30,8 +30,8 @@ def test_positions_made_in_pieces_equal_the_whole_prompts_log_softmax():
     rng = np.random.default_rng(3)
     tokens = rng.integers(3, 2000, size=(2, 13)).astype(np.int32)  # 13: not a multiple of 8
     lengths = np.array([13, 9], np.int32)
-    x = runner._embed(model.params, tokens)
-    for layer_params in runner._layer_params:
+    x = runner.embed(model.params, tokens)
+    for layer_params in runner.layer_params:
         x, _, _ = runner._layer(layer_params, x, lengths)
     got = jax.jit(lambda p, x, t: prompt_logprobs(model.graphdef, p, x, t))(model.params, x, tokens)
     params = [SamplingParams(prompt_logprobs=5), SamplingParams(prompt_logprobs=1)]

@@ -88,3 +88,19 @@ def test_a_prefix_caching_prefill_worker_compiles_nothing_until_a_hit(runner):
         cached.prefill(prompts, [SamplingParams(max_tokens=2)] * batch, [0] * batch)
     assert cached.prefix_cache.hit_tokens == 0 and len(cached.prefix_cache.index) > 0
     assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"
+
+
+def test_chunked_prefill_after_full_warm_up_compiles_nothing(runner):
+    """Every chunk program of every prompt width past a chunk: first chunks of any length, full chunks."""
+    chunked = ModelRunner(runner.model, dataclasses.replace(runner.config, decodes=False, num_pages=2,
+                                                            prefill_chunk_tokens=16))
+    chunked.warm_up(decode=False, full=True)
+    COMPILES.clear()
+    rng = np.random.default_rng(2)
+    for n in (17, 20, 32, 33, 47, 49, 64):
+        params = SamplingParams(max_tokens=2, logprobs=2 if n % 2 else None)
+        prompt = list(rng.integers(3, 2000, size=n))
+        assert chunked.chunked.wants(prompt, params)
+        for _ in chunked.chunked.run(prompt, params, 0):
+            pass
+    assert COMPILES == [], f"{len(COMPILES)} programs compiled while serving after warm-up"

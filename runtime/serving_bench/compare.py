@@ -44,6 +44,7 @@ class CompareSpec:
     num_pages: int | None = None
     warmup: str = "full"  # what each worker compiles before serving (LaunchConfig.warmup)
     prefix_cache_gib: float = 0.0  # prefix caching on both stacks' prefill (or colocated) workers; 0: off
+    prefill_chunk_tokens: int = 0  # chunked prefill on both stacks' prefill (or colocated) workers; 0: off
 
     @property
     def devices(self) -> int:
@@ -56,7 +57,8 @@ class CompareSpec:
                              f"tp={self.colocated_mesh.tp}")
         common = dict(model=self.model, port=0, platform=self.platform, dtype=self.dtype, page_size=self.page_size,
                       max_batch=self.max_batch, kv_cache_gib=self.kv_cache_gib, num_pages=self.num_pages,
-                      warmup=self.warmup, prefix_cache_gib=self.prefix_cache_gib)
+                      warmup=self.warmup, prefix_cache_gib=self.prefix_cache_gib,
+                      prefill_chunk_tokens=self.prefill_chunk_tokens)
         colocated = LaunchConfig(mode="colocated", decode_workers=self.devices // self.colocated_mesh.tp,
                                  decode_mesh=self.colocated_mesh, **common)
         disaggregated = LaunchConfig(mode="disaggregated", prefill_workers=self.prefill_workers,
@@ -77,6 +79,8 @@ def launch_flags(config: LaunchConfig) -> list[str]:
         flags += ["--num-pages", str(config.num_pages)]
     if config.prefix_cache_gib:
         flags += ["--prefix-cache-gib", str(config.prefix_cache_gib)]
+    if config.prefill_chunk_tokens:
+        flags += ["--prefill-chunk-tokens", str(config.prefill_chunk_tokens)]
     if config.platform:
         flags += ["--platform", config.platform]
     return flags

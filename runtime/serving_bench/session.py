@@ -37,7 +37,8 @@ def compare_spec(args) -> CompareSpec:
                        prefill_mesh=MeshConfig.parse(args.prefill_mesh), decode_mesh=MeshConfig.parse(args.decode_mesh),
                        colocated_mesh=MeshConfig.parse(args.colocated_mesh), page_size=args.page_size,
                        max_batch=args.max_batch, kv_cache_gib=args.kv_cache_gib, num_pages=args.num_pages,
-                       warmup=args.warmup, prefix_cache_gib=prefix_cache_gib(args, "bench"))
+                       warmup=args.warmup, prefix_cache_gib=prefix_cache_gib(args, "bench"),
+                       prefill_chunk_tokens=args.prefill_chunk_tokens)
 
 
 def openai_target(base_url: str, model: str, served_name: str | None = None, echo=print) -> OpenAITarget:
@@ -67,6 +68,9 @@ def run_session(args) -> int:
     if not args.compare and (args.enable_prefix_caching or args.prefix_cache_gib is not None):
         raise ValueError("--enable-prefix-caching and --prefix-cache-gib set up the --compare stacks; for a "
                          "running stack, give them to its `splitserve launch`")
+    if not args.compare and args.prefill_chunk_tokens:
+        raise ValueError("--prefill-chunk-tokens sets up the --compare stacks; for a running stack, give it to "
+                         "its `splitserve launch`")
     if args.compare:
         stacks = compare_spec(args)
         docs, info = compare(stacks, spec, slos)
