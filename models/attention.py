@@ -62,9 +62,11 @@ def _paged(q, k_pages, v_pages, lengths, page_table, *, impl):
 
 
 # Queries per step of the plain-JAX attention_after_prefix: its f32 scores are [batch, heads, chunk,
-# prompt] (about 3x that with temporaries), whatever the new tokens' count. 32 heads x 256 x 16k tokens
-# is 0.5 GiB a batch row; the prefill engine's token budget bounds batch x prompt.
-QUERY_CHUNK = 256
+# prompt] (about 3x that with temporaries), whatever the new tokens' count. 32 heads x 128 x 16k tokens
+# is 0.25 GiB a batch row; the prefill engine's token budget bounds batch x prompt. 128 rather than
+# 256: on a 2-core CPU a 1900-token prompt in chunks of 256 took 564 ms against 1057 ms (smaller
+# scores stay in cache; pallas_kernels/flash_xla.py blocks whole prompts the same way).
+QUERY_CHUNK = 128
 
 
 def attention_after_prefix(q, k, v, prefix_lengths, lengths, *, impl: str = "reference", mesh: Mesh | None = None):

@@ -8,8 +8,8 @@ Public entry points (see shared/INTERFACES.md): `flash_attention` (prefill) and
     "gpu"        Pallas GPU kernels, Triton lowering (flash_gpu.py, paged_gpu.py)
     "xla"        plain JAX written for XLA's CPU backend: paged attention walks a flat list
                  of the page chunks that hold tokens, so a long row costs only itself
-                 (paged_xla.py); prefill attention is the reference, which XLA already
-                 runs as a few large products
+                 (paged_xla.py); prefill attention is the reference's arithmetic a block of
+                 queries at a time, causal blocks reading only the keys before them (flash_xla.py)
     "reference"  plain JAX (reference.py), the ground truth
     "auto"       by jax.default_backend(): tpu -> "tpu", gpu -> "gpu", else "reference";
                  paged attention on a GPU with a page size that is not a power of two (the
@@ -23,6 +23,7 @@ import jax
 
 from splitserve.pallas_kernels.flash_gpu import flash_attention_gpu
 from splitserve.pallas_kernels.flash_tpu import flash_attention_tpu
+from splitserve.pallas_kernels.flash_xla import flash_attention_xla
 from splitserve.pallas_kernels.paged_gpu import paged_attention_gpu
 from splitserve.pallas_kernels.paged_tpu import paged_attention_tpu
 from splitserve.pallas_kernels.paged_xla import paged_attention_xla
@@ -63,6 +64,8 @@ def flash_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, impl="
         return flash_attention_tpu(q, k, v, lengths, **kwargs)
     if impl == "gpu":
         return flash_attention_gpu(q, k, v, lengths, **kwargs)
+    if impl == "xla":
+        return flash_attention_xla(q, k, v, lengths, **kwargs)
     return flash_attention_reference(q, k, v, lengths=lengths, **kwargs)
 
 
@@ -90,6 +93,7 @@ __all__ = [
     "flash_attention_gpu",
     "paged_attention_gpu",
     "paged_attention_xla",
+    "flash_attention_xla",
     "resolve_impl",
     "gpu_fallback",
 ]

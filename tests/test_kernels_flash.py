@@ -25,6 +25,7 @@ from splitserve.pallas_kernels import (  # noqa: E402
     flash_attention_gpu,
     flash_attention_reference,
     flash_attention_tpu,
+    flash_attention_xla,
 )
 from splitserve.pallas_kernels.flash_tpu import _last_k_block  # noqa: E402
 
@@ -93,6 +94,30 @@ def test_flash_gpu_sweep(case):
         head_dim=head_dim, lengths=lengths, dtype=dtype, causal=causal,
         block_q=max(bq, 16), block_k=max(bk, 16), interpret=GPU_INTERPRET,
     )
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+def test_flash_xla_sweep(case):
+    """The CPU path, query blocks of block_q (several per prompt; causal ones cut their keys)."""
+    batch, seq, heads, kv_heads, head_dim, lengths, dtype, causal, bq, _ = case
+    _check(flash_attention_xla, batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+           lengths=lengths, dtype=dtype, causal=causal, query_block=min(bq, 16))
+
+
+def test_flash_xla_caps_its_blocks_and_keeps_a_short_prompt_whole():
+    """At most MAX_BLOCKS blocks (larger ones past that); a prompt within one block is the reference's."""
+    from splitserve.pallas_kernels import flash_xla
+
+    _check(flash_attention_xla, batch=1, seq=70, heads=4, kv_heads=2, head_dim=64, lengths=[66], dtype="float32",
+           query_block=2)  # 70 / 16 blocks: blocks of 5
+    traced = jax.make_jaxpr(lambda q, k, v: flash_attention_xla(q, k, v, query_block=2))(
+        *(jnp.ones((1, 70, 2, 8)),) * 3)
+    assert flash_xla.MAX_BLOCKS == 16 and str(traced).count("dot_general") == 2 * 14  # blocks of ceil(70 / 16) = 5
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 24, 4, 32)), jnp.float32) for _ in range(3))
+    lens = jnp.asarray([24, 9], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(flash_attention_xla(q, k, v, lens, query_block=32)),
+                                  np.asarray(flash_attention_reference(q, k, v, lengths=lens)))
 
 
 # Prompt shapes, compiled on a real GPU only: 32/8 heads of 128, ragged lengths, default blocks.

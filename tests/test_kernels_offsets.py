@@ -19,6 +19,7 @@ from splitserve.pallas_kernels import (  # noqa: E402
     flash_attention_gpu,
     flash_attention_reference,
     flash_attention_tpu,
+    flash_attention_xla,
 )
 
 
@@ -79,6 +80,11 @@ def test_flash_tpu_with_offsets(case):
 def test_flash_gpu_with_offsets(case):
     _check(flash_attention_gpu, case, block_q=max(case[9], 16), block_k=max(case[10], 16),
            interpret=GPU_INTERPRET)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_flash_xla_with_offsets(case):
+    _check(flash_attention_xla, case, query_block=8)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -34,8 +34,8 @@ def test_prefill_logits_match_transformers(hf_checkpoint, name):
     directory, torch_model = hf_checkpoint(name)
     model = load_model(str(directory), make_mesh(MeshConfig(1)))
     rng = np.random.default_rng(0)
-    lengths = [7, 33, 100]
-    tokens = np.zeros((3, 128), np.int32)
+    lengths = [7, 33, 100, 300]  # 384 positions: the CPU's prefill attention runs 3 blocks of 128 queries
+    tokens = np.zeros((4, 384), np.int32)
     prompts = [random_prompt(rng, model.config.vocab_size, n) for n in lengths]
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
