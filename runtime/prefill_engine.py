@@ -62,6 +62,8 @@ class PrefillJob:
     first_logprobs: TokenLogprobs | None = None  # set before first_token's result when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs] | None = None  # likewise, when params.prompt_logprobs is set
     cached_tokens: int = 0  # likewise: prompt tokens found in the prefix cache
+    # Set when the caller is gone (its RPC ended): a prompt being prefilled in chunks stops at the next chunk.
+    abandoned: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -231,8 +233,12 @@ class PrefillEngine:
             job.first_token.set_result(token)
 
     def _prefill_chunk(self, chunking: _Chunking) -> None:
-        """The long prompt's next chunk, in one device turn; after the last, its first token."""
+        """The long prompt's next chunk, in one device turn; after the last, its first token. A prompt
+        whose caller left, or whose deadline passed, stops between chunks."""
         job = chunking.job
+        if chunking.steps is not None and (job.abandoned.is_set() or job.expired(self.clock())):
+            self._stop_chunking(chunking)
+            return
         if chunking.steps is None:
             with self._lock:
                 self.prefilled += 1
@@ -252,6 +258,16 @@ class PrefillEngine:
             raise
         self._chunking_ended()
         job.first_token.set_result(tokens[0])
+
+    def _stop_chunking(self, chunking: _Chunking) -> None:
+        job = chunking.job
+        chunking.steps.close()
+        # Counted as prefilled (it reached the device), not as dropped (WorkerStats: dropped before it).
+        log.info("request %s: prefill stopped between chunks (%s)", job.request_id,
+                 "its caller left" if job.abandoned.is_set() else "its deadline passed")
+        job.first_token.set_exception(concurrent.futures.CancelledError() if job.abandoned.is_set() else DeadlinePassed(
+            f"request {job.request_id}: its deadline passed during its prefill; stopped between chunks"))
+        self._chunking_ended()
 
     def _chunking_ended(self) -> None:
         with self._lock:

@@ -111,7 +111,8 @@ class PrefillService(internal_pb2_grpc.PrefillServicer):
             future = self.engine.submit(job)
         except PrefillQueueFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        context.add_callback(future.cancel)  # the router gave up: skip the prefill if not started
+        # The router gave up: skip the prefill if not started, or its remaining chunks.
+        context.add_callback(lambda: (future.cancel(), job.abandoned.set()))
         try:
             token = future.result()
         except concurrent.futures.CancelledError:

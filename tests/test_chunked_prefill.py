@@ -240,3 +240,47 @@ def test_a_worker_refuses_chunked_prefill_on_a_decode_worker_and_negative_sizes(
     with pytest.raises(ValueError, match="prefill_chunk_tokens must be >= 0, got -2"):
         LaunchConfig(model="demo", prefill_chunk_tokens=-2)
     assert dataclasses.replace(WorkerConfig(role="colocated", model="demo"), prefill_chunk_tokens=8)
+
+
+@pytest.mark.parametrize("why", ["caller left", "deadline passed"])
+def test_a_long_prompt_stops_between_chunks_when_its_caller_leaves_or_its_deadline_passes(demo, why):
+    import concurrent.futures
+    import time
+
+    from splitserve.runtime.deadlines import DeadlinePassed
+
+    runner = _runner(demo, 16)
+    engine = PrefillEngine(runner, lambda job, kv: None, max_prefill_batch=2)
+    ran = []
+    real = runner.chunked.run
+
+    def counted(*args):  # notes each chunk that yields (all but the last)
+        steps = real(*args)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            ran.append(1)
+            yield
+
+    runner.chunked.run = counted
+    deadline = time.monotonic() + 60 if why == "caller left" else None
+    job = PrefillJob("r", list(range(3, 100)), SamplingParams(max_tokens=2), "", deadline=deadline)
+    engine.submit(job)
+    engine._prefill_chunk(engine._next_work())  # the first chunk
+    if why == "caller left":
+        job.abandoned.set()  # what PrefillService's callback does when the RPC ends
+    else:
+        job.deadline = time.monotonic() - 1
+    engine._prefill_chunk(engine._next_work())
+    assert len(ran) == 1 and engine.in_flight == 0  # no second chunk ran
+    error = concurrent.futures.CancelledError if why == "caller left" else DeadlinePassed
+    with pytest.raises(error):
+        job.first_token.result(timeout=1)
+    # The engine goes on: the next long prompt is prefilled whole.
+    again = PrefillJob("s", list(range(3, 40)), SamplingParams(max_tokens=2), "")
+    engine.submit(again)
+    while not again.first_token.done():
+        engine._prefill_chunk(engine._next_work())
+    assert again.first_token.result() == runner.prefill([again.prompt_ids], [SamplingParams(max_tokens=2)], [0])[0][0]
