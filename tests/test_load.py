@@ -3,9 +3,10 @@ requests, all against launched stacks (router + worker processes) on the demo mo
 
 How a request is held in a stage on purpose:
 - waiting for decode pages: a first request holds nearly the whole (small) page pool;
-- in the prefill queue / during prefill: a first request with a 2000-token prompt keeps the
-  prefill worker busy for seconds on this CPU (compiling its length bucket the first time,
-  then the prefill itself), and a second request queues behind it.
+- in the prefill queue / during prefill: a first request with a long prompt keeps the prefill
+  worker busy for a second or more on this CPU (compiling its length bucket, which no test of
+  this module has compiled in that stack before, then the prefill itself), and a second request
+  queues behind it.
 Each test checks that the hold really happened (worker stats) before it cancels, so a machine
 fast enough to slip past the hold fails loudly instead of passing without testing anything.
 """
@@ -27,15 +28,18 @@ from stack import launched
 from splitserve.protos import internal_pb2, internal_pb2_grpc, serving_pb2
 
 NUM_PAGES, PAGE_SIZE = 300, 8  # 299 usable pages = 2392 tokens per decode worker
-LONG_PROMPT = list(range(3, 2003))  # 2000 tokens (251 pages): a prefill of seconds on this CPU
+# Long prompts of length buckets of their own (CPU buckets 2048 and 1536), one per test that needs a
+# hold: a whole 2000-token prefill alone takes ~0.4 s on this CPU, the compile of a new bucket more.
+LONG_PROMPTS = {"cancel": list(range(3, 2003)),  # 2000 tokens (251 pages)
+                "deadline": list(range(3, 1403))}  # 1400 tokens (175 pages)
 ALLOWED_FOR_BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                          grpc.StatusCode.FAILED_PRECONDITION}
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    """A compile cache of this module's own, not the session's: the long prompt's first prefill
-    compiles its length bucket, and that is part of what holds the prefill worker busy."""
+    """A compile cache of this module's own, not the session's: the long prompts' first prefills
+    compile their length buckets, and that is part of what holds the prefill worker busy."""
     cache = tmp_path_factory.mktemp("load-cache")
     os.environ["SPLITSERVE_CACHE"] = str(cache)
     shared = os.environ.pop("SPLITSERVE_COMPILE_CACHE", None)  # then it is $SPLITSERVE_CACHE/jax-compile
@@ -45,15 +49,18 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def disaggregated(cache_dir):
-    with launched("demo", "--num-pages", str(NUM_PAGES), "--page-size", str(PAGE_SIZE), "--max-batch", "16") as stack:
+def disaggregated(cache_dir, tmp_path_factory):
+    # Each stack a compile cache of its own, so each compiles the long prompts' buckets itself.
+    with launched("demo", "--num-pages", str(NUM_PAGES), "--page-size", str(PAGE_SIZE), "--max-batch", "16",
+                  env={"SPLITSERVE_CACHE": str(tmp_path_factory.mktemp("disaggregated-cache"))}) as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
-def colocated(cache_dir):
+def colocated(cache_dir, tmp_path_factory):
     with launched("demo", "--mode", "colocated", "--num-pages", str(NUM_PAGES), "--page-size", str(PAGE_SIZE),
-                  "--max-batch", "16", "--max-concurrent-requests", "3") as stack:
+                  "--max-batch", "16", "--max-concurrent-requests", "3",
+                  env={"SPLITSERVE_CACHE": str(tmp_path_factory.mktemp("colocated-cache"))}) as stack:
         yield stack
 
 
@@ -184,7 +191,7 @@ def test_requests_in_the_prefill_queue_and_in_prefill_free_their_pages_at_once(s
     frees their decode pages while A's prefill is still running; B never reaches the device."""
     assert_idle(stack)
     before = prefill_stats(stack)
-    a = stack.serving.Generate(request_for(LONG_PROMPT, max_tokens=8), timeout=120)
+    a = stack.serving.Generate(request_for(LONG_PROMPTS[how], max_tokens=8), timeout=120)
     wait_until(lambda: prefill_stats(stack)["running"] == 1, 10, "A in the prefill worker")
     b = stack.serving.Generate(request_for([9, 10, 11], max_tokens=8), timeout=0.5 if how == "deadline" else 60)
     try:
