@@ -271,9 +271,13 @@ def page_bytes(model, page_size: int, tp: int) -> int:
                                   model.config.head_dim, jnp.dtype(model.dtype).itemsize, tp)
 
 
+# A signal during warm-up ends the worker at once (StopRequested); this much later at the latest.
+STOP_WHILE_STARTING_S = 5.0
+
+
 def serve_forever(worker: Worker) -> None:
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
-    stop = stop_on_signals()
+    stop = stop_on_signals(exit_after_s=STOP_WHILE_STARTING_S)
     # Threads that wake together (a first token's reply and its KV sender) would otherwise wait
     # up to Python's 5 ms GIL switch interval for each other: that showed up in TTFT.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

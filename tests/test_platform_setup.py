@@ -39,3 +39,33 @@ def test_the_cli_imports_no_jax_before_configure_jax(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert any((cache / "jax-compile").iterdir())
+
+
+def test_a_stop_while_starting_that_the_start_swallowed_still_exits():
+    """The raise lands where Python ignores exceptions (here a bare except, as in a destructor);
+    with exit_after_s the process exits all the same, with the signal's status and a message."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal, sys, time\n"
+        "from splitserve.runtime.platform_setup import stop_on_signals\n"
+        "stop = stop_on_signals(exit_after_s=0.5)\n"
+        "print('starting', flush=True)\n"
+        "end = time.monotonic() + 30\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        "        time.sleep(0.01)\n"
+        "    except BaseException:\n"
+        "        pass  # swallowed: the start goes on\n"
+        "print('started anyway', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "starting\n"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - sent < 5
+    assert "started anyway" not in out and "SIGTERM while starting, and the start went on" in err
