@@ -27,6 +27,7 @@ MAX_N = 16
 # As OpenAI's logit_bias: each bias is in [-100, 100] (enough to ban or force a token).
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
+FLOAT32_MAX = 3.4028234663852886e38  # sampling floats travel as 32-bit floats (protos, device arrays)
 INT32_MAX = 2**31 - 1  # token ids, top_k and max_tokens travel as 32-bit integers (protos, device arrays)
 
 
@@ -132,8 +133,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (or unset), got {getattr(self, name)}")
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
-        if not self.temperature >= 0 or not _finite(self.temperature):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or not _finite(self.temperature) or self.temperature > FLOAT32_MAX:
+            raise ValueError(f"temperature must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}: it travels as a "
+                             f"32-bit float), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
