@@ -9,7 +9,8 @@ here as there:
     trim_blocks and lstrip_blocks;
   - the special tokens (bos_token, eos_token, ...: special_tokens_map.json, overridden by
     tokenizer_config.json, and its extra_special_tokens) as variables, `add_generation_prompt`,
-    `tools` and `documents` (None: neither is supported), and the helpers templates call:
+    `tools` (models/chat_messages.py; None without them), `documents` (None: not supported), and
+    the helpers templates call:
     raise_exception(message), strftime_now(format), a tojson filter that keeps non-ASCII text;
   - `{% generation %}...{% endgeneration %}` blocks (which mark the assistant's tokens for
     training) render their content.
@@ -30,23 +31,23 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from splitserve.models.chat_messages import ChatTemplateError, check_messages, check_tools
 from splitserve.models.config import read_json_object
+
+__all__ = ["ChatTemplate", "ChatTemplateError", "check_messages", "check_tools"]
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # older checkpoints keep bos_token etc. here
-MESSAGE_KEYS = ("role", "content", "name")
-
-
-class ChatTemplateError(ValueError):
-    """The messages cannot be rendered: malformed, or refused by the template itself."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     source: str  # the Jinja text
+    # A list of named templates may hold a "tool_use" one: transformers renders chats with tools by it.
+    tool_use_source: str | None = None
     special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)  # bos_token -> "<s>", ...
 
     @classmethod
@@ -55,28 +56,34 @@ class ChatTemplate:
         model_dir = Path(model_dir)
         config = _read_json(model_dir / TOKENIZER_CONFIG)
         template_file = model_dir / TEMPLATE_FILE
+        tool_use = None
         try:
             if template_file.exists():
                 source = template_file.read_text(encoding="utf-8")
             else:
-                source = _pick_template(config.get("chat_template"))
-            if source is not None:
-                _compiled(source)
+                source, tool_use = _pick_templates(config.get("chat_template"))
+            for text in (source, tool_use):
+                if text is not None:
+                    _compiled(text)
         except Exception as e:  # noqa: BLE001 - a broken template must not stop text prompts
             log.warning("the chat template of %s cannot be used (%s); chat requests will be refused", model_dir, e)
             return None
         if source is None:
             return None
-        return cls(source, _special_tokens(config, _read_json(model_dir / SPECIAL_TOKENS_MAP)))
+        return cls(source, tool_use, _special_tokens(config, _read_json(model_dir / SPECIAL_TOKENS_MAP)))
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+               add_generation_prompt: bool = True) -> str:
         """The prompt text of `messages` ([{"role": ..., "content": ...}, ...]), ending where the
-        assistant's answer begins (add_generation_prompt)."""
+        assistant's answer begins (add_generation_prompt). `tools`: the functions the model may call
+        (models/chat_messages.py), for the template to describe; None or [] for none."""
         import jinja2
 
         checked = check_messages(messages)
+        tools = check_tools(tools) or None if tools is not None else None  # [] is none, as transformers reads it
+        source = self.tool_use_source if tools and self.tool_use_source else self.source
         try:
-            return _compiled(self.source).render(messages=checked, tools=None, documents=None,
+            return _compiled(source).render(messages=checked, tools=tools, documents=None,
                                                  add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as e:  # raise_exception() in the template
             raise ChatTemplateError(f"the model's chat template refused the messages: {e}") from None
@@ -85,38 +92,15 @@ class ChatTemplate:
                                     f"{type(e).__name__}: {e}") from None
 
 
-def check_messages(messages) -> list[dict[str, str]]:
-    """Plain {"role", "content"[, "name"]} dicts of strings (what templates read), or ChatTemplateError.
-    A missing or null content is "" (an assistant turn that only called tools, as vLLM reads it);
-    other keys (tool_calls, ...) are refused rather than dropped: no tool use is supported."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ChatTemplateError("messages must be a non-empty list of {role, content} objects")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or not message["role"]:
-            raise ChatTemplateError(f"messages[{i}] must be an object with a non-empty string role")
-        if unknown := sorted(set(message) - set(MESSAGE_KEYS)):
-            raise ChatTemplateError(f"messages[{i}]: {', '.join(unknown)} not supported (a message has "
-                                    f"{', '.join(MESSAGE_KEYS)})")
-        content = "" if message.get("content") is None else message["content"]
-        if not isinstance(content, str):
-            raise ChatTemplateError(f"messages[{i}].content must be a string")
-        out = {"role": message["role"], "content": content}
-        if message.get("name"):
-            if not isinstance(message["name"], str):
-                raise ChatTemplateError(f"messages[{i}].name must be a string")
-            out["name"] = message["name"]
-        checked.append(out)
-    return checked
-
-
-def _pick_template(value) -> str | None:
+def _pick_templates(value) -> tuple[str | None, str | None]:
+    """(the template, the one for chats with tools if the list names one)."""
     if value is None or isinstance(value, str):
-        return value
+        return value, None
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
-            return named["default"]
+            tool_use = named.get("tool_use")
+            return named["default"], tool_use if isinstance(tool_use, str) else None
     raise ValueError("chat_template must be a string, or a list of named templates with a 'default' one")
 
 

@@ -160,6 +160,8 @@ def _openai_body(obj: dict) -> openai_api.OpenAIRequest:
     body = openai_api.parse_body(obj.get("url"), obj.get("body"), where="body.")
     if body.stream:
         raise ValueError("body.stream must be false in a batch")
+    if body.tool_use is not None:  # reading calls out of answers is openai-server's (--tool-call-parser)
+        raise ValueError("body.tools: tool calling is served by openai-server, not yet by batch files")
     if len(body.prompts) > 1:
         raise ValueError(f"body.prompt holds {len(body.prompts)} prompts: a batch line takes one (write a line "
                          "for each)")

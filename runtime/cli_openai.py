@@ -58,8 +58,28 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-key", "--ssl-keyfile", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--allow-insecure", action="store_true", help="serve plain HTTP on a non-loopback --host "
                    "(API keys and prompts then cross the network readable)")
+    add_tool_flags(p)
     add_router_client_flags(p)
     p.set_defaults(run=run)
+
+
+def add_tool_flags(p, prefix: str = "") -> None:
+    """--tool-call-parser, and vLLM's --enable-auto-tool-choice beside it (taken so that vLLM's command
+    lines work; the parser alone turns "auto" on)."""
+    from splitserve.runtime.tool_parsers import PARSERS
+
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS), help=f"{prefix}how the model writes tool calls: "
+                   "chat requests with tools and tool_choice \"auto\" then get them as tool_calls (hermes: "
+                   "Qwen2.5/Qwen3/Hermes' <tool_call> JSON; llama3_json: Llama 3.1+'s JSON). Without it \"auto\" "
+                   "is refused; \"required\" and a named function work without it")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, taken for its command lines; needs --tool-call-parser, which is enough alone")
+
+
+def tool_call_parser(args) -> str | None:
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which one reads this model's calls)")
+    return args.tool_call_parser
 
 
 def run(args) -> int:
@@ -94,7 +114,7 @@ async def _serve(args) -> int:
         if model is None:
             return 1
         server = OpenAIServer(client, model, api_key=options["api_key"], served_name=args.served_model_name,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, tool_call_parser=tool_call_parser(args))
         runner = server.runner(args.shutdown_timeout_s)
         await runner.setup()
         sock = _listen(args.host, args.port)

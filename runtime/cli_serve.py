@@ -14,6 +14,7 @@ from splitserve.models.mesh_config import MeshConfig
 from splitserve.runtime.admission import DEFAULT_MAX_CONCURRENT_REQUESTS, AdmissionConfig
 from splitserve.runtime.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, read_secret
 from splitserve.runtime.cli_args import add_prefill_chunk_flag, add_prefix_cache_flags, port, positive_int, prefix_cache_gib
+from splitserve.runtime.cli_openai import add_tool_flags, tool_call_parser
 from splitserve.runtime.drain import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_WORKER_START_TIMEOUT_S
 from splitserve.runtime.platform_setup import configure_jax, stop_on_signals
 from splitserve.runtime.security import InternalSecurity
@@ -194,6 +195,7 @@ def add_parsers(sub) -> None:
                          "(0: any free port); it prints where it listens")
     lp.add_argument("--served-model-name", help="with --openai-port: the model name of the HTTP API "
                     "(default: the router's)")
+    add_tool_flags(lp, "with --openai-port: ")
     _add_security_flags(lp, api_key=True, internal_token=False)  # launch makes a fresh token per run
     lp.set_defaults(run=run_launch)
 
@@ -309,7 +311,7 @@ def launch_config(args):
                               kv_transport=args.kv_transport, prefix_cache_gib=prefix_cache_gib(args, "launch"),
                               prefill_chunk_tokens=args.prefill_chunk_tokens,
                               worker_start_timeout_s=args.worker_start_timeout_s, openai_port=args.openai_port,
-                              served_model_name=args.served_model_name)
+                              served_model_name=args.served_model_name, tool_call_parser=tool_call_parser(args))
     except ValueError as e:
         raise SystemExit(f"splitserve launch: {e}")
     return config

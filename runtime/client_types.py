@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grpc
 
-from splitserve.models.chat_template import check_messages
+from splitserve.models.chat_messages import check_messages, check_tools
 from splitserve.protos import serving_pb2
 from splitserve.runtime.logprobs import TokenLogprobs
 from splitserve.runtime.request import Completion
-from splitserve.runtime.proto_convert import structured_to_proto
+from splitserve.runtime.proto_convert import chat_message_to_proto, structured_to_proto
 from splitserve.runtime.sampling_params import INT32_MAX, bias_pairs, token_id
 from splitserve.runtime.structured_outputs import structured_outputs as parse_structured_outputs
 
@@ -86,11 +87,13 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                   truncate_prompt_tokens: int | None = None, n: int = 1, min_p: float = 0.0,
                   logit_bias=None, allowed_token_ids=None, prompt_logprobs: int | None = None,
-                  structured_outputs=None) -> serving_pb2.GenerateRequest:
+                  structured_outputs=None, tools=None) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
         messages = check_messages(messages)  # the router renders them with the model's chat template
+    if tools is not None and messages is None:
+        raise ValueError("tools go with messages (the chat template describes them), not with a text or token ids")
     stop = [stop] if isinstance(stop, str) else list(stop or ())  # one string is one stop string, not its letters
     stop_token_ids = list(stop_token_ids or ())
     # What the protos' integer fields cannot carry is refused here, by name (protobuf would say only
@@ -137,7 +140,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
     if prompt is not None:
         request.text = prompt
     elif messages is not None:
-        request.messages.messages.extend(serving_pb2.ChatMessage(**m) for m in messages)
+        request.messages.messages.extend(chat_message_to_proto(m) for m in messages)
+        request.messages.tools.extend(json.dumps(t, ensure_ascii=False) for t in check_tools(tools or ()))
     else:
         request.token_ids.ids.extend(token_ids)
     return request

@@ -75,6 +75,7 @@ class LaunchConfig:
     worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S  # for each worker to report SERVING
     openai_port: int | None = None  # an OpenAI-compatible HTTP server on host:openai_port (0: any)
     served_model_name: str | None = None  # the model name of that server (default: the router's)
+    tool_call_parser: str | None = None  # that server's (runtime/tool_parsers.py): tool_choice "auto" served
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -87,6 +88,8 @@ class LaunchConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not self.worker_start_timeout_s > 0:
             raise ValueError(f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
+        if self.tool_call_parser is not None and self.openai_port is None:
+            raise ValueError("--tool-call-parser is for the OpenAI-compatible server: give --openai-port too")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.prefill_chunk_tokens < 0:
@@ -340,7 +343,8 @@ def _openai_server(config: LaunchConfig, router_address: str):
     has_tokenizer = (resolve_model_dir(config.model) / "tokenizer.json").exists()  # else logprobs say token_id:N
     server = OpenAIServerProcess(router_address, config.host, config.openai_port, config.api_key,
                                  config.served_model_name, tokenizer=config.model if has_tokenizer else None,
-                                 shutdown_timeout_s=config.drain_timeout_s, tls=config.tls)
+                                 shutdown_timeout_s=config.drain_timeout_s, tls=config.tls,
+                                 tool_call_parser=config.tool_call_parser)
     try:
         server.start()
         try:

@@ -20,7 +20,9 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable
 
+from splitserve.runtime import openai_tools
 from splitserve.runtime.openai_logprobs import ChoiceLogprobs, TokenText, joined, prompt_logprobs_json
 from splitserve.runtime.request import Completion
 from splitserve.runtime.request_fields import (SAMPLING_FIELDS, STRUCTURED_FIELDS, chat_messages, is_int,
@@ -32,10 +34,12 @@ URLS = (COMPLETIONS, CHAT)
 # Fields that change nothing here (bookkeeping of OpenAI's platform), taken and ignored as vLLM does.
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 # Features not served here, taken only at the value that leaves them off (clients send those).
-OFF_VALUES = {"best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",)}
+OFF_VALUES = {"best_of": (1,), "suffix": ("",)}
 CHAT_OFF_VALUES = {"echo": (False,)}  # chat's echo (of the last message) is not served; completions' is
+COMPLETIONS_OFF_VALUES = {"tools": ([],), "tool_choice": ("none",)}  # tools are chat's (runtime/openai_tools.py)
 BODY_FIELDS = ("prompt", "messages", "max_completion_tokens", "model", "stream", "stream_options",
-               "top_logprobs", "echo") + SAMPLING_FIELDS + STRUCTURED_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES)
+               "top_logprobs", "echo") + SAMPLING_FIELDS + STRUCTURED_FIELDS + IGNORED_FIELDS + tuple(OFF_VALUES) + \
+    tuple(COMPLETIONS_OFF_VALUES)
 MAX_PROMPTS = 1024  # prompts in one completions body: a bound on what one body holds
 
 Prompt = str | tuple[int, ...]  # a text, or token ids
@@ -54,6 +58,7 @@ class OpenAIRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     echo: bool = False  # completions: each choice's text (and logprobs) begin with its prompt's
     echo_only: bool = False  # echo with max_tokens 0: the one token generated is left out, as vLLM does
+    tool_use: openai_tools.ToolUse | None = None  # chat: the tools the model may call, and how
 
     @property
     def prompt(self) -> str | None:
@@ -76,7 +81,7 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
     reject_unknown(body, BODY_FIELDS, where)
     chat = url == CHAT
     fields = {k: v for k, v in body.items() if v is not None}  # null = absent, as OpenAI's API reads it
-    for key, off in {**OFF_VALUES, **(CHAT_OFF_VALUES if chat else {})}.items():  # by type: true is not 1
+    for key, off in {**OFF_VALUES, **(CHAT_OFF_VALUES if chat else COMPLETIONS_OFF_VALUES)}.items():  # by type: true is not 1
         if key in fields and not any(type(fields[key]) is type(v) and fields[key] == v for v in off):
             raise ValueError(f"{where}{key} {json.dumps(fields[key])[:60]} is not supported (only "
                              f"{' or '.join(json.dumps(v) for v in off)}, or leaving it out)")
@@ -109,13 +114,20 @@ def parse_body(url: str, body, where: str = "") -> OpenAIRequest:
         if "prompt" not in fields:
             raise ValueError(f"missing {where}prompt")
         prompts = _completion_prompts(fields["prompt"], where)
+    tool_use = openai_tools.read(fields, where) if chat else None
     try:
         params = sampling_params(fields)
     except ValueError as e:
         message = str(e)
         field = message.split(" ", 1)[0]
         raise ValueError(sent_as[field] + message[len(field):] if field in sent_as else message) from None
-    return OpenAIRequest(chat, params, prompts, messages, model, stream, include_usage, echo, echo_only)
+    if tool_use is not None and (forced := tool_use.structured_outputs()) is not None:
+        if params.structured_outputs is not None:
+            raise ValueError(f"{where}tool_choice {json.dumps(fields['tool_choice'])[:80]} forces the answer's form, "
+                             f"and so does {next(k for k in STRUCTURED_FIELDS if fields.get(k) is not None)}: "
+                             "give one")
+        params = dataclasses.replace(params, structured_outputs=forced)
+    return OpenAIRequest(chat, params, prompts, messages, model, stream, include_usage, echo, echo_only, tool_use)
 
 
 def _echo(fields: dict, chat: bool, where: str) -> tuple[bool, bool]:
@@ -237,16 +249,20 @@ def echo_text(prompt: Prompt, prompt_ids: list[int] | tuple[int, ...], token_tex
 
 
 def completion_body(chat: bool, model: str, groups: list[list[Completion]], token_text: TokenText | None = None,
-                    echo_texts: list[str] | None = None, echo_only: bool = False) -> dict:
+                    echo_texts: list[str] | None = None, echo_only: bool = False,
+                    tool_answer: Callable[[], openai_tools.ToolAnswer] | None = None) -> dict:
     """A text completion or chat completion. `groups`: each prompt's completions (its n), in index
     order; choice i * n + j is prompt i's sequence j, as vLLM numbers them. Logprobs where the request
-    asked for them, tokens named by `token_text`; `echo_texts`: each prompt's text, when it echoes."""
+    asked for them, tokens named by `token_text`; `echo_texts`: each prompt's text, when it echoes;
+    `tool_answer`: a chat with tools, a reader of each choice's calls."""
     text = token_text or TokenText()
     choices = []
     for i, group in enumerate(groups):
         for completion in group:
             echo = None if echo_texts is None else echo_texts[i]
             choices.append(_choice(len(choices), completion, chat, text, echo, echo_only))
+            if tool_answer is not None:
+                _read_calls(choices[-1], tool_answer())
     body = {"id": response_id(chat), "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices,
             "usage": usage(sum(len(g[0].prompt_token_ids) for g in groups),
@@ -281,6 +297,13 @@ def _choice(index: int, completion: Completion, chat: bool, text: TokenText, ech
     return choice
 
 
+def _read_calls(choice: dict, answer: openai_tools.ToolAnswer) -> None:
+    """A chat choice's message as content and tool_calls, and its finish_reason "tool_calls" if it called."""
+    content, calls = answer.whole(choice["message"]["content"])
+    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+    choice["finish_reason"] = answer.finish_reason(choice["finish_reason"])
+
+
 class StreamChunks:
     """The chunk objects of one streamed response (each sent as an SSE `data:` line): every chunk
     shares the response's id and creation time; with include_usage, each has "usage": null and a
@@ -291,12 +314,15 @@ class StreamChunks:
         self.id, self.created = response_id(chat), int(time.time())
 
     def choice(self, index: int, text: str, finish_reason: str | None = None, stop_reason=None,
-               first: bool = False, logprobs: dict | None = None) -> dict:
-        """A chunk of one choice: its new text (a chat's first chunk also names the role), and the
-        logprobs of its new tokens (ChoiceLogprobs.part) when the request asked."""
+               first: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+        """A chunk of one choice: its new text (a chat's first chunk also names the role), the
+        logprobs of its new tokens (ChoiceLogprobs.part) when the request asked, and a chat's
+        tool_calls deltas (runtime/openai_tools.py) when it has some."""
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            if tool_calls:
+                choice["delta"]["tool_calls"] = tool_calls
         else:
             choice["text"] = text
         if finish_reason is not None:

@@ -24,7 +24,7 @@ START_TIMEOUT_S = 60.0
 class OpenAIServerProcess:
     def __init__(self, router_address: str, host: str, port: int, api_key: str | None = None,
                  served_name: str | None = None, tokenizer: str | None = None, shutdown_timeout_s: float = 60.0,
-                 tls: TLSConfig = TLSConfig()):
+                 tls: TLSConfig = TLSConfig(), tool_call_parser: str | None = None):
         """`tokenizer`: the served model's path (or 'demo'), to name tokens in logprobs by their text;
         `shutdown_timeout_s`: on SIGTERM, how long its requests in flight get (launch's drain timeout);
         `tls`: launch's: the server serves HTTPS with its certificate and checks the router against its CA
@@ -40,6 +40,8 @@ class OpenAIServerProcess:
             self.cmd += ["--served-model-name", served_name]
         if tokenizer:
             self.cmd += ["--tokenizer", tokenizer]
+        if tool_call_parser:
+            self.cmd += ["--tool-call-parser", tool_call_parser]
         self.env = dict(os.environ, **{DIE_WITH_PARENT_ENV: str(os.getpid())})
         self.env.pop(API_KEY_ENV, None)
         if api_key:  # the router's key, by the environment: a flag value would show in `ps`

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server in front of a router, so that OpenAI's clients and tools work.
 
-    POST /v1/completions, POST /v1/chat/completions   (streamed as server-sent events with "stream")
+    POST /v1/completions, POST /v1/chat/completions   (streamed as server-sent events with "stream";
+                                                       chat takes tools: runtime/openai_tools.py)
     GET  /v1/models, GET /health, GET /metrics (Prometheus: HTTPMetrics, runtime/metrics.py)
 
 Bodies are read by runtime/openai_api.py (as vLLM reads them). Each prompt of a request is one
@@ -17,10 +18,12 @@ With an API key, /v1/ paths want `Authorization: Bearer KEY` (the same key the r
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from aiohttp import web
@@ -32,6 +35,8 @@ from splitserve.runtime.client_types import Chunk, ModelInfo, SequencesBuilder, 
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
 from splitserve.runtime.metrics import HTTPMetrics
 from splitserve.runtime.openai_stream import ChoiceCounts, StreamedChoices, merged
+from splitserve.runtime.openai_tools import ToolAnswer
+from splitserve.runtime.tool_parsers import PARSERS
 
 HTTP_STATUS = {  # gRPC code -> HTTP status, as a client of vLLM's OpenAI server sees them
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -41,7 +46,7 @@ HTTP_STATUS = {  # gRPC code -> HTTP status, as a client of vLLM's OpenAI server
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 413: "BadRequestError", 429: "RateLimitError"}
+               404: "NotFoundError", 405: "MethodNotAllowedError", 413: "BadRequestError", 429: "RateLimitError"}
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -49,11 +54,21 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response(_error_body(status, message), status=status)
 
 
+# A message that begins with a body field ("temperature must be ...", "messages[1].content ...",
+# "missing prompt", "unknown field foo") names it in `param`, as OpenAI's errors do.
+_FIELD_PATH = re.compile(r"[a-z_]+(\[\d+\])*(\.[a-z_]+(\[\d+\])*)*")
+
+
 def _error_body(status: int, message: str) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": None,
-                      "code": status}}
+    kind = ERROR_TYPES.get(status, "BadRequestError" if 400 <= status < 500 else "InternalServerError")
+    words = re.sub(r"^(missing|unknown fields?) ", "", message).split(" ", 1)
+    first = words[0].rstrip(":,")
+    known = re.split(r"[.\[]", first, maxsplit=1)[0] in openai_api.BODY_FIELDS or message.startswith("unknown")
+    param = first if status == 400 and _FIELD_PATH.fullmatch(first) and known else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+ROUTES = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health", "GET /metrics")
 NO_ANSWER = "the router ended the call without an answer (is it shutting down?)"
 
 
@@ -66,9 +81,13 @@ class OpenAIServer:
     requests may give and responses report (default: the router's)."""
 
     def __init__(self, client: AsyncClient, model: ModelInfo, *, api_key: str | None = None,
-                 served_name: str | None = None, tokenizer=None):
+                 served_name: str | None = None, tokenizer=None, tool_call_parser: str | None = None):
         """`tokenizer`: the model's (models/tokenizer.py), to name tokens in logprobs by their text;
-        without one they are "token_id:N"."""
+        without one they are "token_id:N". `tool_call_parser`: how the model writes tool calls
+        (runtime/tool_parsers.py); without one, tool_choice "auto" is refused."""
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r} (known: {', '.join(PARSERS)})")
+        self.tool_call_parser = tool_call_parser
         self.client, self.model = client, model
         self.token_text = openai_logprobs.TokenText(tokenizer)
         self.name = served_name or model.name
@@ -84,7 +103,8 @@ class OpenAIServer:
                              shutdown_timeout=shutdown_timeout_s)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES, middlewares=[self._measure, self._auth])
+        app = web.Application(client_max_size=PUBLIC_MAX_MESSAGE_BYTES,
+                              middlewares=[self._measure, self._json_errors, self._auth])
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/v1/models", self.models)
@@ -121,6 +141,19 @@ class OpenAIServer:
         """Prometheus' text format, open as /health is (vLLM's /metrics is)."""
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))  # OpenMetrics when asked
         return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler):
+        """aiohttp's own 404 and 405 with OpenAI's error body (its plain text is no error to OpenAI's clients)."""
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as e:
+            response = error_response(405, f"{request.method} is not allowed on {request.path} (allowed: "
+                                           f"{', '.join(sorted(e.allowed_methods))})")
+            response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+            return response
+        except web.HTTPNotFound:
+            return error_response(404, f"no such path: {request.path} (served: {', '.join(ROUTES)})")
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -170,24 +203,31 @@ class OpenAIServer:
         if parsed.echo and not self.token_text.has_tokenizer and any(isinstance(p, tuple) for p in parsed.prompts):
             return error_response(400, "echo of a prompt given as token ids needs the model's tokenizer "
                                        "(openai-server --tokenizer MODEL) to turn them into text")
+        tool_answer = None
+        if (tool_use := parsed.tool_use) is not None:
+            if tool_use.choice == "auto" and self.tool_call_parser is None:
+                return error_response(400, '"auto" tool choice needs the server to read tool calls: start it with '
+                                           '--tool-call-parser (vLLM: --enable-auto-tool-choice --tool-call-parser)')
+            tool_answer = functools.partial(ToolAnswer, tool_use, self.tool_call_parser)
         kwargs = sampling_kwargs(parsed.params)
         if parsed.chat:
-            streams = [self.client.stream(messages=parsed.messages, **kwargs)]
+            tools = list(tool_use.tools) if tool_use is not None else None
+            streams = [self.client.stream(messages=parsed.messages, tools=tools, **kwargs)]
         else:
             streams = [self.client.stream(p, **kwargs) if isinstance(p, str) else
                        self.client.stream(None, token_ids=p, **kwargs) for p in parsed.prompts]
         chunks = merged(streams, parsed.params.n)
         try:
             if parsed.stream:
-                return await self._stream(request, parsed, chunks)
-            return await self._complete(parsed, chunks)
+                return await self._stream(request, parsed, chunks, tool_answer)
+            return await self._complete(parsed, chunks, tool_answer)
         finally:
             await chunks.aclose()
             for stream in streams:
                 await stream.aclose()  # cancels the call on the router if it has not ended
 
-    async def _complete(self, parsed: openai_api.OpenAIRequest, chunks: AsyncIterator[tuple[int, Chunk]]
-                        ) -> web.Response:
+    async def _complete(self, parsed: openai_api.OpenAIRequest, chunks: AsyncIterator[tuple[int, Chunk]],
+                        tool_answer: Callable[[], ToolAnswer] | None) -> web.Response:
         prompts = max(len(parsed.prompts), 1)  # chat: one "prompt", its messages
         counts = ChoiceCounts(prompts, parsed.params.n)
         builders = [SequencesBuilder(time.perf_counter(), parsed.params.n, parsed.params.prompt_logprobs is not None)
@@ -205,13 +245,14 @@ class OpenAIServer:
             echo_texts = [openai_api.echo_text(p, g[0].prompt_token_ids, self.token_text)
                           for p, g in zip(parsed.prompts, groups)] if parsed.echo else None
             body = openai_api.completion_body(parsed.chat, self.name, groups, self.token_text, echo_texts,
-                                              parsed.echo_only)
+                                              parsed.echo_only, tool_answer)
         except openai_logprobs.AnswerMismatch as e:
             return error_response(500, f"the answer could not be put together: {e}")
         return web.json_response(body)
 
     async def _stream(self, request: web.Request, parsed: openai_api.OpenAIRequest,
-                      chunks: AsyncIterator[tuple[int, Chunk]]) -> web.StreamResponse:
+                      chunks: AsyncIterator[tuple[int, Chunk]],
+                      tool_answer: Callable[[], ToolAnswer] | None) -> web.StreamResponse:
         out = openai_api.StreamChunks(parsed.chat, self.name, parsed.include_usage)
         try:  # the router refuses a bad request before its first token: that is still an HTTP error
             item = await anext(chunks)
@@ -221,7 +262,7 @@ class OpenAIServer:
             return error_response(500, NO_ANSWER)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        choices = StreamedChoices(parsed, self.token_text)
+        choices = StreamedChoices(parsed, self.token_text, tool_answer)
         try:
             while True:
                 if (choice := choices.choice(*item)) is not None:

@@ -12,11 +12,11 @@ call per prompt (runtime/openai_server.py), and its choices are numbered across 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from splitserve.runtime import openai_api, openai_logprobs
+from splitserve.runtime import openai_api, openai_logprobs, openai_tools
 from splitserve.runtime.client_types import Chunk, SplitserveError
 from splitserve.runtime.logprobs import TokenLogprobs
 
@@ -121,10 +121,14 @@ class ChoiceCounts:
 class StreamedChoices:
     """Turns each chunk into the arguments of StreamChunks.choice, logprobs and echo included."""
 
-    def __init__(self, parsed: openai_api.OpenAIRequest, token_text: openai_logprobs.TokenText):
+    def __init__(self, parsed: openai_api.OpenAIRequest, token_text: openai_logprobs.TokenText,
+                 tool_answer: Callable[[], openai_tools.ToolAnswer] | None = None):
+        """`tool_answer`: a chat with tools, a reader of each choice's calls."""
         self.parsed, self.token_text = parsed, token_text
         self.counts = ChoiceCounts(max(len(parsed.prompts), 1), parsed.params.n)  # chat: one "prompt"
         self._logprobs: dict[int, openai_logprobs.ChoiceLogprobs] = {}  # by choice, when the request asked
+        self._tool_answer = tool_answer
+        self._answers: dict[int, openai_tools.ToolAnswer] = {}  # by choice, with tools
 
     def choice(self, prompt: int, chunk: Chunk) -> dict | None:
         """StreamChunks.choice's arguments for the chunk, or None when it shows nothing."""
@@ -145,7 +149,14 @@ class StreamedChoices:
             part = openai_logprobs.joined(parts) if parts else None
         if echo:
             text = openai_api.echo_text(parsed.prompts[prompt], self.counts.prompt_ids[prompt], self.token_text) + text
-        if not (text or chunk.finish_reason is not None or first or part):
+        finish_reason, calls = chunk.finish_reason, []
+        if self._tool_answer is not None:
+            answer = self._answers.setdefault(index, self._tool_answer())
+            text, calls = answer.feed(text)
+            if finish_reason is not None:
+                more, rest = answer.finish()
+                text, calls, finish_reason = text + more, calls + rest, answer.finish_reason(finish_reason)
+        if not (text or finish_reason is not None or first or part or calls):
             return None
-        return dict(index=index, text=text, finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason,
-                    first=first, logprobs=part)
+        return dict(index=index, text=text, finish_reason=finish_reason, stop_reason=chunk.stop_reason,
+                    first=first, logprobs=part, tool_calls=calls)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from splitserve.models.chat_messages import ChatTemplateError
 from splitserve.protos import internal_pb2, serving_pb2
 from splitserve.runtime.sampling_params import SamplingParams
 from splitserve.runtime.structured_outputs import StructuredOutputs
@@ -79,3 +82,32 @@ def sampling_from_internal(msg: internal_pb2.ResolvedSampling) -> SamplingParams
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         structured_outputs=structured_from_proto(msg),
     )
+
+
+def chat_message_to_proto(message: dict) -> serving_pb2.ChatMessage:
+    """A checked chat message (models/chat_messages.py); its calls' arguments travel as JSON text."""
+    calls = [serving_pb2.ToolCall(id=c.get("id", ""), name=c["function"]["name"],
+                                  arguments=json.dumps(c["function"]["arguments"], ensure_ascii=False))
+             for c in message.get("tool_calls", ())]
+    return serving_pb2.ChatMessage(role=message["role"], content=message["content"], name=message.get("name", ""),
+                                   tool_calls=calls, tool_call_id=message.get("tool_call_id", ""))
+
+
+def chat_from_proto(chat: serving_pb2.ChatMessages) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) as the chat template takes them (models/chat_messages.py checks them there);
+    ChatTemplateError for a tool that is not JSON text."""
+    messages = []
+    for m in chat.messages:
+        message = {"role": m.role, "content": m.content}
+        message.update({key: getattr(m, key) for key in ("name", "tool_call_id") if getattr(m, key)})
+        if m.tool_calls:
+            message["tool_calls"] = [{**({"id": c.id} if c.id else {}), "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        messages.append(message)
+    tools = []
+    for i, text in enumerate(chat.tools):
+        try:
+            tools.append(json.loads(text))
+        except ValueError as e:
+            raise ChatTemplateError(f"tools[{i}] is not JSON text: {e}") from None
+    return messages, tools or None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from splitserve.models.chat_messages import MESSAGE_KEYS, check_messages
 from splitserve.runtime.sampling_params import SamplingParams, check_text
 from splitserve.runtime.structured_outputs import StructuredOutputs, structured_outputs
 
@@ -30,16 +31,17 @@ def reject_unknown(obj: dict, known: tuple[str, ...], where: str) -> None:
         raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}")
 
 
-def chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
-    """{"role", "content"[, "name"]} dicts with string content, as vLLM reads OpenAI's messages:
-    a null or missing content is "", a list of text parts is joined with newlines."""
+def chat_messages(messages, where: str) -> tuple[dict, ...]:
+    """{"role", "content"[, "name", "tool_calls", "tool_call_id"]} dicts with string content, as vLLM
+    reads OpenAI's messages: a null or missing content is "", a list of text parts is joined with
+    newlines; tool calls as models/chat_messages.py checks them (arguments parsed from their JSON text)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where} must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
             raise ValueError(f"{where}[{i}] must be an object with a non-empty string role")
-        reject_unknown(m, ("role", "content", "name"), f"{where}[{i}].")
+        reject_unknown(m, MESSAGE_KEYS, f"{where}[{i}].")
         content = m.get("content")
         if content is None:
             content = ""
@@ -54,6 +56,13 @@ def chat_messages(messages, where: str) -> tuple[dict[str, str], ...]:
             message["name"] = m["name"]
         for key, value in message.items():
             check_text(value, "the prompt" if key == "content" else f"{where}[{i}].{key}")
+        for key in ("tool_calls", "tool_call_id"):
+            if m.get(key) is not None:
+                message[key] = m[key]
+        try:  # the tool fields' shapes; their names in the message are the body's
+            message = check_messages([message])[0]
+        except ValueError as e:
+            raise ValueError(str(e).replace("messages[0]", f"{where}[{i}]", 1)) from None
         out.append(message)
     return tuple(out)
 

@@ -21,7 +21,7 @@ from splitserve.runtime.deadlines import CallCancelled, CallScope, DeadlinePasse
 from splitserve.runtime.drain import Admission, NotAdmitted
 from splitserve.runtime.metrics import RouterMetrics
 from splitserve.runtime.parallel_sampling import sequences
-from splitserve.runtime.proto_convert import sampling_from_public
+from splitserve.runtime.proto_convert import chat_from_proto, sampling_from_public
 from splitserve.runtime.router import Router, RouterError
 from splitserve.runtime.sampling_params import MAX_N
 
@@ -56,10 +56,9 @@ class ServingService(serving_pb2_grpc.ServingServicer):
         if template is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no chat template (chat_template.jinja "
                           "or tokenizer_config.json's chat_template): send the prompt as text")
-        messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                    for m in request.messages.messages]
         try:
-            text = template.render(messages)
+            messages, tools = chat_from_proto(request.messages)
+            text = template.render(messages, tools=tools)
         except ChatTemplateError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return tokenizer.encode(text, add_special_tokens=False)  # the template wrote its special tokens

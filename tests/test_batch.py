@@ -126,13 +126,19 @@ def test_chat_messages_are_read_as_vllm_reads_them():
     assert line.messages == ({"role": "user", "name": "alice", "content": "Describe this.\nBe brief.\nThanks."},
                              {"role": "assistant", "content": ""}, {"role": "assistant", "content": ""},
                              {"role": "user", "content": "no"})
-    for message, error in [({"role": "assistant", "content": "", "tool_calls": []}, "unknown field"),
+    for message, error in [({"role": "assistant", "content": "", "tool_result": []}, "unknown field"),
+                           ({"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+                            r"messages\[0\].tool_calls: only an assistant message calls tools"),
                            ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "only text parts"),
                            ({"role": "user", "content": [{"type": ["text"], "text": "a"}]}, "only text parts"),
                            ({"role": "user", "content": [{"type": {"a": 1}, "text": "a"}]}, "only text parts"),
                            ({"role": "user", "content": "x", "name": 3}, "name must be a string")]:
         with pytest.raises(ValueError, match=error):
             parse_line(json.dumps({"id": "n", "messages": [message]}), 1)
+    with pytest.raises(ValueError, match="body.tools: tool calling is served by openai-server"):
+        parse_line(json.dumps({"custom_id": "t", "url": "/v1/chat/completions", "body": {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}}), 1)
 
 
 def test_openai_nulls_are_absent_and_max_completion_tokens_wins():

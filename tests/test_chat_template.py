@@ -136,7 +136,7 @@ def test_a_checkpoint_without_a_template_has_none(tmp_path):
     assert ChatTemplate.maybe_load(tmp_path) is None
 
 
-def test_tools_documents_names_and_the_tokens_of_special_tokens_map_json_as_transformers_passes_them(tmp_path):
+def test_no_tools_documents_names_and_the_tokens_of_special_tokens_map_json_as_transformers_passes_them(tmp_path):
     template = ("{{ bos_token }}[{{ pad_token }}]{% if tools is not none %}T{% endif %}{% if documents is none %}N"
                 "{% endif %}{% for m in messages %}<{{ m.role }}{% if m.name is defined %}:{{ m.name }}{% endif %}>"
                 "{{ m.content }}{% endfor %}")
@@ -158,8 +158,8 @@ def test_a_template_that_fails_on_the_messages_is_a_chat_template_error_whatever
     _saved_tokenizer(tmp_path, "{{ messages[0]['content'] + 1 }}")  # a TypeError inside the template
     with pytest.raises(ChatTemplateError, match="failed on the messages: TypeError"):
         ChatTemplate.maybe_load(tmp_path).render(CONVERSATIONS[0])
-    with pytest.raises(ChatTemplateError, match="tool_calls not supported"):
-        ChatTemplate.maybe_load(tmp_path).render([{"role": "assistant", "content": "", "tool_calls": []}])
+    with pytest.raises(ChatTemplateError, match="tool_results not supported"):
+        ChatTemplate.maybe_load(tmp_path).render([{"role": "tool", "content": "", "tool_results": []}])
 
 
 @pytest.mark.parametrize("config_template", [

@@ -268,8 +268,10 @@ def test_a_chat_is_rendered_by_the_models_template_as_transformers_renders_it(st
             client.generate("hi", messages=messages)
         with pytest.raises(ValueError, match=r"messages\[0\].content must be a string"):
             client.generate(messages=[{"role": "user", "content": 3}])
-        with pytest.raises(ValueError, match=r"messages\[0\]: tool_calls not supported"):
-            client.generate(messages=[{"role": "assistant", "tool_calls": []}])
+        with pytest.raises(ValueError, match=r"messages\[0\]: tool_result not supported"):
+            client.generate(messages=[{"role": "assistant", "tool_result": []}])
+        with pytest.raises(ValueError, match="tools go with messages"):
+            client.generate("hi", tools=[{"type": "function", "function": {"name": "f"}}])
     assert chat.prompt_token_ids == ids and chat.token_ids == want.token_ids and chat.text == want.text
     assert [t for c in streamed for t in c.token_ids] == want.token_ids
 

@@ -131,6 +131,22 @@ def test_malformed_http_bodies_get_openai_errors():
     assert "tools" in results[4][1]["error"]["message"]
 
 
+def test_unknown_paths_and_methods_get_openai_errors():
+    async def ask(base, method, path):
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, base + path) as reply:
+                return reply.status, reply.headers.get("Allow"), await reply.json()
+
+    results = run(ANSWER, [lambda b: ask(b, "GET", "/v1/embeddings"), lambda b: ask(b, "GET", "/v1/completions"),
+                           lambda b: ask(b, "DELETE", "/v1/models")])
+    (missing, _, body), (wrong, allow, wrong_body), (deleted, _, _) = results
+    assert missing == 404 and body["error"]["type"] == "NotFoundError" and body["error"]["code"] == 404
+    assert "no such path: /v1/embeddings" in body["error"]["message"] and "POST /v1/chat/completions" in body["error"]["message"]
+    assert wrong == deleted == 405 and allow == "POST" and wrong_body["error"] == {
+        "message": "GET is not allowed on /v1/completions (allowed: POST)", "type": "MethodNotAllowedError",
+        "param": None, "code": 405}
+
+
 def test_the_api_key_is_checked_on_every_v1_path():
     key = {"Authorization": "Bearer k"}
     results = run(ANSWER, [

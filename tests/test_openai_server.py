@@ -57,7 +57,8 @@ def stop_server(process) -> None:
 
 @pytest.fixture(scope="module")
 def server(stack):
-    process, url = start_server(stack.address, "--served-model-name", "demo", "--tokenizer", "demo")
+    process, url = start_server(stack.address, "--served-model-name", "demo", "--tokenizer", "demo",
+                                "--tool-call-parser", "hermes")
     yield url
     stop_server(process)
 
@@ -133,6 +134,38 @@ def test_structured_outputs_as_openai_and_vllm_clients_ask_for_them(oai, sdk):
         assert "".join(chunk.choices[0].text for chunk in streamed) in choices
     with pytest.raises(openai.BadRequestError, match="unclosed character class"):
         oai.completions.create(model="demo", prompt=PROMPT, max_tokens=8, extra_body={"guided_regex": "[a-"})
+
+def test_tool_calls_from_the_model_as_the_sdk_generates_them(oai, sdk):
+    """A named function: the answer is forced to its arguments' schema and comes back as the call.
+    "auto" with the hermes parser: the answer (forced here to a <tool_call> by a regex, as a random
+    model would not write one) comes back as calls. Both equal the SDK's text for the same chat."""
+    import jsonschema
+
+    from test_tool_calls import TOOLS
+
+    parameters = {**TOOLS[0]["function"]["parameters"], "additionalProperties": False,
+                  "x-guidance": {"whitespace_flexible": False}}  # and a short city: a random model rambles
+    parameters["properties"] = {**parameters["properties"], "city": {"type": "string", "maxLength": 10}}
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": parameters}}, TOOLS[1]]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    got = oai.chat.completions.create(model="demo", messages=CHAT, tools=tools, tool_choice=choice, max_tokens=40,
+                                      temperature=0.9, seed=4)
+    call, = got.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+    assert call.function.name == "get_weather" and got.choices[0].finish_reason == "stop"
+    assert call.function.arguments == sdk.generate(messages=CHAT, tools=tools, max_tokens=40, temperature=0.9,
+                                                   seed=4, structured_outputs={"json": parameters}).text
+    regex = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome|Oslo)"\}\}\n</tool_call>'
+    auto = oai.chat.completions.create(model="demo", messages=CHAT, tools=tools, max_tokens=120, temperature=1.0,
+                                       seed=7, extra_body={"guided_regex": regex})
+    want = sdk.generate(messages=CHAT, tools=tools, max_tokens=120, temperature=1.0, seed=7,
+                        structured_outputs={"regex": regex})
+    assert re.fullmatch(regex, want.text) and auto.choices[0].finish_reason == "tool_calls"
+    call, = auto.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and auto.choices[0].message.content is None
+    assert json.loads(call.function.arguments) == json.loads(want.text[len("<tool_call>\n"):-len("\n</tool_call>")])[
+        "arguments"]
+
 
 def test_streamed_completions_and_chat_with_usage(oai, sdk):
     want = sdk.generate(PROMPT, max_tokens=12, ignore_eos=True)
@@ -352,6 +385,8 @@ def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
         (dict(max_tokens=4, stream_options={"include_usage": True}), openai.BadRequestError, "stream_options"),
         (dict(max_tokens=100_000), openai.BadRequestError, "context"),  # the router's own check
     ]
+    params = {"max_tokens": "max_tokens", "no_such_field": "no_such_field", "prompt_logprobs": "prompt_logprobs",
+              "stream_options": "stream_options", "context": "prompt"}  # OpenAI's `param`: the field it is about
     for kwargs, error, word in cases:
         for stream in (False, True):  # a streamed request refused before its first token: still an HTTP error
             if stream and "stream_options" in kwargs:
@@ -359,6 +394,7 @@ def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
             with pytest.raises(error) as e:
                 oai.completions.create(model="demo", prompt=PROMPT, stream=stream, **kwargs)
             assert word in e.value.message and e.value.body["code"] == e.value.status_code
+            assert e.value.param == params[word], e.value.message
     with pytest.raises(openai.NotFoundError, match="`gpt-4` does not exist"):
         oai.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="takes messages, not prompt"):
@@ -443,12 +479,13 @@ def test_launch_serves_the_openai_api_beside_its_router(sdk):
     SIGTERM while an HTTP stream is in flight: the stream still ends whole, then launch exits 0."""
     want = sdk.generate(PROMPT, max_tokens=150, ignore_eos=True)
     with launched("demo", "--mode", "colocated", "--num-pages", "128", "--page-size", "8", "--openai-port", "0",
-                  "--served-model-name", "demo") as stack:
+                  "--served-model-name", "demo", "--tool-call-parser", "hermes") as stack:
         url = re.search(r"openai-server on (http://\S+/v1)", "".join(stack.lines)).group(1)
         with openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client:
             got = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
             assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=8, ignore_eos=True).text
             server_pid = next(pid for pid in stack.worker_pids() if "openai-server" in cmdline(pid))
+            assert "--tool-call-parser\x00hermes" in cmdline(server_pid)
             chunks = iter(client.completions.create(model="demo", prompt=PROMPT, max_tokens=150, stream=True,
                                                     extra_body={"ignore_eos": True}))
             texts = [next(chunks).choices[0].text]

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.protos import serving_pb2, serving_pb2_grpc
 from splitserve.runtime.admission import AdmissionConfig
+from splitserve.runtime.client_types import build_request
 from splitserve.runtime.router_server import RouterServer
 
 LIMIT = 300  # above the 256 handler threads the router server once had, whatever the limit
@@ -122,10 +123,26 @@ def test_chat_messages_are_checked_by_the_router_with_the_right_status():
         server.router.metadata = dataclasses.replace(metadata, chat_template=ChatTemplate(named))
         assert call(("user", "Hi", "alice"), ("user", "Yo")) == (grpc.StatusCode.OK, "")
         assert seen[-1] == metadata.tokenizer.encode("alice Hi;- Yo;", add_special_tokens=False)
+        # Tools and calls travel in the proto and reach the template (tests/test_tool_calls.py: as transformers).
+        tooled = ("{% for t in tools %}{{ t.function.name }}({{ t.function.parameters | tojson }}) {% endfor %}"
+                  "{% for m in messages %}{% for c in m.tool_calls %}{{ c.id }}={{ c.function.arguments.q }} "
+                  "{% endfor %}{{ m.tool_call_id }}:{{ m.content }};{% endfor %}")
+        server.router.metadata = dataclasses.replace(metadata, chat_template=ChatTemplate(tooled))
+        chat = [{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"q": 7}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        request = build_request(None, None, messages=chat, tools=tools, max_tokens=4, temperature=0.0, top_p=1.0,
+                                top_k=0, seed=None, stop=(), stop_token_ids=(), ignore_eos=False, request_id="t")
+        list(stub.Generate(request, timeout=10))
+        assert seen[-1] == metadata.tokenizer.encode('f({"type": "object"}) c1=7 :;c1:ok;', add_special_tokens=False)
+        request.messages.tools[0] = "{not json"
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request, timeout=10))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "tools[0] is not JSON text" in err.value.details()
         server.router.metadata = dataclasses.replace(metadata, chat_template=None)
         code, details = call(("user", "Hi"))
         assert code is grpc.StatusCode.FAILED_PRECONDITION and "has no chat template" in details
-        assert len(seen) == 2
+        assert len(seen) == 3
     finally:
         channel.close()
         server.server.stop(0).wait()

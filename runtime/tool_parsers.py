@@ -1,0 +1,177 @@
+"""Tool calls in a model's answer, read as vLLM's tool parsers read them (`openai-server --tool-call-parser`).
+
+    hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>, any number of them; the
+                 text before the first is the message's content. Qwen2.5, Qwen3 and Hermes 2/3's chat
+                 templates ask the model for this form.
+    llama3_json  an answer that begins with "{" (after an optional <|python_tag|>) is one or more
+                 JSON objects {"name": ..., "parameters": {...}} separated by ";" (Llama 3.1-3.3's
+                 JSON tool calling); any other answer is content.
+
+Each parser is a stream: `feed(text)` takes the answer's next text and `finish()` ends it; both give
+a Delta of content to show and calls completed. A whole answer is one feed and the finish
+(`parse`), so a streamed answer and an unstreamed one read the same. A call that does not parse
+(bad JSON, no name) is shown as content, as vLLM does: the model did not make a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Protocol
+
+
+def call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"  # vLLM's form
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text of an object
+    id: str = dataclasses.field(default_factory=call_id)
+
+    def json(self) -> dict:
+        """OpenAI's tool_calls entry."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    content: str = ""
+    calls: tuple[ToolCall, ...] = ()
+
+
+class ToolParser(Protocol):
+    def feed(self, text: str) -> Delta: ...
+    def finish(self) -> Delta: ...
+
+
+def parse(parser: ToolParser, text: str) -> tuple[str, tuple[ToolCall, ...]]:
+    """(content, calls) of a whole answer."""
+    first, last = parser.feed(text), parser.finish()
+    return first.content + last.content, first.calls + last.calls
+
+
+def call_from_json(obj, arguments_keys: tuple[str, ...]) -> ToolCall | None:
+    """{"name": str, <one of arguments_keys>: object (or its JSON text)} -> ToolCall, else None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    arguments = next((obj[k] for k in arguments_keys if k in obj), {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+class HermesParser:
+    START, END = "<tool_call>", "</tool_call>"
+
+    def __init__(self):
+        self._pending = ""  # text not yet shown: a possible start of START, or a call not yet ended
+        self._in_call = False
+        self._called = False  # after the first call, text between calls is not content
+
+    def feed(self, text: str) -> Delta:
+        self._pending += text
+        content, calls = [], []
+        while True:
+            if self._in_call:
+                end = self._pending.find(self.END)
+                if end < 0:
+                    break
+                raw = self._pending[:end + len(self.END)]
+                self._pending, self._in_call = self._pending[end + len(self.END):], False
+                call = self._call(raw[len(self.START):-len(self.END)])
+                if call is None:
+                    content.append(raw)
+                else:
+                    calls.append(call)
+                    self._called = True
+                continue
+            start = self._pending.find(self.START)
+            if start < 0:
+                keep = _held_back(self._pending, self.START)
+                shown, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+                if not self._called:
+                    content.append(shown)
+                break
+            if not self._called:
+                content.append(self._pending[:start])
+            self._pending, self._in_call = self._pending[start:], True
+        return Delta("".join(content), tuple(calls))
+
+    def finish(self) -> Delta:
+        """What is left: an unended call (the answer was cut off) is content; so is text held back."""
+        rest, self._pending = self._pending, ""
+        return Delta(rest if self._in_call or not self._called else "")
+
+    @staticmethod
+    def _call(body: str) -> ToolCall | None:
+        try:
+            return call_from_json(json.loads(body), ("arguments", "parameters"))
+        except ValueError:
+            return None
+
+
+class Llama3JsonParser:
+    PYTHON_TAG = "<|python_tag|>"
+
+    def __init__(self):
+        self._head = ""  # the answer's start, until it tells whether the answer is calls
+        self._calls: bool | None = None  # None: not yet known
+        self._body = ""
+
+    def feed(self, text: str) -> Delta:
+        if self._calls is False:
+            return Delta(text)
+        if self._calls:
+            self._body += text
+            return Delta()
+        self._head += text
+        stripped = self._head.lstrip()
+        if stripped.startswith(self.PYTHON_TAG) or stripped.startswith("{"):
+            self._calls, self._body = True, self._head
+            return Delta()
+        if not stripped or self.PYTHON_TAG.startswith(stripped):
+            return Delta()  # whitespace, or perhaps the tag: wait
+        self._calls = False
+        return Delta(self._head)
+
+    def finish(self) -> Delta:
+        if not self._calls:
+            return Delta(self._head if self._calls is None else "")
+        calls = self._parse(self._body)
+        return Delta(self._body) if calls is None else Delta("", calls)
+
+    def _parse(self, text: str) -> tuple[ToolCall, ...] | None:
+        text = text.strip()
+        text = text[len(self.PYTHON_TAG):].lstrip() if text.startswith(self.PYTHON_TAG) else text
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(text):
+            try:
+                obj, at = decoder.raw_decode(text, at)
+            except ValueError:
+                return None
+            call = call_from_json(obj, ("parameters", "arguments"))
+            if call is None:
+                return None
+            calls.append(call)
+            while at < len(text) and text[at] in " \t\r\n;":
+                at += 1
+        return tuple(calls) or None
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def _held_back(text: str, marker: str) -> int:
+    """How many of text's last characters could begin `marker` (shown once they cannot)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

@@ -1,0 +1,138 @@
+"""Tool calls through the OpenAI-compatible server, read by OpenAI's own client: the server on a real
+HTTP port in front of a scripted router (the model's answer is the script), so that every form of
+answer can be served. tests/test_openai_server.py serves tools from a launched stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from splitserve.runtime.client_types import Chunk, ModelInfo
+from splitserve.runtime.openai_server import OpenAIServer
+from test_tool_calls import TOOLS, hermes_call
+
+MODEL = ModelInfo("m", "qwen2", 100, 64, "float32", 8, [2], [], "disaggregated", True)
+ASK = [{"role": "user", "content": "Weather in Paris, and the time?"}]
+CALLS_TEXT = ("Let me look.\n" + hermes_call("get_weather", {"city": "Paris", "unit": "C"}) + "\n"
+              + hermes_call("now", {}))
+
+
+class ScriptedRouter:
+    """Answers every call with `text` in pieces of `piece` characters, one token each, then "stop"."""
+
+    def __init__(self, text: str, piece: int = 3):
+        self.text, self.piece, self.asked = text, piece, []
+
+    async def stream(self, prompt=None, *, token_ids=None, messages=None, **kwargs):
+        self.asked.append({"messages": messages, **kwargs})
+        pieces = [self.text[i:i + self.piece] for i in range(0, len(self.text), self.piece)]
+        for i, piece in enumerate(pieces):
+            yield Chunk([10 + i], piece, None, [1, 2, 3] if i == 0 else [])
+        yield Chunk([2], "", "stop", [1, 2, 3] if not pieces else [])
+
+
+def served(router: ScriptedRouter, requests, tool_call_parser: str | None = "hermes"):
+    """Each of `requests` (coroutines of an AsyncOpenAI client) against a server in front of `router`."""
+    async def main():
+        server = OpenAIServer(router, MODEL, tool_call_parser=tool_call_parser)
+        runner = server.runner()
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                                          max_retries=0) as client:
+                return [await r(client) for r in requests]
+        finally:
+            await runner.cleanup()
+    return asyncio.run(main())
+
+
+async def streamed(client, **body):
+    """(content, tool calls, finish_reason) of a streamed chat, put together as OpenAI's clients do:
+    a call's first delta has its id and name, later ones of the same index add to its arguments."""
+    content, calls, finish = "", {}, None
+    async for chunk in await client.chat.completions.create(model="m", messages=ASK, stream=True, **body):
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or ():
+            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = call["id"] or delta.id
+            call["name"] = call["name"] or delta.function.name
+            call["arguments"] += delta.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_auto_calls_are_read_whole_and_streamed_alike():
+    router = ScriptedRouter(CALLS_TEXT)
+    whole, (content, calls, finish) = served(router, [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS),
+        lambda c: streamed(c, tools=TOOLS)])
+    message = whole.choices[0].message
+    assert message.content == "Let me look.\n" and whole.choices[0].finish_reason == "tool_calls"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("now", {})]
+    assert all(t.type == "function" and t.id.startswith("chatcmpl-tool-") for t in message.tool_calls)
+    assert content == message.content and finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        (t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls]
+    assert all(c["id"].startswith("chatcmpl-tool-") for c in calls)
+    # The router was asked for the chat with the tools, for its template; nothing forced the answer.
+    assert all(a["tools"] == TOOLS and a["messages"] == tuple(ASK) and a["structured_outputs"] is None
+               for a in router.asked)
+
+
+def test_an_answer_without_calls_is_content_and_none_reads_no_calls():
+    plain = ScriptedRouter("It is sunny <tool_ maybe.")
+    whole, (content, calls, finish) = served(plain, [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS),
+        lambda c: streamed(c, tools=TOOLS)])
+    assert whole.choices[0].message.content == content == "It is sunny <tool_ maybe."
+    assert not whole.choices[0].message.tool_calls and not calls
+    assert whole.choices[0].finish_reason == finish == "stop"
+    none, = served(ScriptedRouter(CALLS_TEXT), [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none")])
+    assert none.choices[0].message.content == CALLS_TEXT and not none.choices[0].message.tool_calls
+
+
+def test_auto_without_a_parser_is_refused_and_says_which_flag():
+    router = ScriptedRouter(CALLS_TEXT)
+    with pytest.raises(openai.BadRequestError, match="--tool-call-parser"):
+        served(router, [lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS)],
+               tool_call_parser=None)
+    assert router.asked == []
+
+
+def test_a_named_function_streams_its_arguments_and_forces_them_to_its_schema():
+    arguments = '{"city": "Rome", "unit": "F"}'
+    router = ScriptedRouter(arguments, piece=4)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    whole, (content, calls, finish) = served(router, [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice=choice),
+        lambda c: streamed(c, tools=TOOLS, tool_choice=choice)], tool_call_parser=None)
+    message = whole.choices[0].message
+    assert message.content is None and whole.choices[0].finish_reason == "stop"
+    assert [(t.function.name, t.function.arguments) for t in message.tool_calls] == [("get_weather", arguments)]
+    assert content == "" and finish == "stop" and [(c["name"], c["arguments"]) for c in calls] == [
+        ("get_weather", arguments)]
+    forced = [json.loads(a["structured_outputs"].json) for a in router.asked]
+    assert forced == [TOOLS[0]["function"]["parameters"]] * 2
+
+
+def test_required_reads_the_list_of_calls_it_forced():
+    text = '[{"name": "now", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    router = ScriptedRouter(text, piece=5)
+    whole, (content, calls, finish) = served(router, [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required"),
+        lambda c: streamed(c, tools=TOOLS, tool_choice="required")], tool_call_parser=None)
+    want = [("now", {}), ("get_weather", {"city": "Oslo"})]
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in whole.choices[0].message.tool_calls] == want
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
+    assert whole.choices[0].finish_reason == finish == "tool_calls" and content == ""
+    assert all(json.loads(a["structured_outputs"].json)["minItems"] == 1 for a in router.asked)
