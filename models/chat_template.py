@@ -2,7 +2,9 @@
 
 HF checkpoints of instruction-tuned models ship a Jinja template, in `chat_template.jinja`
 (what transformers writes since 4.49) or as `chat_template` in tokenizer_config.json (older
-checkpoints; a string, or a list of named templates of which "default" is the one used).
+checkpoints; a string, or a list of named templates of which "default" is the one used). A
+"tool_use" template (`additional_chat_templates/tool_use.jinja`, or named in that list) renders
+chats with tools, as transformers picks it.
 It is rendered as transformers' `apply_chat_template` renders it, so a prompt means the same
 here as there:
   - a sandboxed Jinja environment (templates come from the Hub: untrusted code), with
@@ -39,6 +41,7 @@ __all__ = ["ChatTemplate", "ChatTemplateError", "check_messages", "check_tools"]
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "chat_template.jinja"
+ADDITIONAL_TEMPLATES = "additional_chat_templates"  # named templates beside it ("tool_use.jinja", ...)
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # older checkpoints keep bos_token etc. here
 
@@ -60,6 +63,8 @@ class ChatTemplate:
         try:
             if template_file.exists():
                 source = template_file.read_text(encoding="utf-8")
+                extra = model_dir / ADDITIONAL_TEMPLATES / "tool_use.jinja"  # where transformers 5 saves it
+                tool_use = extra.read_text(encoding="utf-8") if extra.exists() else None
             else:
                 source, tool_use = _pick_templates(config.get("chat_template"))
             for text in (source, tool_use):

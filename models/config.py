@@ -148,6 +148,17 @@ def _check_supported(hf: dict[str, Any]) -> None:
         raise ValueError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
 
 
+def _flag(hf: dict[str, Any], key: str, default: bool = False) -> bool:
+    """A true/false field of config.json (null or absent: the default). A string "false" is refused,
+    not read as true: the model would be built wrong without a word."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
 def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
     """Builds a ModelConfig from the dicts of config.json (and generation_config.json)."""
     archs = hf.get("architectures") or []
@@ -167,11 +178,11 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
     max_len = int(hf.get("max_position_embeddings", 4096))
     sliding = hf.get("sliding_window")
-    use_sliding = hf.get("use_sliding_window", family == "mistral")
+    use_sliding = _flag(hf, "use_sliding_window", family == "mistral")
     if sliding and use_sliding and sliding < max_len:
         # No sliding-window attention yet: serve only lengths where it equals full attention.
         max_len = int(sliding)
-    attention_bias = bool(hf.get("attention_bias", False))
+    attention_bias = _flag(hf, "attention_bias")
     eos = _as_id_tuple((generation_config or {}).get("eos_token_id")) or _as_id_tuple(hf.get("eos_token_id"))
     outside = [t for t in eos if not 0 <= t < int(hf["vocab_size"])]
     if outside:
@@ -189,12 +200,12 @@ def config_from_hf(hf: dict[str, Any], generation_config: dict[str, Any] | None 
         max_model_len=max_len,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf(hf),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
         # As transformers builds them: Qwen2 always has q/k/v biases and never an o_proj one,
         # Mistral has none, Llama and Qwen3 have all four when attention_bias is set.
         qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),
         o_bias=attention_bias and family in ("llama", "qwen3"),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=_flag(hf, "mlp_bias"),
         qk_norm=family == "qwen3",
         checkpoint_dtype=str(dtype).replace("torch.", ""),
         bos_token_id=hf.get("bos_token_id"),

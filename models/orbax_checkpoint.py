@@ -48,7 +48,8 @@ from splitserve.models.loader import (
     select_heads,
 )
 from splitserve.models.sharding import MeshConfig, make_mesh, named_sharding
-from splitserve.models.chat_template import SPECIAL_TOKENS_MAP, TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
+from splitserve.models.chat_template import (ADDITIONAL_TEMPLATES, SPECIAL_TOKENS_MAP, TEMPLATE_FILE, TOKENIZER_CONFIG,
+                                           ChatTemplate)
 from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
         for name in ("tokenizer.json", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, TEMPLATE_FILE):  # tokenizer, chat template
             if (source / name).exists():
                 shutil.copyfile(source / name, tmp / name)
+        if (source / ADDITIONAL_TEMPLATES).is_dir():  # named templates ("tool_use") beside the chat template
+            shutil.copytree(source / ADDITIONAL_TEMPLATES, tmp / ADDITIONAL_TEMPLATES)
         marker = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "name": loaded.name}
         (tmp / ORBAX_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private

@@ -320,7 +320,8 @@ class StreamChunks:
         tool_calls deltas (runtime/openai_tools.py) when it has some."""
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            content = None if tool_calls and not text else text  # null beside calls, as OpenAI streams them
+            choice["delta"] = {"role": "assistant", "content": content} if first else {"content": content}
             if tool_calls:
                 choice["delta"]["tool_calls"] = tool_calls
         else:

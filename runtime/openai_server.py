@@ -49,23 +49,26 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permiss
                404: "NotFoundError", 405: "MethodNotAllowedError", 413: "BadRequestError", 429: "RateLimitError"}
 
 
-def error_response(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str, param: str | None = None) -> web.Response:
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
-    return web.json_response(_error_body(status, message), status=status)
+    return web.json_response(_error_body(status, message, param), status=status)
 
 
-# A message that begins with a body field ("temperature must be ...", "messages[1].content ...",
-# "missing prompt", "unknown field foo") names it in `param`, as OpenAI's errors do.
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = ERROR_TYPES.get(status, "BadRequestError" if 400 <= status < 500 else "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 _FIELD_PATH = re.compile(r"[a-z_]+(\[\d+\])*(\.[a-z_]+(\[\d+\])*)*")
 
 
-def _error_body(status: int, message: str) -> dict:
-    kind = ERROR_TYPES.get(status, "BadRequestError" if 400 <= status < 500 else "InternalServerError")
-    words = re.sub(r"^(missing|unknown fields?) ", "", message).split(" ", 1)
-    first = words[0].rstrip(":,")
-    known = re.split(r"[.\[]", first, maxsplit=1)[0] in openai_api.BODY_FIELDS or message.startswith("unknown")
-    param = first if status == 400 and _FIELD_PATH.fullmatch(first) and known else None
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+def field_named(message: str) -> str | None:
+    """The body field a reading error is about, for OpenAI's `param`: the one its message begins with
+    ("temperature must be ...", "messages[1].content ...", "missing prompt", "unknown field foo")."""
+    rest = re.sub(r"^(missing|unknown fields?) ", "", message)
+    first = rest.split(" ", 1)[0].rstrip(":,")
+    known = rest != message or re.split(r"[.\[]", first, maxsplit=1)[0] in openai_api.BODY_FIELDS
+    return first if known and _FIELD_PATH.fullmatch(first) else None
 
 
 ROUTES = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health", "GET /metrics")
@@ -194,7 +197,7 @@ class OpenAIServer:
         try:
             parsed = openai_api.parse_body(url, body)
         except ValueError as e:
-            return error_response(400, str(e))
+            return error_response(400, str(e), field_named(str(e)))
         except RecursionError:  # nesting deep enough to defeat the messages that quote it
             return error_response(400, "the body is nested too deeply")
         if parsed.model is not None and parsed.model != self.name:

@@ -151,7 +151,9 @@ class StreamedChoices:
             text = openai_api.echo_text(parsed.prompts[prompt], self.counts.prompt_ids[prompt], self.token_text) + text
         finish_reason, calls = chunk.finish_reason, []
         if self._tool_answer is not None:
-            answer = self._answers.setdefault(index, self._tool_answer())
+            if index not in self._answers:
+                self._answers[index] = self._tool_answer()
+            answer = self._answers[index]
             text, calls = answer.feed(text)
             if finish_reason is not None:
                 more, rest = answer.finish()

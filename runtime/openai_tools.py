@@ -24,6 +24,7 @@ import json
 
 from splitserve.models.chat_messages import check_tools
 from splitserve.runtime import tool_parsers
+from splitserve.runtime.sampling_params import check_text
 from splitserve.runtime.structured_outputs import StructuredOutputs
 from splitserve.runtime.tool_parsers import Delta, ToolCall
 
@@ -63,11 +64,13 @@ def read(fields: dict, where: str = "") -> ToolUse | None:
         tools = tuple(check_tools(tools))
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
+    for i, tool in enumerate(tools):  # they travel in the proto as UTF-8 text
+        check_text(json.dumps(tool, ensure_ascii=False), f"{where}tools[{i}]")
     if choice is None or choice in CHOICES:
         return ToolUse(tools, choice or "auto")
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)
-            and set(choice) == {"type", "function"}):
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not (isinstance(name, str) and choice.get("type") == "function" and set(choice) == {"type", "function"}):
         raise ValueError(f"{where}tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", "
                          f"\"function\": {{\"name\": ...}}}}, got {json.dumps(choice)[:80]}")
     if name not in [t["function"]["name"] for t in tools]:
@@ -143,16 +146,27 @@ def _parameters(tool: dict) -> dict:
 
 
 def _calls_schema(tools: tuple[dict, ...]) -> dict:
-    """A JSON list of at least one {"name", "parameters"} call of the given tools (vLLM's schema)."""
-    one_of_each = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
-                                                     "parameters": _parameters(t)},
-                    "required": ["name", "parameters"]} for t in tools]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": one_of_each}}
+    """A JSON list of at least one {"name", "parameters"} call of the given tools (vLLM's schema).
+    Each tool's `$defs` move to the list's root, where their "#/$defs/..." references point once the
+    parameters are nested (pydantic writes them); ValueError when two tools define a name differently."""
+    defs: dict[str, object] = {}
+    one_of_each = []
+    for t in tools:
+        parameters = dict(_parameters(t))
+        for name, definition in parameters.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise ValueError(f"tool_choice \"required\": tools define $defs {json.dumps(name)} differently "
+                                 "(their parameters share one schema)")
+        one_of_each.append({"type": "object", "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                                            "parameters": parameters},
+                            "required": ["name", "parameters"]})
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": one_of_each}}
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def _required_calls(text: str) -> tuple[ToolCall, ...] | None:
     try:
-        listed = json.loads(text)
+        listed = tool_parsers.strict_json(text)
     except ValueError:
         return None  # cut off by max_tokens: shown as the text it is
     if not isinstance(listed, list):

@@ -22,6 +22,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed
 STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
                      "guided_grammar")
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+ANSWER_ONLY_KEYS = ("refusal", "function_call", "audio", "annotations", "reasoning_content")
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}  # type -> key
 
 
@@ -41,6 +42,8 @@ def chat_messages(messages, where: str) -> tuple[dict, ...]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
             raise ValueError(f"{where}[{i}] must be an object with a non-empty string role")
+        # Keys of an answer that clients send back in the history; empty, they say nothing (vLLM takes them).
+        m = {k: v for k, v in m.items() if not (k in ANSWER_ONLY_KEYS and v in (None, [], ""))}
         reject_unknown(m, MESSAGE_KEYS, f"{where}[{i}].")
         content = m.get("content")
         if content is None:
@@ -63,6 +66,9 @@ def chat_messages(messages, where: str) -> tuple[dict, ...]:
             message = check_messages([message])[0]
         except ValueError as e:
             raise ValueError(str(e).replace("messages[0]", f"{where}[{i}]", 1)) from None
+        for key in ("tool_calls", "tool_call_id"):  # they travel in the proto as UTF-8 text
+            if key in message:
+                check_text(json.dumps(message[key], ensure_ascii=False), f"{where}[{i}].{key}")
         out.append(message)
     return tuple(out)
 

@@ -134,7 +134,7 @@ class SamplingParams:
         if self.max_tokens > INT32_MAX or self.top_k > INT32_MAX:
             raise ValueError(f"max_tokens and top_k must be at most {INT32_MAX}, got {self.max_tokens} and {self.top_k}")
         if not self.temperature >= 0 or not _finite(self.temperature) or self.temperature > FLOAT32_MAX:
-            raise ValueError(f"temperature must be a finite number >= 0 (at most {FLOAT32_MAX:.4g}: it travels as a "
+            raise ValueError(f"temperature must be a finite number >= 0 (at most {FLOAT32_MAX:.9g}: it travels as a "
                              f"32-bit float), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

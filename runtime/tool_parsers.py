@@ -53,6 +53,15 @@ def parse(parser: ToolParser, text: str) -> tuple[str, tuple[ToolCall, ...]]:
     return first.content + last.content, first.calls + last.calls
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; a client's may not
+
+
+def strict_json(text: str):
+    """json.loads without NaN and Infinity (ValueError)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def call_from_json(obj, arguments_keys: tuple[str, ...]) -> ToolCall | None:
     """{"name": str, <one of arguments_keys>: object (or its JSON text)} -> ToolCall, else None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
@@ -60,7 +69,7 @@ def call_from_json(obj, arguments_keys: tuple[str, ...]) -> ToolCall | None:
     arguments = next((obj[k] for k in arguments_keys if k in obj), {})
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = strict_json(arguments)
         except ValueError:
             return None
     if not isinstance(arguments, dict):
@@ -106,14 +115,19 @@ class HermesParser:
         return Delta("".join(content), tuple(calls))
 
     def finish(self) -> Delta:
-        """What is left: an unended call (the answer was cut off) is content; so is text held back."""
+        """What is left: a last call without its end tag (the model ended there, or a stop string was
+        "</tool_call>") is a call if its JSON is whole, as vLLM reads it, else content (cut off by
+        max_tokens); text held back is content."""
         rest, self._pending = self._pending, ""
-        return Delta(rest if self._in_call or not self._called else "")
+        if self._in_call:
+            call = self._call(rest[len(self.START):])
+            return Delta("", (call,)) if call is not None else Delta(rest)
+        return Delta("" if self._called else rest)
 
     @staticmethod
     def _call(body: str) -> ToolCall | None:
         try:
-            return call_from_json(json.loads(body), ("arguments", "parameters"))
+            return call_from_json(strict_json(body), ("arguments", "parameters"))
         except ValueError:
             return None
 
@@ -151,7 +165,7 @@ class Llama3JsonParser:
     def _parse(self, text: str) -> tuple[ToolCall, ...] | None:
         text = text.strip()
         text = text[len(self.PYTHON_TAG):].lstrip() if text.startswith(self.PYTHON_TAG) else text
-        decoder, calls, at = json.JSONDecoder(), [], 0
+        decoder, calls, at = json.JSONDecoder(parse_constant=_no_constant), [], 0
         while at < len(text):
             try:
                 obj, at = decoder.raw_decode(text, at)

@@ -28,3 +28,10 @@ def test_model_type_alone_still_names_the_family():
 def test_attention_bias_maps_to_the_biases_transformers_builds(model_type, qkv_bias, o_bias):
     config = config_from_hf(dict(BASE, model_type=model_type, attention_bias=True))
     assert (config.qkv_bias, config.o_bias) == (qkv_bias, o_bias)
+
+
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"])
+def test_a_true_false_field_that_is_not_a_boolean_is_refused_not_read_as_true(key):
+    assert config_from_hf(dict(BASE, model_type="llama", **{key: None})) == config_from_hf(dict(BASE, model_type="llama"))
+    with pytest.raises(ValueError, match=f"config.json: {key} must be true or false, got 'false'"):
+        config_from_hf(dict(BASE, model_type="llama", **{key: "false"}))

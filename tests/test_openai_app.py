@@ -15,7 +15,7 @@ import pytest
 from splitserve.runtime.client_types import Chunk, ModelInfo, SplitserveError
 from splitserve.runtime.grpc_common import PUBLIC_MAX_MESSAGE_BYTES
 from splitserve.runtime.logprobs import TokenLogprobs
-from splitserve.runtime.openai_server import OpenAIServer
+from splitserve.runtime.openai_server import OpenAIServer, field_named
 
 MODEL = ModelInfo("m", "llama", 100, 64, "float32", 8, [2], [], "disaggregated", True)
 
@@ -145,6 +145,17 @@ def test_unknown_paths_and_methods_get_openai_errors():
     assert wrong == deleted == 405 and allow == "POST" and wrong_body["error"] == {
         "message": "GET is not allowed on /v1/completions (allowed: POST)", "type": "MethodNotAllowedError",
         "param": None, "code": 405}
+
+
+@pytest.mark.parametrize("message, param", [
+    ("temperature must be a number, got \"x\"", "temperature"),
+    ("messages[1].tool_calls[0].function.arguments is not valid JSON: \"{\"", "messages[1].tool_calls[0].function.arguments"),
+    ("missing messages", "messages"), ("unknown field foo", "foo"), ("unknown fields a, b", "a"),
+    ("unknown structured_outputs field foo", None), ("the body is not valid JSON: ...", None),
+    ("tools[0] must be an object with type \"function\"", "tools[0]"),
+])
+def test_a_reading_error_names_the_field_it_begins_with_as_openai_param(message, param):
+    assert field_named(message) == param
 
 
 def test_the_api_key_is_checked_on_every_v1_path():

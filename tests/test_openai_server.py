@@ -386,7 +386,7 @@ def test_bad_requests_get_openai_errors_with_the_reason(oai, server):
         (dict(max_tokens=100_000), openai.BadRequestError, "context"),  # the router's own check
     ]
     params = {"max_tokens": "max_tokens", "no_such_field": "no_such_field", "prompt_logprobs": "prompt_logprobs",
-              "stream_options": "stream_options", "context": "prompt"}  # OpenAI's `param`: the field it is about
+              "stream_options": "stream_options", "context": None}  # OpenAI's `param`: the body field it is about
     for kwargs, error, word in cases:
         for stream in (False, True):  # a streamed request refused before its first token: still an HTTP error
             if stream and "stream_options" in kwargs:

@@ -22,17 +22,22 @@ CALLS_TEXT = ("Let me look.\n" + hermes_call("get_weather", {"city": "Paris", "u
 
 
 class ScriptedRouter:
-    """Answers every call with `text` in pieces of `piece` characters, one token each, then "stop"."""
+    """Answers every call with `texts` (one per sequence of n, the last repeated) in pieces of `piece`
+    characters, one token each, the sequences' chunks interleaved, then "stop" for each."""
 
-    def __init__(self, text: str, piece: int = 3):
-        self.text, self.piece, self.asked = text, piece, []
+    def __init__(self, *texts: str, piece: int = 3):
+        self.texts, self.piece, self.asked = texts, piece, []
 
-    async def stream(self, prompt=None, *, token_ids=None, messages=None, **kwargs):
-        self.asked.append({"messages": messages, **kwargs})
-        pieces = [self.text[i:i + self.piece] for i in range(0, len(self.text), self.piece)]
-        for i, piece in enumerate(pieces):
-            yield Chunk([10 + i], piece, None, [1, 2, 3] if i == 0 else [])
-        yield Chunk([2], "", "stop", [1, 2, 3] if not pieces else [])
+    async def stream(self, prompt=None, *, token_ids=None, messages=None, n=1, **kwargs):
+        self.asked.append({"messages": messages, "n": n, **kwargs})
+        texts = [self.texts[min(i, len(self.texts) - 1)] for i in range(n)]
+        pieces = [[t[i:i + self.piece] for i in range(0, len(t), self.piece)] for t in texts]
+        for step in range(max(map(len, pieces))):
+            for index, mine in enumerate(pieces):
+                if step < len(mine):
+                    yield Chunk([10 + step], mine[step], None, [1, 2, 3] if step == 0 else [], index=index)
+        for index in range(n):
+            yield Chunk([2], "", "stop", [], index=index)
 
 
 def served(router: ScriptedRouter, requests, tool_call_parser: str | None = "hermes"):
@@ -53,12 +58,18 @@ def served(router: ScriptedRouter, requests, tool_call_parser: str | None = "her
     return asyncio.run(main())
 
 
-async def streamed(client, **body):
-    """(content, tool calls, finish_reason) of a streamed chat, put together as OpenAI's clients do:
-    a call's first delta has its id and name, later ones of the same index add to its arguments."""
+async def streamed(client, raw: list | None = None, **body):
+    """(content, tool calls, finish_reason) of a streamed chat's choice 0, put together as OpenAI's
+    clients do: a call's first delta has its id and name, later ones of the same index add to its
+    arguments. `raw` gets every choice's deltas."""
     content, calls, finish = "", {}, None
     async for chunk in await client.chat.completions.create(model="m", messages=ASK, stream=True, **body):
-        choice = chunk.choices[0]
+        for choice in chunk.choices:
+            if raw is not None:
+                raw.append((choice.index, choice.delta, choice.finish_reason))
+        choice = next((c for c in chunk.choices if c.index == 0), None)
+        if choice is None:
+            continue
         content += choice.delta.content or ""
         for delta in choice.delta.tool_calls or ():
             call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
@@ -113,9 +124,17 @@ def test_a_named_function_streams_its_arguments_and_forces_them_to_its_schema():
     arguments = '{"city": "Rome", "unit": "F"}'
     router = ScriptedRouter(arguments, piece=4)
     choice = {"type": "function", "function": {"name": "get_weather"}}
+    raw = []
     whole, (content, calls, finish) = served(router, [
         lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice=choice),
-        lambda c: streamed(c, tools=TOOLS, tool_choice=choice)], tool_call_parser=None)
+        lambda c: streamed(c, raw, tools=TOOLS, tool_choice=choice)], tool_call_parser=None)
+    # As OpenAI streams a call: the first delta names it, the next ones carry its arguments' text.
+    deltas = [d.tool_calls[0] for _, d, _ in raw if d.tool_calls]
+    assert len(deltas) == len(arguments) // 4 + 1 and all(d.index == 0 for d in deltas)
+    assert deltas[0].id.startswith("chatcmpl-tool-") and deltas[0].type == "function"
+    assert deltas[0].function.name == "get_weather" and deltas[0].function.arguments == arguments[:4]
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert all(d.content is None for _, d, _ in raw if d.tool_calls)  # null beside calls, as OpenAI's
     message = whole.choices[0].message
     assert message.content is None and whole.choices[0].finish_reason == "stop"
     assert [(t.function.name, t.function.arguments) for t in message.tool_calls] == [("get_weather", arguments)]
@@ -136,3 +155,23 @@ def test_required_reads_the_list_of_calls_it_forced():
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want
     assert whole.choices[0].finish_reason == finish == "tool_calls" and content == ""
     assert all(json.loads(a["structured_outputs"].json)["minItems"] == 1 for a in router.asked)
+
+
+def test_each_of_n_choices_reads_its_own_calls():
+    router = ScriptedRouter(CALLS_TEXT, "No call here.", piece=2)
+    raw = []
+    whole, _ = served(router, [
+        lambda c: c.chat.completions.create(model="m", messages=ASK, tools=TOOLS, n=2),
+        lambda c: streamed(c, raw, tools=TOOLS, n=2)])
+    first, second = sorted(whole.choices, key=lambda c: c.index)
+    assert [t.function.name for t in first.message.tool_calls] == ["get_weather", "now"]
+    assert first.finish_reason == "tool_calls" and first.message.content == "Let me look.\n"
+    assert not second.message.tool_calls and second.message.content == "No call here."
+    assert second.finish_reason == "stop"
+    for index, names, text, reason in ((0, ["get_weather", "now"], "Let me look.\n", "tool_calls"),
+                                       (1, [], "No call here.", "stop")):
+        mine = [(d, f) for i, d, f in raw if i == index]
+        assert [c.function.name for d, _ in mine for c in d.tool_calls or ()] == names
+        assert [c.index for d, _ in mine for c in d.tool_calls or ()] == list(range(len(names)))
+        assert "".join(d.content or "" for d, _ in mine) == text
+        assert [f for _, f in mine if f] == [reason]

@@ -33,12 +33,15 @@ def converted(request, tmp_path_factory):
     (hf_dir / "tokenizer.json").write_text(_tiny_tokenizer_json())
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "a"}))
     (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (hf_dir / "additional_chat_templates").mkdir()  # as transformers 5 saves a named "tool_use" one
+    (hf_dir / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
     out = tmp_path_factory.mktemp("orbax") / request.param
     assert orbax_checkpoint.convert_to_orbax(str(hf_dir), out) == out.absolute()
     return hf_dir, out
 
 
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+TOOL_TEMPLATE = "{% for t in tools %}{{ t.function.name }} {% endfor %}" + CHAT_TEMPLATE
 
 
 def _tiny_tokenizer_json() -> str:
@@ -71,6 +74,8 @@ def test_directory_contents(converted):
 
     chat = load_metadata(str(out)).chat_template
     assert chat.source == CHAT_TEMPLATE and chat.render([{"role": "user", "content": "b"}]) == "auser b "
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert chat.render([{"role": "user", "content": "b"}], tools=tools) == "f auser b "
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 

@@ -195,7 +195,7 @@ def test_same_seed_same_tokens_whatever_the_batch(logits):
     (dict(repetition_penalty=1e-45), "repetition_penalty must be in"),  # 0 in float32: x / 0 is inf
     (dict(repetition_penalty=1e39), "repetition_penalty must be in"),  # inf in float32: 0 * inf is NaN
     (dict(temperature=10**400), "temperature must be a finite number"),  # no OverflowError
-    (dict(temperature=1e300), "at most 3.403e\\+38: it travels as a 32-bit float\\), got 1e\\+300"),  # not "got inf"
+    (dict(temperature=1e300), "at most 3.40282347e\\+38: it travels as a 32-bit float\\), got 1e\\+300"),  # not "got inf"
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens must be -1 \\(the model's context\\) or in \\[1, "),
     (dict(truncate_prompt_tokens=-2), "truncate_prompt_tokens must be"),
 ])

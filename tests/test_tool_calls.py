@@ -131,15 +131,25 @@ def test_no_tools_render_as_none_and_a_tool_use_template_serves_chats_with_tools
     without = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ours = ChatTemplate.maybe_load(tmp_path)
     assert ours.render(messages) == ours.render(messages, tools=[]) == without and "<tools>" not in without
-    (tmp_path / "chat_template.jinja").unlink()
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    # Named templates, as transformers 5 saves them (additional_chat_templates/tool_use.jinja) and as
+    # older checkpoints list them in tokenizer_config.json.
+    named = tmp_path / "named"
+    tok.chat_template = {"default": "plain:{{ messages[-1].content }}", "tool_use": HERMES}
+    tok.save_pretrained(named)
+    assert (named / "additional_chat_templates" / "tool_use.jinja").exists()
+    tok = transformers.AutoTokenizer.from_pretrained(named)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    config = json.loads((named / "tokenizer_config.json").read_text())
     config["chat_template"] = [{"name": "default", "template": "plain:{{ messages[-1].content }}"},
                                {"name": "tool_use", "template": HERMES}]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    ours = ChatTemplate.maybe_load(tmp_path)
-    assert ours.render(messages) == "plain:" + messages[-1]["content"]
-    assert ours.render(messages, tools=TOOLS) == tok.apply_chat_template(
-        messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    (listed / "tokenizer_config.json").write_text(json.dumps(config))
+    for directory in (named, listed):
+        ours = ChatTemplate.maybe_load(directory)
+        assert ours.render(messages) == tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                tokenize=False) == "plain:" + messages[-1]["content"]
+        assert ours.render(messages, tools=TOOLS) == tok.apply_chat_template(
+            messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -185,6 +195,9 @@ HERMES_ANSWERS = [  # (answer, content, [(name, arguments object)])
     ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),  # not a call: content
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),  # no name
     ('Cut off: <tool_call>{"name": "f", "argu', 'Cut off: <tool_call>{"name": "f", "argu', []),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}}', "", [("f", {"a": 1})]),  # ended at the call (a stop string)
+    ('<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>',  # not JSON, though Python's json reads it
+     '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>', []),
     (hermes_call("f", {"x": "é"}) + " trailing words are dropped", "", [("f", {"x": "é"})]),
 ]
 LLAMA_ANSWERS = [
@@ -270,6 +283,14 @@ def test_tool_choice_forces_the_answer_to_the_arguments_or_to_a_list_of_calls():
      "forces the answer's form, and so does response_format"),
     (openai_api.CHAT, {"tools": [{"type": "function", "function": {}}]}, r"tools\[0\].function must be"),
     (openai_api.COMPLETIONS, {"prompt": "x", "tools": TOOLS}, "tools .* is not supported"),
+    *[(openai_api.CHAT, {"tools": TOOLS, "tool_choice": choice}, "tool_choice must be")
+      for choice in ({"type": "function", "function": "get_weather"}, {"type": "function", "function": None}, 5, [],
+                     True, {"function": {"name": "now"}})],
+    (openai_api.CHAT, {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]},
+     r"tools\[0\] is not valid Unicode text"),
+    (openai_api.CHAT, {"tools": [{"type": "function", "function": {"name": n, "parameters": {
+        "type": "object", "$defs": {"A": {"type": t}}}}} for n, t in (("f", "string"), ("g", "integer"))],
+        "tool_choice": "required"}, "tools define \\$defs \"A\" differently"),
 ])
 def test_bad_tool_fields_are_refused_by_name(url, fields, message):
     body = chat_body(**fields) if url == openai_api.CHAT else fields
@@ -288,3 +309,27 @@ def test_tool_messages_in_a_body_name_their_place():
     assert parsed.messages[1]["tool_calls"][0]["function"]["arguments"] == {"ok": True}
     with pytest.raises(ValueError, match=r"unknown field messages\[0\].tool_id"):
         openai_api.parse_body(openai_api.CHAT, {"messages": [{"role": "tool", "tool_id": "c", "content": "x"}]})
+    with pytest.raises(ValueError, match=r"messages\[0\].tool_call_id is not valid Unicode text"):
+        openai_api.parse_body(openai_api.CHAT, {"messages": [{"role": "tool", "tool_call_id": "\udc00", "content": "x"}]})
+    # An answer sent back in the history, with the empty keys OpenAI's and vLLM's answers carry.
+    answer = {"role": "assistant", "content": None, "refusal": None, "function_call": None, "audio": None,
+              "annotations": [], "tool_calls": messages[1]["tool_calls"]}
+    assert openai_api.parse_body(openai_api.CHAT, {"messages": [answer]}).messages[0]["tool_calls"][0]["id"] == "c"
+    with pytest.raises(ValueError, match=r"unknown field messages\[0\].refusal"):
+        openai_api.parse_body(openai_api.CHAT, {"messages": [{**answer, "refusal": "no"}]})
+
+
+def test_required_moves_each_tools_defs_to_the_root_where_their_references_point():
+    import jsonschema
+
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    parameters = {"type": "object", "properties": {"at": {"$ref": "#/$defs/Place"}}, "required": ["at"],
+                  "$defs": {"Place": place}}  # as pydantic writes a nested model
+    tools = [{"type": "function", "function": {"name": n, "parameters": parameters}} for n in ("go", "stay")]
+    body = openai_api.parse_body(openai_api.CHAT, chat_body(tools=tools, tool_choice="required"))
+    body.params.structured_outputs.check()
+    schema = json.loads(body.params.structured_outputs.json)
+    assert schema["$defs"] == {"Place": place}
+    jsonschema.validate([{"name": "go", "parameters": {"at": {"city": "Oslo"}}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "go", "parameters": {"at": {}}}], schema)
