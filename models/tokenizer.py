@@ -85,8 +85,9 @@ class IncrementalDetokenizer:
     characters across tokens.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._skip = skip_special_tokens
         self._ids: list[int] = list(prompt_ids or [])[-4:]  # context for leading-space rules
         self._prefix = 0
         self._read = len(self._ids)
@@ -94,8 +95,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._tok.decode(self._ids[self._prefix : self._read])
-        after = self._tok.decode(self._ids[self._prefix :])
+        before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        after = self._tok.decode(self._ids[self._prefix :], self._skip)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         delta = after[len(before) :]

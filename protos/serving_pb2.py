@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/protos/serving.proto\x12\rsplitserve.v1\"\xa1\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x06\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x0f \x01(\x05H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x10 \x01(\rH\x08\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x13 \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\t\x88\x01\x01\x12<\n\x12structured_outputs\x18\x15 \x01(\x0b\x32 .splitserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x19\n\x17_truncate_prompt_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"K\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\r\n\x05tools\x18\x02 \x03(\t\"\xcf\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"\xcb\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\r\n\x05index\x18\t \x01(\r\x12\x35\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\rB\r\n\x0bstop_reason\"\x12\n\x10ModelInfoRequest\"K\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04mesh\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\"\xe6\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12*\n\x07workers\x18\x08 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x15\n\rchat_template\x18\n \x01(\x08\x32\xa8\x01\n\x07Serving\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12N\n\tModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitserve/protos/serving.proto\x12\rsplitserve.v1\"\xdb\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x06\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x0f \x01(\x05H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x10 \x01(\rH\x08\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x13 \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\rH\t\x88\x01\x01\x12<\n\x12structured_outputs\x18\x15 \x01(\x0b\x32 .splitserve.v1.StructuredOutputs\x12 \n\x13skip_special_tokens\x18\x16 \x01(\x08H\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x19\n\x17_truncate_prompt_tokensB\x04\n\x02_nB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\x90\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.splitserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"K\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\x12\r\n\x05tools\x18\x02 \x03(\t\"\xcf\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"\xcb\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x12\r\n\x05index\x18\t \x01(\r\x12\x35\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\rB\r\n\x0bstop_reason\"\x12\n\x10ModelInfoRequest\"K\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04mesh\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\"\xe6\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12*\n\x07workers\x18\x08 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x15\n\rchat_template\x18\n \x01(\x08\x32\xa8\x01\n\x07Serving\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12N\n\tModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a .splitserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=51
-  _globals['_SAMPLINGPARAMS']._serialized_end=852
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=655
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=703
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=855
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=999
-  _globals['_CHOICES']._serialized_start=1001
-  _globals['_CHOICES']._serialized_end=1027
-  _globals['_TOKENLOGPROBS']._serialized_start=1029
-  _globals['_TOKENLOGPROBS']._serialized_end=1120
-  _globals['_TOKENIDS']._serialized_start=1122
-  _globals['_TOKENIDS']._serialized_end=1145
-  _globals['_TOOLCALL']._serialized_start=1147
-  _globals['_TOOLCALL']._serialized_end=1202
-  _globals['_CHATMESSAGE']._serialized_start=1204
-  _globals['_CHATMESSAGE']._serialized_end=1329
-  _globals['_CHATMESSAGES']._serialized_start=1331
-  _globals['_CHATMESSAGES']._serialized_end=1406
-  _globals['_GENERATEREQUEST']._serialized_start=1409
-  _globals['_GENERATEREQUEST']._serialized_end=1616
-  _globals['_GENERATERESPONSE']._serialized_start=1619
-  _globals['_GENERATERESPONSE']._serialized_end=1950
-  _globals['_MODELINFOREQUEST']._serialized_start=1952
-  _globals['_MODELINFOREQUEST']._serialized_end=1970
-  _globals['_WORKERINFO']._serialized_start=1972
-  _globals['_WORKERINFO']._serialized_end=2047
-  _globals['_MODELINFORESPONSE']._serialized_start=2050
-  _globals['_MODELINFORESPONSE']._serialized_end=2280
-  _globals['_SERVING']._serialized_start=2283
-  _globals['_SERVING']._serialized_end=2451
+  _globals['_SAMPLINGPARAMS']._serialized_end=910
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=689
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=737
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=913
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1057
+  _globals['_CHOICES']._serialized_start=1059
+  _globals['_CHOICES']._serialized_end=1085
+  _globals['_TOKENLOGPROBS']._serialized_start=1087
+  _globals['_TOKENLOGPROBS']._serialized_end=1178
+  _globals['_TOKENIDS']._serialized_start=1180
+  _globals['_TOKENIDS']._serialized_end=1203
+  _globals['_TOOLCALL']._serialized_start=1205
+  _globals['_TOOLCALL']._serialized_end=1260
+  _globals['_CHATMESSAGE']._serialized_start=1262
+  _globals['_CHATMESSAGE']._serialized_end=1387
+  _globals['_CHATMESSAGES']._serialized_start=1389
+  _globals['_CHATMESSAGES']._serialized_end=1464
+  _globals['_GENERATEREQUEST']._serialized_start=1467
+  _globals['_GENERATEREQUEST']._serialized_end=1674
+  _globals['_GENERATERESPONSE']._serialized_start=1677
+  _globals['_GENERATERESPONSE']._serialized_end=2008
+  _globals['_MODELINFOREQUEST']._serialized_start=2010
+  _globals['_MODELINFOREQUEST']._serialized_end=2028
+  _globals['_WORKERINFO']._serialized_start=2030
+  _globals['_WORKERINFO']._serialized_end=2105
+  _globals['_MODELINFORESPONSE']._serialized_start=2108
+  _globals['_MODELINFORESPONSE']._serialized_end=2338
+  _globals['_SERVING']._serialized_start=2341
+  _globals['_SERVING']._serialized_end=2509
 # @@protoc_insertion_point(module_scope)

@@ -92,7 +92,7 @@ def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=No
                      ignore_eos=False, min_tokens=0, logprobs=None, include_stop_str_in_output=False,
                      presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, truncate_prompt_tokens=None,
                      n=1, min_p=0.0, logit_bias=None, allowed_token_ids=None, prompt_logprobs=None,
-                     structured_outputs=None, tools=None, request_id=""):
+                     structured_outputs=None, skip_special_tokens=True, tools=None, request_id=""):
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                 stop=stop,
                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs,
@@ -100,7 +100,8 @@ def _sampling_kwargs(max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=No
                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                 truncate_prompt_tokens=truncate_prompt_tokens, n=n, logit_bias=logit_bias,
                 allowed_token_ids=allowed_token_ids, prompt_logprobs=prompt_logprobs,
-                structured_outputs=structured_outputs, tools=tools, request_id=request_id)
+                structured_outputs=structured_outputs, skip_special_tokens=skip_special_tokens, tools=tools,
+                request_id=request_id)
 
 
 def sampling_kwargs(params: SamplingParams) -> dict:
@@ -112,7 +113,8 @@ def sampling_kwargs(params: SamplingParams) -> dict:
                 presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                 repetition_penalty=params.repetition_penalty, truncate_prompt_tokens=params.truncate_prompt_tokens,
                 n=params.n, logit_bias=dict(params.logit_bias), allowed_token_ids=params.allowed_token_ids,
-                prompt_logprobs=params.prompt_logprobs, structured_outputs=params.structured_outputs)
+                prompt_logprobs=params.prompt_logprobs, structured_outputs=params.structured_outputs,
+                skip_special_tokens=params.skip_special_tokens)
 
 
 def _one_sequence(sampling: dict) -> None:

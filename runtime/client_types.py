@@ -87,7 +87,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                   truncate_prompt_tokens: int | None = None, n: int = 1, min_p: float = 0.0,
                   logit_bias=None, allowed_token_ids=None, prompt_logprobs: int | None = None,
-                  structured_outputs=None, tools=None) -> serving_pb2.GenerateRequest:
+                  structured_outputs=None, skip_special_tokens: bool = True, tools=None
+                  ) -> serving_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt (text), token_ids or messages (a chat)")
     if messages is not None:
@@ -127,6 +128,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
     if n != 1:
         sampling.n = n
+    if not skip_special_tokens:
+        sampling.skip_special_tokens = False
     sampling.logit_bias.update(bias_pairs(logit_bias))  # keys may be strings, as OpenAI's JSON has them
     if allowed_token_ids is not None:
         if isinstance(allowed_token_ids, (str, bytes)) or not allowed_token_ids:  # the proto's empty list: any id

@@ -67,7 +67,8 @@ class ColocatedEngine:
         self.scheduler.add(request)
         self._requests[request.request_id] = request
         self._text[request.request_id] = TextStream(self.model.tokenizer, request.prompt_ids, request.params.stop,
-                                                    request.params.include_stop_str_in_output)
+                                                    request.params.include_stop_str_in_output,
+                                                    request.params.skip_special_tokens)
         return request.request_id
 
     def abort(self, request_id: str) -> None:

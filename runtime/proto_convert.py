@@ -34,6 +34,7 @@ def sampling_from_public(msg: serving_pb2.SamplingParams) -> SamplingParams:
         logit_bias=dict(msg.logit_bias), allowed_token_ids=tuple(msg.allowed_token_ids) or None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         structured_outputs=structured_from_proto(msg),
+        skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
     )
 
 

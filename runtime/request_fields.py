@@ -16,7 +16,7 @@ DEFAULT_MAX_TOKENS = 16
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens", "n", "logit_bias",
-                   "allowed_token_ids", "prompt_logprobs")
+                   "allowed_token_ids", "prompt_logprobs", "skip_special_tokens")
 # Structured outputs, under every name vLLM takes them by: its structured_outputs object, the older
 # guided_* fields, and OpenAI's response_format. A request names at most one.
 STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex", "guided_choice",
@@ -120,7 +120,8 @@ def sampling_params(fields: dict) -> SamplingParams:
                              ("frequency_penalty", is_number, "a number"),
                              ("repetition_penalty", is_number, "a number"),
                              ("truncate_prompt_tokens", is_int, "an integer"), ("n", is_int, "an integer"),
-                             ("include_stop_str_in_output", is_bool, "a boolean")):
+                             ("include_stop_str_in_output", is_bool, "a boolean"),
+                             ("skip_special_tokens", is_bool, "a boolean")):
         value = fields.get(key)
         if value is not None and not check(value):
             raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")

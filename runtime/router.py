@@ -210,7 +210,8 @@ class Router:
         params = params.with_seed()  # both legs must sample with the same seed
         request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         sampling = sampling_to_internal(params)
-        text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output)
+        text = TextStream(self.metadata.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+                          params.skip_special_tokens)
         progress = _Progress(params, [])
         decode = None
         try:

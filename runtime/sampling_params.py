@@ -90,6 +90,9 @@ class SamplingParams:
     # As vLLM's structured_outputs: the output held to a JSON schema, a regex, a choice or a grammar
     # (runtime/structured_outputs.py). A dict of its fields is taken. None: free text.
     structured_outputs: StructuredOutputs | None = None
+    # As vLLM's: the text leaves special tokens out (their ids stay in token_ids). False keeps their
+    # text, as tool parsers need for models whose call markers are special tokens.
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -19,8 +19,9 @@ from splitserve.runtime.stop_rules import find_stop_span
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: tuple[str, ...],
-                 include_stop: bool = False):
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+                 include_stop: bool = False, skip_special_tokens: bool = True):
+        self._detok = (IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+                       if tokenizer is not None else None)
         self._stop = stop
         self._include_stop = include_stop
         self._sent = 0  # characters of the text handed out so far

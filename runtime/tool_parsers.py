@@ -43,6 +43,8 @@ class Delta:
 
 
 class ToolParser(Protocol):
+    KEEPS_SPECIAL_TOKENS: bool  # the answer is read with its special tokens' text (vLLM's adjust_request)
+
     def feed(self, text: str) -> Delta: ...
     def finish(self) -> Delta: ...
 
@@ -79,6 +81,8 @@ def call_from_json(obj, arguments_keys: tuple[str, ...]) -> ToolCall | None:
 
 class HermesParser:
     START, END = "<tool_call>", "</tool_call>"
+    # Some checkpoints (Hermes 2 Pro) make the markers special tokens: the answer's text must keep them.
+    KEEPS_SPECIAL_TOKENS = True
 
     def __init__(self):
         self._pending = ""  # text not yet shown: a possible start of START, or a call not yet ended
@@ -134,6 +138,7 @@ class HermesParser:
 
 class Llama3JsonParser:
     PYTHON_TAG = "<|python_tag|>"
+    KEEPS_SPECIAL_TOKENS = False  # the JSON is ordinary text; the tag (special) is read if it is there
 
     def __init__(self):
         self._head = ""  # the answer's start, until it tells whether the answer is calls

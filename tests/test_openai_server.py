@@ -206,6 +206,28 @@ def test_n_choices_stream_interleaved_and_equal_generate_n(oai, sdk):
     assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_special_tokens_text_is_kept_when_asked_as_transformers_decodes_it(oai, sdk):
+    """vLLM's skip_special_tokens: the demo tokenizer's <s> (special) sampled among ordinary tokens
+    is left out of the text by default and kept with false, as transformers decodes the same ids."""
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ensure_demo_model())
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    allowed = [bos, *range(300, 340)]
+    bias = {bos: 3.0}  # the random model's <s> logit is below the others': about half the tokens
+    kw = dict(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True, allowed_token_ids=allowed, logit_bias=bias)
+    skipped, kept = sdk.generate(PROMPT, **kw), sdk.generate(PROMPT, skip_special_tokens=False, **kw)
+    assert kept.token_ids == skipped.token_ids and 0 < kept.token_ids.count(bos) < 20, kept.token_ids
+    assert skipped.text == tokenizer.decode(skipped.token_ids, skip_special_tokens=True) and "<s>" not in skipped.text
+    assert kept.text == tokenizer.decode(kept.token_ids, skip_special_tokens=False) and "<s>" in kept.text
+    got = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=24, temperature=1.0, seed=11,
+                                 logit_bias={str(bos): 3.0}, extra_body={
+                                     "ignore_eos": True, "allowed_token_ids": allowed, "skip_special_tokens": False})
+    assert got.choices[0].text == kept.text
+
+
 def test_logprobs_equal_the_sdks_with_tokens_named_as_transformers_decodes_them(oai, sdk):
     import transformers
 

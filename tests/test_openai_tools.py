@@ -94,9 +94,10 @@ def test_auto_calls_are_read_whole_and_streamed_alike():
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         (t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls]
     assert all(c["id"].startswith("chatcmpl-tool-") for c in calls)
-    # The router was asked for the chat with the tools, for its template; nothing forced the answer.
+    # The router was asked for the chat with the tools, for its template; nothing forced the answer,
+    # and the text keeps special tokens (some checkpoints make <tool_call> one), as vLLM's hermes asks.
     assert all(a["tools"] == TOOLS and a["messages"] == tuple(ASK) and a["structured_outputs"] is None
-               for a in router.asked)
+               and a["skip_special_tokens"] is False for a in router.asked)
 
 
 def test_an_answer_without_calls_is_content_and_none_reads_no_calls():
@@ -142,6 +143,7 @@ def test_a_named_function_streams_its_arguments_and_forces_them_to_its_schema():
         ("get_weather", arguments)]
     forced = [json.loads(a["structured_outputs"].json) for a in router.asked]
     assert forced == [TOOLS[0]["function"]["parameters"]] * 2
+    assert all(a["skip_special_tokens"] is True for a in router.asked)  # no parser reads this text
 
 
 def test_required_reads_the_list_of_calls_it_forced():
