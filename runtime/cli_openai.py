@@ -70,7 +70,8 @@ def add_tool_flags(p, prefix: str = "") -> None:
 
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS), help=f"{prefix}how the model writes tool calls: "
                    "chat requests with tools and tool_choice \"auto\" then get them as tool_calls (hermes: "
-                   "Qwen2.5/Qwen3/Hermes' <tool_call> JSON; llama3_json: Llama 3.1+'s JSON). Without it \"auto\" "
+                   "Qwen2.5/Qwen3/Hermes' <tool_call> JSON; llama3_json: Llama 3.1+'s JSON; mistral: [TOOL_CALLS]). "
+                   "Without it \"auto\" "
                    "is refused; \"required\" and a named function work without it")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="vLLM's flag, taken for its command lines; needs --tool-call-parser, which is enough alone")

@@ -6,6 +6,9 @@
     llama3_json  an answer that begins with "{" (after an optional <|python_tag|>) is one or more
                  JSON objects {"name": ..., "parameters": {...}} separated by ";" (Llama 3.1-3.3's
                  JSON tool calling); any other answer is content.
+    mistral      [TOOL_CALLS] and a JSON list of {"name", "arguments"} (Mistral 7B v0.3), or
+                 [TOOL_CALLS]name[ARGS]{...} for each call (Mistral's tokenizer v11 and later); the
+                 text before is content. [TOOL_CALLS] is a special token: read with its text.
 
 Each parser is a stream: `feed(text)` takes the answer's next text and `finish()` ends it; both give
 a Delta of content to show and calls completed. A whole answer is one feed and the finish
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
+import string
 import uuid
 from typing import Protocol
 
@@ -185,7 +190,66 @@ class Llama3JsonParser:
         return tuple(calls) or None
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+class MistralParser:
+    """[TOOL_CALLS] then the calls: a JSON list [{"name", "arguments"}, ...] (Mistral 7B v0.3, Mixtral
+    8x22B), or name[ARGS]{...} once per call, each after its own [TOOL_CALLS] (tokenizer v11 and
+    later). The text before the first marker is content; after it, the answer is read whole at the end."""
+
+    MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    KEEPS_SPECIAL_TOKENS = True  # [TOOL_CALLS] is a control token: without its text there is no call to see
+
+    def __init__(self):
+        self._pending = ""  # content not yet shown (a possible start of the marker), or the calls
+        self._in_calls = False
+
+    def feed(self, text: str) -> Delta:
+        self._pending += text
+        if self._in_calls:
+            return Delta()
+        start = self._pending.find(self.MARKER)
+        if start >= 0:
+            shown, self._pending, self._in_calls = self._pending[:start], self._pending[start:], True
+            return Delta(shown)
+        keep = _held_back(self._pending, self.MARKER)
+        shown, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        return Delta(shown)
+
+    def finish(self) -> Delta:
+        rest, self._pending = self._pending, ""
+        if not self._in_calls:
+            return Delta(rest)
+        calls = self._parse(rest)
+        return Delta(rest) if calls is None else Delta("", calls)
+
+    def _parse(self, text: str) -> tuple[ToolCall, ...] | None:
+        parts = [p.strip() for p in text.split(self.MARKER)[1:]]
+        if len(parts) == 1 and parts[0].startswith("["):  # the JSON list
+            try:
+                listed = strict_json(parts[0])
+            except ValueError:
+                return None
+            calls = [call_from_json(obj, ("arguments",)) for obj in listed] if isinstance(listed, list) else [None]
+        else:  # name[ARGS]{...} each
+            calls = []
+            for part in parts:
+                name, args, arguments = part.partition(self.ARGS)
+                try:
+                    calls.append(call_from_json({"name": name.strip(), "arguments": strict_json(arguments)},
+                                                ("arguments",)) if args else None)
+                except ValueError:
+                    return None
+        if not calls or None in calls:
+            return None
+        return tuple(dataclasses.replace(c, id=_nine_characters()) for c in calls)
+
+
+def _nine_characters() -> str:
+    """Mistral's templates refuse a history whose call ids are not 9 letters or digits (vLLM's ids too)."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(9))
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
 
 
 def _held_back(text: str, marker: str) -> int:
