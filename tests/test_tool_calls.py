@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitserve.models.chat_template import ChatTemplate, ChatTemplateError
-from splitserve.models.demo import ensure_demo_model
 from splitserve.models.tokenizer import Tokenizer
 from splitserve.protos import serving_pb2
 from splitserve.runtime import openai_api, tool_parsers
 from splitserve.runtime.client_types import build_request
 from splitserve.runtime.openai_tools import ToolAnswer
 from splitserve.runtime.proto_convert import chat_from_proto
+from test_chat_template import _saved_tokenizer as saved_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,14 +94,6 @@ def as_transformers_documents(messages):
         for call in m.get("tool_calls") or ():
             call["function"]["arguments"] = json.loads(call["function"]["arguments"])
     return out
-
-
-def saved_tokenizer(tmp_path, template: str):
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ensure_demo_model() / "tokenizer.json"),
-                                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = template
-    tok.save_pretrained(tmp_path)
-    return transformers.AutoTokenizer.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("template", [HERMES, BY_ID], ids=["hermes", "by_id"])
