@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from splitserve.models.config import ModelConfig, load_hf_config, serving_dtype_name
 from splitserve.models.decoder import Decoder
 from splitserve.models.head_layout import HeadLayout, head_layout_for
+from splitserve.models.metadata import resolve_model_dir
 from splitserve.models.safetensors_reader import SafetensorsReader
 from splitserve.models.sharding import named_sharding
 from splitserve.models.chat_template import ChatTemplate
@@ -144,13 +145,7 @@ def _shaped(tensor: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray
 
 def load_model(path: str, mesh: Mesh, *, dtype: str = "auto") -> LoadedModel:
     """Loads `demo`, an HF directory, or a `splitserve convert` Orbax checkpoint onto `mesh`."""
-    if path == "demo":
-        from splitserve.models.demo import ensure_demo_model
-
-        path = str(ensure_demo_model())
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model path {path!r} is not a directory (nor 'demo')")
+    model_dir = resolve_model_dir(path)
     if (model_dir / ORBAX_MARKER).exists():
         from splitserve.models.orbax_checkpoint import load_orbax_model
 

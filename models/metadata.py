@@ -27,6 +27,8 @@ def resolve_model_dir(path: str) -> Path:
         from splitserve.models.demo import ensure_demo_model
 
         return Path(ensure_demo_model())
+    if not str(path).strip():  # Path("") is "." (the current directory), which would be read instead
+        raise FileNotFoundError("the model path is empty: give a checkpoint directory (HF or Orbax) or 'demo'")
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model path {path!r} is not a directory (nor 'demo')")

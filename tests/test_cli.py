@@ -113,6 +113,9 @@ def test_generate_streams_demo_text(cache):
     (["convert", "/nope/model", "out-dir"], "splitserve convert: model path '/nope/model' is not a directory"),
     (["colocated-worker", "--model", "/nope/model"], "splitserve colocated-worker: model path '/nope/model'"),
     (["generate", "hi", "--model", "/nope/model"], "/nope/model"),
+    # "" was Path("."): the current directory was read as the checkpoint ("." has no config.json).
+    (["launch", "--model", ""], "splitserve launch: the model path is empty: give a checkpoint directory"),
+    (["generate", "hi", "--model", " "], "splitserve generate: the model path is empty"),
     (["generate", "hi", "--address", "127.0.0.1:1", "--seed", "-1"], "seed must be in [0, "),
     # It sized a KV cache for 2**31 tokens first (a 1 TB allocation, out of memory) before checking.
     (["generate", "hi", "--max-tokens", "2147483647"], "exceeds the model's context of 2048"),
