@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from splitserve.models.config import ModelConfig, load_hf_config, serving_dtype_name
 from splitserve.models.decoder import Decoder
 from splitserve.models.head_layout import HeadLayout, head_layout_for
-from splitserve.models.metadata import resolve_model_dir
+from splitserve.models.metadata import ORBAX_MARKER, resolve_model_dir
 from splitserve.models.safetensors_reader import SafetensorsReader
 from splitserve.models.sharding import named_sharding
 from splitserve.models.chat_template import ChatTemplate
@@ -30,7 +30,6 @@ from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ORBAX_MARKER = "splitserve_orbax.json"
 
 
 @dataclasses.dataclass

@@ -6,12 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from splitserve.models.config import ModelConfig, load_hf_config
+from splitserve.models.config import ModelConfig, load_hf_config, read_json_object
 from splitserve.models.chat_template import ChatTemplate
 from splitserve.models.tokenizer import Tokenizer
 
-ORBAX_MARKER = "splitserve_orbax.json"  # written by models/orbax_checkpoint.py
+# A `splitserve convert` checkpoint (models/orbax_checkpoint.py): read here too, without JAX, by the router.
+ORBAX_MARKER = "splitserve_orbax.json"
 ORBAX_CONFIG = "model_config.json"
+ORBAX_FORMAT, ORBAX_FORMAT_VERSION = "splitserve-orbax", 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,35 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tokenizer
 
 
+def read_orbax_marker(model_dir: Path) -> dict:
+    """A converted checkpoint's marker; ValueError naming the file if it is not one this splitserve reads."""
+    path = Path(model_dir) / ORBAX_MARKER
+    marker = read_json_object(path)
+    if marker.get("format") != ORBAX_FORMAT or marker.get("version") != ORBAX_FORMAT_VERSION:
+        raise ValueError(f"{model_dir}: Orbax checkpoint format {marker.get('format')!r} version "
+                         f"{marker.get('version')!r}; this splitserve reads {ORBAX_FORMAT!r} version "
+                         f"{ORBAX_FORMAT_VERSION}")
+    if not isinstance(marker.get("name"), str):
+        raise ValueError(f"{path}: \"name\" must be the model's name (a string), got {marker.get('name')!r}")
+    return marker
+
+
+def read_orbax_config(model_dir: Path) -> ModelConfig:
+    """The ModelConfig that convert wrote; ValueError naming the file and the field otherwise."""
+    path = Path(model_dir) / ORBAX_CONFIG
+    try:
+        return ModelConfig.from_json_dict(read_json_object(path))
+    except KeyError as e:
+        raise ValueError(f"{path}: missing {e.args[0]!r} (was it written by `splitserve convert`?)") from None
+    except TypeError as e:  # an unknown or malformed field
+        raise ValueError(f"{path}: {e}") from None
+
+
 def load_metadata(path: str) -> ModelMetadata:
     model_dir = resolve_model_dir(path)
     if (model_dir / ORBAX_MARKER).exists():
-        marker = json.loads((model_dir / ORBAX_MARKER).read_text())
-        config = ModelConfig.from_json_dict(json.loads((model_dir / ORBAX_CONFIG).read_text()))
-        name = marker.get("name") or model_dir.name
+        name = read_orbax_marker(model_dir)["name"] or model_dir.name
+        config = read_orbax_config(model_dir)
     else:
         config = load_hf_config(model_dir)
         name = json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or model_dir.name

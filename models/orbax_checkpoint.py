@@ -39,7 +39,6 @@ from jax.sharding import Mesh
 from splitserve.models.config import ModelConfig
 from splitserve.models.head_layout import HeadLayout, head_layout_for
 from splitserve.models.loader import (
-    ORBAX_MARKER,
     LoadedModel,
     abstract_model,
     load_model,
@@ -47,6 +46,8 @@ from splitserve.models.loader import (
     resolve_dtype,
     select_heads,
 )
+from splitserve.models.metadata import (ORBAX_CONFIG, ORBAX_FORMAT, ORBAX_FORMAT_VERSION, ORBAX_MARKER,
+                                       read_orbax_config, read_orbax_marker)
 from splitserve.models.sharding import MeshConfig, make_mesh, named_sharding
 from splitserve.models.chat_template import (ADDITIONAL_TEMPLATES, SPECIAL_TOKENS_MAP, TEMPLATE_FILE, TOKENIZER_CONFIG,
                                            ChatTemplate)
@@ -54,10 +55,7 @@ from splitserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "splitserve-orbax"
-FORMAT_VERSION = 1
 PARAMS_DIR = "params"
-CONFIG_FILE = "model_config.json"
 
 
 def _is_var(x) -> bool:
@@ -91,13 +89,13 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
         # Uncompressed: weights barely compress (~7%) and zstd made restores ~2x slower.
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(nnx.to_pure_dict(loaded.params)))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
+        (tmp / ORBAX_CONFIG).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
         for name in ("tokenizer.json", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, TEMPLATE_FILE):  # tokenizer, chat template
             if (source / name).exists():
                 shutil.copyfile(source / name, tmp / name)
         if (source / ADDITIONAL_TEMPLATES).is_dir():  # named templates ("tool_use") beside the chat template
             shutil.copytree(source / ADDITIONAL_TEMPLATES, tmp / ADDITIONAL_TEMPLATES)
-        marker = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name, "name": loaded.name}
+        marker = {"format": ORBAX_FORMAT, "version": ORBAX_FORMAT_VERSION, "dtype": dtype_name, "name": loaded.name}
         (tmp / ORBAX_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out_dir.exists():
@@ -109,19 +107,11 @@ def convert_to_orbax(model_path: str, out_dir: Path, *, dtype: str = "auto") -> 
     return out_dir
 
 
-def read_marker(model_dir: Path) -> dict:
-    marker = json.loads((Path(model_dir) / ORBAX_MARKER).read_text())
-    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{model_dir}: Orbax checkpoint format {marker.get('format')!r} version "
-                         f"{marker.get('version')!r}; this splitserve reads {FORMAT!r} version {FORMAT_VERSION}")
-    return marker
-
-
 def load_orbax_model(model_dir: Path, mesh: Mesh, *, dtype: str = "auto") -> LoadedModel:
     """Restores a converted checkpoint onto `mesh`; dtype "auto" is the dtype it was stored in."""
     model_dir = Path(model_dir).absolute()
-    marker = read_marker(model_dir)
-    config = ModelConfig.from_json_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
+    marker = read_orbax_marker(model_dir)
+    config = read_orbax_config(model_dir)
     layout = head_layout_for(config.num_heads, config.num_kv_heads, mesh.shape["tp"])
     jdtype = resolve_dtype(dtype, config)
     graphdef, params = nnx.split(abstract_model(config, layout, jdtype))

@@ -16,7 +16,8 @@ from flax import nnx
 
 from hf_checkpoints import build_checkpoint
 from splitserve.models import orbax_checkpoint
-from splitserve.models.loader import ORBAX_MARKER, load_model
+from splitserve.models.loader import load_model
+from splitserve.models.metadata import ORBAX_MARKER
 from splitserve.models.serving import prefill
 from splitserve.models.sharding import MeshConfig, make_mesh
 
@@ -138,3 +139,26 @@ def test_a_truncated_data_file_is_a_value_error_naming_the_checkpoint(converted,
     for tp in (1, 2):  # the sharded restore, and (qwen2's 1 KV head on tp=2) the host remap
         with pytest.raises(ValueError, match="the Orbax checkpoint does not restore"):
             load_model(str(damaged), make_mesh(MeshConfig(tp=tp)))
+
+
+@pytest.mark.parametrize("file, text, message", [
+    (ORBAX_MARKER, "{not json", "splitserve_orbax.json: not JSON"),
+    (ORBAX_MARKER, "[1]", "splitserve_orbax.json: must hold a JSON object"),
+    (ORBAX_MARKER, '{"format": "splitserve-orbax", "version": 1}', "\"name\" must be the model's name"),
+    ("model_config.json", '{"family": "llama"}', "model_config.json: missing 'rope'"),
+    ("model_config.json", "", "model_config.json: not JSON"),
+])
+def test_a_damaged_marker_or_config_is_a_value_error_naming_the_file(converted, tmp_path, file, text, message):
+    """They were KeyErrors and JSON tracebacks, in the router (load_metadata) and in the workers (load_model)."""
+    import shutil
+
+    from splitserve.models.metadata import load_metadata
+
+    _, out = converted
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / file).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_metadata(str(damaged))
+    with pytest.raises(ValueError, match=message):
+        load_model(str(damaged), make_mesh(MeshConfig(tp=1)))
