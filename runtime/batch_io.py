@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 from splitserve.runtime import openai_api
+from splitserve.runtime.openai_tools import ToolUse
 from splitserve.runtime.request_fields import (SAMPLING_FIELDS, STRUCTURED_FIELDS, chat_messages, reject_unknown,
                                                sampling_params, text_field, token_ids_field)
 from splitserve.runtime.sampling_params import INT32_MAX, SamplingParams, check_text
@@ -45,6 +46,7 @@ class BatchRequest:
     messages: tuple[dict[str, str], ...] | None = None  # a chat: {"role", "content"} each
     echo: bool = False  # an OpenAI completions line's echo (runtime/openai_api.py)
     echo_only: bool = False  # echo with max_tokens 0: the one token made is not shown
+    tool_use: ToolUse | None = None  # an OpenAI chat line's tools and tool_choice (runtime/openai_tools.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ def parse_line(text: str, line: int) -> BatchRequest:
         if openai:
             body = _openai_body(obj)
             return BatchRequest(request_id, line, body.params, body.prompt, body.prompt_token_ids, body.messages,
-                                body.echo, body.echo_only)
+                                body.echo, body.echo_only, body.tool_use)
         reject_unknown(obj, NATIVE_FIELDS, "")
         prompt, token_ids = text_field(obj, "prompt"), token_ids_field(obj, "prompt_token_ids")
         messages = chat_messages(obj["messages"], "messages") if "messages" in obj else None
@@ -160,8 +162,6 @@ def _openai_body(obj: dict) -> openai_api.OpenAIRequest:
     body = openai_api.parse_body(obj.get("url"), obj.get("body"), where="body.")
     if body.stream:
         raise ValueError("body.stream must be false in a batch")
-    if body.tool_use is not None:  # reading calls out of answers is openai-server's (--tool-call-parser)
-        raise ValueError("body.tools: tool calling is served by openai-server, not yet by batch files")
     if len(body.prompts) > 1:
         raise ValueError(f"body.prompt holds {len(body.prompts)} prompts: a batch line takes one (write a line "
                          "for each)")

@@ -23,6 +23,8 @@ torn tail off an existing output file and returns the ids it holds, for resuming
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -32,6 +34,8 @@ from pathlib import Path
 from splitserve.runtime import openai_api
 from splitserve.runtime.batch_io import BatchRequest
 from splitserve.runtime.openai_logprobs import TokenText
+from splitserve.runtime.openai_tools import ToolAnswer
+from splitserve.runtime.tool_parsers import PARSERS
 from splitserve.runtime.request import Completion
 
 FORMATS = ("native", "openai")
@@ -44,7 +48,13 @@ class NativeOutput:
             return "n > 1 is written with --output-format openai (one choice per completion)"
         if request.echo:
             return "echo is written with --output-format openai (a native line has no prompt text)"
+        if request.tool_use is not None:
+            return "tools are written with --output-format openai (the calls go in its tool_calls)"
         return None
+
+    def prepared(self, request: BatchRequest) -> BatchRequest:
+        """The request as it is run (OpenAIOutput's may differ)."""
+        return request
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
         """`completions`: the request's n (one here: refuses() turned away the others)."""
@@ -69,15 +79,27 @@ class OpenAIOutput:
     """`model`: the name the bodies report (the served model's); `tokenizer`: the model's
     (models/tokenizer.py), to name logprobs' tokens by their text and echo token-id prompts."""
 
-    def __init__(self, model: str, tokenizer=None):
+    def __init__(self, model: str, tokenizer=None, tool_call_parser: str | None = None):
+        """`tool_call_parser`: how the model writes tool calls (runtime/tool_parsers.py), for lines with
+        tools and tool_choice "auto", as openai-server's flag of that name."""
         self.model = model
         self.token_text = TokenText(tokenizer)
+        self.tool_call_parser = tool_call_parser
 
     def refuses(self, request: BatchRequest) -> str | None:
         if request.echo and request.prompt is None and not self.token_text.has_tokenizer:
             return ("echo of a prompt given as token ids needs the model's tokenizer (a tokenizer.json in the "
                     "model's directory; with --address, --tokenizer MODEL)")
+        if request.tool_use is not None and request.tool_use.choice == "auto" and self.tool_call_parser is None:
+            return '"auto" tool choice needs the calls read out of the answers: run with --tool-call-parser'
         return None
+
+    def prepared(self, request: BatchRequest) -> BatchRequest:
+        """With tools read by a parser that wants special tokens' text (hermes, mistral), asks for it."""
+        if request.tool_use is not None and request.tool_use.choice == "auto" and \
+                PARSERS[self.tool_call_parser].KEEPS_SPECIAL_TOKENS:
+            return dataclasses.replace(request, params=dataclasses.replace(request.params, skip_special_tokens=False))
+        return request
 
     def result(self, request: BatchRequest, completions: list[Completion]) -> dict:
         """`completions`: the request's n, in index order: one choice each."""
@@ -85,8 +107,10 @@ class OpenAIOutput:
         if request.echo:
             prompt = request.prompt if request.prompt is not None else request.prompt_token_ids
             echo_texts = [openai_api.echo_text(prompt, completions[0].prompt_token_ids, self.token_text)]
+        tool_answer = (functools.partial(ToolAnswer, request.tool_use, self.tool_call_parser)
+                       if request.tool_use is not None else None)
         body = openai_api.completion_body(request.messages is not None, self.model, [completions], self.token_text,
-                                          echo_texts, request.echo_only)
+                                          echo_texts, request.echo_only, tool_answer)
         return self._line(request.id, {"status_code": 200, "request_id": _request_id(), "body": body}, None)
 
     def error(self, request_id, message: str) -> dict:

@@ -136,7 +136,7 @@ def run_batch(input_path: str | Path, output_path: str | Path, backend: Backend,
                 if (why := output.refuses(request)) is not None:
                     recorder.error(request.id, request.line, why)
                 else:
-                    runnable.append(request)
+                    runnable.append(output.prepared(request))
             backend.run(runnable, recorder)
         finally:
             stats.wall_s = time.perf_counter() - start
@@ -208,7 +208,7 @@ class InProcessBackend:
             raise ValueError("the model has no chat template (chat_template.jinja or tokenizer_config.json's "
                              "chat_template): give the prompt as text")
         # The rendered text holds the template's special tokens already (as the router does).
-        return tokenizer.encode(template.render(request.messages), add_special_tokens=False)
+        return tokenizer.encode(template.render(request.messages, tools=_tools(request)), add_special_tokens=False)
 
 
 # A busy router (RESOURCE_EXHAUSTED: at its admission limit, or no KV pages within its wait) is
@@ -274,4 +274,9 @@ class RemoteBackend:
 
         token_ids = list(request.prompt_token_ids) if request.prompt_token_ids is not None else None
         return self.client.generate_n(request.prompt, token_ids=token_ids, messages=request.messages,
-                                      **sampling_kwargs(request.params))
+                                      tools=_tools(request), **sampling_kwargs(request.params))
+
+
+def _tools(request: BatchRequest) -> list[dict] | None:
+    """The tools an OpenAI chat line gives its template (runtime/openai_tools.py), or None."""
+    return list(request.tool_use.tools) if request.tool_use is not None else None

@@ -12,6 +12,7 @@ import sys
 from splitserve.runtime.batch_output import FORMATS
 from splitserve.runtime.cli_args import add_prefix_cache_flags, positive_int, prefix_cache_gib
 from splitserve.runtime.cli_client import add_router_client_flags, client_options
+from splitserve.runtime.cli_openai import add_tool_flags, tool_call_parser
 
 DESCRIPTION = """\
 Run every request of a JSONL file and append one result line per request to the output.
@@ -45,7 +46,9 @@ them): {"id", "custom_id", "response": {"status_code": 200, "request_id", "body"
 completion, or a chat completion for a chat line}, "error": null}, or status_code 400 and
 "error": the message; match on custom_id. Logprobs there take OpenAI's shapes (tokens named by
 their text with the model's tokenizer: in-process its own, with --address --tokenizer MODEL, else
-"token_id:N"), and a completions body's "echo" is served as openai-server serves it.
+"token_id:N"), and a completions body's "echo" is served as openai-server serves it, and so are a
+chat body's "tools" and "tool_choice" (with --tool-call-parser for "auto"): the calls come in the
+choice's message.tool_calls.
 
 Resume: re-run with the same --output after a crash or Ctrl-C; ids already in the file are
 skipped and a torn last line is cut off first, so nothing is repeated and nothing lost.
@@ -76,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="native (default): {id, text, token_ids, finish_reason, prompt_tokens} lines; openai: the "
                         "OpenAI Batch API's output lines, {id, custom_id, response: {status_code, request_id, "
                         "body}, error}, with a text or chat completion body (as vLLM's run-batch writes them)")
+    add_tool_flags(p, "with --output-format openai: ")
     p.add_argument("--json-summary", help="also write the summary as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -104,10 +108,13 @@ def run(args) -> int:
     from splitserve.runtime.batch_output import NativeOutput, OpenAIOutput
 
     try:
+        parser = tool_call_parser(args)
+        if parser is not None and args.output_format != "openai":
+            raise ValueError("--tool-call-parser reads calls into --output-format openai lines")
         backend, close, model_name, tokenizer = _remote_backend(args) if args.address else _in_process_backend(args)
     except (OSError, ValueError) as e:  # a bad flag value, a model that does not load
         raise SystemExit(f"splitserve batch: {e}")
-    output = OpenAIOutput(model_name, tokenizer) if args.output_format == "openai" else NativeOutput()
+    output = OpenAIOutput(model_name, tokenizer, parser) if args.output_format == "openai" else NativeOutput()
     try:
         stats = run_batch(args.input, args.output, backend, progress=not args.no_progress, output=output)
     except BatchAborted as e:

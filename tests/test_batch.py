@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,10 +136,6 @@ def test_chat_messages_are_read_as_vllm_reads_them():
                            ({"role": "user", "content": "x", "name": 3}, "name must be a string")]:
         with pytest.raises(ValueError, match=error):
             parse_line(json.dumps({"id": "n", "messages": [message]}), 1)
-    with pytest.raises(ValueError, match="body.tools: tool calling is served by openai-server"):
-        parse_line(json.dumps({"custom_id": "t", "url": "/v1/chat/completions", "body": {
-            "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"type": "function", "function": {"name": "f"}}]}}), 1)
 
 
 def test_openai_nulls_are_absent_and_max_completion_tokens_wins():
@@ -663,6 +660,53 @@ def test_openai_output_lines_carry_the_same_results_and_resume_on_custom_id(tmp_
     assert stats.skipped == 5 and stats.done + stats.errors == len(cases) - 5
     resumed = [json.loads(line)["custom_id"] for line in openai.read_text().splitlines()]
     assert sorted(map(str, resumed)) == sorted(map(str, want))
+
+
+def test_tool_lines_get_tool_calls_as_openai_server_answers_them(tmp_path, model):
+    """A named function's arguments equal the same schema's structured output; an "auto" line's
+    answer (forced to a <tool_call> by a regex) is read by the hermes parser and equals the text of
+    the same line without tools. Without a parser, "auto" lines get an error line; so do tools in
+    native lines."""
+    import jsonschema
+
+    from splitserve.runtime.batch_output import OpenAIOutput
+    from test_tool_calls import TOOLS
+
+    parameters = {**TOOLS[0]["function"]["parameters"], "additionalProperties": False,
+                  "x-guidance": {"whitespace_flexible": False}}
+    parameters["properties"] = {**parameters["properties"], "city": {"type": "string", "maxLength": 10}}
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": parameters}}, TOOLS[1]]
+    regex = r'<tool_call>\n\{"name": "now", "arguments": \{\}\}\n</tool_call>'
+    chat = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def line(custom_id, **body):
+        return {"custom_id": custom_id, "url": "/v1/chat/completions",
+                "body": {"messages": chat, "max_tokens": 40, "temperature": 0.9, "seed": 4, **body}}
+
+    lines = [line("named", tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+             line("schema", response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": parameters}}),
+             line("auto", tools=tools, guided_regex=regex, max_tokens=120), line("text", guided_regex=regex, max_tokens=120)]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out, unparsed, native = tmp_path / "out.jsonl", tmp_path / "unparsed.jsonl", tmp_path / "native.jsonl"
+    run_batch(src, out, InProcessBackend(batch_engine(model)), progress=False,
+              output=OpenAIOutput("demo", model.tokenizer, "hermes"))
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, out.read_text().splitlines())}
+    call, = got["named"]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and got["named"]["message"]["content"] is None
+    assert call["function"]["arguments"] == got["schema"]["message"]["content"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+    call, = got["auto"]["message"]["tool_calls"]
+    assert re.fullmatch(regex, got["text"]["message"]["content"]) and got["text"]["finish_reason"] == "stop"
+    assert "tool_calls" not in got["text"]["message"]
+    assert (call["function"]["name"], call["function"]["arguments"]) == ("now", "{}")
+    assert got["auto"]["finish_reason"] == "tool_calls" and got["auto"]["message"]["content"] is None
+    run_batch(src, unparsed, InProcessBackend(batch_engine(model)), progress=False,
+              output=OpenAIOutput("demo", model.tokenizer))
+    errors = {r["custom_id"]: r["error"] for r in map(json.loads, unparsed.read_text().splitlines())}
+    assert "--tool-call-parser" in errors["auto"] and errors["named"] is errors["text"] is None
+    run_batch(src, native, InProcessBackend(batch_engine(model)), progress=False)
+    assert read_output(native)["named"]["error"] == "line 1: tools are written with --output-format openai (the calls " \
+        "go in its tool_calls)"
 
 
 def test_echo_lines_show_the_prompt_before_the_answer_as_openai_server_does(tmp_path, model):

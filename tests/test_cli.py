@@ -106,6 +106,9 @@ def test_generate_streams_demo_text(cache):
     (["launch", "--worker-start-timeout-s", "nan"], "worker_start_timeout_s must be > 0"),
     (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["launch", "--num-pages", "-3"], "--num-pages: must be >= 1, got -3"),
+    (["batch", "--input", "in.jsonl", "--output", "out.jsonl", "--model", "demo", "--tool-call-parser", "hermes"],
+     "--tool-call-parser reads calls into --output-format openai lines"),
+    (["launch", "--tool-call-parser", "hermes"], "--tool-call-parser is for the OpenAI-compatible server"),
     # gRPC wrapped these (70000 listened on 4464, -1 on 65535); the HTTP ones crashed after start-up.
     (["launch", "--port", "70000"], "--port: must be in [0, 65535], got 70000"),
     (["router", "--colocated", "a:1", "--metrics-port", "-1"], "--metrics-port: must be in [0, 65535], got -1"),
