@@ -232,8 +232,14 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
 def read_json_object(path: Path) -> dict[str, Any]:
     """A model directory's JSON file that must hold an object; ValueError naming the file otherwise."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # not UTF-8
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: must hold a JSON object, got {type(value).__name__}")

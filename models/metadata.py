@@ -54,7 +54,8 @@ def read_orbax_marker(model_dir: Path) -> dict:
     """A converted checkpoint's marker; ValueError naming the file if it is not one this splitserve reads."""
     path = Path(model_dir) / ORBAX_MARKER
     marker = read_json_object(path)
-    if marker.get("format") != ORBAX_FORMAT or marker.get("version") != ORBAX_FORMAT_VERSION:
+    version = marker.get("version")
+    if marker.get("format") != ORBAX_FORMAT or type(version) is not int or version != ORBAX_FORMAT_VERSION:
         raise ValueError(f"{model_dir}: Orbax checkpoint format {marker.get('format')!r} version "
                          f"{marker.get('version')!r}; this splitserve reads {ORBAX_FORMAT!r} version "
                          f"{ORBAX_FORMAT_VERSION}")

@@ -123,7 +123,7 @@ def load_orbax_model(model_dir: Path, mesh: Mesh, *, dtype: str = "auto") -> Loa
                     config.num_kv_heads)
         _restore_remapped(model_dir / PARAMS_DIR, params, config, layout, mesh, jdtype)
     return LoadedModel(config, layout, graphdef, params, Tokenizer.maybe_load(model_dir), mesh,
-                       jdtype, name=marker["name"], chat_template=ChatTemplate.maybe_load(model_dir))
+                       jdtype, name=marker["name"] or model_dir.name, chat_template=ChatTemplate.maybe_load(model_dir))
 
 
 @contextlib.contextmanager

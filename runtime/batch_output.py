@@ -82,6 +82,8 @@ class OpenAIOutput:
     def __init__(self, model: str, tokenizer=None, tool_call_parser: str | None = None):
         """`tool_call_parser`: how the model writes tool calls (runtime/tool_parsers.py), for lines with
         tools and tool_choice "auto", as openai-server's flag of that name."""
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r} (known: {', '.join(PARSERS)})")
         self.model = model
         self.token_text = TokenText(tokenizer)
         self.tool_call_parser = tool_call_parser

@@ -128,6 +128,8 @@ def build_request(prompt: str | None, token_ids: list[int] | None, *, max_tokens
         sampling.truncate_prompt_tokens = truncate_prompt_tokens
     if n != 1:
         sampling.n = n
+    if not isinstance(skip_special_tokens, bool):  # None or "false" would read as a boolean
+        raise ValueError(f"skip_special_tokens must be True or False, got {skip_special_tokens!r}")
     if not skip_special_tokens:
         sampling.skip_special_tokens = False
     sampling.logit_bias.update(bias_pairs(logit_bias))  # keys may be strings, as OpenAI's JSON has them

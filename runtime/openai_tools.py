@@ -86,6 +86,8 @@ class ToolAnswer:
         self.use = use
         self.called = False  # a call was made (the stream showed one)
         self._parser = tool_parsers.PARSERS[parser]() if use.choice == "auto" else None
+        # A forced call's id as the server's parser would make it (Mistral's templates want theirs back).
+        self._new_id = tool_parsers.PARSERS[parser].new_call_id if parser is not None else tool_parsers.call_id
         self._text = ""  # "required": the whole answer, read at the end
         self._named_id: str | None = None
         self._calls_made = 0
@@ -103,7 +105,7 @@ class ToolAnswer:
 
     def finish(self) -> tuple[str, list[dict]]:
         if self.use.choice == "required":
-            calls = _required_calls(self._text)
+            calls = _required_calls(self._text, self._new_id)
             return (self._text, []) if calls is None else self._shown(Delta("", calls))
         if self._parser is None:
             return "", []
@@ -117,7 +119,7 @@ class ToolAnswer:
         calls = [{key: value for key, value in d.items() if key != "index"} for d in deltas + rest]
         content += more
         if self.use.choice == "function":
-            calls = [{"id": self._named_id or tool_parsers.call_id(), "type": "function",
+            calls = [{"id": self._named_id or self._new_id(), "type": "function",
                       "function": {"name": self.use.function, "arguments": text}}]
         return (None if calls and not content.strip() else content), calls
 
@@ -129,7 +131,7 @@ class ToolAnswer:
 
     def _named_delta(self, text: str) -> list[dict]:
         if self._named_id is None:
-            self._named_id, self.called = tool_parsers.call_id(), True
+            self._named_id, self.called = self._new_id(), True
             return [{"index": 0, "id": self._named_id, "type": "function",
                      "function": {"name": self.use.function, "arguments": text}}]
         return [{"index": 0, "function": {"arguments": text}}] if text else []
@@ -164,7 +166,7 @@ def _calls_schema(tools: tuple[dict, ...]) -> dict:
     return {**schema, "$defs": defs} if defs else schema
 
 
-def _required_calls(text: str) -> tuple[ToolCall, ...] | None:
+def _required_calls(text: str, new_id) -> tuple[ToolCall, ...] | None:
     try:
         listed = tool_parsers.strict_json(text)
     except ValueError:
@@ -172,4 +174,4 @@ def _required_calls(text: str) -> tuple[ToolCall, ...] | None:
     if not isinstance(listed, list):
         return None
     calls = [tool_parsers.call_from_json(obj, ("parameters",)) for obj in listed]
-    return None if not calls or None in calls else tuple(calls)
+    return None if not calls or None in calls else tuple(dataclasses.replace(c, id=new_id()) for c in calls)

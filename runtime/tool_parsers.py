@@ -50,6 +50,9 @@ class Delta:
 class ToolParser(Protocol):
     KEEPS_SPECIAL_TOKENS: bool  # the answer is read with its special tokens' text (vLLM's adjust_request)
 
+    @staticmethod
+    def new_call_id() -> str: ...  # the ids its models' templates take back
+
     def feed(self, text: str) -> Delta: ...
     def finish(self) -> Delta: ...
 
@@ -88,6 +91,7 @@ class HermesParser:
     START, END = "<tool_call>", "</tool_call>"
     # Some checkpoints (Hermes 2 Pro) make the markers special tokens: the answer's text must keep them.
     KEEPS_SPECIAL_TOKENS = True
+    new_call_id = staticmethod(call_id)
 
     def __init__(self):
         self._pending = ""  # text not yet shown: a possible start of START, or a call not yet ended
@@ -144,6 +148,7 @@ class HermesParser:
 class Llama3JsonParser:
     PYTHON_TAG = "<|python_tag|>"
     KEEPS_SPECIAL_TOKENS = False  # the JSON is ordinary text; the tag (special) is read if it is there
+    new_call_id = staticmethod(call_id)
 
     def __init__(self):
         self._head = ""  # the answer's start, until it tells whether the answer is calls
@@ -195,7 +200,7 @@ class MistralParser:
     8x22B), or name[ARGS]{...} once per call, each after its own [TOOL_CALLS] (tokenizer v11 and
     later). The text before the first marker is content; after it, the answer is read whole at the end."""
 
-    MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    MARKER, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
     KEEPS_SPECIAL_TOKENS = True  # [TOOL_CALLS] is a control token: without its text there is no call to see
 
     def __init__(self):
@@ -223,30 +228,36 @@ class MistralParser:
 
     def _parse(self, text: str) -> tuple[ToolCall, ...] | None:
         parts = [p.strip() for p in text.split(self.MARKER)[1:]]
-        if len(parts) == 1 and parts[0].startswith("["):  # the JSON list
+        parts = [p for p in parts if p]  # "[TOOL_CALLS][TOOL_CALLS]f..." : an empty one is no call
+        if len(parts) == 1 and parts[0][:1] in "[{":  # the JSON list (or one object); text after it is left
             try:
-                listed = strict_json(parts[0])
+                listed, _ = json.JSONDecoder(parse_constant=_no_constant).raw_decode(parts[0])
             except ValueError:
                 return None
+            listed = [listed] if isinstance(listed, dict) else listed
             calls = [call_from_json(obj, ("arguments",)) for obj in listed] if isinstance(listed, list) else [None]
-        else:  # name[ARGS]{...} each
-            calls = []
-            for part in parts:
-                name, args, arguments = part.partition(self.ARGS)
-                try:
-                    calls.append(call_from_json({"name": name.strip(), "arguments": strict_json(arguments)},
-                                                ("arguments",)) if args else None)
-                except ValueError:
-                    return None
+        else:  # name[ARGS]{...} each; without [ARGS] the name ends at the first "{", as vLLM reads it
+            calls = [self._named_call(part) for part in parts]
         if not calls or None in calls:
             return None
-        return tuple(dataclasses.replace(c, id=_nine_characters()) for c in calls)
+        return tuple(dataclasses.replace(c, id=self.new_call_id()) for c in calls)
 
+    def _named_call(self, part: str) -> ToolCall | None:
+        name, args, arguments = part.partition(self.ARGS)
+        if not args:
+            brace = part.find("{")
+            name, arguments = (part[:brace], part[brace:]) if brace > 0 else (part, "")
+        name = name.split(self.CALL_ID)[0].strip()  # name[CALL_ID]id[ARGS]{...}: the id is the model's, not used
+        try:
+            return call_from_json({"name": name, "arguments": strict_json(arguments)}, ("arguments",))
+        except ValueError:
+            return None
 
-def _nine_characters() -> str:
-    """Mistral's templates refuse a history whose call ids are not 9 letters or digits (vLLM's ids too)."""
-    alphabet = string.ascii_letters + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(9))
+    @staticmethod
+    def new_call_id() -> str:
+        """Mistral's templates refuse a history whose call ids are not 9 letters or digits (vLLM's ids too)."""
+        alphabet = string.ascii_letters + string.digits
+        return "".join(secrets.choice(alphabet) for _ in range(9))
 
 
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}

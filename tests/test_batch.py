@@ -709,6 +709,33 @@ def test_tool_lines_get_tool_calls_as_openai_server_answers_them(tmp_path, model
         "go in its tool_calls)"
 
 
+def test_skip_special_tokens_false_keeps_their_text_as_transformers_decodes_it(tmp_path, model):
+    import transformers
+
+    from splitserve.models.demo import ensure_demo_model
+    from splitserve.runtime.batch_io import parse_line
+    from splitserve.runtime.batch_output import OpenAIOutput
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ensure_demo_model())
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    line = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.0, "seed": 11, "ignore_eos": True,
+            "allowed_token_ids": [bos, *range(300, 340)], "logit_bias": {str(bos): 3.0}}
+    src = write_lines(tmp_path / "in.jsonl", [{"id": "kept", "skip_special_tokens": False, **line},
+                                              {"id": "skipped", **line}])
+    run_batch(src, tmp_path / "out.jsonl", InProcessBackend(batch_engine(model)), progress=False)
+    out = read_output(tmp_path / "out.jsonl")
+    ids = out["kept"]["token_ids"]
+    assert ids == out["skipped"]["token_ids"] and 0 < ids.count(bos) < 20
+    assert out["kept"]["text"] == tokenizer.decode(ids, skip_special_tokens=False) and "<s>" in out["kept"]["text"]
+    assert out["skipped"]["text"] == tokenizer.decode(ids, skip_special_tokens=True)
+    # A tool line read by a parser that wants the markers' text asks for it, as openai-server's does.
+    tools = {"custom_id": "t", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}}
+    request = parse_line(json.dumps(tools), 1)
+    assert OpenAIOutput("demo", None, "hermes").prepared(request).params.skip_special_tokens is False
+    assert OpenAIOutput("demo", None, "llama3_json").prepared(request).params.skip_special_tokens is True
+
+
 def test_echo_lines_show_the_prompt_before_the_answer_as_openai_server_does(tmp_path, model):
     """OpenAI completions lines with echo: the text begins with the prompt (token ids as the tokenizer
     decodes them), logprobs begin with the prompt's (the first null); max_tokens 0 shows the prompt

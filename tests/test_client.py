@@ -342,6 +342,8 @@ def test_a_single_stop_string_is_one_stop_not_its_letters():
     (dict(stop_token_ids=[-2**31 - 1]), "stop_token_ids must be 32-bit integers, got -2147483649"),
     (dict(min_tokens=-1), "min_tokens must be in [0, 4294967295], got -1"),
     (dict(logprobs=-1), "logprobs must be in [0, 4294967295], got -1"),
+    (dict(skip_special_tokens=None), "skip_special_tokens must be True or False, got None"),  # not read as false
+    (dict(skip_special_tokens="false"), "skip_special_tokens must be True or False, got 'false'"),
 ])
 def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError) as err:  # not protobuf's "Value out of range", which names no field

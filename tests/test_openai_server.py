@@ -222,6 +222,8 @@ def test_special_tokens_text_is_kept_when_asked_as_transformers_decodes_it(oai, 
     assert kept.token_ids == skipped.token_ids and 0 < kept.token_ids.count(bos) < 20, kept.token_ids
     assert skipped.text == tokenizer.decode(skipped.token_ids, skip_special_tokens=True) and "<s>" not in skipped.text
     assert kept.text == tokenizer.decode(kept.token_ids, skip_special_tokens=False) and "<s>" in kept.text
+    for sequence in sdk.generate_n(PROMPT, n=2, skip_special_tokens=False, **kw):  # the router's n sequences too
+        assert sequence.text == tokenizer.decode(sequence.token_ids, skip_special_tokens=False)
     got = oai.completions.create(model="demo", prompt=PROMPT, max_tokens=24, temperature=1.0, seed=11,
                                  logit_bias={str(bos): 3.0}, extra_body={
                                      "ignore_eos": True, "allowed_token_ids": allowed, "skip_special_tokens": False})

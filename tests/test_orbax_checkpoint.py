@@ -147,6 +147,8 @@ def test_a_truncated_data_file_is_a_value_error_naming_the_checkpoint(converted,
     (ORBAX_MARKER, '{"format": "splitserve-orbax", "version": 1}', "\"name\" must be the model's name"),
     ("model_config.json", '{"family": "llama"}', "model_config.json: missing 'rope'"),
     ("model_config.json", "", "model_config.json: not JSON"),
+    ("model_config.json", None, "model_config.json: cannot be read \\(No such file"),
+    (ORBAX_MARKER, '{"format": "splitserve-orbax", "version": true, "name": "m"}', "version True; this splitserve"),
 ])
 def test_a_damaged_marker_or_config_is_a_value_error_naming_the_file(converted, tmp_path, file, text, message):
     """They were KeyErrors and JSON tracebacks, in the router (load_metadata) and in the workers (load_model)."""
@@ -157,7 +159,10 @@ def test_a_damaged_marker_or_config_is_a_value_error_naming_the_file(converted, 
     _, out = converted
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
-    (damaged / file).write_text(text)
+    if text is None:
+        (damaged / file).unlink()
+    else:
+        (damaged / file).write_text(text)
     with pytest.raises(ValueError, match=message):
         load_metadata(str(damaged))
     with pytest.raises(ValueError, match=message):
