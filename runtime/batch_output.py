@@ -98,8 +98,7 @@ class OpenAIOutput:
 
     def prepared(self, request: BatchRequest) -> BatchRequest:
         """With tools read by a parser that wants special tokens' text (hermes, mistral), asks for it."""
-        if request.tool_use is not None and request.tool_use.choice == "auto" and \
-                PARSERS[self.tool_call_parser].KEEPS_SPECIAL_TOKENS:
+        if request.tool_use is not None and request.tool_use.keeps_special_tokens(self.tool_call_parser):
             return dataclasses.replace(request, params=dataclasses.replace(request.params, skip_special_tokens=False))
         return request
 

@@ -213,8 +213,8 @@ class OpenAIServer:
                                            '--tool-call-parser (vLLM: --enable-auto-tool-choice --tool-call-parser)')
             tool_answer = functools.partial(ToolAnswer, tool_use, self.tool_call_parser)
         kwargs = sampling_kwargs(parsed.params)
-        if tool_use is not None and tool_use.choice == "auto" and PARSERS[self.tool_call_parser].KEEPS_SPECIAL_TOKENS:
-            kwargs["skip_special_tokens"] = False  # as vLLM's hermes parser asks for the answer
+        if tool_use is not None and tool_use.keeps_special_tokens(self.tool_call_parser):
+            kwargs["skip_special_tokens"] = False
         if parsed.chat:
             tools = list(tool_use.tools) if tool_use is not None else None
             streams = [self.client.stream(messages=parsed.messages, tools=tools, **kwargs)]

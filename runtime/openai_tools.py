@@ -40,6 +40,11 @@ class ToolUse:
     choice: str  # "none" | "auto" | "required" | "function"
     function: str | None = None
 
+    def keeps_special_tokens(self, parser: str | None) -> bool:
+        """Whether the answer's text must keep special tokens: for a parser that reads markers some
+        checkpoints make special (hermes, mistral), as vLLM's parsers ask (adjust_request)."""
+        return self.choice == "auto" and parser is not None and tool_parsers.PARSERS[parser].KEEPS_SPECIAL_TOKENS
+
     def structured_outputs(self) -> StructuredOutputs | None:
         """What the answer is forced to: the named function's arguments, or a list of calls."""
         if self.choice == "function":
