@@ -48,8 +48,14 @@ def _retry_delay(error: grpc.RpcError, received: bool, attempt: int, max_retries
 
 
 def _time_left(end: float | None) -> float | None:
-    """The timeout for the next attempt: what is left of the whole call's deadline."""
-    return None if end is None else max(end - time.monotonic(), 0.0)
+    """The timeout for the next attempt: what is left of the whole call's deadline. A deadline already
+    past is DEADLINE_EXCEEDED here: gRPC given a timeout of 0 may still finish a fast call on loopback."""
+    if end is None:
+        return None
+    left = end - time.monotonic()
+    if left <= 0:
+        raise SplitserveError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's timeout passed before it was sent")
+    return left
 
 
 def _credentials(tls) -> grpc.ChannelCredentials | None:
@@ -216,8 +222,9 @@ class Client:
             >>> Client("127.0.0.1:50051").model_info().max_model_len                     # doctest: +SKIP
             2048
         """
+        wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
+        wait = _time_left(None if wait is None else time.monotonic() + wait)
         try:
-            wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
             reply = self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=wait,
                                          metadata=self._opts.metadata)
         except grpc.RpcError as e:
@@ -310,8 +317,9 @@ class AsyncClient:
         return builder.build(time.perf_counter())
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
+        wait = _time_left(None if wait is None else time.monotonic() + wait)
         try:
-            wait = self._opts.timeout if timeout is None else timeout  # 0 is a deadline already past, not none
             reply = await self._stub.ModelInfo(serving_pb2.ModelInfoRequest(), timeout=wait,
                                                metadata=self._opts.metadata)
         except grpc.RpcError as e:

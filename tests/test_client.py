@@ -353,6 +353,18 @@ def test_values_the_protos_cannot_carry_are_refused_by_name(overrides, message):
     assert _request(max_tokens=0, top_k=-1, stop_token_ids=[-5]).sampling.max_tokens == 0
 
 
+def test_a_timeout_already_past_is_deadline_exceeded_before_any_call():
+    """gRPC given a timeout of 0 sometimes still finished a fast loopback call (a CI run saw
+    model_info(timeout=0) answer): the SDK refuses it itself, whether a server is there or not."""
+    with Client("127.0.0.1:1", max_retries=3) as client:
+        for call in (lambda: client.model_info(timeout=0), lambda: client.generate("hi", timeout=0),
+                     lambda: client.model_info(timeout=-1)):
+            started = time.monotonic()
+            with pytest.raises(SplitserveError) as err:
+                call()
+            assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 1
+
+
 def test_a_negative_max_retries_is_refused():
     with pytest.raises(ValueError, match="max_retries must be >= 0, got -1"):  # it used to return an empty completion
         Client("127.0.0.1:1", max_retries=-1)
